@@ -1,0 +1,51 @@
+"""Evaluate untrusted Jsonnet in sandboxed worker processes.
+
+    import jsonnet_worker
+    traits = jsonnet_worker.evaluate(mapper_source, {"claims": claims})
+
+See README.md for the pool, asyncio, the CLI and the sandbox.
+"""
+
+from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
+from ._errors import (
+    Error,
+    EvaluationTimeout,
+    InputTooLarge,
+    JsonnetError,
+    MemoryLimitExceeded,
+    OutputTooLarge,
+    Overloaded,
+    PoolClosed,
+    ProtocolError,
+    SandboxUnavailable,
+    WorkerCrashed,
+    WorkerStartError,
+)
+from ._landlock import LandlockStatus
+from ._pool import WorkerPool
+from ._status import PoolStats, SandboxStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Error",
+    "EvaluationTimeout",
+    "InputTooLarge",
+    "JsonnetError",
+    "LandlockStatus",
+    "MemoryLimitExceeded",
+    "OutputTooLarge",
+    "Overloaded",
+    "PoolClosed",
+    "PoolStats",
+    "ProtocolError",
+    "SandboxStatus",
+    "SandboxUnavailable",
+    "WorkerCrashed",
+    "WorkerPool",
+    "WorkerStartError",
+    "aevaluate",
+    "evaluate",
+    "get_default_pool",
+    "set_default_pool",
+]

@@ -1,0 +1,325 @@
+"""One worker process, owned by exactly one ``WorkerProcess`` that kills and reaps it.
+
+Goals: start the worker by re-executing this interpreter in the hidden worker mode, hold its
+three pipes and its pidfd, and turn whatever the worker sends or how it dies into a typed
+outcome. Nothing here decides policy (how many workers, when to respawn): that is the pool's.
+
+Plan: the pipes are non-blocking on our side, so a stuck or dead worker can never block a
+caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is drained into a
+``StderrCapture`` that keeps the head and the tail of what a call printed, bounded, so a
+``std.trace`` flood never fills the pipe and a Go crash dump keeps its first line ("fatal
+error: runtime: out of memory"). The pidfd lets the supervisor see a death without touching
+the pipes a caller reads, and lets us signal without a pid-reuse race.
+
+Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goes through
+``Popen.wait`` (thread-safe).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import MemoryLimitExceeded, WorkerCrashed
+from ._landlock import LandlockStatus
+from ._protocol import FrameReader
+
+STDERR_HEAD = 4096
+STDERR_TAIL = 4096
+READ_SIZE = 256 * 1024
+
+# Text a runtime prints when it dies of memory exhaustion under RLIMIT_AS.
+_MEMORY_MARKERS = (
+    "out of memory",
+    "cannot allocate memory",
+    "memory allocation error",
+    "pthread_create failed",
+    "MemoryError",
+    "std::bad_alloc",
+)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every worker of a pool is started with."""
+
+    engine: str
+    memory_limit: int
+    max_frame: int
+
+
+@dataclass(frozen=True)
+class WorkerHello:
+    pid: int
+    engine: str
+    engine_version: str
+    python: str
+    landlock: LandlockStatus
+    self_check: str
+    startup_ms: float
+
+    @classmethod
+    def from_message(cls, payload: dict[str, Any]) -> WorkerHello:
+        sandbox = payload.get("sandbox")
+        return cls(
+            pid=int(payload.get("pid", 0)),
+            engine=str(payload.get("engine", "")),
+            engine_version=str(payload.get("engine_version", "")),
+            python=str(payload.get("python", "")),
+            landlock=LandlockStatus.from_dict(sandbox if isinstance(sandbox, dict) else {}),
+            self_check=str(payload.get("self_check", "")),
+            startup_ms=float(payload.get("startup_ms", 0.0)),
+        )
+
+
+class StderrCapture:
+    """The first and last bytes a worker printed since ``mark()``, bounded."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def mark(self) -> None:
+        self.head.clear()
+        self.tail.clear()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = STDERR_HEAD - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            excess = len(self.tail) - STDERR_TAIL
+            if excess > 0:
+                del self.tail[:excess]
+                self.dropped += excess
+
+    def text(self) -> str:
+        gap = f"\n... ({self.dropped} bytes) ...\n" if self.dropped else ""
+        return (
+            bytes(self.head).decode("utf-8", "replace")
+            + gap
+            + bytes(self.tail).decode("utf-8", "replace")
+        )
+
+
+def _package_paths() -> list[str]:
+    """Where this package and its runtime dependencies are imported from, for ``sys.path``
+    of a worker started with ``-I`` (which ignores PYTHONPATH)."""
+    import importlib.util
+
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    for name in ("msgpack", "_gojsonnet", "_jsonnet"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            origin = os.path.dirname(spec.origin)
+            roots.append(os.path.dirname(origin) if name == "msgpack" else origin)
+    return list(dict.fromkeys(roots))
+
+
+# The worker imports only what it needs: no ``site`` (-S; the paths it needs are given) and
+# not the package's ``__init__`` (which pulls in the pool, asyncio and logging): a stand-in
+# package module makes ``jsonnet_worker._worker`` importable on its own.
+_BOOTSTRAP = (
+    "import sys, types; sys.path[:0] = {paths!r}; sys.argv[0] = 'jsonnet_worker'; "
+    "package = types.ModuleType('jsonnet_worker'); package.__path__ = [{package!r}]; "
+    "sys.modules['jsonnet_worker'] = package; "
+    "from jsonnet_worker._worker import run; run()"
+)
+
+
+def worker_command(settings: WorkerSettings) -> list[str]:
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _BOOTSTRAP.format(
+            paths=_package_paths(), package=os.path.dirname(os.path.abspath(__file__))
+        ),
+        "_worker",
+        "--engine",
+        settings.engine,
+        "--memory-limit",
+        str(settings.memory_limit),
+        "--parent-pid",
+        str(os.getpid()),
+        "--max-frame",
+        str(settings.max_frame),
+    ]
+
+
+def worker_environment(settings: WorkerSettings) -> dict[str, str]:
+    """A minimal environment: nothing of the host's secrets reaches a snippet's process."""
+    return {
+        "GOMAXPROCS": "1",
+        # Let Go's collector work harder before RLIMIT_AS makes the runtime abort.
+        "GOMEMLIMIT": str(settings.memory_limit * 3 // 4),
+        "LC_ALL": "C.UTF-8",
+    }
+
+
+class WorkerProcess:
+    """A started worker: pipes, pidfd, reader state. Kill and reap it through this object only."""
+
+    def __init__(self, settings: WorkerSettings, command: list[str] | None = None) -> None:
+        self.settings = settings
+        self.state = WorkerState.STARTING
+        self.hello: WorkerHello | None = None
+        self.reader = FrameReader(settings.max_frame)
+        self.stderr = StderrCapture()
+        self.started_at = time.monotonic()
+        self.retired = False
+        child_ends: list[int] = []
+        parent_ends: list[int] = []
+        try:
+            for _ in range(3):
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                child_ends.append(read_end if not child_ends else write_end)
+                parent_ends.append(write_end if not parent_ends else read_end)
+            self._popen = subprocess.Popen(
+                command or worker_command(settings),
+                stdin=child_ends[0],
+                stdout=child_ends[1],
+                stderr=child_ends[2],
+                env=worker_environment(settings),
+                close_fds=True,
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in parent_ends:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_ends:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.stdin, self.stdout, self.stderr_fd = parent_ends
+        for fd in parent_ends:
+            os.set_blocking(fd, False)
+        self.pid = self._popen.pid
+        self.pidfd = os.pidfd_open(self.pid)
+        self._input_open = True
+        self._fds_open = True
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess pid={self.pid} {self.state.value}>"
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read_stdout(self) -> bool:
+        """Move what stdout holds into the frame reader; False at end of file."""
+        try:
+            data = os.read(self.stdout, READ_SIZE)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.reader.feed(data)
+        return True
+
+    def drain_stderr(self) -> bool:
+        """Move what stderr holds into the capture; False at end of file."""
+        while True:
+            try:
+                data = os.read(self.stderr_fd, READ_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.stderr.add(data)
+
+    # -- life and death ------------------------------------------------------------------
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+
+    def exited(self) -> bool:
+        return self._popen.poll() is not None
+
+    def wait(self, timeout: float | None) -> int | None:
+        """Reap the process; None if it is still running after ``timeout`` seconds."""
+        if self._popen.returncode is None and timeout is not None and self._fds_open:
+            # Popen.wait(timeout) sleeps in steps of up to 50 ms; the pidfd says at once.
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return None
+        return self._popen.wait()
+
+    def death_error(self, grace: float = 1.0) -> MemoryLimitExceeded | WorkerCrashed:
+        """After EOF on stdout: wait for the process to end, and say why it died."""
+        returncode = self.wait(grace)
+        if returncode is None:
+            self.kill()
+            returncode = self.wait(None)
+        self.drain_stderr()
+        tail = self.stderr.text()
+        if returncode is not None and returncode < 0:
+            try:
+                how = f"killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-returncode}"
+        else:
+            how = f"exited with status {returncode}"
+        if any(marker in tail for marker in _MEMORY_MARKERS):
+            return MemoryLimitExceeded(
+                f"the worker ran out of memory (limit {self.settings.memory_limit} bytes) and {how}"
+            )
+        detail = tail.strip().splitlines()[0] if tail.strip() else "no output"
+        return WorkerCrashed(
+            f"worker {self.pid} {how} during the evaluation ({detail[:200]})",
+            returncode=returncode,
+            stderr_tail=tail,
+        )
+
+    def end_input(self) -> None:
+        """Close the request pipe: an idle worker exits by itself at EOF. Idempotent."""
+        if self._input_open:
+            self._input_open = False
+            os.close(self.stdin)
+
+    def close(self, grace: float = 0.0) -> int | None:
+        """Stop the process (after ``grace`` seconds for an orderly exit), reap it, close
+        every fd. Idempotent."""
+        self.end_input()
+        if grace <= 0 or self.wait(grace) is None:
+            self.kill()
+        returncode = self.wait(None)
+        if self._fds_open:
+            self._fds_open = False
+            for fd in (self.stdout, self.stderr_fd, self.pidfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.state = WorkerState.DEAD
+        return returncode

@@ -1,0 +1,213 @@
+"""The framing protocol between a pool and its workers, sans I/O (bytes in, events out).
+
+Goals: one implementation of the wire format that the worker loop, the pool's blocking fast
+path and its asyncio path all share, and that no byte a snippet controls can subvert.
+
+Plan: every frame is a 4-byte big-endian length and a msgpack map of that length. A
+``FrameReader`` is fed whatever bytes arrived and yields ``Message`` events, or one
+``FrameTooLarge`` / ``MalformedFrame`` event. Length prefixes, not delimiters, mark frame
+boundaries: Ory Kratos' NUL-terminated framing lets ``error "x\\u0000{...}"`` inject a response
+for the next request; here an error text is just a msgpack string inside one frame.
+
+Messages (key ``t``):
+  worker -> pool  ``hello``   protocol, pid, engine, engine_version, sandbox, self_check
+                  ``startup_failed`` reason (the worker then exits: fail closed)
+                  ``result``  id, json (the manifested JSON text)
+                  ``error``   id (None if the request had none), kind, message
+  pool -> worker  ``eval``    id, snippet, filename, ext_vars, ext_codes, tla_vars,
+                              tla_codes, max_stack, max_output
+
+Weak spots: after ``FrameTooLarge`` the stream cannot be resynchronised cheaply, so both ends
+treat it as the end of that peer; ``MalformedFrame`` keeps the boundary and may go on.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+
+class ErrorKind(enum.Enum):
+    """Why a worker could not return a result for a request."""
+
+    JSONNET = "jsonnet"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    MEMORY = "memory"
+    PROTOCOL = "protocol"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Message:
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FrameTooLarge:
+    size: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class MalformedFrame:
+    reason: str
+
+
+Event = Message | FrameTooLarge | MalformedFrame
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Turns a byte stream into events. Feed it bytes, then drain ``events()``."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._broken = False
+
+    @property
+    def broken(self) -> bool:
+        """True after an oversized frame: nothing more can be read from this stream."""
+        return self._broken
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not make a whole frame yet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        if not self._broken:
+            self._buffer += data
+
+    def next_event(self) -> Event | None:
+        """The next whole frame as an event, or None until more bytes arrive."""
+        buffer = self._buffer
+        if self._broken or len(buffer) < HEADER_SIZE:
+            return None
+        (size,) = HEADER.unpack_from(buffer)
+        if size > self.max_frame:
+            self._broken = True
+            buffer.clear()
+            return FrameTooLarge(size, self.max_frame)
+        end = HEADER_SIZE + size
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[HEADER_SIZE:end])
+        del buffer[:end]
+        return decode_body(body)
+
+    def events(self) -> Iterator[Event]:
+        while (event := self.next_event()) is not None:
+            yield event
+
+
+def decode_body(body: bytes) -> Event:
+    if not body:
+        return MalformedFrame("empty frame")
+    try:
+        payload = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        return MalformedFrame(f"invalid msgpack: {type(exc).__name__}")
+    if not isinstance(payload, dict):
+        return MalformedFrame(f"frame is a {type(payload).__name__}, not a map")
+    return Message(payload)
+
+
+class ProtocolViolation(Exception):
+    """A well-framed message with the wrong shape."""
+
+    def __init__(self, reason: str, request_id: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    id: int
+    snippet: str
+    filename: str = "snippet.jsonnet"
+    ext_vars: dict[str, str] = field(default_factory=dict)
+    ext_codes: dict[str, str] = field(default_factory=dict)
+    tla_vars: dict[str, str] = field(default_factory=dict)
+    tla_codes: dict[str, str] = field(default_factory=dict)
+    max_stack: int = 500
+    max_output: int = 1024 * 1024
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "t": "eval",
+            "id": self.id,
+            "snippet": self.snippet,
+            "filename": self.filename,
+            "ext_vars": self.ext_vars,
+            "ext_codes": self.ext_codes,
+            "tla_vars": self.tla_vars,
+            "tla_codes": self.tla_codes,
+            "max_stack": self.max_stack,
+            "max_output": self.max_output,
+        }
+
+
+def _string_map(payload: dict[str, Any], key: str, request_id: int) -> dict[str, str]:
+    value = payload.get(key, {})
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ProtocolViolation(f"field {key!r} must map strings to strings", request_id)
+    return value
+
+
+def _positive_int(payload: dict[str, Any], key: str, request_id: int) -> int:
+    value = payload.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ProtocolViolation(f"field {key!r} must be a positive integer", request_id)
+    return value
+
+
+def parse_request(payload: dict[str, Any]) -> EvalRequest:
+    """Validate an ``eval`` message; raise ProtocolViolation naming what is wrong."""
+    raw_id = payload.get("id")
+    request_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+    if payload.get("t") != "eval":
+        raise ProtocolViolation(f"unknown message type {payload.get('t')!r}", request_id)
+    if request_id is None:
+        raise ProtocolViolation("missing or non-integer field 'id'")
+    snippet, filename = payload.get("snippet"), payload.get("filename", "snippet.jsonnet")
+    if not isinstance(snippet, str):
+        raise ProtocolViolation("missing or non-string field 'snippet'", request_id)
+    if not isinstance(filename, str):
+        raise ProtocolViolation("field 'filename' must be a string", request_id)
+    return EvalRequest(
+        id=request_id,
+        snippet=snippet,
+        filename=filename,
+        ext_vars=_string_map(payload, "ext_vars", request_id),
+        ext_codes=_string_map(payload, "ext_codes", request_id),
+        tla_vars=_string_map(payload, "tla_vars", request_id),
+        tla_codes=_string_map(payload, "tla_codes", request_id),
+        max_stack=_positive_int(payload, "max_stack", request_id),
+        max_output=_positive_int(payload, "max_output", request_id),
+    )
+
+
+def result_message(request_id: int, json_text: str) -> dict[str, Any]:
+    return {"t": "result", "id": request_id, "json": json_text}
+
+
+def error_message(request_id: int | None, kind: ErrorKind, message: str) -> dict[str, Any]:
+    return {"t": "error", "id": request_id, "kind": kind.value, "message": message}

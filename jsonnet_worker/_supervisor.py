@@ -1,0 +1,301 @@
+"""The supervisor thread: starts workers, accepts their hello, reaps the dead, replaces them.
+
+Goals: the pool stays at full size without any caller paying for it; a death is noticed at
+once, even of an idle worker; a worker that cannot start never makes the pool respawn in a
+tight loop; every process it started is reaped and every fd closed.
+
+Plan: one thread for the pool's whole life (PR_SET_PDEATHSIG fires when the *thread* that
+forked a worker exits, so workers must be forked from a thread that lives as long as the
+pool). It polls a wake-up pipe, the pidfd of every worker, and the stdout of workers still
+starting; callers own the pipes of the workers they hold, so it never reads those.
+
+Weak spots: a pidfd stays readable after death; the pidfd of a busy dead worker is left out
+of the poll set until its caller retires it, so the loop does not spin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+
+from ._core import PoolCore
+from ._errors import SandboxUnavailable, WorkerStartError
+from ._process import WorkerHello, WorkerProcess, WorkerSettings, WorkerState
+from ._protocol import PROTOCOL_VERSION, Message
+from ._status import SandboxStatus
+
+logger = logging.getLogger("jsonnet_worker")
+
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        core: PoolCore,
+        settings: WorkerSettings,
+        *,
+        spawn_timeout: float,
+        require_sandbox: bool,
+        command: list[str] | None = None,
+    ) -> None:
+        self.core = core
+        self.settings = settings
+        self.spawn_timeout = spawn_timeout
+        self.require_sandbox = require_sandbox
+        self.command = command
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+        self._grace = 0.0
+        self._failures_in_a_row = 0
+        self._next_spawn_at = 0.0
+        self._initial_left = core.size
+        self._dead_busy: set[WorkerProcess] = set()
+        self._sandbox_logged = False
+        self.initial_done = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name="jsonnet-worker-supervisor", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or stopped
+
+    def stop(self, grace: float) -> None:
+        """Close every worker (after ``grace`` seconds for an orderly exit) and end the thread."""
+        self._grace = grace
+        self._stopping = True
+        self.wake()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._spawn_missing()
+                self._wait_and_handle()
+        except BaseException:
+            logger.exception("jsonnet_worker supervisor failed; stopping the pool's workers")
+            with self.core.lock:
+                self.core.fatal = WorkerStartError("the pool's supervisor failed")
+                self.core.fail_waiters(self.core.fatal)
+        finally:
+            self._shutdown()
+
+    def _spawn_missing(self) -> None:
+        core = self.core
+        with core.lock:
+            if core.closed or core.fatal is not None:
+                return
+            missing = core.size - len(core.workers)
+        now = time.monotonic()
+        if missing <= 0 or now < self._next_spawn_at:
+            return
+        for _ in range(missing):
+            try:
+                worker = WorkerProcess(self.settings, self.command)
+            except OSError as exc:
+                self._start_failed(None, f"cannot start a worker process: {exc}")
+                return
+            with core.lock:
+                core.workers.add(worker)
+                if self._initial_left <= 0:
+                    core.respawns += 1
+
+    def _wait_and_handle(self) -> None:
+        core = self.core
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        watched: dict[int, tuple[str, WorkerProcess]] = {}
+        now = time.monotonic()
+        timeout = None if now >= self._next_spawn_at else self._next_spawn_at - now
+        with core.lock:
+            workers = list(core.workers)
+            retired, core.retired = core.retired, []
+        for worker in retired:
+            self._dead_busy.discard(worker)
+            worker.close()
+        for worker in workers:
+            if worker.state is WorkerState.STARTING:
+                poller.register(worker.stdout, select.POLLIN)
+                poller.register(worker.stderr_fd, select.POLLIN)
+                watched[worker.stdout] = ("hello", worker)
+                watched[worker.stderr_fd] = ("stderr", worker)
+                left = worker.started_at + self.spawn_timeout - now
+                timeout = left if timeout is None else min(timeout, left)
+            if worker not in self._dead_busy:
+                poller.register(worker.pidfd, select.POLLIN)
+                watched[worker.pidfd] = ("exit", worker)
+        wait_ms = -1 if timeout is None else max(0, int(timeout * 1000) + 1)
+        for fd, _ in poller.poll(wait_ms):
+            if fd == self._wake_r:
+                self._drain_wake()
+                continue
+            role, worker = watched[fd]
+            if worker.state is WorkerState.DEAD:
+                continue
+            if role == "stderr":
+                worker.drain_stderr()
+            elif role == "hello":
+                self._read_hello(worker)
+            else:
+                self._exited(worker)
+        now = time.monotonic()
+        for worker in workers:
+            if (
+                worker.state is WorkerState.STARTING
+                and now - worker.started_at > self.spawn_timeout
+            ):
+                worker.kill()
+                self._start_failed(worker, f"no hello within {self.spawn_timeout} s")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _read_hello(self, worker: WorkerProcess) -> None:
+        if not worker.read_stdout():
+            worker.drain_stderr()
+            self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
+            return
+        event = worker.reader.next_event()
+        if event is None:
+            return
+        payload = event.payload if isinstance(event, Message) else {}
+        kind = payload.get("t")
+        if kind == "startup_failed":
+            self._start_failed(worker, str(payload.get("reason", "no reason given")))
+        elif kind != "hello":
+            self._start_failed(worker, f"sent {event!r} instead of a hello")
+        elif payload.get("protocol") != PROTOCOL_VERSION:
+            self._start_failed(worker, f"speaks protocol {payload.get('protocol')!r}")
+        else:
+            self._accept(worker, WorkerHello.from_message(payload))
+
+    def _accept(self, worker: WorkerProcess, hello: WorkerHello) -> None:
+        core = self.core
+        sandbox = SandboxStatus(hello.landlock, hello.self_check)
+        if self.require_sandbox and not sandbox.enforced:
+            error = SandboxUnavailable(
+                f"require_sandbox=True, but the workers have no Landlock sandbox: {sandbox.reason}",
+                reason=sandbox.reason,
+            )
+            with core.lock:
+                core.sandbox = sandbox
+                core.fatal = error
+                core.fail_waiters(error)
+                core._retire_locked(worker)
+            worker.kill()
+            self._log_sandbox(sandbox)
+            self._count_initial()
+            return
+        worker.hello = hello
+        self._failures_in_a_row = 0
+        with core.lock:
+            core.sandbox = core.sandbox or sandbox
+            core.start_failure = ""
+        self._log_sandbox(sandbox)
+        core.give_back(worker)
+        self._count_initial()
+
+    def _log_sandbox(self, sandbox: SandboxStatus) -> None:
+        if self._sandbox_logged:
+            return
+        self._sandbox_logged = True
+        if sandbox.enforced:
+            logger.info(
+                "Landlock filesystem sandbox is active.",
+                extra={"landlock_abi": sandbox.landlock.abi, "sandbox": sandbox.landlock.to_dict()},
+            )
+        else:
+            logger.warning(
+                "Landlock filesystem sandbox is not available: %s. Jsonnet runs in worker "
+                "processes without a filesystem sandbox.",
+                sandbox.reason,
+            )
+
+    def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
+        core = self.core
+        self._failures_in_a_row += 1
+        delay = min(BACKOFF_FIRST * 2 ** (self._failures_in_a_row - 1), BACKOFF_MAX)
+        self._next_spawn_at = time.monotonic() + delay
+        message = f"worker start-up failed: {reason}"
+        if self._failures_in_a_row == 1 or self._failures_in_a_row % 10 == 0:
+            logger.error("%s (attempt %d; next in %.1f s)", message, self._failures_in_a_row, delay)
+        with core.lock:
+            core.start_failures += 1
+            core.start_failure = reason
+            if worker is not None:
+                core._retire_locked(worker)
+            alive = any(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in core.workers)
+            if not alive:
+                core.fail_waiters(WorkerStartError(message, cause=reason))
+        if worker is not None:
+            worker.kill()
+        self._count_initial()
+
+    def _count_initial(self) -> None:
+        if self._initial_left > 0:
+            self._initial_left -= 1
+            if self._initial_left == 0:
+                self.initial_done.set()
+        if self.core.fatal is not None:
+            self.initial_done.set()
+
+    @staticmethod
+    def _stderr_line(worker: WorkerProcess) -> str:
+        text = worker.stderr.text().strip()
+        return text.splitlines()[-1][:500] if text else "no output"
+
+    # -- deaths --------------------------------------------------------------------------
+
+    def _exited(self, worker: WorkerProcess) -> None:
+        core = self.core
+        if worker.state is WorkerState.STARTING:
+            worker.read_stdout()
+            event = worker.reader.next_event()
+            if isinstance(event, Message) and event.payload.get("t") == "startup_failed":
+                self._start_failed(worker, str(event.payload.get("reason")))
+            else:
+                worker.drain_stderr()
+                self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
+            return
+        with core.lock:
+            if worker.state is WorkerState.IDLE:
+                core.crashes += 1
+                core._retire_locked(worker)
+                return
+        # Busy: its caller sees the end of the pipe and retires it.
+        self._dead_busy.add(worker)
+
+    def _shutdown(self) -> None:
+        core = self.core
+        with core.lock:
+            workers = list(core.workers) + core.retired
+            core.workers.clear()
+            core.retired = []
+            core.idle.clear()
+        for worker in workers:
+            worker.end_input()
+        deadline = time.monotonic() + self._grace
+        for worker in workers:
+            worker.close(grace=max(0.0, deadline - time.monotonic()))
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self.initial_done.set()

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jsonnet_worker import WorkerPool
+from jsonnet_worker._process import WorkerSettings, worker_command
+from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
+
+TESTS = Path(__file__).parent
+DATA = TESTS / "data"
+HARNESS = TESTS / "harness" / "worker_harness.py"
+ENGINES = ["go", "cpp"]
+
+
+def harness_command(mode: str, engine: str = "go", memory_limit: int = 1 << 30) -> list[str]:
+    """The pool's worker command, with the test harness in MODE in place of the bootstrap."""
+    real = worker_command(WorkerSettings(engine, memory_limit, DEFAULT_MAX_FRAME))
+    assert real[3] == "-c" and real[5] == "_worker"
+    return [sys.executable, "-I", str(HARNESS), mode, *real[6:]]
+
+
+def load_cases() -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = json.loads((DATA / "cases.json").read_text())
+    return cases
+
+
+def read_case_source(case: dict[str, Any]) -> str:
+    return (DATA / case["file"]).read_text()
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def child_pids() -> set[int]:
+    """Processes whose parent is this process (zombies included)."""
+    me = os.getpid()
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            children.add(int(entry))
+    return children
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def pool(request: pytest.FixtureRequest) -> Iterator[WorkerPool]:
+    timeout = 5.0 if request.param == "cpp" else 2.0
+    with WorkerPool(2, engine=request.param, timeout=timeout) as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def go_pool() -> Iterator[WorkerPool]:
+    with WorkerPool(2, engine="go") as shared:
+        yield shared

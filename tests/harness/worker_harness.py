@@ -1,0 +1,94 @@
+"""Test harness: the real worker start-up, with one thing changed for a test.
+
+Run as ``python -I worker_harness.py MODE [worker args...]``. Modes:
+  no-barrier      the engine evaluates without the import callback: only the kernel refuses
+  python          each request's snippet is Python source run after restriction; the JSON of
+                  its ``result`` variable is returned (a model of a fully compromised engine)
+  broken-engine   the engine extension cannot be found
+  landlock-enosys / landlock-eperm
+                  a seccomp filter makes the Landlock syscalls fail with ENOSYS / EPERM, as on
+                  a kernel without Landlock or under a container's seccomp profile
+This is not a switch in the product: it lives in tests/ and patches the product's modules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from jsonnet_worker import _engines, _worker
+
+
+def install_landlock_filter(error: int) -> None:
+    """seccomp: syscalls 444-446 return ``error``; everything else is allowed."""
+    ret_errno = 0x00050000 | error
+    allow = 0x7FFF0000
+    bpf = [
+        (0x20, 0, 0, 0),  # ld [nr]
+        (0x35, 0, 3, 444),  # jge 444 ? next : allow
+        (0x35, 2, 0, 447),  # jge 447 ? allow : next
+        (0x06, 0, 0, ret_errno),
+        (0x06, 0, 0, allow),
+        (0x06, 0, 0, allow),
+    ]
+    program = b"".join(struct.pack("=HBBI", *insn) for insn in bpf)
+    buffer = ctypes.create_string_buffer(program)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(bpf), ctypes.addressof(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "no_new_privs")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def main() -> int:
+    mode, argv = sys.argv[1], sys.argv[2:]
+    if mode == "no-barrier":
+        original = _engines.Engine.evaluate
+
+        def evaluate_without_barrier(self: _engines.Engine, request: object) -> str:
+            evaluate = self._evaluate
+            self._evaluate = lambda *a, **kw: evaluate(
+                *a, **{k: v for k, v in kw.items() if k != "import_callback"}
+            )
+            try:
+                return original(self, request)  # type: ignore[arg-type]
+            finally:
+                self._evaluate = evaluate
+
+        _engines.Engine.evaluate = evaluate_without_barrier  # type: ignore[method-assign]
+    elif mode == "python":
+
+        def run_python(self: _engines.Engine, request: _engines.EvalRequest) -> str:
+            scope: dict[str, object] = {}
+            exec(request.snippet, scope)
+            return json.dumps(scope.get("result"))
+
+        _engines.Engine.evaluate = run_python  # type: ignore[method-assign]
+    elif mode == "broken-engine":
+        _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
+            lambda self: "_no_such_jsonnet_engine"
+        )
+    elif mode == "landlock-enosys":
+        install_landlock_filter(errno.ENOSYS)
+    elif mode == "landlock-eperm":
+        install_landlock_filter(errno.EPERM)
+    else:
+        raise SystemExit(f"unknown harness mode {mode}")
+    code = _worker.main(argv)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

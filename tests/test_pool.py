@@ -1,0 +1,389 @@
+"""The pool with real worker processes: calls, failures, supervision, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import jsonnet_worker
+from conftest import child_pids, harness_command, load_cases, open_fds, read_case_source
+from jsonnet_worker import (
+    EvaluationTimeout,
+    JsonnetError,
+    MemoryLimitExceeded,
+    OutputTooLarge,
+    Overloaded,
+    PoolClosed,
+    SandboxUnavailable,
+    WorkerCrashed,
+    WorkerPool,
+    WorkerStartError,
+)
+from jsonnet_worker._landlock import probe
+from jsonnet_worker._process import WorkerState
+
+MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
+HEAVY_GO = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
+SPIN_CPP = "local f(n) = f(n + 1) tailstrict; f(0)"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def full(pool: WorkerPool) -> bool:
+    stats = pool.stats()
+    return stats.alive == pool.size and stats.starting == 0
+
+
+def test_evaluate_decodes_and_passes_values_the_kratos_way(pool: WorkerPool) -> None:
+    result = pool.evaluate(MAPPER, {"claims": {"sub": "u-1", "n": 21}, "who": "plain string"})
+    assert result == {"id": "u-1", "n": 42, "who": "plain string"}
+    assert pool.evaluate("function(ctx) ctx.a", tla_vars={"ctx": {"a": [1, None]}}) == [1, None]
+    assert pool.evaluate_json("{a: 1}") == '{\n   "a": 1\n}\n'
+    assert pool.evaluate("std.extVar('x') + 1", ext_codes={"x": "41"}) == 42
+    assert pool.evaluate("function(y) y", tla_codes={"y": "[1, 2]"}) == [1, 2]
+
+
+def test_fixtures_match_the_in_process_engine(pool: WorkerPool) -> None:
+    import importlib
+
+    engine = importlib.import_module("_gojsonnet" if pool.engine == "go" else "_jsonnet")
+    for case in load_cases():
+        source = read_case_source(case)
+        codes = {k: json.dumps(v) for k, v in case.get("ext_vars", {}).items()}
+        tla = {k: json.dumps(v) for k, v in case.get("tla_vars", {}).items()}
+        if "expect" in case:
+            text = pool.evaluate_json(source, ext_codes=codes, tla_codes=tla, filename=case["file"])
+            assert text == engine.evaluate_snippet(
+                case["file"], source, ext_codes=codes, tla_codes=tla
+            )
+            assert json.loads(text) == case["expect"]
+        else:
+            with pytest.raises(JsonnetError) as caught:
+                pool.evaluate(source, ext_codes=codes, tla_codes=tla, filename=case["file"])
+            assert case["error"].lower() in caught.value.message.lower()
+
+
+def test_bad_values_fail_before_sending(go_pool: WorkerPool) -> None:
+    before = go_pool.stats().evaluations
+    with pytest.raises(TypeError, match="claims"):
+        go_pool.evaluate("1", {"claims": {"when": object()}})
+    with pytest.raises(ValueError, match="NaN"):
+        go_pool.evaluate("1", {"x": float("nan")})
+    with pytest.raises(ValueError, match="both"):
+        go_pool.evaluate("1", {"x": 1}, ext_codes={"x": "2"})
+    with pytest.raises(TypeError):
+        go_pool.evaluate(b"1")  # type: ignore[arg-type]
+    assert go_pool.stats().evaluations == before
+
+
+def test_many_threads_each_get_their_own_answer(go_pool: WorkerPool) -> None:
+    def call(index: int) -> None:
+        for round_ in range(25):
+            value = index * 1000 + round_
+            assert go_pool.evaluate(
+                MAPPER, {"claims": {"sub": str(value), "n": value}, "who": "t"}
+            ) == {"id": str(value), "n": 2 * value, "who": "t"}
+
+    with concurrent.futures.ThreadPoolExecutor(16) as executor:
+        list(executor.map(call, range(16)))
+
+
+def test_many_asyncio_tasks_each_get_their_own_answer(go_pool: WorkerPool) -> None:
+    async def call(index: int) -> None:
+        result = await go_pool.aevaluate(
+            MAPPER, {"claims": {"sub": str(index), "n": index}, "who": "a"}
+        )
+        assert result == {"id": str(index), "n": 2 * index, "who": "a"}
+
+    async def main() -> None:
+        await asyncio.gather(*(call(index) for index in range(300)))
+
+    asyncio.run(main())
+
+
+def test_asyncio_errors_are_typed(go_pool: WorkerPool) -> None:
+    async def main() -> None:
+        with pytest.raises(JsonnetError, match="boom"):
+            await go_pool.aevaluate("error 'boom'")
+        with pytest.raises(EvaluationTimeout):
+            await go_pool.aevaluate(HEAVY_GO, timeout=0.2)
+        assert await go_pool.aevaluate("1 + 1") == 2
+
+    asyncio.run(main())
+    wait_until(lambda: full(go_pool))
+
+
+def test_asyncio_cancellation_costs_the_worker_not_the_pool(go_pool: WorkerPool) -> None:
+    async def main() -> None:
+        task = asyncio.ensure_future(go_pool.aevaluate(HEAVY_GO, timeout=30))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    wait_until(lambda: full(go_pool))
+    assert go_pool.evaluate("2") == 2
+
+
+def test_submit_returns_a_future(go_pool: WorkerPool) -> None:
+    futures = [go_pool.submit("std.extVar('i')", {"i": i}) for i in range(20)]
+    assert [future.result(10) for future in futures] == list(range(20))
+    assert isinstance(go_pool.submit("error 'x'").exception(10), JsonnetError)
+
+
+@pytest.mark.parametrize("engine,snippet", [("cpp", SPIN_CPP), ("go", HEAVY_GO)])
+def test_timeout_kills_and_replaces(engine: str, snippet: str) -> None:
+    with WorkerPool(2, engine=engine, timeout=0.3) as pool:
+        pids = set(pool.stats().worker_pids)
+        started = time.monotonic()
+        with pytest.raises(EvaluationTimeout):
+            pool.evaluate(snippet)
+        assert time.monotonic() - started < 0.3 + 1.0
+        wait_until(lambda: full(pool))
+        stats = pool.stats()
+        assert stats.timeouts == 1 and stats.respawns == 1
+        assert len(set(stats.worker_pids) - pids) == 1
+        assert pool.evaluate("{ok: true}", timeout=5) == {"ok": True}
+
+
+def test_busy_worker_killed_from_outside(go_pool: WorkerPool) -> None:
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            go_pool.evaluate(HEAVY_GO, timeout=30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    wait_until(lambda: full(go_pool))
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_until(lambda: go_pool.stats().busy == 1)
+    busy = [w.pid for w in go_pool._core.workers if w.state is WorkerState.BUSY]
+    os.kill(busy[0], signal.SIGKILL)
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed)
+    assert outcome[0].signal == signal.SIGKILL
+    wait_until(lambda: full(go_pool))
+    assert go_pool.evaluate("3") == 3
+
+
+def test_idle_worker_killed_from_outside_is_replaced(go_pool: WorkerPool) -> None:
+    wait_until(lambda: full(go_pool))
+    victim = go_pool.stats().worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: full(go_pool) and victim not in go_pool.stats().worker_pids)
+    for _ in range(4):
+        assert go_pool.evaluate("4") == 4
+
+
+def test_segfault_in_the_cpp_engine_is_survived() -> None:
+    with WorkerPool(1, engine="cpp", timeout=10) as pool:
+        with pytest.raises(WorkerCrashed) as caught:
+            pool.evaluate("std.parseJson(std.repeat('[', 50000) + std.repeat(']', 50000))")
+        assert caught.value.signal == signal.SIGSEGV
+        assert "SIGSEGV" in str(caught.value)
+        assert pool.evaluate("5") == 5
+        assert pool.stats().crashes == 1
+
+
+@pytest.mark.parametrize("engine", ["go", "cpp"])
+def test_memory_bomb_is_a_memory_error(engine: str) -> None:
+    with WorkerPool(1, engine=engine, timeout=20, memory_limit=256 << 20) as pool:
+        with pytest.raises(MemoryLimitExceeded):
+            pool.evaluate("std.makeArray(1e9, function(i) i)")
+        assert pool.evaluate("6") == 6
+
+
+def test_huge_output_is_refused_and_the_worker_kept(go_pool: WorkerPool) -> None:
+    pids = go_pool.stats().worker_pids
+    with pytest.raises(OutputTooLarge):
+        go_pool.evaluate(
+            "local double(s, n) = if n == 0 then s else double(s + s, n - 1); double('x', 21)"
+        )
+    assert go_pool.stats().worker_pids == pids
+    assert go_pool.evaluate("7") == 7
+
+
+def test_close_finishes_calls_in_flight() -> None:
+    fds, children = open_fds(), child_pids()
+    pool = WorkerPool(2, engine="go", timeout=10)
+    snippet = "std.foldl(function(a, b) a + b, std.range(1, 2000000), 0)"
+    with concurrent.futures.ThreadPoolExecutor(6) as executor:
+        futures = [executor.submit(pool.evaluate, snippet) for _ in range(6)]
+        wait_until(lambda: pool.stats().busy == 2)
+        pool.close()
+        assert [f.result() for f in futures] == [2000001000000] * 6
+    with pytest.raises(PoolClosed):
+        pool.evaluate("1")
+    assert child_pids() == children
+    assert open_fds() == fds
+
+
+def test_terminate_fails_calls_in_flight_with_pool_closed() -> None:
+    pool = WorkerPool(1, engine="go", timeout=10)
+    with concurrent.futures.ThreadPoolExecutor(3) as executor:
+        futures = [executor.submit(pool.evaluate, HEAVY_GO) for _ in range(3)]
+        wait_until(lambda: pool.stats().busy == 1)
+        pool.terminate()
+        for future in futures:
+            assert isinstance(future.exception(10), PoolClosed)
+
+
+def test_no_leaks_after_ten_thousand_evaluations() -> None:
+    fds, children = open_fds(), child_pids()
+    with WorkerPool(2, engine="go") as pool:
+        pids = pool.stats().worker_pids
+        for index in range(10_000):
+            assert pool.evaluate("std.extVar('i')", {"i": index}) == index
+        assert pool.stats().worker_pids == pids
+        assert pool.stats().evaluations == 10_000
+    assert child_pids() == children
+    assert open_fds() == fds
+
+
+def test_overloaded_when_the_queue_is_full() -> None:
+    with WorkerPool(1, engine="go", timeout=10, queue_limit=1, queue_timeout=0.3) as pool:
+        with concurrent.futures.ThreadPoolExecutor(2) as executor:
+            slow = executor.submit(pool.evaluate, HEAVY_GO, timeout=1.5)
+            wait_until(lambda: pool.stats().busy == 1)
+            queued = executor.submit(pool.evaluate, "1")
+            wait_until(lambda: pool.stats().queue_depth == 1)
+            with pytest.raises(Overloaded, match="queue_limit"):
+                pool.evaluate("1")
+            with pytest.raises(Overloaded, match="became free"):
+                queued.result(5)
+            with pytest.raises(EvaluationTimeout):
+                slow.result(5)
+
+
+def test_worker_start_failures_name_the_cause_and_back_off() -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError) as caught:
+        WorkerPool(2, _worker_command=harness_command("broken-engine"))
+    assert "not installed" in caught.value.cause
+    assert time.monotonic() - started < 5
+
+
+def test_pool_dies_with_its_parent(tmp_path) -> None:
+    script = (
+        "import jsonnet_worker, sys, time\n"
+        "pool = jsonnet_worker.WorkerPool(2)\n"
+        "print(*pool.stats().worker_pids, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.kill()
+    parent.wait()
+
+    def gone() -> bool:
+        return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+    wait_until(gone, timeout=5)
+
+
+def test_default_pool_and_its_replacement() -> None:
+    assert jsonnet_worker.evaluate("{a: std.extVar('v')}", {"v": [1]}) == {"a": [1]}
+
+    async def main() -> object:
+        return await jsonnet_worker.aevaluate("function(x) x * 2", tla_vars={"x": 4})
+
+    assert asyncio.run(main()) == 8
+    replacement = WorkerPool(1, engine="cpp")
+    previous = jsonnet_worker.set_default_pool(replacement)
+    assert previous is not None
+    previous.close()
+    assert jsonnet_worker.get_default_pool() is replacement
+    assert jsonnet_worker.evaluate("1 + 1") == 2
+    jsonnet_worker.set_default_pool(None)
+    replacement.close()
+
+
+def test_compat_shim_matches_the_binding() -> None:
+    import _jsonnet
+
+    from jsonnet_worker.compat import evaluate_snippet
+
+    for case in load_cases():
+        source = read_case_source(case)
+        codes = {k: json.dumps(v) for k, v in case.get("ext_vars", {}).items()}
+        tla = {k: json.dumps(v) for k, v in case.get("tla_vars", {}).items()}
+        if "expect" in case:
+            ours = evaluate_snippet(case["file"], source, ext_codes=codes, tla_codes=tla)
+            theirs = _jsonnet.evaluate_snippet(case["file"], source, ext_codes=codes, tla_codes=tla)
+            assert json.loads(ours) == json.loads(theirs)
+        else:
+            with pytest.raises(RuntimeError) as ours_error:
+                evaluate_snippet(case["file"], source, ext_codes=codes, tla_codes=tla)
+            with pytest.raises(RuntimeError) as theirs_error:
+                _jsonnet.evaluate_snippet(case["file"], source, ext_codes=codes, tla_codes=tla)
+            assert case["error"].lower() in str(ours_error.value).lower()
+            assert case["error"].lower() in str(theirs_error.value).lower()
+    with pytest.raises(TypeError, match="import_callback"):
+        evaluate_snippet("f", "1", import_callback=lambda base, rel: ("", b""))
+    jsonnet_worker.set_default_pool(None)
+
+
+def test_sandbox_status_and_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="jsonnet_worker")
+    with WorkerPool(2) as pool:
+        assert pool.sandbox is not None
+        if probe().available:
+            assert pool.sandbox.enforced and pool.sandbox.landlock.abi == probe().abi
+            records = [r for r in caplog.records if r.name == "jsonnet_worker"]
+            assert [r.getMessage() for r in records] == ["Landlock filesystem sandbox is active."]
+            assert records[0].levelno == logging.INFO
+
+
+@pytest.mark.parametrize(
+    "mode,reason", [("landlock-enosys", "not built in"), ("landlock-eperm", "seccomp")]
+)
+def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="jsonnet_worker")
+    with WorkerPool(2, _worker_command=harness_command(mode)) as pool:
+        assert pool.sandbox is not None and not pool.sandbox.enforced
+        assert reason in pool.sandbox.reason
+        assert pool.evaluate("{a: 1}") == {"a": 1}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not available" in warnings[0].getMessage()
+    assert reason in warnings[0].getMessage()
+    with pytest.raises(SandboxUnavailable) as caught:
+        WorkerPool(2, require_sandbox=True, _worker_command=harness_command(mode))
+    assert reason in caught.value.reason
+
+
+def test_stats_count_what_happened() -> None:
+    with WorkerPool(2, engine="go", timeout=0.3) as pool:
+        pool.evaluate("1")
+        with pytest.raises(JsonnetError):
+            pool.evaluate("error 'e'")
+        with pytest.raises(EvaluationTimeout):
+            pool.evaluate(HEAVY_GO)
+        wait_until(lambda: full(pool))
+        stats = pool.stats()
+        assert stats.size == 2 and stats.alive == 2 and stats.idle == 2
+        assert stats.evaluations == 1
+        assert stats.errors == {"JsonnetError": 1, "EvaluationTimeout": 1}
+        assert stats.timeouts == 1 and stats.respawns == 1 and stats.crashes == 0
+        assert stats.queue_depth == 0 and len(stats.worker_pids) == 2
