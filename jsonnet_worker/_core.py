@@ -84,8 +84,11 @@ class AsyncWaiter(Waiter):
 
 
 class PoolCore:
-    def __init__(self, size: int, queue_limit: int, wake_supervisor: Callable[[], None]) -> None:
+    def __init__(
+        self, size: int, spares: int, queue_limit: int, wake_supervisor: Callable[[], None]
+    ) -> None:
         self.size = size
+        self.spares = spares
         self.queue_limit = queue_limit
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
@@ -96,6 +99,7 @@ class PoolCore:
         self.closed = False
         self.terminated = False
         self.in_flight = 0
+        self.supervisor_stopped = False
         self.spinners = 0  # callers busy-waiting for an answer (see WorkerPool._may_spin)
         self.fatal: Error | None = None  # no worker can ever start (e.g. sandbox policy)
         self.start_failure: str = ""  # the last start-up failure while it is unresolved
@@ -131,9 +135,7 @@ class PoolCore:
             raise PoolClosed("the pool was terminated")
         if self.fatal is not None:
             raise self.fatal
-        if self.start_failure and not any(
-            w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in self.workers
-        ):
+        if self.start_failure and not self.active():
             raise WorkerStartError(
                 f"no worker is running: workers fail to start ({self.start_failure})",
                 cause=self.start_failure,
@@ -151,29 +153,58 @@ class PoolCore:
 
     def give_back(self, worker: WorkerProcess) -> None:
         with self.lock:
-            if worker.state is WorkerState.DEAD:
+            if worker.state is not WorkerState.DEAD:
+                self._hand_out_locked(worker)
+
+    def _hand_out_locked(self, worker: WorkerProcess) -> None:
+        """To the first caller still waiting, else to the idle list."""
+        while self.waiters:
+            if self.waiters.popleft().deliver(worker):
+                worker.state = WorkerState.BUSY
                 return
-            while self.waiters:
-                if self.waiters.popleft().deliver(worker):
-                    worker.state = WorkerState.BUSY
-                    return
-            worker.state = WorkerState.IDLE
-            self.idle.append(worker)
+        worker.state = WorkerState.IDLE
+        self.idle.append(worker)
+
+    def active(self) -> int:
+        """Workers serving calls (idle or busy); spares and starting ones not counted."""
+        return sum(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in self.workers)
+
+    def accept(self, worker: WorkerProcess) -> None:
+        """A worker said hello: serve with it, or hold it back as a spare."""
+        with self.lock:
+            if self.active() < self.size:
+                self._hand_out_locked(worker)
+            else:
+                worker.state = WorkerState.SPARE
 
     def retire(self, worker: WorkerProcess) -> None:
-        """Take a worker out of service; the supervisor reaps it and starts another."""
+        """Take a worker out of service; the supervisor reaps it and starts another. After
+        the supervisor has stopped (a call still running at ``terminate()``), the caller
+        closes the worker itself: nobody else would."""
         with self.lock:
             self._retire_locked(worker)
-        self._wake_supervisor()
+            orphaned = self.supervisor_stopped
+            if orphaned:
+                self.retired.remove(worker)
+        if orphaned:
+            worker.close()
+        else:
+            self._wake_supervisor()
 
     def _retire_locked(self, worker: WorkerProcess) -> None:
         if worker.state is WorkerState.DEAD and worker not in self.workers:
             return
+        was_active = worker.state in (WorkerState.IDLE, WorkerState.BUSY)
         if worker.state is WorkerState.IDLE:
             self.idle.remove(worker)
         worker.state = WorkerState.DEAD
         self.workers.discard(worker)
         self.retired.append(worker)
+        if was_active and not self.closed:
+            # Capacity comes back now, not after an interpreter start (~60 ms).
+            spare = next((w for w in self.workers if w.state is WorkerState.SPARE), None)
+            if spare is not None:
+                self._hand_out_locked(spare)
 
     def fail_waiters(self, error: Error) -> None:
         """Under the lock: every waiting caller gets ``error``."""
@@ -193,6 +224,7 @@ class PoolCore:
                 busy=states[WorkerState.BUSY],
                 idle=states[WorkerState.IDLE],
                 starting=states[WorkerState.STARTING],
+                spares=states[WorkerState.SPARE],
                 evaluations=self.evaluations,
                 errors=dict(self.errors),
                 timeouts=self.timeouts,

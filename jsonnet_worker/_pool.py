@@ -151,6 +151,7 @@ class WorkerPool:
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT,
         max_request: int = DEFAULT_MAX_FRAME,
+        spares: int = 1,
         require_sandbox: bool = False,
         _worker_command: list[str] | None = None,
     ) -> None:
@@ -183,7 +184,10 @@ class WorkerPool:
         self._idle_done = threading.Condition(threading.Lock())
         settings = WorkerSettings(engine_kind.value, memory_limit, max_request)
         self._supervisor: Supervisor
-        self._core = PoolCore(self.size, self.queue_limit, lambda: self._supervisor.wake())
+        if spares < 0:
+            raise ValueError("spares must be 0 or more")
+        self.spares = spares
+        self._core = PoolCore(self.size, spares, self.queue_limit, lambda: self._supervisor.wake())
         self._supervisor = Supervisor(
             self._core,
             settings,
@@ -493,8 +497,9 @@ class WorkerPool:
             worker.kill()
             core.retire(worker)
             raise
-        if worker.reader.pending:
-            worker.kill()  # bytes beyond the answer: the worker is not to be trusted
+        if worker.reader.pending or not worker.stderr_open:
+            # Bytes beyond the answer, or a closed stderr: the worker is not to be trusted.
+            worker.kill()
             core.retire(worker)
         else:
             core.give_back(worker)
@@ -524,9 +529,7 @@ class WorkerPool:
         """The blocking fast path: write the frame, poll until the answer or the deadline."""
         deadline = time.monotonic() + timeout
         worker.stderr.mark()
-        poller = select.poll()
-        poller.register(worker.stdout, select.POLLIN)
-        poller.register(worker.stderr_fd, select.POLLIN)
+        poller = worker.poller
         pending = self._write_some(worker, memoryview(frame))
         if pending:
             poller.register(worker.stdin, select.POLLOUT)
@@ -540,31 +543,36 @@ class WorkerPool:
                 raise self._died(worker)
             if answer is not None:
                 return interpret(answer, request_id)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._timed_out(timeout)
-            for fd, _ in poller.poll(left * 1000.0 + 1):
-                if fd == worker.stdout:
-                    if not worker.read_stdout():
-                        raise self._died(worker)
-                    event = worker.reader.next_event()
-                    if event is not None:
-                        return interpret(event, request_id)
-                elif fd == worker.stderr_fd:
-                    if not worker.drain_stderr():
-                        poller.unregister(worker.stderr_fd)
-                elif pending is not None:
-                    pending = self._write_some(worker, pending)
-                    if not pending:
-                        poller.unregister(worker.stdin)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timed_out(timeout)
+                for fd, _ in poller.poll(left * 1000.0 + 1):
+                    if fd == worker.stdout:
+                        if not worker.read_stdout():
+                            raise self._died(worker)
+                        event = worker.reader.next_event()
+                        if event is not None:
+                            return interpret(event, request_id)
+                    elif fd == worker.stderr_fd:
+                        if not worker.drain_stderr():
+                            poller.unregister(worker.stderr_fd)
+                    elif pending is not None:
+                        pending = self._write_some(worker, pending)
+                        if not pending:
+                            poller.unregister(worker.stdin)
+        finally:
+            if pending:
+                poller.unregister(worker.stdin)
 
     def _may_spin(self) -> bool:
-        """Spin for the answer only while a CPU is free for it: the spinner must not take
-        a core from a worker. Counts itself in when it may."""
+        """Spin for the answer only when this is the pool's only call and a second CPU
+        exists: then the spinner takes no core from a worker and no GIL time from another
+        caller (a spinning thread delays every other thread's wake-up). Counts itself in."""
         core = self._core
         with core.lock:
-            if core.spinners + core.size - len(core.idle) < self._cpus:
+            if core.in_flight == 1 and core.spinners == 0 and self._cpus > 1:
                 core.spinners += 1
                 return True
         return False

@@ -18,12 +18,12 @@ Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goe
 from __future__ import annotations
 
 import enum
-import errno
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +49,7 @@ _MEMORY_MARKERS = (
 
 class WorkerState(enum.Enum):
     STARTING = "starting"
+    SPARE = "spare"  # started and greeted, held back to replace the next worker that dies
     IDLE = "idle"
     BUSY = "busy"
     DEAD = "dead"
@@ -219,8 +220,15 @@ class WorkerProcess:
             os.set_blocking(fd, False)
         self.pid = self._popen.pid
         self.pidfd = os.pidfd_open(self.pid)
+        # Reused by whichever caller holds the worker: registering fds per call costs
+        # more syscalls than the answer's wait.
+        self.poller = select.poll()
+        self.poller.register(self.stdout, select.POLLIN)
+        self.poller.register(self.stderr_fd, select.POLLIN)
         self._input_open = True
         self._fds_open = True
+        self._fd_lock = threading.Lock()
+        self.stderr_open = True
 
     def __repr__(self) -> str:
         return f"<WorkerProcess pid={self.pid} {self.state.value}>"
@@ -246,21 +254,22 @@ class WorkerProcess:
             except BlockingIOError:
                 return True
             except OSError:
-                return False
+                data = b""
             if not data:
+                self.stderr_open = False
                 return False
             self.stderr.add(data)
 
     # -- life and death ------------------------------------------------------------------
 
     def kill(self) -> None:
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
+        with self._fd_lock:  # the pidfd's number must not be closed (and reused) meanwhile
+            if not self._fds_open:
+                return
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def exited(self) -> bool:
         return self._popen.poll() is not None
@@ -314,12 +323,10 @@ class WorkerProcess:
         if grace <= 0 or self.wait(grace) is None:
             self.kill()
         returncode = self.wait(None)
-        if self._fds_open:
-            self._fds_open = False
-            for fd in (self.stdout, self.stderr_fd, self.pidfd):
-                try:
+        with self._fd_lock:
+            if self._fds_open:
+                self._fds_open = False
+                for fd in (self.stdout, self.stderr_fd, self.pidfd):
                     os.close(fd)
-                except OSError:
-                    pass
         self.state = WorkerState.DEAD
         return returncode

@@ -40,6 +40,7 @@ class PoolStats:
     busy: int
     idle: int
     starting: int
+    spares: int
     evaluations: int
     errors: dict[str, int] = field(default_factory=dict)
     timeouts: int = 0

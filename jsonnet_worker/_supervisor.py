@@ -49,11 +49,14 @@ class Supervisor:
         self.require_sandbox = require_sandbox
         self.command = command
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_lock = threading.Lock()
+        self._wake_open = True
         self._stopping = False
         self._grace = 0.0
         self._failures_in_a_row = 0
         self._next_spawn_at = 0.0
-        self._initial_left = core.size
+        self._initial_spawned = False
+        self._initial_resolved = 0
         self._dead_busy: set[WorkerProcess] = set()
         self._sandbox_logged = False
         self.initial_done = threading.Event()
@@ -65,10 +68,13 @@ class Supervisor:
         self.thread.start()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or stopped
+        with self._wake_lock:  # never write to the pipe's fd number once it is closed
+            if not self._wake_open:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # already awake
 
     def stop(self, grace: float) -> None:
         """Close every worker (after ``grace`` seconds for an orderly exit) and end the thread."""
@@ -98,7 +104,7 @@ class Supervisor:
         with core.lock:
             if core.closed or core.fatal is not None:
                 return
-            missing = core.size - len(core.workers)
+            missing = core.size + core.spares - len(core.workers)
         now = time.monotonic()
         if missing <= 0 or now < self._next_spawn_at:
             return
@@ -110,8 +116,9 @@ class Supervisor:
                 return
             with core.lock:
                 core.workers.add(worker)
-                if self._initial_left <= 0:
+                if self._initial_spawned:
                     core.respawns += 1
+        self._initial_spawned = True
 
     def _wait_and_handle(self) -> None:
         core = self.core
@@ -211,7 +218,7 @@ class Supervisor:
             core.sandbox = core.sandbox or sandbox
             core.start_failure = ""
         self._log_sandbox(sandbox)
-        core.give_back(worker)
+        core.accept(worker)
         self._count_initial()
 
     def _log_sandbox(self, sandbox: SandboxStatus) -> None:
@@ -243,19 +250,24 @@ class Supervisor:
             core.start_failure = reason
             if worker is not None:
                 core._retire_locked(worker)
-            alive = any(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in core.workers)
-            if not alive:
+            if not core.active():
                 core.fail_waiters(WorkerStartError(message, cause=reason))
         if worker is not None:
             worker.kill()
         self._count_initial()
 
     def _count_initial(self) -> None:
-        if self._initial_left > 0:
-            self._initial_left -= 1
-            if self._initial_left == 0:
-                self.initial_done.set()
-        if self.core.fatal is not None:
+        """The pool's constructor waits until every active worker of the first wave said
+        hello, or every first start-up attempt ended (spares included), or a fatal error."""
+        core = self.core
+        self._initial_resolved += 1
+        with core.lock:
+            done = (
+                core.active() >= core.size
+                or self._initial_resolved >= core.size + core.spares
+                or core.fatal is not None
+            )
+        if done:
             self.initial_done.set()
 
     @staticmethod
@@ -285,17 +297,27 @@ class Supervisor:
         self._dead_busy.add(worker)
 
     def _shutdown(self) -> None:
+        """Close every worker no caller holds. A busy worker (a call still running at
+        ``terminate()``) is only killed: its caller sees the end of the pipe, and closes it
+        (``PoolCore.retire``), so no fd is closed under a caller's feet."""
         core = self.core
         with core.lock:
+            core.supervisor_stopped = True
             workers = list(core.workers) + core.retired
             core.workers.clear()
             core.retired = []
             core.idle.clear()
-        for worker in workers:
+        busy = [w for w in workers if w.state is WorkerState.BUSY]
+        for worker in busy:
+            worker.kill()
+        idle = [w for w in workers if w.state is not WorkerState.BUSY]
+        for worker in idle:
             worker.end_input()
         deadline = time.monotonic() + self._grace
-        for worker in workers:
+        for worker in idle:
             worker.close(grace=max(0.0, deadline - time.monotonic()))
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        with self._wake_lock:
+            self._wake_open = False
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
         self.initial_done.set()

@@ -48,7 +48,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def full(pool: WorkerPool) -> bool:
     stats = pool.stats()
-    return stats.alive == pool.size and stats.starting == 0
+    return stats.alive == pool.size and stats.starting == 0 and stats.spares == pool.spares
 
 
 def test_evaluate_decodes_and_passes_values_the_kratos_way(pool: WorkerPool) -> None:
@@ -293,7 +293,7 @@ def test_pool_dies_with_its_parent(tmp_path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     pids = [int(pid) for pid in parent.stdout.readline().split()]
-    assert len(pids) == 2
+    assert len(pids) == 3  # two workers and the spare
     parent.kill()
     parent.wait()
 
@@ -386,4 +386,4 @@ def test_stats_count_what_happened() -> None:
         assert stats.evaluations == 1
         assert stats.errors == {"JsonnetError": 1, "EvaluationTimeout": 1}
         assert stats.timeouts == 1 and stats.respawns == 1 and stats.crashes == 0
-        assert stats.queue_depth == 0 and len(stats.worker_pids) == 2
+        assert stats.queue_depth == 0 and stats.spares == 1 and len(stats.worker_pids) == 3
