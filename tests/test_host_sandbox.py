@@ -288,3 +288,43 @@ def test_a_bad_landlock_section_is_a_typed_error_and_applies_nothing() -> None:
         restrict_host({"security": {"landlock": {"disabled": "yes"}}})
     with open("/etc/passwd") as file:
         assert file.read(1)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_other_threads_make_it_refuse_and_apply_nothing() -> None:
+    """A layer binds only the applying thread (before ABI 8): fail closed, do not half-apply."""
+    done = run_python(
+        "import threading, jsonnet_worker\n"
+        "stop = threading.Event()\n"
+        "threading.Thread(target=stop.wait, name='web-server').start()\n"
+        "try:\n"
+        "    jsonnet_worker.restrict_host({})\n"
+        "except jsonnet_worker.HostSandboxError as exc:\n"
+        "    print('refused:', exc)\n"
+        "stop.set()\n"
+        "open('/etc/passwd').close()\n"
+        "print('unrestricted')\n"
+    )
+    assert "refused:" in done.stdout and "web-server" in done.stdout, done
+    assert "unrestricted" in done.stdout
+
+
+def test_disabled_opts_out_with_a_warning() -> None:
+    done = run_python(
+        "import logging, jsonnet_worker\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "s = jsonnet_worker.restrict_host({'security': {'landlock': {'disabled': True}}})\n"
+        "open('/etc/passwd').close()\n"
+        "print(s.enforced, s.disabled, s.reason)\n"
+    )
+    assert done.stdout.strip() == "False True disabled by security.landlock.disabled", done
+    assert "WARNING Landlock filesystem sandbox is not active" in done.stderr
