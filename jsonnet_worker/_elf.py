@@ -14,6 +14,7 @@ ValueError and the callers fall back or skip.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 DT_NEEDED = 1
 DT_RPATH = 15
@@ -22,21 +23,25 @@ PT_INTERP = 3
 SHT_DYNAMIC = 6
 
 
-def _header(elf_file: object, path: str) -> bytes:
-    ident: bytes = elf_file.read(64)  # type: ignore[attr-defined]
+def _header(elf: Any, path: str) -> bytes:
+    ident: bytes = elf.read(64)
     if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
         raise ValueError(f"{path}: not a 64-bit little-endian ELF file")
     return ident
 
 
+def _table(elf: Any, ident: bytes, offset_at: int, sizes_at: int) -> tuple[bytes, int, int]:
+    """A header table (program or section headers): its bytes, entry size and count."""
+    (offset,) = struct.unpack_from("<Q", ident, offset_at)
+    entry_size, count = struct.unpack_from("<HH", ident, sizes_at)
+    elf.seek(offset)
+    return elf.read(entry_size * count), entry_size, count
+
+
 def dynamic_strings(path: str) -> dict[int, list[str]]:
     """The string-valued dynamic entries (DT_NEEDED, DT_RPATH, DT_RUNPATH), by tag."""
     with open(path, "rb") as elf:
-        ident = _header(elf, path)
-        (shoff,) = struct.unpack_from("<Q", ident, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", ident, 0x3A)
-        elf.seek(shoff)
-        sections = elf.read(shentsize * shnum)
+        sections, shentsize, shnum = _table(elf, _header(elf, path), 0x28, 0x3A)
         headers = [
             struct.unpack_from("<IIQQQQIIQQ", sections, index * shentsize) for index in range(shnum)
         ]
@@ -68,11 +73,7 @@ def elf_needed(path: str) -> list[str]:
 def interpreter(path: str) -> str | None:
     """The program interpreter (PT_INTERP) of an executable, None for a static one."""
     with open(path, "rb") as elf:
-        ident = _header(elf, path)
-        (phoff,) = struct.unpack_from("<Q", ident, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", ident, 0x36)
-        elf.seek(phoff)
-        table = elf.read(phentsize * phnum)
+        table, phentsize, phnum = _table(elf, _header(elf, path), 0x20, 0x36)
         for index in range(phnum):
             kind, _, offset, _, _, size, _, _ = struct.unpack_from(
                 "<IIQQQQQQ", table, index * phentsize

@@ -52,6 +52,7 @@ from ._landlock import (
 )
 from ._process import WorkerProcess, WorkerSettings, _package_paths
 from ._protocol import DEFAULT_MAX_FRAME, Message
+from ._status import log_landlock
 
 if TYPE_CHECKING:
     from ._pool import WorkerPool
@@ -476,17 +477,7 @@ def restrict_host(
             _applied = replace(sandbox, status=replace(sandbox.status, reason=reason))
             return _applied
         _applied = replace(sandbox, status=_apply(allow.ruleset(), pools))
-        if _applied.enforced:
-            logger.info(
-                "Landlock filesystem sandbox is active.",
-                extra={"landlock_abi": _applied.status.abi, "sandbox": _applied.status.to_dict()},
-            )
-        else:
-            logger.warning(
-                "Landlock filesystem sandbox is not available: %s. The host process runs "
-                "without a filesystem sandbox.",
-                _applied.reason,
-            )
+        log_landlock(_applied.status, "The host process runs")
         return _applied
 
 

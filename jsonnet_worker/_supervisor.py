@@ -27,7 +27,7 @@ from ._core import PoolCore
 from ._errors import SandboxUnavailable, WorkerStartError
 from ._process import WorkerHello, WorkerProcess, WorkerSettings, WorkerState
 from ._protocol import PROTOCOL_VERSION, Message
-from ._status import SandboxStatus
+from ._status import SandboxStatus, log_landlock
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -245,17 +245,7 @@ class Supervisor:
         if self._sandbox_logged:
             return
         self._sandbox_logged = True
-        if sandbox.enforced:
-            logger.info(
-                "Landlock filesystem sandbox is active.",
-                extra={"landlock_abi": sandbox.landlock.abi, "sandbox": sandbox.landlock.to_dict()},
-            )
-        else:
-            logger.warning(
-                "Landlock filesystem sandbox is not available: %s. Jsonnet runs in worker "
-                "processes without a filesystem sandbox.",
-                sandbox.reason,
-            )
+        log_landlock(sandbox.landlock, "Jsonnet runs in worker processes")
 
     def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
         core = self.core
