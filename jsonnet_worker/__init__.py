@@ -10,6 +10,7 @@ from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
 from ._errors import (
     Error,
     EvaluationTimeout,
+    HostSandboxError,
     InputTooLarge,
     JsonnetError,
     MemoryLimitExceeded,
@@ -17,10 +18,12 @@ from ._errors import (
     Overloaded,
     PoolClosed,
     ProtocolError,
+    SandboxConfigError,
     SandboxUnavailable,
     WorkerCrashed,
     WorkerStartError,
 )
+from ._host import HostSandbox, restrict_host
 from ._landlock import LandlockStatus
 from ._pool import WorkerPool
 from ._status import PoolStats, SandboxStatus
@@ -30,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Error",
     "EvaluationTimeout",
+    "HostSandbox",
+    "HostSandboxError",
     "InputTooLarge",
     "JsonnetError",
     "LandlockStatus",
@@ -39,6 +44,7 @@ __all__ = [
     "PoolClosed",
     "PoolStats",
     "ProtocolError",
+    "SandboxConfigError",
     "SandboxStatus",
     "SandboxUnavailable",
     "WorkerCrashed",
@@ -47,5 +53,6 @@ __all__ = [
     "aevaluate",
     "evaluate",
     "get_default_pool",
+    "restrict_host",
     "set_default_pool",
 ]

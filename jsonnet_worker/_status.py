@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from ._landlock import LandlockStatus
+
+logger = logging.getLogger("jsonnet_worker")
+
+
+def log_landlock(status: LandlockStatus, unprotected: str) -> None:
+    """The one record that says whether a Landlock layer is in force; ``unprotected`` says
+    what runs without it when it is not."""
+    if status.enforced:
+        logger.info(
+            "Landlock filesystem sandbox is active.",
+            extra={"landlock_abi": status.abi, "sandbox": status.to_dict()},
+        )
+    else:
+        logger.warning(
+            "Landlock filesystem sandbox is not available: %s. %s without a filesystem sandbox.",
+            status.reason or status.state.value,
+            unprotected,
+        )
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 
 from ._core import PoolCore
 from ._errors import SandboxUnavailable, WorkerStartError
 from ._process import WorkerHello, WorkerProcess, WorkerSettings, WorkerState
 from ._protocol import PROTOCOL_VERSION, Message
-from ._status import SandboxStatus
+from ._status import SandboxStatus, log_landlock
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -59,6 +61,7 @@ class Supervisor:
         self._initial_resolved = 0
         self._dead_busy: set[WorkerProcess] = set()
         self._sandbox_logged = False
+        self._on_thread: list[tuple[Callable[[], object], Future[object]]] = []
         self.initial_done = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="jsonnet-worker-supervisor", daemon=True
@@ -76,6 +79,29 @@ class Supervisor:
             except BlockingIOError:
                 pass  # already awake
 
+    def run_on_thread(self, function: Callable[[], object], timeout: float = 10.0) -> object:
+        """Run ``function`` on the supervisor thread and return its result.
+
+        ``restrict_host`` uses it to apply the host's Landlock layer to this thread: before
+        ABI 8 a layer binds only the calling thread and what it starts later, and workers
+        are started from here."""
+        if threading.current_thread() is self.thread:
+            return function()
+        future: Future[object] = Future()
+        with self.core.lock:
+            self._on_thread.append((function, future))
+        self.wake()
+        return future.result(timeout)
+
+    def _run_requests(self) -> None:
+        with self.core.lock:
+            requests, self._on_thread = self._on_thread, []
+        for function, future in requests:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
     def stop(self, grace: float) -> None:
         """Close every worker (after ``grace`` seconds for an orderly exit) and end the thread."""
         self._grace = grace
@@ -89,6 +115,7 @@ class Supervisor:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._run_requests()
                 self._spawn_missing()
                 self._wait_and_handle()
         except BaseException:
@@ -225,17 +252,7 @@ class Supervisor:
         if self._sandbox_logged:
             return
         self._sandbox_logged = True
-        if sandbox.enforced:
-            logger.info(
-                "Landlock filesystem sandbox is active.",
-                extra={"landlock_abi": sandbox.landlock.abi, "sandbox": sandbox.landlock.to_dict()},
-            )
-        else:
-            logger.warning(
-                "Landlock filesystem sandbox is not available: %s. Jsonnet runs in worker "
-                "processes without a filesystem sandbox.",
-                sandbox.reason,
-            )
+        log_landlock(sandbox.landlock, "Jsonnet runs in worker processes")
 
     def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
         core = self.core

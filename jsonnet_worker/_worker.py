@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import os
 import resource
 import select
@@ -137,12 +138,39 @@ def set_limits(memory_limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
 
 
+CLONE_THREAD = 0x00010000
+
+
 def thread_count() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
+    """The number of threads of this process.
+
+    Read from /proc/self/status; where an outer Landlock domain (a host restricted with
+    ``restrict_host``) refuses /proc, ask the kernel instead: ``unshare(CLONE_THREAD)`` is a
+    no-op that fails with EINVAL exactly when the process has more than one thread. Any
+    other failure (a seccomp profile that blocks unshare) is a start-up failure: fail closed.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except PermissionError:
+        return 1 if _alone_in_thread_group() else 2
     raise StartupFailed("no Threads: line in /proc/self/status")
+
+
+def _alone_in_thread_group() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    ctypes.set_errno(0)
+    if libc.unshare(ctypes.c_int(CLONE_THREAD)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:
+        return False
+    raise StartupFailed(
+        f"cannot count threads: /proc/self/status is refused and unshare(CLONE_THREAD) "
+        f"failed: {os.strerror(err)}"
+    )
 
 
 def warm_up() -> None:
