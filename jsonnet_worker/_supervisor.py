@@ -131,7 +131,9 @@ class Supervisor:
         with core.lock:
             if core.closed or core.fatal is not None:
                 return
-            missing = core.size + core.spares - len(core.workers)
+            # Spares start after the first wave: on a small machine they would slow it down.
+            spares = core.spares if self.initial_done.is_set() else 0
+            missing = core.size + spares - len(core.workers)
         now = time.monotonic()
         if missing <= 0 or now < self._next_spawn_at:
             return
@@ -281,7 +283,7 @@ class Supervisor:
         with core.lock:
             done = (
                 core.active() >= core.size
-                or self._initial_resolved >= core.size + core.spares
+                or self._initial_resolved >= core.size
                 or core.fatal is not None
             )
         if done:
