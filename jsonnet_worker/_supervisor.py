@@ -57,7 +57,7 @@ class Supervisor:
         self._grace = 0.0
         self._failures_in_a_row = 0
         self._next_spawn_at = 0.0
-        self._initial_spawned = False
+        self._spawned = 0
         self._initial_resolved = 0
         self._dead_busy: set[WorkerProcess] = set()
         self._sandbox_logged = False
@@ -145,9 +145,9 @@ class Supervisor:
                 return
             with core.lock:
                 core.workers.add(worker)
-                if self._initial_spawned:
-                    core.respawns += 1
-        self._initial_spawned = True
+                if self._spawned >= core.size + core.spares:
+                    core.respawns += 1  # beyond the first workers and spares: a replacement
+            self._spawned += 1
 
     def _wait_and_handle(self) -> None:
         core = self.core

@@ -152,6 +152,7 @@ def test_submit_returns_a_future(go_pool: WorkerPool) -> None:
 @pytest.mark.parametrize("engine,snippet", [("cpp", SPIN_CPP), ("go", HEAVY_GO)])
 def test_timeout_kills_and_replaces(engine: str, snippet: str) -> None:
     with WorkerPool(2, engine=engine, timeout=0.3) as pool:
+        wait_until(lambda: full(pool))
         pids = set(pool.stats().worker_pids)
         started = time.monotonic()
         with pytest.raises(EvaluationTimeout):
@@ -251,6 +252,7 @@ def test_terminate_fails_calls_in_flight_with_pool_closed() -> None:
 def test_no_leaks_after_ten_thousand_evaluations() -> None:
     fds, children = open_fds(), child_pids()
     with WorkerPool(2, engine="go") as pool:
+        wait_until(lambda: full(pool))
         pids = pool.stats().worker_pids
         for index in range(10_000):
             assert pool.evaluate("std.extVar('i')", {"i": index}) == index
@@ -287,6 +289,7 @@ def test_pool_dies_with_its_parent(tmp_path) -> None:
     script = (
         "import jsonnet_worker, sys, time\n"
         "pool = jsonnet_worker.WorkerPool(2)\n"
+        "while pool.stats().spares < 1: time.sleep(0.01)\n"
         "print(*pool.stats().worker_pids, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -375,6 +378,7 @@ def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptu
 
 def test_stats_count_what_happened() -> None:
     with WorkerPool(2, engine="go", timeout=0.3) as pool:
+        wait_until(lambda: full(pool))
         pool.evaluate("1")
         with pytest.raises(JsonnetError):
             pool.evaluate("error 'e'")
