@@ -260,8 +260,10 @@ class WorkerPool:
         timeout = self._timeout(timeout)
         self._enter()
         try:
-            worker = self._take_worker()
-            return self._finish(worker, lambda: self._exchange(worker, request_id, frame, timeout))
+            worker, sent = self._take_worker(frame)
+            return self._finish(
+                worker, lambda: self._exchange(worker, request_id, frame, sent, timeout)
+            )
         except Error as exc:
             self._core.count_error(exc)
             raise
@@ -309,9 +311,9 @@ class WorkerPool:
         timeout = self._timeout(timeout)
         self._enter()
         try:
-            worker = await self._atake_worker()
+            worker, sent = await self._atake_worker(frame)
             try:
-                event = await self._aexchange(worker, request_id, frame, timeout)
+                event = await self._aexchange(worker, frame, sent, timeout)
             except BaseException:
                 worker.kill()  # cancelled mid-call: its answer would reach nobody
                 self._core.retire(worker)
@@ -441,43 +443,44 @@ class WorkerPool:
             with self._idle_done:
                 self._idle_done.notify_all()
 
-    def _take_worker(self) -> WorkerProcess:
-        waiter = ThreadWaiter()
+    def _take_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
+        """A worker for this call, and how much of ``frame`` was already written to it
+        (by the caller that handed it over)."""
+        waiter = ThreadWaiter(frame)
         worker = self._core.take_or_wait(waiter)
         if worker is not None:
-            return worker
-        woken = waiter.wait(self.queue_timeout)
-        if not woken:
-            worker = self._core.abandon(waiter)
-            if worker is not None:
-                return worker
-            raise Overloaded(f"no worker became free within {self.queue_timeout} s")
+            return worker, 0
+        if not waiter.wait(self.queue_timeout):
+            if self._core.abandon(waiter) is None:
+                raise Overloaded(f"no worker became free within {self.queue_timeout} s")
+            waiter.wait(None)  # handed over just now: the wake-up follows the write
         if waiter.error is not None:
             raise waiter.error
         assert waiter.worker is not None
-        return waiter.worker
+        return waiter.worker, waiter.written
 
-    async def _atake_worker(self) -> WorkerProcess:
+    async def _atake_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
         loop = asyncio.get_running_loop()
-        waiter = AsyncWaiter(loop)
+        waiter = AsyncWaiter(loop, frame)
         worker = self._core.take_or_wait(waiter)
         if worker is not None:
-            return worker
+            return worker, 0
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+        except TimeoutError:
+            if self._core.abandon(waiter) is None:
+                raise Overloaded(f"no worker became free within {self.queue_timeout} s") from None
+            await waiter.future  # handed over just now: the wake-up follows the write
+        except asyncio.CancelledError:
             worker = self._core.abandon(waiter)
-            if isinstance(exc, asyncio.CancelledError):
-                if worker is not None:
-                    self._core.give_back(worker)
-                raise
             if worker is not None:
-                return worker
-            raise Overloaded(f"no worker became free within {self.queue_timeout} s") from None
+                worker.kill()  # our request may already be in its pipe
+                self._core.retire(worker)
+            raise
         if waiter.error is not None:
             raise waiter.error
         assert waiter.worker is not None
-        return waiter.worker
+        return waiter.worker, waiter.written
 
     def _finish(self, worker: WorkerProcess, run: Any) -> str:
         """Run a call on ``worker``; give the worker back or retire it, count the outcome."""
@@ -524,13 +527,13 @@ class WorkerPool:
         return _Failure(error, True)
 
     def _exchange(
-        self, worker: WorkerProcess, request_id: int, frame: bytes, timeout: float
+        self, worker: WorkerProcess, request_id: int, frame: bytes, sent: int, timeout: float
     ) -> str:
         """The blocking fast path: write the frame, poll until the answer or the deadline."""
         deadline = time.monotonic() + timeout
         worker.stderr.mark()
         poller = worker.poller
-        pending = self._write_some(worker, memoryview(frame))
+        pending = self._write_some(worker, memoryview(frame)[sent:])
         if pending:
             poller.register(worker.stdin, select.POLLOUT)
         elif self._may_spin():
@@ -599,26 +602,27 @@ class WorkerPool:
 
     @staticmethod
     def _write_some(worker: WorkerProcess, data: memoryview) -> memoryview | None:
-        """Write what the pipe takes now; None when all is written (or the worker is gone,
-        which the caller learns from stdout)."""
+        """Write what the pipe takes now; the rest, or None when all is written (or the
+        worker is gone, which the caller learns from stdout)."""
+        if not data:
+            return None
         try:
-            written = os.write(worker.stdin, data)
+            rest = data[os.write(worker.stdin, data) :]
         except BlockingIOError:
             return data
-        except (BrokenPipeError, OSError):
+        except OSError:
             return None
-        rest = data[written:]
         return rest if rest else None
 
     async def _aexchange(
-        self, worker: WorkerProcess, request_id: int, frame: bytes, timeout: float
+        self, worker: WorkerProcess, frame: bytes, sent: int, timeout: float
     ) -> Event | str:
         """The asyncio path: the same exchange on the event loop's readers and a timer.
         Returns the response event, or "timeout" / "eof"."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Event | str] = loop.create_future()
         worker.stderr.mark()
-        pending: list[memoryview | None] = [self._write_some(worker, memoryview(frame))]
+        pending: list[memoryview | None] = [self._write_some(worker, memoryview(frame)[sent:])]
 
         def settle(value: Event | str) -> None:
             if not outcome.done():

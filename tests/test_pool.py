@@ -143,6 +143,31 @@ def test_asyncio_cancellation_costs_the_worker_not_the_pool(go_pool: WorkerPool)
     assert go_pool.evaluate("2") == 2
 
 
+def test_cancelled_queued_tasks_leave_no_stale_answers() -> None:
+    """Queued callers are handed workers with their request already written; cancelling
+    them at any moment must never leave an answer for the next caller to read."""
+    with WorkerPool(1, engine="go", timeout=10, spares=0) as pool:
+
+        async def main() -> None:
+            for round_ in range(20):
+                tasks = [
+                    asyncio.ensure_future(pool.aevaluate("std.extVar('i')", {"i": i}))
+                    for i in range(6)
+                ]
+                await asyncio.sleep(0.0005 * round_)
+                for task in tasks[1::2]:
+                    task.cancel()
+                for index, task in enumerate(tasks):
+                    try:
+                        assert await task == index
+                    except asyncio.CancelledError:
+                        assert index % 2 == 1
+                assert await pool.aevaluate("std.extVar('x')", {"x": round_}) == round_
+
+        asyncio.run(main())
+        wait_until(lambda: full(pool))
+
+
 def test_submit_returns_a_future(go_pool: WorkerPool) -> None:
     futures = [go_pool.submit("std.extVar('i')", {"i": i}) for i in range(20)]
     assert [future.result(10) for future in futures] == list(range(20))
