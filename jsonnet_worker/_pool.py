@@ -51,6 +51,7 @@ from ._errors import (
     ProtocolError,
     WorkerStartError,
 )
+from ._privileges import DEFAULT_WORKER_USER, resolve_identity
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import (
     DEFAULT_MAX_FRAME,
@@ -152,6 +153,7 @@ class WorkerPool:
         spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT,
         max_request: int = DEFAULT_MAX_FRAME,
         require_sandbox: bool = False,
+        worker_user: str | None = DEFAULT_WORKER_USER,
         _worker_command: list[str] | None = None,
     ) -> None:
         engine_kind = _engines.EngineKind(engine)
@@ -181,7 +183,9 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
-        settings = WorkerSettings(engine_kind.value, memory_limit, max_request)
+        settings = WorkerSettings(
+            engine_kind.value, memory_limit, max_request, resolve_identity(worker_user)
+        )
         self._supervisor: Supervisor
         self._core = PoolCore(self.size, self.queue_limit, lambda: self._supervisor.wake())
         self._supervisor = Supervisor(

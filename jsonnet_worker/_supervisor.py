@@ -190,7 +190,7 @@ class Supervisor:
 
     def _accept(self, worker: WorkerProcess, hello: WorkerHello) -> None:
         core = self.core
-        sandbox = SandboxStatus(hello.landlock, hello.self_check)
+        sandbox = hello.sandbox()
         if self.require_sandbox and not sandbox.enforced:
             error = SandboxUnavailable(
                 f"require_sandbox=True, but the workers have no Landlock sandbox: {sandbox.reason}",
@@ -218,16 +218,20 @@ class Supervisor:
         if self._sandbox_logged:
             return
         self._sandbox_logged = True
+        others = "; ".join(layer.summary() for layer in sandbox.missing if layer.name != "landlock")
         if sandbox.enforced:
             logger.info(
                 "Landlock filesystem sandbox is active.",
                 extra={"landlock_abi": sandbox.landlock.abi, "sandbox": sandbox.landlock.to_dict()},
             )
+            if others:
+                logger.warning("Worker isolation layers missing: %s", others)
         else:
             logger.warning(
                 "Landlock filesystem sandbox is not available: %s. Jsonnet runs in worker "
-                "processes without a filesystem sandbox.",
+                "processes without a filesystem sandbox.%s",
                 sandbox.reason,
+                f" Also missing: {others}" if others else "",
             )
 
     def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
