@@ -96,16 +96,13 @@ def set_task_and_file_limits(uid: int) -> LayerStatus:
     file_limit = max(FILE_LIMIT, highest_fd + 16)
     resource.setrlimit(resource.RLIMIT_NPROC, (task_limit, task_limit))
     resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
-    detail = (
-        f"RLIMIT_NPROC {task_limit} ({tasks} tasks of uid {uid} + {TASK_HEADROOM}), "
-        f"RLIMIT_NOFILE {file_limit}"
-    )
+    detail = f"RLIMIT_NPROC {task_limit} ({tasks} + {TASK_HEADROOM}), RLIMIT_NOFILE {file_limit}"
     if uid == 0:
         return LayerStatus(
             "limits",
             LayerState.MISSING,
             detail=detail,
-            reason="the worker runs as root, which RLIMIT_NPROC does not bind",
+            reason="RLIMIT_NPROC does not bind root",
         )
     return LayerStatus("limits", LayerState.ACTIVE, detail=detail)
 
@@ -133,16 +130,14 @@ def privilege_status(identity: WorkerIdentity | None) -> LayerStatus:
     """What the worker runs as, after ``drop_to`` (or without it)."""
     uid, gid = os.getuid(), os.getgid()
     groups = os.getgroups()
-    who = f"uid {uid}, gid {gid}, supplementary groups {groups or 'none'}"
+    who = f"uid {uid}, gid {gid}, groups {groups or 'none'}"
     if identity is not None:
-        return LayerStatus("privileges", LayerState.ACTIVE, f"dropped to {identity.user}: {who}")
+        return LayerStatus("privileges", LayerState.ACTIVE, f"{identity.user}: {who}")
     if os.geteuid() == 0:
         return LayerStatus(
             "privileges",
             LayerState.MISSING,
             detail=who,
-            reason="the parent runs as root and worker_user=None: workers keep root",
+            reason="root parent and worker_user=None",
         )
-    return LayerStatus(
-        "privileges", LayerState.ACTIVE, f"unprivileged parent, nothing to drop: {who}"
-    )
+    return LayerStatus("privileges", LayerState.ACTIVE, f"not root, nothing to drop: {who}")

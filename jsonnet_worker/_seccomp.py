@@ -445,7 +445,5 @@ def layer_status(result: SeccompResult) -> LayerStatus:
     return LayerStatus(
         "seccomp",
         LayerState.ACTIVE,
-        f"{result.arch}: {result.denied} syscalls refused with EPERM (exec, socket, ptrace, "
-        "metadata, namespaces, memfd, fork), clone only for threads, clone3 ENOSYS, other "
-        "ABIs killed; every thread (TSYNC)",
+        f"{result.arch}, {result.denied} calls refused, threads-only clone, TSYNC",
     )

@@ -33,7 +33,6 @@ class LayerStatus:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "name": self.name,
             "state": self.state.value,
             "detail": self.detail,
             "reason": self.reason,

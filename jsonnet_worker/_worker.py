@@ -169,20 +169,32 @@ def warm_up() -> None:
         pass
 
 
-def self_check(status: _landlock.LandlockStatus) -> str:
+def self_check_target() -> str:
+    """Before restriction: a file this process can open now (after any privilege drop, the
+    interpreter may sit in a directory the worker user cannot search)."""
+    for path in (sys.executable, "/proc/self/status"):
+        try:
+            with open(path, "rb"):
+                return path
+        except OSError:
+            continue
+    raise StartupFailed("no file to run the Landlock self-check on")
+
+
+def self_check(status: _landlock.LandlockStatus, target: str) -> str:
     """Try to open a file we could read before restriction; it must be refused."""
     try:
-        with open(sys.executable, "rb"):
+        with open(target, "rb"):
             pass
     except PermissionError as exc:
-        return f"refused: open({sys.executable!r}) -> {exc.strerror} (errno {exc.errno})"
+        return f"refused: open({target!r}) -> {exc.strerror} (errno {exc.errno})"
     except OSError as exc:
         if status.enforced:
-            return f"refused: open({sys.executable!r}) -> {exc.strerror} (errno {exc.errno})"
+            return f"refused: open({target!r}) -> {exc.strerror} (errno {exc.errno})"
         raise
     if status.enforced:
-        raise StartupFailed(f"Landlock reported enforced, but opening {sys.executable} succeeded")
-    return f"allowed: open({sys.executable!r}) succeeded (no Landlock on this kernel)"
+        raise StartupFailed(f"Landlock reported enforced, but opening {target} succeeded")
+    return f"allowed: open({target!r}) succeeded (no Landlock on this kernel)"
 
 
 class EvaluationLoop:
@@ -266,6 +278,7 @@ def start(
         _privileges.drop_to(identity)
         tie_to_parent(options.parent_pid)
     privileges = _privileges.privilege_status(identity)
+    check_target = self_check_target()
     threads = thread_count()
     if threads != 1:
         raise StartupFailed(
@@ -277,7 +290,7 @@ def start(
             _landlock.set_no_new_privs()
     except OSError as exc:
         raise StartupFailed(f"cannot apply the Landlock layer: {exc}") from exc
-    check = self_check(status)
+    check = self_check(status, check_target)
     try:
         engine = _engines.Engine(options.engine, _engines.load(prepared))
     except _engines.EngineLoadError as exc:

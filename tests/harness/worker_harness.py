@@ -10,9 +10,11 @@ Run as ``python -I worker_harness.py MODE [--without LAYER,...] [--seccomp-errno
                   a seccomp filter makes the Landlock syscalls fail with ENOSYS / EPERM, as on
                   a kernel without Landlock or under a container's seccomp profile
   full            the product's start-up unchanged (with ``--without``: minus some layers)
+  seccomp-refused the kernel refuses the seccomp filter (the worker must not start)
 ``--without`` leaves layers out, to measure what each one refuses (docs/ISOLATION.md):
   seccomp         no seccomp filter
-  limits          no RLIMIT_NPROC / RLIMIT_NOFILE
+  limits          none of the project's limits (RLIMIT_NPROC, NOFILE, FSIZE, CORE) but the
+                  memory limit, which Kratos has too (RLIMIT_AS)
   landlock-net-scopes
                   Landlock filesystem rights only, as Ory Kratos applies it
 (the privilege drop happens only when the worker args carry ``--uid``/``--gid``).
@@ -27,6 +29,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import struct
 import sys
 
@@ -47,6 +50,9 @@ def leave_out(layers: set[str]) -> None:
             False, os.uname().machine, reason="left out by the test harness"
         )
     if "limits" in layers:
+        _worker.set_limits = lambda memory_limit: resource.setrlimit(
+            resource.RLIMIT_DATA, (memory_limit, memory_limit)
+        )
         _privileges.set_task_and_file_limits = lambda uid: LayerStatus(
             "limits", LayerState.MISSING, reason="left out by the test harness"
         )
@@ -101,6 +107,12 @@ def main() -> int:
             refuse_with(int(value))
     if mode == "full":
         pass
+    elif mode == "seccomp-refused":
+
+        def refuse(machine: str | None = None, refusal: int = errno.EPERM) -> None:
+            raise _seccomp.SeccompError(errno.EACCES, "seccomp(SET_MODE_FILTER): refused")
+
+        _seccomp.install = refuse  # type: ignore[assignment]
     elif mode == "no-barrier":
         original = _engines.Engine.evaluate
 
@@ -116,6 +128,10 @@ def main() -> int:
 
         _engines.Engine.evaluate = evaluate_without_barrier  # type: ignore[method-assign]
     elif mode == "python":
+        # What the probes of tests/test_isolation_matrix.py use: nothing can be imported
+        # once the worker is restricted, so load it now.
+        import socket  # noqa: F401
+        import threading  # noqa: F401
 
         def run_python(self: _engines.Engine, request: _engines.EvalRequest) -> str:
             scope: dict[str, object] = {}
