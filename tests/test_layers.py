@@ -8,9 +8,11 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import glob
+import json
 import logging
 import os
 import pwd
+import signal
 
 import pytest
 
@@ -19,6 +21,7 @@ from jsonnet_worker import JsonnetError, SandboxStatus, WorkerPool, WorkerStartE
 from jsonnet_worker._privileges import resolve_identity
 from jsonnet_worker._seccomp import TABLES, build_program, install
 from jsonnet_worker._status import LayerState
+from rawworker import RawWorker
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="the privilege drop needs a root parent")
@@ -155,3 +158,14 @@ def test_doctor_lists_every_layer(capsys: pytest.CaptureFixture[str]) -> None:
     for layer in ("limits:", "privileges:", "seccomp:"):
         assert f"  {layer}" in out and "MISSING" not in out
     assert "sandbox: OK" in out
+
+
+@needs_root
+def test_death_signal_survives_the_privilege_drop() -> None:
+    """The kernel clears PR_SET_PDEATHSIG when credentials change; the worker re-arms it."""
+    command = harness_command("python", identity=resolve_identity("nobody"))
+    code = "import os\nresult = [main_thread['pdeathsig'], os.getuid()]"
+    with RawWorker("go", command=command) as raw:
+        answer = raw.request(code)
+    assert answer["t"] == "result", answer
+    assert json.loads(answer["json"]) == [signal.SIGKILL, 65534]

@@ -133,8 +133,22 @@ def main() -> int:
         import socket  # noqa: F401
         import threading  # noqa: F401
 
+        # Per-thread state of the main thread, read once start-up is over (snippets run on
+        # the loop thread): PR_SET_PDEATHSIG is a property of the thread that set it.
+        main_thread: dict[str, int] = {}
+        start = _worker.start
+
+        def start_and_record(*args: object) -> object:
+            started = start(*args)  # type: ignore[arg-type]
+            pdeathsig = ctypes.c_int(-1)
+            ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
+            main_thread["pdeathsig"] = pdeathsig.value
+            return started
+
+        _worker.start = start_and_record  # type: ignore[assignment]
+
         def run_python(self: _engines.Engine, request: _engines.EvalRequest) -> str:
-            scope: dict[str, object] = {}
+            scope: dict[str, object] = {"main_thread": main_thread}
             exec(request.snippet, scope)
             return json.dumps(scope.get("result"))
 
