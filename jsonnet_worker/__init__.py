@@ -23,7 +23,7 @@ from ._errors import (
 )
 from ._landlock import LandlockStatus
 from ._pool import WorkerPool
-from ._status import PoolStats, SandboxStatus
+from ._status import LayerState, LayerStatus, PoolStats, SandboxStatus
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,8 @@ __all__ = [
     "InputTooLarge",
     "JsonnetError",
     "LandlockStatus",
+    "LayerState",
+    "LayerStatus",
     "MemoryLimitExceeded",
     "OutputTooLarge",
     "Overloaded",
