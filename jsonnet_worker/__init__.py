@@ -26,7 +26,7 @@ from ._errors import (
 from ._host import HostSandbox, restrict_host
 from ._landlock import LandlockStatus
 from ._pool import WorkerPool
-from ._status import PoolStats, SandboxStatus
+from ._status import LayerState, LayerStatus, PoolStats, SandboxStatus
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,8 @@ __all__ = [
     "InputTooLarge",
     "JsonnetError",
     "LandlockStatus",
+    "LayerState",
+    "LayerStatus",
     "MemoryLimitExceeded",
     "OutputTooLarge",
     "Overloaded",

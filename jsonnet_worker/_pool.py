@@ -51,6 +51,7 @@ from ._errors import (
     ProtocolError,
     WorkerStartError,
 )
+from ._privileges import DEFAULT_WORKER_USER, resolve_identity
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import (
     DEFAULT_MAX_FRAME,
@@ -153,6 +154,7 @@ class WorkerPool:
         max_request: int = DEFAULT_MAX_FRAME,
         spares: int = 1,
         require_sandbox: bool = False,
+        worker_user: str | None = DEFAULT_WORKER_USER,
         _worker_command: list[str] | None = None,
     ) -> None:
         engine_kind = _engines.EngineKind(engine)
@@ -182,7 +184,9 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
-        settings = WorkerSettings(engine_kind.value, memory_limit, max_request)
+        settings = WorkerSettings(
+            engine_kind.value, memory_limit, max_request, resolve_identity(worker_user)
+        )
         self._supervisor: Supervisor
         if spares < 0:
             raise ValueError("spares must be 0 or more")

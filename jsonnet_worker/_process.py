@@ -30,7 +30,9 @@ from typing import Any
 
 from ._errors import MemoryLimitExceeded, WorkerCrashed
 from ._landlock import LandlockStatus
+from ._privileges import WorkerIdentity
 from ._protocol import FrameReader
+from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
 
 STDERR_HEAD = 4096
 STDERR_TAIL = 4096
@@ -62,6 +64,7 @@ class WorkerSettings:
     engine: str
     memory_limit: int
     max_frame: int
+    identity: WorkerIdentity | None = None  # whom a root parent's workers drop to
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,13 @@ class WorkerHello:
     landlock: LandlockStatus
     self_check: str
     startup_ms: float
+    layers: tuple[LayerStatus, ...] = ()  # limits, privileges, seccomp
 
     @classmethod
     def from_message(cls, payload: dict[str, Any]) -> WorkerHello:
         sandbox = payload.get("sandbox")
+        layers = payload.get("layers")
+        layers = layers if isinstance(layers, dict) else {}
         return cls(
             pid=int(payload.get("pid", 0)),
             engine=str(payload.get("engine", "")),
@@ -85,6 +91,21 @@ class WorkerHello:
             landlock=LandlockStatus.from_dict(sandbox if isinstance(sandbox, dict) else {}),
             self_check=str(payload.get("self_check", "")),
             startup_ms=float(payload.get("startup_ms", 0.0)),
+            layers=tuple(LayerStatus.from_dict(name, layers.get(name)) for name in EXTRA_LAYERS),
+        )
+
+    def sandbox(self) -> SandboxStatus:
+        extra = {layer.name: layer for layer in self.layers}
+
+        def layer(name: str) -> LayerStatus:
+            return extra.get(name) or LayerStatus.unreported(name)
+
+        return SandboxStatus(
+            self.landlock,
+            self.self_check,
+            limits=layer("limits"),
+            privileges=layer("privileges"),
+            seccomp=layer("seccomp"),
         )
 
 
@@ -148,6 +169,12 @@ _BOOTSTRAP = (
 
 
 def worker_command(settings: WorkerSettings) -> list[str]:
+    identity = settings.identity
+    drop = (
+        ["--user", identity.user, "--uid", str(identity.uid), "--gid", str(identity.gid)]
+        if identity is not None
+        else []
+    )
     return [
         sys.executable,
         "-I",
@@ -165,6 +192,7 @@ def worker_command(settings: WorkerSettings) -> list[str]:
         str(os.getpid()),
         "--max-frame",
         str(settings.max_frame),
+        *drop,
     ]
 
 

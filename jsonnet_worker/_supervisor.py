@@ -226,7 +226,7 @@ class Supervisor:
 
     def _accept(self, worker: WorkerProcess, hello: WorkerHello) -> None:
         core = self.core
-        sandbox = SandboxStatus(hello.landlock, hello.self_check)
+        sandbox = hello.sandbox()
         if self.require_sandbox and not sandbox.enforced:
             error = SandboxUnavailable(
                 f"require_sandbox=True, but the workers have no Landlock sandbox: {sandbox.reason}",
@@ -254,7 +254,13 @@ class Supervisor:
         if self._sandbox_logged:
             return
         self._sandbox_logged = True
-        log_landlock(sandbox.landlock, "Jsonnet runs in worker processes")
+        others = "; ".join(layer.summary() for layer in sandbox.missing if layer.name != "landlock")
+        unprotected = "Jsonnet runs in worker processes"
+        if not sandbox.enforced and others:
+            unprotected += f" (also missing: {others})"
+        log_landlock(sandbox.landlock, unprotected)
+        if sandbox.enforced and others:
+            logger.warning("Worker isolation layers missing: %s", others)
 
     def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
         core = self.core
