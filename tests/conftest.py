@@ -3,7 +3,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ def harness_command(
     if seccomp_errno is not None:
         options += ["--seccomp-errno", str(seccomp_errno)]
     return [sys.executable, "-I", str(HARNESS), mode, *options, *real[6:]]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def full(pool: WorkerPool) -> bool:
+    stats = pool.stats()
+    return stats.alive == pool.size and stats.starting == 0 and stats.spares == pool.spares
 
 
 def load_cases() -> list[dict[str, Any]]:

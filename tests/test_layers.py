@@ -16,7 +16,7 @@ import signal
 
 import pytest
 
-from conftest import harness_command
+from conftest import full, harness_command, wait_until
 from jsonnet_worker import JsonnetError, SandboxStatus, WorkerPool, WorkerStartError, _cli
 from jsonnet_worker._privileges import resolve_identity
 from jsonnet_worker._seccomp import TABLES, build_program, install
@@ -59,6 +59,7 @@ def test_every_thread_is_filtered_and_unprivileged(pool: WorkerPool) -> None:
     # Enough work that the Go runtime has made every thread it will make.
     for index in range(200):
         assert pool.evaluate("std.length(std.range(1, std.extVar('n')))", {"n": index + 1})
+    wait_until(lambda: full(pool))  # the spare too has finished its start-up
     for pid in pool.stats().worker_pids:
         threads = status_fields(pid)
         assert threads

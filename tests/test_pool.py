@@ -12,12 +12,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 import jsonnet_worker
-from conftest import child_pids, harness_command, load_cases, open_fds, read_case_source
+from conftest import (
+    child_pids,
+    full,
+    harness_command,
+    load_cases,
+    open_fds,
+    read_case_source,
+    wait_until,
+)
 from jsonnet_worker import (
     EvaluationTimeout,
     JsonnetError,
@@ -36,19 +43,6 @@ from jsonnet_worker._process import WorkerState
 MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
 HEAVY_GO = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
 SPIN_CPP = "local f(n) = f(n + 1) tailstrict; f(0)"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
-def full(pool: WorkerPool) -> bool:
-    stats = pool.stats()
-    return stats.alive == pool.size and stats.starting == 0 and stats.spares == pool.spares
 
 
 def test_evaluate_decodes_and_passes_values_the_kratos_way(pool: WorkerPool) -> None:
