@@ -131,7 +131,7 @@ def test_every_table_assembles(arch: str) -> None:
 @needs_root
 def test_worker_user_is_configurable() -> None:
     daemon = pwd.getpwnam("daemon")
-    with WorkerPool(1, worker_user="daemon") as pool:
+    with WorkerPool(1, worker_user="daemon", spares=0) as pool:
         assert pool.sandbox is not None
         assert f"uid {daemon.pw_uid}, gid {daemon.pw_gid}" in pool.sandbox.privileges.detail
         (pid,) = pool.stats().worker_pids
