@@ -26,6 +26,27 @@ def harness_command(mode: str, engine: str = "go", memory_limit: int = 1 << 30) 
     return [sys.executable, "-I", str(HARNESS), mode, *real[6:]]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("adversarial", "the adversarial suite's long tier")
+    group.addoption(
+        "--soak-examples",
+        type=int,
+        default=400,
+        help="hypothesis examples per fuzz test in the soak tier (default 400)",
+    )
+    group.addoption(
+        "--soak-seconds",
+        type=float,
+        default=30.0,
+        help="seconds of chaos under load in the soak tier (default 30)",
+    )
+    group.addoption(
+        "--reliability-json",
+        default=None,
+        help="write what the adversarial suite tried and measured to this JSON file",
+    )
+
+
 def load_cases() -> list[dict[str, Any]]:
     cases: list[dict[str, Any]] = json.loads((DATA / "cases.json").read_text())
     return cases
