@@ -68,11 +68,14 @@ class AsyncWaiter(Waiter):
             self.future.set_result(None)
 
     def deliver(self, worker: WorkerProcess) -> bool:
+        # The worker is set before the wake-up is scheduled: the event loop may resume the
+        # waiting task before call_soon_threadsafe returns here.
+        self.worker = worker
         try:
             self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # its event loop is closed: nobody will take the worker
+            self.worker = None
             return False
-        self.worker = worker
         return True
 
     def fail(self, error: Error) -> None:
