@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import threading
 import time
 
@@ -171,6 +172,8 @@ class Supervisor:
 
     def _read_hello(self, worker: WorkerProcess) -> None:
         if not worker.read_stdout():
+            if self._killed_from_outside(worker):
+                return
             worker.drain_stderr()
             self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
             return
@@ -265,9 +268,23 @@ class Supervisor:
 
     # -- deaths --------------------------------------------------------------------------
 
+    def _killed_from_outside(self, worker: WorkerProcess) -> bool:
+        """A starting worker SIGKILLed from outside (an operator, a chaos test) is replaced at
+        once: it says nothing about whether workers can start, so it neither backs off nor
+        fails waiting callers with WorkerStartError as a start-up failure would."""
+        if worker.wait(0.05) != -signal.SIGKILL:
+            return False
+        with self.core.lock:
+            self.core.crashes += 1
+            self.core._retire_locked(worker)
+        self._count_initial()
+        return True
+
     def _exited(self, worker: WorkerProcess) -> None:
         core = self.core
         if worker.state is WorkerState.STARTING:
+            if self._killed_from_outside(worker):
+                return
             worker.read_stdout()
             event = worker.reader.next_event()
             if isinstance(event, Message) and event.payload.get("t") == "startup_failed":
