@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -78,38 +79,34 @@ def test_chaos_under_load(tier: Tier) -> None:
     with WorkerPool(2, engine="go", timeout=5.0, queue_timeout=60) as pool:
         wait_full(pool)
 
-        def one_call_blocking() -> None:
+        def issue() -> tuple[int, bool, dict[str, Any]]:
+            """A new call: its number, whether it must time out, and evaluate's arguments."""
             call = next(calls)
             on_purpose = call % 25 == 0
             with outcomes.lock:
                 outcomes.issued += 1
-            try:
-                value = pool.evaluate(
-                    snippet_for(on_purpose),
-                    {"c": call},
-                    timeout=SLOW_ON_PURPOSE if on_purpose else None,
-                )
-            except Exception as exc:
-                outcomes.record(call, classify(call, on_purpose, None, exc))
-            else:
-                outcomes.record(call, classify(call, on_purpose, value, None))
+            arguments = {
+                "snippet": snippet_for(on_purpose),
+                "ext_vars": {"c": call},
+                "timeout": SLOW_ON_PURPOSE if on_purpose else None,
+            }
+            return call, on_purpose, arguments
 
         def thread_loop() -> None:
             while not stop_load.is_set():
-                one_call_blocking()
+                call, on_purpose, arguments = issue()
+                try:
+                    value = pool.evaluate(**arguments)
+                except Exception as exc:
+                    outcomes.record(call, classify(call, on_purpose, None, exc))
+                else:
+                    outcomes.record(call, classify(call, on_purpose, value, None))
 
         async def task_loop() -> None:
             while not stop_load.is_set():
-                call = next(calls)
-                on_purpose = call % 25 == 0
-                with outcomes.lock:
-                    outcomes.issued += 1
+                call, on_purpose, arguments = issue()
                 try:
-                    value = await pool.aevaluate(
-                        snippet_for(on_purpose),
-                        {"c": call},
-                        timeout=SLOW_ON_PURPOSE if on_purpose else None,
-                    )
+                    value = await pool.aevaluate(**arguments)
                 except Exception as exc:
                     outcomes.record(call, classify(call, on_purpose, None, exc))
                 else:

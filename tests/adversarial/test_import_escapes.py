@@ -45,7 +45,7 @@ def test_controls_reach_the_secret_without_a_sandbox(files: SecretFiles, engine:
     """The generator's plain shapes and styles do reach the secret in an unrestricted,
     in-process engine: a refusal in the worker is the sandbox's doing, not a dead path."""
     module = importlib.import_module(EngineKind(engine).module_name)
-    styles = LITERAL_STYLES if engine == "go" else ("double", "all-escaped", "text-block")
+    styles = LITERAL_STYLES if engine == "go" else ("all-escaped", "text-block")
     reached = 0
     for path in files.direct_paths():
         for style in styles:
