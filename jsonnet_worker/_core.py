@@ -168,13 +168,18 @@ class PoolCore:
         with self.lock:
             if worker.state is WorkerState.DEAD:
                 return
-            waiter = self.waiters.popleft() if self.waiters else None
-            if waiter is None:
+            dying = worker.state is WorkerState.DYING  # it answered, then died
+            waiter = None if dying or not self.waiters else self.waiters.popleft()
+            if waiter is not None:
+                waiter.worker = worker
+                worker.state = WorkerState.BUSY
+            elif not dying:
                 worker.state = WorkerState.IDLE
                 self.idle.append(worker)
                 return
-            waiter.worker = worker
-            worker.state = WorkerState.BUSY
+        if waiter is None:
+            self.retire(worker)
+            return
         if waiter.frame is not None:
             waiter.written = write_some(worker.stdin, waiter.frame)
         if not waiter.wake():
@@ -229,11 +234,22 @@ class PoolCore:
         worker.state = WorkerState.DEAD
         self.workers.discard(worker)
         self.retired.append(worker)
-        if was_active and not self.closed:
-            # Capacity comes back now, not after an interpreter start (~60 ms).
-            spare = next((w for w in self.workers if w.state is WorkerState.SPARE), None)
-            if spare is not None:
-                self._hand_out_locked(spare)
+        if was_active:
+            self._promote_spare_locked()
+
+    def _promote_spare_locked(self) -> None:
+        """Capacity comes back now, not after an interpreter start (~60 ms)."""
+        if self.closed:
+            return
+        spare = next((w for w in self.workers if w.state is WorkerState.SPARE), None)
+        if spare is not None:
+            self._hand_out_locked(spare)
+
+    def mark_dying(self, worker: WorkerProcess) -> None:
+        """Under the lock: a busy worker died; its caller has yet to notice and retire it."""
+        if worker.state is WorkerState.BUSY:
+            worker.state = WorkerState.DYING
+            self._promote_spare_locked()
 
     def fail_waiters(self, error: Error) -> None:
         """Under the lock: every waiting caller gets ``error``."""

@@ -258,15 +258,17 @@ class WorkerPool:
         timeout: float | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
+        timeout = self._timeout(timeout)
+        encoding_started = time.monotonic()
         request_id, frame = self._encode(
             snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename
         )
-        timeout = self._timeout(timeout)
+        spent = time.monotonic() - encoding_started
         self._enter()
         try:
             worker, sent = self._take_worker(frame)
             return self._finish(
-                worker, lambda: self._exchange(worker, request_id, frame, sent, timeout)
+                worker, lambda: self._exchange(worker, request_id, frame, sent, timeout, spent)
             )
         except Error as exc:
             self._core.count_error(exc)
@@ -309,15 +311,17 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
     ) -> str:
+        timeout = self._timeout(timeout)
+        encoding_started = time.monotonic()
         request_id, frame = self._encode(
             snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename
         )
-        timeout = self._timeout(timeout)
+        spent = time.monotonic() - encoding_started
         self._enter()
         try:
             worker, sent = await self._atake_worker(frame)
             try:
-                event = await self._aexchange(worker, frame, sent, timeout)
+                event = await self._aexchange(worker, frame, sent, timeout - spent)
             except BaseException:
                 worker.kill()  # cancelled mid-call: its answer would reach nobody
                 self._core.retire(worker)
@@ -531,10 +535,18 @@ class WorkerPool:
         return _Failure(error, True)
 
     def _exchange(
-        self, worker: WorkerProcess, request_id: int, frame: bytes, sent: int, timeout: float
+        self,
+        worker: WorkerProcess,
+        request_id: int,
+        frame: bytes,
+        sent: int,
+        timeout: float,
+        spent: float,
     ) -> str:
-        """The blocking fast path: write the frame, poll until the answer or the deadline."""
-        deadline = time.monotonic() + timeout
+        """The blocking fast path: write the frame, poll until the answer or the deadline.
+        ``spent``: the seconds encoding took (a 10 MB snippet takes tens of milliseconds);
+        they count against ``timeout``, so the caller's wait stays within it."""
+        deadline = time.monotonic() + timeout - spent
         worker.stderr.mark()
         poller = worker.poller
         pending = self._write_some(worker, memoryview(frame)[sent:])
@@ -621,8 +633,9 @@ class WorkerPool:
     async def _aexchange(
         self, worker: WorkerProcess, frame: bytes, sent: int, timeout: float
     ) -> Event | str:
-        """The asyncio path: the same exchange on the event loop's readers and a timer.
-        Returns the response event, or "timeout" / "eof"."""
+        """The asyncio path: the same exchange on the event loop's readers and a timer (with
+        what is left of the timeout after encoding). Returns the response event, or
+        "timeout" / "eof"."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Event | str] = loop.create_future()
         worker.stderr.mark()
@@ -654,7 +667,7 @@ class WorkerPool:
         loop.add_reader(worker.stderr_fd, on_stderr)
         if pending[0] is not None:
             loop.add_writer(worker.stdin, on_stdin)
-        timer = loop.call_later(timeout, settle, "timeout")
+        timer = loop.call_later(max(timeout, 0.0), settle, "timeout")
         try:
             return await outcome
         finally:

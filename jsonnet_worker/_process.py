@@ -11,6 +11,12 @@ caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is 
 error: runtime: out of memory"). The pidfd lets the supervisor see a death without touching
 the pipes a caller reads, and lets us signal without a pid-reuse race.
 
+The three channels are unix socket pairs, not pipes, each shut down in the direction it does
+not carry. Landlock does not mediate pipefs, so a worker could reopen a pipe it holds through
+``/proc/self/fd/N`` (``importstr "/proc/self/fd/1"`` without the import barrier read the
+worker's own stderr pipe and hung; fd 3 would steal the request stream). A socket cannot be
+opened through ``/proc`` at all (ENXIO), so the kernel refuses that too.
+
 Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goes through
 ``Popen.wait`` (thread-safe).
 """
@@ -21,6 +27,7 @@ import enum
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +61,7 @@ class WorkerState(enum.Enum):
     SPARE = "spare"  # started and greeted, held back to replace the next worker that dies
     IDLE = "idle"
     BUSY = "busy"
+    DYING = "dying"  # died while a caller holds it; the caller retires it
     DEAD = "dead"
 
 
@@ -206,6 +214,21 @@ def worker_environment(settings: WorkerSettings) -> dict[str, str]:
     }
 
 
+def one_way_channel(child_reads: bool) -> tuple[int, int]:
+    """A unix socket pair that carries bytes one way; returns (child end, parent end).
+
+    Both fds are close-on-exec (Popen's dup2 onto 0/1/2 clears that for the child's copy)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        parent.shutdown(socket.SHUT_RD if child_reads else socket.SHUT_WR)
+        child.shutdown(socket.SHUT_WR if child_reads else socket.SHUT_RD)
+    except OSError:
+        parent.close()
+        child.close()
+        raise
+    return child.detach(), parent.detach()
+
+
 class WorkerProcess:
     """A started worker: pipes, pidfd, reader state. Kill and reap it through this object only."""
 
@@ -220,10 +243,10 @@ class WorkerProcess:
         child_ends: list[int] = []
         parent_ends: list[int] = []
         try:
-            for _ in range(3):
-                read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                child_ends.append(read_end if not child_ends else write_end)
-                parent_ends.append(write_end if not parent_ends else read_end)
+            for child_reads in (True, False, False):  # requests, responses, stderr
+                child_end, parent_end = one_way_channel(child_reads)
+                child_ends.append(child_end)
+                parent_ends.append(parent_end)
             self._popen = subprocess.Popen(
                 command or worker_command(settings),
                 stdin=child_ends[0],

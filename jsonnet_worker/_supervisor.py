@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -207,6 +208,8 @@ class Supervisor:
 
     def _read_hello(self, worker: WorkerProcess) -> None:
         if not worker.read_stdout():
+            if self._killed_from_outside(worker):
+                return
             worker.drain_stderr()
             self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
             return
@@ -302,9 +305,23 @@ class Supervisor:
 
     # -- deaths --------------------------------------------------------------------------
 
+    def _killed_from_outside(self, worker: WorkerProcess) -> bool:
+        """A starting worker SIGKILLed from outside (an operator, a chaos test) is replaced at
+        once: it says nothing about whether workers can start, so it neither backs off nor
+        fails waiting callers with WorkerStartError as a start-up failure would."""
+        if worker.wait(0.05) != -signal.SIGKILL:
+            return False
+        with self.core.lock:
+            self.core.crashes += 1
+            self.core._retire_locked(worker)
+        self._count_initial()
+        return True
+
     def _exited(self, worker: WorkerProcess) -> None:
         core = self.core
         if worker.state is WorkerState.STARTING:
+            if self._killed_from_outside(worker):
+                return
             worker.read_stdout()
             event = worker.reader.next_event()
             if isinstance(event, Message) and event.payload.get("t") == "startup_failed":
@@ -314,11 +331,13 @@ class Supervisor:
                 self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
             return
         with core.lock:
-            if worker.state is WorkerState.IDLE:
+            if worker.state in (WorkerState.IDLE, WorkerState.SPARE):
                 core.crashes += 1
                 core._retire_locked(worker)
                 return
-        # Busy: its caller sees the end of the pipe and retires it.
+            # Busy: its caller sees the end of the pipe and retires it (and closes its fds,
+            # which it is reading). Capacity comes back now: a spare takes its place.
+            core.mark_dying(worker)
         self._dead_busy.add(worker)
 
     def _shutdown(self) -> None:
@@ -332,10 +351,11 @@ class Supervisor:
             core.workers.clear()
             core.retired = []
             core.idle.clear()
-        busy = [w for w in workers if w.state is WorkerState.BUSY]
-        for worker in busy:
-            worker.kill()
-        idle = [w for w in workers if w.state is not WorkerState.BUSY]
+        held = (WorkerState.BUSY, WorkerState.DYING)
+        for worker in workers:
+            if worker.state in held:
+                worker.kill()
+        idle = [w for w in workers if w.state not in held]
         for worker in idle:
             worker.end_input()
         deadline = time.monotonic() + self._grace

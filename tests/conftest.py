@@ -53,6 +53,27 @@ def full(pool: WorkerPool) -> bool:
     return stats.alive == pool.size and stats.starting == 0 and stats.spares == pool.spares
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("adversarial", "the adversarial suite's long tier")
+    group.addoption(
+        "--soak-examples",
+        type=int,
+        default=400,
+        help="hypothesis examples per fuzz test in the soak tier (default 400)",
+    )
+    group.addoption(
+        "--soak-seconds",
+        type=float,
+        default=30.0,
+        help="seconds of chaos under load in the soak tier (default 30)",
+    )
+    group.addoption(
+        "--reliability-json",
+        default=None,
+        help="write what the adversarial suite tried and measured to this JSON file",
+    )
+
+
 def load_cases() -> list[dict[str, Any]]:
     cases: list[dict[str, Any]] = json.loads((DATA / "cases.json").read_text())
     return cases

@@ -1,0 +1,72 @@
+"""Helpers the adversarial tests share: waiting for a full pool, asking every worker of a
+pool for an answer, and the parent's resident memory."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+from jsonnet_worker import WorkerPool
+from jsonnet_worker._process import WorkerState
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_full(
+    pool: WorkerPool,
+    timeout: float = 15.0,
+    *,
+    capacity_only: bool = False,
+    without: int | None = None,
+) -> float:
+    """Wait until the pool is back to full size: ``pool.size`` workers serving calls (none
+    of them the killed worker ``without``) and, unless ``capacity_only``, its spares started
+    too; returns the seconds waited."""
+    started = time.monotonic()
+    while True:
+        stats = pool.stats()
+        if (
+            stats.alive == pool.size
+            and without not in stats.worker_pids
+            and (capacity_only or (stats.starting == 0 and stats.spares == pool.spares))
+        ):
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"pool not back to full size within {timeout} s: {stats}")
+        time.sleep(0.0005)
+
+
+def each_worker_answers(pool: WorkerPool) -> int:
+    """Check out every worker of a full, quiet pool at once and have each answer its own
+    request correctly; returns how many answered. (Sequential calls would all reach the
+    same worker: the idle list is last in, first out.)"""
+    wait_full(pool)
+    core = pool._core
+    with core.lock:
+        workers = list(core.idle)
+        core.idle.clear()
+        for worker in workers:
+            worker.state = WorkerState.BUSY
+    assert len(workers) == pool.size, "the pool is not quiet"
+    answered = 0
+    try:
+        while workers:
+            worker = workers.pop()
+            request_id, frame = pool._encode(
+                "{n: std.extVar('n') + 1}", {"n": answered}, None, None, None, "check.jsonnet"
+            )
+            exchange = functools.partial(pool._exchange, worker, request_id, frame, 0, 10, 0.0)
+            text = pool._finish(worker, exchange)
+            assert json.loads(text) == {"n": answered + 1}
+            answered += 1
+    finally:
+        for worker in workers:
+            core.give_back(worker)
+    return answered
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
