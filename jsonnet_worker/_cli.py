@@ -119,10 +119,11 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         from .service import _server
     except ImportError as exc:
-        if exc.name is None or exc.name.split(".")[0] not in SERVE_MODULES:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in SERVE_MODULES:
             raise
         print(
-            f"jsonnet-worker serve needs the 'serve' extra ({exc.name} is missing): "
+            f"jsonnet-worker serve needs the 'serve' extra ({missing} is missing): "
             "pip install 'jsonnet-worker[serve]'",
             file=sys.stderr,
         )
