@@ -10,6 +10,7 @@ from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
 from ._errors import (
     Error,
     EvaluationTimeout,
+    HostSandboxError,
     InputTooLarge,
     JsonnetError,
     MemoryLimitExceeded,
@@ -17,28 +18,35 @@ from ._errors import (
     Overloaded,
     PoolClosed,
     ProtocolError,
+    SandboxConfigError,
     SandboxUnavailable,
     WorkerCrashed,
     WorkerStartError,
 )
+from ._host import HostSandbox, restrict_host
 from ._landlock import LandlockStatus
 from ._pool import WorkerPool
-from ._status import PoolStats, SandboxStatus
+from ._status import LayerState, LayerStatus, PoolStats, SandboxStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Error",
     "EvaluationTimeout",
+    "HostSandbox",
+    "HostSandboxError",
     "InputTooLarge",
     "JsonnetError",
     "LandlockStatus",
+    "LayerState",
+    "LayerStatus",
     "MemoryLimitExceeded",
     "OutputTooLarge",
     "Overloaded",
     "PoolClosed",
     "PoolStats",
     "ProtocolError",
+    "SandboxConfigError",
     "SandboxStatus",
     "SandboxUnavailable",
     "WorkerCrashed",
@@ -47,5 +55,6 @@ __all__ = [
     "aevaluate",
     "evaluate",
     "get_default_pool",
+    "restrict_host",
     "set_default_pool",
 ]

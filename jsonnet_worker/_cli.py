@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from . import __version__
 from ._errors import Error, JsonnetError
 from ._pool import DEFAULT_MAX_OUTPUT, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, WorkerPool
+from ._privileges import DEFAULT_WORKER_USER, resolve_identity
 from ._process import WorkerHello, WorkerProcess, WorkerSettings
 from ._protocol import DEFAULT_MAX_FRAME, Message
 
@@ -171,7 +172,10 @@ def run_eval(args: argparse.Namespace) -> int:
 def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float, int]:
     """Start one worker, wait for its hello (or its reason for failing), stop it."""
     started = time.monotonic()
-    worker = WorkerProcess(WorkerSettings(engine, DEFAULT_MEMORY_LIMIT, DEFAULT_MAX_FRAME))
+    identity = resolve_identity(DEFAULT_WORKER_USER)
+    worker = WorkerProcess(
+        WorkerSettings(engine, DEFAULT_MEMORY_LIMIT, DEFAULT_MAX_FRAME, identity)
+    )
     try:
         poller = select.poll()
         poller.register(worker.stdout, select.POLLIN)
@@ -227,6 +231,13 @@ def run_doctor(engine: str) -> int:
         print(f"  self-check:      {hello.self_check}")
         if not hello.self_check.startswith("refused"):
             healthy = False
+        for layer in hello.sandbox().layers[1:]:
+            label = f"{layer.name}:"
+            if layer.active:
+                print(f"  {label:<16} active: {layer.detail}")
+            else:
+                healthy = False
+                print(f"  {label:<16} MISSING: {layer.reason}")
     print("sandbox: OK" if healthy else "sandbox: NOT fully enforced (see above)")
     return 0 if healthy else EXIT_ERROR
 

@@ -29,6 +29,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._elf import elf_needed
 from ._protocol import ErrorKind, EvalRequest
 
 MFD_EXEC = 0x10  # Linux 6.3+: ask for an executable memfd whatever vm.memfd_noexec says
@@ -61,38 +62,6 @@ class EvaluationFailed(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-def elf_needed(path: str) -> list[str]:
-    """The DT_NEEDED sonames of a 64-bit little-endian ELF shared object."""
-    with open(path, "rb") as elf:
-        ident = elf.read(64)
-        if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-            raise ValueError("not a 64-bit little-endian ELF file")
-        (shoff,) = struct.unpack_from("<Q", ident, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", ident, 0x3A)
-        elf.seek(shoff)
-        sections = elf.read(shentsize * shnum)
-        headers = [
-            struct.unpack_from("<IIQQQQIIQQ", sections, index * shentsize) for index in range(shnum)
-        ]
-        dynamic = [h for h in headers if h[1] == 6]  # SHT_DYNAMIC
-        if not dynamic:
-            return []
-        _, _, _, _, dyn_offset, dyn_size, strtab_index, _, _, _ = dynamic[0]
-        strtab = headers[strtab_index]
-        elf.seek(strtab[4])
-        strings = elf.read(strtab[5])
-        elf.seek(dyn_offset)
-        entries = elf.read(dyn_size)
-    needed = []
-    for offset in range(0, len(entries) - 15, 16):
-        tag, value = struct.unpack_from("<qQ", entries, offset)
-        if tag == 0:
-            break
-        if tag == 1:  # DT_NEEDED
-            needed.append(strings[value : strings.index(b"\0", value)].decode())
-    return needed
 
 
 @dataclass

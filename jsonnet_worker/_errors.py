@@ -78,3 +78,11 @@ class WorkerStartError(Error):
     def __init__(self, message: str, cause: str = "") -> None:
         super().__init__(message)
         self.cause = cause
+
+
+class SandboxConfigError(Error, ValueError):
+    """The ``security.landlock`` section of the config given to ``restrict_host`` is invalid."""
+
+
+class HostSandboxError(Error):
+    """Landlock is supported but the host's layer could not be applied: do not serve."""

@@ -51,6 +51,7 @@ from ._errors import (
     ProtocolError,
     WorkerStartError,
 )
+from ._privileges import DEFAULT_WORKER_USER, resolve_identity
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import (
     DEFAULT_MAX_FRAME,
@@ -151,7 +152,9 @@ class WorkerPool:
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT,
         max_request: int = DEFAULT_MAX_FRAME,
+        spares: int = 1,
         require_sandbox: bool = False,
+        worker_user: str | None = DEFAULT_WORKER_USER,
         _worker_command: list[str] | None = None,
     ) -> None:
         engine_kind = _engines.EngineKind(engine)
@@ -181,9 +184,14 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
-        settings = WorkerSettings(engine_kind.value, memory_limit, max_request)
+        settings = WorkerSettings(
+            engine_kind.value, memory_limit, max_request, resolve_identity(worker_user)
+        )
         self._supervisor: Supervisor
-        self._core = PoolCore(self.size, self.queue_limit, lambda: self._supervisor.wake())
+        if spares < 0:
+            raise ValueError("spares must be 0 or more")
+        self.spares = spares
+        self._core = PoolCore(self.size, spares, self.queue_limit, lambda: self._supervisor.wake())
         self._supervisor = Supervisor(
             self._core,
             settings,
@@ -256,8 +264,10 @@ class WorkerPool:
         timeout = self._timeout(timeout)
         self._enter()
         try:
-            worker = self._take_worker()
-            return self._finish(worker, lambda: self._exchange(worker, request_id, frame, timeout))
+            worker, sent = self._take_worker(frame)
+            return self._finish(
+                worker, lambda: self._exchange(worker, request_id, frame, sent, timeout)
+            )
         except Error as exc:
             self._core.count_error(exc)
             raise
@@ -305,9 +315,9 @@ class WorkerPool:
         timeout = self._timeout(timeout)
         self._enter()
         try:
-            worker = await self._atake_worker()
+            worker, sent = await self._atake_worker(frame)
             try:
-                event = await self._aexchange(worker, request_id, frame, timeout)
+                event = await self._aexchange(worker, frame, sent, timeout)
             except BaseException:
                 worker.kill()  # cancelled mid-call: its answer would reach nobody
                 self._core.retire(worker)
@@ -437,43 +447,44 @@ class WorkerPool:
             with self._idle_done:
                 self._idle_done.notify_all()
 
-    def _take_worker(self) -> WorkerProcess:
-        waiter = ThreadWaiter()
+    def _take_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
+        """A worker for this call, and how much of ``frame`` was already written to it
+        (by the caller that handed it over)."""
+        waiter = ThreadWaiter(frame)
         worker = self._core.take_or_wait(waiter)
         if worker is not None:
-            return worker
-        woken = waiter.wait(self.queue_timeout)
-        if not woken:
-            worker = self._core.abandon(waiter)
-            if worker is not None:
-                return worker
-            raise Overloaded(f"no worker became free within {self.queue_timeout} s")
+            return worker, 0
+        if not waiter.wait(self.queue_timeout):
+            if self._core.abandon(waiter) is None:
+                raise Overloaded(f"no worker became free within {self.queue_timeout} s")
+            waiter.wait(None)  # handed over just now: the wake-up follows the write
         if waiter.error is not None:
             raise waiter.error
         assert waiter.worker is not None
-        return waiter.worker
+        return waiter.worker, waiter.written
 
-    async def _atake_worker(self) -> WorkerProcess:
+    async def _atake_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
         loop = asyncio.get_running_loop()
-        waiter = AsyncWaiter(loop)
+        waiter = AsyncWaiter(loop, frame)
         worker = self._core.take_or_wait(waiter)
         if worker is not None:
-            return worker
+            return worker, 0
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+        except TimeoutError:
+            if self._core.abandon(waiter) is None:
+                raise Overloaded(f"no worker became free within {self.queue_timeout} s") from None
+            await waiter.future  # handed over just now: the wake-up follows the write
+        except asyncio.CancelledError:
             worker = self._core.abandon(waiter)
-            if isinstance(exc, asyncio.CancelledError):
-                if worker is not None:
-                    self._core.give_back(worker)
-                raise
             if worker is not None:
-                return worker
-            raise Overloaded(f"no worker became free within {self.queue_timeout} s") from None
+                worker.kill()  # our request may already be in its pipe
+                self._core.retire(worker)
+            raise
         if waiter.error is not None:
             raise waiter.error
         assert waiter.worker is not None
-        return waiter.worker
+        return waiter.worker, waiter.written
 
     def _finish(self, worker: WorkerProcess, run: Any) -> str:
         """Run a call on ``worker``; give the worker back or retire it, count the outcome."""
@@ -493,8 +504,9 @@ class WorkerPool:
             worker.kill()
             core.retire(worker)
             raise
-        if worker.reader.pending:
-            worker.kill()  # bytes beyond the answer: the worker is not to be trusted
+        if worker.reader.pending or not worker.stderr_open:
+            # Bytes beyond the answer, or a closed stderr: the worker is not to be trusted.
+            worker.kill()
             core.retire(worker)
         else:
             core.give_back(worker)
@@ -519,15 +531,13 @@ class WorkerPool:
         return _Failure(error, True)
 
     def _exchange(
-        self, worker: WorkerProcess, request_id: int, frame: bytes, timeout: float
+        self, worker: WorkerProcess, request_id: int, frame: bytes, sent: int, timeout: float
     ) -> str:
         """The blocking fast path: write the frame, poll until the answer or the deadline."""
         deadline = time.monotonic() + timeout
         worker.stderr.mark()
-        poller = select.poll()
-        poller.register(worker.stdout, select.POLLIN)
-        poller.register(worker.stderr_fd, select.POLLIN)
-        pending = self._write_some(worker, memoryview(frame))
+        poller = worker.poller
+        pending = self._write_some(worker, memoryview(frame)[sent:])
         if pending:
             poller.register(worker.stdin, select.POLLOUT)
         elif self._may_spin():
@@ -540,31 +550,36 @@ class WorkerPool:
                 raise self._died(worker)
             if answer is not None:
                 return interpret(answer, request_id)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._timed_out(timeout)
-            for fd, _ in poller.poll(left * 1000.0 + 1):
-                if fd == worker.stdout:
-                    if not worker.read_stdout():
-                        raise self._died(worker)
-                    event = worker.reader.next_event()
-                    if event is not None:
-                        return interpret(event, request_id)
-                elif fd == worker.stderr_fd:
-                    if not worker.drain_stderr():
-                        poller.unregister(worker.stderr_fd)
-                elif pending is not None:
-                    pending = self._write_some(worker, pending)
-                    if not pending:
-                        poller.unregister(worker.stdin)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._timed_out(timeout)
+                for fd, _ in poller.poll(left * 1000.0 + 1):
+                    if fd == worker.stdout:
+                        if not worker.read_stdout():
+                            raise self._died(worker)
+                        event = worker.reader.next_event()
+                        if event is not None:
+                            return interpret(event, request_id)
+                    elif fd == worker.stderr_fd:
+                        if not worker.drain_stderr():
+                            poller.unregister(worker.stderr_fd)
+                    elif pending is not None:
+                        pending = self._write_some(worker, pending)
+                        if not pending:
+                            poller.unregister(worker.stdin)
+        finally:
+            if pending:
+                poller.unregister(worker.stdin)
 
     def _may_spin(self) -> bool:
-        """Spin for the answer only while a CPU is free for it: the spinner must not take
-        a core from a worker. Counts itself in when it may."""
+        """Spin for the answer only when this is the pool's only call and a second CPU
+        exists: then the spinner takes no core from a worker and no GIL time from another
+        caller (a spinning thread delays every other thread's wake-up). Counts itself in."""
         core = self._core
         with core.lock:
-            if core.spinners + core.size - len(core.idle) < self._cpus:
+            if core.in_flight == 1 and core.spinners == 0 and self._cpus > 1:
                 core.spinners += 1
                 return True
         return False
@@ -591,26 +606,27 @@ class WorkerPool:
 
     @staticmethod
     def _write_some(worker: WorkerProcess, data: memoryview) -> memoryview | None:
-        """Write what the pipe takes now; None when all is written (or the worker is gone,
-        which the caller learns from stdout)."""
+        """Write what the pipe takes now; the rest, or None when all is written (or the
+        worker is gone, which the caller learns from stdout)."""
+        if not data:
+            return None
         try:
-            written = os.write(worker.stdin, data)
+            rest = data[os.write(worker.stdin, data) :]
         except BlockingIOError:
             return data
-        except (BrokenPipeError, OSError):
+        except OSError:
             return None
-        rest = data[written:]
         return rest if rest else None
 
     async def _aexchange(
-        self, worker: WorkerProcess, request_id: int, frame: bytes, timeout: float
+        self, worker: WorkerProcess, frame: bytes, sent: int, timeout: float
     ) -> Event | str:
         """The asyncio path: the same exchange on the event loop's readers and a timer.
         Returns the response event, or "timeout" / "eof"."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Event | str] = loop.create_future()
         worker.stderr.mark()
-        pending: list[memoryview | None] = [self._write_some(worker, memoryview(frame))]
+        pending: list[memoryview | None] = [self._write_some(worker, memoryview(frame)[sent:])]
 
         def settle(value: Event | str) -> None:
             if not outcome.done():

@@ -18,19 +18,21 @@ Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goe
 from __future__ import annotations
 
 import enum
-import errno
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import MemoryLimitExceeded, WorkerCrashed
 from ._landlock import LandlockStatus
+from ._privileges import WorkerIdentity
 from ._protocol import FrameReader
+from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
 
 STDERR_HEAD = 4096
 STDERR_TAIL = 4096
@@ -49,6 +51,7 @@ _MEMORY_MARKERS = (
 
 class WorkerState(enum.Enum):
     STARTING = "starting"
+    SPARE = "spare"  # started and greeted, held back to replace the next worker that dies
     IDLE = "idle"
     BUSY = "busy"
     DEAD = "dead"
@@ -61,6 +64,7 @@ class WorkerSettings:
     engine: str
     memory_limit: int
     max_frame: int
+    identity: WorkerIdentity | None = None  # whom a root parent's workers drop to
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,13 @@ class WorkerHello:
     landlock: LandlockStatus
     self_check: str
     startup_ms: float
+    layers: tuple[LayerStatus, ...] = ()  # limits, privileges, seccomp
 
     @classmethod
     def from_message(cls, payload: dict[str, Any]) -> WorkerHello:
         sandbox = payload.get("sandbox")
+        layers = payload.get("layers")
+        layers = layers if isinstance(layers, dict) else {}
         return cls(
             pid=int(payload.get("pid", 0)),
             engine=str(payload.get("engine", "")),
@@ -84,6 +91,21 @@ class WorkerHello:
             landlock=LandlockStatus.from_dict(sandbox if isinstance(sandbox, dict) else {}),
             self_check=str(payload.get("self_check", "")),
             startup_ms=float(payload.get("startup_ms", 0.0)),
+            layers=tuple(LayerStatus.from_dict(name, layers.get(name)) for name in EXTRA_LAYERS),
+        )
+
+    def sandbox(self) -> SandboxStatus:
+        extra = {layer.name: layer for layer in self.layers}
+
+        def layer(name: str) -> LayerStatus:
+            return extra.get(name) or LayerStatus.unreported(name)
+
+        return SandboxStatus(
+            self.landlock,
+            self.self_check,
+            limits=layer("limits"),
+            privileges=layer("privileges"),
+            seccomp=layer("seccomp"),
         )
 
 
@@ -147,6 +169,12 @@ _BOOTSTRAP = (
 
 
 def worker_command(settings: WorkerSettings) -> list[str]:
+    identity = settings.identity
+    drop = (
+        ["--user", identity.user, "--uid", str(identity.uid), "--gid", str(identity.gid)]
+        if identity is not None
+        else []
+    )
     return [
         sys.executable,
         "-I",
@@ -164,6 +192,7 @@ def worker_command(settings: WorkerSettings) -> list[str]:
         str(os.getpid()),
         "--max-frame",
         str(settings.max_frame),
+        *drop,
     ]
 
 
@@ -219,8 +248,15 @@ class WorkerProcess:
             os.set_blocking(fd, False)
         self.pid = self._popen.pid
         self.pidfd = os.pidfd_open(self.pid)
+        # Reused by whichever caller holds the worker: registering fds per call costs
+        # more syscalls than the answer's wait.
+        self.poller = select.poll()
+        self.poller.register(self.stdout, select.POLLIN)
+        self.poller.register(self.stderr_fd, select.POLLIN)
         self._input_open = True
         self._fds_open = True
+        self._fd_lock = threading.Lock()
+        self.stderr_open = True
 
     def __repr__(self) -> str:
         return f"<WorkerProcess pid={self.pid} {self.state.value}>"
@@ -246,21 +282,22 @@ class WorkerProcess:
             except BlockingIOError:
                 return True
             except OSError:
-                return False
+                data = b""
             if not data:
+                self.stderr_open = False
                 return False
             self.stderr.add(data)
 
     # -- life and death ------------------------------------------------------------------
 
     def kill(self) -> None:
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
+        with self._fd_lock:  # the pidfd's number must not be closed (and reused) meanwhile
+            if not self._fds_open:
+                return
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def exited(self) -> bool:
         return self._popen.poll() is not None
@@ -314,12 +351,10 @@ class WorkerProcess:
         if grace <= 0 or self.wait(grace) is None:
             self.kill()
         returncode = self.wait(None)
-        if self._fds_open:
-            self._fds_open = False
-            for fd in (self.stdout, self.stderr_fd, self.pidfd):
-                try:
+        with self._fd_lock:
+            if self._fds_open:
+                self._fds_open = False
+                for fd in (self.stdout, self.stderr_fd, self.pidfd):
                     os.close(fd)
-                except OSError:
-                    pass
         self.state = WorkerState.DEAD
         return returncode

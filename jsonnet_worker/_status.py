@@ -1,10 +1,80 @@
-"""Public value types that describe a pool: its sandbox and its counters."""
+"""Public value types that describe a pool: its sandbox layers and its counters."""
 
 from __future__ import annotations
 
+import enum
+import logging
 from dataclasses import dataclass, field
 
 from ._landlock import LandlockStatus
+
+logger = logging.getLogger("jsonnet_worker")
+
+
+def log_landlock(status: LandlockStatus, unprotected: str) -> None:
+    """The one record that says whether a Landlock layer is in force; ``unprotected`` says
+    what runs without it when it is not."""
+    if status.enforced:
+        logger.info(
+            "Landlock filesystem sandbox is active.",
+            extra={"landlock_abi": status.abi, "sandbox": status.to_dict()},
+        )
+    else:
+        logger.warning(
+            "Landlock filesystem sandbox is not available: %s. %s without a filesystem sandbox.",
+            status.reason or status.state.value,
+            unprotected,
+        )
+
+
+class LayerState(enum.Enum):
+    ACTIVE = "active"
+    MISSING = "missing"  # the kernel, the architecture or the configuration lacks it
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """One isolation layer beyond Landlock (seccomp, privileges, limits), as a worker reported
+    it: active with what it does (``detail``), or missing and why (``reason``)."""
+
+    name: str
+    state: LayerState
+    detail: str = ""
+    reason: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state is LayerState.ACTIVE
+
+    @classmethod
+    def unreported(cls, name: str) -> LayerStatus:
+        return cls(name, LayerState.MISSING, reason="not reported by the worker")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "detail": self.detail,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: object) -> LayerStatus:
+        if not isinstance(data, dict):
+            return cls.unreported(name)
+        try:
+            state = LayerState(str(data.get("state")))
+        except ValueError:
+            return cls(name, LayerState.MISSING, reason=f"unknown state {data.get('state')!r}")
+        return cls(name, state, str(data.get("detail", "")), str(data.get("reason", "")))
+
+    def summary(self) -> str:
+        if self.active:
+            return f"{self.name}: active ({self.detail})" if self.detail else f"{self.name}: active"
+        return f"{self.name}: MISSING ({self.reason})"
+
+
+# The layers beyond Landlock, in the order the worker applies them.
+EXTRA_LAYERS = ("limits", "privileges", "seccomp")
 
 
 @dataclass(frozen=True)
@@ -12,11 +82,17 @@ class SandboxStatus:
     """What the workers reported about their sandbox in their hello.
 
     ``landlock`` is the Landlock layer (ABI, rights handled, or why it is missing);
-    ``self_check`` is the worker's own attempt, after restriction, to open its interpreter.
+    ``self_check`` is the worker's own attempt, after restriction, to open its interpreter;
+    ``limits``, ``privileges`` and ``seccomp`` are the layers beyond Landlock (see
+    docs/ISOLATION.md). ``enforced`` and ``reason`` are about Landlock, which
+    ``require_sandbox`` demands; ``missing`` lists every layer that is not active.
     """
 
     landlock: LandlockStatus
     self_check: str = ""
+    limits: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("limits"))
+    privileges: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("privileges"))
+    seccomp: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("seccomp"))
 
     @property
     def enforced(self) -> bool:
@@ -27,8 +103,23 @@ class SandboxStatus:
         """Why the sandbox is not enforced (empty when it is)."""
         return "" if self.enforced else self.landlock.reason or self.landlock.state.value
 
+    @property
+    def layers(self) -> tuple[LayerStatus, ...]:
+        """Every layer, Landlock first, as active or missing with the reason."""
+        landlock = (
+            LayerStatus("landlock", LayerState.ACTIVE, self.landlock.summary())
+            if self.enforced
+            else LayerStatus("landlock", LayerState.MISSING, reason=self.reason)
+        )
+        return (landlock, self.limits, self.privileges, self.seccomp)
+
+    @property
+    def missing(self) -> tuple[LayerStatus, ...]:
+        return tuple(layer for layer in self.layers if not layer.active)
+
     def summary(self) -> str:
-        return self.landlock.summary()
+        extra = "; ".join(layer.summary() for layer in (self.limits, self.privileges, self.seccomp))
+        return f"{self.landlock.summary()}; {extra}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +131,7 @@ class PoolStats:
     busy: int
     idle: int
     starting: int
+    spares: int
     evaluations: int
     errors: dict[str, int] = field(default_factory=dict)
     timeouts: int = 0

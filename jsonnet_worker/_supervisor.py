@@ -20,12 +20,14 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 
 from ._core import PoolCore
 from ._errors import SandboxUnavailable, WorkerStartError
 from ._process import WorkerHello, WorkerProcess, WorkerSettings, WorkerState
 from ._protocol import PROTOCOL_VERSION, Message
-from ._status import SandboxStatus
+from ._status import SandboxStatus, log_landlock
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -49,13 +51,17 @@ class Supervisor:
         self.require_sandbox = require_sandbox
         self.command = command
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_lock = threading.Lock()
+        self._wake_open = True
         self._stopping = False
         self._grace = 0.0
         self._failures_in_a_row = 0
         self._next_spawn_at = 0.0
-        self._initial_left = core.size
+        self._spawned = 0
+        self._initial_resolved = 0
         self._dead_busy: set[WorkerProcess] = set()
         self._sandbox_logged = False
+        self._on_thread: list[tuple[Callable[[], object], Future[object]]] = []
         self.initial_done = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="jsonnet-worker-supervisor", daemon=True
@@ -65,10 +71,36 @@ class Supervisor:
         self.thread.start()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or stopped
+        with self._wake_lock:  # never write to the pipe's fd number once it is closed
+            if not self._wake_open:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # already awake
+
+    def run_on_thread(self, function: Callable[[], object], timeout: float = 10.0) -> object:
+        """Run ``function`` on the supervisor thread and return its result.
+
+        ``restrict_host`` uses it to apply the host's Landlock layer to this thread: before
+        ABI 8 a layer binds only the calling thread and what it starts later, and workers
+        are started from here."""
+        if threading.current_thread() is self.thread:
+            return function()
+        future: Future[object] = Future()
+        with self.core.lock:
+            self._on_thread.append((function, future))
+        self.wake()
+        return future.result(timeout)
+
+    def _run_requests(self) -> None:
+        with self.core.lock:
+            requests, self._on_thread = self._on_thread, []
+        for function, future in requests:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
 
     def stop(self, grace: float) -> None:
         """Close every worker (after ``grace`` seconds for an orderly exit) and end the thread."""
@@ -83,6 +115,7 @@ class Supervisor:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._run_requests()
                 self._spawn_missing()
                 self._wait_and_handle()
         except BaseException:
@@ -98,7 +131,9 @@ class Supervisor:
         with core.lock:
             if core.closed or core.fatal is not None:
                 return
-            missing = core.size - len(core.workers)
+            # Spares start after the first wave: on a small machine they would slow it down.
+            spares = core.spares if self.initial_done.is_set() else 0
+            missing = core.size + spares - len(core.workers)
         now = time.monotonic()
         if missing <= 0 or now < self._next_spawn_at:
             return
@@ -110,8 +145,9 @@ class Supervisor:
                 return
             with core.lock:
                 core.workers.add(worker)
-                if self._initial_left <= 0:
-                    core.respawns += 1
+                if self._spawned >= core.size + core.spares:
+                    core.respawns += 1  # beyond the first workers and spares: a replacement
+            self._spawned += 1
 
     def _wait_and_handle(self) -> None:
         core = self.core
@@ -190,7 +226,7 @@ class Supervisor:
 
     def _accept(self, worker: WorkerProcess, hello: WorkerHello) -> None:
         core = self.core
-        sandbox = SandboxStatus(hello.landlock, hello.self_check)
+        sandbox = hello.sandbox()
         if self.require_sandbox and not sandbox.enforced:
             error = SandboxUnavailable(
                 f"require_sandbox=True, but the workers have no Landlock sandbox: {sandbox.reason}",
@@ -211,24 +247,20 @@ class Supervisor:
             core.sandbox = core.sandbox or sandbox
             core.start_failure = ""
         self._log_sandbox(sandbox)
-        core.give_back(worker)
+        core.accept(worker)
         self._count_initial()
 
     def _log_sandbox(self, sandbox: SandboxStatus) -> None:
         if self._sandbox_logged:
             return
         self._sandbox_logged = True
-        if sandbox.enforced:
-            logger.info(
-                "Landlock filesystem sandbox is active.",
-                extra={"landlock_abi": sandbox.landlock.abi, "sandbox": sandbox.landlock.to_dict()},
-            )
-        else:
-            logger.warning(
-                "Landlock filesystem sandbox is not available: %s. Jsonnet runs in worker "
-                "processes without a filesystem sandbox.",
-                sandbox.reason,
-            )
+        others = "; ".join(layer.summary() for layer in sandbox.missing if layer.name != "landlock")
+        unprotected = "Jsonnet runs in worker processes"
+        if not sandbox.enforced and others:
+            unprotected += f" (also missing: {others})"
+        log_landlock(sandbox.landlock, unprotected)
+        if sandbox.enforced and others:
+            logger.warning("Worker isolation layers missing: %s", others)
 
     def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
         core = self.core
@@ -243,19 +275,24 @@ class Supervisor:
             core.start_failure = reason
             if worker is not None:
                 core._retire_locked(worker)
-            alive = any(w.state in (WorkerState.IDLE, WorkerState.BUSY) for w in core.workers)
-            if not alive:
+            if not core.active():
                 core.fail_waiters(WorkerStartError(message, cause=reason))
         if worker is not None:
             worker.kill()
         self._count_initial()
 
     def _count_initial(self) -> None:
-        if self._initial_left > 0:
-            self._initial_left -= 1
-            if self._initial_left == 0:
-                self.initial_done.set()
-        if self.core.fatal is not None:
+        """The pool's constructor waits until every active worker of the first wave said
+        hello, or every first start-up attempt ended (spares included), or a fatal error."""
+        core = self.core
+        self._initial_resolved += 1
+        with core.lock:
+            done = (
+                core.active() >= core.size
+                or self._initial_resolved >= core.size
+                or core.fatal is not None
+            )
+        if done:
             self.initial_done.set()
 
     @staticmethod
@@ -285,17 +322,27 @@ class Supervisor:
         self._dead_busy.add(worker)
 
     def _shutdown(self) -> None:
+        """Close every worker no caller holds. A busy worker (a call still running at
+        ``terminate()``) is only killed: its caller sees the end of the pipe, and closes it
+        (``PoolCore.retire``), so no fd is closed under a caller's feet."""
         core = self.core
         with core.lock:
+            core.supervisor_stopped = True
             workers = list(core.workers) + core.retired
             core.workers.clear()
             core.retired = []
             core.idle.clear()
-        for worker in workers:
+        busy = [w for w in workers if w.state is WorkerState.BUSY]
+        for worker in busy:
+            worker.kill()
+        idle = [w for w in workers if w.state is not WorkerState.BUSY]
+        for worker in idle:
             worker.end_input()
         deadline = time.monotonic() + self._grace
-        for worker in workers:
+        for worker in idle:
             worker.close(grace=max(0.0, deadline - time.monotonic()))
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        with self._wake_lock:
+            self._wake_open = False
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
         self.initial_done.set()

@@ -7,16 +7,20 @@ Landlock domain.
 
 Plan (the order is the point):
   1. tie our life to the parent (PR_SET_PDEATHSIG), move the protocol pipes off fds 0 and 1
-     so nothing else can read the request stream or write into the response stream, and set
-     the resource limits;
+     so nothing else can read the request stream or write into the response stream;
   2. import and warm everything the loop will ever need, and prepare the engine (a memfd
      copy of the extension, its shared libraries loaded) without starting it;
-  3. while the process has exactly one thread: no_new_privs and the empty layer;
-  4. check from inside that the layer holds (opening our own interpreter must fail);
-  5. load the engine (its Go threads are born restricted), start the loop thread (also born
-     restricted, and off the main thread, where cgo's stack probing re-reads
-     /proc/self/maps on every call and now fails), and send the hello.
-Any failure in 2-5 sends a ``startup_failed`` frame and exits non-zero.
+  3. the resource limits (memory, core, file size, tasks, fds), then, when started by root,
+     drop to the worker user (``_privileges``) and re-arm PR_SET_PDEATHSIG, which the
+     kernel clears on a credential change;
+  4. while the process has exactly one thread: no_new_privs and the empty layer;
+  5. check from inside that the layer holds (opening our own interpreter must fail);
+  6. load the engine (its Go threads are born restricted), then the seccomp filter on every
+     thread at once (``_seccomp``: the Go threads exist by now, and memfd_create is refused
+     from here on), start the loop thread (born restricted, and off the main thread, where
+     cgo's stack probing re-reads /proc/self/maps on every call and now fails), and send the
+     hello, which reports every layer.
+Any failure in 2-6 sends a ``startup_failed`` frame and exits non-zero.
 
 Weak spots: where the kernel has no Landlock the worker still runs, reports why in its
 hello, and the pool decides (``require_sandbox``).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import os
 import resource
 import select
@@ -36,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _engines, _landlock
+from . import _engines, _landlock, _privileges, _seccomp
 from ._protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -65,6 +70,7 @@ class WorkerOptions:
     memory_limit: int
     parent_pid: int
     max_frame: int = DEFAULT_MAX_FRAME
+    identity: _privileges.WorkerIdentity | None = None
 
 
 class StartupFailed(Exception):
@@ -77,12 +83,19 @@ def parse_args(argv: list[str]) -> WorkerOptions:
     parser.add_argument("--memory-limit", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME)
+    parser.add_argument("--user", default=None)
+    parser.add_argument("--uid", type=int, default=None)
+    parser.add_argument("--gid", type=int, default=None)
     args = parser.parse_args(argv)
+    identity = None
+    if args.uid is not None and args.gid is not None:
+        identity = _privileges.WorkerIdentity(args.user or str(args.uid), args.uid, args.gid)
     return WorkerOptions(
         engine=_engines.EngineKind(args.engine),
         memory_limit=args.memory_limit,
         parent_pid=args.parent_pid,
         max_frame=args.max_frame,
+        identity=identity,
     )
 
 
@@ -137,12 +150,39 @@ def set_limits(memory_limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
 
 
+CLONE_THREAD = 0x00010000
+
+
 def thread_count() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
+    """The number of threads of this process.
+
+    Read from /proc/self/status; where an outer Landlock domain (a host restricted with
+    ``restrict_host``) refuses /proc, ask the kernel instead: ``unshare(CLONE_THREAD)`` is a
+    no-op that fails with EINVAL exactly when the process has more than one thread. Any
+    other failure (a seccomp profile that blocks unshare) is a start-up failure: fail closed.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except PermissionError:
+        return 1 if _alone_in_thread_group() else 2
     raise StartupFailed("no Threads: line in /proc/self/status")
+
+
+def _alone_in_thread_group() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    ctypes.set_errno(0)
+    if libc.unshare(ctypes.c_int(CLONE_THREAD)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:
+        return False
+    raise StartupFailed(
+        f"cannot count threads: /proc/self/status is refused and unshare(CLONE_THREAD) "
+        f"failed: {os.strerror(err)}"
+    )
 
 
 def warm_up() -> None:
@@ -157,20 +197,34 @@ def warm_up() -> None:
         pass
 
 
-def self_check(status: _landlock.LandlockStatus) -> str:
+def self_check_target() -> str:
+    """Before restriction: a file this process can open now (after any privilege drop, the
+    interpreter may sit in a directory the worker user cannot search)."""
+    # /dev/null last: readable by any user and allowed by a restricted host's layer
+    # (``restrict_host``), where the first two are not.
+    for path in (sys.executable, "/proc/self/status", os.devnull):
+        try:
+            with open(path, "rb"):
+                return path
+        except OSError:
+            continue
+    raise StartupFailed("no file to run the Landlock self-check on")
+
+
+def self_check(status: _landlock.LandlockStatus, target: str) -> str:
     """Try to open a file we could read before restriction; it must be refused."""
     try:
-        with open(sys.executable, "rb"):
+        with open(target, "rb"):
             pass
     except PermissionError as exc:
-        return f"refused: open({sys.executable!r}) -> {exc.strerror} (errno {exc.errno})"
+        return f"refused: open({target!r}) -> {exc.strerror} (errno {exc.errno})"
     except OSError as exc:
         if status.enforced:
-            return f"refused: open({sys.executable!r}) -> {exc.strerror} (errno {exc.errno})"
+            return f"refused: open({target!r}) -> {exc.strerror} (errno {exc.errno})"
         raise
     if status.enforced:
-        raise StartupFailed(f"Landlock reported enforced, but opening {sys.executable} succeeded")
-    return f"allowed: open({sys.executable!r}) succeeded (no Landlock on this kernel)"
+        raise StartupFailed(f"Landlock reported enforced, but opening {target} succeeded")
+    return f"allowed: open({target!r}) succeeded (no Landlock on this kernel)"
 
 
 class EvaluationLoop:
@@ -248,6 +302,13 @@ def start(
     except _engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
     set_limits(options.memory_limit)
+    identity = options.identity
+    limits = _privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
+    if identity is not None:
+        _privileges.drop_to(identity)
+        tie_to_parent(options.parent_pid)
+    privileges = _privileges.privilege_status(identity)
+    check_target = self_check_target()
     threads = thread_count()
     if threads != 1:
         raise StartupFailed(
@@ -259,11 +320,15 @@ def start(
             _landlock.set_no_new_privs()
     except OSError as exc:
         raise StartupFailed(f"cannot apply the Landlock layer: {exc}") from exc
-    check = self_check(status)
+    check = self_check(status, check_target)
     try:
         engine = _engines.Engine(options.engine, _engines.load(prepared))
     except _engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
+    try:
+        seccomp = _seccomp.layer_status(_seccomp.install())
+    except OSError as exc:
+        raise StartupFailed(f"cannot apply the seccomp filter: {exc}") from exc
     hello = {
         "t": "hello",
         "protocol": PROTOCOL_VERSION,
@@ -272,6 +337,7 @@ def start(
         "engine_version": engine.version,
         "python": sys.version.split()[0],
         "sandbox": status.to_dict(),
+        "layers": {layer.name: layer.to_dict() for layer in (limits, privileges, seccomp)},
         "self_check": check,
         "startup_ms": round((time.monotonic() - started) * 1000, 3),
     }

@@ -3,13 +3,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jsonnet_worker import WorkerPool
+from jsonnet_worker._privileges import WorkerIdentity
 from jsonnet_worker._process import WorkerSettings, worker_command
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
 
@@ -19,11 +21,36 @@ HARNESS = TESTS / "harness" / "worker_harness.py"
 ENGINES = ["go", "cpp"]
 
 
-def harness_command(mode: str, engine: str = "go", memory_limit: int = 1 << 30) -> list[str]:
-    """The pool's worker command, with the test harness in MODE in place of the bootstrap."""
-    real = worker_command(WorkerSettings(engine, memory_limit, DEFAULT_MAX_FRAME))
+def harness_command(
+    mode: str,
+    engine: str = "go",
+    memory_limit: int = 1 << 30,
+    *,
+    without: tuple[str, ...] = (),
+    identity: WorkerIdentity | None = None,
+    seccomp_errno: int | None = None,
+) -> list[str]:
+    """The pool's worker command, with the test harness in MODE in place of the bootstrap,
+    leaving out the layers named in ``without`` and dropping to ``identity`` if given."""
+    real = worker_command(WorkerSettings(engine, memory_limit, DEFAULT_MAX_FRAME, identity))
     assert real[3] == "-c" and real[5] == "_worker"
-    return [sys.executable, "-I", str(HARNESS), mode, *real[6:]]
+    options = ["--without", ",".join(without)] if without else []
+    if seccomp_errno is not None:
+        options += ["--seccomp-errno", str(seccomp_errno)]
+    return [sys.executable, "-I", str(HARNESS), mode, *options, *real[6:]]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def full(pool: WorkerPool) -> bool:
+    stats = pool.stats()
+    return stats.alive == pool.size and stats.starting == 0 and stats.spares == pool.spares
 
 
 def load_cases() -> list[dict[str, Any]]:

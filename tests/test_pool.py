@@ -12,12 +12,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 import jsonnet_worker
-from conftest import child_pids, harness_command, load_cases, open_fds, read_case_source
+from conftest import (
+    child_pids,
+    full,
+    harness_command,
+    load_cases,
+    open_fds,
+    read_case_source,
+    wait_until,
+)
 from jsonnet_worker import (
     EvaluationTimeout,
     JsonnetError,
@@ -36,19 +43,6 @@ from jsonnet_worker._process import WorkerState
 MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
 HEAVY_GO = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
 SPIN_CPP = "local f(n) = f(n + 1) tailstrict; f(0)"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
-def full(pool: WorkerPool) -> bool:
-    stats = pool.stats()
-    return stats.alive == pool.size and stats.starting == 0
 
 
 def test_evaluate_decodes_and_passes_values_the_kratos_way(pool: WorkerPool) -> None:
@@ -143,6 +137,31 @@ def test_asyncio_cancellation_costs_the_worker_not_the_pool(go_pool: WorkerPool)
     assert go_pool.evaluate("2") == 2
 
 
+def test_cancelled_queued_tasks_leave_no_stale_answers() -> None:
+    """Queued callers are handed workers with their request already written; cancelling
+    them at any moment must never leave an answer for the next caller to read."""
+    with WorkerPool(1, engine="go", timeout=10, spares=0) as pool:
+
+        async def main() -> None:
+            for round_ in range(20):
+                tasks = [
+                    asyncio.ensure_future(pool.aevaluate("std.extVar('i')", {"i": i}))
+                    for i in range(6)
+                ]
+                await asyncio.sleep(0.0005 * round_)
+                for task in tasks[1::2]:
+                    task.cancel()
+                for index, task in enumerate(tasks):
+                    try:
+                        assert await task == index
+                    except asyncio.CancelledError:
+                        assert index % 2 == 1
+                assert await pool.aevaluate("std.extVar('x')", {"x": round_}) == round_
+
+        asyncio.run(main())
+        wait_until(lambda: full(pool))
+
+
 def test_submit_returns_a_future(go_pool: WorkerPool) -> None:
     futures = [go_pool.submit("std.extVar('i')", {"i": i}) for i in range(20)]
     assert [future.result(10) for future in futures] == list(range(20))
@@ -152,6 +171,7 @@ def test_submit_returns_a_future(go_pool: WorkerPool) -> None:
 @pytest.mark.parametrize("engine,snippet", [("cpp", SPIN_CPP), ("go", HEAVY_GO)])
 def test_timeout_kills_and_replaces(engine: str, snippet: str) -> None:
     with WorkerPool(2, engine=engine, timeout=0.3) as pool:
+        wait_until(lambda: full(pool))
         pids = set(pool.stats().worker_pids)
         started = time.monotonic()
         with pytest.raises(EvaluationTimeout):
@@ -251,6 +271,7 @@ def test_terminate_fails_calls_in_flight_with_pool_closed() -> None:
 def test_no_leaks_after_ten_thousand_evaluations() -> None:
     fds, children = open_fds(), child_pids()
     with WorkerPool(2, engine="go") as pool:
+        wait_until(lambda: full(pool))
         pids = pool.stats().worker_pids
         for index in range(10_000):
             assert pool.evaluate("std.extVar('i')", {"i": index}) == index
@@ -287,13 +308,14 @@ def test_pool_dies_with_its_parent(tmp_path) -> None:
     script = (
         "import jsonnet_worker, sys, time\n"
         "pool = jsonnet_worker.WorkerPool(2)\n"
+        "while pool.stats().spares < 1: time.sleep(0.01)\n"
         "print(*pool.stats().worker_pids, flush=True)\n"
         "time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     pids = [int(pid) for pid in parent.stdout.readline().split()]
-    assert len(pids) == 2
+    assert len(pids) == 3  # two workers and the spare
     parent.kill()
     parent.wait()
 
@@ -375,6 +397,7 @@ def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptu
 
 def test_stats_count_what_happened() -> None:
     with WorkerPool(2, engine="go", timeout=0.3) as pool:
+        wait_until(lambda: full(pool))
         pool.evaluate("1")
         with pytest.raises(JsonnetError):
             pool.evaluate("error 'e'")
@@ -386,4 +409,4 @@ def test_stats_count_what_happened() -> None:
         assert stats.evaluations == 1
         assert stats.errors == {"JsonnetError": 1, "EvaluationTimeout": 1}
         assert stats.timeouts == 1 and stats.respawns == 1 and stats.crashes == 0
-        assert stats.queue_depth == 0 and len(stats.worker_pids) == 2
+        assert stats.queue_depth == 0 and stats.spares == 1 and len(stats.worker_pids) == 3

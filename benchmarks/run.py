@@ -1,0 +1,374 @@
+"""Run every benchmark side by side in one run and write benchmarks/RESULTS.md.
+
+    python -m benchmarks.run [--quick] [--no-write]
+
+Ratios are against in-process ``_gojsonnet`` (the floor: fastest, and unsafe) measured in the
+same run; on these noisy machines only ratios from one run compare. ``--quick`` runs fewer
+calls (for a smoke check), and ``--no-write`` only prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import _gojsonnet
+
+from benchmarks import workloads
+from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
+from benchmarks.workloads import Workload
+from jsonnet_worker import EvaluationTimeout, WorkerPool
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEAVY_LOOP = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
+
+
+@dataclass
+class Report:
+    sections: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, title: str, header: list[str], rows: list[list[str]]) -> None:
+        self.sections.append((title, header, rows))
+        print(f"\n## {title}")
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print(
+                "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+            )
+
+    def markdown(self) -> str:
+        out = []
+        for title, header, rows in self.sections:
+            out += [f"## {title}", "", "| " + " | ".join(header) + " |"]
+            out.append("|" + "---|" * len(header))
+            out += ["| " + " | ".join(row) + " |" for row in rows]
+            out.append("")
+        return "\n".join(out)
+
+
+def samples(call: Callable[[], object], count: int) -> list[float]:
+    timings = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - started)
+    return timings
+
+
+def pct(timings: list[float], fraction: float) -> float:
+    ordered = sorted(timings)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f}"
+
+
+def interleaved(
+    contenders: list[Contender], workload: Workload, count: int, rounds: int = 5
+) -> dict[str, list[float]]:
+    """Per-call timings, contenders interleaved in rounds so drift hits all alike."""
+    for contender in contenders:
+        samples(lambda c=contender: c.call(workload), max(5, count // 20))  # type: ignore[misc]
+    timings: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for _ in range(rounds):
+        for contender in contenders:
+            timings[contender.name] += samples(
+                lambda c=contender: c.call(workload),  # type: ignore[misc]
+                max(1, count // rounds),
+            )
+    return timings
+
+
+def throughput(call: Callable[[], object], callers: int, seconds: float) -> float:
+    """Calls per second with ``callers`` threads calling in a closed loop."""
+    stop = time.monotonic() + seconds
+    counts = [0] * callers
+
+    def loop(index: int) -> None:
+        while time.monotonic() < stop:
+            call()
+            counts[index] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.monotonic() - started)
+
+
+def rss_kib(pid: int, field_name: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{len(os.sched_getaffinity(0))} CPUs ({model}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}, go-jsonnet {_gojsonnet.version}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+
+
+def sequential_latency(report: Report, quick: bool) -> dict[str, float]:
+    go_floor = InProcess("go")
+    contenders: list[Contender] = [go_floor, Pool("go"), ProcessPool(), PebblePool()]
+    figures: dict[str, float] = {}
+    try:
+        for workload in (workloads.light(), workloads.courier(), workloads.heavy()):
+            count = 300 if quick else (3000 if "light" in workload.name else 1000)
+            timings = interleaved(contenders, workload, count)
+            floor = timings[go_floor.name]
+            rows = []
+            for name, times in timings.items():
+                rows.append(
+                    [
+                        name,
+                        us(pct(times, 0.5)),
+                        us(pct(times, 0.99)),
+                        f"{pct(times, 0.5) / pct(floor, 0.5):.2f}",
+                        f"{pct(times, 0.99) / pct(floor, 0.99):.2f}",
+                    ]
+                )
+                figures[f"{workload.name}|{name}|p50"] = pct(times, 0.5) / pct(floor, 0.5)
+                figures[f"{workload.name}|{name}|p99"] = pct(times, 0.99) / pct(floor, 0.99)
+            report.table(
+                f"Sequential latency: {workload.name}",
+                ["contender", "p50 µs", "p99 µs", "p50 ratio", "p99 ratio"],
+                rows,
+            )
+    finally:
+        for contender in contenders:
+            contender.close()
+    slow: list[Contender] = [InProcess("cpp"), Pool("cpp")]
+    try:
+        timings = interleaved(slow, workloads.light(), 20 if quick else 60, rounds=2)
+        base = timings[slow[0].name]
+        report.table(
+            "Sequential latency, C++ engine (a new VM per call): light OIDC mapper",
+            ["contender", "p50 µs", "p99 µs", "p50 ratio vs in-process _jsonnet"],
+            [
+                [
+                    name,
+                    us(pct(t, 0.5)),
+                    us(pct(t, 0.99)),
+                    f"{pct(t, 0.5) / pct(base, 0.5):.2f}",
+                ]
+                for name, t in timings.items()
+            ],
+        )
+    finally:
+        for contender in slow:
+            contender.close()
+    return figures
+
+
+def throughputs(report: Report, quick: bool) -> dict[str, float]:
+    seconds = 1.0 if quick else 3.0
+    figures: dict[str, float] = {}
+    for workload in (workloads.light(), workloads.heavy()):
+        floor = InProcess("go")
+        single = throughput(partial(floor.call, workload), 1, seconds)
+        rows = [[floor.name, "1", "-", f"{single:.0f}", "1.00"]]
+        executor = ProcessPool(2)
+        try:
+            executor_rate = throughput(partial(executor.call, workload), 4, seconds)
+        finally:
+            executor.close()
+        rows.append(
+            [executor.name, "4", "2", f"{executor_rate:.0f}", f"{executor_rate / single:.2f}"]
+        )
+        for size in (1, 2, 4):
+            pool = Pool("go", size)
+            try:
+                for callers in (1, 2, 4):
+                    rate = throughput(partial(pool.call, workload), callers, seconds)
+                    rows.append(
+                        [pool.name, str(callers), str(size), f"{rate:.0f}", f"{rate / single:.2f}"]
+                    )
+                    figures[f"{workload.name}|pool{size}|callers{callers}"] = rate
+            finally:
+                pool.close()
+        figures[f"{workload.name}|single"] = single
+        figures[f"{workload.name}|executor"] = executor_rate
+        best2 = max(figures[f"{workload.name}|pool2|callers{c}"] for c in (1, 2, 4))
+        report.notes.append(
+            f"{workload.name}: pool of 2 at best {best2:.0f}/s = {best2 / single:.2f}x "
+            f"in-process single-thread, {best2 / executor_rate:.2f}x ProcessPoolExecutor "
+            "(2 workers, 4 callers)"
+        )
+        report.table(
+            f"Throughput: {workload.name}",
+            ["contender", "callers", "workers", "calls/s", "vs in-process 1 thread"],
+            rows,
+        )
+    return figures
+
+
+def scaling(report: Report, quick: bool) -> None:
+    floor = InProcess("go")
+    pool = Pool("go")
+    rows = []
+    try:
+        cases = [workloads.sized_input(size) for size in (1_000, 10_000, 100_000, 1_000_000)]
+        cases += [workloads.sized_output(size) for size in (1_000, 10_000, 100_000, 900_000)]
+        for workload in cases:
+            count = 40 if quick else 200
+            timings = interleaved([floor, pool], workload, count, rounds=2)
+            a, b = timings[floor.name], timings[pool.name]
+            rows.append(
+                [
+                    workload.name,
+                    us(pct(a, 0.5)),
+                    us(pct(b, 0.5)),
+                    f"{pct(b, 0.5) / pct(a, 0.5):.2f}",
+                ]
+            )
+    finally:
+        pool.close()
+    report.table(
+        "Cost by input and output size (p50)",
+        ["workload", "in-process µs", "pool µs", "ratio"],
+        rows,
+    )
+
+
+def lifecycle(report: Report, quick: bool) -> None:
+    repeats = 3 if quick else 7
+    cold = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        pool = WorkerPool(2)
+        cold.append(time.perf_counter() - started)
+        pool.close()
+    with WorkerPool(2, timeout=0.2) as pool:
+        late = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            try:
+                pool.evaluate(HEAVY_LOOP)
+            except EvaluationTimeout:
+                late.append(time.perf_counter() - started - 0.2)
+            wait_full(pool)
+        refill = []
+        for _ in range(repeats):
+            victim = pool.stats().worker_pids[0]
+            started = time.perf_counter()
+            os.kill(victim, signal.SIGKILL)
+            wait_full(pool, exclude=victim)
+            refill.append(time.perf_counter() - started)
+        pid = pool.stats().worker_pids[0]
+        idle = rss_kib(pid, "VmRSS")
+        heavy = workloads.heavy()
+        for _ in range(200):
+            pool.evaluate_json(heavy.snippet, ext_codes=heavy.ext_codes)
+        peak = max(rss_kib(p, "VmHWM") for p in pool.stats().worker_pids)
+        light = workloads.light()
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        calls = 500 if quick else 3000
+        for _ in range(calls):
+            pool.evaluate_json(light.snippet, ext_codes=light.ext_codes)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        parent_cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / calls
+    floor = InProcess("go")
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        floor.call(light)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    inproc_cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / calls
+    report.table(
+        "Pool life cycle",
+        ["figure", "median", "max", "target"],
+        [
+            [
+                "pool of 2 ready (cold start)",
+                f"{statistics.median(cold) * 1e3:.0f} ms",
+                f"{max(cold) * 1e3:.0f} ms",
+                "≤ 150 ms",
+            ],
+            [
+                "deadline → EvaluationTimeout",
+                f"{statistics.median(late) * 1e3:.1f} ms",
+                f"{max(late) * 1e3:.1f} ms",
+                "≤ 20 ms",
+            ],
+            [
+                "kill → full capacity",
+                f"{statistics.median(refill) * 1e3:.0f} ms",
+                f"{max(refill) * 1e3:.0f} ms",
+                "≤ 50 ms",
+            ],
+            ["idle worker RSS", f"{idle / 1024:.1f} MB", "", "≤ 25 MB"],
+            ["peak worker RSS (heavy mapper)", f"{peak / 1024:.1f} MB", "", ""],
+            [
+                "parent CPU per call (light)",
+                f"{parent_cpu * 1e6:.0f} µs",
+                f"in-process: {inproc_cpu * 1e6:.0f} µs",
+                "",
+            ],
+        ],
+    )
+
+
+def wait_full(pool: WorkerPool, exclude: int | None = None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = pool.stats()
+        if stats.alive == pool.size and stats.starting == 0 and exclude not in stats.worker_pids:
+            return
+        time.sleep(0.0005)
+    raise RuntimeError("the pool did not get back to full size")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    report = Report()
+    print(machine())
+    sequential_latency(report, args.quick)
+    throughputs(report, args.quick)
+    scaling(report, args.quick)
+    lifecycle(report, args.quick)
+    print("\n" + "\n".join(report.notes))
+    if not args.no_write:
+        RESULTS.write_text(
+            "# Benchmark results\n\n"
+            "Regenerate with `python -m benchmarks.run` (about five minutes). Ratios are "
+            "against in-process `_gojsonnet` measured in the same run.\n\n"
+            f"Machine: {machine()}.\n\n"
+            + "\n".join(f"- {n}" for n in report.notes)
+            + "\n\n"
+            + report.markdown()
+        )
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

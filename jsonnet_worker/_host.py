@@ -1,0 +1,501 @@
+"""The host's Landlock layer: an allow-list derived from the application's configuration.
+
+Goals: after start-up, the process that hosts a pool may open only what it needs at run
+time (the Ory Kratos ``serve`` sandbox, for any Python application): its config files, the
+files its config names, the SQLite directory, a few system files, and exactly what a fresh
+worker loads, so that workers keep respawning. Filesystem rights only: the application keeps
+its network.
+
+Plan: ``collect_allow_list`` reads the config mapping (``security.landlock``, TLS and SMTP
+files, the courier templates, every ``file://`` value, the DSN) and adds the worker's
+runtime (``_runtime_grants``): execute on the interpreter and the dynamic loader, read on the
+stdlib, the package, msgpack and engine files, list-only on the ``sys.path`` roots above
+them, and read on the shared libraries mapped in this process and in a live worker (the
+pool's, or a probe worker started for it), plus the engines' ``DT_NEEDED`` resolved through
+their RUNPATH and the directories the loader already used. ``restrict_host`` logs what it
+collected and applies one layer to the calling thread and to each given pool's supervisor
+thread (workers are started there), refusing if any other thread exists: before Landlock
+ABI 8 a layer binds only the thread that applies it and the threads and processes that
+thread starts later.
+
+Weak spots: sonames are resolved without reading /etc/ld.so.cache (a library found only
+through the cache and loaded by neither this process nor the probe worker is missed; the
+worker then fails to start and says which file). A path that does not exist at start-up
+cannot be granted (Landlock rules bind inodes) and is reported in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from . import _elf
+from ._errors import HostSandboxError, SandboxConfigError
+from ._landlock import (
+    ABI_RIGHTS,
+    KNOWN_ABI,
+    FsAccess,
+    LandlockError,
+    LandlockStatus,
+    Ruleset,
+    SupportState,
+    probe,
+)
+from ._process import WorkerProcess, WorkerSettings, _package_paths
+from ._protocol import DEFAULT_MAX_FRAME, Message
+from ._status import log_landlock
+
+if TYPE_CHECKING:
+    from ._pool import WorkerPool
+
+logger = logging.getLogger("jsonnet_worker")
+
+READ = FsAccess.READ_FILE | FsAccess.READ_DIR
+EXECUTE = FsAccess.READ_FILE | FsAccess.EXECUTE
+LIST = FsAccess.READ_DIR
+DEVICE = FsAccess.READ_FILE | FsAccess.WRITE_FILE
+READ_WRITE = (
+    READ
+    | FsAccess.WRITE_FILE
+    | FsAccess.TRUNCATE
+    | FsAccess.MAKE_REG
+    | FsAccess.REMOVE_FILE
+    | FsAccess.MAKE_DIR
+    | FsAccess.REMOVE_DIR
+)
+
+FILE_URL = "file://"
+SYSTEM_FILES = ("/etc/resolv.conf", "/etc/hosts")
+# The dynamic loader reads its cache for every soname it looks up (a worker loads the
+# engine's libraries by soname) and its preload list if there is one.
+LOADER_FILES = ("/etc/ld.so.cache", "/etc/ld.so.preload")
+ENGINE_MODULES = ("_gojsonnet", "_jsonnet")
+PROBE_TIMEOUT = 10.0
+# SQLite's unix VFS takes the first of these that is a writable directory.
+SQLITE_TEMP_CANDIDATES = ("/var/tmp", "/usr/tmp", "/tmp", ".")
+RESTART_NOTE = (
+    "the host's Landlock layer is irrevocable: changes to security.landlock "
+    "(disabled, allowed_paths) take effect at the next start"
+)
+
+
+@dataclass(frozen=True)
+class HostSandbox:
+    """What ``restrict_host`` allowed, and whether the layer is in force.
+
+    ``ro_paths``: read (a directory: everything beneath it); ``exec_paths``: read and
+    execute (the interpreter, the dynamic loader); ``listed_dirs``: listing only (the
+    ``sys.path`` roots a worker searches); ``rw_dirs``: read-write (SQLite). ``skipped``
+    names paths that could not be granted and why. ``restart_required`` is set on the value
+    a second call returns: the first layer stays, whatever the new config says.
+    """
+
+    ro_paths: tuple[str, ...]
+    rw_dirs: tuple[str, ...]
+    exec_paths: tuple[str, ...]
+    listed_dirs: tuple[str, ...]
+    status: LandlockStatus
+    skipped: tuple[str, ...] = ()
+    disabled: bool = False
+    restart_required: bool = False
+
+    @property
+    def enforced(self) -> bool:
+        return self.status.enforced
+
+    @property
+    def reason(self) -> str:
+        """Why the layer is not in force (empty when it is)."""
+        return "" if self.enforced else self.status.reason or self.status.state.value
+
+
+@dataclass
+class AllowList:
+    """Paths and the rights each is granted; rights given twice to one path are merged."""
+
+    grants: dict[str, FsAccess] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, path: str, access: FsAccess, why: str) -> None:
+        path = os.path.abspath(path)
+        if not os.path.exists(path):
+            self.skipped.append(f"{path}: does not exist ({why})")
+            return
+        self.grants[path] = self.grants.get(path, FsAccess(0)) | access
+
+    def add_if_exists(self, path: str, access: FsAccess) -> None:
+        if os.path.exists(path):
+            self.add(path, access, "")
+
+    def with_access(self, wanted: FsAccess) -> tuple[str, ...]:
+        return tuple(path for path, access in self.grants.items() if access == wanted)
+
+    def ro_paths(self) -> tuple[str, ...]:
+        return tuple(
+            path
+            for path, access in self.grants.items()
+            if access & FsAccess.READ_FILE and access not in (EXECUTE, READ_WRITE, DEVICE)
+        )
+
+    def ruleset(self) -> Ruleset:
+        ruleset = Ruleset(fs=ABI_RIGHTS[KNOWN_ABI].fs)
+        for path, access in self.grants.items():
+            ruleset.allow(path, access)
+        return ruleset
+
+
+# -- the configuration -----------------------------------------------------------------------
+
+
+def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _landlock_settings(config: Mapping[str, Any]) -> tuple[bool, list[str]]:
+    if not isinstance(config, Mapping):
+        raise SandboxConfigError(f"the config must be a mapping, not {type(config).__name__}")
+    disabled = _lookup(config, "security.landlock.disabled")
+    if disabled is not None and not isinstance(disabled, bool):
+        raise SandboxConfigError("security.landlock.disabled must be true or false")
+    allowed = _lookup(config, "security.landlock.allowed_paths")
+    if allowed is None:
+        allowed = []
+    if not isinstance(allowed, list) or not all(isinstance(p, str) and p for p in allowed):
+        raise SandboxConfigError("security.landlock.allowed_paths must be a list of paths")
+    return bool(disabled), list(allowed)
+
+
+def _walk_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            yield from _walk_strings(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _walk_strings(value)
+
+
+def file_url_path(url: str) -> str:
+    """The local path of a ``file://`` value, as Kratos reads it: the text after the
+    scheme, without query or fragment, relative paths against the working directory."""
+    path = url[len(FILE_URL) :].split("#", 1)[0].split("?", 1)[0]
+    return os.path.abspath(path)
+
+
+def file_urls(config: Mapping[str, Any]) -> list[str]:
+    """Every ``file://`` value anywhere in the config (one walk; file bodies are not read)."""
+    return [
+        file_url_path(text)
+        for text in _walk_strings(config)
+        if text.startswith(FILE_URL) and len(text) > len(FILE_URL)
+    ]
+
+
+def sqlite_database(dsn: object) -> tuple[bool, str | None]:
+    """(is SQLite, the database file or None when in memory) for a Kratos DSN."""
+    if not isinstance(dsn, str):
+        return False, None
+    if dsn == "memory":
+        return True, None
+    scheme, separator, rest = dsn.partition("://")
+    if not separator or scheme not in ("sqlite", "sqlite3"):
+        return False, None
+    path, _, query = rest.partition("?")
+    path = path.removeprefix("file:")
+    if path in ("", ":memory:") or "mode=memory" in query:
+        return True, None
+    return True, os.path.abspath(path)
+
+
+def sqlite_temp_dir() -> str | None:
+    """The directory SQLite's unix VFS uses for temporary files."""
+    candidates = [os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR")]
+    for candidate in [*candidates, *SQLITE_TEMP_CANDIDATES]:
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return os.path.abspath(candidate)
+    return None
+
+
+def _config_grants(config: Mapping[str, Any], config_files: Iterable[str]) -> AllowList:
+    allow = AllowList()
+    _, allowed_paths = _landlock_settings(config)
+    for path in allowed_paths:
+        allow.add(path, READ, "security.landlock.allowed_paths")
+    for path in config_files:
+        allow.add(os.fspath(path), READ, "config file")
+    for listener in ("public", "admin"):
+        for part in ("cert", "key"):
+            key = f"serve.{listener}.tls.{part}.path"
+            value = _lookup(config, key)
+            if isinstance(value, str) and value:
+                allow.add(value, READ, key)
+    smtp_blocks = [("courier.smtp", _lookup(config, "courier.smtp"))]
+    channels = _lookup(config, "courier.channels")
+    for index, channel in enumerate(channels if isinstance(channels, list) else []):
+        if isinstance(channel, Mapping):
+            smtp_blocks.append(
+                (f"courier.channels[{index}].smtp_config", channel.get("smtp_config"))
+            )
+    for where, block in smtp_blocks:
+        for key in ("client_cert_path", "client_key_path"):
+            value = block.get(key) if isinstance(block, Mapping) else None
+            if isinstance(value, str) and value:
+                allow.add(value, READ, f"{where}.{key}")
+    templates = _lookup(config, "courier.template_override_path")
+    if isinstance(templates, str) and templates:
+        allow.add(templates.removeprefix(FILE_URL), READ, "courier.template_override_path")
+    for path in file_urls(config):
+        allow.add(path, READ, "file:// value")
+    is_sqlite, database = sqlite_database(config.get("dsn"))
+    if database is not None:
+        allow.add(os.path.dirname(database), READ_WRITE, "SQLite database directory")
+    if is_sqlite:
+        temp = sqlite_temp_dir()
+        if temp is not None:
+            allow.add(temp, READ_WRITE, "SQLite temp directory")
+    allow.add(os.devnull, DEVICE, "/dev/null")
+    for path in SYSTEM_FILES:
+        allow.add_if_exists(path, READ)
+    return allow
+
+
+# -- what a worker loads ---------------------------------------------------------------------
+
+
+def mapped_files(pid: int | str = "self") -> set[str]:
+    """The regular files mapped into a process (its program and shared libraries)."""
+    found = set()
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    path = parts[5].rstrip("\n")
+                    if not path.endswith(" (deleted)") and os.path.isfile(path):
+                        found.add(path)
+    except OSError:
+        pass
+    return found
+
+
+def _probe_worker_maps(engine: str) -> set[str]:
+    """Start one worker, wait for its hello, and read what it mapped."""
+    worker = WorkerProcess(WorkerSettings(engine, 1 << 30, DEFAULT_MAX_FRAME))
+    try:
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        poller = select.poll()
+        poller.register(worker.stdout, select.POLLIN)
+        while time.monotonic() < deadline:
+            poller.poll(max(1, int((deadline - time.monotonic()) * 1000)))
+            if not worker.read_stdout():
+                break
+            event = worker.reader.next_event()
+            if isinstance(event, Message):
+                if event.payload.get("t") == "hello":
+                    return mapped_files(worker.pid)
+                break
+        logger.warning("Landlock: the probe worker did not start; its libraries are not known")
+        return set()
+    finally:
+        worker.close()
+
+
+def _resolve_needed(paths: Iterable[str], search: list[str]) -> set[str]:
+    """The DT_NEEDED closure of ``paths``, each soname found as the loader would: RUNPATH
+    (``$ORIGIN`` expanded) first, then the directories in ``search``."""
+    found: set[str] = set()
+    pending = list(paths)
+    while pending:
+        path = pending.pop()
+        try:
+            entries = _elf.dynamic_strings(path)
+        except (OSError, ValueError, IndexError):
+            continue
+        origin = os.path.dirname(path)
+        runpath = [
+            directory.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+            for text in entries.get(_elf.DT_RUNPATH, []) + entries.get(_elf.DT_RPATH, [])
+            for directory in text.split(":")
+        ]
+        for soname in entries.get(_elf.DT_NEEDED, []):
+            for directory in [*runpath, *search]:
+                candidate = os.path.realpath(os.path.join(directory, soname))
+                if os.path.isfile(candidate):
+                    if candidate not in found:
+                        found.add(candidate)
+                        pending.append(candidate)
+                    break
+    return found
+
+
+def _library_search_dirs(known: Iterable[str]) -> list[str]:
+    multiarch = str(getattr(sys.implementation, "_multiarch", "") or "")
+    defaults = [f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else []
+    defaults += ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+    return list(dict.fromkeys([*sorted({os.path.dirname(p) for p in known}), *defaults]))
+
+
+def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
+    allow = AllowList()
+    interpreter = os.path.realpath(sys.executable)
+    allow.add(interpreter, EXECUTE, "the interpreter")
+    loader = _elf.interpreter(interpreter)
+    if loader:
+        allow.add(os.path.realpath(loader), EXECUTE, "the dynamic loader")
+    if sys.prefix != sys.base_prefix:
+        allow.add(os.path.join(sys.prefix, "pyvenv.cfg"), READ, "the venv's pyvenv.cfg")
+    stdlib = os.path.dirname(os.__file__)
+    allow.add(stdlib, READ, "the stdlib")
+    dynload = os.path.dirname(getattr(select, "__file__", "") or stdlib)
+    allow.add(dynload, READ, "the stdlib's extension modules")
+    package = os.path.dirname(os.path.abspath(__file__))
+    allow.add(package, READ, "jsonnet_worker")
+    for root in _package_paths():
+        allow.add(root, LIST, "a sys.path root of the worker")
+    extensions = []
+    for name in ("msgpack", *ENGINE_MODULES):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        if spec.submodule_search_locations:
+            allow.add(os.path.dirname(spec.origin), READ, name)
+            extensions += [
+                os.path.join(os.path.dirname(spec.origin), entry)
+                for entry in os.listdir(os.path.dirname(spec.origin))
+                if entry.endswith(".so")
+            ]
+        else:
+            allow.add(spec.origin, READ, name)
+            extensions.append(spec.origin)
+    for path in LOADER_FILES:
+        allow.add_if_exists(path, FsAccess.READ_FILE)
+    libraries = mapped_files()
+    worker_pids = [pid for pool in pools for pid in pool.stats().worker_pids]
+    for pid in worker_pids:
+        libraries |= mapped_files(pid)
+    if not worker_pids:
+        engine = pools[0].engine if pools else "go"
+        libraries |= _probe_worker_maps(engine)
+    libraries |= _resolve_needed([interpreter, *extensions], _library_search_dirs(libraries))
+    for path in sorted(libraries):
+        if path != interpreter and not path.startswith(stdlib + os.sep):
+            allow.add(path, FsAccess.READ_FILE, "a shared library a worker loads")
+    return allow
+
+
+# -- applying it -----------------------------------------------------------------------------
+
+_applied: HostSandbox | None = None
+_applied_lock = threading.Lock()
+
+
+def _other_threads(pools: Sequence[WorkerPool]) -> list[str]:
+    """Threads of this process that the layer would not bind, by name."""
+    allowed = {threading.get_native_id()}
+    allowed |= {pool._supervisor.thread.native_id or 0 for pool in pools}
+    try:
+        task_ids = {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        task_ids = {t.native_id or 0 for t in threading.enumerate()}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    return [f"{names.get(tid, 'not a Python thread')} ({tid})" for tid in task_ids - allowed]
+
+
+def _as_pools(pool: WorkerPool | Sequence[WorkerPool] | None) -> list[WorkerPool]:
+    if pool is None:
+        return []
+    if isinstance(pool, Sequence):
+        return list(pool)
+    return [pool]
+
+
+def restrict_host(
+    config: Mapping[str, Any],
+    *,
+    config_files: Iterable[str | os.PathLike[str]] = (),
+    pool: WorkerPool | Sequence[WorkerPool] | None = None,
+) -> HostSandbox:
+    """Apply a Landlock layer to this process that allows only what the config needs.
+
+    Call it once, after the application has loaded everything it needs, from the thread
+    that will run it, before starting other threads (a pool passed as ``pool`` is the
+    exception: its supervisor thread is restricted too, and so is every worker it starts
+    from then on). The layer cannot be lifted: a later call returns the first result with
+    ``restart_required=True`` and changes nothing. Raises ``SandboxConfigError`` for a bad
+    ``security.landlock`` section and ``HostSandboxError`` when Landlock is supported but
+    the layer cannot be applied (fail closed).
+    """
+    global _applied
+    pools = _as_pools(pool)
+    with _applied_lock:
+        if _applied is not None:
+            _landlock_settings(config)
+            logger.warning("Landlock: %s; a restart is required.", RESTART_NOTE)
+            return replace(_applied, restart_required=True)
+        disabled, _ = _landlock_settings(config)
+        allow = _config_grants(config, [os.fspath(p) for p in config_files])
+        for path, access in _runtime_grants(pools).grants.items():
+            allow.grants[path] = allow.grants.get(path, FsAccess(0)) | access
+        ro_paths, rw_dirs = allow.ro_paths(), allow.with_access(READ_WRITE)
+        logger.info(
+            "Landlock: collected roPaths. %s", json.dumps(ro_paths), extra={"paths": ro_paths}
+        )
+        logger.info("Landlock: collected rwDirs. %s", json.dumps(rw_dirs), extra={"paths": rw_dirs})
+        for note in allow.skipped:
+            logger.warning("Landlock: not granted: %s", note)
+        sandbox = HostSandbox(
+            ro_paths=ro_paths,
+            rw_dirs=rw_dirs,
+            exec_paths=allow.with_access(EXECUTE),
+            listed_dirs=allow.with_access(LIST),
+            status=LandlockStatus(enforced=False, state=SupportState.AVAILABLE),
+            skipped=tuple(allow.skipped),
+            disabled=disabled,
+        )
+        if disabled:
+            reason = "disabled by security.landlock.disabled"
+            logger.warning(
+                "Landlock filesystem sandbox is not active: %s. The host process can open "
+                "any file its user can.",
+                reason,
+            )
+            _applied = replace(sandbox, status=replace(sandbox.status, reason=reason))
+            return _applied
+        _applied = replace(sandbox, status=_apply(allow.ruleset(), pools))
+        log_landlock(_applied.status, "The host process runs")
+        return _applied
+
+
+def _apply(ruleset: Ruleset, pools: Sequence[WorkerPool]) -> LandlockStatus:
+    support = probe()
+    if not support.available:
+        return ruleset.restrict_self(support)
+    others = _other_threads(pools)
+    if others:
+        raise HostSandboxError(
+            "restrict_host must run before other threads start: a Landlock layer binds only "
+            "the thread that applies it and what that thread starts later; unbound threads: "
+            + ", ".join(sorted(others))
+        )
+    try:
+        status = ruleset.restrict_self(support)
+        for pool in pools:
+            pool._supervisor.run_on_thread(lambda: ruleset.restrict_self(support))
+    except (LandlockError, OSError) as exc:
+        raise HostSandboxError(f"cannot apply the host's Landlock layer: {exc}") from exc
+    return status

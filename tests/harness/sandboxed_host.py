@@ -1,0 +1,142 @@
+"""A host process that restricts itself with restrict_host and then answers probes.
+
+Usage: python sandboxed_host.py CONFIG.yml (working directory: the config's layout).
+It loads the YAML config, starts a pool of two workers, calls restrict_host with the config
+file and the pool, prints one JSON line (the HostSandbox and the log records), then answers
+one JSON command per stdin line with one JSON line, until EOF. Restriction is irrevocable,
+which is why tests run this in a process of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from jsonnet_worker import Error, WorkerPool, restrict_host
+
+HEAVY = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def outcome(action: Any) -> dict[str, Any]:
+    try:
+        return {"ok": True, "value": action()}
+    except Error as exc:  # before OSError: EvaluationTimeout is a TimeoutError too
+        return {"ok": False, "error": type(exc).__name__}
+    except OSError as exc:
+        return {"ok": False, "errno": exc.errno, "error": str(exc)}
+
+
+def read(path: str) -> int:
+    with open(path, "rb") as file:
+        return len(file.read())
+
+
+def write_in(directory: str) -> int:
+    path = os.path.join(directory, "probe.tmp")
+    with open(path, "w") as file:
+        file.write("written")
+    os.unlink(path)
+    return 1
+
+
+def sqlite_write(database: str) -> int:
+    connection = sqlite3.connect(database)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE IF NOT EXISTS identities (id INTEGER PRIMARY KEY)")
+        connection.execute("INSERT INTO identities DEFAULT VALUES")
+        connection.commit()
+        return int(connection.execute("SELECT count(*) FROM identities").fetchone()[0])
+    finally:
+        connection.close()
+
+
+def kill_a_worker(pool: WorkerPool) -> dict[str, Any]:
+    before = pool.stats()
+    victim = before.worker_pids[0]
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = pool.stats()
+        if victim not in now.worker_pids and now.idle == pool.size:
+            return {"victim": victim, "pids": list(now.worker_pids), "respawns": now.respawns}
+        time.sleep(0.02)
+    raise TimeoutError(f"no replacement within 10 s: {pool.stats()}")
+
+
+def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_path: str) -> Any:
+    op, arg = command["op"], command.get("arg")
+    if op == "read":
+        answer = outcome(lambda: read(arg))
+    elif op == "write_in":
+        answer = outcome(lambda: write_in(arg))
+    elif op == "sqlite":
+        answer = outcome(lambda: sqlite_write(arg))
+    elif op == "evaluate":
+        answer = outcome(lambda: pool.evaluate(arg, command.get("ext_vars")))
+    elif op == "timeout_then_evaluate":
+        answer = {
+            "slow": outcome(lambda: pool.evaluate(HEAVY, timeout=0.2)),
+            "next": outcome(lambda: pool.evaluate("{next: 1 + 1}")),
+        }
+    elif op == "kill_a_worker":
+        answer = outcome(lambda: kill_a_worker(pool))
+    elif op == "new_pool":
+        with WorkerPool(1) as fresh:
+            answer = outcome(lambda: fresh.evaluate(arg))
+    elif op == "child_reads":
+        child = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", f"open({arg!r}).close()"],
+            capture_output=True,
+            text=True,
+        )
+        answer = {"ok": child.returncode == 0, "stderr": child.stderr[-300:]}
+    elif op == "supervisor_reads":
+        answer = outcome(lambda: pool._supervisor.run_on_thread(lambda: read(arg)))
+    elif op == "restrict_again":
+        records.lines.clear()
+        again = restrict_host(arg, config_files=[config_path], pool=pool)
+        answer = {"sandbox": dataclasses.asdict(again), "records": list(records.lines)}
+    else:
+        answer = {"ok": False, "error": f"unknown op {op!r}"}
+    return answer
+
+
+def main() -> None:
+    records = Records()
+    logger = logging.getLogger("jsonnet_worker")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    config_path = sys.argv[1]
+    with open(config_path) as file:
+        config = yaml.safe_load(file)
+    pool = WorkerPool(2, timeout=2.0)
+    sandbox = restrict_host(config, config_files=[config_path], pool=pool)
+    first = {"sandbox": dataclasses.asdict(sandbox), "records": list(records.lines)}
+    print(json.dumps(first, default=str), flush=True)
+    for line in sys.stdin:
+        answer = handle(json.loads(line), pool, records, config_path)
+        print(json.dumps(answer, default=str), flush=True)
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()

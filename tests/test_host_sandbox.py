@@ -1,0 +1,330 @@
+"""restrict_host in a real host process: the config-derived allow-list, workers that keep
+respawning under it, irrevocability, certificate renewal through symlinks, and $ref files.
+
+The restricted host is tests/harness/sandboxed_host.py, started here in a temporary copy of
+fixtures/host/ with real files and symlinks (a restriction cannot be undone, so never in the
+test process). It answers one JSON command per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jsonnet_worker import SandboxConfigError, _host, restrict_host
+
+ROOT = Path(__file__).parent.parent
+FIXTURES = ROOT / "fixtures"
+HOST = Path(__file__).parent / "harness" / "sandboxed_host.py"
+EACCES = 13
+
+
+def build_layout(base: Path) -> None:
+    """The files the fixture config names, a certbot tree, and files it must not reach."""
+    shutil.copy(FIXTURES / "host" / "kratos.yml", base / "kratos.yml")
+    files = {
+        "schemas/identity.schema.json": (FIXTURES / "host" / "identity.schema.json").read_text(),
+        "schemas/name.schema.json": '{"type": "string"}',
+        "schemas/address.schema.json": '{"type": "string"}',
+        "mappers/oidc-google.jsonnet": (FIXTURES / "oidc-google.jsonnet").read_text(),
+        "mappers/session-claims.jsonnet": "{claims: {sub: std.extVar('session').identity.id}}",
+        "templates/webhook-body.jsonnet": "function(ctx) {identity: ctx.identity}",
+        "templates/courier-sms.jsonnet": (FIXTURES / "courier-sms.jsonnet").read_text(),
+        "jwks/session.jwks.json": '{"keys": []}',
+        "courier-templates/verification/valid/email.body.gotmpl": "Hi {{ .To }}",
+        "smtp/client.pem": "SMTP CERT",
+        "smtp/client.key": "SMTP KEY",
+        "extra/notes.txt": "listed through a directory in allowed_paths",
+        "secret.txt": "an unlisted sibling of the config file",
+        "tls/archive/auth/cert1.pem": "CERT 1",
+        "tls/archive/auth/privkey1.pem": "KEY 1",
+        "tls/archive/auth/cert2.pem": "CERT 2 (renewed)",
+        "letsencrypt/archive/admin/fullchain1.pem": "ADMIN CERT 1",
+        "letsencrypt/archive/admin/privkey1.pem": "ADMIN KEY 1",
+        "letsencrypt/archive/admin/fullchain2.pem": "ADMIN CERT 2 (renewed)",
+    }
+    for name, text in files.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text(text)
+    for live, target in (
+        ("tls/live/auth/cert.pem", "../../archive/auth/cert1.pem"),
+        ("tls/live/auth/privkey.pem", "../../archive/auth/privkey1.pem"),
+        ("letsencrypt/live/admin/fullchain.pem", "../../archive/admin/fullchain1.pem"),
+        ("letsencrypt/live/admin/privkey.pem", "../../archive/admin/privkey1.pem"),
+    ):
+        (base / live).parent.mkdir(parents=True, exist_ok=True)
+        (base / live).symlink_to(target)
+    (base / "data").mkdir()
+    (base / "tmp").mkdir()
+
+
+def renew(link: Path, new_target: str) -> None:
+    """What certbot does: a new symlink beside the old one, renamed over it."""
+    staging = link.with_name(link.name + ".new")
+    staging.symlink_to(new_target)
+    staging.replace(link)
+
+
+class Host:
+    def __init__(self, base: Path) -> None:
+        env = {
+            **os.environ,
+            "TMPDIR": str(base / "tmp"),
+            "PYTHONPATH": str(ROOT),
+        }
+        env.pop("SQLITE_TMPDIR", None)
+        self.base = base
+        self.process = subprocess.Popen(
+            [sys.executable, str(HOST), "kratos.yml"],
+            cwd=base,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.started = self._answer()
+
+    def _answer(self) -> Any:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.kill()
+            assert self.process.stderr is not None
+            raise AssertionError("the host died: " + self.process.stderr.read()[-3000:])
+        return json.loads(line)
+
+    def ask(self, op: str, arg: Any = None, **extra: Any) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"op": op, "arg": arg, **extra}) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    base = tmp_path_factory.mktemp("host")
+    build_layout(base)
+    running = Host(base)
+    yield running
+    running.close()
+
+
+def test_the_log_records_come_in_order_and_the_layer_is_active(host: Host) -> None:
+    sandbox, records = host.started["sandbox"], host.started["records"]
+    assert sandbox["status"]["enforced"] is True
+    assert sandbox["skipped"] == []
+    ro = [i for i, r in enumerate(records) if r.startswith("INFO Landlock: collected roPaths. [")]
+    rw = [i for i, r in enumerate(records) if r.startswith("INFO Landlock: collected rwDirs. [")]
+    active = [
+        i for i, r in enumerate(records) if r == "INFO Landlock filesystem sandbox is active."
+    ]
+    assert len(ro) == 1 and len(rw) == 1
+    assert ro[0] < rw[0] < active[-1]
+    assert json.loads(records[rw[0]].split(". ", 1)[1]) == sandbox["rw_dirs"]
+
+
+def test_what_the_config_names_is_granted_and_only_that(host: Host) -> None:
+    base = host.base
+    sandbox = host.started["sandbox"]
+    assert set(sandbox["rw_dirs"]) == {str(base / "data"), str(base / "tmp")}
+    assert not any(p.startswith("/etc/ssl") or p == "/etc" for p in sandbox["ro_paths"])
+    assert not any(p in ("/usr", "/usr/lib", "/lib", "/proc", "/sys") for p in sandbox["ro_paths"])
+    readable = [
+        "kratos.yml",
+        "tls/live/auth/cert.pem",
+        "tls/live/auth/privkey.pem",
+        "letsencrypt/live/admin/fullchain.pem",
+        "smtp/client.pem",
+        "smtp/client.key",
+        "courier-templates/verification/valid/email.body.gotmpl",
+        "mappers/oidc-google.jsonnet",
+        "mappers/session-claims.jsonnet",
+        "templates/webhook-body.jsonnet",
+        "templates/courier-sms.jsonnet",
+        "schemas/identity.schema.json",
+        "jwks/session.jwks.json",
+        "extra/notes.txt",
+        "/etc/hosts",
+        "/dev/null",
+    ]
+    for name in readable:
+        answer = host.ask("read", str(base / name))
+        assert answer["ok"], (name, answer)
+    assert host.ask("write_in", str(base / "data"))["ok"]
+    assert host.ask("write_in", str(base / "tmp"))["ok"]
+    assert host.ask("sqlite", str(base / "data" / "kratos.sqlite")) == {"ok": True, "value": 1}
+
+
+def test_what_the_config_does_not_name_is_refused(host: Host) -> None:
+    base = host.base
+    for path in (
+        "/etc/passwd",
+        "/etc/ssl/openssl.cnf",
+        "/proc/self/status",
+        str(Path.home() / ".bashrc"),
+        str(base / "secret.txt"),
+        str(base / "tls" / "archive" / "auth" / "cert2.pem"),
+    ):
+        if not Path(path).exists():
+            continue
+        answer = host.ask("read", path)
+        assert answer == {"ok": False, "errno": EACCES, "error": answer["error"]}, path
+    for directory in (str(base), str(base / "schemas")):
+        answer = host.ask("write_in", directory)
+        assert not answer["ok"] and answer["errno"] == EACCES
+
+
+def test_a_schema_ref_is_refused_unless_listed_in_allowed_paths(host: Host) -> None:
+    base = host.base
+    assert host.ask("read", str(base / "schemas" / "name.schema.json"))["ok"]
+    answer = host.ask("read", str(base / "schemas" / "address.schema.json"))
+    assert not answer["ok"] and answer["errno"] == EACCES
+
+
+def test_workers_keep_respawning_after_the_host_is_restricted(host: Host) -> None:
+    assert host.ask("evaluate", "{a: 1 + 1}") == {"ok": True, "value": {"a": 2}}
+    killed = host.ask("kill_a_worker")
+    assert killed["ok"], killed
+    assert killed["value"]["victim"] not in killed["value"]["pids"]
+    assert killed["value"]["respawns"] >= 1
+    both = host.ask("timeout_then_evaluate")
+    assert both["slow"] == {"ok": False, "error": "EvaluationTimeout"}
+    assert both["next"] == {"ok": True, "value": {"next": 2}}
+    mapper = (FIXTURES / "oidc-google.jsonnet").read_text()
+    claims = json.loads((FIXTURES / "claims-google.json").read_text())
+    answer = host.ask("evaluate", mapper, ext_vars={"claims": claims})
+    assert answer["ok"] and answer["value"]["identity"]["traits"]["subject"] == claims["sub"], (
+        answer
+    )
+    assert host.ask("new_pool", "[1, 2]") == {"ok": True, "value": [1, 2]}
+
+
+def test_processes_and_the_supervisor_inherit_the_layer(host: Host) -> None:
+    """Workers start from the supervisor thread: it must be inside the host's domain."""
+    refused = host.ask("supervisor_reads", "/etc/passwd")
+    assert not refused["ok"] and refused["errno"] == EACCES
+    assert host.ask("supervisor_reads", str(host.base / "kratos.yml"))["ok"]
+    child = host.ask("child_reads", "/etc/passwd")
+    assert not child["ok"] and "PermissionError" in child["stderr"]
+
+
+def test_the_restriction_is_irrevocable(host: Host) -> None:
+    config = yaml.safe_load((host.base / "kratos.yml").read_text())
+    config["security"]["landlock"] = {"disabled": True, "allowed_paths": ["/etc"]}
+    again = host.ask("restrict_again", config)
+    assert again["sandbox"]["restart_required"] is True
+    assert again["sandbox"]["status"]["enforced"] is True
+    assert any("restart is required" in record for record in again["records"])
+    for path in ("/etc/passwd", str(host.base / "secret.txt")):
+        assert host.ask("read", path)["errno"] == EACCES
+    assert host.ask("evaluate", "{still: 'works'}")["ok"]
+
+
+def test_certificate_renewal_leaf_grant_refused_directory_grant_survives(host: Host) -> None:
+    base = host.base
+    leaf = base / "tls" / "live" / "auth" / "cert.pem"
+    in_granted_dir = base / "letsencrypt" / "live" / "admin" / "fullchain.pem"
+    assert host.ask("read", str(leaf))["ok"]
+    assert host.ask("read", str(in_granted_dir))["ok"]
+    renew(leaf, "../../archive/auth/cert2.pem")
+    renew(in_granted_dir, "../../archive/admin/fullchain2.pem")
+    assert leaf.read_text() == "CERT 2 (renewed)"
+    answer = host.ask("read", str(leaf))
+    assert not answer["ok"] and answer["errno"] == EACCES
+    assert host.ask("read", str(base / "tls" / "archive" / "auth" / "cert1.pem"))["ok"]
+    assert host.ask("read", str(in_granted_dir)) == {
+        "ok": True,
+        "value": len("ADMIN CERT 2 (renewed)"),
+    }
+
+
+# -- the config walk, in this process (nothing is applied) ---------------------------------
+
+
+def test_file_urls_are_found_anywhere_and_bodies_are_not_read(tmp_path: Path) -> None:
+    config = {
+        "a": {"b": [{"c": "file:///srv/mapper.jsonnet"}, "file://./rel.json#/defs"]},
+        "d": "https://example.test/x",
+        "e": "base64://e30=",
+        "legacy_path": "/srv/legacy.pem",
+    }
+    os.chdir(tmp_path)
+    assert _host.file_urls(config) == ["/srv/mapper.jsonnet", str(tmp_path / "rel.json")]
+
+
+def test_sqlite_dsns_are_recognised() -> None:
+    assert _host.sqlite_database("sqlite:///var/lib/kratos/db.sqlite?_fk=true") == (
+        True,
+        "/var/lib/kratos/db.sqlite",
+    )
+    assert _host.sqlite_database("memory") == (True, None)
+    assert _host.sqlite_database("sqlite://file::memory:?cache=shared") == (True, None)
+    assert _host.sqlite_database("postgres://kratos:secret@db:5432/kratos") == (False, None)
+
+
+def test_a_bad_landlock_section_is_a_typed_error_and_applies_nothing() -> None:
+    with pytest.raises(SandboxConfigError, match="allowed_paths"):
+        restrict_host({"security": {"landlock": {"allowed_paths": "/etc"}}})
+    with pytest.raises(SandboxConfigError, match="disabled"):
+        restrict_host({"security": {"landlock": {"disabled": "yes"}}})
+    with open("/etc/passwd") as file:
+        assert file.read(1)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_other_threads_make_it_refuse_and_apply_nothing() -> None:
+    """A layer binds only the applying thread (before ABI 8): fail closed, do not half-apply."""
+    done = run_python(
+        "import threading, jsonnet_worker\n"
+        "stop = threading.Event()\n"
+        "threading.Thread(target=stop.wait, name='web-server').start()\n"
+        "try:\n"
+        "    jsonnet_worker.restrict_host({})\n"
+        "except jsonnet_worker.HostSandboxError as exc:\n"
+        "    print('refused:', exc)\n"
+        "stop.set()\n"
+        "open('/etc/passwd').close()\n"
+        "print('unrestricted')\n"
+    )
+    assert "refused:" in done.stdout and "web-server" in done.stdout, done
+    assert "unrestricted" in done.stdout
+
+
+def test_disabled_opts_out_with_a_warning() -> None:
+    done = run_python(
+        "import logging, jsonnet_worker\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "s = jsonnet_worker.restrict_host({'security': {'landlock': {'disabled': True}}})\n"
+        "open('/etc/passwd').close()\n"
+        "print(s.enforced, s.disabled, s.reason)\n"
+    )
+    assert done.stdout.strip() == "False True disabled by security.landlock.disabled", done
+    assert "WARNING Landlock filesystem sandbox is not active" in done.stderr
