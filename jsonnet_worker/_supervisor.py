@@ -314,7 +314,8 @@ class Supervisor:
                 self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
             return
         with core.lock:
-            if worker.state is WorkerState.IDLE:
+            if worker.state in (WorkerState.IDLE, WorkerState.SPARE):
+                # No caller holds it: a spare left here would later be handed to one.
                 core.crashes += 1
                 core._retire_locked(worker)
                 return

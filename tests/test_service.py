@@ -226,7 +226,9 @@ def test_healthz(client: httpx.Client) -> None:
     assert all(pid_alive(pid) for pid in health["pool"]["worker_pids"])
     workers = health["sandbox"]["workers"]
     assert workers["enforced"] is True and "Landlock ABI" in workers["summary"]
-    assert "applied" in health["sandbox"]["host"]
+    host = health["sandbox"]["host"]
+    assert host["applied"] is True and host["disabled"] is False and host["skipped"] == 0
+    assert "Landlock ABI" in host["summary"] and host["allowed"]["exec_paths"] >= 1
     assert health["mappers"] == sorted(
         ["facebook", "github", "hydra", "invalid", "linkedin", "missing-subject"]
     )
@@ -306,6 +308,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     )
     config = {
         "serve": {"evaluate": {"enabled": False}, "max_request_timeout": 10},
+        "security": {"landlock": {"disabled": True}},
         "pool": {"size": 1, "queue_limit": 1, "queue_timeout": 0.3, "timeout": 10.0},
         "selfservice": {
             "methods": {
@@ -336,6 +339,26 @@ def test_disabled_evaluate_is_403(limited: ServiceProcess) -> None:
     assert limited.health()["evaluate_enabled"] is False
 
 
+def test_host_sandbox_opt_out_is_reported(limited: ServiceProcess) -> None:
+    host = limited.health()["sandbox"]["host"]
+    assert host["applied"] is False and host["disabled"] is True
+    assert "security.landlock.disabled" in host["reason"]
+    assert "Landlock filesystem sandbox is not active" in limited.log()
+
+
+def test_start_order_pool_then_sandbox_then_listen(service: ServiceProcess) -> None:
+    log = service.log()
+    collected = log.index("Landlock: collected rwDirs.")
+    order = [
+        log.index("Waiting for application startup"),  # the pool starts in the lifespan
+        log.index("Landlock: collected roPaths."),
+        collected,
+        log.index("Landlock filesystem sandbox is active.", collected),  # the host's layer
+        log.index("Uvicorn running on"),
+    ]
+    assert order == sorted(order), log
+
+
 def test_overloaded_is_503_with_retry_after(limited: ServiceProcess) -> None:
     url = f"{limited.base_url}/v1/mappers/slow"
     with concurrent.futures.ThreadPoolExecutor(4) as threads:
@@ -363,8 +386,12 @@ def test_worker_killed_mid_call_is_502_and_replaced(limited: ServiceProcess) -> 
             os.kill(pid, signal.SIGKILL)
         message = error_of(slow.result(), 502, "worker_crashed")
     assert "SIGKILL" in message or "signal 9" in message or "killed" in message
+    killed = set(pool["worker_pids"])  # the spare too: wait until every one is replaced
     deadline = time.monotonic() + 10
-    while limited.health()["pool"]["alive"] < 1 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        now = limited.health()["pool"]
+        if now["alive"] >= 1 and not killed & set(now["worker_pids"]):
+            break
         time.sleep(0.05)
     assert httpx.post(url, json={"claims": {"n": 2}}).json() == {"n": 3}
 

@@ -19,6 +19,7 @@ import shows up there.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 
 import uvicorn
 
+from .._host import HostSandbox, restrict_host
 from .._pool import WorkerPool
 from ._app import create_app
 from ._config import ConfigError, ServiceConfig, load_config
@@ -41,9 +43,35 @@ EXIT_START = 3
 
 
 def apply_host_sandbox(pool: WorkerPool, config: ServiceConfig) -> Mapping[str, Any]:
-    """The ``restrict_host`` step (issue 6), after the pool has started and before the
-    server listens; returns the host sandbox's status for /healthz."""
-    return {"applied": False, "reason": "restrict_host is not available in this build"}
+    """The ``restrict_host`` step, after the pool has started and before the server
+    listens; returns the host sandbox's status for /healthz.
+
+    Runs on the event loop's thread, the one that serves every request, before any other
+    thread exists but the pool's supervisor (``restrict_host`` refuses otherwise). Raises
+    (and so the lifespan start-up fails, and the process exits before listening) where
+    Landlock is supported but the layer cannot be applied, or the section is invalid.
+    """
+    config_files = [] if config.path is None else [config.path]
+    sandbox = restrict_host(config.raw, config_files=config_files, pool=pool)
+    return host_sandbox_json(sandbox)
+
+
+def host_sandbox_json(sandbox: HostSandbox) -> dict[str, Any]:
+    """What /healthz says about the host layer: its state and how much it allows (counts,
+    not paths: the health endpoint need not map the host's filesystem for anyone)."""
+    return {
+        "applied": sandbox.enforced,
+        "disabled": sandbox.disabled,
+        "reason": sandbox.reason,
+        "summary": sandbox.status.summary(),
+        "allowed": {
+            "ro_paths": len(sandbox.ro_paths),
+            "rw_dirs": len(sandbox.rw_dirs),
+            "exec_paths": len(sandbox.exec_paths),
+            "listed_dirs": len(sandbox.listed_dirs),
+        },
+        "skipped": len(sandbox.skipped),
+    }
 
 
 def serve(config_path: str | Path | None, host: str, port: int) -> int:
@@ -70,6 +98,7 @@ def serve(config_path: str | Path | None, host: str, port: int) -> int:
         server_header=False,
     )
     server_config.load()  # import what uvicorn would import lazily, before the sandbox
+    importlib.import_module("anyio._backends._asyncio")  # imported by anyio on first use
     server = uvicorn.Server(server_config)
     server.run()
     return 0 if server.started else EXIT_START
