@@ -172,6 +172,7 @@ def hostile_calls(max_body: int) -> list[Call]:
 @dataclass
 class LoadResult:
     benign_latencies: list[float] = field(default_factory=list)
+    sent: int = 0
     hostile: int = 0
     failures: list[str] = field(default_factory=list)
     elapsed: float = 0.0
@@ -188,8 +189,9 @@ async def _load(
     plan: list[Call] = []
     benign_cycle, hostile_cycle = itertools.cycle(benign), itertools.cycle(hostile)
     for index in range(total):
-        plan.append(next(hostile_cycle) if index % hostile_every == 0 else next(benign_cycle))
-    result = LoadResult(hostile=sum(call.hostile for call in plan))
+        hostile_turn = hostile_every > 0 and index % hostile_every == 0
+        plan.append(next(hostile_cycle) if hostile_turn else next(benign_cycle))
+    result = LoadResult(sent=len(plan), hostile=sum(call.hostile for call in plan))
     queue: asyncio.Queue[Call] = asyncio.Queue()
     for call in plan:
         queue.put_nowait(call)
@@ -236,7 +238,7 @@ def run_load(
     time_limit: float = 600.0,
 ) -> LoadResult:
     """Send ``total`` requests, ``concurrency`` at a time, every ``hostile_every``-th one
-    hostile; stops (with a TimeoutError) after ``time_limit`` seconds."""
+    hostile (0: none); stops (with a TimeoutError) after ``time_limit`` seconds."""
     return asyncio.run(
         asyncio.wait_for(_load(base_url, total, concurrency, hostile_every, max_body), time_limit)
     )
