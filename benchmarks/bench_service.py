@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
 from servicekit import LoadResult, run_load, running_service
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
