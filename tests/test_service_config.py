@@ -93,7 +93,7 @@ def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> No
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read the config"):
+    with pytest.raises(ConfigError, match="the config: cannot read"):
         load_config(tmp_path / "nope.yaml")
 
 

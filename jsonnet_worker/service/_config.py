@@ -139,13 +139,17 @@ def load_config(path: str | Path | None = None) -> ServiceConfig:
         with resources.as_file(embedded) as embedded_path:
             return parse_config(embedded_path.read_text(encoding="utf-8"), embedded_path)
     config_path = Path(path)
+    return parse_config(_read_text(config_path, "the config"), config_path)
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The file's text; ConfigError naming ``what`` when it cannot be read or is not UTF-8."""
     try:
-        text = config_path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read the config {config_path}: {exc.strerror}") from None
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"the config {config_path} is not UTF-8") from None
-    return parse_config(text, config_path)
+        raise ConfigError(f"{what}: {path} is not UTF-8") from None
 
 
 def parse_config(text: str, path: Path | None = None) -> ServiceConfig:
@@ -261,12 +265,7 @@ def _load_snippet(
     if not uri.startswith("file://"):
         raise ConfigError(f"{key} must be a file:// or base64:// URI, not {uri!r}")
     file_path = base / uri[len("file://") :]
-    try:
-        source = file_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {file_path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {file_path} is not UTF-8") from None
+    source = _read_text(file_path, key)
     absolute = "file://" + str(file_path.resolve())
     holder[field_name] = absolute  # restrict_host then sees the file we really read
     return Snippet(name, kind, absolute, source, key)

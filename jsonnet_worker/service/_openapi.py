@@ -61,40 +61,41 @@ def _evaluation(summary: str, body_schema: dict[str, Any], *extra: str) -> dict[
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
+def _body(required: str, properties: dict[str, Any]) -> dict[str, Any]:
+    """A request body: a JSON object with one required field and no unknown ones."""
+    return {
+        "type": "object",
+        "required": [required],
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     mapper = _evaluation(
         "Run a named OIDC claim mapper (claims and identity as ext code, as Kratos does).",
-        {
-            "type": "object",
-            "required": ["claims"],
-            "additionalProperties": False,
-            "properties": {
+        _body(
+            "claims",
+            {
                 "claims": {"type": "object", "description": "ext code 'claims'"},
                 "identity": {"type": "object", "description": "ext code 'identity'"},
                 "timeout": _TIMEOUT,
             },
-        },
+        ),
         "404",
     )
     mapper["parameters"] = [_NAME]
     template = _evaluation(
         "Render a named courier or web-hook body template (ctx as top-level argument).",
-        {
-            "type": "object",
-            "required": ["ctx"],
-            "additionalProperties": False,
-            "properties": {"ctx": {"type": "object"}, "timeout": _TIMEOUT},
-        },
+        _body("ctx", {"ctx": {"type": "object"}, "timeout": _TIMEOUT}),
         "404",
     )
     template["parameters"] = [_NAME]
     evaluate = _evaluation(
         "Evaluate an ad-hoc snippet (403 when serve.evaluate.enabled is false).",
-        {
-            "type": "object",
-            "required": ["snippet"],
-            "additionalProperties": False,
-            "properties": {
+        _body(
+            "snippet",
+            {
                 "snippet": {"type": "string"},
                 "ext_vars": {
                     "type": "object",
@@ -106,7 +107,7 @@ def openapi_document() -> dict[str, Any]:
                 "tla_codes": {"type": "object", "additionalProperties": {"type": "string"}},
                 "timeout": _TIMEOUT,
             },
-        },
+        ),
     )
     evaluate["post"]["responses"]["403"] = {
         "description": "Ad-hoc snippets are disabled in the config.",
