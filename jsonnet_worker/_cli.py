@@ -1,4 +1,5 @@
-"""The ``jsonnet-worker`` command: ``eval`` a file in the sandbox, ``doctor`` the sandbox."""
+"""The ``jsonnet-worker`` command: ``eval`` a file in the sandbox, ``doctor`` the sandbox,
+``serve`` the HTTP service (needs the ``serve`` extra, imported only when asked for)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ._protocol import DEFAULT_MAX_FRAME, Message
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+SERVE_MODULES = {"starlette", "uvicorn", "prometheus_client", "yaml", "anyio"}
 
 
 class _Variables(argparse.Action):
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor = commands.add_parser("doctor", help="start a worker and report its sandbox")
     doctor.add_argument("--engine", choices=["go", "cpp", "all"], default="all")
+    serve = commands.add_parser("serve", help="run the HTTP service (extra: serve)")
+    serve.add_argument("--config", help="Kratos-style YAML config (default: the embedded one)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=4455, help="port to listen on")
     return parser
 
 
@@ -105,7 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval":
         return run_eval(args)
+    if args.command == "serve":
+        return run_serve(args)
     return run_doctor(args.engine)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from .service import _server
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in SERVE_MODULES:
+            raise
+        print(
+            f"jsonnet-worker serve needs the 'serve' extra ({missing} is missing): "
+            "pip install 'jsonnet-worker[serve]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return _server.serve(args.config, args.host, args.port)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -332,6 +332,7 @@ class Supervisor:
             return
         with core.lock:
             if worker.state in (WorkerState.IDLE, WorkerState.SPARE):
+                # No caller holds it: a spare left here would later be handed to one.
                 core.crashes += 1
                 core._retire_locked(worker)
                 return

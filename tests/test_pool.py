@@ -215,6 +215,16 @@ def test_idle_worker_killed_from_outside_is_replaced(go_pool: WorkerPool) -> Non
         assert go_pool.evaluate("4") == 4
 
 
+def test_spare_killed_from_outside_is_replaced_not_handed_out(go_pool: WorkerPool) -> None:
+    wait_until(lambda: full(go_pool))
+    with go_pool._core.lock:
+        spare = next(w for w in go_pool._core.workers if w.state is WorkerState.SPARE)
+    os.kill(spare.pid, signal.SIGKILL)
+    wait_until(lambda: full(go_pool) and spare.pid not in go_pool.stats().worker_pids)
+    for _ in range(4):
+        assert go_pool.evaluate("4") == 4
+
+
 def test_segfault_in_the_cpp_engine_is_survived() -> None:
     with WorkerPool(1, engine="cpp", timeout=10) as pool:
         with pytest.raises(WorkerCrashed) as caught:

@@ -1,0 +1,180 @@
+"""The OpenAPI 3.1 description of the service, served at ``/openapi.json``.
+
+Goals: one hand-written document that says exactly what the handlers accept and answer,
+status codes included, so clients can be generated and reviewers can check the contract.
+
+Weak spots: it is kept in step with ``_app.py`` and ``_errors.py`` by hand; a test checks
+that every route of the app is described and every error status is declared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_TIMEOUT = {
+    "type": "number",
+    "exclusiveMinimum": 0,
+    "description": "Seconds; at most serve.max_request_timeout. Default: pool.timeout.",
+}
+_ERROR_STATUSES = {
+    "400": "Bad input: not JSON, a wrong type, an unknown field, a bad timeout.",
+    "404": "No mapper or template of that name.",
+    "413": "The body is over serve.max_body_bytes (or the request over the frame limit).",
+    "422": "The snippet failed: jsonnet_error (the engine's message), output_too_large, "
+    "memory_limit.",
+    "502": "The worker crashed or broke the protocol during the call; it was replaced.",
+    "503": "overloaded (every worker busy and the queue full or too slow; see Retry-After), "
+    "or unavailable.",
+    "504": "The evaluation ran past its timeout; its worker was killed and replaced.",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {
+            "description": _ERROR_STATUSES[code],
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+        for code in codes
+    }
+
+
+def _evaluation(summary: str, body_schema: dict[str, Any], *extra: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            },
+            "responses": {
+                "200": {"description": "The result.", "content": {"application/json": {}}},
+                **_errors("400", *extra, "413", "422", "502", "503", "504"),
+            },
+        }
+    }
+
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _body(required: str, properties: dict[str, Any]) -> dict[str, Any]:
+    """A request body: a JSON object with one required field and no unknown ones."""
+    return {
+        "type": "object",
+        "required": [required],
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    mapper = _evaluation(
+        "Run a named OIDC claim mapper (claims and identity as ext code, as Kratos does).",
+        _body(
+            "claims",
+            {
+                "claims": {"type": "object", "description": "ext code 'claims'"},
+                "identity": {"type": "object", "description": "ext code 'identity'"},
+                "timeout": _TIMEOUT,
+            },
+        ),
+        "404",
+    )
+    mapper["parameters"] = [_NAME]
+    template = _evaluation(
+        "Render a named courier or web-hook body template (ctx as top-level argument).",
+        _body("ctx", {"ctx": {"type": "object"}, "timeout": _TIMEOUT}),
+        "404",
+    )
+    template["parameters"] = [_NAME]
+    evaluate = _evaluation(
+        "Evaluate an ad-hoc snippet (403 when serve.evaluate.enabled is false).",
+        _body(
+            "snippet",
+            {
+                "snippet": {"type": "string"},
+                "ext_vars": {
+                    "type": "object",
+                    "description": "A string value is a Jsonnet string; any other JSON "
+                    "value is passed as JSON code.",
+                },
+                "tla_vars": {"type": "object", "description": "As ext_vars."},
+                "ext_codes": {"type": "object", "additionalProperties": {"type": "string"}},
+                "tla_codes": {"type": "object", "additionalProperties": {"type": "string"}},
+                "timeout": _TIMEOUT,
+            },
+        ),
+    )
+    evaluate["post"]["responses"]["403"] = {
+        "description": "Ad-hoc snippets are disabled in the config.",
+        "content": {"application/json": {"schema": _ERROR}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "jsonnet-worker",
+            "version": __version__,
+            "description": "Evaluate Jsonnet (OIDC claim mappers, courier and web-hook "
+            "templates, ad-hoc snippets) in sandboxed worker processes.",
+        },
+        "paths": {
+            "/v1/evaluate": evaluate,
+            "/v1/mappers/{name}": mapper,
+            "/v1/templates/{name}": template,
+            "/healthz": {
+                "get": {
+                    "summary": "Pool state and sandbox status.",
+                    "responses": {
+                        "200": {
+                            "description": "Serving (status ok, or degraded while no "
+                            "worker is alive).",
+                            "content": {"application/json": {}},
+                        },
+                        "503": {
+                            "description": "Not serving (starting or shutting down).",
+                            "content": {"application/json": {}},
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text format).",
+                    "responses": {
+                        "200": {"description": "Metrics.", "content": {"text/plain": {}}}
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document.",
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {}}}
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["kind", "message", "status"],
+                            "properties": {
+                                "kind": {"type": "string"},
+                                "message": {"type": "string"},
+                                "status": {"type": "integer"},
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }

@@ -1,0 +1,104 @@
+"""``jsonnet-worker serve``: load the config, start the pool, restrict the host, listen.
+
+Goals: the start order that makes the host sandbox worth having. Everything the process will
+ever need to open is opened first (the config, every mapper and template, every module the
+server imports lazily), then the pool starts, then ``restrict_host`` closes the filesystem,
+and only then does the server listen. A failure at any step exits non-zero before a single
+request is accepted.
+
+Plan: ``uvicorn.Config.load()`` imports the protocol, loop and lifespan modules up front;
+the app's lifespan starts the pool and calls :func:`apply_host_sandbox` (``after_start``);
+uvicorn binds its socket after the lifespan's start-up, so the listener opens last. SIGTERM
+(uvicorn's handler): stop accepting, let requests in flight finish (at most
+``serve.shutdown_timeout``), then the lifespan's end closes the pool, which reaps every worker.
+
+Weak spots: a module imported lazily somewhere deep in a dependency after the sandbox is on
+fails with PermissionError; the service tests run the real restricted server so such an
+import shows up there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from .._host import HostSandbox, restrict_host
+from .._pool import WorkerPool
+from ._app import create_app
+from ._config import ConfigError, ServiceConfig, load_config
+
+logger = logging.getLogger("jsonnet_worker.service")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4455
+EXIT_CONFIG = 2
+EXIT_START = 3
+
+
+def apply_host_sandbox(pool: WorkerPool, config: ServiceConfig) -> Mapping[str, Any]:
+    """The ``restrict_host`` step, after the pool has started and before the server
+    listens; returns the host sandbox's status for /healthz.
+
+    Runs on the event loop's thread, the one that serves every request, before any other
+    thread exists but the pool's supervisor (``restrict_host`` refuses otherwise). Raises
+    (and so the lifespan start-up fails, and the process exits before listening) where
+    Landlock is supported but the layer cannot be applied, or the section is invalid.
+    """
+    config_files = [] if config.path is None else [config.path]
+    sandbox = restrict_host(config.raw, config_files=config_files, pool=pool)
+    return host_sandbox_json(sandbox)
+
+
+def host_sandbox_json(sandbox: HostSandbox) -> dict[str, Any]:
+    """What /healthz says about the host layer: its state and how much it allows (counts,
+    not paths: the health endpoint need not map the host's filesystem for anyone)."""
+    return {
+        "applied": sandbox.enforced,
+        "disabled": sandbox.disabled,
+        "reason": sandbox.reason,
+        "summary": sandbox.status.summary(),
+        "allowed": {
+            "ro_paths": len(sandbox.ro_paths),
+            "rw_dirs": len(sandbox.rw_dirs),
+            "exec_paths": len(sandbox.exec_paths),
+            "listed_dirs": len(sandbox.listed_dirs),
+        },
+        "skipped": len(sandbox.skipped),
+    }
+
+
+def serve(config_path: str | Path | None, host: str, port: int) -> int:
+    """Run the service until SIGTERM or SIGINT; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"jsonnet-worker serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logger.info(
+        "config %s: %d mappers, %d templates",
+        config.path or "(embedded default)",
+        len(config.mappers),
+        len(config.templates),
+    )
+    server_config = uvicorn.Config(
+        create_app(config, after_start=apply_host_sandbox),
+        host=host,
+        port=port,
+        lifespan="on",
+        timeout_graceful_shutdown=math.ceil(config.shutdown_timeout),
+        access_log=False,
+        server_header=False,
+    )
+    server_config.load()  # import what uvicorn would import lazily, before the sandbox
+    importlib.import_module("anyio._backends._asyncio")  # imported by anyio on first use
+    server = uvicorn.Server(server_config)
+    server.run()
+    return 0 if server.started else EXIT_START

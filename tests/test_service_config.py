@@ -1,0 +1,111 @@
+"""The service's config loading (in-process, no server) and the CLI without the extra."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA
+from jsonnet_worker import _cli
+from jsonnet_worker.service import ConfigError, SnippetKind, load_config
+from jsonnet_worker.service._config import parse_config
+
+
+def test_test_config_names_every_snippet_and_rewrites_paths() -> None:
+    config = load_config(DATA / "service" / "config.yaml")
+    assert sorted(config.mappers) == [
+        "facebook", "github", "hydra", "invalid", "linkedin", "missing-subject",
+    ]  # fmt: skip
+    github = config.mappers["github"]
+    assert github.kind is SnippetKind.MAPPER and github.filename == "oidc-github.jsonnet"
+    assert github.source == (DATA / "kratos" / "oidc-github.jsonnet").read_text()
+    assert config.templates["registration-after-0"].key == (
+        "selfservice.flows.registration.after.hooks[0].config.body"
+    )
+    assert config.templates["bad-template"].uri.startswith("base64://")
+    # restrict_host sees the absolute path of the file that was read.
+    provider = config.raw["selfservice"]["methods"]["oidc"]["config"]["providers"][0]
+    assert provider["mapper_url"] == "file://" + str(DATA / "kratos" / "oidc-github.jsonnet")
+    assert config.pool.size == 2 and config.pool.require_sandbox is True
+    assert config.max_body == 262144 and config.evaluate_enabled is True
+
+
+def test_embedded_default() -> None:
+    config = load_config()
+    assert sorted(config.mappers) == ["github", "google"]
+    assert sorted(config.templates) == ["registration-audit", "sms"]
+    assert config.pool.size is None and not config.sandbox_disabled
+
+
+def test_base64_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonnet").write_text("{a: 1}")
+    encoded = base64.b64encode(b"function(ctx) ctx").decode()
+    text = (
+        "selfservice: {methods: {oidc: {config: {providers: "
+        "[{id: m, mapper_url: 'file://m.jsonnet'}]}}}}\n"
+        f"courier: {{channels: [{{id: t, request_config: {{body: 'base64://{encoded}'}}}}]}}\n"
+    )
+    config = parse_config(text, tmp_path / "c.yaml")
+    assert config.mappers["m"].source == "{a: 1}"
+    assert config.templates["t"].source == "function(ctx) ctx"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1]", "mapping at the top level"),
+        ("a: [", "not valid YAML"),
+        ("pool: {size: 0}", "pool.size"),
+        ("pool: {engine: rust}", "pool.engine"),
+        ("pool: {timeout: -1}", "pool.timeout"),
+        ("pool: {queue_limit: 1.5}", "pool.queue_limit"),
+        ("pool: {workers: 2}", "unknown keys ['workers']"),
+        ("serve: {max_body_bytes: 0}", "serve.max_body_bytes"),
+        ("serve: {evaluate: {enabled: 'no'}}", "serve.evaluate.enabled"),
+        ("serve: []", "serve must be a mapping"),
+        (
+            "selfservice: {methods: {oidc: {config: {providers: [{mapper_url: 'file://x'}]}}}}",
+            "providers[0].id",
+        ),
+        (
+            "selfservice: {methods: {oidc: {config: {providers: [{id: a, mapper_url: 'file://missing.jsonnet'}]}}}}",
+            "providers[0].mapper_url: cannot read",
+        ),
+        (
+            "selfservice: {methods: {oidc: {config: {providers: [{id: a, mapper_url: 'https://x/m'}]}}}}",
+            "file:// or base64://",
+        ),
+        ("courier: {channels: [{id: a, request_config: {body: 'base64://!!'}}]}", "bad base64"),
+        (
+            "courier: {channels: [{id: a, request_config: {body: 'base64://MQ=='}}, "
+            "{id: a, request_config: {body: 'base64://MQ=='}}]}",
+            "used twice",
+        ),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, tmp_path / "c.yaml")
+    assert message in str(caught.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the config: cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_serve_without_the_extra_names_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(sys.modules):
+        if name.startswith("jsonnet_worker.service"):
+            monkeypatch.delitem(sys.modules, name)
+        elif name == "starlette" or name.startswith("starlette."):
+            monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    assert _cli.main(["serve"]) == _cli.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "jsonnet-worker[serve]" in error and "starlette" in error
