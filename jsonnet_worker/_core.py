@@ -123,6 +123,15 @@ class PoolCore:
 
     # -- callers -------------------------------------------------------------------------
 
+    def take_idle(self) -> WorkerProcess | None:
+        """An idle worker, or None (the common case is cheap: no waiter is built)."""
+        with self.lock:
+            if not self.idle:
+                return None
+            worker = self.idle.pop()
+            worker.state = WorkerState.BUSY
+            return worker
+
     def take_or_wait(self, waiter: Waiter) -> WorkerProcess | None:
         """A worker at once, or None after enqueuing ``waiter``. Raises if it cannot wait."""
         with self.lock:

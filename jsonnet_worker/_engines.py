@@ -184,6 +184,11 @@ def _without_nul(
 
 
 def _refuse_nul(request: EvalRequest) -> None:
+    """The C bindings cut source text at NUL: refuse it rather than evaluate a prefix."""
+    texts = [request.snippet, request.filename, *request.ext_codes.values()]
+    texts += request.tla_codes.values()
+    if not any("\0" in text for text in texts):
+        return
     sources = {"snippet": request.snippet, "filename": request.filename}
     for label, codes in (("ext code", request.ext_codes), ("TLA code", request.tla_codes)):
         sources.update({f"{label} {key!r}": value for key, value in codes.items()})

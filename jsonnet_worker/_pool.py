@@ -454,6 +454,9 @@ class WorkerPool:
     def _take_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
         """A worker for this call, and how much of ``frame`` was already written to it
         (by the caller that handed it over)."""
+        worker = self._core.take_idle()
+        if worker is not None:
+            return worker, 0
         waiter = ThreadWaiter(frame)
         worker = self._core.take_or_wait(waiter)
         if worker is not None:

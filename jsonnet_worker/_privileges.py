@@ -37,7 +37,7 @@ from ._status import LayerState, LayerStatus
 
 DEFAULT_WORKER_USER = "nobody"
 NOBODY_ID = 65534  # the overflow uid/gid: nobody's number where /etc/passwd lacks it
-TASK_HEADROOM = 256  # a Go worker runs ~7 threads (GOMAXPROCS=1), a C++ one 2
+TASK_HEADROOM = 256  # a Go worker runs ~8 threads (GOMAXPROCS=2), a C++ one 2
 # Where /proc is refused (under restrict_host) the uid's tasks cannot be counted: a fixed cap,
 # high enough for a host's other ``nobody`` processes, still bounds a fork or thread bomb.
 TASK_LIMIT_UNCOUNTED = 4096

@@ -41,7 +41,12 @@ from jsonnet_worker._landlock import probe
 from jsonnet_worker._process import WorkerState
 
 MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
-HEAVY_GO = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
+HEAVY_GO = (
+    # CPU only (seconds of work, a flat heap): a memory bomb could end in
+    # MemoryLimitExceeded before the deadline.
+    "local depth(i) = if i == 0 then 0 else 1 + depth(i - 1); "
+    "std.foldl(function(a, b) a + depth(400), std.range(1, 1000000), 0)"
+)
 SPIN_CPP = "local f(n) = f(n + 1) tailstrict; f(0)"
 
 

@@ -196,4 +196,4 @@ def test_worker_environment_is_minimal() -> None:
                 names = {item.split(b"=")[0] for item in environ.read().split(b"\0") if item}
     finally:
         del os.environ["JSONNET_WORKER_TEST_SECRET"]
-    assert names == {b"GOMAXPROCS", b"GOMEMLIMIT", b"LC_ALL"}
+    assert names == {b"GOMAXPROCS", b"GOGC", b"GOMEMLIMIT", b"LC_ALL"}

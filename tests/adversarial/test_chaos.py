@@ -27,7 +27,12 @@ from .support import wait_full
 
 THREADS = 16
 TASKS = 64
-SPIN = "std.foldl(function(a, b) a + b * b % 7, std.range(1, 50000000), 0)"
+SPIN = (
+    # CPU only (seconds of work, a flat heap): a memory bomb could end in
+    # MemoryLimitExceeded before the deadline.
+    "local depth(i) = if i == 0 then 0 else 1 + depth(i - 1); "
+    "std.foldl(function(a, b) a + depth(400), std.range(1, 1000000), 0)"
+)
 SLOW_ON_PURPOSE = 0.05  # the timeout of the calls that must time out
 RECOVERY_BOUND = 0.1  # the requirement: full size within 100 ms of the last kill
 
