@@ -15,6 +15,8 @@ import platform
 import resource
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +30,10 @@ from benchmarks import workloads
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
 from jsonnet_worker import EvaluationTimeout, WorkerPool
+from jsonnet_worker._process import WorkerState
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+SERVICE_HEADING = "## Service load test"
 HEAVY_LOOP = (
     # CPU only (seconds of work, a flat heap): a memory bomb could end in
     # MemoryLimitExceeded before the deadline.
@@ -282,7 +286,8 @@ def lifecycle(report: Report, quick: bool) -> None:
             wait_full(pool)
         refill = []
         for _ in range(repeats):
-            victim = pool.stats().worker_pids[0]
+            wait_quiet(pool)
+            victim = active_worker(pool)
             started = time.perf_counter()
             os.kill(victim, signal.SIGKILL)
             wait_full(pool, exclude=victim)
@@ -341,13 +346,43 @@ def lifecycle(report: Report, quick: bool) -> None:
 
 
 def wait_full(pool: WorkerPool, exclude: int | None = None, timeout: float = 10.0) -> None:
+    """Until ``pool.size`` workers serve calls again, none of them ``exclude`` (a spare
+    being restarted in the background is not capacity)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = pool.stats()
-        if stats.alive == pool.size and stats.starting == 0 and exclude not in stats.worker_pids:
+        if stats.alive == pool.size and exclude not in stats.worker_pids:
             return
         time.sleep(0.0005)
     raise RuntimeError("the pool did not get back to full size")
+
+
+def wait_quiet(pool: WorkerPool, timeout: float = 10.0) -> None:
+    """Until the pool's spares are started too."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = pool.stats()
+        if stats.alive == pool.size and stats.spares == pool.spares and not stats.starting:
+            return
+        time.sleep(0.001)
+    raise RuntimeError("the pool did not settle")
+
+
+def active_worker(pool: WorkerPool) -> int:
+    """The pid of an idle worker serving calls (not the spare)."""
+    with pool._core.lock:
+        return next(w.pid for w in pool._core.workers if w.state is WorkerState.IDLE)
+
+
+def layer_costs(quick: bool) -> str:
+    """benchmarks/bench_layers.py's output: what seccomp, the privilege drop and the limits
+    add to a worker's start and to a call."""
+    script = Path(__file__).with_name("bench_layers.py")
+    arguments = ["--starts", "5", "--calls", "300"] if quick else []
+    done = subprocess.run(
+        [sys.executable, str(script), *arguments], capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
 
 
 def main() -> None:
@@ -362,15 +397,30 @@ def main() -> None:
     scaling(report, args.quick)
     lifecycle(report, args.quick)
     print("\n" + "\n".join(report.notes))
+    layers = layer_costs(args.quick)
+    print("\n" + layers)
     if not args.no_write:
+        service = ""
+        if RESULTS.exists():  # benchmarks/bench_service.py keeps its own section
+            current = RESULTS.read_text()
+            start = current.find(SERVICE_HEADING)
+            if start != -1:
+                end = current.find("\n## ", start + len(SERVICE_HEADING))
+                service = current[start:] if end == -1 else current[start:end]
         RESULTS.write_text(
             "# Benchmark results\n\n"
-            "Regenerate with `python -m benchmarks.run` (about five minutes). Ratios are "
-            "against in-process `_gojsonnet` measured in the same run.\n\n"
+            "Regenerate with `python -m benchmarks.run` (about five minutes; the service "
+            "section below with `python -m benchmarks.bench_service`). Ratios are against "
+            "in-process `_gojsonnet` measured in the same run.\n\n"
             f"Machine: {machine()}.\n\n"
             + "\n".join(f"- {n}" for n in report.notes)
             + "\n\n"
             + report.markdown()
+            + "\n## Cost of the isolation layers (seccomp, privilege drop, limits)\n\n"
+            + "`benchmarks/bench_layers.py`, one run:\n\n```\n"
+            + layers
+            + "\n```\n"
+            + ("\n" + service.rstrip("\n") + "\n" if service else "")
         )
         print(f"wrote {RESULTS}")
 
