@@ -27,6 +27,8 @@ from pathlib import Path
 import _gojsonnet
 
 from benchmarks import workloads
+from benchmarks.bench_latency import percentile as pct
+from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
 from jsonnet_worker import EvaluationTimeout, WorkerPool
@@ -64,20 +66,6 @@ class Report:
             out += ["| " + " | ".join(row) + " |" for row in rows]
             out.append("")
         return "\n".join(out)
-
-
-def samples(call: Callable[[], object], count: int) -> list[float]:
-    timings = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        timings.append(time.perf_counter() - started)
-    return timings
-
-
-def pct(timings: list[float], fraction: float) -> float:
-    ordered = sorted(timings)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def us(seconds: float) -> str:

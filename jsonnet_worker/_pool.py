@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _engines
@@ -93,6 +94,19 @@ class _Failure(Exception):
         super().__init__(error)
         self.error = error
         self.retire = retire
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One encoded call: its id and frame, its timeout, and the seconds encoding took."""
+
+    request_id: int
+    frame: bytes
+    timeout: float
+    spent: float
+
+    def time_left(self) -> float:
+        return self.timeout - self.spent
 
 
 _ERRORS_BY_KIND: dict[str, tuple[type[Error], bool]] = {
@@ -258,18 +272,11 @@ class WorkerPool:
         timeout: float | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
-        timeout = self._timeout(timeout)
-        encoding_started = time.monotonic()
-        request_id, frame = self._encode(
-            snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename
-        )
-        spent = time.monotonic() - encoding_started
+        call = self._prepare(snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename, timeout)
         self._enter()
         try:
-            worker, sent = self._take_worker(frame)
-            return self._finish(
-                worker, lambda: self._exchange(worker, request_id, frame, sent, timeout, spent)
-            )
+            worker, sent = self._take_worker(call.frame)
+            return self._finish(worker, lambda: self._exchange(worker, call, sent))
         except Error as exc:
             self._core.count_error(exc)
             raise
@@ -311,22 +318,19 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
     ) -> str:
-        timeout = self._timeout(timeout)
-        encoding_started = time.monotonic()
-        request_id, frame = self._encode(
-            snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename
-        )
-        spent = time.monotonic() - encoding_started
+        call = self._prepare(snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename, timeout)
         self._enter()
         try:
-            worker, sent = await self._atake_worker(frame)
+            worker, sent = await self._atake_worker(call.frame)
             try:
-                event = await self._aexchange(worker, frame, sent, timeout - spent)
+                event = await self._aexchange(worker, call.frame, sent, call.time_left())
             except BaseException:
                 worker.kill()  # cancelled mid-call: its answer would reach nobody
                 self._core.retire(worker)
                 raise
-            return self._finish(worker, lambda: self._settle(worker, event, request_id, timeout))
+            return self._finish(
+                worker, lambda: self._settle(worker, event, call.request_id, call.timeout)
+            )
         except Error as exc:
             self._core.count_error(exc)
             raise
@@ -400,6 +404,25 @@ class WorkerPool:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         return timeout
+
+    def _prepare(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None,
+        tla_vars: Mapping[str, Any] | None,
+        ext_codes: Mapping[str, str] | None,
+        tla_codes: Mapping[str, str] | None,
+        filename: str,
+        timeout: float | None,
+    ) -> _Call:
+        """Check and encode a call before any worker is involved; the time encoding takes
+        (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
+        seconds = self._timeout(timeout)
+        started = time.monotonic()
+        request_id, frame = self._encode(
+            snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename
+        )
+        return _Call(request_id, frame, seconds, time.monotonic() - started)
 
     def _encode(
         self,
@@ -537,19 +560,11 @@ class WorkerPool:
             self._core.crashes += 1
         return _Failure(error, True)
 
-    def _exchange(
-        self,
-        worker: WorkerProcess,
-        request_id: int,
-        frame: bytes,
-        sent: int,
-        timeout: float,
-        spent: float,
-    ) -> str:
-        """The blocking fast path: write the frame, poll until the answer or the deadline.
-        ``spent``: the seconds encoding took (a 10 MB snippet takes tens of milliseconds);
-        they count against ``timeout``, so the caller's wait stays within it."""
-        deadline = time.monotonic() + timeout - spent
+    def _exchange(self, worker: WorkerProcess, call: _Call, sent: int) -> str:
+        """The blocking fast path: write the frame (after the ``sent`` bytes a caller handing
+        the worker over already wrote), poll until the answer or the deadline."""
+        request_id, frame, timeout = call.request_id, call.frame, call.timeout
+        deadline = time.monotonic() + call.time_left()
         worker.stderr.mark()
         poller = worker.poller
         pending = self._write_some(worker, memoryview(frame)[sent:])

@@ -222,6 +222,7 @@ def worker_environment(settings: WorkerSettings) -> dict[str, str]:
         "LC_ALL": "C.UTF-8",
     }
 
+
 def one_way_channel(child_reads: bool) -> tuple[int, int]:
     """A unix socket pair that carries bytes one way; returns (child end, parent end).
 

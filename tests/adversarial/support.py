@@ -54,10 +54,10 @@ def each_worker_answers(pool: WorkerPool) -> int:
     try:
         while workers:
             worker = workers.pop()
-            request_id, frame = pool._encode(
-                "{n: std.extVar('n') + 1}", {"n": answered}, None, None, None, "check.jsonnet"
+            call = pool._prepare(
+                "{n: std.extVar('n') + 1}", {"n": answered}, None, None, None, "check.jsonnet", 10
             )
-            exchange = functools.partial(pool._exchange, worker, request_id, frame, 0, 10, 0.0)
+            exchange = functools.partial(pool._exchange, worker, call, 0)
             text = pool._finish(worker, exchange)
             assert json.loads(text) == {"n": answered + 1}
             answered += 1
