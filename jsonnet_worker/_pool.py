@@ -665,7 +665,11 @@ class WorkerPool:
 
         def on_stdout() -> None:
             if not worker.read_stdout():
-                settle("eof")
+                # The worker is dying: wait here (not in _died, which would block the loop)
+                # until its pidfd says it has exited, for at most DEATH_GRACE.
+                loop.remove_reader(worker.stdout)
+                loop.add_reader(worker.pidfd, settle, "eof")
+                loop.call_later(DEATH_GRACE, settle, "eof")
                 return
             event = worker.reader.next_event()
             if event is not None:
@@ -692,6 +696,7 @@ class WorkerPool:
             timer.cancel()
             loop.remove_reader(worker.stdout)
             loop.remove_reader(worker.stderr_fd)
+            loop.remove_reader(worker.pidfd)
             loop.remove_writer(worker.stdin)
 
     def _settle(
