@@ -1,15 +1,15 @@
 """One worker process, owned by exactly one ``WorkerProcess`` that kills and reaps it.
 
 Goals: start the worker by re-executing this interpreter in the hidden worker mode, hold its
-three pipes and its pidfd, and turn whatever the worker sends or how it dies into a typed
+three channels and its pidfd, and turn whatever the worker sends or how it dies into a typed
 outcome. Nothing here decides policy (how many workers, when to respawn): that is the pool's.
 
-Plan: the pipes are non-blocking on our side, so a stuck or dead worker can never block a
+Plan: the channels are non-blocking on our side, so a stuck or dead worker can never block a
 caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is drained into a
 ``StderrCapture`` that keeps the head and the tail of what a call printed, bounded, so a
-``std.trace`` flood never fills the pipe and a Go crash dump keeps its first line ("fatal
+``std.trace`` flood never fills the channel and a Go crash dump keeps its first line ("fatal
 error: runtime: out of memory"). The pidfd lets the supervisor see a death without touching
-the pipes a caller reads, and lets us signal without a pid-reuse race.
+the channels a caller reads, and lets us signal without a pid-reuse race.
 
 The three channels are unix socket pairs, not pipes, each shut down in the direction it does
 not carry. Landlock does not mediate pipefs, so a worker could reopen a pipe it holds through
@@ -45,7 +45,7 @@ STDERR_HEAD = 4096
 STDERR_TAIL = 4096
 READ_SIZE = 256 * 1024
 
-# Text a runtime prints when it dies of memory exhaustion under RLIMIT_AS.
+# Text a runtime prints when it dies of memory exhaustion under the memory limit.
 _MEMORY_MARKERS = (
     "out of memory",
     "cannot allocate memory",
@@ -239,7 +239,7 @@ def one_way_channel(child_reads: bool) -> tuple[int, int]:
 
 
 class WorkerProcess:
-    """A started worker: pipes, pidfd, reader state. Kill and reap it through this object only."""
+    """A started worker: channels, pidfd, reader state. Kill and reap it through this object only."""
 
     def __init__(self, settings: WorkerSettings, command: list[str] | None = None) -> None:
         self.settings = settings
@@ -371,7 +371,7 @@ class WorkerProcess:
         )
 
     def end_input(self) -> None:
-        """Close the request pipe: an idle worker exits by itself at EOF. Idempotent."""
+        """Close the request channel: an idle worker exits by itself at EOF. Idempotent."""
         if self._input_open:
             self._input_open = False
             os.close(self.stdin)
