@@ -626,6 +626,9 @@ class WorkerPool:
             except BlockingIOError:
                 if time.monotonic() >= until:
                     return None
+                # Let whatever else is runnable on this CPU (the worker's collector, another
+                # caller) run: spinning must not starve it.
+                os.sched_yield()
                 continue
             if not data:
                 return False

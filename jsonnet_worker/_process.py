@@ -239,7 +239,7 @@ def one_way_channel(child_reads: bool) -> tuple[int, int]:
 
 
 class WorkerProcess:
-    """A started worker: channels, pidfd, reader state. Kill and reap it through this object only."""
+    """A started worker: channels, pidfd, reader state. Killed and reaped through it only."""
 
     def __init__(self, settings: WorkerSettings, command: list[str] | None = None) -> None:
         self.settings = settings

@@ -273,6 +273,8 @@ class EvaluationLoop:
             except BlockingIOError:
                 if time.monotonic() >= spin_until:
                     self.wait_readable.poll()
+                else:
+                    os.sched_yield()  # spinning must not starve what else runs on this CPU
 
     def answer(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
