@@ -323,14 +323,15 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         yield running
 
 
-def wait_busy(service: ServiceProcess, busy: int) -> dict[str, Any]:
+def wait_busy(service: ServiceProcess, busy: int, queued: int = 0) -> dict[str, Any]:
+    """Until ``busy`` workers are busy and ``queued`` calls wait in the pool's queue."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         pool: dict[str, Any] = service.health()["pool"]
-        if pool["busy"] >= busy:
+        if pool["busy"] >= busy and pool["queue_depth"] >= queued:
             return pool
         time.sleep(0.01)
-    raise AssertionError("the slow request never reached a worker")
+    raise AssertionError("the slow requests never reached the pool")
 
 
 def test_disabled_evaluate_is_403(limited: ServiceProcess) -> None:
@@ -434,7 +435,9 @@ def test_sigterm_lets_requests_in_flight_finish_then_reaps_workers(tmp_path: Pat
                 )
                 for _ in range(4)
             ]
-            wait_busy(running, 2)  # two running, two queued in the pool
+            # Two running, two queued in the pool: all four accepted before the signal (a
+            # request still connecting when SIGTERM lands is refused, as it should be).
+            wait_busy(running, 2, queued=2)
             running.process.send_signal(signal.SIGTERM)
             answers = [call.result() for call in calls]
         assert [answer.status_code for answer in answers] == [200] * 4, [a.text for a in answers]

@@ -279,6 +279,7 @@ def _stats_json(stats: PoolStats) -> dict[str, Any]:
         "busy": stats.busy,
         "idle": stats.idle,
         "starting": stats.starting,
+        "spares": stats.spares,
         "queue_depth": stats.queue_depth,
         "evaluations": stats.evaluations,
         "errors": stats.errors,
