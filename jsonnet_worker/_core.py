@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import threading
 from collections.abc import Callable
 
@@ -81,15 +80,6 @@ class AsyncWaiter(Waiter):
         except RuntimeError:  # its event loop is closed: nobody will take the worker
             return False
         return True
-
-
-def write_some(fd: int, data: bytes | memoryview) -> int:
-    """Write what a non-blocking pipe takes now; 0 if nothing (full, or the reader is gone:
-    the caller learns that from the worker's stdout)."""
-    try:
-        return os.write(fd, data)
-    except (BlockingIOError, BrokenPipeError):
-        return 0
 
 
 class PoolCore:
@@ -177,7 +167,9 @@ class PoolCore:
         with self.lock:
             if worker.state is WorkerState.DEAD:
                 return
-            dying = worker.state is WorkerState.DYING  # it answered, then died
+            # It answered, then died; or the supervisor has stopped (terminate() while this
+            # call ran) and nobody but us would close it.
+            dying = worker.state is WorkerState.DYING or self.supervisor_stopped
             waiter = None if dying or not self.waiters else self.waiters.popleft()
             if waiter is not None:
                 waiter.worker = worker
@@ -190,7 +182,7 @@ class PoolCore:
             self.retire(worker)
             return
         if waiter.frame is not None:
-            waiter.written = write_some(worker.stdin, waiter.frame)
+            waiter.written = worker.send(waiter.frame) or 0
         if not waiter.wake():
             worker.kill()  # its request may be in the pipe: nobody will read the answer
             self.retire(worker)
@@ -247,8 +239,9 @@ class PoolCore:
             self._promote_spare_locked()
 
     def _promote_spare_locked(self) -> None:
-        """Capacity comes back now, not after an interpreter start (~60 ms)."""
-        if self.closed:
+        """Capacity comes back now, not after an interpreter start (~60 ms). Also while a
+        graceful close() lets queued calls finish; not after terminate()."""
+        if self.terminated:
             return
         spare = next((w for w in self.workers if w.state is WorkerState.SPARE), None)
         if spare is not None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _engines
-from ._core import AsyncWaiter, PoolCore, ThreadWaiter
+from ._core import AsyncWaiter, PoolCore, ThreadWaiter, Waiter
 from ._errors import (
     Error,
     EvaluationTimeout,
@@ -57,6 +57,7 @@ from ._process import WorkerProcess, WorkerSettings
 from ._protocol import (
     DEFAULT_MAX_FRAME,
     ErrorKind,
+    EvalRequest,
     Event,
     FrameTooLarge,
     Message,
@@ -439,26 +440,29 @@ class WorkerPool:
             raise TypeError(f"filename must be str, not {type(filename).__name__}")
         ext_strings, ext_code = split_variables("ext", ext_vars, ext_codes)
         tla_strings, tla_code = split_variables("tla", tla_vars, tla_codes)
-        request_id = next(self._ids)
-        frame = encode(
-            {
-                "t": "eval",
-                "id": request_id,
-                "snippet": snippet,
-                "filename": filename,
-                "ext_vars": ext_strings,
-                "ext_codes": ext_code,
-                "tla_vars": tla_strings,
-                "tla_codes": tla_code,
-                "max_stack": self.max_stack,
-                "max_output": self.max_output,
-            }
+        request = EvalRequest(
+            id=next(self._ids),
+            snippet=snippet,
+            filename=filename,
+            ext_vars=ext_strings,
+            ext_codes=ext_code,
+            tla_vars=tla_strings,
+            tla_codes=tla_code,
+            max_stack=self.max_stack,
+            max_output=self.max_output,
         )
+        try:
+            frame = encode(request.to_message())
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
+                f"at position {exc.start}: a lone surrogate?)"
+            ) from None
         if len(frame) - 4 > self.max_request:
             raise InputTooLarge(
                 f"the request is {len(frame)} bytes, over max_request={self.max_request}"
             )
-        return request_id, frame
+        return request.id, frame
 
     def _enter(self) -> None:
         with self._core.lock:
@@ -486,12 +490,9 @@ class WorkerPool:
             return worker, 0
         if not waiter.wait(self.queue_timeout):
             if self._core.abandon(waiter) is None:
-                raise Overloaded(f"no worker became free within {self.queue_timeout} s")
+                raise waiter.error or self._queue_timed_out()
             waiter.wait(None)  # handed over just now: the wake-up follows the write
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.worker is not None
-        return waiter.worker, waiter.written
+        return self._waited(waiter)
 
     async def _atake_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
         loop = asyncio.get_running_loop()
@@ -500,17 +501,27 @@ class WorkerPool:
         if worker is not None:
             return worker, 0
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
-        except TimeoutError:
-            if self._core.abandon(waiter) is None:
-                raise Overloaded(f"no worker became free within {self.queue_timeout} s") from None
-            await waiter.future  # handed over just now: the wake-up follows the write
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
+            except TimeoutError:
+                if self._core.abandon(waiter) is None:
+                    raise waiter.error or self._queue_timed_out() from None
+                await waiter.future  # handed over just now: the wake-up follows the write
         except asyncio.CancelledError:
             worker = self._core.abandon(waiter)
             if worker is not None:
-                worker.kill()  # our request may already be in its pipe
+                worker.kill()  # our request may already be in its channel
                 self._core.retire(worker)
             raise
+        return self._waited(waiter)
+
+    def _queue_timed_out(self) -> Overloaded:
+        return Overloaded(f"no worker became free within {self.queue_timeout} s")
+
+    @staticmethod
+    def _waited(waiter: Waiter) -> tuple[WorkerProcess, int]:
+        """What a woken waiter got: its worker and how much of its frame went out, or its
+        error (the pool was terminated, or no worker can start)."""
         if waiter.error is not None:
             raise waiter.error
         assert waiter.worker is not None
@@ -554,8 +565,9 @@ class WorkerPool:
             True,
         )
 
-    def _died(self, worker: WorkerProcess) -> _Failure:
-        error = worker.death_error(DEATH_GRACE)
+    def _died(self, worker: WorkerProcess, grace: float = DEATH_GRACE) -> _Failure:
+        """The worker's channel ended: wait up to ``grace`` for it to exit, say why it died."""
+        error = worker.death_error(grace)
         with self._core.lock:
             self._core.crashes += 1
         return _Failure(error, True)
@@ -639,16 +651,14 @@ class WorkerPool:
 
     @staticmethod
     def _write_some(worker: WorkerProcess, data: memoryview) -> memoryview | None:
-        """Write what the pipe takes now; the rest, or None when all is written (or the
+        """Write what the channel takes now; the rest, or None when all is written (or the
         worker is gone, which the caller learns from stdout)."""
         if not data:
             return None
-        try:
-            rest = data[os.write(worker.stdin, data) :]
-        except BlockingIOError:
-            return data
-        except OSError:
+        written = worker.send(data)
+        if written is None:
             return None
+        rest = data[written:]
         return rest if rest else None
 
     async def _aexchange(
@@ -708,7 +718,7 @@ class WorkerPool:
         if event == "timeout":
             raise self._timed_out(timeout)
         if event == "eof":
-            raise self._died(worker)
+            raise self._died(worker, grace=0.0)  # _aexchange already waited on its pidfd
         assert not isinstance(event, str)
         return interpret(event, request_id)
 

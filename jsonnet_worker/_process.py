@@ -248,7 +248,6 @@ class WorkerProcess:
         self.reader = FrameReader(settings.max_frame)
         self.stderr = StderrCapture()
         self.started_at = time.monotonic()
-        self.retired = False
         child_ends: list[int] = []
         parent_ends: list[int] = []
         try:
@@ -370,11 +369,27 @@ class WorkerProcess:
             stderr_tail=tail,
         )
 
+    def send(self, data: bytes | memoryview) -> int | None:
+        """Write what the request channel takes now: the bytes written (0 when it is full),
+        or None when the worker is gone or its channel closed. Under the fd lock: a caller
+        handing this worker over may write while another thread retires it, and the fd
+        number must not be closed (and reused) in between."""
+        with self._fd_lock:
+            if not self._input_open:
+                return None
+            try:
+                return os.write(self.stdin, data)
+            except BlockingIOError:
+                return 0
+            except OSError:
+                return None
+
     def end_input(self) -> None:
         """Close the request channel: an idle worker exits by itself at EOF. Idempotent."""
-        if self._input_open:
-            self._input_open = False
-            os.close(self.stdin)
+        with self._fd_lock:
+            if self._input_open:
+                self._input_open = False
+                os.close(self.stdin)
 
     def close(self, grace: float = 0.0) -> int | None:
         """Stop the process (after ``grace`` seconds for an orderly exit), reap it, close

@@ -130,7 +130,9 @@ class Supervisor:
     def _spawn_missing(self) -> None:
         core = self.core
         with core.lock:
-            if core.closed or core.fatal is not None:
+            # A graceful close() still serves the calls in flight and queued: keep the pool
+            # whole until it stops us; terminate() needs no more workers.
+            if core.terminated or core.fatal is not None:
                 return
             # Spares start after the first wave: on a small machine they would slow it down.
             spares = core.spares if self.initial_done.is_set() else 0
@@ -182,6 +184,8 @@ class Supervisor:
             role, worker = watched[fd]
             if worker.state is WorkerState.DEAD:
                 continue
+            if role != "exit" and worker.state is not WorkerState.STARTING:
+                continue  # greeted earlier in this batch: a caller may hold it now
             if role == "stderr":
                 worker.drain_stderr()
             elif role == "hello":

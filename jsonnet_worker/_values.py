@@ -35,6 +35,8 @@ def split_variables(
             continue
         try:
             code[name] = _encode_json(value)
+        except RecursionError:
+            raise ValueError(f"{kind} variable {name!r} is nested too deeply") from None
         except TypeError as exc:
             raise TypeError(
                 f"{kind} variable {name!r}: a {type(value).__name__} cannot be passed to "

@@ -89,6 +89,15 @@ def test_bad_values_fail_before_sending(go_pool: WorkerPool) -> None:
         go_pool.evaluate("1", {"x": 1}, ext_codes={"x": "2"})
     with pytest.raises(TypeError):
         go_pool.evaluate(b"1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unicode"):
+        go_pool.evaluate("'\ud800'")
+    with pytest.raises(ValueError, match="Unicode"):
+        go_pool.evaluate("1", {"name": "a\udc00"})
+    nested: list[object] = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        go_pool.evaluate("1", {"deep": nested})
     assert go_pool.stats().evaluations == before
 
 

@@ -85,11 +85,11 @@ class Service:
             settings = self.config.pool
             # Blocks until the workers said hello: fine at start, nothing is served yet.
             self.pool = WorkerPool(settings.size, **settings.as_kwargs())
-        if self.after_start is not None:
-            self.host_sandbox = self.after_start(self.pool, self.config)
-        self.serving = True
-        logger.info("serving with %d workers (%s)", self.pool.size, self.sandbox_summary())
         try:
+            if self.after_start is not None:  # e.g. restrict_host: if it fails, stop here
+                self.host_sandbox = self.after_start(self.pool, self.config)
+            self.serving = True
+            logger.info("serving with %d workers (%s)", self.pool.size, self.sandbox_summary())
             yield
         finally:
             self.serving = False
