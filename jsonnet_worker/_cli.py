@@ -146,6 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         with WorkerPool(
             1,
+            spares=0,  # one call, then exit: a spare would be started only to be killed
             engine=args.engine,
             timeout=args.timeout,
             max_output=args.max_output,
