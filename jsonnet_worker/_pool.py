@@ -420,20 +420,6 @@ class WorkerPool:
         (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
         seconds = self._timeout(timeout)
         started = time.monotonic()
-        request_id, frame = self._encode(
-            snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename
-        )
-        return _Call(request_id, frame, seconds, time.monotonic() - started)
-
-    def _encode(
-        self,
-        snippet: str,
-        ext_vars: Mapping[str, Any] | None,
-        tla_vars: Mapping[str, Any] | None,
-        ext_codes: Mapping[str, str] | None,
-        tla_codes: Mapping[str, str] | None,
-        filename: str,
-    ) -> tuple[int, bytes]:
         if not isinstance(snippet, str):
             raise TypeError(f"snippet must be str, not {type(snippet).__name__}")
         if not isinstance(filename, str):
@@ -462,7 +448,7 @@ class WorkerPool:
             raise InputTooLarge(
                 f"the request is {len(frame)} bytes, over max_request={self.max_request}"
             )
-        return request.id, frame
+        return _Call(request.id, frame, seconds, time.monotonic() - started)
 
     def _enter(self) -> None:
         with self._core.lock:
