@@ -426,8 +426,13 @@ def test_sigterm_lets_requests_in_flight_finish_then_reaps_workers(tmp_path: Pat
         pids = running.health()["pool"]["worker_pids"]
         assert pids and all(pid_alive(pid) for pid in pids)
         url = f"{running.base_url}/v1/evaluate"
-        snippet = SLOW.format(n=SLOW_N)
-        expected = SLOW_N * (SLOW_N + 1) // 2
+        # CPU only, about a second each: long enough that all four requests are in the
+        # pool (two running, two queued) before the signal, however the threads start.
+        snippet = (
+            "local d(i) = if i == 0 then 0 else 1 + d(i - 1); "
+            "std.foldl(function(a, b) a + d(400), std.range(1, 2000), 0)"
+        )
+        expected = 400 * 2000
         with concurrent.futures.ThreadPoolExecutor(4) as threads:
             calls = [
                 threads.submit(
