@@ -90,7 +90,6 @@ class PoolCore:
         self.spares = spares
         self.queue_limit = queue_limit
         self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
         self.idle: list[WorkerProcess] = []
         self.waiters: collections.deque[Waiter] = collections.deque()
         self.workers: set[WorkerProcess] = set()
@@ -99,7 +98,6 @@ class PoolCore:
         self.terminated = False
         self.in_flight = 0
         self.supervisor_stopped = False
-        self.spinners = 0  # callers busy-waiting for an answer (see WorkerPool._may_spin)
         self.fatal: Error | None = None  # no worker can ever start (e.g. sandbox policy)
         self.start_failure: str = ""  # the last start-up failure while it is unresolved
         self.sandbox: SandboxStatus | None = None
@@ -116,18 +114,20 @@ class PoolCore:
     def take_idle(self) -> WorkerProcess | None:
         """An idle worker, or None (the common case is cheap: no waiter is built)."""
         with self.lock:
-            if not self.idle:
-                return None
-            worker = self.idle.pop()
-            worker.state = WorkerState.BUSY
-            return worker
+            return self._pop_idle_locked()
+
+    def _pop_idle_locked(self) -> WorkerProcess | None:
+        if not self.idle:
+            return None
+        worker = self.idle.pop()
+        worker.state = WorkerState.BUSY
+        return worker
 
     def take_or_wait(self, waiter: Waiter) -> WorkerProcess | None:
         """A worker at once, or None after enqueuing ``waiter``. Raises if it cannot wait."""
         with self.lock:
-            if self.idle:
-                worker = self.idle.pop()
-                worker.state = WorkerState.BUSY
+            worker = self._pop_idle_locked()
+            if worker is not None:
                 return worker
             self._raise_if_hopeless()
             if len(self.waiters) >= self.queue_limit:

@@ -76,7 +76,6 @@ DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_QUEUE_LIMIT = 1000
 DEATH_GRACE = 1.0
 SPIN_MAX = 0.002
-READ_SIZE = 256 * 1024
 
 
 def default_size() -> int:
@@ -481,8 +480,10 @@ class WorkerPool:
         return self._waited(waiter)
 
     async def _atake_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
-        loop = asyncio.get_running_loop()
-        waiter = AsyncWaiter(loop, frame)
+        worker = self._core.take_idle()
+        if worker is not None:
+            return worker, 0
+        waiter = AsyncWaiter(asyncio.get_running_loop(), frame)
         worker = self._core.take_or_wait(waiter)
         if worker is not None:
             return worker, 0
@@ -569,11 +570,7 @@ class WorkerPool:
         if pending:
             poller.register(worker.stdin, select.POLLOUT)
         elif self._may_spin():
-            try:
-                answer = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
-            finally:
-                with self._core.lock:
-                    self._core.spinners -= 1
+            answer = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
             if answer is False:
                 raise self._died(worker)
             if answer is not None:
@@ -604,36 +601,25 @@ class WorkerPool:
     def _may_spin(self) -> bool:
         """Spin for the answer only when this is the pool's only call and a second CPU
         exists: then the spinner takes no core from a worker and no GIL time from another
-        caller (a spinning thread delays every other thread's wake-up). Counts itself in."""
-        core = self._core
-        with core.lock:
-            if core.in_flight == 1 and core.spinners == 0 and self._cpus > 1:
-                core.spinners += 1
-                return True
-        return False
+        caller (a spinning thread delays every other thread's wake-up)."""
+        return self._cpus > 1 and self._core.in_flight == 1
 
     @staticmethod
     def _spin_for_answer(worker: WorkerProcess, until: float) -> Event | Literal[False] | None:
         """Read without blocking until an answer arrives or ``until``: waking a caller
         blocked in poll costs an inter-processor interrupt (about 30 us on the virtual
         machines measured), a large share of a 200 us evaluation. False at EOF."""
-        reader, stdout = worker.reader, worker.stdout
         while True:
-            try:
-                data = os.read(stdout, READ_SIZE)
-            except BlockingIOError:
-                if time.monotonic() >= until:
-                    return None
-                # Let whatever else is runnable on this CPU (the worker's collector, another
-                # caller) run: spinning must not starve it.
-                os.sched_yield()
-                continue
-            if not data:
+            if not worker.read_stdout():
                 return False
-            reader.feed(data)
-            event = reader.next_event()
+            event = worker.reader.next_event()
             if event is not None:
                 return event
+            if time.monotonic() >= until:
+                return None
+            # Let whatever else is runnable on this CPU (the worker's collector, another
+            # caller) run: spinning must not starve it.
+            os.sched_yield()
 
     @staticmethod
     def _write_some(worker: WorkerProcess, data: memoryview) -> memoryview | None:

@@ -289,8 +289,8 @@ class Supervisor:
         self._count_initial()
 
     def _count_initial(self) -> None:
-        """The pool's constructor waits until every active worker of the first wave said
-        hello, or every first start-up attempt ended (spares included), or a fatal error."""
+        """The pool's constructor waits until every worker of the first wave said hello, or
+        as many start-up attempts as the pool's size ended, or a fatal error."""
         core = self.core
         self._initial_resolved += 1
         with core.lock:
