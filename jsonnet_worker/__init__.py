@@ -6,12 +6,16 @@
 See README.md for the pool, asyncio, the CLI and the sandbox.
 """
 
+from ._config import PoolConfig
 from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
 from ._errors import (
     Error,
     EvaluationTimeout,
+    ForkedPool,
     HostSandboxError,
     InputTooLarge,
+    InvalidArgument,
+    InvalidType,
     JsonnetError,
     MemoryLimitExceeded,
     OutputTooLarge,
@@ -20,6 +24,7 @@ from ._errors import (
     ProtocolError,
     SandboxConfigError,
     SandboxUnavailable,
+    UnsupportedPlatform,
     WorkerCrashed,
     WorkerStartError,
 )
@@ -32,6 +37,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Error",
+    "ForkedPool",
+    "InvalidArgument",
+    "InvalidType",
+    "PoolConfig",
+    "UnsupportedPlatform",
     "EvaluationTimeout",
     "HostSandbox",
     "HostSandboxError",

@@ -1,4 +1,36 @@
-"""The exception hierarchy: everything raised on purpose is a ``jsonnet_worker.Error``."""
+"""The exception hierarchy: everything raised on purpose is a ``jsonnet_worker.Error``.
+
+Each class carries ``kind`` (a stable snake_case name, the one vocabulary used by
+``PoolStats.errors``, the service's metrics labels and its HTTP bodies) and ``http_status``
+(the status a service answers it with). Grouped by whose fault it is::
+
+    Error (kind "error", 500)
+    |
+    |-- the snippet's: the same request fails the same way again
+    |   |-- JsonnetError            jsonnet_error      422  syntax/runtime error, refused import
+    |   |-- OutputTooLarge          output_too_large   422
+    |   |-- MemoryLimitExceeded     memory_limit       422
+    |   `-- EvaluationTimeout       timeout            504  (also TimeoutError)
+    |
+    |-- the caller's: bad arguments, refused before any worker sees them
+    |   |-- InvalidArgument         invalid_argument   400  (also ValueError)
+    |   |   |-- InputTooLarge       too_large          413
+    |   |   `-- SandboxConfigError  sandbox_config     400
+    |   `-- InvalidType             invalid_type       400  (also TypeError)
+    |
+    |-- the pool's: capacity and lifecycle
+    |   |-- Overloaded              overloaded         503
+    |   |-- PoolClosed              unavailable        503
+    |   |-- ForkedPool              forked_pool        500
+    |   |-- WorkerCrashed           worker_crashed     502  (the snippet may have caused it)
+    |   |-- ProtocolError           protocol_error     502  (a worker lied; it was replaced)
+    |   `-- WorkerStartError        unavailable        503
+    |
+    `-- the sandbox's: where isolation is required but cannot be applied, nothing runs
+        |-- SandboxUnavailable      sandbox_unavailable 503
+        |-- UnsupportedPlatform     unsupported_platform 500
+        `-- HostSandboxError        host_sandbox       500
+"""
 
 from __future__ import annotations
 
@@ -6,37 +38,109 @@ from __future__ import annotations
 class Error(Exception):
     """Base class of every error jsonnet_worker raises."""
 
+    kind = "error"
+    http_status = 500
+
+
+# -- the snippet's ---------------------------------------------------------------------------
+
 
 class JsonnetError(Error):
     """The snippet failed: a syntax or runtime error, an ``error`` expression, or a refused
     import. ``message`` is the engine's text (bounded in size, valid UTF-8)."""
+
+    kind = "jsonnet_error"
+    http_status = 422
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class EvaluationTimeout(Error, TimeoutError):
-    """The evaluation ran past its deadline; its worker was killed and replaced."""
+class OutputTooLarge(Error):
+    """The manifested JSON is larger than ``max_output``."""
+
+    kind = "output_too_large"
+    http_status = 422
 
 
 class MemoryLimitExceeded(Error):
     """The evaluation needed more memory than the worker's limit allows."""
 
+    kind = "memory_limit"
+    http_status = 422
 
-class OutputTooLarge(Error):
-    """The manifested JSON is larger than ``max_output``."""
+
+class EvaluationTimeout(Error, TimeoutError):
+    """The evaluation ran past its deadline (or its worker's CPU budget); its worker was
+    killed and replaced."""
+
+    kind = "timeout"
+    http_status = 504
 
 
-class InputTooLarge(Error, ValueError):
+# -- the caller's ----------------------------------------------------------------------------
+
+
+class InvalidArgument(Error, ValueError):
+    """An argument has a bad value (a negative timeout, a name given twice, NaN)."""
+
+    kind = "invalid_argument"
+    http_status = 400
+
+
+class InvalidType(Error, TypeError):
+    """An argument has a type the call cannot take (a snippet that is not ``str``)."""
+
+    kind = "invalid_type"
+    http_status = 400
+
+
+class InputTooLarge(InvalidArgument):
     """The request (snippet and variables) is larger than a frame may be."""
+
+    kind = "too_large"
+    http_status = 413
+
+
+class SandboxConfigError(InvalidArgument):
+    """The ``security.landlock`` section of the config given to ``restrict_host`` is invalid."""
+
+    kind = "sandbox_config"
+
+
+# -- the pool's ------------------------------------------------------------------------------
+
+
+class Overloaded(Error):
+    """No worker became free in time, or the queue of waiting calls is full."""
+
+    kind = "overloaded"
+    http_status = 503
+
+
+class PoolClosed(Error):
+    """The pool was closed or terminated before or during the call."""
+
+    kind = "unavailable"
+    http_status = 503
+
+
+class ForkedPool(Error):
+    """An explicit ``WorkerPool`` created before ``fork()`` was used in the child; its
+    workers belong to the parent. Create pools after the fork (README: prefork servers)."""
+
+    kind = "forked_pool"
 
 
 class WorkerCrashed(Error):
     """The worker died during the call (a signal, an abort, a kill from outside).
 
     ``returncode`` is the exit status (negative: the signal number), ``stderr_tail`` what the
-    worker printed last."""
+    worker printed during this call (never an earlier call's output)."""
+
+    kind = "worker_crashed"
+    http_status = 502
 
     def __init__(
         self, message: str, *, returncode: int | None = None, stderr_tail: str = ""
@@ -54,35 +158,44 @@ class ProtocolError(Error):
     """A worker answered with something other than a well-formed response to the request; the
     worker was replaced."""
 
-
-class Overloaded(Error):
-    """No worker became free in time, or the queue of waiting calls is full."""
-
-
-class PoolClosed(Error):
-    """The pool was closed or terminated before or during the call."""
-
-
-class SandboxUnavailable(Error):
-    """``require_sandbox=True`` and the workers report no Landlock sandbox."""
-
-    def __init__(self, message: str, reason: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason
+    kind = "protocol_error"
+    http_status = 502
 
 
 class WorkerStartError(Error):
     """Workers fail to start (a broken install, a sandbox that cannot be applied); ``cause``
     is what the last one reported."""
 
+    kind = "unavailable"
+    http_status = 503
+
     def __init__(self, message: str, cause: str = "") -> None:
         super().__init__(message)
         self.cause = cause
 
 
-class SandboxConfigError(Error, ValueError):
-    """The ``security.landlock`` section of the config given to ``restrict_host`` is invalid."""
+# -- the sandbox's ---------------------------------------------------------------------------
+
+
+class SandboxUnavailable(Error):
+    """``require_sandbox=True`` (the default) and the workers report no Landlock sandbox."""
+
+    kind = "sandbox_unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnsupportedPlatform(Error):
+    """The worker sandbox needs Linux (Landlock, seccomp, pidfd); this platform or kernel
+    lacks what the pool cannot do without."""
+
+    kind = "unsupported_platform"
 
 
 class HostSandboxError(Error):
     """Landlock is supported but the host's layer could not be applied: do not serve."""
+
+    kind = "host_sandbox"

@@ -1,0 +1,136 @@
+"""``PoolConfig``: every option of a pool, its default, its check and its help text, once.
+
+Goals: ``WorkerPool``, the CLI's pool flags and the service's ``pool:`` section all derive
+from this one frozen dataclass, so an option added here is reachable everywhere and no
+default is written twice.
+
+Plan: each field's ``metadata`` holds its help text (and, for the CLI, its flag's value
+type). ``__post_init__`` validates; a bad value raises ``InvalidArgument``/``InvalidType``
+(also ``ValueError``/``TypeError``). ``from_mapping`` takes the service's YAML section,
+refusing unknown keys; ``replace`` derives a changed copy.
+
+Weak spots: ``worker_user`` is resolved to numbers later (``_privileges``), in the parent,
+because only a root parent can drop to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._engines import EngineKind
+from ._errors import InvalidArgument, InvalidType
+
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024
+DEFAULT_MAX_OUTPUT = 1024 * 1024
+DEFAULT_MAX_STACK = 500
+DEFAULT_SPAWN_TIMEOUT = 10.0
+DEFAULT_QUEUE_TIMEOUT = 5.0
+DEFAULT_QUEUE_LIMIT = 1000
+DEFAULT_MAX_REQUEST = 64 * 1024 * 1024
+DEFAULT_SPARES = 1
+DEFAULT_WORKER_USER = "nobody"
+DEFAULT_CPU_BUDGET = 300.0
+ENGINES = tuple(kind.value for kind in EngineKind)
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The settings of one ``WorkerPool``."""
+
+    size: int | None = _option(
+        None, "worker processes serving calls (default: the CPUs this process may use, >= 2)"
+    )
+    engine: str = _option("go", f"Jsonnet engine: one of {', '.join(ENGINES)}")
+    timeout: float = _option(DEFAULT_TIMEOUT, "seconds one evaluation may run")
+    memory_limit: int = _option(DEFAULT_MEMORY_LIMIT, "bytes of memory per worker")
+    max_output: int = _option(DEFAULT_MAX_OUTPUT, "bytes of manifested JSON per call")
+    max_stack: int = _option(DEFAULT_MAX_STACK, "Jsonnet stack frames per evaluation")
+    queue_limit: int = _option(DEFAULT_QUEUE_LIMIT, "calls that may wait for a busy pool")
+    queue_timeout: float = _option(DEFAULT_QUEUE_TIMEOUT, "seconds a call may wait for a worker")
+    spawn_timeout: float = _option(DEFAULT_SPAWN_TIMEOUT, "seconds a worker may take to start")
+    max_request: int = _option(DEFAULT_MAX_REQUEST, "bytes of one encoded request")
+    spares: int = _option(DEFAULT_SPARES, "started workers held back to replace one that dies")
+    require_sandbox: bool = _option(
+        True, "refuse to evaluate unless the workers' Landlock sandbox is enforced"
+    )
+    worker_user: str | range | None = _option(
+        DEFAULT_WORKER_USER,
+        "user a root parent's workers run as, or a uid range 'FIRST-LAST' (one uid each)",
+    )
+    max_calls_per_worker: int | None = _option(
+        None, "calls one worker process serves before it is recycled (default: no bound)"
+    )
+    cpu_budget: float | None = _option(
+        DEFAULT_CPU_BUDGET,
+        "CPU seconds one worker process may use in its life (RLIMIT_CPU); recycled before",
+    )
+
+    def __post_init__(self) -> None:
+        _check_int(self, "size", minimum=1, optional=True)
+        if not isinstance(self.engine, str):
+            raise InvalidType(f"engine must be a str, not {type(self.engine).__name__}")
+        if self.engine not in ENGINES:
+            raise InvalidArgument(f"engine must be one of {', '.join(ENGINES)}: {self.engine!r}")
+        for name in ("timeout", "queue_timeout", "spawn_timeout"):
+            _check_seconds(self, name)
+        _check_seconds(self, "cpu_budget", optional=True)
+        for name in ("memory_limit", "max_output", "max_stack", "max_request"):
+            _check_int(self, name, minimum=1)
+        _check_int(self, "queue_limit", minimum=0)
+        _check_int(self, "spares", minimum=0)
+        _check_int(self, "max_calls_per_worker", minimum=1, optional=True)
+        if not isinstance(self.require_sandbox, bool):
+            raise InvalidType("require_sandbox must be a bool")
+        if self.worker_user is not None and not isinstance(self.worker_user, str | range):
+            raise InvalidType("worker_user must be a user name, a uid range or None")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "pool") -> PoolConfig:
+        """A config from a mapping (the service's ``pool:`` section); unknown keys refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InvalidArgument(
+                f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        try:
+            return cls(**dict(values))
+        except (InvalidArgument, InvalidType) as exc:
+            raise type(exc)(f"{where}.{exc}") from None
+
+    def replace(self, **changes: Any) -> PoolConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Each option's help text, by name."""
+        return {f.name: str(f.metadata["help"]) for f in dataclasses.fields(cls)}
+
+
+def _check_int(config: PoolConfig, name: str, *, minimum: int, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidType(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise InvalidArgument(f"{name} must be at least {minimum}, not {value}")
+
+
+def _check_seconds(config: PoolConfig, name: str, *, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidType(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"{name} must be a positive number of seconds, not {value}")
