@@ -28,6 +28,7 @@ DEFAULT_TIMEOUT = 1.0
 DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 DEFAULT_MAX_STACK = 500
+DEFAULT_MAX_TRACE = 20
 DEFAULT_SPAWN_TIMEOUT = 10.0
 DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_QUEUE_LIMIT = 1000
@@ -54,6 +55,9 @@ class PoolConfig:
     memory_limit: int = _option(DEFAULT_MEMORY_LIMIT, "bytes of memory per worker")
     max_output: int = _option(DEFAULT_MAX_OUTPUT, "bytes of manifested JSON per call")
     max_stack: int = _option(DEFAULT_MAX_STACK, "Jsonnet stack frames per evaluation")
+    max_trace: int = _option(
+        DEFAULT_MAX_TRACE, "stack frames shown in an error's trace (0: all, as jsonnet)"
+    )
     queue_limit: int = _option(DEFAULT_QUEUE_LIMIT, "calls that may wait for a busy pool")
     queue_timeout: float = _option(DEFAULT_QUEUE_TIMEOUT, "seconds a call may wait for a worker")
     spawn_timeout: float = _option(DEFAULT_SPAWN_TIMEOUT, "seconds a worker may take to start")
@@ -85,6 +89,7 @@ class PoolConfig:
         _check_seconds(self, "cpu_budget", optional=True)
         for name in ("memory_limit", "max_output", "max_stack", "max_request"):
             _check_int(self, name, minimum=1)
+        _check_int(self, "max_trace", minimum=0)
         _check_int(self, "queue_limit", minimum=0)
         _check_int(self, "spares", minimum=0)
         _check_int(self, "max_calls_per_worker", minimum=1, optional=True)

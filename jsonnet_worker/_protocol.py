@@ -14,8 +14,11 @@ Messages (key ``t``):
                   ``startup_failed`` reason (the worker then exits: fail closed)
                   ``result``  id, json (the manifested JSON text)
                   ``error``   id (None if the request had none), kind, message
-  pool -> worker  ``eval``    id, snippet, filename, ext_vars, ext_codes, tla_vars,
-                              tla_codes, max_stack, max_output
+  pool -> worker  ``eval``    id, action, snippet, filename, ext_vars, ext_codes, tla_vars,
+                              tla_codes, max_stack, max_trace, max_output
+                  ``action`` is ``eval`` (manifest JSON), ``check`` (parse and statically
+                  check only: the result is ``null``) or ``fmt`` (the result is the
+                  formatted source as a JSON string)
 
 Weak spots: after ``FrameTooLarge`` the stream cannot be resynchronised cheaply, so both ends
 treat it as the end of that peer; ``MalformedFrame`` keeps the boundary and may go on.
@@ -35,6 +38,14 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+
+class Action(enum.Enum):
+    """What a worker does with a request's snippet."""
+
+    EVAL = "eval"
+    CHECK = "check"
+    FMT = "fmt"
 
 
 class ErrorKind(enum.Enum):
@@ -147,11 +158,14 @@ class EvalRequest:
     tla_codes: dict[str, str] = field(default_factory=dict)
     max_stack: int = 500
     max_output: int = 1024 * 1024
+    max_trace: int = 20
+    action: Action = Action.EVAL
 
     def to_message(self) -> dict[str, Any]:
         return {
             "t": "eval",
             "id": self.id,
+            "action": self.action.value,
             "snippet": self.snippet,
             "filename": self.filename,
             "ext_vars": self.ext_vars,
@@ -159,6 +173,7 @@ class EvalRequest:
             "tla_vars": self.tla_vars,
             "tla_codes": self.tla_codes,
             "max_stack": self.max_stack,
+            "max_trace": self.max_trace,
             "max_output": self.max_output,
         }
 
@@ -192,6 +207,13 @@ def parse_request(payload: dict[str, Any]) -> EvalRequest:
         raise ProtocolViolation("missing or non-string field 'snippet'", request_id)
     if not isinstance(filename, str):
         raise ProtocolViolation("field 'filename' must be a string", request_id)
+    try:
+        action = Action(payload.get("action", "eval"))
+    except ValueError:
+        raise ProtocolViolation(f"unknown action {payload.get('action')!r}", request_id) from None
+    max_trace = payload.get("max_trace", 20)
+    if not isinstance(max_trace, int) or isinstance(max_trace, bool) or max_trace < 0:
+        raise ProtocolViolation("field 'max_trace' must be a non-negative integer", request_id)
     return EvalRequest(
         id=request_id,
         snippet=snippet,
@@ -202,6 +224,8 @@ def parse_request(payload: dict[str, Any]) -> EvalRequest:
         tla_codes=_string_map(payload, "tla_codes", request_id),
         max_stack=_positive_int(payload, "max_stack", request_id),
         max_output=_positive_int(payload, "max_output", request_id),
+        max_trace=max_trace,
+        action=action,
     )
 
 
