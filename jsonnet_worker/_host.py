@@ -32,10 +32,12 @@ import logging
 import os
 import select
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import TYPE_CHECKING, Any
 
 from . import _elf
@@ -350,6 +352,28 @@ def _library_search_dirs(known: Iterable[str]) -> list[str]:
     return list(dict.fromkeys([*sorted({os.path.dirname(p) for p in known}), *defaults]))
 
 
+def _is_beneath(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _extension_module_dir() -> str | None:
+    """Where this interpreter keeps the stdlib's extension modules (``lib-dynload``), as
+    its build configured it; None where it has no such directory.
+
+    Not the directory of one module such as ``select``: Debian builds ``select`` (and many
+    others) into the interpreter, and one directory up from the stdlib is ``/usr/lib``."""
+    configured = sysconfig.get_config_var("DESTSHARED")
+    if isinstance(configured, str) and os.path.isdir(configured):
+        return os.path.realpath(configured)
+    for module in sys.modules.values():
+        origin = getattr(module, "__file__", None)
+        if isinstance(origin, str) and origin.endswith(tuple(EXTENSION_SUFFIXES)):
+            directory = os.path.dirname(os.path.realpath(origin))
+            if os.path.basename(directory) == "lib-dynload":
+                return directory
+    return None
+
+
 def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
     allow = AllowList()
     interpreter = os.path.realpath(sys.executable)
@@ -361,8 +385,9 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
         allow.add(os.path.join(sys.prefix, "pyvenv.cfg"), READ, "the venv's pyvenv.cfg")
     stdlib = os.path.dirname(os.__file__)
     allow.add(stdlib, READ, "the stdlib")
-    dynload = os.path.dirname(getattr(select, "__file__", "") or stdlib)
-    allow.add(dynload, READ, "the stdlib's extension modules")
+    dynload = _extension_module_dir()
+    if dynload and not _is_beneath(dynload, stdlib):
+        allow.add(dynload, READ, "the stdlib's extension modules")
     package = os.path.dirname(os.path.abspath(__file__))
     allow.add(package, READ, "jsonnet_worker")
     for root in _package_paths():

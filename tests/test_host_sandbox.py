@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,17 +75,64 @@ def renew(link: Path, new_target: str) -> None:
     staging.replace(link)
 
 
+SYSTEM_PYTHON = "/usr/bin/python3"
+# The host under each kind of interpreter: the one running the tests (a pyenv build here),
+# the distribution's own (Debian builds ``select`` and more into it), and a venv made from
+# that one.
+INTERPRETERS = ("this", "system", "system-venv")
+
+
+def system_python_problem() -> str | None:
+    """Why the distribution's interpreter cannot run this project's code here, or None."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"no {SYSTEM_PYTHON}"
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys, venv; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        return f"{SYSTEM_PYTHON} has no venv module (apt-get install python3-venv)"
+    if done.stdout.strip() != str(tuple(sys.version_info[:2])):
+        # The engines' extension modules in this venv are built for this minor version.
+        return f"{SYSTEM_PYTHON} is Python {done.stdout.strip()}, not {sys.version_info[:2]}"
+    return None
+
+
+def interpreter(kind: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(executable, PYTHONPATH) for one kind of interpreter. The system ones borrow this
+    venv's installed packages (msgpack, the engines, PyYAML): the same files a pip install
+    into them would give, without a network."""
+    if kind == "this":
+        return sys.executable, str(ROOT)
+    problem = system_python_problem()
+    if problem:
+        pytest.skip(problem)
+    packages = os.pathsep.join([str(ROOT), *site.getsitepackages()])
+    if kind == "system":
+        return SYSTEM_PYTHON, packages
+    venv = tmp_path_factory.mktemp("system-venv")
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    (venv / "lib" / version / "site-packages" / "borrowed.pth").write_text(
+        "\n".join(site.getsitepackages()) + "\n"
+    )
+    return str(venv / "bin" / "python"), str(ROOT)
+
+
 class Host:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, executable: str = sys.executable, path: str = "") -> None:
         env = {
             **os.environ,
             "TMPDIR": str(base / "tmp"),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": path or str(ROOT),
         }
         env.pop("SQLITE_TMPDIR", None)
+        env.pop("VIRTUAL_ENV", None)
         self.base = base
+        self.executable = executable
         self.process = subprocess.Popen(
-            [sys.executable, str(HOST), "kratos.yml"],
+            [executable, str(HOST), "kratos.yml"],
             cwd=base,
             env=env,
             stdin=subprocess.PIPE,
@@ -119,13 +167,26 @@ class Host:
             self.process.wait()
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+@pytest.fixture(scope="module", params=INTERPRETERS)
+def host(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Host]:
+    executable, path = interpreter(request.param, tmp_path_factory)
     base = tmp_path_factory.mktemp("host")
     build_layout(base)
-    running = Host(base)
+    running = Host(base, executable, path)
     yield running
     running.close()
+
+
+def test_the_host_runs_the_interpreter_it_was_given(host: Host) -> None:
+    """The parametrisation is real: each host runs its own interpreter, and the system one
+    has ``select`` built in (the case that once granted all of /usr/lib)."""
+    answer = host.ask("interpreter")
+    assert answer["ok"], answer
+    assert answer["value"]["executable"] == host.executable
+    if host.executable.startswith("/usr/bin/") or "system-venv" in host.executable:
+        assert answer["value"]["select_file"] is None, answer
 
 
 def test_the_log_records_come_in_order_and_the_layer_is_active(host: Host) -> None:

@@ -114,6 +114,12 @@ def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_p
             text=True,
         )
         answer = {"ok": child.returncode == 0, "stderr": child.stderr[-300:]}
+    elif op == "interpreter":
+        import select
+
+        answer = outcome(
+            lambda: {"executable": sys.executable, "select_file": getattr(select, "__file__", None)}
+        )
     elif op == "supervisor_reads":
         answer = outcome(lambda: pool._supervisor.run_on_thread(lambda: read(arg)))
     elif op == "restrict_again":
