@@ -22,7 +22,7 @@ from pathlib import Path
 from bench_latency import find_workload, percentile, time_calls
 
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._privileges import resolve_identity
+from jsonnet_worker._privileges import WorkerIdentities
 from jsonnet_worker._process import WorkerProcess, WorkerSettings, worker_command
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
 
@@ -31,7 +31,7 @@ HARNESS = Path(__file__).resolve().parent.parent / "tests" / "harness" / "worker
 
 def harness_command(settings: WorkerSettings, without: str = "") -> list[str]:
     """Both configurations start through the test harness, so they pay the same imports."""
-    real = worker_command(settings)
+    real = worker_command(settings, settings.identities.acquire())
     options = ["--without", without] if without else []
     return [sys.executable, "-I", str(HARNESS), "full", *options, *real[6:]]
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=40)
     parser.add_argument("--calls", type=int, default=5000)
     args = parser.parse_args()
-    full_settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME, resolve_identity("nobody"))
+    full_settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities("nobody"))
     plain_settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME)
     plain_command = harness_command(plain_settings, "seccomp,limits")
     full_command = harness_command(full_settings)

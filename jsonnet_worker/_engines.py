@@ -227,7 +227,17 @@ class Engine:
             raise EvaluationFailed(ErrorKind.JSONNET, bound_text(barrier.clean(str(exc)))) from None
         except MemoryError:
             raise EvaluationFailed(ErrorKind.MEMORY, "the worker ran out of memory") from None
-        except Exception as exc:  # e.g. UnicodeDecodeError from the binding's C glue
+        except UnicodeDecodeError:
+            if not barrier.refused:
+                raise EvaluationFailed(
+                    ErrorKind.JSONNET, "the engine's error message was not valid UTF-8"
+                ) from None
+            # The binding read the heap past the barrier's message (see _ImportBarrier) and
+            # hit bytes that are not UTF-8: the refusal itself is what the engine reported.
+            raise EvaluationFailed(
+                ErrorKind.JSONNET, f"RUNTIME ERROR: importer error: {barrier.refused[-1]}"
+            ) from None
+        except Exception as exc:  # any other failure of the binding's C glue
             raise EvaluationFailed(
                 ErrorKind.JSONNET, bound_text(f"{type(exc).__name__}: {exc}")
             ) from None

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _engines
+from ._config import DEFAULT_CPU_BUDGET
 from ._core import AsyncWaiter, PoolCore, ThreadWaiter, Waiter
 from ._errors import (
     Error,
@@ -52,7 +53,7 @@ from ._errors import (
     ProtocolError,
     WorkerStartError,
 )
-from ._privileges import DEFAULT_WORKER_USER, resolve_identity
+from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import (
     DEFAULT_MAX_FRAME,
@@ -168,7 +169,8 @@ class WorkerPool:
         max_request: int = DEFAULT_MAX_FRAME,
         spares: int = 1,
         require_sandbox: bool = False,
-        worker_user: str | None = DEFAULT_WORKER_USER,
+        worker_user: str | range | None = DEFAULT_WORKER_USER,
+        cpu_budget: float | None = DEFAULT_CPU_BUDGET,
         _worker_command: list[str] | None = None,
     ) -> None:
         engine_kind = _engines.EngineKind(engine)
@@ -199,7 +201,11 @@ class WorkerPool:
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
         settings = WorkerSettings(
-            engine_kind.value, memory_limit, max_request, resolve_identity(worker_user)
+            engine_kind.value,
+            memory_limit,
+            max_request,
+            WorkerIdentities(worker_user),
+            cpu_budget=cpu_budget,
         )
         self._supervisor: Supervisor
         if spares < 0:

@@ -32,12 +32,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import MemoryLimitExceeded, WorkerCrashed
+from ._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
 from ._landlock import LandlockStatus
-from ._privileges import WorkerIdentity
+from ._privileges import WorkerIdentities, WorkerIdentity
 from ._protocol import FrameReader
 from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
 
@@ -72,7 +72,9 @@ class WorkerSettings:
     engine: str
     memory_limit: int
     max_frame: int
-    identity: WorkerIdentity | None = None  # whom a root parent's workers drop to
+    # whom a root parent's workers drop to (one uid each from a range); none by default
+    identities: WorkerIdentities = field(default_factory=lambda: WorkerIdentities(None))
+    cpu_budget: float | None = None  # CPU seconds of one worker's life (RLIMIT_CPU)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class WorkerHello:
     landlock: LandlockStatus
     self_check: str
     startup_ms: float
-    layers: tuple[LayerStatus, ...] = ()  # limits, privileges, seccomp
+    layers: tuple[LayerStatus, ...] = ()  # one per name in EXTRA_LAYERS
 
     @classmethod
     def from_message(cls, payload: dict[str, Any]) -> WorkerHello:
@@ -114,6 +116,8 @@ class WorkerHello:
             limits=layer("limits"),
             privileges=layer("privileges"),
             seccomp=layer("seccomp"),
+            uid=layer("uid"),
+            ipc_namespace=layer("ipc_namespace"),
         )
 
 
@@ -176,13 +180,17 @@ _BOOTSTRAP = (
 )
 
 
-def worker_command(settings: WorkerSettings) -> list[str]:
-    identity = settings.identity
+def worker_command(settings: WorkerSettings, identity: WorkerIdentity | None = None) -> list[str]:
+    """The command line of one worker that drops to ``identity`` (if given)."""
     drop = (
         ["--user", identity.user, "--uid", str(identity.uid), "--gid", str(identity.gid)]
         if identity is not None
         else []
     )
+    if identity is not None and identity.own_uid:
+        drop.append("--own-uid")
+    if settings.cpu_budget is not None:
+        drop += ["--cpu-budget", repr(float(settings.cpu_budget))]
     return [
         sys.executable,
         "-I",
@@ -248,6 +256,10 @@ class WorkerProcess:
         self.reader = FrameReader(settings.max_frame)
         self.stderr = StderrCapture()
         self.started_at = time.monotonic()
+        self._fd_lock = threading.Lock()
+        # Held until the process is reaped (close()): a uid from a range is this worker's.
+        self.identity = settings.identities.acquire()
+        self._identity_held = True
         child_ends: list[int] = []
         parent_ends: list[int] = []
         try:
@@ -256,7 +268,7 @@ class WorkerProcess:
                 child_ends.append(child_end)
                 parent_ends.append(parent_end)
             self._popen = subprocess.Popen(
-                command or worker_command(settings),
+                command or worker_command(settings, self.identity),
                 stdin=child_ends[0],
                 stdout=child_ends[1],
                 stderr=child_ends[2],
@@ -267,6 +279,7 @@ class WorkerProcess:
         except BaseException:
             for fd in parent_ends:
                 os.close(fd)
+            self._release_identity()
             raise
         finally:
             for fd in child_ends:
@@ -286,7 +299,6 @@ class WorkerProcess:
         self.poller.register(self.stderr_fd, select.POLLIN)
         self._input_open = True
         self._fds_open = True
-        self._fd_lock = threading.Lock()
         self.stderr_open = True
 
     def __repr__(self) -> str:
@@ -343,12 +355,42 @@ class WorkerProcess:
                 return None
         return self._popen.wait()
 
-    def death_error(self, grace: float = 1.0) -> MemoryLimitExceeded | WorkerCrashed:
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (a zombie's too, until it is reaped); None where
+        /proc cannot be read (a host restricted with ``restrict_host``)."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def _exit_seen(self, timeout: float) -> bool:
+        """Whether the process has ended within ``timeout``, without reaping it."""
+        if self._popen.returncode is not None or not self._fds_open:
+            return self.wait(timeout) is not None
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+
+    def _ran_out_of_cpu(self, returncode: int | None, cpu: float | None) -> bool:
+        """RLIMIT_CPU ended it: SIGXCPU at the budget, or SIGKILL a second later (a worker
+        that ignores SIGXCPU), told apart from other kills by the CPU time it used."""
+        budget = self.settings.cpu_budget
+        if budget is None or returncode is None:
+            return False
+        if returncode == -signal.SIGXCPU:
+            return True
+        return returncode == -signal.SIGKILL and cpu is not None and cpu >= budget
+
+    def death_error(
+        self, grace: float = 1.0
+    ) -> MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout:
         """After EOF on stdout: wait for the process to end, and say why it died."""
-        returncode = self.wait(grace)
-        if returncode is None:
+        if not self._exit_seen(grace):
             self.kill()
-            returncode = self.wait(None)
+        cpu = self.cpu_seconds() if self.settings.cpu_budget is not None else None
+        returncode = self.wait(None)
         self.drain_stderr()
         tail = self.stderr.text()
         if returncode is not None and returncode < 0:
@@ -358,6 +400,11 @@ class WorkerProcess:
                 how = f"killed by signal {-returncode}"
         else:
             how = f"exited with status {returncode}"
+        if self._ran_out_of_cpu(returncode, cpu):
+            return EvaluationTimeout(
+                f"the worker used up its CPU budget of {self.settings.cpu_budget:g} s "
+                f"(RLIMIT_CPU) and was {how}; it is replaced"
+            )
         if any(marker in tail for marker in _MEMORY_MARKERS):
             return MemoryLimitExceeded(
                 f"the worker ran out of memory (limit {self.settings.memory_limit} bytes) and {how}"
@@ -398,6 +445,7 @@ class WorkerProcess:
         if grace <= 0 or self.wait(grace) is None:
             self.kill()
         returncode = self.wait(None)
+        self._release_identity()
         with self._fd_lock:
             if self._fds_open:
                 self._fds_open = False
@@ -405,3 +453,10 @@ class WorkerProcess:
                     os.close(fd)
         self.state = WorkerState.DEAD
         return returncode
+
+    def _release_identity(self) -> None:
+        """Once the process is reaped (or never started): its uid may go to a new worker."""
+        with self._fd_lock:
+            held, self._identity_held = self._identity_held, False
+        if held:
+            self.settings.identities.release(self.identity)

@@ -46,6 +46,12 @@ class LayerStatus:
     def active(self) -> bool:
         return self.state is LayerState.ACTIVE
 
+    @property
+    def required(self) -> bool:
+        """False for the defence-in-depth layers (``DEFENCE_IN_DEPTH``): reported, and
+        logged when missing, but a sandbox without them is still enforced."""
+        return self.name not in DEFENCE_IN_DEPTH
+
     @classmethod
     def unreported(cls, name: str) -> LayerStatus:
         return cls(name, LayerState.MISSING, reason="not reported by the worker")
@@ -74,7 +80,10 @@ class LayerStatus:
 
 
 # The layers beyond Landlock, in the order the worker applies them.
-EXTRA_LAYERS = ("limits", "privileges", "seccomp")
+EXTRA_LAYERS = ("ipc_namespace", "limits", "privileges", "uid", "seccomp")
+# Layers a root parent can add on top (a uid per worker, an IPC namespace per worker); a
+# non-root parent cannot, and the seccomp filter closes what they would close.
+DEFENCE_IN_DEPTH = ("uid", "ipc_namespace")
 
 
 @dataclass(frozen=True)
@@ -83,9 +92,9 @@ class SandboxStatus:
 
     ``landlock`` is the Landlock layer (ABI, rights handled, or why it is missing);
     ``self_check`` is the worker's own attempt, after restriction, to open its interpreter;
-    ``limits``, ``privileges`` and ``seccomp`` are the layers beyond Landlock (see
-    docs/ISOLATION.md). ``enforced`` and ``reason`` are about Landlock, which
-    ``require_sandbox`` demands; ``missing`` lists every layer that is not active.
+    ``limits``, ``privileges``, ``seccomp``, ``uid`` and ``ipc_namespace`` are the layers
+    beyond Landlock (see docs/ISOLATION.md). ``enforced`` and ``reason`` are about Landlock,
+    which ``require_sandbox`` demands; ``missing`` lists every layer that is not active.
     """
 
     landlock: LandlockStatus
@@ -93,6 +102,10 @@ class SandboxStatus:
     limits: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("limits"))
     privileges: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("privileges"))
     seccomp: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("seccomp"))
+    uid: LayerStatus = field(default_factory=lambda: LayerStatus.unreported("uid"))
+    ipc_namespace: LayerStatus = field(
+        default_factory=lambda: LayerStatus.unreported("ipc_namespace")
+    )
 
     @property
     def enforced(self) -> bool:
@@ -111,14 +124,18 @@ class SandboxStatus:
             if self.enforced
             else LayerStatus("landlock", LayerState.MISSING, reason=self.reason)
         )
-        return (landlock, self.limits, self.privileges, self.seccomp)
+        return (landlock, *self.extra_layers)
+
+    @property
+    def extra_layers(self) -> tuple[LayerStatus, ...]:
+        return (self.limits, self.privileges, self.seccomp, self.uid, self.ipc_namespace)
 
     @property
     def missing(self) -> tuple[LayerStatus, ...]:
         return tuple(layer for layer in self.layers if not layer.active)
 
     def summary(self) -> str:
-        extra = "; ".join(layer.summary() for layer in (self.limits, self.privileges, self.seccomp))
+        extra = "; ".join(layer.summary() for layer in self.extra_layers)
         return f"{self.landlock.summary()}; {extra}"
 
 

@@ -10,9 +10,11 @@ Plan (the order is the point):
      so nothing else can read the request stream or write into the response stream;
   2. import and warm everything the loop will ever need, and prepare the engine (a memfd
      copy of the extension, its shared libraries loaded) without starting it;
-  3. the resource limits (memory, core, file size, tasks, fds), then, when started by root,
-     drop to the worker user (``_privileges``) and re-arm PR_SET_PDEATHSIG, which the
-     kernel clears on a credential change;
+  3. the resource limits (memory, core, file size, locked memory, real-time and nice
+     priority, message queues, stack, the CPU budget, then tasks and fds); when started by
+     root, a new IPC namespace, then the drop to the worker user (``_privileges``; a uid of
+     its own where the pool has a uid range) and PR_SET_PDEATHSIG re-armed, which the kernel
+     clears on a credential change;
   4. while the process has exactly one thread: no_new_privs and the empty layer;
   5. check from inside that the layer holds (opening our own interpreter must fail);
   6. load the engine (its Go threads are born restricted), then the seccomp filter on every
@@ -30,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import errno
+import math
 import os
 import resource
 import select
@@ -71,6 +75,7 @@ class WorkerOptions:
     parent_pid: int
     max_frame: int = DEFAULT_MAX_FRAME
     identity: _privileges.WorkerIdentity | None = None
+    cpu_budget: float | None = None
 
 
 class StartupFailed(Exception):
@@ -86,16 +91,21 @@ def parse_args(argv: list[str]) -> WorkerOptions:
     parser.add_argument("--user", default=None)
     parser.add_argument("--uid", type=int, default=None)
     parser.add_argument("--gid", type=int, default=None)
+    parser.add_argument("--own-uid", action="store_true")
+    parser.add_argument("--cpu-budget", type=float, default=None)
     args = parser.parse_args(argv)
     identity = None
     if args.uid is not None and args.gid is not None:
-        identity = _privileges.WorkerIdentity(args.user or str(args.uid), args.uid, args.gid)
+        identity = _privileges.WorkerIdentity(
+            args.user or str(args.uid), args.uid, args.gid, own_uid=args.own_uid
+        )
     return WorkerOptions(
         engine=_engines.EngineKind(args.engine),
         memory_limit=args.memory_limit,
         parent_pid=args.parent_pid,
         max_frame=args.max_frame,
         identity=identity,
+        cpu_budget=args.cpu_budget,
     )
 
 
@@ -135,12 +145,51 @@ def tie_to_parent(parent_pid: int) -> None:
         os._exit(EXIT_STARTUP_FAILED)
 
 
-def set_limits(memory_limit: int) -> None:
-    """No core dumps, no file writes, bounded address space. Runs after the engine's memfd
-    is written: RLIMIT_FSIZE applies to memfds too."""
+# Limits a worker needs none of: no locked memory, no real-time or raised priority, no POSIX
+# message queue bytes (seccomp refuses the calls too; these hold if it is missing).
+ZERO_LIMITS = {
+    "RLIMIT_MEMLOCK": resource.RLIMIT_MEMLOCK,
+    "RLIMIT_RTPRIO": resource.RLIMIT_RTPRIO,
+    "RLIMIT_NICE": resource.RLIMIT_NICE,
+    "RLIMIT_MSGQUEUE": resource.RLIMIT_MSGQUEUE,
+}
+DEFAULT_STACK = 8 * 1024 * 1024
+# Past the budget the kernel sends SIGXCPU (the default action ends the process), and this
+# much later SIGKILL, for a worker that ignores SIGXCPU.
+CPU_HARD_MARGIN = 1
+
+
+def set_limits(memory_limit: int, cpu_budget: float | None = None) -> str:
+    """No core dumps, no file writes, bounded memory and CPU. Runs after the engine's memfd
+    is written: RLIMIT_FSIZE applies to memfds too. Returns what it set, for the limits
+    layer; a limit the kernel refuses is named there, not fatal (every one is a lowering,
+    which Linux never refuses: a refusal means an emulating kernel such as gVisor)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+    done = [f"RLIMIT_DATA {memory_limit}", "RLIMIT_FSIZE 0", "RLIMIT_CORE 0"]
+    refused = []
+    wanted = dict.fromkeys(ZERO_LIMITS, (0, 0))
+    # The main thread's stack is not counted in RLIMIT_DATA: its hard limit too is the soft
+    # one, so it cannot be raised and grown (mremap, which could move it, is refused).
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    stack = soft if soft != resource.RLIM_INFINITY else min(DEFAULT_STACK, hard)
+    wanted["RLIMIT_STACK"] = (stack, stack)
+    if cpu_budget is not None:
+        _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+        seconds = max(1, math.ceil(cpu_budget))
+        limit = seconds + CPU_HARD_MARGIN
+        if cpu_hard != resource.RLIM_INFINITY:
+            seconds, limit = min(seconds, cpu_hard), min(limit, cpu_hard)
+        wanted["RLIMIT_CPU"] = (seconds, limit)
+    for name, value in wanted.items():
+        try:
+            resource.setrlimit(getattr(resource, name), value)
+        except (OSError, ValueError) as exc:
+            refused.append(f"{name} ({exc})")
+            continue
+        done.append(f"{name} {value[0]}" + (f"/{value[1]}" if value[1] != value[0] else ""))
+    return ", ".join(done) + (f"; refused by the kernel: {', '.join(refused)}" if refused else "")
 
 
 CLONE_THREAD = 0x00010000
@@ -296,13 +345,16 @@ def start(
         prepared = _engines.prepare(options.engine)
     except _engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
-    set_limits(options.memory_limit)
+    applied = set_limits(options.memory_limit, options.cpu_budget)
+    ipc_namespace = _privileges.new_ipc_namespace()  # needs root: before the drop
     identity = options.identity
     limits = _privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
+    limits = dataclasses.replace(limits, detail=f"{applied}, {limits.detail}".strip(", "))
     if identity is not None:
         _privileges.drop_to(identity)
         tie_to_parent(options.parent_pid)
     privileges = _privileges.privilege_status(identity)
+    uid = _privileges.uid_status(identity)
     check_target = self_check_target()
     threads = thread_count()
     if threads != 1:
@@ -332,7 +384,10 @@ def start(
         "engine_version": engine.version,
         "python": sys.version.split()[0],
         "sandbox": status.to_dict(),
-        "layers": {layer.name: layer.to_dict() for layer in (limits, privileges, seccomp)},
+        "layers": {
+            layer.name: layer.to_dict()
+            for layer in (limits, privileges, seccomp, uid, ipc_namespace)
+        },
         "self_check": check,
         "startup_ms": round((time.monotonic() - started) * 1000, 3),
     }

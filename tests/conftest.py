@@ -29,14 +29,20 @@ def harness_command(
     without: tuple[str, ...] = (),
     identity: WorkerIdentity | None = None,
     seccomp_errno: int | None = None,
+    cpu_budget: float | None = None,
+    parent_uid: int | None = None,
 ) -> list[str]:
     """The pool's worker command, with the test harness in MODE in place of the bootstrap,
-    leaving out the layers named in ``without`` and dropping to ``identity`` if given."""
-    real = worker_command(WorkerSettings(engine, memory_limit, DEFAULT_MAX_FRAME, identity))
+    leaving out the layers named in ``without`` and dropping to ``identity`` if given;
+    ``parent_uid``: the harness first becomes that uid, as if a non-root parent ran it."""
+    settings = WorkerSettings(engine, memory_limit, DEFAULT_MAX_FRAME, cpu_budget=cpu_budget)
+    real = worker_command(settings, identity)
     assert real[3] == "-c" and real[5] == "_worker"
     options = ["--without", ",".join(without)] if without else []
     if seccomp_errno is not None:
         options += ["--seccomp-errno", str(seccomp_errno)]
+    if parent_uid is not None:
+        options += ["--parent-uid", str(parent_uid)]
     return [sys.executable, "-I", str(HARNESS), mode, *options, *real[6:]]
 
 

@@ -17,9 +17,11 @@ class RawWorker:
         engine: str = "go",
         command: list[str] | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
+        cpu_budget: float | None = None,
     ) -> None:
         self.engine = engine
-        self.process = WorkerProcess(WorkerSettings(engine, 1 << 30, max_frame), command)
+        settings = WorkerSettings(engine, 1 << 30, max_frame, cpu_budget=cpu_budget)
+        self.process = WorkerProcess(settings, command)
         self.next_id = 1
         self.hello = self.receive()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,14 +107,14 @@ def interpreter(kind: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[st
     problem = system_python_problem()
     if problem:
         pytest.skip(problem)
-    packages = os.pathsep.join([str(ROOT), *site.getsitepackages()])
+    borrowed = [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
     if kind == "system":
-        return SYSTEM_PYTHON, packages
+        return SYSTEM_PYTHON, os.pathsep.join([str(ROOT), *borrowed])
     venv = tmp_path_factory.mktemp("system-venv")
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     (venv / "lib" / version / "site-packages" / "borrowed.pth").write_text(
-        "\n".join(site.getsitepackages()) + "\n"
+        "".join(f"import site; site.addsitedir({path!r})\n" for path in borrowed)
     )
     return str(venv / "bin" / "python"), str(ROOT)
 

@@ -1,6 +1,8 @@
-"""The layers beyond Landlock (seccomp, privilege drop, limits): applied on both engines,
-reported in the hello, ``pool.sandbox`` and ``doctor``, best effort where missing, fail
-closed where they cannot be applied. What each layer refuses is tests/test_isolation_matrix.py.
+"""The layers beyond Landlock (seccomp, privilege drop, limits, a uid per worker, an IPC
+namespace): applied on both engines, reported in the hello, ``pool.sandbox`` and ``doctor``,
+best effort where missing, fail closed where they cannot be applied; the runtimes keep
+working under the filter's rules. What each layer refuses is tests/test_isolation_matrix.py;
+the filter's program itself is tests/test_seccomp_program.py.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ import signal
 import pytest
 
 from conftest import full, harness_command, wait_until
-from jsonnet_worker import JsonnetError, SandboxStatus, WorkerPool, WorkerStartError, _cli
-from jsonnet_worker._privileges import resolve_identity
+from jsonnet_worker import (
+    EvaluationTimeout,
+    InvalidArgument,
+    JsonnetError,
+    SandboxStatus,
+    WorkerPool,
+    WorkerStartError,
+    _cli,
+)
+from jsonnet_worker._privileges import WorkerIdentities, parse_worker_user, resolve_identity
 from jsonnet_worker._seccomp import TABLES, build_program, install
 from jsonnet_worker._status import LayerState
 from rawworker import RawWorker
@@ -38,7 +48,11 @@ def status_fields(pid: int) -> list[dict[str, str]]:
     return threads
 
 
-def test_pool_reports_every_layer_active(pool: WorkerPool) -> None:
+# The defence-in-depth layers a default pool lacks, and why.
+DEFAULT_MISSING = ["uid"] if ROOT else ["uid", "ipc_namespace"]
+
+
+def test_pool_reports_every_layer(pool: WorkerPool) -> None:
     sandbox = pool.sandbox
     assert isinstance(sandbox, SandboxStatus)
     assert [layer.name for layer in sandbox.layers] == [
@@ -46,12 +60,24 @@ def test_pool_reports_every_layer_active(pool: WorkerPool) -> None:
         "limits",
         "privileges",
         "seccomp",
+        "uid",
+        "ipc_namespace",
     ]
-    assert sandbox.missing == (), sandbox.summary()
-    assert "RLIMIT_NPROC" in sandbox.limits.detail and "RLIMIT_NOFILE" in sandbox.limits.detail
-    assert "TSYNC" in sandbox.seccomp.detail
+    assert [layer.name for layer in sandbox.missing] == DEFAULT_MISSING, sandbox.summary()
+    assert all(not layer.required for layer in sandbox.missing)
+    limits = sandbox.limits.detail
+    for limit in ("RLIMIT_MEMLOCK 0", "RLIMIT_RTPRIO 0", "RLIMIT_NICE 0", "RLIMIT_MSGQUEUE 0"):
+        assert limit in limits, limits
+    assert "RLIMIT_NPROC" in limits and "RLIMIT_NOFILE" in limits and "RLIMIT_STACK" in limits
+    assert "RLIMIT_CPU 300/301" in limits  # the default cpu_budget, SIGKILL one second later
+    assert "TSYNC" in sandbox.seccomp.detail and "checked" in sandbox.seccomp.detail
     if ROOT:
         assert sandbox.privileges.detail.startswith("nobody: uid 65534")
+        assert "shared with the pool's other workers" in sandbox.uid.reason
+        assert sandbox.ipc_namespace.active
+    else:
+        assert "the parent is not root" in sandbox.uid.reason
+        assert "the parent is not root" in sandbox.ipc_namespace.reason
     assert "seccomp: active" in sandbox.summary()
 
 
@@ -103,11 +129,14 @@ def test_a_missing_layer_is_reported_and_logged(caplog: pytest.LogCaptureFixture
         assert sandbox is not None and sandbox.enforced
         assert sandbox.seccomp.state is LayerState.MISSING
         assert sandbox.seccomp.reason == "left out by the test harness"
-        assert [layer.name for layer in sandbox.missing] == ["seccomp"]
+        assert [layer.name for layer in sandbox.missing] == ["seccomp", *DEFAULT_MISSING]
         assert pool.evaluate("1 + 1") == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["Worker isolation layers missing: seccomp: MISSING (left out by the "
-                        "test harness)"]  # fmt: skip
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        "Worker isolation layers missing: seccomp: MISSING (left out by the test harness); "
+        "uid: MISSING ("
+    ), warnings
 
 
 def test_a_filter_the_kernel_refuses_stops_the_worker() -> None:
@@ -123,9 +152,9 @@ def test_an_architecture_without_a_table_is_missing_not_fatal() -> None:
 
 @pytest.mark.parametrize("arch", sorted(TABLES))
 def test_every_table_assembles(arch: str) -> None:
-    program = build_program(TABLES[arch])
+    program = build_program(TABLES[arch], os.getpid())
     assert len(program) % 8 == 0 and 0 < len(program) // 8 < 4096
-    assert build_program(TABLES[arch], errno.ENOSYS) != program
+    assert build_program(TABLES[arch], os.getpid(), errno.ENOSYS) != program
 
 
 @needs_root
@@ -147,17 +176,23 @@ def test_keeping_root_is_reported_missing(caplog: pytest.LogCaptureFixture) -> N
     with WorkerPool(1, worker_user=None) as pool:
         assert pool.sandbox is not None
         missing = {layer.name: layer.reason for layer in pool.sandbox.missing}
-        assert set(missing) == {"privileges", "limits"}
+        assert set(missing) == {"privileges", "limits", "uid"}
         assert "worker_user=None" in missing["privileges"]
         assert "RLIMIT_NPROC" in missing["limits"]
     assert any("privileges: MISSING" in r.getMessage() for r in caplog.records)
 
 
 def test_doctor_lists_every_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    """The defence-in-depth layers are listed, missing with the reason, and the doctor still
+    calls the sandbox enforced."""
     assert _cli.main(["doctor", "--engine", "go"]) == 0
     out = capsys.readouterr().out
     for layer in ("limits:", "privileges:", "seccomp:"):
-        assert f"  {layer}" in out and "MISSING" not in out
+        assert f"  {layer:<16} active:" in out, out
+    for layer in ("uid:", "ipc_namespace:"):
+        assert f"  {layer:<16}" in out, out
+    assert "  uid:             MISSING: " in out
+    assert ("  ipc_namespace:   active: " in out) == ROOT
     assert "sandbox: OK" in out
 
 
@@ -170,3 +205,278 @@ def test_death_signal_survives_the_privilege_drop() -> None:
         answer = raw.request(code)
     assert answer["t"] == "result", answer
     assert json.loads(answer["json"]) == [signal.SIGKILL, 65534]
+
+
+# -- the runtimes under the filter's rules ---------------------------------------------------
+
+
+def python_worker(**options: object) -> RawWorker:
+    """The compromised-engine model: a full worker that runs each snippet as Python."""
+    identity = resolve_identity("nobody")
+    command = harness_command("python", identity=identity, **options)  # type: ignore[arg-type]
+    raw = RawWorker("go", command=command, cpu_budget=options.get("cpu_budget"))  # type: ignore[arg-type]
+    assert raw.hello is not None and raw.hello.payload["t"] == "hello", raw.hello  # type: ignore[union-attr]
+    return raw
+
+
+def test_what_the_worker_aims_at_itself_still_works() -> None:
+    """The calls the filter checks pass when aimed at the worker itself: pid 0 or its pid.
+    Another thread's id of the same worker is refused (the filter knows the process id
+    only), and nothing the worker runs needs that."""
+    code = """
+import ctypes, os, resource, signal, threading
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+def check(value):
+    if value == -1:
+        raise OSError(ctypes.get_errno(), "syscall")
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as exc:
+        return exc.errno
+pid = os.getpid()
+release = threading.Event()
+other = threading.Thread(target=release.wait)
+other.start()
+other_tid = other.native_id
+nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+result = {
+    "prlimit 0": attempt(lambda: resource.prlimit(0, resource.RLIMIT_NOFILE, nofile)),
+    "prlimit pid": attempt(lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, nofile)),
+    "prlimit other thread": attempt(lambda: resource.prlimit(other_tid, resource.RLIMIT_NOFILE)),
+    "setrlimit": attempt(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)),
+    "affinity 0": attempt(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
+    "affinity pid": attempt(lambda: os.sched_setaffinity(pid, os.sched_getaffinity(0))),
+    "getaffinity other thread": attempt(lambda: os.sched_getaffinity(other_tid)),
+    "setpriority self": attempt(lambda: os.setpriority(os.PRIO_PROCESS, 0, 0)),
+    "ioprio self": attempt(lambda: check(libc.syscall(L({ioprio_set}), L(1), L(0), L(0)))),
+    "kill self 0": attempt(lambda: os.kill(pid, 0)),
+    "tgkill own thread": attempt(lambda: signal.pthread_kill(threading.get_ident(), 0)),
+}
+release.set()
+other.join()
+"""
+    ioprio_set = TABLES[os.uname().machine].number("ioprio_set")
+    with python_worker() as raw:
+        answer = raw.request(code.replace("{ioprio_set}", str(ioprio_set)))
+    assert answer["t"] == "result", answer
+    outcomes = json.loads(answer["json"])
+    assert outcomes == {
+        "prlimit 0": "allowed",
+        "prlimit pid": "allowed",
+        "prlimit other thread": errno.EPERM,
+        "setrlimit": "allowed",
+        "affinity 0": "allowed",
+        "affinity pid": "allowed",
+        "getaffinity other thread": "allowed",
+        "setpriority self": "allowed",
+        "ioprio self": "allowed",
+        "kill self 0": "allowed",
+        "tgkill own thread": "allowed",
+    }
+
+
+def test_ctypes_callbacks_and_large_reallocs_work_under_the_filter() -> None:
+    """libffi maps a private anonymous page for a ctypes callback (the C API binding of the
+    go engine calls back into Python through one); glibc's realloc of a large chunk falls
+    back to allocate-copy-free when mremap is refused; threads still start."""
+    code = """
+import ctypes, threading
+libc = ctypes.CDLL(None, use_errno=True)
+compare = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+values = (ctypes.c_int * 5)(5, 3, 4, 1, 2)
+libc.qsort(values, 5, ctypes.sizeof(ctypes.c_int), compare(lambda a, b: a[0] - b[0]))
+libc.malloc.restype = libc.realloc.restype = ctypes.c_void_p
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+block = libc.malloc(1 << 20)
+ctypes.memset(block, 7, 1 << 20)
+for size in (8 << 20, 64 << 20):  # mmapped chunks: realloc would use mremap
+    block = libc.realloc(ctypes.c_void_p(block), size)
+    assert block
+kept = ctypes.string_at(block, 16)
+libc.free(ctypes.c_void_p(block))
+grown = bytearray()
+for _ in range(64):
+    grown += b"x" * (1 << 20)
+thread = threading.Thread(target=lambda: None)
+thread.start()
+thread.join()
+result = [list(values), kept.hex(), len(grown)]
+"""
+    with python_worker() as raw:
+        answer = raw.request(code)
+    assert answer["t"] == "result", (answer, raw.process.stderr.text())
+    assert json.loads(answer["json"]) == [[1, 2, 3, 4, 5], "07" * 16, 64 << 20]
+
+
+@pytest.mark.parametrize("engine", ["go", "cpp"])
+def test_both_engines_under_load_with_every_rule(engine: str) -> None:
+    """Concurrent calls, heavy ones, refused imports (the go engine's import callback runs
+    through cgo on its own threads) and errors: no worker crashes under the filter."""
+    snippets = [
+        "std.length(std.range(1, std.extVar('n') * 100))",
+        "std.manifestJson({a: std.range(1, 500), b: std.extVar('n')})",
+        "local f(n) = if n == 0 then 0 else 1 + f(n - 1); f(300) + std.extVar('n')",
+        "std.join(',', [std.toString(x) for x in std.range(1, 2000)]) + std.extVar('n')",
+    ]
+    calls = 120 if engine == "cpp" else 400
+    with WorkerPool(2, engine=engine, timeout=10) as pool:
+
+        def call(n: int) -> object:
+            if n % 10 == 0:
+                with pytest.raises(JsonnetError, match="import not available"):
+                    pool.evaluate('import "x.libsonnet"')
+                return "refused"
+            return pool.evaluate(snippets[n % len(snippets)], {"n": str(n)} if n % 4 else {"n": n})
+
+        with concurrent.futures.ThreadPoolExecutor(4) as threads:
+            list(threads.map(call, range(calls)))
+        stats = pool.stats()
+        assert stats.crashes == 0 and stats.respawns == 0, stats
+
+
+# -- the CPU budget --------------------------------------------------------------------------
+
+CPU_BOUND = (
+    "local depth(i) = if i == 0 then 0 else 1 + depth(i - 1); "
+    "std.foldl(function(a, b) a + depth(400), std.range(1, 1000000), 0)"
+)
+
+
+def test_a_worker_past_its_cpu_budget_ends_the_call_typed_and_is_replaced() -> None:
+    with WorkerPool(1, cpu_budget=1, timeout=30, spares=0) as pool:
+        assert pool.sandbox is not None and "RLIMIT_CPU 1/2" in pool.sandbox.limits.detail
+        with pytest.raises(EvaluationTimeout, match="CPU budget of 1 s") as caught:
+            pool.evaluate(CPU_BOUND)
+        assert "SIGXCPU" in str(caught.value)
+        wait_until(lambda: full(pool), timeout=20)
+        assert pool.evaluate("1 + 1") == 2
+
+
+def test_a_worker_that_ignores_sigxcpu_is_killed_a_second_later_and_still_classified() -> None:
+    code = """
+import ctypes, signal
+libc = ctypes.CDLL(None)
+libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.signal(signal.SIGXCPU, ctypes.c_void_p(1))  # SIG_IGN, process-wide
+while True:
+    pass
+"""
+    with python_worker(cpu_budget=1) as raw:
+        with pytest.raises(AssertionError):  # no answer: the worker dies mid-call
+            raw.request(code)
+        error = raw.process.death_error(grace=10)
+    assert isinstance(error, EvaluationTimeout), error
+    assert "CPU budget of 1 s" in str(error) and "SIGKILL" in str(error)
+
+
+def test_without_a_budget_a_kill_is_a_crash() -> None:
+    """Only a worker with a budget is classified by it: a SIGKILL from outside stays a
+    crash."""
+    with python_worker() as raw:
+        os.kill(raw.process.pid, signal.SIGKILL)
+        error = raw.process.death_error(grace=10)
+    assert type(error).__name__ == "WorkerCrashed", error
+
+
+# -- a uid per worker, an IPC namespace per worker -------------------------------------------
+
+
+def test_worker_user_ranges_are_parsed_and_checked() -> None:
+    assert parse_worker_user("100000-100009") == range(100000, 100010)
+    assert parse_worker_user(" 7-7 ") == range(7, 8)
+    assert parse_worker_user("nobody") == "nobody"
+    assert parse_worker_user(None) is None
+    with pytest.raises(InvalidArgument, match="FIRST <= LAST"):
+        parse_worker_user("10-9")
+    with pytest.raises(InvalidArgument, match="within"):
+        parse_worker_user(range(0, 5))
+
+
+@needs_root
+def test_a_uid_range_naming_existing_users_is_refused() -> None:
+    daemon = pwd.getpwnam("daemon").pw_uid
+    with pytest.raises(InvalidArgument, match="daemon"):
+        WorkerIdentities(f"{daemon}-{daemon + 1}")
+
+
+@needs_root
+def test_identities_from_a_range_are_handed_out_once_and_given_back() -> None:
+    identities = WorkerIdentities(range(200100, 200102))
+    first, second = identities.acquire(), identities.acquire()
+    assert first is not None and second is not None
+    assert {first.uid, second.uid} == {200100, 200101} and first.own_uid
+    with pytest.raises(OSError) as caught:
+        identities.acquire()
+    assert caught.value.errno == errno.EUSERS
+    identities.release(first)
+    identities.release(first)  # twice: still one uid back
+    again = identities.acquire()
+    assert again is not None and again.uid == first.uid
+    with pytest.raises(OSError):
+        identities.acquire()
+
+
+def test_a_non_root_parent_has_no_identities_to_hand_out() -> None:
+    if ROOT:
+        assert WorkerIdentities(None).acquire() is None
+    else:
+        identities = WorkerIdentities("200100-200109")
+        assert not identities.drops and identities.acquire() is None
+
+
+@needs_root
+def test_a_uid_range_gives_each_live_worker_its_own_uid() -> None:
+    with WorkerPool(3, worker_user="200000-200009", spares=1) as pool:
+        wait_until(lambda: full(pool))
+        sandbox = pool.sandbox
+        assert sandbox is not None and sandbox.missing == (), sandbox.summary()
+        assert "held by this worker alone" in sandbox.uid.detail
+        # RLIMIT_NPROC counts this worker's tasks only: nothing ran as its uid before.
+        assert "(0 + 256)" in sandbox.limits.detail, sandbox.limits.detail
+        uids = {pid: status_fields(pid)[0]["Uid"].split()[0] for pid in pool.stats().worker_pids}
+        assert len(set(uids.values())) == 4 and all(
+            200000 <= int(u) <= 200009 for u in uids.values()
+        )
+        victim = next(iter(uids))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in pool.stats().worker_pids and full(pool))
+        now = {status_fields(pid)[0]["Uid"].split()[0] for pid in pool.stats().worker_pids}
+        assert len(now) == 4 and all(200000 <= int(u) <= 200009 for u in now)
+        identities = pool._supervisor.settings.identities
+        assert identities.in_use() == 4
+        assert pool.evaluate("[1, 2]") == [1, 2]
+    assert identities.in_use() == 0
+
+
+@needs_root
+def test_each_worker_has_an_ipc_namespace_of_its_own(pool: WorkerPool) -> None:
+    mine = os.readlink("/proc/self/ns/ipc")
+    namespaces = {os.readlink(f"/proc/{pid}/ns/ipc") for pid in pool.stats().worker_pids}
+    assert mine not in namespaces and len(namespaces) == len(pool.stats().worker_pids)
+
+
+def test_an_ipc_namespace_the_kernel_refuses_is_missing_not_fatal() -> None:
+    """As under Docker's default seccomp profile (unshare refused): reported, not fatal."""
+    command = harness_command("ipc-refused", identity=resolve_identity("nobody"))
+    with WorkerPool(1, _worker_command=command, spares=0) as pool:
+        sandbox = pool.sandbox
+        assert sandbox is not None and not sandbox.ipc_namespace.active
+        if ROOT:
+            assert "unshare(CLONE_NEWIPC): Operation not permitted" in sandbox.ipc_namespace.reason
+        assert pool.evaluate("1 + 1") == 2
+
+
+def test_a_limit_the_kernel_refuses_is_named_not_fatal() -> None:
+    command = harness_command("limits-refused", identity=resolve_identity("nobody"))
+    with WorkerPool(1, _worker_command=command, spares=0) as pool:
+        sandbox = pool.sandbox
+        assert sandbox is not None
+        assert "refused by the kernel: RLIMIT_RTPRIO" in sandbox.limits.detail
+        assert (
+            "RLIMIT_MSGQUEUE" in sandbox.limits.detail
+            and "RLIMIT_MEMLOCK 0" in sandbox.limits.detail
+        )
+        assert pool.evaluate("1 + 1") == 2

@@ -1,7 +1,7 @@
 """Test harness: the real worker start-up, with one thing changed for a test.
 
 Run as ``python -I worker_harness.py MODE [--without LAYER,...] [--seccomp-errno N]
-[worker args...]``. Modes:
+[--parent-uid UID] [worker args...]``. Modes:
   no-barrier      the engine evaluates without the import callback: only the kernel refuses
   python          each request's snippet is Python source run after restriction; the JSON of
                   its ``result`` variable is returned (a model of a fully compromised engine)
@@ -11,15 +11,23 @@ Run as ``python -I worker_harness.py MODE [--without LAYER,...] [--seccomp-errno
                   a kernel without Landlock or under a container's seccomp profile
   full            the product's start-up unchanged (with ``--without``: minus some layers)
   seccomp-refused the kernel refuses the seccomp filter (the worker must not start)
+  ipc-refused     a seccomp filter makes unshare() fail with EPERM, as Docker's default
+                  profile does (the IPC namespace must be reported missing, not fatal)
+  limits-refused  setrlimit refuses RLIMIT_RTPRIO and RLIMIT_MSGQUEUE, as an emulating
+                  kernel might (reported in the limits layer, not fatal)
 ``--without`` leaves layers out, to measure what each one refuses (docs/ISOLATION.md):
   seccomp         no seccomp filter
   limits          none of the project's limits (RLIMIT_NPROC, NOFILE, FSIZE, CORE) but the
                   memory limit, which Kratos has too (RLIMIT_AS)
   landlock-net-scopes
                   Landlock filesystem rights only, as Ory Kratos applies it
+  ipc_namespace   no IPC namespace of the worker's own (the host's System V objects and
+                  message queues stay in reach)
 (the privilege drop happens only when the worker args carry ``--uid``/``--gid``).
 ``--seccomp-errno N`` makes the filter refuse with errno N instead of EPERM, so a test can
-tell the filter's refusals from everyone else's.
+tell the filter's refusals from everyone else's. ``--parent-uid UID`` makes a root test
+process stand in for a non-root parent: the harness becomes UID (no groups) before the
+worker starts, so the worker has nothing to drop and no IPC namespace to make.
 This is not a switch in the product: it lives in tests/ and patches the product's modules.
 """
 
@@ -38,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from jsonnet_worker import _engines, _landlock, _privileges, _seccomp, _worker
 from jsonnet_worker._status import LayerState, LayerStatus
 
-LAYERS = ("seccomp", "limits", "landlock-net-scopes")
+LAYERS = ("seccomp", "limits", "landlock-net-scopes", "ipc_namespace")
 
 
 def leave_out(layers: set[str]) -> None:
@@ -50,11 +58,18 @@ def leave_out(layers: set[str]) -> None:
             False, os.uname().machine, reason="left out by the test harness"
         )
     if "limits" in layers:
-        _worker.set_limits = lambda memory_limit: resource.setrlimit(
-            resource.RLIMIT_DATA, (memory_limit, memory_limit)
-        )
+
+        def memory_limit_only(memory_limit: int, cpu_budget: float | None = None) -> str:
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+            return f"RLIMIT_DATA {memory_limit}"
+
+        _worker.set_limits = memory_limit_only
         _privileges.set_task_and_file_limits = lambda uid: LayerStatus(
             "limits", LayerState.MISSING, reason="left out by the test harness"
+        )
+    if "ipc_namespace" in layers:
+        _privileges.new_ipc_namespace = lambda: LayerStatus(
+            "ipc_namespace", LayerState.MISSING, reason="left out by the test harness"
         )
     if "landlock-net-scopes" in layers:
         everything = _landlock.Ruleset.deny_everything
@@ -75,14 +90,52 @@ def install_landlock_filter(error: int) -> None:
     """seccomp: syscalls 444-446 return ``error``; everything else is allowed."""
     ret_errno = 0x00050000 | error
     allow = 0x7FFF0000
-    bpf = [
-        (0x20, 0, 0, 0),  # ld [nr]
-        (0x35, 0, 3, 444),  # jge 444 ? next : allow
-        (0x35, 2, 0, 447),  # jge 447 ? allow : next
-        (0x06, 0, 0, ret_errno),
-        (0x06, 0, 0, allow),
-        (0x06, 0, 0, allow),
-    ]
+    install_filter(
+        [
+            (0x20, 0, 0, 0),  # ld [nr]
+            (0x35, 0, 3, 444),  # jge 444 ? next : allow
+            (0x35, 2, 0, 447),  # jge 447 ? allow : next
+            (0x06, 0, 0, ret_errno),
+            (0x06, 0, 0, allow),
+            (0x06, 0, 0, allow),
+        ]
+    )
+
+
+def install_unshare_filter(error: int) -> None:
+    """seccomp: unshare() returns ``error``; everything else is allowed."""
+    unshare = _seccomp.X86_64.number("unshare")
+    if os.uname().machine != "x86_64":
+        unshare = _seccomp.AARCH64.number("unshare")
+    install_filter(
+        [
+            (0x20, 0, 0, 0),  # ld [nr]
+            (0x15, 0, 1, unshare),  # jeq unshare ? next : allow
+            (0x06, 0, 0, 0x00050000 | error),
+            (0x06, 0, 0, 0x7FFF0000),
+        ]
+    )
+
+
+def become_parent_uid(uid: int) -> None:
+    """What a non-root parent's worker starts as: that uid, no groups, no capabilities.
+
+    Taken at the start of the worker's start-up (the interpreter has started as root: this
+    uid may not be able to read it), with PR_SET_PDEATHSIG re-armed (a credential change
+    clears it)."""
+    start = _worker.start
+
+    def start_as_parent_uid(options: _worker.WorkerOptions, streams: object) -> object:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        _worker.tie_to_parent(options.parent_pid)
+        return start(options, streams)  # type: ignore[arg-type]
+
+    _worker.start = start_as_parent_uid  # type: ignore[assignment]
+
+
+def install_filter(bpf: list[tuple[int, int, int, int]]) -> None:
     program = b"".join(struct.pack("=HBBI", *insn) for insn in bpf)
     buffer = ctypes.create_string_buffer(program)
 
@@ -99,10 +152,12 @@ def install_landlock_filter(error: int) -> None:
 
 def main() -> int:
     mode, argv = sys.argv[1], sys.argv[2:]
-    while argv and argv[0] in ("--without", "--seccomp-errno"):
+    while argv and argv[0] in ("--without", "--seccomp-errno", "--parent-uid"):
         option, value, argv = argv[0], argv[1], argv[2:]
         if option == "--without":
             leave_out({layer for layer in value.split(",") if layer})
+        elif option == "--parent-uid":
+            become_parent_uid(int(value))
         else:
             refuse_with(int(value))
     if mode == "full":
@@ -135,10 +190,15 @@ def main() -> int:
 
         # Per-thread state of the main thread, read once start-up is over (snippets run on
         # the loop thread): PR_SET_PDEATHSIG is a property of the thread that set it.
-        main_thread: dict[str, int] = {}
+        main_thread: dict[str, object] = {}
         start = _worker.start
 
         def start_and_record(*args: object) -> object:
+            with open("/proc/self/maps") as maps:  # before restriction: the main stack
+                for line in maps:
+                    if line.rstrip().endswith("[stack]"):
+                        low, high = line.split()[0].split("-")
+                        main_thread["stack"] = [int(low, 16), int(high, 16)]
             started = start(*args)  # type: ignore[arg-type]
             pdeathsig = ctypes.c_int(-1)
             ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
@@ -161,6 +221,17 @@ def main() -> int:
         install_landlock_filter(errno.ENOSYS)
     elif mode == "landlock-eperm":
         install_landlock_filter(errno.EPERM)
+    elif mode == "ipc-refused":
+        install_unshare_filter(errno.EPERM)
+    elif mode == "limits-refused":
+        setrlimit = resource.setrlimit
+
+        def refusing(limit: int, value: tuple[int, int]) -> None:
+            if limit in (resource.RLIMIT_RTPRIO, resource.RLIMIT_MSGQUEUE):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            setrlimit(limit, value)
+
+        resource.setrlimit = refusing
     else:
         raise SystemExit(f"unknown harness mode {mode}")
     code = _worker.main(argv)
