@@ -152,6 +152,14 @@ class _ImportBarrier:
         self.refused.append(message)
         raise RuntimeError(message)
 
+    def message(self, text: str) -> str:
+        """The engine's error ``text``, cleaned; where the binding lost it to the bytes that
+        followed the barrier's message (an empty RuntimeError, or text that is not UTF-8),
+        the refusal the engine was reporting."""
+        if self.refused and not any(message in text for message in self.refused):
+            return f"RUNTIME ERROR: importer error: {self.refused[-1]}"
+        return self.clean(text) or "the engine raised an error without a message"
+
     def clean(self, text: str) -> str:
         for message in self.refused:
             start = text.find(message)
@@ -224,19 +232,13 @@ class Engine:
                 import_callback=barrier,
             )
         except RuntimeError as exc:
-            raise EvaluationFailed(ErrorKind.JSONNET, bound_text(barrier.clean(str(exc)))) from None
+            raise EvaluationFailed(
+                ErrorKind.JSONNET, bound_text(barrier.message(str(exc)))
+            ) from None
         except MemoryError:
             raise EvaluationFailed(ErrorKind.MEMORY, "the worker ran out of memory") from None
         except UnicodeDecodeError:
-            if not barrier.refused:
-                raise EvaluationFailed(
-                    ErrorKind.JSONNET, "the engine's error message was not valid UTF-8"
-                ) from None
-            # The binding read the heap past the barrier's message (see _ImportBarrier) and
-            # hit bytes that are not UTF-8: the refusal itself is what the engine reported.
-            raise EvaluationFailed(
-                ErrorKind.JSONNET, f"RUNTIME ERROR: importer error: {barrier.refused[-1]}"
-            ) from None
+            raise EvaluationFailed(ErrorKind.JSONNET, barrier.message("")) from None
         except Exception as exc:  # any other failure of the binding's C glue
             raise EvaluationFailed(
                 ErrorKind.JSONNET, bound_text(f"{type(exc).__name__}: {exc}")
