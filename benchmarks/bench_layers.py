@@ -1,6 +1,6 @@
 """What the layers beyond Landlock (seccomp, privilege drop, task/fd limits) cost, in one run.
 
-    python benchmarks/bench_layers.py [--starts N] [--calls N]
+    python benchmarks/bench_layers.py [--starts N] [--calls N] [--only-issue-12]
 
 Two worker configurations, measured interleaved so drift on a noisy machine hits both alike:
 ``landlock`` is the worker with its Landlock layer only (the test harness leaves seccomp and
@@ -8,6 +8,12 @@ the new limits out, and no privilege drop); ``full`` is the product's worker (st
 the same harness for the start-up figures, so both pay the same imports). Reported: time
 from spawn to hello, and the pool's sequential per-call latency on the reference light
 workload (the OIDC mapper of bench_latency.py), with full/landlock ratios.
+
+``measure_issue_12`` then compares the full worker with the same worker as it was before
+issue 12 (the harness's ``--without issue-12``: the old deny-list and no argument checks
+but clone's, no new limits, no IPC namespace), interleaved the same way: what the new
+filter rules, the new limits (RLIMIT_MEMLOCK/RTPRIO/NICE/MSGQUEUE/STACK/CPU) and the IPC
+namespace add to start-up and per call, as ratios.
 """
 
 from __future__ import annotations
@@ -53,11 +59,62 @@ def time_to_hello(settings: WorkerSettings, command: list[str] | None) -> tuple[
         worker.close()
 
 
+def measure_issue_12(starts: int, calls: int) -> None:
+    """Start-up and per-call ratios of the full worker against the pre-issue-12 one."""
+    settings = WorkerSettings(
+        "go", 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities("nobody"), cpu_budget=300.0
+    )
+    commands = {
+        "before": harness_command(settings, "issue-12"),
+        "issue 12": harness_command(settings),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    for _ in range(starts):
+        for name, command in commands.items():
+            samples[name].append(time_to_hello(settings, command))
+    for index, label in ((0, "to hello"), (1, "inside the worker")):
+        old, new = (statistics.median(s[index] for s in samples[name]) for name in commands)
+        print(
+            f"issue 12 start ({label}, p50): before {old * 1e3:.1f} ms, "
+            f"now {new * 1e3:.1f} ms, ratio {new / old:.3f}"
+        )
+    snippet, claims = find_workload(None)
+    codes = {"claims": claims}
+    with (
+        WorkerPool(1, spares=0, _worker_command=commands["before"]) as before,
+        WorkerPool(1, spares=0, cpu_budget=300.0, _worker_command=commands["issue 12"]) as now,
+    ):
+        assert before.sandbox is not None and now.sandbox is not None
+        assert "checked" in now.sandbox.seccomp.detail and "RLIMIT_CPU" in now.sandbox.limits.detail
+        assert "RLIMIT_MEMLOCK" not in before.sandbox.limits.detail
+        pools = {
+            "before": lambda: before.evaluate_json(snippet, ext_codes=codes),
+            "issue 12": lambda: now.evaluate_json(snippet, ext_codes=codes),
+        }
+        for call in pools.values():
+            time_calls(call, 300)
+        latency: dict[str, list[float]] = {name: [] for name in pools}
+        rounds = 10
+        for _ in range(rounds):
+            for name, call in pools.items():
+                latency[name] += time_calls(call, calls // rounds)
+    for fraction, label in ((0.5, "p50"), (0.99, "p99")):
+        old, new = (percentile(latency[name], fraction) for name in ("before", "issue 12"))
+        print(
+            f"issue 12 call ({label}): before {old * 1e6:.0f} us, now {new * 1e6:.0f} us, "
+            f"ratio {new / old:.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--starts", type=int, default=40)
     parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--only-issue-12", action="store_true")
     args = parser.parse_args()
+    if args.only_issue_12:
+        measure_issue_12(args.starts, args.calls)
+        return
     full_settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities("nobody"))
     plain_settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME)
     plain_command = harness_command(plain_settings, "seccomp,limits")
@@ -104,6 +161,7 @@ def main() -> None:
     for fraction, label in ((0.5, "p50"), (0.99, "p99")):
         ratio = percentile(latency["full"], fraction) / percentile(latency["landlock"], fraction)
         print(f"call ratio full/landlock ({label}): {ratio:.3f}")
+    measure_issue_12(args.starts, args.calls)
 
 
 if __name__ == "__main__":

@@ -295,8 +295,7 @@ def new_ipc_namespace() -> LayerStatus:
         return LayerStatus(
             "ipc_namespace",
             LayerState.MISSING,
-            reason="the parent is not root: the worker shares the host's IPC namespace "
-            "(the seccomp filter refuses every System V IPC and message queue call)",
+            reason="the parent is not root, so the host's IPC namespace (seccomp refuses IPC)",
         )
     libc = ctypes.CDLL(None, use_errno=True)
     ctypes.set_errno(0)
@@ -307,35 +306,23 @@ def new_ipc_namespace() -> LayerStatus:
             LayerState.MISSING,
             reason=f"unshare(CLONE_NEWIPC): {os.strerror(err)} (errno {err})",
         )
-    return LayerStatus(
-        "ipc_namespace",
-        LayerState.ACTIVE,
-        "a new IPC namespace: no System V object or POSIX queue of the host is reachable",
-    )
+    return LayerStatus("ipc_namespace", LayerState.ACTIVE, "a new IPC namespace")
 
 
 def uid_status(identity: WorkerIdentity | None) -> LayerStatus:
     """Whether this worker's uid is its own, after ``drop_to`` (or without it)."""
     uid = os.getuid()
     if identity is not None and identity.own_uid and uid == identity.uid:
-        return LayerStatus(
-            "uid", LayerState.ACTIVE, f"uid {uid}: held by this worker alone while it lives"
-        )
+        return LayerStatus("uid", LayerState.ACTIVE, f"uid {uid}, this worker's alone")
     if identity is not None:
         return LayerStatus(
             "uid",
             LayerState.MISSING,
-            detail=f"uid {uid}",
-            reason=f"every worker runs as {identity.user} (uid {uid}), shared with the "
-            "pool's other workers: give worker_user a uid range for one uid per worker",
+            reason=f"uid {uid} ({identity.user}) is shared by every worker; a uid range "
+            "as worker_user gives each its own",
         )
     if os.geteuid() == 0:
-        return LayerStatus(
-            "uid", LayerState.MISSING, detail="uid 0", reason="root parent and worker_user=None"
-        )
+        return LayerStatus("uid", LayerState.MISSING, reason="root parent and worker_user=None")
     return LayerStatus(
-        "uid",
-        LayerState.MISSING,
-        detail=f"uid {uid}",
-        reason=f"the parent is not root: workers run as the host application's uid {uid}",
+        "uid", LayerState.MISSING, reason=f"the parent is not root, so workers run as its uid {uid}"
     )

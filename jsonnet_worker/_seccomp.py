@@ -577,6 +577,5 @@ def layer_status(result: SeccompResult) -> LayerStatus:
     return LayerStatus(
         "seccomp",
         LayerState.ACTIVE,
-        f"{result.arch}, {result.denied} calls refused, {result.checked} checked "
-        "(own pid only, counted memory, threads-only clone), TSYNC",
+        f"{result.arch}, {result.denied} refused, {result.checked} checked, TSYNC",
     )

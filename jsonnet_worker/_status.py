@@ -94,7 +94,8 @@ class SandboxStatus:
     ``self_check`` is the worker's own attempt, after restriction, to open its interpreter;
     ``limits``, ``privileges``, ``seccomp``, ``uid`` and ``ipc_namespace`` are the layers
     beyond Landlock (see docs/ISOLATION.md). ``enforced`` and ``reason`` are about Landlock,
-    which ``require_sandbox`` demands; ``missing`` lists every layer that is not active.
+    which ``require_sandbox`` demands; ``missing`` lists every required layer that is not
+    active, ``missing_in_depth`` the defence-in-depth ones (``DEFENCE_IN_DEPTH``).
     """
 
     landlock: LandlockStatus
@@ -132,7 +133,14 @@ class SandboxStatus:
 
     @property
     def missing(self) -> tuple[LayerStatus, ...]:
-        return tuple(layer for layer in self.layers if not layer.active)
+        """The required layers that are not active (the pool logs a WARNING for them)."""
+        return tuple(layer for layer in self.layers if not layer.active and layer.required)
+
+    @property
+    def missing_in_depth(self) -> tuple[LayerStatus, ...]:
+        """The defence-in-depth layers that are not active (``uid`` under the default shared
+        ``nobody``; both under a non-root parent), each with its reason."""
+        return tuple(layer for layer in self.layers if not layer.active and not layer.required)
 
     def summary(self) -> str:
         extra = "; ".join(layer.summary() for layer in self.extra_layers)

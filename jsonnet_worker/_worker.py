@@ -167,8 +167,6 @@ def set_limits(memory_limit: int, cpu_budget: float | None = None) -> str:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    done = [f"RLIMIT_DATA {memory_limit}", "RLIMIT_FSIZE 0", "RLIMIT_CORE 0"]
-    refused = []
     wanted = dict.fromkeys(ZERO_LIMITS, (0, 0))
     # The main thread's stack is not counted in RLIMIT_DATA: its hard limit too is the soft
     # one, so it cannot be raised and grown (mremap, which could move it, is refused).
@@ -182,14 +180,20 @@ def set_limits(memory_limit: int, cpu_budget: float | None = None) -> str:
         if cpu_hard != resource.RLIM_INFINITY:
             seconds, limit = min(seconds, cpu_hard), min(limit, cpu_hard)
         wanted["RLIMIT_CPU"] = (seconds, limit)
+    zero, done, refused = ["RLIMIT_FSIZE", "RLIMIT_CORE"], [f"RLIMIT_DATA {memory_limit}"], []
     for name, value in wanted.items():
         try:
             resource.setrlimit(getattr(resource, name), value)
         except (OSError, ValueError) as exc:
             refused.append(f"{name} ({exc})")
-            continue
-        done.append(f"{name} {value[0]}" + (f"/{value[1]}" if value[1] != value[0] else ""))
-    return ", ".join(done) + (f"; refused by the kernel: {', '.join(refused)}" if refused else "")
+        else:
+            if value == (0, 0):
+                zero.append(name)
+            else:
+                done.append(f"{name} {value[0]}" + (f"/{value[1]}" if value[1] != value[0] else ""))
+    # One short line: the hello that carries it must fit in a small max_request too.
+    text = ", ".join(done) + f"; 0: {', '.join(name.removeprefix('RLIMIT_') for name in zero)}"
+    return text + (f"; refused by the kernel: {', '.join(refused)}" if refused else "")
 
 
 CLONE_THREAD = 0x00010000
@@ -259,10 +263,10 @@ def self_check(status: _landlock.LandlockStatus, target: str) -> str:
         with open(target, "rb"):
             pass
     except PermissionError as exc:
-        return f"refused: open({target!r}) -> {exc.strerror} (errno {exc.errno})"
+        return f"refused: open({target!r}) -> {errno.errorcode.get(exc.errno or 0, exc.errno)}"
     except OSError as exc:
         if status.enforced:
-            return f"refused: open({target!r}) -> {exc.strerror} (errno {exc.errno})"
+            return f"refused: open({target!r}) -> {errno.errorcode.get(exc.errno or 0, exc.errno)}"
         raise
     if status.enforced:
         raise StartupFailed(f"Landlock reported enforced, but opening {target} succeeded")
@@ -349,7 +353,7 @@ def start(
     ipc_namespace = _privileges.new_ipc_namespace()  # needs root: before the drop
     identity = options.identity
     limits = _privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
-    limits = dataclasses.replace(limits, detail=f"{applied}, {limits.detail}".strip(", "))
+    limits = dataclasses.replace(limits, detail=f"{limits.detail}, {applied}".strip(", "))
     if identity is not None:
         _privileges.drop_to(identity)
         tie_to_parent(options.parent_pid)

@@ -23,6 +23,9 @@ Run as ``python -I worker_harness.py MODE [--without LAYER,...] [--seccomp-errno
                   Landlock filesystem rights only, as Ory Kratos applies it
   ipc_namespace   no IPC namespace of the worker's own (the host's System V objects and
                   message queues stay in reach)
+  issue-12        the filter, limits and IPC namespace as they were before issue 12 (the
+                  old deny-list, clone/clone3 the only argument checks, RLIMIT_CORE, FSIZE
+                  and DATA only): what benchmarks/bench_layers.py compares against
 (the privilege drop happens only when the worker args carry ``--uid``/``--gid``).
 ``--seccomp-errno N`` makes the filter refuse with errno N instead of EPERM, so a test can
 tell the filter's refusals from everyone else's. ``--parent-uid UID`` makes a root test
@@ -46,7 +49,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from jsonnet_worker import _engines, _landlock, _privileges, _seccomp, _worker
 from jsonnet_worker._status import LayerState, LayerStatus
 
-LAYERS = ("seccomp", "limits", "landlock-net-scopes", "ipc_namespace")
+LAYERS = ("seccomp", "limits", "landlock-net-scopes", "ipc_namespace", "issue-12")
+
+# The filter and limits as they were before issue 12, for benchmarks/bench_layers.py.
+_BEFORE_ISSUE_12_DENIED = (
+    *("execve", "execveat", "fork", "vfork", "socket", "ptrace", "process_vm_readv"),
+    *("process_vm_writev", "pidfd_getfd", "chmod", "fchmod", "fchmodat", "fchmodat2"),
+    *("chown", "fchown", "lchown", "fchownat", "utime", "utimes", "futimesat", "utimensat"),
+    *_seccomp.DENIED_FAMILIES["xattr"],
+    *_seccomp.DENIED_FAMILIES["namespaces and mounts"],
+    *("memfd_create", "memfd_secret", "bpf", "perf_event_open", "keyctl", "add_key"),
+    *("request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd"),
+    *("personality", "kexec_load", "kexec_file_load", "init_module", "finit_module"),
+    *("delete_module", "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm", "acct"),
+    *("swapon", "swapoff", "reboot"),
+)
 
 
 def leave_out(layers: set[str]) -> None:
@@ -67,6 +84,22 @@ def leave_out(layers: set[str]) -> None:
         _privileges.set_task_and_file_limits = lambda uid: LayerStatus(
             "limits", LayerState.MISSING, reason="left out by the test harness"
         )
+    if "issue-12" in layers:
+        _seccomp.DENIED = _BEFORE_ISSUE_12_DENIED
+        _seccomp.ARGUMENT_RULES = {
+            name: rule
+            for name, rule in _seccomp.ARGUMENT_RULES.items()
+            if name in ("clone", "clone3")
+        }
+
+        def limits_before_issue_12(memory_limit: int, cpu_budget: float | None = None) -> str:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
+            return f"RLIMIT_DATA {memory_limit}, RLIMIT_FSIZE 0, RLIMIT_CORE 0"
+
+        _worker.set_limits = limits_before_issue_12
+        layers = layers | {"ipc_namespace"}
     if "ipc_namespace" in layers:
         _privileges.new_ipc_namespace = lambda: LayerStatus(
             "ipc_namespace", LayerState.MISSING, reason="left out by the test harness"
