@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import select
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,51 @@ def measure_issue_12(starts: int, calls: int) -> None:
         )
 
 
+# A child that installs one filter (none, the pre-issue-12 one, the current one) and times a
+# cheap syscall: what the filter costs each syscall the worker makes.
+_FILTER_COST = """
+import ctypes, os, sys, time
+sys.path[:0] = [{root!r}, {harness!r}]
+from jsonnet_worker import _seccomp
+import worker_harness
+mode = sys.argv[1]
+ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+if mode == "before":
+    _seccomp.DENIED = worker_harness._BEFORE_ISSUE_12_DENIED
+    _seccomp.ARGUMENT_RULES = {{
+        k: v for k, v in _seccomp.ARGUMENT_RULES.items() if k in ("clone", "clone3")
+    }}
+if mode != "none":
+    assert _seccomp.install().applied
+getppid, best = os.getppid, float("inf")
+for _ in range(5):
+    started = time.perf_counter_ns()
+    for _ in range(100_000):
+        getppid()
+    best = min(best, (time.perf_counter_ns() - started) / 100_000)
+print(best)
+"""
+
+
+def measure_filter_per_syscall(rounds: int = 5) -> None:
+    """ns per getppid() under no filter, the pre-issue-12 filter and the current one (it
+    falls through every comparison: the most a filter costs an allowed call)."""
+    code = _FILTER_COST.format(root=str(HARNESS.parent.parent.parent), harness=str(HARNESS.parent))
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for mode in ("none", "before", "issue 12"):
+            done = subprocess.run(
+                [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True
+            )
+            best[mode] = min(best.get(mode, float("inf")), float(done.stdout))
+    none, before, now = best["none"], best["before"], best["issue 12"]
+    print(
+        f"filter per syscall (getppid, best of {rounds}): none {none:.0f} ns, "
+        f"before {before:.0f} ns, now {now:.0f} ns; the filter adds "
+        f"{before - none:.0f} ns before, {now - none:.0f} ns now"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--starts", type=int, default=40)
@@ -113,6 +159,7 @@ def main() -> None:
     parser.add_argument("--only-issue-12", action="store_true")
     args = parser.parse_args()
     if args.only_issue_12:
+        measure_filter_per_syscall()
         measure_issue_12(args.starts, args.calls)
         return
     full_settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities("nobody"))
@@ -161,6 +208,7 @@ def main() -> None:
     for fraction, label in ((0.5, "p50"), (0.99, "p99")):
         ratio = percentile(latency["full"], fraction) / percentile(latency["landlock"], fraction)
         print(f"call ratio full/landlock ({label}): {ratio:.3f}")
+    measure_filter_per_syscall()
     measure_issue_12(args.starts, args.calls)
 
 

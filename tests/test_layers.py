@@ -142,6 +142,14 @@ def test_a_filter_the_kernel_refuses_stops_the_worker() -> None:
     assert "cannot apply the seccomp filter" in caught.value.cause
 
 
+def test_a_kernel_without_seccomp_2_is_missing_not_fatal() -> None:
+    with WorkerPool(1, spares=0, _worker_command=harness_command("seccomp-enosys")) as pool:
+        sandbox = pool.sandbox
+        assert sandbox is not None and not sandbox.seccomp.active
+        assert "seccomp(2): Function not implemented" in sandbox.seccomp.reason
+        assert pool.evaluate("1 + 1") == 2
+
+
 def test_an_architecture_without_a_table_is_missing_not_fatal() -> None:
     result = install(machine="sparc64")
     assert not result.applied and "sparc64" in result.reason

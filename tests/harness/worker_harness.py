@@ -11,6 +11,8 @@ Run as ``python -I worker_harness.py MODE [--without LAYER,...] [--seccomp-errno
                   a kernel without Landlock or under a container's seccomp profile
   full            the product's start-up unchanged (with ``--without``: minus some layers)
   seccomp-refused the kernel refuses the seccomp filter (the worker must not start)
+  seccomp-enosys  an outer seccomp filter makes seccomp(2) answer ENOSYS, as an old kernel or
+                  a sandbox around us would (the layer must be reported missing, not fatal)
   ipc-refused     a seccomp filter makes unshare() fail with EPERM, as Docker's default
                   profile does (the IPC namespace must be reported missing, not fatal)
   limits-refused  setrlimit refuses RLIMIT_RTPRIO and RLIMIT_MSGQUEUE, as an emulating
@@ -135,11 +137,11 @@ def install_landlock_filter(error: int) -> None:
     )
 
 
-def install_unshare_filter(error: int) -> None:
-    """seccomp: unshare() returns ``error``; everything else is allowed."""
-    unshare = _seccomp.X86_64.number("unshare")
-    if os.uname().machine != "x86_64":
-        unshare = _seccomp.AARCH64.number("unshare")
+def install_unshare_filter(error: int, call: str = "unshare") -> None:
+    """seccomp: ``call`` (unshare) returns ``error``; everything else is allowed. Installed
+    with prctl(PR_SET_SECCOMP), which works without the seccomp(2) call."""
+    table = _seccomp.AARCH64 if os.uname().machine == "aarch64" else _seccomp.X86_64
+    unshare = table.number(call)
     install_filter(
         [
             (0x20, 0, 0, 0),  # ld [nr]
@@ -256,6 +258,8 @@ def main() -> int:
         install_landlock_filter(errno.EPERM)
     elif mode == "ipc-refused":
         install_unshare_filter(errno.EPERM)
+    elif mode == "seccomp-enosys":
+        install_unshare_filter(errno.ENOSYS, "seccomp")
     elif mode == "limits-refused":
         setrlimit = resource.setrlimit
 
