@@ -25,8 +25,8 @@ Plan:
     about ten fds). Then ``drop_to()`` clears supplementary groups and sets the real,
     effective and saved gid and uid, and proves it cannot get root back. The caller re-arms
     PR_SET_PDEATHSIG afterwards: the kernel clears it when credentials change.
-  * ``uid_status`` and ``ipc_namespace_status`` report both as layers: active, or missing
-    and why (a non-root parent: the workers share the host application's uid and IPC
+  * ``new_ipc_namespace`` and ``uid_status`` report both as layers: active, or missing and
+    why (a non-root parent: the workers share the host application's uid and IPC
     namespace).
 
 Weak spots: with one shared user (``nobody``, the default because it exists everywhere)

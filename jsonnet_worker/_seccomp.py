@@ -9,14 +9,15 @@ calls a same-uid process can aim at another pid (``prlimit64``, ``sched_set*``,
 aimed at the worker itself. Also System V IPC and POSIX message queues (host-wide objects
 that Landlock does not mediate and that outlive the worker), inotify and fanotify (they
 report names in directories the worker cannot list), memory that ``RLIMIT_DATA`` does not
-count (``MAP_GROWSDOWN``, shared anonymous mappings, ``mremap``, which can move and grow the
-main thread's stack), file metadata changes (chmod, chown, utime, xattr: not Landlock
-rights), namespaces and mounts, new memfds, host-wide state (``sync``, ``syslog``, clocks,
-host names, quotas, swap, modules, reboot) and the big kernel attack surfaces (``bpf``,
-``perf_event_open``, keyrings, ``io_uring``, ``userfaultfd``, ``personality``,
-``modify_ldt``). Forks are refused: ``clone`` is allowed only with ``CLONE_THREAD`` and no
-namespace flag, and ``clone3`` answers ENOSYS so glibc's ``pthread_create`` falls back to
-``clone``, whose flags a filter can read (``clone3`` passes them in memory).
+count (``MAP_GROWSDOWN``, shared anonymous mappings, an ``mremap`` that grows a mapping:
+it can grow the main thread's stack), file metadata changes (chmod, chown, utime, xattr:
+not Landlock rights), namespaces and mounts, new memfds, host-wide state (``sync``,
+``syslog``, clocks, host names, quotas, swap, modules, reboot) and the big kernel attack
+surfaces (``bpf``, ``perf_event_open``, keyrings, ``io_uring``, ``userfaultfd``,
+``personality``, ``modify_ldt``). Forks are refused: ``clone`` is allowed only with
+``CLONE_THREAD`` and no namespace flag, and ``clone3`` answers ENOSYS so glibc's
+``pthread_create`` falls back to ``clone``, whose flags a filter can read (``clone3`` passes
+them in memory).
 
 Plan: the rules are data, named by syscall: ``DENIED_FAMILIES`` (refused outright) and
 ``ARGUMENT_RULES`` (a check of the arguments), and each architecture has a table of numbers
@@ -60,8 +61,9 @@ the same on every architecture and checked only for that. Other architectures ge
 and the worker says so in its hello. ``stat``/``readlink`` cannot be filtered without
 breaking ``fstat`` (glibc implements it as ``newfstatat(fd, "", AT_EMPTY_PATH)``, and a
 filter cannot read the path), so existence checks stay possible where the worker's user may
-search the directory. ``mremap`` is refused whole: glibc's ``realloc`` of a large chunk falls
-back to allocate, copy and free (tests/test_layers.py shows it working).
+search the directory. ``mremap`` may move or shrink but not grow: glibc's ``realloc`` of a
+large chunk then falls back to allocate, copy and free (tests/test_layers.py shows it
+working), and libffi's static trampolines (a same-size move) keep working.
 """
 
 from __future__ import annotations
@@ -78,10 +80,13 @@ from ._status import LayerState, LayerStatus
 
 # Classic BPF opcodes (linux/filter.h) and seccomp return values (linux/seccomp.h).
 _LD_W_ABS = 0x20
+_TAX = 0x07  # X = A
 _JA = 0x05
 _JEQ_K = 0x15
 _JGE_K = 0x35
 _JSET_K = 0x45
+_JEQ_X = 0x1D
+_JGT_X = 0x2D
 _RET_K = 0x06
 
 SECCOMP_RET_KILL_PROCESS = 0x80000000
@@ -101,6 +106,10 @@ def _arg_low(index: int) -> int:
     """Offset of the low 32 bits of args[index] (little-endian: they come first). The calls
     checked below take ``int``/``pid_t`` arguments: the kernel reads only these bits."""
     return _OFFSET_ARGS + 8 * index
+
+
+def _arg_high(index: int) -> int:
+    return _OFFSET_ARGS + 8 * index + 4
 
 
 CLONE_THREAD = 0x00010000
@@ -131,6 +140,7 @@ class Rule(enum.Enum):
     PRIO_SELF = "PRIO_PROCESS, 0"
     IOPRIO_SELF = "IOPRIO_WHO_PROCESS, 0 or the worker's pid"
     COUNTED_MAPPING = "no MAP_GROWSDOWN, no shared anonymous memory"
+    NO_GROWTH = "new size at most the old size"
     THREAD_ONLY = "CLONE_THREAD and no namespace flag"
     NO_SUCH_CALL = "answers ENOSYS"
 
@@ -148,6 +158,9 @@ ARGUMENT_RULES: dict[str, Rule] = {
     "setpriority": Rule.PRIO_SELF,
     "ioprio_set": Rule.IOPRIO_SELF,
     "mmap": Rule.COUNTED_MAPPING,
+    # Growing the main thread's stack (or a shared mapping) is not counted in RLIMIT_DATA;
+    # moving or shrinking is harmless, and libffi's static trampolines move a page.
+    "mremap": Rule.NO_GROWTH,
     "clone": Rule.THREAD_ONLY,
     "clone3": Rule.NO_SUCH_CALL,
 }
@@ -202,7 +215,7 @@ DENIED_FAMILIES: dict[str, tuple[str, ...]] = {
         "fanotify_init",
         "fanotify_mark",
     ),
-    "uncounted memory": ("mremap", "remap_file_pages"),
+    "uncounted memory": ("remap_file_pages",),
     "chmod": ("chmod", "fchmod", "fchmodat", "fchmodat2"),
     "chown": ("chown", "fchown", "lchown", "fchownat"),
     "utime": ("utime", "utimes", "futimesat", "utimensat"),
@@ -433,6 +446,18 @@ def _check_block(rule: Rule, own_pid: int) -> list[_Insn]:
             (_JSET_K, MAP_GROWSDOWN, "refuse", "next"),
             (_JSET_K, MAP_ANONYMOUS, "next", "allow"),
             (_JSET_K, MAP_SHARED, "refuse", "allow"),
+        ]
+    if rule is Rule.NO_GROWTH:  # mremap(old, old_size, new_size, ...): 64-bit sizes
+        return [
+            (_LD_W_ABS, _arg_high(1), None, None),
+            (_TAX, 0, None, None),
+            (_LD_W_ABS, _arg_high(2), None, None),
+            (_JGT_X, 0, "refuse", "next"),
+            (_JEQ_X, 0, "next", "allow"),  # high word smaller: it shrinks
+            (_LD_W_ABS, _arg_low(1), None, None),
+            (_TAX, 0, None, None),
+            (_LD_W_ABS, _arg_low(2), None, None),
+            (_JGT_X, 0, "refuse", "allow"),
         ]
     if rule is Rule.THREAD_ONLY:
         return [

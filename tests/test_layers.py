@@ -309,12 +309,14 @@ for _ in range(64):
 thread = threading.Thread(target=lambda: None)
 thread.start()
 thread.join()
-result = [list(values), kept.hex(), len(grown)]
+add_one = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
+live = [add_one(lambda x: x + 1) for _ in range(3000)]  # beyond one trampoline table
+result = [list(values), kept.hex(), len(grown), sum(callback(1) for callback in live)]
 """
     with python_worker() as raw:
         answer = raw.request(code)
     assert answer["t"] == "result", (answer, raw.process.stderr.text())
-    assert json.loads(answer["json"]) == [[1, 2, 3, 4, 5], "07" * 16, 64 << 20]
+    assert json.loads(answer["json"]) == [[1, 2, 3, 4, 5], "07" * 16, 64 << 20, 6000]
 
 
 @pytest.mark.parametrize("engine", ["go", "cpp"])

@@ -40,22 +40,27 @@ HEADERS = {
 
 def run(program: bytes, arch: int, nr: int, args: tuple[int, ...] = ()) -> int:
     """What the filter returns for one call: a classic-BPF interpreter for the opcodes the
-    assembler emits (ld abs, ja, jeq, jge, jset, ret)."""
+    assembler emits (ld abs, tax, ja, jeq/jge/jset with a constant, jeq/jgt with X, ret)."""
     data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * 6)[:6])
     insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
-    pc, accumulator = 0, 0
+    pc, accumulator, x = 0, 0, 0
     while True:
         code, jt, jf, k = insns[pc]
         if code == 0x20:
             accumulator = struct.unpack_from("<I", data, k)[0]
             pc += 1
+        elif code == 0x07:
+            x = accumulator
+            pc += 1
         elif code == 0x05:
             pc += 1 + k
-        elif code in (0x15, 0x35, 0x45):
+        elif code in (0x15, 0x35, 0x45, 0x1D, 0x2D):
             taken = {
                 0x15: accumulator == k,
                 0x35: accumulator >= k,
                 0x45: bool(accumulator & k),
+                0x1D: accumulator == x,
+                0x2D: accumulator > x,
             }[code]
             pc += 1 + (jt if taken else jf)
         elif code == 0x06:
@@ -129,6 +134,18 @@ def test_mmap_of_uncounted_memory_is_refused(table: SyscallTable) -> None:
     assert decide(table, "mmap", 0, 4096, 3, 0x23, 2**64 - 1, 0) == REFUSE  # SHARED_VALIDATE
     assert decide(table, "mmap", 0, 4096, 3, private_anon | 0x100, 2**64 - 1, 0) == REFUSE
     assert decide(table, "mmap", 0, 4096, 3, 0x02 | 0x100, 3, 0) == REFUSE  # GROWSDOWN
+
+
+def test_mremap_may_move_or_shrink_but_never_grow(table: SyscallTable) -> None:
+    page, big = 4096, 2 << 30
+    assert decide(table, "mremap", 0x7000, page, page, 3, 0x9000) == ALLOW  # libffi's move
+    assert decide(table, "mremap", 0x7000, big, page, 1) == ALLOW  # shrink
+    assert decide(table, "mremap", 0x7000, 8 << 32, 4 << 32, 1) == ALLOW  # shrink, high word
+    assert decide(table, "mremap", 0x7000, page, 2 * page, 1) == REFUSE  # grow
+    assert decide(table, "mremap", 0x7000, 135168, big, 1) == REFUSE  # the stack, to 2 GiB
+    assert decide(table, "mremap", 0x7000, 0, page, 1) == REFUSE  # duplicate a shared one
+    assert decide(table, "mremap", 0x7000, 1 << 32, (1 << 32) + 1, 1) == REFUSE
+    assert decide(table, "mremap", 0x7000, (1 << 32) + 5, 2 << 32, 1) == REFUSE  # high grows
 
 
 def test_clone_makes_threads_only_and_clone3_does_not_exist(table: SyscallTable) -> None:
