@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import jsonnet_worker
 from conftest import DATA, load_cases
 from servicekit import GITHUB_CLAIMS, GITHUB_EXPECT, ServiceProcess, pid_alive, running_service
 
@@ -260,15 +261,24 @@ def test_metrics_count_what_happened(client: httpx.Client) -> None:
     client.post(
         "/v1/evaluate", json={"snippet": "local f(n) = f(n + 1) tailstrict; f(0)", "timeout": 0.1}
     )
+    client.post("/v1/evaluate", content=b"{not json", headers={"content-type": "application/json"})
     after = metric_values(client)
-    assert delta("jsonnet_worker_evaluations_total") == 1
-    assert delta("jsonnet_worker_errors_total", kind="JsonnetError") == 1
-    assert delta("jsonnet_worker_errors_total", kind="EvaluationTimeout") == 1
-    assert delta("jsonnet_worker_timeouts_total") == 1
+    # one vocabulary: the library's Error.kind in every label, every outcome counted
+    assert delta("jsonnet_worker_evaluations_total", endpoint="mapper", outcome="ok") == 1
+    for outcome in ("jsonnet_error", "timeout", "bad_request"):
+        assert delta("jsonnet_worker_evaluations_total", endpoint="evaluate", outcome=outcome) == 1
+    assert delta("jsonnet_worker_errors_total", kind="jsonnet_error") == 1
+    assert delta("jsonnet_worker_errors_total", kind="timeout") == 1
+    assert ("jsonnet_worker_timeouts_total", ()) not in after  # errors_total{kind} says it
+    assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="400") == 1
+    assert after["jsonnet_worker_sandbox_enforced", ()] == 1
+    assert after["jsonnet_worker_sandbox_complete", ()] in (0, 1)
+    build = [key for key in after if key[0] == "jsonnet_worker_build_info"]
+    assert len(build) == 1 and dict(build[0][1])["version"] == jsonnet_worker.__version__
     assert delta("jsonnet_worker_http_requests_total", endpoint="mapper", status="200") == 1
     assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="422") == 1
     assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="504") == 1
-    assert delta("jsonnet_worker_request_duration_seconds_count", endpoint="evaluate") == 2
+    assert delta("jsonnet_worker_request_duration_seconds_count", endpoint="evaluate") == 3
     assert (
         delta("jsonnet_worker_request_duration_seconds_bucket", endpoint="mapper", le="+Inf") == 1
     )
@@ -287,6 +297,8 @@ def test_openapi_describes_every_route_and_error(
         "/v1/evaluate",
         "/v1/mappers/{name}",
         "/v1/templates/{name}",
+        "/livez",
+        "/readyz",
         "/healthz",
         "/metrics",
         "/openapi.json",
