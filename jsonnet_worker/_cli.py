@@ -412,18 +412,20 @@ def run_eval(args: argparse.Namespace) -> int:
             )
         if args.multi is not None:
             files = _output.multi(text, args.multi, string=args.string)
-            listing = _output.write_multi(files, create_dirs=args.create_output_dirs)
-            _output.write_text(listing, args.output_file, create_dirs=False)
-            return 0
-        output = _output.stream(text) if args.yaml_stream else text
-        if args.string and not args.yaml_stream:
-            output = _output.string(text)
+        elif args.yaml_stream:
+            output = _output.stream(text)
+        else:
+            output = _output.string(text) if args.string else text
     except Error as exc:
         raise _library_error(exc) from None
-    except OSError as exc:
-        raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
     try:
-        _output.write_text(output, args.output_file, create_dirs=args.create_output_dirs)
+        if args.multi is None:
+            _output.write_text(output, args.output_file, create_dirs=args.create_output_dirs)
+        elif args.output_file is None:
+            _output.write_multi(files, sys.stdout, create_dirs=args.create_output_dirs)
+        else:
+            with open(args.output_file, "w", encoding="utf-8") as listing:
+                _output.write_multi(files, listing, create_dirs=args.create_output_dirs)
     except OSError as exc:
         raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
     return 0

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from ._errors import JsonnetError
 
@@ -133,10 +133,13 @@ def write_text(text: str, path: str | None, *, create_dirs: bool) -> None:
         handle.write(text)
 
 
-def write_multi(files: dict[str, str], *, create_dirs: bool) -> str:
-    """Write each file (not when its content is already the same, as jsonnet does, so that
-    its time stamp stays) and return the listing jsonnet prints: one path a line, sorted."""
+def write_multi(files: dict[str, str], listing: TextIO, *, create_dirs: bool) -> None:
+    """As jsonnet does: for each path, sorted, print it to ``listing``, then write the file
+    (not when its content is already the same, so that its time stamp stays). OSError on a
+    failure, after the paths written so far were listed."""
     for path in sorted(files):
+        listing.write(f"{path}\n")
+        listing.flush()
         try:
             with open(path, encoding="utf-8", newline="") as existing:
                 if existing.read() == files[path]:
@@ -144,4 +147,3 @@ def write_multi(files: dict[str, str], *, create_dirs: bool) -> str:
         except (OSError, UnicodeDecodeError):
             pass
         write_text(files[path], path, create_dirs=create_dirs)
-    return "".join(f"{path}\n" for path in sorted(files))
