@@ -540,6 +540,12 @@ def run_doctor(engine: str) -> int:
     engines = list(ENGINES) if engine == "all" else [engine]
     healthy = True
     for name in engines:
+        try:
+            PoolConfig(engine=name)
+        except Error as exc:  # an engine not installed (the cpp extra)
+            print(f"engine {name}: not available: {exc}")
+            healthy = healthy and engine == "all"
+            continue
         hello, elapsed, pid = _greet_safely(name)
         print(f"engine {name}: worker pid {pid}")
         if isinstance(hello, str):

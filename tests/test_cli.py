@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from jsonnet_worker import PoolConfig, _cli
+from jsonnet_worker import InvalidArgument, PoolConfig, _cli
 from jsonnet_worker._landlock import probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -369,6 +369,16 @@ def test_eval_fails_closed_by_default() -> None:
     assert _cli.pool_config(opted_out, _cli.CLI_POOL).require_sandbox is False
     for command in ("test", "check", "fmt"):
         assert _cli.pool_config(parser.parse_args([command, "x"]), _cli.CLI_POOL).require_sandbox
+
+
+def test_cpp_engine_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "_jsonnet", None)  # as if the cpp extra were absent
+    with pytest.raises(InvalidArgument, match=r"pip install 'jsonnet-worker\[cpp\]'"):
+        PoolConfig(engine="cpp")
+    args = _cli.build_parser().parse_args(["eval", "x", "--engine", "cpp"])
+    with pytest.raises(_cli.Failed, match=r"^ERROR: engine 'cpp' needs the C\+\+ binding"):
+        _cli.pool_config(args, _cli.CLI_POOL)
+    assert _cli.run_doctor("cpp") == 1
 
 
 # -- check and fmt (need POOL's check/format call paths and ENGINE's worker side) ------------
