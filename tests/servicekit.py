@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -61,17 +62,26 @@ class ServiceProcess:
 
 
 @contextmanager
-def running_service(config: Path | None, log_dir: Path) -> Iterator[ServiceProcess]:
-    """``python -m jsonnet_worker serve`` on a free port of 127.0.0.1, ready when /healthz
-    answers 200; stopped with SIGTERM at the end."""
+def running_service(
+    config: Path | None,
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[ServiceProcess]:
+    """``python -m jsonnet_worker serve`` (with ``args``) on a free port of 127.0.0.1, ready
+    when /readyz answers 200; stopped with SIGTERM at the end."""
     port = free_port()
-    command = [sys.executable, "-m", "jsonnet_worker", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "jsonnet_worker", "serve", "--port", str(port), *args]
     if config is not None:
         command += ["--config", str(config)]
     log_path = log_dir / f"service-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
     service = ServiceProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:
@@ -80,7 +90,7 @@ def running_service(config: Path | None, log_dir: Path) -> Iterator[ServiceProce
             if process.poll() is not None:
                 raise AssertionError(f"the service exited ({process.returncode}):\n{service.log()}")
             try:
-                if httpx.get(f"{service.base_url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{service.base_url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
