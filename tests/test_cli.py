@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from jsonnet_worker import InvalidArgument, PoolConfig, _cli
+from jsonnet_worker import InvalidArgument, PoolConfig, UnsupportedPlatform, _cli
 from jsonnet_worker._landlock import probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,6 +380,28 @@ def test_cpp_engine_without_its_extra_names_the_extra(monkeypatch: pytest.Monkey
     with pytest.raises(_cli.Failed, match=r"^ERROR: engine 'cpp' needs the C\+\+ binding"):
         _cli.pool_config(args, _cli.CLI_POOL)
     assert _cli.run_doctor("cpp") == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSYS, "Function not implemented"),  # pidfd_open on Linux < 5.3
+        UnsupportedPlatform("the worker sandbox needs Linux"),
+        AttributeError("module 'os' has no attribute 'pidfd_open'"),  # not Linux
+    ],
+    ids=["no-pidfd", "unsupported-platform", "not-linux"],
+)
+def test_doctor_reports_a_machine_where_no_worker_can_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failure: Exception
+) -> None:
+    def greet(engine: str, timeout: float = 10.0) -> Any:
+        raise failure
+
+    monkeypatch.setattr(_cli, "greet", greet)
+    assert _cli.run_doctor("go") == 1
+    out = capsys.readouterr().out
+    assert f"FAILED: cannot start a worker here: {type(failure).__name__}: {failure}" in out
+    assert out.endswith("sandbox: NOT fully enforced (see above)\n")
 
 
 # -- check and fmt (need POOL's check/format call paths and ENGINE's worker side) ------------
