@@ -205,7 +205,11 @@ async def _load(
     queue: asyncio.Queue[Call] = asyncio.Queue()
     for call in plan:
         queue.put_nowait(call)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Connections idle longer than this are not reused; the server keeps them far longer
+    # (serve.keep_alive_timeout), so none is reused while the server closes it.
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=5.0
+    )
     headers = {"content-type": "application/json"}
 
     async def client_task(client: httpx.AsyncClient) -> None:

@@ -54,6 +54,10 @@ from .._errors import InvalidArgument
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_REQUEST_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# An idle connection is kept longer than the clients that reuse connections keep theirs
+# (httpx 5 s, Go's net/http 90 s: Kratos is a Go client). With uvicorn's 5 s, a client that
+# reused a connection just as the server closed it got a ReadError (the load test, 1 run in 3).
+DEFAULT_KEEP_ALIVE_TIMEOUT = 100.0
 EMBEDDED_CONFIG = "default.yaml"
 
 
@@ -64,6 +68,7 @@ ENV_KEYS: tuple[tuple[str, ...], ...] = (
     ("serve", "max_body_bytes"),
     ("serve", "max_request_timeout"),
     ("serve", "shutdown_timeout"),
+    ("serve", "keep_alive_timeout"),
     ("serve", "evaluate", "enabled"),
     ("serve", "auth", "bearer_token_file"),
     ("security", "require_sandbox"),
@@ -114,6 +119,7 @@ class ServiceConfig:
     max_body: int = DEFAULT_MAX_BODY
     max_request_timeout: float = DEFAULT_MAX_REQUEST_TIMEOUT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
     bearer_token: str | None = None  # serve.auth.bearer_token_file's content, read at start
     raw: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the file read (the packaged default.yaml without --config)
@@ -213,6 +219,9 @@ def parse_config(
         ),
         shutdown_timeout=_positive(
             serve, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, "serve"
+        ),
+        keep_alive_timeout=_positive(
+            serve, "keep_alive_timeout", float, DEFAULT_KEEP_ALIVE_TIMEOUT, "serve"
         ),
         raw=raw,
         path=path,

@@ -12,6 +12,12 @@ uvicorn binds its socket after the lifespan's start-up, so the listener opens la
 (uvicorn's handler): stop accepting, let requests in flight finish (at most
 ``serve.shutdown_timeout``), then the lifespan's end closes the pool, which reaps every worker.
 
+Logging: ``--log-format text`` (timestamp, level, logger, message) or ``json`` (one object a
+line with ``time``, ``level``, ``logger``, ``message``), one configuration for this process
+and uvicorn's loggers, the access log included (``--no-access-log`` turns it off). Nothing
+a request carries (snippets, variables, tokens) is logged; the access log has the method,
+path and status only.
+
 Weak spots: a module imported lazily somewhere deep in a dependency after the sandbox is on
 fails with PermissionError; the service tests run the real restricted server so such an
 import shows up there.
@@ -165,6 +171,7 @@ def serve(options: ServeOptions) -> int:
         port=options.port,
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout),
+        timeout_keep_alive=math.ceil(config.keep_alive_timeout),
         access_log=options.access_log,
         log_config=log_config,
         log_level=options.log_level,
