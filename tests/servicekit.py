@@ -167,12 +167,21 @@ def benign_calls() -> list[Call]:
 
 def hostile_calls(max_body: int) -> list[Call]:
     loop = "local f(n) = f(n + 1) tailstrict; f(0)"
+    # The snippets that fail on their own get the longest timeout a request may ask for
+    # (serve.max_request_timeout), so that a loaded machine cannot turn their 422 into a 504.
+    patient = 10.0
     return [
         _call("/v1/evaluate", {"snippet": loop, "timeout": 0.2}, 504),
-        _call("/v1/evaluate", {"snippet": "error 'hostile'"}, 422),
-        _call("/v1/evaluate", {"snippet": "importstr '/etc/passwd'"}, 422),
-        _call("/v1/evaluate", {"snippet": "std.makeArray(100000, function(i) i)"}, 422),
-        _call("/v1/evaluate", {"snippet": "local f(n) = f(n + 1) + 1; f(0)"}, 422),
+        _call("/v1/evaluate", {"snippet": "error 'hostile'", "timeout": patient}, 422),
+        _call("/v1/evaluate", {"snippet": "importstr '/etc/passwd'", "timeout": patient}, 422),
+        _call(
+            "/v1/evaluate",
+            {"snippet": "std.makeArray(100000, function(i) i)", "timeout": patient},
+            422,
+        ),
+        _call(
+            "/v1/evaluate", {"snippet": "local f(n) = f(n + 1) + 1; f(0)", "timeout": patient}, 422
+        ),
         _call("/v1/mappers/github", {"claims": "not an object"}, 400),
         Call("/v1/evaluate", b'{"snippet": ', True, 400),
         Call("/v1/evaluate", b'{"snippet": "' + b"x" * max_body + b'"}', True, 413),
