@@ -199,8 +199,10 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     helps = PoolConfig.help()
     for option in dataclasses.fields(PoolConfig):
         name = option.name
-        default = defaults.get(name, option.default)
-        help_text = f"{helps[name]} (default: {default})"
+        if name in defaults:  # this command's own default, not PoolConfig's
+            help_text = f"{helps[name]} (here: {defaults[name]})"
+        else:
+            help_text = f"{helps[name]} (default: {option.default})"
         dest = f"pool_{name}"
         if name == "require_sandbox":
             group.add_argument(
@@ -219,10 +221,11 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
             # parsed later, so a bad value is jsonnet's message with exit 1
             group.add_argument(short[0], *flags, dest=dest, metavar="N", help=help_text)
             continue
-        kwargs: dict[str, Any] = {"type": _flag_type(str(option.type))}
         if name == "engine":
-            kwargs = {"choices": ENGINES}
-        group.add_argument(*flags, dest=dest, help=help_text, **kwargs)
+            group.add_argument(*flags, dest=dest, choices=ENGINES, help=help_text)
+            continue
+        flag_type = _flag_type(str(option.type))
+        group.add_argument(*flags, dest=dest, type=flag_type, metavar=name.upper(), help=help_text)
 
 
 def pool_config(args: argparse.Namespace, defaults: dict[str, Any]) -> PoolConfig:
