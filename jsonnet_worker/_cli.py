@@ -1,84 +1,261 @@
-"""The ``jsonnet-worker`` command: ``eval`` a file in the sandbox, ``doctor`` the sandbox,
-``serve`` the HTTP service (needs the ``serve`` extra, imported only when asked for)."""
+"""The ``jsonnet-worker`` command: ``eval`` a file in the sandbox (with the ``jsonnet`` CLI's
+flags), ``test`` mappers against suites, ``check`` and ``fmt`` snippets, ``doctor`` the
+sandbox, ``serve`` the HTTP service (needs the ``serve`` extra, imported only when asked for).
+
+Goals: ``eval`` behaves as go-jsonnet's ``jsonnet`` command does (output, messages, exit 1
+for every evaluation or input error) except where the sandbox forbids it (README: "The
+command line"); every ``PoolConfig`` option is a flag of every command that starts a pool.
+
+Plan: the pool flags are generated from ``PoolConfig``'s fields (name, help, type), so an
+option added there is a flag here. ``-S``, ``-m`` and ``-y`` are applied in this process to
+the JSON text the worker returns (see ``_output``): the worker protocol knows one output.
+Variable flags are collected in order and resolved after parsing, so that an undefined
+environment variable or an unreadable file is jsonnet's ``ERROR: ...`` with exit 1, and the
+last of two flags naming one variable wins, as in jsonnet.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import select
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
-from . import __version__
+from . import __version__, _output, _testrunner
+from ._config import ENGINES, PoolConfig
 from ._errors import Error, JsonnetError
-from ._pool import DEFAULT_MAX_OUTPUT, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, WorkerPool
+from ._pool import WorkerPool
 from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from ._process import WorkerHello, WorkerProcess, WorkerSettings
 from ._protocol import DEFAULT_MAX_FRAME, Message
+from ._verdict import judge
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 SERVE_MODULES = {"starlette", "uvicorn", "prometheus_client", "yaml", "anyio"}
+# The CLI runs one short command: one worker and no spare unless asked (a spare would be
+# started only to be killed at exit).
+CLI_POOL = {"size": 1, "spares": 0}
+# Options whose flags parse their value as go-jsonnet does (messages and exit 1), with the
+# smallest value each takes.
+_JSONNET_STYLE = {"max_stack": ("-s", 1), "max_trace": ("-t", 0)}
 
 
-class _Variables(argparse.Action):
-    """Collects ``NAME=VALUE`` (or ``NAME``, read from the environment, as jsonnet does)
-    into one of four maps; ``*-file`` flags read VALUE from a file."""
+class _CheckAndFormat(Protocol):
+    """The pool's ``check``/``format`` call paths (INTERFACES.md item 2), typed here so this
+    module type-checks before and after they land."""
 
-    def __init__(self, *args: object, target: str, from_file: bool, **kwargs: object) -> None:
-        self.target = target
-        self.from_file = from_file
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def check(self, snippet: str, *, filename: str) -> None: ...
+
+    def format(self, snippet: str, *, filename: str) -> str: ...
+
+
+class Failed(Exception):
+    """A command's input error: the message (as jsonnet words it) goes to stderr, exit 1."""
+
+
+@dataclass(frozen=True)
+class VariableFlag:
+    flag: str
+    text: str
+    space: str  # "ext" or "tla"
+    is_code: bool
+    from_file: bool
+
+
+@dataclass
+class Variables:
+    """The four maps ``WorkerPool.evaluate`` takes."""
+
+    ext_vars: dict[str, str] = field(default_factory=dict)
+    ext_codes: dict[str, str] = field(default_factory=dict)
+    tla_vars: dict[str, str] = field(default_factory=dict)
+    tla_codes: dict[str, str] = field(default_factory=dict)
+
+    def add(self, space: str, name: str, value: str, is_code: bool) -> None:
+        strings, codes = (
+            (self.ext_vars, self.ext_codes) if space == "ext" else (self.tla_vars, self.tla_codes)
+        )
+        strings.pop(name, None)  # the last flag naming a variable wins, as in jsonnet
+        codes.pop(name, None)
+        (codes if is_code else strings)[name] = value
+
+
+class _CollectVariable(argparse.Action):
+    def __init__(self, *args: Any, space: str, is_code: bool, from_file: bool, **kw: Any) -> None:
+        self.space, self.is_code, self.from_file = space, is_code, from_file
+        super().__init__(*args, **kw)
 
     def __call__(
         self,
         parser: argparse.ArgumentParser,
         namespace: argparse.Namespace,
-        values: str | Sequence[object] | None,
+        values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        text = str(values)
-        name, sep, value = text.partition("=")
-        if not sep:
-            if self.from_file:
-                parser.error(f"{option_string} takes NAME=FILE")
+        flag = VariableFlag(
+            option_string or "", str(values), self.space, self.is_code, self.from_file
+        )
+        namespace.variables = [*namespace.variables, flag]
+
+
+def resolve_variables(flags: Sequence[VariableFlag]) -> Variables:
+    """The variables the flags name; ``Failed`` with jsonnet's message for an undefined
+    environment variable or a ``*-file`` flag without ``=``."""
+    variables = Variables()
+    for flag in flags:
+        name, sep, value = flag.text.partition("=")
+        if flag.from_file:
+            if not sep:
+                raise Failed(f'ERROR: argument not in form <var>=<file> "{flag.text}"')
+            value = _read_variable_file(flag, name, value)
+        elif not sep:
             if name not in os.environ:
-                parser.error(f"{option_string} {name}: no '=' and no such environment variable")
+                raise Failed(f"ERROR: environment variable {name} was undefined")
             value = os.environ[name]
-        elif self.from_file:
-            try:
-                with open(value, encoding="utf-8") as source:
-                    value = source.read()
-            except OSError as exc:
-                parser.error(f"{option_string} {name}: {exc.strerror}: {value}")
-        mapping = getattr(namespace, self.target)
-        if name in mapping:
-            parser.error(f"{option_string}: variable {name!r} given twice")
-        mapping[name] = value
+        variables.add(flag.space, name, value, flag.is_code)
+    return variables
+
+
+def _read_variable_file(flag: VariableFlag, name: str, path: str) -> str:
+    # jsonnet imports the file when the variable is used; imports cannot cross into the
+    # sandbox, so it is read here, before the evaluation (README: differences).
+    try:
+        with open(path, encoding="utf-8") as source:
+            return source.read()
+    except OSError as exc:
+        raise Failed(f"ERROR: {flag.flag} {name}: {_strerror(exc)}: {path}") from None
+    except UnicodeDecodeError:
+        raise Failed(f"ERROR: {flag.flag} {name}: not UTF-8: {path}") from None
+
+
+def _strerror(exc: OSError) -> str:
+    """The error as Go words it (lower case: "no such file or directory")."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def _add_variable_flags(parser: argparse.ArgumentParser) -> None:
     flags = [
-        (("-V", "--ext-str"), "ext_strs", False, "external string variable NAME=VALUE"),
-        (("--ext-str-file",), "ext_strs", True, "external string variable read from a file"),
-        (("--ext-code",), "ext_codes", False, "external code variable NAME=CODE"),
-        (("--ext-code-file",), "ext_codes", True, "external code variable read from a file"),
-        (("-A", "--tla-str"), "tla_strs", False, "top-level string argument NAME=VALUE"),
-        (("--tla-str-file",), "tla_strs", True, "top-level string argument read from a file"),
-        (("--tla-code",), "tla_codes", False, "top-level code argument NAME=CODE"),
-        (("--tla-code-file",), "tla_codes", True, "top-level code argument read from a file"),
+        (("-V", "--ext-str"), "ext", False, False, "external string variable NAME[=VALUE]"),
+        (("--ext-str-file",), "ext", False, True, "external string variable read from a file"),
+        (("--ext-code",), "ext", True, False, "external code variable NAME[=CODE]"),
+        (("--ext-code-file",), "ext", True, True, "external code variable read from a file"),
+        (("-A", "--tla-str"), "tla", False, False, "top-level string argument NAME[=VALUE]"),
+        (("--tla-str-file",), "tla", False, True, "top-level string argument read from a file"),
+        (("--tla-code",), "tla", True, False, "top-level code argument NAME[=CODE]"),
+        (("--tla-code-file",), "tla", True, True, "top-level code argument read from a file"),
     ]
-    for names, target, from_file, help_text in flags:
+    for names, space, is_code, from_file, help_text in flags:
         parser.add_argument(
             *names,
-            action=_Variables,
-            target=target,
+            action=_CollectVariable,
+            space=space,
+            is_code=is_code,
             from_file=from_file,
-            metavar="NAME=FILE" if from_file else "NAME=VALUE",
-            help=help_text,
+            metavar="NAME=FILE" if from_file else "NAME[=VALUE]",
+            help=help_text + ("" if from_file else " (no VALUE: from the environment)"),
         )
-    parser.set_defaults(ext_strs={}, ext_codes={}, tla_strs={}, tla_codes={})
+    parser.set_defaults(variables=[])
+
+
+# -- pool flags, from PoolConfig ---------------------------------------------------------------
+
+
+def _optional(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _worker_user(text: str) -> str | range | None:
+    """A user name, ``FIRST-LAST`` (a uid range, both included) or ``none``."""
+    if text.lower() == "none":
+        return None
+    first, sep, last = text.partition("-")
+    if sep and first.isdigit() and last.isdigit():
+        return range(int(first), int(last) + 1)
+    return text
+
+
+def _flag_type(annotation: str) -> Any:
+    if "range" in annotation:
+        return _worker_user
+    base = {"int": int, "float": float, "str": str}[annotation.split("|")[0].strip()]
+    return _optional(base) if "None" in annotation else base
+
+
+def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """One flag per ``PoolConfig`` field (``--allow-unsandboxed`` for ``require_sandbox``);
+    a flag not given leaves the option at ``defaults`` or PoolConfig's default."""
+    group = parser.add_argument_group("pool options (PoolConfig)")
+    helps = PoolConfig.help()
+    for option in dataclasses.fields(PoolConfig):
+        name = option.name
+        if name in defaults:  # this command's own default, not PoolConfig's
+            help_text = f"{helps[name]} (here: {defaults[name]})"
+        else:
+            help_text = f"{helps[name]} (default: {option.default})"
+        dest = f"pool_{name}"
+        if name == "require_sandbox":
+            group.add_argument(
+                "--allow-unsandboxed",
+                dest=dest,
+                action="store_const",
+                const=False,
+                default=None,
+                help="evaluate even where the workers get no Landlock sandbox (a WARNING is "
+                "logged); by default the command fails closed",
+            )
+            continue
+        flags = [f"--{name.replace('_', '-')}"]
+        short = _JSONNET_STYLE.get(name)
+        if short is not None:
+            # parsed later, so a bad value is jsonnet's message with exit 1
+            group.add_argument(short[0], *flags, dest=dest, metavar="N", help=help_text)
+            continue
+        if name == "engine":
+            group.add_argument(*flags, dest=dest, choices=ENGINES, help=help_text)
+            continue
+        flag_type = _flag_type(str(option.type))
+        group.add_argument(*flags, dest=dest, type=flag_type, metavar=name.upper(), help=help_text)
+
+
+def pool_config(args: argparse.Namespace, defaults: dict[str, Any]) -> PoolConfig:
+    """The ``PoolConfig`` the flags ask for; ``Failed`` with jsonnet's or PoolConfig's
+    message for a bad value."""
+    given: dict[str, Any] = dict(defaults)
+    for option in dataclasses.fields(PoolConfig):
+        value = getattr(args, f"pool_{option.name}", None)
+        if value is None:
+            continue
+        if option.name in _JSONNET_STYLE:
+            value = _jsonnet_int(option.name, value)
+        given[option.name] = value
+    try:
+        return PoolConfig(**given)
+    except Error as exc:
+        raise Failed(f"ERROR: {exc}") from None
+
+
+def _jsonnet_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise Failed(f'Invalid integer "{text}"') from None
+    if value < _JSONNET_STYLE[name][1]:
+        raise Failed(f"ERROR: invalid --{name.replace('_', '-')} value: {value}")
+    return value
+
+
+# -- the parser ---------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,31 +266,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    evaluate = commands.add_parser("eval", help="evaluate a Jsonnet file (or - for stdin)")
-    evaluate.add_argument("file", help="the Jsonnet file, or - to read standard input")
-    _add_variable_flags(evaluate)
-    evaluate.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds")
-    evaluate.add_argument("--engine", choices=["go", "cpp"], default="go")
-    evaluate.add_argument("--max-output", type=int, default=DEFAULT_MAX_OUTPUT, help="bytes")
-    evaluate.add_argument(
-        "--memory-limit", type=int, default=DEFAULT_MEMORY_LIMIT, help="bytes per worker"
+    _add_eval(commands)
+    _add_test(commands)
+    check = commands.add_parser("check", help="parse and statically check files (no evaluation)")
+    check.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
+    add_pool_flags(check, CLI_POOL)
+    fmt = commands.add_parser("fmt", help="format files with go-jsonnet's formatter")
+    fmt.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
+    fmt.add_argument("-i", "--in-place", action="store_true", help="rewrite each file")
+    fmt.add_argument(
+        "--test", action="store_true", help="exit 2 when a file is not formatted; print nothing"
     )
+    add_pool_flags(fmt, CLI_POOL)
     doctor = commands.add_parser("doctor", help="start a worker and report its sandbox")
-    doctor.add_argument("--engine", choices=["go", "cpp", "all"], default="all")
+    doctor.add_argument("--engine", choices=[*ENGINES, "all"], default="all")
     serve = commands.add_parser("serve", help="run the HTTP service (extra: serve)")
     serve.add_argument("--config", help="Kratos-style YAML config (default: the embedded one)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=4455, help="port to listen on")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    serve.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", help="no access log lines"
+    )
     return parser
+
+
+def _add_eval(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a Jsonnet file (or - for stdin), as the jsonnet command does",
+        description="Evaluate in the sandbox. Output, messages and exit codes follow "
+        "go-jsonnet's jsonnet command (README: the command line).",
+    )
+    evaluate.add_argument("file", help="the Jsonnet file, - for standard input, or code with -e")
+    evaluate.add_argument("-e", "--exec", action="store_true", help="treat FILE as code")
+    evaluate.add_argument(
+        "-S", "--string", action="store_true", help="expect a string, manifest as plain text"
+    )
+    evaluate.add_argument(
+        "-m", "--multi", metavar="DIR", help="write one file per field to DIR, list them"
+    )
+    evaluate.add_argument(
+        "-c", "--create-output-dirs", action="store_true", help="create missing directories"
+    )
+    evaluate.add_argument(
+        "-y", "--yaml-stream", action="store_true", help="write a YAML stream of JSON documents"
+    )
+    evaluate.add_argument("-o", "--output-file", metavar="FILE", help="write to FILE")
+    _add_variable_flags(evaluate)
+    add_pool_flags(evaluate, CLI_POOL)
+
+
+def _add_test(commands: Any) -> None:
+    test = commands.add_parser(
+        "test",
+        help="run mapper/template test suites (YAML or JSON) in the sandbox",
+        description="Run each suite's cases; exit 0 when all pass, 1 when any fails, 2 when a "
+        "suite cannot be read. Suite format: README, 'Testing mappers'.",
+    )
+    test.add_argument("suites", nargs="+", metavar="SUITE", help="suite files")
+    test.add_argument("--junit-xml", metavar="FILE", help="also write a JUnit XML report")
+    add_pool_flags(test, CLI_POOL)
+
+
+# -- commands -----------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "eval":
-        return run_eval(args)
     if args.command == "serve":
         return run_serve(args)
-    return run_doctor(args.engine)
+    if args.command == "doctor":
+        return run_doctor(args.engine)
+    runners = {"eval": run_eval, "test": run_test, "check": run_check, "fmt": run_fmt}
+    try:
+        return runners[args.command](args)
+    except Failed as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_ERROR
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -125,49 +356,148 @@ def run_serve(args: argparse.Namespace) -> int:
             raise
         print(
             f"jsonnet-worker serve needs the 'serve' extra ({missing} is missing): "
-            "pip install 'jsonnet-worker[serve]'",
+            "pip install -e '.[serve]' in a checkout, or pip install 'jsonnet-worker[serve]'",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return _server.serve(args.config, args.host, args.port)
+    options = _server.ServeOptions(
+        config_path=args.config,
+        host=args.host,
+        port=args.port,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return _server.serve(options)
+
+
+def read_input(path: str, is_code: bool = False) -> tuple[str, str]:
+    """(source, filename) as jsonnet reads its input; ``Failed`` with its message."""
+    if is_code:
+        return path, "<cmdline>"
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read(), path
+    except IsADirectoryError as exc:
+        raise Failed(f"Reading input file: {path}: {_strerror(exc)}") from None
+    except OSError as exc:
+        raise Failed(f"Opening input file: {path}: {_strerror(exc)}") from None
+    except UnicodeDecodeError:
+        raise Failed(f"Reading input file: {path}: not UTF-8") from None
+
+
+def _library_error(exc: Error) -> Failed:
+    if isinstance(exc, JsonnetError):
+        # as jsonnet prints it: the engine's text (which ends in a newline), then a newline
+        return Failed(exc.message)
+    return Failed(f"jsonnet-worker: {type(exc).__name__}: {exc}")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.file == "-":
-        source, filename = sys.stdin.read(), "<stdin>"
-    else:
-        try:
-            with open(args.file, encoding="utf-8") as handle:
-                source = handle.read()
-        except OSError as exc:
-            print(f"jsonnet-worker: {exc.strerror}: {args.file}", file=sys.stderr)
-            return EXIT_USAGE
-        filename = args.file
+    if args.output_file == "":
+        raise Failed("ERROR: -o argument was empty string")
+    if args.multi == "":
+        raise Failed("ERROR: -m argument was empty string")
+    config = pool_config(args, CLI_POOL)
+    variables = resolve_variables(args.variables)
+    source, filename = read_input(args.file, args.exec)
     try:
-        with WorkerPool(
-            1,
-            spares=0,  # one call, then exit: a spare would be started only to be killed
-            engine=args.engine,
-            timeout=args.timeout,
-            max_output=args.max_output,
-            memory_limit=args.memory_limit,
-        ) as pool:
-            output = pool.evaluate_json(
+        with WorkerPool(config=config) as pool:
+            text = pool.evaluate_json(
                 source,
-                args.ext_strs,
-                ext_codes=args.ext_codes,
-                tla_vars=args.tla_strs,
-                tla_codes=args.tla_codes,
+                variables.ext_vars,
+                ext_codes=variables.ext_codes,
+                tla_vars=variables.tla_vars,
+                tla_codes=variables.tla_codes,
                 filename=filename,
             )
-    except JsonnetError as exc:
-        print(exc.message.rstrip("\n"), file=sys.stderr)
-        return EXIT_ERROR
+        if args.multi is not None:
+            files = _output.multi(text, args.multi, string=args.string)
+        elif args.yaml_stream:
+            output = _output.stream(text)
+        else:
+            output = _output.string(text) if args.string else text
     except Error as exc:
-        print(f"jsonnet-worker: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    sys.stdout.write(output)
+        raise _library_error(exc) from None
+    try:
+        if args.multi is None:
+            _output.write_text(output, args.output_file, create_dirs=args.create_output_dirs)
+        elif args.output_file is None:
+            _output.write_multi(files, sys.stdout, create_dirs=args.create_output_dirs)
+        else:
+            with open(args.output_file, "w", encoding="utf-8") as listing:
+                _output.write_multi(files, listing, create_dirs=args.create_output_dirs)
+    except OSError as exc:
+        raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
     return 0
+
+
+def run_test(args: argparse.Namespace) -> int:
+    config = pool_config(args, CLI_POOL)
+    suites, unreadable = _testrunner.load_suites(args.suites)
+    for problem in unreadable:
+        print(problem, file=sys.stderr)
+    try:
+        with WorkerPool(config=config) as pool:
+            reports = [_testrunner.run_suite(pool, suite, sys.stdout) for suite in suites]
+    except Error as exc:
+        raise _library_error(exc) from None
+    print(_testrunner.summary(reports))
+    if args.junit_xml:
+        _testrunner.write_junit(reports, args.junit_xml)
+    if unreadable:
+        return EXIT_USAGE
+    return 0 if all(report.passed for report in reports) else EXIT_ERROR
+
+
+def run_check(args: argparse.Namespace) -> int:
+    config = pool_config(args, CLI_POOL)
+    inputs = [read_input(path) for path in args.files]
+    failed = False
+    try:
+        with WorkerPool(config=config) as pool:
+            for source, filename in inputs:
+                try:
+                    cast(_CheckAndFormat, pool).check(source, filename=filename)
+                except JsonnetError as exc:
+                    failed = True
+                    sys.stderr.write(exc.message.rstrip("\n") + "\n")
+    except Error as exc:
+        raise _library_error(exc) from None
+    return EXIT_ERROR if failed else 0
+
+
+EXIT_NOT_FORMATTED = 2  # jsonnetfmt --test
+
+
+def run_fmt(args: argparse.Namespace) -> int:
+    config = pool_config(args, CLI_POOL)
+    inputs = [(path, *read_input(path)) for path in args.files]
+    if args.in_place and any(path == "-" for path, _, _ in inputs):
+        raise Failed("ERROR: cannot use --in-place with stdin")
+    status = 0
+    try:
+        with WorkerPool(config=config) as pool:
+            for path, source, filename in inputs:
+                try:
+                    formatted = cast(_CheckAndFormat, pool).format(source, filename=filename)
+                except JsonnetError as exc:
+                    sys.stderr.write(exc.message.rstrip("\n") + "\n")
+                    status = EXIT_ERROR
+                    continue
+                if args.test:
+                    if formatted != source:
+                        status = status or EXIT_NOT_FORMATTED
+                elif args.in_place:
+                    if formatted != source:
+                        _output.write_text(formatted, path, create_dirs=False)
+                else:
+                    sys.stdout.write(formatted)
+    except Error as exc:
+        raise _library_error(exc) from None
+    return status
 
 
 def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float, int]:
@@ -175,7 +505,7 @@ def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float,
     started = time.monotonic()
     identities = WorkerIdentities(DEFAULT_WORKER_USER)
     worker = WorkerProcess(
-        WorkerSettings(engine, DEFAULT_MEMORY_LIMIT, DEFAULT_MAX_FRAME, identities)
+        WorkerSettings(engine, PoolConfig().memory_limit, DEFAULT_MAX_FRAME, identities)
     )
     try:
         poller = select.poll()
@@ -200,47 +530,62 @@ def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float,
         worker.close(grace=1.0)
 
 
+def _greet_safely(engine: str) -> tuple[WorkerHello | str, float, int]:
+    """``greet``, with a machine that cannot start a worker at all (no pidfd, not Linux)
+    reported as the reason instead of a traceback."""
+    try:
+        return greet(engine)
+    except (OSError, AttributeError, Error) as exc:
+        return f"cannot start a worker here: {type(exc).__name__}: {exc}", 0.0, 0
+
+
 def run_doctor(engine: str) -> int:
-    engines = ["go", "cpp"] if engine == "all" else [engine]
+    engines = list(ENGINES) if engine == "all" else [engine]
     healthy = True
     for name in engines:
-        hello, elapsed, pid = greet(name)
+        try:
+            PoolConfig(engine=name)
+        except Error as exc:  # an engine not installed (the cpp extra)
+            print(f"engine {name}: not available: {exc}")
+            healthy = healthy and engine == "all"
+            continue
+        hello, elapsed, pid = _greet_safely(name)
         print(f"engine {name}: worker pid {pid}")
         if isinstance(hello, str):
             healthy = False
             print(f"  FAILED: {hello}")
             continue
-        landlock = hello.landlock
-        print(f"  engine version:  {hello.engine_version} (Python {hello.python})")
-        print(
-            f"  worker start:    {elapsed * 1000:.1f} ms to hello "
-            f"({hello.startup_ms:.1f} ms inside the worker)"
-        )
-        if landlock.enforced:
-            print(f"  Landlock:        ABI {landlock.abi} enforced (errata {landlock.errata:#x})")
-            print(f"  filesystem:      {', '.join(landlock.handled_fs)} (all denied, no rule)")
-            print(
-                f"  network:         {', '.join(landlock.handled_net) or 'not handled (ABI < 4)'}"
-            )
-            print(f"  scopes:          {', '.join(landlock.scoped) or 'none (ABI < 6)'}")
-            print(f"  restrict flags:  {', '.join(landlock.restrict_flags) or 'none (ABI < 7)'}")
-            if landlock.dropped:
-                print(f"  kernel lacks:    {', '.join(landlock.dropped)}")
-        else:
-            healthy = False
-            print(f"  Landlock:        NOT ENFORCED: {landlock.reason}")
-        print(f"  self-check:      {hello.self_check}")
-        if not hello.self_check.startswith("refused"):
-            healthy = False
-        for layer in hello.sandbox().layers[1:]:
-            label = f"{layer.name}:"
-            if layer.active:
-                print(f"  {label:<16} active: {layer.detail}")
-            else:
-                healthy = healthy and not layer.required  # uid, ipc_namespace: in depth
-                print(f"  {label:<16} MISSING: {layer.reason}")
+        healthy = _print_hello(hello, elapsed) and healthy
     print("sandbox: OK" if healthy else "sandbox: NOT fully enforced (see above)")
     return 0 if healthy else EXIT_ERROR
+
+
+def _print_hello(hello: WorkerHello, elapsed: float) -> bool:
+    landlock = hello.landlock
+    print(f"  engine version:  {hello.engine_version} (Python {hello.python})")
+    print(
+        f"  worker start:    {elapsed * 1000:.1f} ms to hello "
+        f"({hello.startup_ms:.1f} ms inside the worker)"
+    )
+    if landlock.enforced:
+        print(f"  Landlock:        ABI {landlock.abi} enforced (errata {landlock.errata:#x})")
+        print(f"  filesystem:      {', '.join(landlock.handled_fs)} (all denied, no rule)")
+        print(f"  network:         {', '.join(landlock.handled_net) or 'not handled (ABI < 4)'}")
+        print(f"  scopes:          {', '.join(landlock.scoped) or 'none (ABI < 6)'}")
+        print(f"  restrict flags:  {', '.join(landlock.restrict_flags) or 'none (ABI < 7)'}")
+        if landlock.dropped:
+            print(f"  kernel lacks:    {', '.join(landlock.dropped)}")
+    else:
+        print(f"  Landlock:        NOT ENFORCED: {landlock.reason}")
+    print(f"  self-check:      {hello.self_check}")
+    sandbox = hello.sandbox()
+    for layer in sandbox.layers[1:]:
+        label = f"{layer.name}:"
+        if layer.active:
+            print(f"  {label:<16} active: {layer.detail}")
+        else:
+            print(f"  {label:<16} MISSING: {layer.reason}")
+    return judge(sandbox).complete
 
 
 def main_entry() -> None:

@@ -16,6 +16,7 @@ because only a root parent can drop to it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,11 @@ class PoolConfig:
             raise InvalidType(f"engine must be a str, not {type(self.engine).__name__}")
         if self.engine not in ENGINES:
             raise InvalidArgument(f"engine must be one of {', '.join(ENGINES)}: {self.engine!r}")
+        if self.engine == "cpp" and importlib.util.find_spec("_jsonnet") is None:
+            raise InvalidArgument(
+                "engine 'cpp' needs the C++ binding (the jsonnet package): "
+                "pip install 'jsonnet-worker[cpp]'"
+            )
         for name in ("timeout", "queue_timeout", "spawn_timeout"):
             _check_seconds(self, name)
         _check_seconds(self, "cpu_budget", optional=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _engines
-from ._config import DEFAULT_CPU_BUDGET
+from ._config import DEFAULT_CPU_BUDGET, PoolConfig
 from ._core import AsyncWaiter, PoolCore, ThreadWaiter, Waiter
 from ._errors import (
     Error,
@@ -171,8 +171,24 @@ class WorkerPool:
         require_sandbox: bool = False,
         worker_user: str | range | None = DEFAULT_WORKER_USER,
         cpu_budget: float | None = DEFAULT_CPU_BUDGET,
+        config: PoolConfig | None = None,
         _worker_command: list[str] | None = None,
     ) -> None:
+        if config is not None:  # OPS shim for WorkerPool(config=...); POOL's rewrite replaces it
+            size, engine, timeout = config.size, config.engine, config.timeout
+            memory_limit, max_output, max_stack = (
+                config.memory_limit,
+                config.max_output,
+                config.max_stack,
+            )
+            queue_limit, queue_timeout = config.queue_limit, config.queue_timeout
+            spawn_timeout, max_request, spares = (
+                config.spawn_timeout,
+                config.max_request,
+                config.spares,
+            )
+            require_sandbox = config.require_sandbox
+            worker_user, cpu_budget = config.worker_user, config.cpu_budget
         engine_kind = _engines.EngineKind(engine)
         self.size = default_size() if size is None else size
         if self.size < 1:
@@ -252,6 +268,7 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
+        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
     ) -> Any:
         """Evaluate ``snippet`` in a worker and return the decoded JSON value."""
         return json.loads(
@@ -276,6 +293,7 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
+        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
         call = self._prepare(snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename, timeout)
@@ -299,6 +317,7 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
+        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
         return json.loads(
@@ -323,6 +342,7 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
+        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
     ) -> str:
         call = self._prepare(snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename, timeout)
         self._enter()

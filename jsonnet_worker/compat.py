@@ -1,22 +1,65 @@
-"""A drop-in for ``_jsonnet.evaluate_snippet``: change one import, keep the call sites.
+"""A drop-in for ``_jsonnet.evaluate_snippet`` and ``evaluate_file``: change one import,
+keep the call sites.
 
     from jsonnet_worker.compat import evaluate_snippet   # was: from _jsonnet import ...
 
 JSON text out; ``RuntimeError`` with the engine's message on any failure, as the binding
-does. The evaluation runs in the default pool's sandboxed workers. ``import_callback`` and
+does. The evaluation runs in the default pool's sandboxed workers; a call that asks for its
+own ``max_stack`` or ``max_trace`` runs in a pool with those settings (one per distinct
+pair, started on first use and kept, as the default pool is). ``import_callback`` and
 ``native_callbacks`` cannot cross into the sandbox and raise TypeError; ``jpathdir`` is
-refused because no import is allowed.
+refused because no import is allowed. Every remaining difference from ``_jsonnet`` is listed
+in README.md ("Migrating from the C++ binding").
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from ._config import PoolConfig
 from ._default import get_default_pool
 from ._errors import Error, JsonnetError
+from ._pool import WorkerPool
 
 _UNSUPPORTED = ("import_callback", "native_callbacks", "jpathdir")
-_IGNORED = ("gc_min_objects", "gc_growth_trigger", "max_trace")
+_IGNORED = ("gc_min_objects", "gc_growth_trigger")  # the engines' own GC tuning
+
+_lock = threading.Lock()
+_pools: dict[tuple[int, int], WorkerPool] = {}
+
+
+def _pool_for(max_stack: int | None, max_trace: int | None) -> WorkerPool:
+    """The default pool, or the one with the ``max_stack``/``max_trace`` asked for."""
+    if max_stack is None and max_trace is None:
+        return get_default_pool()
+    defaults = PoolConfig()
+    key = (
+        defaults.max_stack if max_stack is None else max_stack,
+        defaults.max_trace if max_trace is None else max_trace,
+    )
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            try:
+                config = defaults.replace(max_stack=key[0], max_trace=key[1])
+            except Error as exc:
+                raise ValueError(str(exc)) from None
+            pool = _pools[key] = WorkerPool(config=config)
+        return pool
+
+
+def _check_arguments(
+    function: str, ext_vars: dict[str, str] | None, tla_vars: dict[str, str] | None, **kwargs: Any
+) -> None:
+    for name in kwargs:
+        if name in _UNSUPPORTED:
+            raise TypeError(f"{function}: {name} is not supported inside the sandbox")
+        if name not in _IGNORED:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+    for name, mapping in (("ext_vars", ext_vars), ("tla_vars", tla_vars)):
+        if mapping and not all(isinstance(v, str) for v in mapping.values()):
+            raise TypeError(f"{name} values must be str, as in _jsonnet")
 
 
 def evaluate_snippet(
@@ -28,22 +71,12 @@ def evaluate_snippet(
     tla_vars: dict[str, str] | None = None,
     tla_codes: dict[str, str] | None = None,
     max_stack: int | None = None,
+    max_trace: int | None = None,
     **kwargs: Any,
 ) -> str:
-    for name in kwargs:
-        if name in _UNSUPPORTED:
-            raise TypeError(f"evaluate_snippet: {name} is not supported inside the sandbox")
-        if name not in _IGNORED:
-            raise TypeError(f"evaluate_snippet() got an unexpected keyword argument {name!r}")
-    for name, mapping in (("ext_vars", ext_vars), ("tla_vars", tla_vars)):
-        if mapping and not all(isinstance(v, str) for v in mapping.values()):
-            raise TypeError(f"{name} values must be str, as in _jsonnet")
-    pool = get_default_pool()
-    if max_stack is not None and max_stack != pool.max_stack:
-        raise TypeError(
-            f"max_stack={max_stack} differs from the default pool's {pool.max_stack}; "
-            "set it on a WorkerPool and install it with set_default_pool()"
-        )
+    """``_jsonnet.evaluate_snippet``, in the sandbox."""
+    _check_arguments("evaluate_snippet", ext_vars, tla_vars, **kwargs)
+    pool = _pool_for(max_stack, max_trace)
     try:
         return pool.evaluate_json(
             src,
@@ -57,3 +90,39 @@ def evaluate_snippet(
         raise RuntimeError(exc.message) from None
     except Error as exc:
         raise RuntimeError(str(exc)) from exc
+
+
+def evaluate_file(
+    filename: str,
+    *,
+    ext_vars: dict[str, str] | None = None,
+    ext_codes: dict[str, str] | None = None,
+    tla_vars: dict[str, str] | None = None,
+    tla_codes: dict[str, str] | None = None,
+    max_stack: int | None = None,
+    max_trace: int | None = None,
+    **kwargs: Any,
+) -> str:
+    """``_jsonnet.evaluate_file``: the file is read here, in the parent (the worker can open
+    nothing), and evaluated under its name; RuntimeError as the binding words it when it
+    cannot be read."""
+    _check_arguments("evaluate_file", ext_vars, tla_vars, **kwargs)
+    try:
+        with open(filename, encoding="utf-8") as handle:
+            source = handle.read()
+    except IsADirectoryError as exc:
+        raise RuntimeError(f"Reading input file: {filename}: {exc.strerror}") from None
+    except OSError as exc:
+        raise RuntimeError(f"Opening input file: {filename}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise RuntimeError(f"Reading input file: {filename}: not UTF-8") from None
+    return evaluate_snippet(
+        filename,
+        source,
+        ext_vars=ext_vars,
+        ext_codes=ext_codes,
+        tla_vars=tla_vars,
+        tla_codes=tla_codes,
+        max_stack=max_stack,
+        max_trace=max_trace,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -61,17 +62,26 @@ class ServiceProcess:
 
 
 @contextmanager
-def running_service(config: Path | None, log_dir: Path) -> Iterator[ServiceProcess]:
-    """``python -m jsonnet_worker serve`` on a free port of 127.0.0.1, ready when /healthz
-    answers 200; stopped with SIGTERM at the end."""
+def running_service(
+    config: Path | None,
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[ServiceProcess]:
+    """``python -m jsonnet_worker serve`` (with ``args``) on a free port of 127.0.0.1, ready
+    when /readyz answers 200; stopped with SIGTERM at the end."""
     port = free_port()
-    command = [sys.executable, "-m", "jsonnet_worker", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "jsonnet_worker", "serve", "--port", str(port), *args]
     if config is not None:
         command += ["--config", str(config)]
     log_path = log_dir / f"service-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
     service = ServiceProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:
@@ -80,7 +90,7 @@ def running_service(config: Path | None, log_dir: Path) -> Iterator[ServiceProce
             if process.poll() is not None:
                 raise AssertionError(f"the service exited ({process.returncode}):\n{service.log()}")
             try:
-                if httpx.get(f"{service.base_url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{service.base_url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -157,12 +167,21 @@ def benign_calls() -> list[Call]:
 
 def hostile_calls(max_body: int) -> list[Call]:
     loop = "local f(n) = f(n + 1) tailstrict; f(0)"
+    # The snippets that fail on their own get the longest timeout a request may ask for
+    # (serve.max_request_timeout), so that a loaded machine cannot turn their 422 into a 504.
+    patient = 10.0
     return [
         _call("/v1/evaluate", {"snippet": loop, "timeout": 0.2}, 504),
-        _call("/v1/evaluate", {"snippet": "error 'hostile'"}, 422),
-        _call("/v1/evaluate", {"snippet": "importstr '/etc/passwd'"}, 422),
-        _call("/v1/evaluate", {"snippet": "std.makeArray(100000, function(i) i)"}, 422),
-        _call("/v1/evaluate", {"snippet": "local f(n) = f(n + 1) + 1; f(0)"}, 422),
+        _call("/v1/evaluate", {"snippet": "error 'hostile'", "timeout": patient}, 422),
+        _call("/v1/evaluate", {"snippet": "importstr '/etc/passwd'", "timeout": patient}, 422),
+        _call(
+            "/v1/evaluate",
+            {"snippet": "std.makeArray(100000, function(i) i)", "timeout": patient},
+            422,
+        ),
+        _call(
+            "/v1/evaluate", {"snippet": "local f(n) = f(n + 1) + 1; f(0)", "timeout": patient}, 422
+        ),
         _call("/v1/mappers/github", {"claims": "not an object"}, 400),
         Call("/v1/evaluate", b'{"snippet": ', True, 400),
         Call("/v1/evaluate", b'{"snippet": "' + b"x" * max_body + b'"}', True, 413),
@@ -195,7 +214,11 @@ async def _load(
     queue: asyncio.Queue[Call] = asyncio.Queue()
     for call in plan:
         queue.put_nowait(call)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Connections idle longer than this are not reused; the server keeps them far longer
+    # (serve.keep_alive_timeout), so none is reused while the server closes it.
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=5.0
+    )
     headers = {"content-type": "application/json"}
 
     async def client_task(client: httpx.AsyncClient) -> None:

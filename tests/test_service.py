@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import jsonnet_worker
 from conftest import DATA, load_cases
 from servicekit import GITHUB_CLAIMS, GITHUB_EXPECT, ServiceProcess, pid_alive, running_service
 
@@ -140,6 +141,10 @@ def test_evaluate_jsonnet_errors_are_422_with_the_message(client: httpx.Client) 
     )
 
 
+REFUSED_BY_THE_POOL = [
+    b'{"snippet": "1", "ext_vars": {"a": NaN}}',
+    b'{"snippet": "1", "ext_vars": {"a": 1}, "ext_codes": {"a": "1"}}',
+]
 BAD_BODIES = [
     b"",
     b"{",
@@ -151,8 +156,6 @@ BAD_BODIES = [
     b'{"snippet": "1", "unknown": 1}',
     b'{"snippet": "1", "ext_vars": [1]}',
     b'{"snippet": "1", "ext_codes": {"a": 1}}',
-    b'{"snippet": "1", "ext_vars": {"a": NaN}}',
-    b'{"snippet": "1", "ext_vars": {"a": 1}, "ext_codes": {"a": "1"}}',
     b'{"snippet": "1", "timeout": 0}',
     b'{"snippet": "1", "timeout": -1}',
     b'{"snippet": "1", "timeout": 11}',
@@ -167,6 +170,8 @@ def test_bad_input_is_400_and_costs_no_worker(
     before = service.health()["pool"]
     for body in BAD_BODIES:
         error_of(client.post("/v1/evaluate", content=body), 400, "bad_request")
+    for body in REFUSED_BY_THE_POOL:  # the library's InvalidArgument: its own kind
+        error_of(client.post("/v1/evaluate", content=body), 400, "invalid_argument")
     after = service.health()["pool"]
     assert after["worker_pids"] == before["worker_pids"]
     assert after["respawns"] == before["respawns"]
@@ -260,15 +265,24 @@ def test_metrics_count_what_happened(client: httpx.Client) -> None:
     client.post(
         "/v1/evaluate", json={"snippet": "local f(n) = f(n + 1) tailstrict; f(0)", "timeout": 0.1}
     )
+    client.post("/v1/evaluate", content=b"{not json", headers={"content-type": "application/json"})
     after = metric_values(client)
-    assert delta("jsonnet_worker_evaluations_total") == 1
-    assert delta("jsonnet_worker_errors_total", kind="JsonnetError") == 1
-    assert delta("jsonnet_worker_errors_total", kind="EvaluationTimeout") == 1
-    assert delta("jsonnet_worker_timeouts_total") == 1
+    # one vocabulary: the library's Error.kind in every label, every outcome counted
+    assert delta("jsonnet_worker_evaluations_total", endpoint="mapper", outcome="ok") == 1
+    for outcome in ("jsonnet_error", "timeout", "bad_request"):
+        assert delta("jsonnet_worker_evaluations_total", endpoint="evaluate", outcome=outcome) == 1
+    assert delta("jsonnet_worker_errors_total", kind="jsonnet_error") == 1
+    assert delta("jsonnet_worker_errors_total", kind="timeout") == 1
+    assert ("jsonnet_worker_timeouts_total", ()) not in after  # errors_total{kind} says it
+    assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="400") == 1
+    assert after["jsonnet_worker_sandbox_enforced", ()] == 1
+    assert after["jsonnet_worker_sandbox_complete", ()] in (0, 1)
+    build = [key for key in after if key[0] == "jsonnet_worker_build_info"]
+    assert len(build) == 1 and dict(build[0][1])["version"] == jsonnet_worker.__version__
     assert delta("jsonnet_worker_http_requests_total", endpoint="mapper", status="200") == 1
     assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="422") == 1
     assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="504") == 1
-    assert delta("jsonnet_worker_request_duration_seconds_count", endpoint="evaluate") == 2
+    assert delta("jsonnet_worker_request_duration_seconds_count", endpoint="evaluate") == 3
     assert (
         delta("jsonnet_worker_request_duration_seconds_bucket", endpoint="mapper", le="+Inf") == 1
     )
@@ -287,6 +301,8 @@ def test_openapi_describes_every_route_and_error(
         "/v1/evaluate",
         "/v1/mappers/{name}",
         "/v1/templates/{name}",
+        "/livez",
+        "/readyz",
         "/healthz",
         "/metrics",
         "/openapi.json",

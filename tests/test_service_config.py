@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+import jsonnet_worker
 from conftest import DATA
-from jsonnet_worker import _cli
-from jsonnet_worker.service import ConfigError, SnippetKind, load_config
+from jsonnet_worker import PoolConfig, _cli
+from jsonnet_worker.service import ApiError, ConfigError, SnippetKind, load_config
 from jsonnet_worker.service._config import parse_config
 
 
@@ -62,7 +65,10 @@ def test_base64_and_relative_paths(tmp_path: Path) -> None:
         ("pool: {engine: rust}", "pool.engine"),
         ("pool: {timeout: -1}", "pool.timeout"),
         ("pool: {queue_limit: 1.5}", "pool.queue_limit"),
-        ("pool: {workers: 2}", "unknown keys ['workers']"),
+        ("pool: {workers: 2}", "pool: unknown key(s) workers"),
+        ("pool: {require_sandbox: false}", "security.require_sandbox"),
+        ("security: {require_sandbox: 1}", "security.require_sandbox must be a bool"),
+        ("serve: {auth: {bearer_token_file: missing.txt}}", "bearer_token_file: cannot read"),
         ("serve: {max_body_bytes: 0}", "serve.max_body_bytes"),
         ("serve: {evaluate: {enabled: 'no'}}", "serve.evaluate.enabled"),
         ("serve: []", "serve must be a mapping"),
@@ -109,3 +115,55 @@ def test_serve_without_the_extra_names_it(
     assert _cli.main(["serve"]) == _cli.EXIT_USAGE
     error = capsys.readouterr().err
     assert "jsonnet-worker[serve]" in error and "starlette" in error
+
+
+def test_every_pool_option_is_a_pool_key_with_its_default(tmp_path: Path) -> None:
+    values = {
+        "size": 3,
+        "engine": "cpp",
+        "timeout": 2.5,
+        "memory_limit": 1 << 28,
+        "max_output": 4096,
+        "max_stack": 200,
+        "max_trace": 0,
+        "queue_limit": 7,
+        "queue_timeout": 1.5,
+        "spawn_timeout": 4.0,
+        "max_request": 1 << 20,
+        "spares": 2,
+        "worker_user": "70000-70009",
+        "max_calls_per_worker": 10,
+        "cpu_budget": 60.0,
+    }
+    names = {option.name for option in dataclasses.fields(PoolConfig)}
+    assert names - set(values) == {"require_sandbox"}  # from security.require_sandbox
+    config = parse_config(json.dumps({"pool": values}), tmp_path / "c.yaml")
+    expected = {**values, "worker_user": range(70000, 70010), "require_sandbox": True}
+    assert dataclasses.asdict(config.pool) == expected
+    assert parse_config("{}", tmp_path / "c.yaml").pool == PoolConfig()  # fails closed
+
+
+def test_environment_overrides_keys(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    environ = {
+        "JSONNET_WORKER_POOL_SIZE": "4",
+        "JSONNET_WORKER_POOL_MAX_CALLS_PER_WORKER": "null",
+        "JSONNET_WORKER_SECURITY_REQUIRE_SANDBOX": "false",
+        "JSONNET_WORKER_SERVE_EVALUATE_ENABLED": "false",
+        "JSONNET_WORKER_SERVE_AUTH_BEARER_TOKEN_FILE": str(token),
+        "UNRELATED": "1",
+    }
+    config = parse_config("pool: {size: 2, max_calls_per_worker: 5}", tmp_path / "c", environ)
+    assert config.pool.size == 4 and config.pool.max_calls_per_worker is None
+    assert config.pool.require_sandbox is False and config.evaluate_enabled is False
+    assert config.bearer_token == "s3cret"
+    with pytest.raises(ConfigError, match="JSONNET_WORKER_POOL_SIZ names no config key"):
+        parse_config("{}", tmp_path / "c", {"JSONNET_WORKER_POOL_SIZ": "4"})
+    with pytest.raises(ConfigError, match=r"pool\.size"):
+        parse_config("{}", tmp_path / "c", {"JSONNET_WORKER_POOL_SIZE": "four"})
+
+
+def test_config_errors_are_library_errors() -> None:
+    assert issubclass(ConfigError, jsonnet_worker.InvalidArgument)
+    assert issubclass(ApiError, jsonnet_worker.Error)

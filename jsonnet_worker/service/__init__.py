@@ -9,13 +9,12 @@ See README.md ("The service") for the API, the config and how to scale it out.
 """
 
 from ._app import create_app
-from ._config import ConfigError, PoolSettings, ServiceConfig, Snippet, SnippetKind, load_config
+from ._config import ConfigError, ServiceConfig, Snippet, SnippetKind, load_config
 from ._errors import ApiError
 
 __all__ = [
     "ApiError",
     "ConfigError",
-    "PoolSettings",
     "ServiceConfig",
     "Snippet",
     "SnippetKind",

@@ -7,12 +7,25 @@ take a worker down for longer than one respawn, or see a stack trace.
 
 Plan::
 
-    POST /v1/evaluate          {snippet, ext_vars, tla_vars, ext_codes, tla_codes, timeout}
-    POST /v1/mappers/{name}    {claims, identity?, timeout?}  claims/identity as ext code
-    POST /v1/templates/{name}  {ctx, timeout?}                ctx as top-level argument
-    GET  /healthz              pool state and sandbox status (503 while not serving)
+    POST /v1/evaluate          {snippet, ext_vars, tla_vars, ext_codes, tla_codes, timeout,
+                                tenant?}
+    POST /v1/mappers/{name}    {claims, identity?, timeout?, tenant?}  claims/identity as ext
+                                                                       code
+    POST /v1/templates/{name}  {ctx, timeout?, tenant?}                ctx as top-level argument
+    GET  /livez                200 while the process answers
+    GET  /readyz               200 once the pool serves (503 before, and while the sandbox is
+                               required but not enforced)
+    GET  /healthz              pool state and the sandbox verdict ("ok" or "degraded" with
+                               reasons; 503 while not serving)
     GET  /metrics              Prometheus text format
     GET  /openapi.json         the OpenAPI description
+
+Trust domains: a request's optional ``tenant`` is passed to the pool in one of two
+namespaces, ``config:<tenant>`` for the configured mappers and templates and
+``adhoc:<tenant>`` for ``/v1/evaluate``, so an ad-hoc snippet never runs in a worker that
+serves a configured mapper (a compromised worker could read later callers' claims). With
+``serve.auth.bearer_token_file`` set, every ``/v1/*`` request needs ``Authorization: Bearer
+<token>`` (compared in constant time; 401 otherwise).
 
 A body is read in chunks and refused with 413 as soon as it passes ``serve.max_body_bytes``
 (before any JSON parsing). The answer of an evaluation is the engine's manifested JSON
@@ -24,7 +37,9 @@ and the answer is dropped), which is the cheaper choice: cancelling costs a work
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -35,13 +50,16 @@ from typing import Any
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._errors import Error
+from .._errors import Error, JsonnetError
 from .._pool import WorkerPool
-from .._status import PoolStats
+from .._status import PoolStats, SandboxStatus
+from .._verdict import SandboxVerdict, judge
 from ._config import ServiceConfig, Snippet
 from ._errors import ApiError, from_pool_error
 from ._metrics import CONTENT_TYPE, ServiceMetrics
@@ -52,6 +70,15 @@ logger = logging.getLogger("jsonnet_worker.service")
 #: Called once the pool has started and before the server listens; returns the host
 #: sandbox's status for /healthz. The command line passes the ``restrict_host`` step here.
 AfterStart = Callable[[WorkerPool, ServiceConfig], Mapping[str, Any]]
+CONFIG_DOMAIN = "config"
+ADHOC_DOMAIN = "adhoc"
+MAX_TENANT = 200
+
+
+class StartupCheckFailed(Error):
+    """A configured mapper or template does not parse or check: the service does not start."""
+
+    kind = "startup_check"
 
 
 class Service:
@@ -69,10 +96,13 @@ class Service:
         self.after_start = after_start
         self.host_sandbox: Mapping[str, Any] = {"applied": False, "reason": "not requested"}
         self.serving = pool is not None
-        self.metrics = ServiceMetrics(self.stats)
+        self.metrics = ServiceMetrics(self.stats, self.sandbox, config.pool.engine)
 
     def stats(self) -> PoolStats | None:
         return None if self.pool is None else self.pool.stats()
+
+    def sandbox(self) -> SandboxStatus | None:
+        return None if self.pool is None else self.pool.sandbox
 
     def running_pool(self) -> WorkerPool:
         if self.pool is None or not self.serving:
@@ -82,14 +112,16 @@ class Service:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         if self.pool is None:
-            settings = self.config.pool
             # Blocks until the workers said hello: fine at start, nothing is served yet.
-            self.pool = WorkerPool(settings.size, **settings.as_kwargs())
+            self.pool = WorkerPool(config=self.config.pool)
         try:
+            await self.check_snippets(self.pool)
             if self.after_start is not None:  # e.g. restrict_host: if it fails, stop here
                 self.host_sandbox = self.after_start(self.pool, self.config)
             self.serving = True
-            logger.info("serving with %d workers (%s)", self.pool.size, self.sandbox_summary())
+            verdict = self.verdict()
+            log = logger.info if verdict.complete else logger.warning
+            log("serving with %d workers; %s", self.pool.size, verdict.summary())
             yield
         finally:
             self.serving = False
@@ -99,9 +131,32 @@ class Service:
                 await anyio.to_thread.run_sync(pool.close, self.config.shutdown_timeout)
                 logger.info("pool closed, workers reaped")
 
-    def sandbox_summary(self) -> str:
-        sandbox = None if self.pool is None else self.pool.sandbox
-        return "workers: no sandbox reported" if sandbox is None else sandbox.summary()
+    async def check_snippets(self, pool: WorkerPool) -> None:
+        """Parse and statically check every configured mapper and template in the sandbox
+        (without evaluating them); StartupCheckFailed naming the first that fails."""
+        check = getattr(pool, "acheck", None)
+        if check is None:  # a pool without the check call path (INTERFACES.md item 2)
+            logger.warning("this pool cannot check snippets: not checked at start")
+            return
+        for snippet in [*self.config.mappers.values(), *self.config.templates.values()]:
+            try:
+                await check(snippet.source, filename=snippet.filename, tenant=CONFIG_DOMAIN)
+            except JsonnetError as exc:
+                raise StartupCheckFailed(
+                    f"{snippet.kind.value} {snippet.name!r} ({snippet.key}: {snippet.uri}) "
+                    f"does not check: {exc.message.rstrip()}"
+                ) from None
+
+    def verdict(self) -> SandboxVerdict:
+        return judge(None if self.pool is None else self.pool.sandbox)
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether requests can be served, and why not."""
+        if self.pool is None or not self.serving:
+            return False, "the pool is not serving"
+        if self.config.pool.require_sandbox and not self.verdict().enforced:
+            return False, "the sandbox is required but not enforced"
+        return True, ""
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -110,7 +165,8 @@ class Service:
             raise ApiError(403, "evaluate_disabled", "ad-hoc snippets are disabled")
         body = await self.read_body(request)
         _check_fields(
-            body, {"snippet", "ext_vars", "tla_vars", "ext_codes", "tla_codes", "timeout"}
+            body,
+            {"snippet", "ext_vars", "tla_vars", "ext_codes", "tla_codes", "timeout", "tenant"},
         )
         snippet = body.get("snippet")
         if not isinstance(snippet, str):
@@ -120,6 +176,7 @@ class Service:
             snippet,
             "snippet.jsonnet",
             body,
+            ADHOC_DOMAIN,
             ext_vars=_object(body, "ext_vars"),
             tla_vars=_object(body, "tla_vars"),
             ext_codes=_codes(body, "ext_codes"),
@@ -129,39 +186,63 @@ class Service:
     async def mapper(self, request: Request) -> Response:
         mapper = self.named(self.config.mappers, request, "mapper")
         body = await self.read_body(request)
-        _check_fields(body, {"claims", "identity", "timeout"})
+        _check_fields(body, {"claims", "identity", "timeout", "tenant"})
         if not isinstance(body.get("claims"), dict):
             raise ApiError(400, "bad_request", "'claims' must be an object")
         ext_vars = {"claims": body["claims"]}
         if body.get("identity") is not None:
             ext_vars["identity"] = _object(body, "identity")
-        return await self.run("mapper", mapper.source, mapper.filename, body, ext_vars=ext_vars)
+        return await self.run(
+            "mapper", mapper.source, mapper.filename, body, CONFIG_DOMAIN, ext_vars=ext_vars
+        )
 
     async def template(self, request: Request) -> Response:
         template = self.named(self.config.templates, request, "template")
         body = await self.read_body(request)
-        _check_fields(body, {"ctx", "timeout"})
+        _check_fields(body, {"ctx", "timeout", "tenant"})
         if not isinstance(body.get("ctx"), dict):
             raise ApiError(400, "bad_request", "'ctx' must be an object")
         return await self.run(
-            "template", template.source, template.filename, body, tla_vars={"ctx": body["ctx"]}
+            "template",
+            template.source,
+            template.filename,
+            body,
+            CONFIG_DOMAIN,
+            tla_vars={"ctx": body["ctx"]},
         )
+
+    async def livez(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        ready, reason = self.ready()
+        if ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
     async def healthz(self, request: Request) -> Response:
         stats = self.stats()
         sandbox = None if self.pool is None else self.pool.sandbox
+        verdict = judge(sandbox)
+        reasons = list(verdict.reasons)
+        if stats is not None and stats.alive == 0:
+            reasons.insert(0, "no worker alive")
+        if self.host_sandbox.get("applied") is False:
+            reasons.append(f"host sandbox not applied: {self.host_sandbox.get('reason', '')}")
         if stats is None or not self.serving:
             status, code = "unavailable", 503
         else:
-            status, code = ("ok", 200) if stats.alive > 0 else ("degraded", 200)
+            status, code = ("degraded" if reasons else "ok"), 200
         body: dict[str, Any] = {
             "status": status,
+            "reasons": reasons,
             "pool": None if stats is None else _stats_json(stats),
             "sandbox": {
                 "workers": None
                 if sandbox is None
                 else {
-                    "enforced": sandbox.enforced,
+                    "enforced": verdict.enforced,
+                    "complete": verdict.complete,
                     "summary": sandbox.summary(),
                     "reason": sandbox.reason,
                 },
@@ -212,28 +293,59 @@ class Service:
         return body
 
     async def run(
-        self, endpoint: str, snippet: str, filename: str, body: Mapping[str, Any], **variables: Any
+        self,
+        endpoint: str,
+        snippet: str,
+        filename: str,
+        body: Mapping[str, Any],
+        domain: str,
+        **variables: Any,
     ) -> Response:
-        """Evaluate on the pool; time it; turn a typed error into its HTTP answer."""
+        """Evaluate on the pool in the tenant's domain; time it; turn a typed error into its
+        HTTP answer."""
         pool = self.running_pool()
         timeout = self.request_timeout(body)
-        started = time.perf_counter()
-        status = 200
+        tenant = _tenant(body, domain)
         try:
             text = await pool.aevaluate_json(
-                snippet, filename=filename, timeout=timeout, **variables
+                snippet, filename=filename, timeout=timeout, tenant=tenant, **variables
             )
         except Error as exc:
-            error = from_pool_error(exc)
-            status = error.status
-            raise error from None
+            raise from_pool_error(exc) from None
         except (TypeError, ValueError, RecursionError) as exc:
             # The pool refused a variable before sending anything (a NaN, a name twice).
-            status = 400
             raise ApiError(400, "bad_request", str(exc)) from None
-        finally:
-            self.metrics.observe(endpoint, status, time.perf_counter() - started)
         return Response(text, media_type="application/json")
+
+    def counted(
+        self, endpoint: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` behind the bearer token (when configured), with every outcome counted
+        by endpoint, status and kind (a 400 for a bad body too) and timed."""
+
+        async def counted_handler(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                self.authorize(request)
+                response = await handler(request)
+            except ApiError as exc:
+                self.metrics.observe(endpoint, exc.status, exc.kind, time.perf_counter() - started)
+                raise
+            elapsed = time.perf_counter() - started
+            self.metrics.observe(endpoint, response.status_code, "ok", elapsed)
+            return response
+
+        return counted_handler
+
+    def authorize(self, request: Request) -> None:
+        token = self.config.bearer_token
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
 
     def request_timeout(self, body: Mapping[str, Any]) -> float | None:
         timeout = body.get("timeout")
@@ -250,6 +362,19 @@ class Service:
                 400, "bad_request", f"'timeout' must be a number of seconds in (0, {ceiling}]"
             )
         return float(timeout)
+
+
+def _tenant(body: Mapping[str, Any], domain: str) -> str:
+    """The pool's tenant for this request: its ``tenant`` field within ``domain``, so the
+    configured snippets' and ad-hoc snippets' workers never mix."""
+    tenant = body.get("tenant")
+    if tenant is None:
+        return domain
+    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT:
+        raise ApiError(
+            400, "bad_request", f"'tenant' must be a non-empty string of at most {MAX_TENANT}"
+        )
+    return f"{domain}:{tenant}"
 
 
 def _check_fields(body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -322,9 +447,15 @@ def create_app(
     its lifespan and closes it at shutdown; with one, the caller owns it."""
     service = Service(config, pool, after_start)
     routes = [
-        Route("/v1/evaluate", service.evaluate, methods=["POST"]),
-        Route("/v1/mappers/{name}", service.mapper, methods=["POST"]),
-        Route("/v1/templates/{name}", service.template, methods=["POST"]),
+        Route("/v1/evaluate", service.counted("evaluate", service.evaluate), methods=["POST"]),
+        Route("/v1/mappers/{name}", service.counted("mapper", service.mapper), methods=["POST"]),
+        Route(
+            "/v1/templates/{name}",
+            service.counted("template", service.template),
+            methods=["POST"],
+        ),
+        Route("/livez", service.livez, methods=["GET"]),
+        Route("/readyz", service.readyz, methods=["GET"]),
         Route("/healthz", service.healthz, methods=["GET"]),
         Route("/metrics", service.metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", service.openapi, methods=["GET"]),
@@ -338,6 +469,38 @@ def create_app(
         routes=routes,
         exception_handlers=handlers,
         lifespan=service.lifespan,
+        middleware=[Middleware(CancelledAnswer)],
     )
     app.state.service = service
     return app
+
+
+class CancelledAnswer:
+    """A request cancelled before it answered (uvicorn cancels what is still running once
+    ``serve.shutdown_timeout`` is overrun) gets the JSON error envelope (503), not a
+    text/plain 500 and a CancelledError traceback in the log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            logger.warning(
+                "%s %s cancelled at shutdown before it answered", scope["method"], scope["path"]
+            )
+            error = ApiError(503, "unavailable", "the service is shutting down")
+            await error.response()(scope, receive, send)

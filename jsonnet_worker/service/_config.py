@@ -20,6 +20,13 @@ three Kratos places are walked for snippets:
 URIs are ``file://`` (relative paths are resolved against the config file's directory, so
 the embedded default works from any working directory) or ``base64://`` as in Kratos.
 
+Environment variables override keys of the file: ``JSONNET_WORKER_`` and the key's path
+in upper case, ``_`` between its parts (``JSONNET_WORKER_POOL_SIZE=4``,
+``JSONNET_WORKER_SECURITY_REQUIRE_SANDBOX=false``, ``JSONNET_WORKER_SERVE_MAX_BODY_BYTES``);
+the value is read as a YAML scalar (``4``, ``true``, ``null``). Only the keys in
+``ENV_KEYS`` can be set this way (every ``pool`` key among them), and an unknown
+``JSONNET_WORKER_*`` variable is a ConfigError, so a typo is never ignored.
+
 Weak spots: only the keys above are walked (a Kratos key added later needs a line here), and
 http(s) URIs are refused: fetching code over the network at start is out of scope.
 """
@@ -29,7 +36,9 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import dataclasses
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -39,24 +48,39 @@ from typing import Any
 
 import yaml
 
-from .._pool import (
-    DEFAULT_MAX_OUTPUT,
-    DEFAULT_MAX_STACK,
-    DEFAULT_MEMORY_LIMIT,
-    DEFAULT_QUEUE_LIMIT,
-    DEFAULT_QUEUE_TIMEOUT,
-    DEFAULT_TIMEOUT,
-)
+from .._config import PoolConfig
+from .._errors import InvalidArgument
 
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_REQUEST_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# An idle connection is kept longer than the clients that reuse connections keep theirs
+# (httpx 5 s, Go's net/http 90 s: Kratos is a Go client). With uvicorn's 5 s, a client that
+# reused a connection just as the server closed it got a ReadError (the load test, 1 run in 3).
+DEFAULT_KEEP_ALIVE_TIMEOUT = 100.0
 EMBEDDED_CONFIG = "default.yaml"
 
 
-class ConfigError(ValueError):
+ENV_PREFIX = "JSONNET_WORKER_"
+# The keys environment variables may set, as paths into the document.
+ENV_KEYS: tuple[tuple[str, ...], ...] = (
+    *(("pool", option.name) for option in dataclasses.fields(PoolConfig)),
+    ("serve", "max_body_bytes"),
+    ("serve", "max_request_timeout"),
+    ("serve", "shutdown_timeout"),
+    ("serve", "keep_alive_timeout"),
+    ("serve", "evaluate", "enabled"),
+    ("serve", "auth", "bearer_token_file"),
+    ("security", "require_sandbox"),
+    ("security", "landlock", "disabled"),
+)
+
+
+class ConfigError(InvalidArgument):
     """The configuration file is missing, not YAML, or has a bad value (the message names
     the key)."""
+
+    kind = "service_config"
 
 
 class SnippetKind(Enum):
@@ -85,43 +109,18 @@ class Snippet:
 
 
 @dataclass(frozen=True)
-class PoolSettings:
-    """The ``pool`` section: keyword arguments of ``WorkerPool``."""
-
-    size: int | None = None
-    engine: str = "go"
-    timeout: float = DEFAULT_TIMEOUT
-    memory_limit: int = DEFAULT_MEMORY_LIMIT
-    max_output: int = DEFAULT_MAX_OUTPUT
-    max_stack: int = DEFAULT_MAX_STACK
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
-    require_sandbox: bool = False
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {
-            "engine": self.engine,
-            "timeout": self.timeout,
-            "memory_limit": self.memory_limit,
-            "max_output": self.max_output,
-            "max_stack": self.max_stack,
-            "queue_limit": self.queue_limit,
-            "queue_timeout": self.queue_timeout,
-            "require_sandbox": self.require_sandbox,
-        }
-
-
-@dataclass(frozen=True)
 class ServiceConfig:
     """Everything the service needs, validated; ``raw`` is the mapping for ``restrict_host``."""
 
-    pool: PoolSettings = field(default_factory=PoolSettings)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     mappers: Mapping[str, Snippet] = field(default_factory=dict)
     templates: Mapping[str, Snippet] = field(default_factory=dict)
     evaluate_enabled: bool = True
     max_body: int = DEFAULT_MAX_BODY
     max_request_timeout: float = DEFAULT_MAX_REQUEST_TIMEOUT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    bearer_token: str | None = None  # serve.auth.bearer_token_file's content, read at start
     raw: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the file read (the packaged default.yaml without --config)
 
@@ -131,15 +130,46 @@ class ServiceConfig:
         return landlock.get("disabled") is True
 
 
-def load_config(path: str | Path | None = None) -> ServiceConfig:
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> ServiceConfig:
     """Read and validate a config file (None: the embedded default) and every snippet it
-    names. Raises ConfigError."""
+    names, with ``JSONNET_WORKER_*`` variables of ``environ`` (default: ``os.environ``)
+    overriding its keys. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
     if path is None:
         embedded = resources.files(__package__).joinpath(EMBEDDED_CONFIG)
         with resources.as_file(embedded) as embedded_path:
-            return parse_config(embedded_path.read_text(encoding="utf-8"), embedded_path)
+            text = embedded_path.read_text(encoding="utf-8")
+            return parse_config(text, embedded_path, environ)
     config_path = Path(path)
-    return parse_config(_read_text(config_path, "the config"), config_path)
+    return parse_config(_read_text(config_path, "the config"), config_path, environ)
+
+
+def _env_name(key: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(key).upper()
+
+
+def apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Set each key a ``JSONNET_WORKER_*`` variable names (ConfigError for an unknown one)."""
+    known = {_env_name(key): key for key in ENV_KEYS}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = known.get(name)
+        if key is None:
+            raise ConfigError(f"environment: {name} names no config key; known: {sorted(known)}")
+        try:
+            value = yaml.safe_load(environ[name])
+        except yaml.YAMLError:
+            raise ConfigError(f"environment: {name} is not a YAML scalar") from None
+        holder = document
+        for part in key[:-1]:
+            nested = holder.setdefault(part, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"{'.'.join(key[:-1])} must be a mapping")
+            holder = nested
+        holder[key[-1]] = value
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -152,9 +182,12 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{what}: {path} is not UTF-8") from None
 
 
-def parse_config(text: str, path: Path | None = None) -> ServiceConfig:
-    """Validate YAML ``text``; relative ``file://`` URIs are resolved against ``path``'s
-    directory (the working directory when ``path`` is None)."""
+def parse_config(
+    text: str, path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> ServiceConfig:
+    """Validate YAML ``text`` (with ``environ``'s ``JSONNET_WORKER_*`` overrides); relative
+    ``file://`` URIs are resolved against ``path``'s directory (the working directory when
+    ``path`` is None)."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -164,6 +197,7 @@ def parse_config(text: str, path: Path | None = None) -> ServiceConfig:
     if not isinstance(document, dict):
         raise ConfigError("the config must be a mapping at the top level")
     raw: dict[str, Any] = copy.deepcopy(document)
+    apply_environment(raw, environ or {})
     base = path.parent.resolve() if path is not None else Path.cwd()
     serve = _section(raw, "serve")
     evaluate = _section(serve, "evaluate", where="serve")
@@ -174,7 +208,8 @@ def parse_config(text: str, path: Path | None = None) -> ServiceConfig:
     for name, key, holder, field_name in _template_places(raw):
         _add(templates, _load_snippet(name, SnippetKind.TEMPLATE, key, holder, field_name, base))
     return ServiceConfig(
-        pool=_pool_settings(_section(raw, "pool")),
+        pool=_pool_config(raw),
+        bearer_token=_bearer_token(_section(serve, "auth", where="serve"), base),
         mappers=mappers,
         templates=templates,
         evaluate_enabled=_typed(evaluate, "enabled", bool, True, "serve.evaluate"),
@@ -184,6 +219,9 @@ def parse_config(text: str, path: Path | None = None) -> ServiceConfig:
         ),
         shutdown_timeout=_positive(
             serve, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, "serve"
+        ),
+        keep_alive_timeout=_positive(
+            serve, "keep_alive_timeout", float, DEFAULT_KEEP_ALIVE_TIMEOUT, "serve"
         ),
         raw=raw,
         path=path,
@@ -284,28 +322,40 @@ def _add(snippets: dict[str, Snippet], snippet: Snippet) -> None:
 # -- typed access -------------------------------------------------------------------------
 
 
-def _pool_settings(pool: Mapping[str, Any]) -> PoolSettings:
-    known = set(PoolSettings.__dataclass_fields__)
-    unknown = sorted(set(pool) - known)
-    if unknown:
-        raise ConfigError(f"pool: unknown keys {unknown}; known: {sorted(known)}")
-    size = pool.get("size")
-    if size is not None and (not _is_int(size) or size < 1):
-        raise ConfigError("pool.size must be a positive integer or null")
-    engine = _typed(pool, "engine", str, "go", "pool")
-    if engine not in ("go", "cpp"):
-        raise ConfigError("pool.engine must be 'go' or 'cpp'")
-    return PoolSettings(
-        size=size,
-        engine=engine,
-        timeout=_positive(pool, "timeout", float, DEFAULT_TIMEOUT, "pool"),
-        memory_limit=_positive(pool, "memory_limit", int, DEFAULT_MEMORY_LIMIT, "pool"),
-        max_output=_positive(pool, "max_output", int, DEFAULT_MAX_OUTPUT, "pool"),
-        max_stack=_positive(pool, "max_stack", int, DEFAULT_MAX_STACK, "pool"),
-        queue_limit=_positive(pool, "queue_limit", int, DEFAULT_QUEUE_LIMIT, "pool"),
-        queue_timeout=_positive(pool, "queue_timeout", float, DEFAULT_QUEUE_TIMEOUT, "pool"),
-        require_sandbox=_typed(pool, "require_sandbox", bool, False, "pool"),
-    )
+def _pool_config(raw: Mapping[str, Any]) -> PoolConfig:
+    """The ``pool`` section as a PoolConfig; ``require_sandbox`` comes from
+    ``security.require_sandbox`` (default true: fail closed)."""
+    pool = dict(_section(raw, "pool"))
+    security = _section(raw, "security")
+    required = _typed(security, "require_sandbox", bool, True, "security")
+    if pool.get("require_sandbox", required) != required:
+        raise ConfigError(
+            "pool.require_sandbox and security.require_sandbox differ; set security's only"
+        )
+    pool["require_sandbox"] = required
+    worker_user = pool.get("worker_user")
+    if isinstance(worker_user, str) and worker_user.partition("-")[2].isdigit():
+        first, _, last = worker_user.partition("-")
+        if first.isdigit():
+            pool["worker_user"] = range(int(first), int(last) + 1)  # "FIRST-LAST", both in
+    try:
+        return PoolConfig.from_mapping(pool, "pool")
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _bearer_token(auth: Mapping[str, Any], base: Path) -> str | None:
+    path = auth.get("bearer_token_file")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise ConfigError("serve.auth.bearer_token_file must be a path")
+    token = _read_text(base / path, "serve.auth.bearer_token_file").strip()
+    if not token:
+        raise ConfigError(f"serve.auth.bearer_token_file: {base / path} is empty")
+    return token
 
 
 def _section(mapping: Mapping[str, Any], *keys: str, where: str = "") -> dict[str, Any]:

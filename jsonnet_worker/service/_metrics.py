@@ -2,28 +2,37 @@
 request latency, observed per request.
 
 Goals: ``/metrics`` in the Prometheus text format via prometheus_client, with the figures an
-operator alerts on (evaluations, errors by kind, timeouts, crashes, respawns, queue depth,
-workers by state, latency), and no second set of counters that could drift from the pool's.
+operator alerts on, in one vocabulary: every ``kind`` label is the library's ``Error.kind``
+(the word the HTTP body and ``PoolStats.errors`` use), and no second set of counters that
+could drift from the pool's.
 
 Plan: a custom collector turns ``WorkerPool.stats()`` into metric families on each scrape
-(the pool already counts, under its own lock); the service adds a request counter by
-endpoint and status and a latency histogram by endpoint. Each app gets its own
-``CollectorRegistry``, so several apps (tests, embedding) never collide in the global one.
+(the pool already counts, under its own lock): ``errors_total{kind}``, crashes, respawns,
+start failures, queue depth, workers by state, and the sandbox verdict
+(``sandbox_enforced``, ``sandbox_complete``). The service counts every request outcome in
+``evaluations_total{endpoint,outcome}`` (``ok`` or the error's kind: a 400 for bad JSON is
+``bad_request``) and ``http_requests_total{endpoint,status}``, times it, and exports
+``build_info{version,python,engine}``. Each app gets its own ``CollectorRegistry``, so
+several apps (tests, embedding) never collide in the global one.
 
-Weak spots: the pool's counters restart at zero with the process, as Prometheus expects of a
-counter; ``errors`` counts the pool's typed errors only (a 400 never reaches the pool: it is
-in the request counter's ``status`` label).
+Weak spots: the counters restart at zero with the process, as Prometheus expects of a
+counter; with several server processes each has its own pool and counters (README: "The
+service", scaling out).
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .._status import PoolStats
+from .. import __version__
+from .._errors import Error
+from .._status import PoolStats, SandboxStatus
+from .._verdict import judge
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "jsonnet_worker"
@@ -32,20 +41,41 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+def _error_classes(base: type[Error]) -> list[type[Error]]:
+    return [base, *(cls for sub in base.__subclasses__() for cls in _error_classes(sub))]
+
+
+_KIND_OF_CLASS = {cls.__name__: cls.kind for cls in _error_classes(Error)}
+
+
 class PoolCollector(Collector):
     """Reads the pool's stats at scrape time; ``read_stats`` returns None before the pool
     has started (then only the service's own metrics are shown)."""
 
-    def __init__(self, read_stats: Callable[[], PoolStats | None]) -> None:
+    def __init__(
+        self,
+        read_stats: Callable[[], PoolStats | None],
+        read_sandbox: Callable[[], SandboxStatus | None],
+    ) -> None:
         self.read_stats = read_stats
+        self.read_sandbox = read_sandbox
 
     def collect(self) -> Iterator[Metric]:
         stats = self.read_stats()
         if stats is None:
             return
+        verdict = judge(self.read_sandbox())
+        yield GaugeMetricFamily(
+            f"{PREFIX}_sandbox_enforced",
+            "1 while the workers report their Landlock sandbox enforced (require_sandbox).",
+            value=int(verdict.enforced),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_sandbox_complete",
+            "1 while every isolation layer is active (the doctor's and /healthz's verdict).",
+            value=int(verdict.complete),
+        )
         counters = [
-            ("evaluations", "Evaluations that returned a result.", stats.evaluations),
-            ("timeouts", "Evaluations killed at their deadline.", stats.timeouts),
             ("crashes", "Workers that died (during a call or while idle).", stats.crashes),
             ("respawns", "Workers started to replace one that ended.", stats.respawns),
             ("start_failures", "Workers that failed before their hello.", stats.start_failures),
@@ -53,9 +83,13 @@ class PoolCollector(Collector):
         for name, help_text, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
         errors = CounterMetricFamily(
-            f"{PREFIX}_errors", "Failed evaluations by error kind.", labels=["kind"]
+            f"{PREFIX}_errors", "The pool's failed calls by error kind.", labels=["kind"]
         )
-        for kind, count in sorted(stats.errors.items()):
+        by_kind: dict[str, int] = {}
+        for key, count in stats.errors.items():
+            kind = _KIND_OF_CLASS.get(key, key)  # stats keyed by class name (older pools)
+            by_kind[kind] = by_kind.get(kind, 0) + count
+        for kind, count in sorted(by_kind.items()):
             errors.add_metric([kind], count)
         yield errors
         yield GaugeMetricFamily(
@@ -77,9 +111,27 @@ class PoolCollector(Collector):
 class ServiceMetrics:
     """The registry of one app: the pool collector plus per-request metrics."""
 
-    def __init__(self, read_stats: Callable[[], PoolStats | None]) -> None:
+    def __init__(
+        self,
+        read_stats: Callable[[], PoolStats | None],
+        read_sandbox: Callable[[], SandboxStatus | None],
+        engine: str,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(PoolCollector(read_stats))
+        self.registry.register(PoolCollector(read_stats, read_sandbox))
+        build = Gauge(
+            f"{PREFIX}_build_info",
+            "The running version (always 1).",
+            ["version", "python", "engine"],
+            registry=self.registry,
+        )
+        build.labels(__version__, platform.python_version(), engine).set(1)
+        self.outcomes = Counter(
+            f"{PREFIX}_evaluations",
+            "Evaluation requests by endpoint and outcome (ok, or the error's kind).",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             f"{PREFIX}_http_requests",
             "HTTP requests by endpoint and status code.",
@@ -94,7 +146,8 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, endpoint: str, status: int, outcome: str, seconds: float) -> None:
+        self.outcomes.labels(endpoint, outcome).inc()
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 

@@ -19,8 +19,15 @@ _TIMEOUT = {
     "exclusiveMinimum": 0,
     "description": "Seconds; at most serve.max_request_timeout. Default: pool.timeout.",
 }
+_TENANT = {
+    "type": "string",
+    "maxLength": 200,
+    "description": "Trust domain: a worker that served one tenant never serves another "
+    "(configured snippets and ad-hoc snippets never share a worker either).",
+}
 _ERROR_STATUSES = {
     "400": "Bad input: not JSON, a wrong type, an unknown field, a bad timeout.",
+    "401": "serve.auth.bearer_token_file is set and the bearer token is missing or wrong.",
     "404": "No mapper or template of that name.",
     "413": "The body is over serve.max_body_bytes (or the request over the frame limit).",
     "422": "The snippet failed: jsonnet_error (the engine's message), output_too_large, "
@@ -52,7 +59,7 @@ def _evaluation(summary: str, body_schema: dict[str, Any], *extra: str) -> dict[
             },
             "responses": {
                 "200": {"description": "The result.", "content": {"application/json": {}}},
-                **_errors("400", *extra, "413", "422", "502", "503", "504"),
+                **_errors("400", "401", *extra, "413", "422", "502", "503", "504"),
             },
         }
     }
@@ -80,6 +87,7 @@ def openapi_document() -> dict[str, Any]:
                 "claims": {"type": "object", "description": "ext code 'claims'"},
                 "identity": {"type": "object", "description": "ext code 'identity'"},
                 "timeout": _TIMEOUT,
+                "tenant": _TENANT,
             },
         ),
         "404",
@@ -87,7 +95,7 @@ def openapi_document() -> dict[str, Any]:
     mapper["parameters"] = [_NAME]
     template = _evaluation(
         "Render a named courier or web-hook body template (ctx as top-level argument).",
-        _body("ctx", {"ctx": {"type": "object"}, "timeout": _TIMEOUT}),
+        _body("ctx", {"ctx": {"type": "object"}, "timeout": _TIMEOUT, "tenant": _TENANT}),
         "404",
     )
     template["parameters"] = [_NAME]
@@ -106,6 +114,7 @@ def openapi_document() -> dict[str, Any]:
                 "ext_codes": {"type": "object", "additionalProperties": {"type": "string"}},
                 "tla_codes": {"type": "object", "additionalProperties": {"type": "string"}},
                 "timeout": _TIMEOUT,
+                "tenant": _TENANT,
             },
         ),
     )
@@ -125,13 +134,31 @@ def openapi_document() -> dict[str, Any]:
             "/v1/evaluate": evaluate,
             "/v1/mappers/{name}": mapper,
             "/v1/templates/{name}": template,
+            "/livez": {
+                "get": {
+                    "summary": "Liveness: the process answers.",
+                    "responses": {"200": {"description": "Alive."}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: the pool serves, with the sandbox where required.",
+                    "responses": {
+                        "200": {"description": "Ready."},
+                        "503": {
+                            "description": "Starting, shutting down, or the sandbox is "
+                            "required (security.require_sandbox) but not enforced.",
+                        },
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
-                    "summary": "Pool state and sandbox status.",
+                    "summary": "Pool state and the sandbox verdict.",
                     "responses": {
                         "200": {
-                            "description": "Serving (status ok, or degraded while no "
-                            "worker is alive).",
+                            "description": "Serving: status ok, or degraded with the "
+                            "reasons (no worker alive, a sandbox layer missing).",
                             "content": {"application/json": {}},
                         },
                         "503": {
