@@ -333,11 +333,15 @@ def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def build_program(table: SyscallTable, refusal: int = errno.EPERM) -> bytes:
+def build_program(
+    table: SyscallTable, refusal: int = errno.EPERM, *, process_clone: int | None = None
+) -> bytes:
     """The filter as ``struct sock_filter`` bytes.
 
     Layout: checks first, then one shared return per outcome at the end, so each check is a
     single conditional jump forward (classic BPF jumps only forward, by at most 255).
+    ``process_clone``: the one exact ``clone`` flag word that may make a process (the
+    template's fork, ``_template.FORK_FLAGS``); every other process-making clone is refused.
     """
     numbers = sorted(set(table.denied.values()))
     body: list[tuple[int, int, str | None, str | None]] = [
@@ -355,6 +359,7 @@ def build_program(table: SyscallTable, refusal: int = errno.EPERM) -> bytes:
         # clone: a new thread of this process may be made, nothing else.
         "clone": [
             (_LD_W_ABS, _OFFSET_ARG0_LOW, None, None),
+            *([(_JEQ_K, process_clone, "allow", None)] if process_clone is not None else []),
             (_JSET_K, CLONE_NAMESPACES, "refuse", "next"),
             (_JSET_K, CLONE_THREAD, "allow", "refuse"),
         ],
@@ -401,8 +406,11 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install(machine: str | None = None, refusal: int = errno.EPERM) -> SeccompResult:
+def install(
+    machine: str | None = None, refusal: int = errno.EPERM, *, process_clone: int | None = None
+) -> SeccompResult:
     """Apply the filter to every thread of this process (no_new_privs must already be set).
+    ``process_clone``: see ``build_program`` (the template's filter; workers pass None).
 
     Returns ``applied=False`` with the reason where the architecture has no table or the
     kernel has no seccomp filters; raises ``SeccompError`` where it has them but the filter
@@ -415,7 +423,7 @@ def install(machine: str | None = None, refusal: int = errno.EPERM) -> SeccompRe
     available, why = supported()
     if not available:
         return SeccompResult(False, arch, reason=why)
-    program = build_program(table, refusal)
+    program = build_program(table, refusal, process_clone=process_clone)
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
     libc = ctypes.CDLL(None, use_errno=True)
