@@ -53,9 +53,10 @@ class Talk:
     def __init__(self, process: WorkerProcess) -> None:
         self.process = process
         self.next_id = 1
-        self.hello = self.receive()
-        assert isinstance(self.hello, Message), self.hello
-        assert self.hello.payload["t"] == "hello", self.hello.payload
+        hello = self.receive()
+        assert isinstance(hello, Message), process.stderr.text()
+        assert hello.payload["t"] == "hello", hello.payload
+        self.hello = hello
 
     def receive(self, timeout: float = 20.0) -> Message | None:
         process = self.process

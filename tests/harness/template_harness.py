@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import worker_harness
 
 from jsonnet_worker import _engines, _template
+from jsonnet_worker._protocol import EvalRequest
 
 CLONE_NR = {"x86_64": 56, "aarch64": 220}
 
@@ -62,7 +63,7 @@ def run_python_snippets() -> None:
     import stat  # noqa: F401
     import threading  # noqa: F401
 
-    def run_python(self: _engines.Engine, request: _engines.EvalRequest) -> str:
+    def run_python(self: _engines.Engine, request: EvalRequest) -> str:
         scope: dict[str, object] = {}
         exec(request.snippet, scope)
         return json.dumps(scope.get("result"))
