@@ -14,19 +14,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from jsonnet_worker._forking import (
     ForkedWorker,
+    TemplateHello,
     TemplateProcess,
     TemplateUnavailable,
+    isolation_problem,
     template_command,
 )
 from jsonnet_worker._landlock import probe
 from jsonnet_worker._privileges import DEFAULT_WORKER_USER, resolve_identity
 from jsonnet_worker._process import WorkerProcess, WorkerSettings
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
-from jsonnet_worker._template import CONTROL_MAX, decode_control, encode_control
+from jsonnet_worker._template import (
+    CONTROL_MAX,
+    FORK_FLAGS,
+    ControlError,
+    decode_control,
+    encode_control,
+)
 
 HARNESS = Path(__file__).parent / "harness" / "template_harness.py"
 LANDLOCK = probe()
@@ -316,8 +325,6 @@ def test_the_templates_fork_form_is_refused_to_its_workers(
 ) -> None:
     if os.uname().machine != "x86_64":
         pytest.skip("the probe uses the x86_64 clone number")
-    from jsonnet_worker._template import FORK_FLAGS
-
     talk = fork(python_template, workers)
     assert talk.python(CLONE_PROBE.format(flags=FORK_FLAGS)) == [-1, 1]
 
@@ -468,3 +475,50 @@ def test_a_template_that_cannot_start_says_why() -> None:
         TemplateProcess(settings(), harness("broken-engine"))
     assert refused.value.permanent is True
     assert "_no_such_jsonnet_engine" in refused.value.reason
+
+
+# -- the parent's checks of what a template says ----------------------------------------------
+
+
+def hello_message(**changes: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "t": "template_hello",
+        "protocol": 1,
+        "pid": 1234,
+        "engine": "go",
+        "python": "3.11.7",
+        "sandbox": {"enforced": True, "state": "available", "abi": 6, "scoped": ["SIGNAL"]},
+        "layers": {"seccomp": {"state": "active", "detail": "x86_64"}},
+        "self_check": "refused: ...",
+        "startup_ms": 12.5,
+        "fork_flags": FORK_FLAGS,
+    }
+    message.update(changes)
+    return message
+
+
+def test_a_template_hello_is_validated_field_by_field() -> None:
+    hello = TemplateHello.from_message(hello_message())
+    assert hello.pid == 1234 and hello.landlock.enforced and hello.fork_flags == FORK_FLAGS
+    assert isolation_problem(hello) is None
+    for bad in ({"pid": "1234"}, {"sandbox": []}, {"startup_ms": None}, {"protocol": 2}):
+        with pytest.raises((TypeError, ValueError)):
+            TemplateHello.from_message(hello_message(**bad))
+
+
+def test_forking_is_refused_where_siblings_could_signal_each_other() -> None:
+    unscoped = {"enforced": True, "state": "available", "abi": 5, "scoped": []}
+    problem = isolation_problem(TemplateHello.from_message(hello_message(sandbox=unscoped)))
+    assert problem is not None and "no signal scope" in problem
+    missing = {"enforced": False, "state": "not built in", "reason": "Landlock not built in"}
+    problem = isolation_problem(TemplateHello.from_message(hello_message(sandbox=missing)))
+    assert problem == "no Landlock layer (Landlock not built in)"
+
+
+def test_control_messages_are_bounded_maps() -> None:
+    assert decode_control(encode_control({"t": "fork", "id": 1})) == {"t": "fork", "id": 1}
+    for data in (b"\x91\x01", b"\xc1", msgpack.packb({"id": 1}), msgpack.packb({"t": b"x"})):
+        with pytest.raises(ControlError):
+            decode_control(data)
+    with pytest.raises(ControlError):
+        encode_control({"t": "fork", "pad": "x" * CONTROL_MAX})
