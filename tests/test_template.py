@@ -4,6 +4,7 @@ in ``python`` mode: a fully compromised engine, after the forked worker's whole 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -231,7 +232,7 @@ result = {{str(tid): tgkill({pid}, tid) for tid in {tids}}}
 """
 
 
-def test_every_thread_of_a_forked_worker_is_inside_its_own_domain(
+def test_every_thread_has_both_filters_and_none_is_reachable_from_a_sibling(
     python_template: TemplateProcess, workers: list[WorkerProcess]
 ) -> None:
     if os.uname().machine != "x86_64":
@@ -256,6 +257,29 @@ def test_every_thread_of_a_forked_worker_is_inside_its_own_domain(
     # And the sibling's own threads are within its reach: the probe is not vacuous.
     own = sorted(int(tid) for tid in os.listdir(f"/proc/{second.process.pid}/task"))
     assert set(second.python(TGKILL_PROBE.format(pid=second.process.pid, tids=own)).values()) == {0}
+
+
+def test_every_thread_of_a_forked_worker_is_in_its_own_domain_not_the_templates(
+    workers: list[WorkerProcess],
+) -> None:
+    """Checked from a process in exactly the worker's domain (cloned by the test harness
+    right after the worker's layer): a domain may signal only itself and the domains nested
+    in it, so a thread left in the template's domain (an engine loaded before the layer)
+    would answer EPERM."""
+    template = TemplateProcess(settings(), harness("domain-probe"))
+    try:
+        first, second = fork(template, workers), fork(template, workers)
+        first.python("result = 1")
+        pid = first.process.pid
+        tids = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+        assert len(tids) > 2  # the main thread, the loop thread and the Go runtime's
+        outsiders = [[template.pid, template.pid], [second.process.pid, second.process.pid]]
+        targets = [[pid, tid] for tid in tids] + outsiders
+        answer = first.python(f"result = probe({targets!r})")
+        os.waitpid(answer["probe"], 0)  # the probe is our child too (CLONE_PARENT)
+        assert answer["errors"] == [0] * len(tids) + [errno.EPERM, errno.EPERM]
+    finally:
+        template.close()
 
 
 SIGNAL_PROBE = """
