@@ -24,6 +24,7 @@ reap every child itself: the exit status is then unknown and reported as 0 (as
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import select
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,7 @@ from ._process import (
     worker_environment,
 )
 from ._protocol import PROTOCOL_VERSION, FrameReader
-from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
+from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
 from ._template import (
     CHANNELS,
     CONTROL_MAX,
@@ -59,6 +61,8 @@ from ._template import (
 from ._worker import TEMPLATE_COMMAND, WORKER_COMMAND
 
 START_TIMEOUT = 20.0
+BACKOFF_FIRST = 0.1  # seconds before a failed template is started again, doubling
+BACKOFF_MAX = 5.0
 FORK_TIMEOUT = 5.0
 READ_SIZE = 64 * 1024
 # How a kernel or a container's seccomp profile refuses clone(CLONE_PARENT | CLONE_PIDFD):
@@ -300,9 +304,7 @@ class TemplateProcess:
             )
         problem = isolation_problem(hello)
         if problem is not None and require_isolation:
-            raise TemplateUnavailable(
-                f"forked workers refused: {problem}; using re-exec workers", permanent=True
-            )
+            raise TemplateUnavailable(f"forked workers refused: {problem}", permanent=True)
         return hello
 
     def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
@@ -414,10 +416,8 @@ class TemplateProcess:
         if message["t"] == "fork_failed" and answered:
             err = message.get("errno")
             reason = str(message.get("reason"))[:1000]
-            permanent = err in _REFUSALS
-            suffix = "; using re-exec workers" if permanent else ""
             raise TemplateUnavailable(
-                f"the template cannot fork: {reason}{suffix}", permanent=permanent
+                f"the template cannot fork: {reason}", permanent=err in _REFUSALS
             )
         self.kill()
         raise TemplateUnavailable(
@@ -462,3 +462,104 @@ class TemplateProcess:
             os.close(self.stderr_fd)
             os.close(self.pidfd)
             return returncode
+
+
+class ForkState(enum.Enum):
+    FORKING = "forking"  # a template is up: new workers are its forks
+    WAITING = "waiting"  # it died or failed once: re-exec until the back-off has passed
+    REFUSED = "refused"  # this host refuses what forking needs: re-exec for good
+
+
+class WorkerSource:
+    """Where a pool's new workers come from: a fork of its template while the template can
+    give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox``/``doctor``.
+
+    The template is started on the first ``spawn`` and again after a failure, with a
+    back-off of 0.1 s doubling to 5 s; a permanent refusal stops the attempts for good.
+    Call it from the supervisor thread only: PR_SET_PDEATHSIG ties the template, and every
+    worker it forks, to the thread that started the template."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        template_command: list[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.template_command = template_command
+        self.clock = clock
+        self.template: TemplateProcess | None = None
+        self.state = ForkState.WAITING
+        self.reason = "no template started yet"
+        self.forked = 0
+        self._retry_at = 0.0
+        self._delay = BACKOFF_FIRST
+
+    def spawn(self) -> WorkerProcess:
+        """A new worker: forked if the template can, re-executed otherwise. Raises only
+        what ``WorkerProcess`` raises."""
+        template = self._usable_template()
+        if template is not None:
+            try:
+                worker = template.fork_worker()
+            except TemplateUnavailable as exc:
+                self._failed(exc)
+            else:
+                self.forked += 1
+                return worker
+        return WorkerProcess(self.settings)
+
+    def _usable_template(self) -> TemplateProcess | None:
+        if self.template is not None and self.template.exited():
+            self._failed(self.template_death())
+        if self.template is not None:
+            return self.template
+        if self.state is ForkState.REFUSED or self.clock() < self._retry_at:
+            return None
+        try:
+            self.template = TemplateProcess(self.settings, self.template_command)
+        except TemplateUnavailable as exc:
+            self._failed(exc)
+            return None
+        except OSError as exc:  # no fds, no processes left: try again later
+            self._failed(TemplateUnavailable(f"cannot start the template: {exc}", permanent=False))
+            return None
+        self.state, self.reason, self._delay = ForkState.FORKING, "", BACKOFF_FIRST
+        return self.template
+
+    def template_death(self) -> TemplateUnavailable:
+        assert self.template is not None
+        returncode = self.template.wait(0)
+        return TemplateUnavailable(
+            f"the template (pid {self.template.pid}) exited with {returncode}", permanent=False
+        )
+
+    def _failed(self, exc: TemplateUnavailable) -> None:
+        if self.template is not None:
+            self.template.close(grace=0)
+            self.template = None
+        self.reason = exc.reason
+        if exc.permanent:
+            self.state = ForkState.REFUSED
+            return
+        self.state = ForkState.WAITING
+        self._retry_at = self.clock() + self._delay
+        self._delay = min(self._delay * 2, BACKOFF_MAX)
+
+    def status(self) -> LayerStatus:
+        """The ``template`` layer of ``pool.sandbox`` and ``doctor``."""
+        if self.template is not None:
+            return LayerStatus(
+                "template",
+                LayerState.ACTIVE,
+                f"template pid {self.template.pid}: new workers are its forks (CLONE_PARENT), "
+                f"each in its own nested Landlock domain; {self.forked} forked",
+            )
+        return LayerStatus("template", LayerState.MISSING, reason=f"re-exec workers: {self.reason}")
+
+    def close(self) -> None:
+        """Stop the template; the workers it forked live on (their owners close them)."""
+        if self.template is not None:
+            self.template.close()
+            self.template = None

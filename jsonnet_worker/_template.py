@@ -237,7 +237,7 @@ class Template:
             try:
                 pid, pidfd = self.clone()
             except OSError as exc:
-                self.refuse(request_id, str(exc), exc.errno or 0)
+                self.refuse(request_id, exc.strerror or str(exc), exc.errno or 0)
                 return
             if pid == 0:
                 run_forked_worker(self, fds)

@@ -20,9 +20,11 @@ import pytest
 
 from jsonnet_worker._forking import (
     ForkedWorker,
+    ForkState,
     TemplateHello,
     TemplateProcess,
     TemplateUnavailable,
+    WorkerSource,
     isolation_problem,
     template_command,
 )
@@ -30,6 +32,7 @@ from jsonnet_worker._landlock import probe
 from jsonnet_worker._privileges import DEFAULT_WORKER_USER, resolve_identity
 from jsonnet_worker._process import WorkerProcess, WorkerSettings
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._status import LayerState
 from jsonnet_worker._template import (
     CONTROL_MAX,
     FORK_FLAGS,
@@ -546,3 +549,76 @@ def test_control_messages_are_bounded_maps() -> None:
             decode_control(data)
     with pytest.raises(ControlError):
         encode_control({"t": "fork", "pad": "x" * CONTROL_MAX})
+
+
+# -- WorkerSource: forks while the template can, re-exec otherwise -----------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_worker_source_forks_and_says_so(workers: list[WorkerProcess]) -> None:
+    source = WorkerSource(settings())
+    try:
+        worker = source.spawn()
+        workers.append(worker)
+        assert isinstance(worker, ForkedWorker)
+        assert Talk(worker).request("{a: 1}")["t"] == "result"
+        layer = source.status()
+        assert source.state is ForkState.FORKING and layer.state is LayerState.ACTIVE
+        assert layer.name == "template" and "1 forked" in layer.detail
+    finally:
+        source.close()
+
+
+def test_a_refusing_host_gets_re_exec_workers_for_good_with_the_reason(
+    workers: list[WorkerProcess],
+) -> None:
+    source = WorkerSource(settings(), template_command=harness("clone-refused"))
+    try:
+        for _ in range(2):
+            worker = source.spawn()
+            workers.append(worker)
+            assert not isinstance(worker, ForkedWorker)
+            assert Talk(worker).request("{a: 1}")["t"] == "result"
+            assert source.state is ForkState.REFUSED and source.template is None
+        layer = source.status()
+        assert layer.state is LayerState.MISSING
+        assert layer.reason.startswith("re-exec workers: the template cannot fork: clone(")
+        assert "Operation not permitted" in layer.reason
+    finally:
+        source.close()
+
+
+def test_a_dead_template_is_started_again_after_its_back_off(
+    workers: list[WorkerProcess],
+) -> None:
+    clock = FakeClock()
+    source = WorkerSource(settings(), clock=clock)
+    try:
+        first = source.spawn()
+        workers.append(first)
+        assert source.template is not None
+        dead_pid = source.template.pid
+        source.template.kill()
+        source.template.wait(10.0)
+        interim = source.spawn()  # meanwhile: a re-exec worker, and the reason
+        workers.append(interim)
+        assert not isinstance(interim, ForkedWorker) and source.state is ForkState.WAITING
+        assert f"the template (pid {dead_pid}) exited with -9" in source.status().reason
+        also_interim = source.spawn()  # the back-off has not passed: no new template yet
+        workers.append(also_interim)
+        assert not isinstance(also_interim, ForkedWorker) and source.template is None
+        clock.now += 0.2
+        again = source.spawn()
+        workers.append(again)
+        assert isinstance(again, ForkedWorker) and again.template_pid != dead_pid
+        assert Talk(first).request("[1]")["t"] == "result"  # the old template's worker lives on
+        assert Talk(again).request("[2]")["t"] == "result"
+    finally:
+        source.close()
