@@ -443,24 +443,60 @@ def control_exchange(template: TemplateProcess, message: dict[str, Any]) -> dict
 # -- the template's death ------------------------------------------------------------------
 
 
+# Blocks until the test sends one byte past the request frame on the request channel
+# (the only socket of the worker that becomes readable with data), so the call is in flight
+# for as long as the test wants; the loop then goes on with the byte consumed.
+HOLD_UNTIL_RELEASED = """
+import os, select, stat
+candidates = [fd for fd in range(3, 64) if _is_socket(fd)]
+released = False
+while not released:
+    for fd in select.select(candidates, [], [])[0]:
+        data = os.read(fd, 1)
+        if data:
+            released = True
+        else:
+            candidates.remove(fd)  # the response channel: shut down for reading
+result = "released"
+"""
+IS_SOCKET = """
+def _is_socket(fd):
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+"""
+
+
 def test_killing_the_template_keeps_its_workers_and_their_calls(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: TemplateProcess, workers: list[WorkerProcess]
 ) -> None:
-    busy, idle = fork(template, workers), fork(template, workers)
-    request_id = busy.send(HEAVY_GO)
-    template.kill()
-    assert template.wait(10.0) == -signal.SIGKILL
+    busy, idle = fork(python_template, workers), fork(python_template, workers)
+    request_id = busy.send("import os, stat\n" + IS_SOCKET + HOLD_UNTIL_RELEASED)
+    python_template.kill()
+    assert python_template.wait(10.0) == -signal.SIGKILL
+    assert busy.process.send(b"!") == 1  # the call has been in flight all along: release it
     answer = busy.receive()
-    assert answer is not None and answer.payload == {
-        "t": "result",
-        "id": request_id,
-        "json": "2000001000000\n",
-    }
-    assert idle.request("{a: 1}")["t"] == "result"
+    assert answer is not None
+    assert answer.payload == {"t": "result", "id": request_id, "json": '"released"'}
+    assert busy.python("result = 6 * 7") == 42
+    assert idle.python("result = 'idle, alive'") == "idle, alive"
     with pytest.raises(TemplateUnavailable) as refused:
-        template.fork_worker()
+        python_template.fork_worker()
     assert refused.value.permanent is False
     assert "killed by SIGKILL" in refused.value.reason
+
+
+def test_a_forked_worker_survives_its_templates_death_mid_evaluation(
+    template: TemplateProcess, workers: list[WorkerProcess]
+) -> None:
+    talk = fork(template, workers)
+    request_id = talk.send(HEAVY_GO)
+    template.kill()
+    assert template.wait(10.0) == -signal.SIGKILL
+    answer = talk.receive()
+    assert answer is not None
+    assert answer.payload == {"t": "result", "id": request_id, "json": "2000001000000\n"}
 
 
 def test_closing_the_template_keeps_its_workers(
