@@ -199,7 +199,10 @@ class ForkedWorker(WorkerProcess):
         return f"<ForkedWorker pid={self.pid} template={self.template_pid} {self.state.value}>"
 
     def _reap(self, block: bool) -> int | None:
-        with self._reap_lock:
+        # As Popen.poll: a non-blocking look while another thread waits says "running".
+        if not self._reap_lock.acquire(blocking=block):
+            return self.returncode
+        try:
             if self.returncode is not None or not self._fds_open:
                 return self.returncode
             try:
@@ -212,6 +215,8 @@ class ForkedWorker(WorkerProcess):
             killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
             self.returncode = -info.si_status if killed else info.si_status
             return self.returncode
+        finally:
+            self._reap_lock.release()
 
     def exited(self) -> bool:
         return self._reap(block=False) is not None
