@@ -64,6 +64,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -233,6 +234,9 @@ class Template:
                 return
             if len(fds) != CHANNELS or flags & socket.MSG_CTRUNC:
                 self.refuse(request_id, f"a fork needs {CHANNELS} channels, got {len(fds)}")
+                return
+            if threading.active_count() != 1:  # a fork would copy another thread's locks
+                self.refuse(request_id, f"the template has {threading.active_count()} threads")
                 return
             try:
                 pid, pidfd = self.clone()

@@ -443,11 +443,13 @@ def control_exchange(template: TemplateProcess, message: dict[str, Any]) -> dict
 # -- the template's death ------------------------------------------------------------------
 
 
-# Blocks until the test sends one byte past the request frame on the request channel
-# (the only socket of the worker that becomes readable with data), so the call is in flight
-# for as long as the test wants; the loop then goes on with the byte consumed.
+# Says "holding" on stderr, then blocks until the test sends one byte past the request
+# frame on the request channel (the only socket of the worker that becomes readable with
+# data), so the call is in flight for as long as the test wants; the loop then goes on with
+# the byte consumed.
 HOLD_UNTIL_RELEASED = """
 import os, select, stat
+os.write(2, b"holding\\n")
 candidates = [fd for fd in range(3, 64) if _is_socket(fd)]
 released = False
 while not released:
@@ -473,6 +475,11 @@ def test_killing_the_template_keeps_its_workers_and_their_calls(
 ) -> None:
     busy, idle = fork(python_template, workers), fork(python_template, workers)
     request_id = busy.send("import os, stat\n" + IS_SOCKET + HOLD_UNTIL_RELEASED)
+    deadline = time.monotonic() + 20.0
+    while "holding" not in busy.process.stderr.text():  # the frame is read: the call runs
+        assert time.monotonic() < deadline, "the snippet never started"
+        select.select([busy.process.stderr_fd], [], [], 1.0)
+        assert busy.process.drain_stderr(), "the worker died"
     python_template.kill()
     assert python_template.wait(10.0) == -signal.SIGKILL
     assert busy.process.send(b"!") == 1  # the call has been in flight all along: release it
