@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from jsonnet_worker._errors import MemoryLimitExceeded
 from jsonnet_worker._forking import (
     ForkedWorker,
     ForkState,
@@ -665,3 +666,34 @@ def test_a_dead_template_is_started_again_after_its_back_off(
         assert Talk(again).request("[2]")["t"] == "result"
     finally:
         source.close()
+
+
+def test_a_forked_workers_stderr_is_its_own(
+    template: TemplateProcess, workers: list[WorkerProcess]
+) -> None:
+    talk = fork(template, workers)
+    payload = talk.request("std.trace('said by the worker', 1)")
+    assert payload["t"] == "result"
+    talk.process.drain_stderr()
+    assert "said by the worker" in talk.process.stderr.text()
+    assert template.close() == 0
+    assert "said by the worker" not in template.stderr.text()
+
+
+def test_a_forked_worker_keeps_the_memory_limit_and_its_death_is_classified(
+    workers: list[WorkerProcess],
+) -> None:
+    limit = 256 << 20
+    template = TemplateProcess(
+        WorkerSettings("go", limit, DEFAULT_MAX_FRAME, resolve_identity(DEFAULT_WORKER_USER))
+    )
+    try:
+        talk = fork(template, workers)
+        talk.send("std.length(std.makeArray(100000000, function(i) [i]))")
+        assert talk.receive(timeout=60.0) is None  # the runtime aborts at the limit
+        error = talk.process.death_error()
+        assert isinstance(error, MemoryLimitExceeded), error
+        assert f"limit {limit} bytes" in str(error)
+        assert Talk(template.fork_worker()).request("1")["t"] == "result"  # the template is fine
+    finally:
+        template.close()
