@@ -13,6 +13,8 @@ worker's pidfd back. The template forks with CLONE_PARENT, so the worker is a ch
 process: ``ForkedWorker`` reaps it with ``waitid(P_PIDFD)`` and gets its real exit status, a
 pid-reuse race is impossible (a pidfd names one process, and an unreaped child keeps its pid),
 and the worker outlives its template: killing the template loses no in-flight call.
+``WorkerSource`` is the supervisor's one call: a fork while the template can give one, a
+re-exec ``WorkerProcess`` otherwise, the template restarted after a back-off, the reason kept.
 
 Weak spots: the template runs as the pool's ``WorkerSettings.identity``, and its workers share
 that uid. If the template dies in the middle of a fork after cloning, that child is our
