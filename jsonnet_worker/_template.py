@@ -186,7 +186,7 @@ def close_all_but(keep: set[int]) -> None:
     end = max(soft, max(keep) + 1)
     low = 0
     for fd in [*sorted(keep), end]:
-        if low < fd:  # os.closerange(n, n) closes every fd from n up (CPython 3.11-3.13)
+        if low < fd:  # os.closerange(0, 0) closes every fd: close_range(0, (unsigned) -1)
             os.closerange(low, fd)
         low = fd + 1
 
