@@ -572,7 +572,13 @@ def test_a_template_hello_is_validated_field_by_field() -> None:
     hello = TemplateHello.from_message(hello_message())
     assert hello.pid == 1234 and hello.landlock.enforced and hello.fork_flags == FORK_FLAGS
     assert isolation_problem(hello) is None
-    for bad in ({"pid": "1234"}, {"sandbox": []}, {"startup_ms": None}, {"protocol": 2}):
+    bad_fields: list[dict[str, Any]] = [
+        {"pid": "1234"},
+        {"sandbox": []},
+        {"startup_ms": None},
+        {"protocol": 2},
+    ]
+    for bad in bad_fields:
         with pytest.raises((TypeError, ValueError)):
             TemplateHello.from_message(hello_message(**bad))
 
