@@ -417,9 +417,13 @@ class SeccompError(OSError):
 _Insn = tuple[int, int, str | None, str | None]
 
 
-def _check_block(rule: Rule, own_pid: int) -> list[_Insn]:
-    """The checks of one argument rule, ending in "allow" or "refuse"."""
-    if rule is Rule.OWN_PID:
+def _check_block(rule: Rule, own_pid: int | None, process_clone: int | None) -> list[_Insn]:
+    """The checks of one argument rule, ending in "allow" or "refuse". ``own_pid`` None: a
+    filter its children inherit (the template's) cannot name one pid; each child installs
+    its own filter with its own pid, and the stricter filter wins."""
+    if rule in (Rule.OWN_PID, Rule.IOPRIO_SELF) and own_pid is None:
+        return [(_JA, 0, "allow", None)]
+    if rule is Rule.OWN_PID and own_pid is not None:
         return [
             (_LD_W_ABS, _arg_low(0), None, None),
             (_JEQ_K, 0, "allow", "next"),
@@ -432,7 +436,7 @@ def _check_block(rule: Rule, own_pid: int) -> list[_Insn]:
             (_LD_W_ABS, _arg_low(1), None, None),
             (_JEQ_K, 0, "allow", "refuse"),
         ]
-    if rule is Rule.IOPRIO_SELF:
+    if rule is Rule.IOPRIO_SELF and own_pid is not None:
         return [
             (_LD_W_ABS, _arg_low(0), None, None),
             (_JEQ_K, IOPRIO_WHO_PROCESS, "next", "refuse"),
@@ -460,8 +464,12 @@ def _check_block(rule: Rule, own_pid: int) -> list[_Insn]:
             (_JGT_X, 0, "refuse", "allow"),
         ]
     if rule is Rule.THREAD_ONLY:
+        # ``process_clone``: the one exact flag word that may make a process (the template's
+        # fork, ``_template.FORK_FLAGS``); every other process-making clone is refused.
+        exact = [] if process_clone is None else [(_JEQ_K, process_clone, "allow", "next")]
         return [
             (_LD_W_ABS, _arg_low(0), None, None),  # flags
+            *exact,
             (_JSET_K, CLONE_NAMESPACES, "refuse", "next"),
             (_JSET_K, CLONE_THREAD, "allow", "refuse"),
         ]
@@ -473,8 +481,15 @@ def _check_block(rule: Rule, own_pid: int) -> list[_Insn]:
 _GROUP = 200
 
 
-def build_program(table: SyscallTable, own_pid: int, refusal: int = errno.EPERM) -> bytes:
-    """The filter as ``struct sock_filter`` bytes, for a worker whose pid is ``own_pid``.
+def build_program(
+    table: SyscallTable,
+    own_pid: int | None,
+    refusal: int = errno.EPERM,
+    *,
+    process_clone: int | None = None,
+) -> bytes:
+    """The filter as ``struct sock_filter`` bytes, for a worker whose pid is ``own_pid``
+    (None, with ``process_clone``, for the template's: see ``_check_block``).
 
     Layout: the architecture check, then a dispatch of the calls with an argument rule to
     their checks, then the deny-list in groups, then allow. Each block ends in returns of
@@ -497,7 +512,7 @@ def build_program(table: SyscallTable, own_pid: int, refusal: int = errno.EPERM)
         program.extend(instructions)
 
     for name in checked:
-        place(f"check {name}", _check_block(ARGUMENT_RULES[name], own_pid))
+        place(f"check {name}", _check_block(ARGUMENT_RULES[name], own_pid, process_clone))
     returns: list[tuple[str, _Insn]] = [
         ("allow", (_RET_K, SECCOMP_RET_ALLOW, None, None)),
         ("refuse", (_RET_K, SECCOMP_RET_ERRNO | refusal, None, None)),
@@ -558,8 +573,11 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install(machine: str | None = None, refusal: int = errno.EPERM) -> SeccompResult:
+def install(
+    machine: str | None = None, refusal: int = errno.EPERM, *, process_clone: int | None = None
+) -> SeccompResult:
     """Apply the filter to every thread of this process (no_new_privs must already be set).
+    ``process_clone``: see ``build_program`` (the template's filter; workers pass None).
 
     Returns ``applied=False`` with the reason where the architecture has no table or the
     kernel has no seccomp filters; raises ``SeccompError`` where it has them but the filter
@@ -572,7 +590,8 @@ def install(machine: str | None = None, refusal: int = errno.EPERM) -> SeccompRe
     available, why = supported()
     if not available:
         return SeccompResult(False, arch, reason=why)
-    program = build_program(table, os.getpid(), refusal)
+    own_pid = None if process_clone is not None else os.getpid()
+    program = build_program(table, own_pid, refusal, process_clone=process_clone)
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
     libc = ctypes.CDLL(None, use_errno=True)

@@ -22,7 +22,9 @@ Plan (the order is the point):
      from here on), start the loop thread (born restricted, and off the main thread, where
      cgo's stack probing re-reads /proc/self/maps on every call and now fails), and send the
      hello, which reports every layer.
-Any failure in 2-6 sends a ``startup_failed`` frame and exits non-zero.
+Any failure in 2-6 sends a ``startup_failed`` frame and exits non-zero. Steps 2-5 are
+``start_restricted``, step 6 ``finish_start`` and ``serve``: a template (``_template``) runs
+the first half once and forks children that each run the second.
 
 Weak spots: where the kernel has no Landlock the worker still runs, reports why in its
 hello, and the pool decides (``require_sandbox``).
@@ -59,8 +61,10 @@ from ._protocol import (
     parse_request,
     result_message,
 )
+from ._status import LayerStatus
 
 WORKER_COMMAND = "_worker"
+TEMPLATE_COMMAND = "_template"  # the same bootstrap, forking workers (``_template``)
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 70
 EXIT_PROTOCOL = 71
@@ -339,10 +343,21 @@ class EvaluationLoop:
             )
 
 
-def start(
-    options: WorkerOptions, streams: ProtocolStreams
-) -> tuple[_engines.Engine, dict[str, Any]]:
-    """Steps 2-5 of the plan; returns the engine and the hello to send."""
+@dataclass
+class Restricted:
+    """What start-up achieved up to, not including, loading the engine (steps 2-5): the
+    state a template keeps and forks (``_template``)."""
+
+    started: float
+    prepared: _engines.PreparedEngine
+    landlock: _landlock.LandlockStatus
+    self_check: str
+    check_target: str  # what the self-check opened: a forked worker checks its layer on it
+    layers: list[LayerStatus]  # limits, privileges; seccomp is added by ``finish_start``
+
+
+def start_restricted(options: WorkerOptions) -> Restricted:
+    """Steps 2-5 of the plan."""
     started = time.monotonic()
     warm_up()
     try:
@@ -372,8 +387,17 @@ def start(
     except OSError as exc:
         raise StartupFailed(f"cannot apply the Landlock layer: {exc}") from exc
     check = self_check(status, check_target)
+    layers = [ipc_namespace, limits, privileges, uid]
+    return Restricted(started, prepared, status, check, check_target, layers)
+
+
+def finish_start(
+    options: WorkerOptions, restricted: Restricted
+) -> tuple[_engines.Engine, dict[str, Any]]:
+    """Step 6 up to the hello: load the engine, apply the seccomp filter; returns the engine
+    and the hello to send."""
     try:
-        engine = _engines.Engine(options.engine, _engines.load(prepared))
+        engine = _engines.Engine(options.engine, _engines.load(restricted.prepared))
     except _engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
     try:
@@ -387,15 +411,19 @@ def start(
         "engine": options.engine.value,
         "engine_version": engine.version,
         "python": sys.version.split()[0],
-        "sandbox": status.to_dict(),
-        "layers": {
-            layer.name: layer.to_dict()
-            for layer in (limits, privileges, seccomp, uid, ipc_namespace)
-        },
-        "self_check": check,
-        "startup_ms": round((time.monotonic() - started) * 1000, 3),
+        "sandbox": restricted.landlock.to_dict(),
+        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp)},
+        "self_check": restricted.self_check,
+        "startup_ms": round((time.monotonic() - restricted.started) * 1000, 3),
     }
     return engine, hello
+
+
+def start(
+    options: WorkerOptions, streams: ProtocolStreams
+) -> tuple[_engines.Engine, dict[str, Any]]:
+    """Steps 2-6 up to the hello; returns the engine and the hello to send."""
+    return finish_start(options, start_restricted(options))
 
 
 def main(argv: list[str]) -> int:
@@ -409,21 +437,34 @@ def main(argv: list[str]) -> int:
         print(reason, file=sys.stderr, flush=True)
         streams.send({"t": "startup_failed", "reason": _engines.bound_text(reason)})
         return EXIT_STARTUP_FAILED
+    return serve(streams, engine, hello, options.max_frame)
+
+
+def serve(
+    streams: ProtocolStreams, engine: _engines.Engine, hello: dict[str, Any], max_frame: int
+) -> int:
+    """The rest of step 6: the hello and the loop, on a thread born restricted."""
     outcome: list[int] = []
 
-    def serve() -> None:
+    def run_loop() -> None:
         streams.send(hello)
-        outcome.append(EvaluationLoop(streams, engine, options.max_frame).run())
+        outcome.append(EvaluationLoop(streams, engine, max_frame).run())
 
-    loop_thread = threading.Thread(target=serve, name="jsonnet-worker-loop")
+    loop_thread = threading.Thread(target=run_loop, name="jsonnet-worker-loop")
     loop_thread.start()
     loop_thread.join()
     return outcome[0] if outcome else EXIT_PROTOCOL
 
 
 def run() -> None:
-    """Entry point of the hidden worker mode (``sys.argv[1] == "_worker"``)."""
-    code = main(sys.argv[2:])
+    """Entry point of the hidden worker mode (``sys.argv[1] == "_worker"``), and of the
+    template mode (``"_template"``, ``_template.main``) that the same bootstrap starts."""
+    if sys.argv[1:2] == [TEMPLATE_COMMAND]:
+        from ._template import main as template_main
+
+        code = template_main(sys.argv[2:])
+    else:
+        code = main(sys.argv[2:])
     sys.stderr.flush()
     # No interpreter finalisation: the engine's runtime threads are still running.
     os._exit(code)
