@@ -71,6 +71,7 @@ class WorkerOptions:
     parent_pid: int
     max_frame: int = DEFAULT_MAX_FRAME
     identity: _privileges.WorkerIdentity | None = None
+    engine_api: str = "auto"
 
 
 class StartupFailed(Exception):
@@ -86,6 +87,8 @@ def parse_args(argv: list[str]) -> WorkerOptions:
     parser.add_argument("--user", default=None)
     parser.add_argument("--uid", type=int, default=None)
     parser.add_argument("--gid", type=int, default=None)
+    # "binding" keeps the go engine on its Python binding (tests and benchmarks compare).
+    parser.add_argument("--engine-api", choices=["auto", "binding"], default="auto")
     args = parser.parse_args(argv)
     identity = None
     if args.uid is not None and args.gid is not None:
@@ -96,6 +99,7 @@ def parse_args(argv: list[str]) -> WorkerOptions:
         parent_pid=args.parent_pid,
         max_frame=args.max_frame,
         identity=identity,
+        engine_api=args.engine_api,
     )
 
 
@@ -275,7 +279,7 @@ class EvaluationLoop:
         except ProtocolViolation as exc:
             return error_message(exc.request_id, ErrorKind.PROTOCOL, exc.reason)
         try:
-            return result_message(request.id, self.engine.evaluate(request))
+            return result_message(request.id, self.engine.run(request))
         except _engines.EvaluationFailed as exc:
             return error_message(request.id, exc.kind, exc.message)
         except MemoryError:
@@ -317,7 +321,9 @@ def start(
         raise StartupFailed(f"cannot apply the Landlock layer: {exc}") from exc
     check = self_check(status, check_target)
     try:
-        engine = _engines.Engine(options.engine, _engines.load(prepared))
+        engine = _engines.Engine(
+            options.engine, _engines.load(prepared), prefer_capi=options.engine_api != "binding"
+        )
     except _engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
     try:
@@ -330,6 +336,7 @@ def start(
         "pid": os.getpid(),
         "engine": options.engine.value,
         "engine_version": engine.version,
+        "engine_api": engine.api,
         "python": sys.version.split()[0],
         "sandbox": status.to_dict(),
         "layers": {layer.name: layer.to_dict() for layer in (limits, privileges, seccomp)},
