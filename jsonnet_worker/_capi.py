@@ -290,12 +290,15 @@ class CapiEngine:
             self._lib.jsonnet_destroy(old.vm)
             self.stats.evictions += 1
 
-    def _entry(self, key: _Key, filename: bytes, snippet: bytes) -> _Entry | None:
+    def _entry(self, key: _Key) -> _Entry | None:
+        """The cached entry of ``key`` (made on a miss), or None for a snippet over the
+        bounds. Encoded only on a miss: a hit costs a hash of the snippet's text."""
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             self.stats.hits += 1
             return entry
+        filename, snippet = key[0].encode(), key[1].encode()
         size = len(snippet) + len(filename)
         if size > self.max_bytes or self.max_entries <= 0:
             self.stats.uncached += 1
@@ -322,37 +325,36 @@ class CapiEngine:
         max_trace: int,
     ) -> str:
         lib = self._lib
-        filename_bytes, snippet_bytes = filename.encode(), snippet.encode()
         key = (
             filename,
             snippet,
             (*sorted(ext_vars), "", *sorted(ext_codes)),
             (*sorted(tla_vars), "", *sorted(tla_codes)),
         )
-        entry = self._entry(key, filename_bytes, snippet_bytes)
-        vm = self._new_vm() if entry is None else entry.vm
+        entry = self._entry(key)
+        cached = entry is not None
+        if entry is None:  # too big to keep: a VM for this call only, as the binding does
+            entry = _Entry(self._new_vm(), filename.encode(), snippet.encode(), 0)
+        vm = entry.vm
         try:
             lib.jsonnet_max_stack(vm, max_stack)
             lib.jsonnet_max_trace(vm, max_trace)
             self._set_variables(vm, ext_vars, ext_codes, tla_vars, tla_codes)
-            if entry is None or not entry.proven:
-                failed, text = self._run(
-                    lib.jsonnet_evaluate_snippet, vm, filename_bytes, snippet_bytes
-                )
-                if entry is not None and not failed:
-                    entry.proven = True
+            if entry.proven:
+                failed, text = self._through_import(entry, max_trace)
             else:
-                failed, text = self._through_import(entry, filename_bytes, snippet_bytes, max_trace)
+                failed, text = self._run(
+                    lib.jsonnet_evaluate_snippet, vm, entry.filename, entry.snippet
+                )
+                entry.proven = cached and not failed
         finally:
-            if entry is None:
+            if not cached:
                 lib.jsonnet_destroy(vm)
         if failed:
             raise RuntimeError(text)
         return text
 
-    def _through_import(
-        self, entry: _Entry, filename: bytes, snippet: bytes, max_trace: int
-    ) -> tuple[bool, str]:
+    def _through_import(self, entry: _Entry, max_trace: int) -> tuple[bool, str]:
         lib = self._lib
         self._armed = entry
         try:
@@ -374,7 +376,7 @@ class CapiEngine:
             line_end = text.find("\n", frame)
             return True, text[:frame] + text[line_end + 1 :]
         self.stats.direct_reruns += 1
-        return self._run(lib.jsonnet_evaluate_snippet, entry.vm, filename, snippet)
+        return self._run(lib.jsonnet_evaluate_snippet, entry.vm, entry.filename, entry.snippet)
 
     def check_snippet(self, filename: str, snippet: str) -> None:
         """Parse and statically check, never evaluate; RuntimeError with the static error."""

@@ -123,3 +123,27 @@ def test_max_trace_cuts_the_trace_as_the_binding_does(worker: RawWorker, max_tra
         assert frames <= max_trace + 1  # the "..." line
     else:
         assert frames > 30
+
+
+def test_without_the_c_api_the_binding_is_used_and_the_hello_says_why() -> None:
+    """The fallback, in-process: an extension without the symbols (libc stands in for an
+    old gojsonnet) or not loaded at all gives the binding path and a reason."""
+    import types
+
+    from jsonnet_worker import _capi, _engines
+    from jsonnet_worker._protocol import Action, EvalRequest
+
+    with pytest.raises(_capi.CapiUnavailable, match="symbols are missing: jsonnet_make"):
+        _capi.bind("libc.so.6")
+    with pytest.raises(_capi.CapiUnavailable, match="not loaded"):
+        _capi.bind("/nonexistent/_gojsonnet.so")
+    gojsonnet = pytest.importorskip("_gojsonnet")
+    old = types.ModuleType("_gojsonnet")
+    old.__file__ = "libc.so.6"
+    old.evaluate_snippet = gojsonnet.evaluate_snippet  # type: ignore[attr-defined]
+    engine = _engines.Engine(_engines.EngineKind.GO, old)
+    assert engine.api.startswith("binding: the C API symbols are missing: jsonnet_make")
+    assert engine.run(EvalRequest(id=1, snippet="{a: 1 + 1}")) == '{\n   "a": 2\n}\n'
+    with pytest.raises(_engines.EvaluationFailed, match="action 'fmt' is not available"):
+        engine.run(EvalRequest(id=2, snippet="{a: 1}", action=Action.FMT))
+    assert _engines.Engine(_engines.EngineKind.GO, gojsonnet).api == "capi"
