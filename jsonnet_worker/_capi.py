@@ -55,7 +55,7 @@ import ctypes
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,6 +219,22 @@ class CapiEngine:
         buf: ctypes._Pointer[ctypes.c_void_p],
         buflen: ctypes._Pointer[ctypes.c_size_t],
     ) -> int:
+        try:
+            return self._import(ctx, base, rel, found_here, buf, buflen)
+        except BaseException:  # never out of a ctypes callback: it would then return 0, "found"
+            buf[0] = None
+            buflen[0] = 0
+            return 1
+
+    def _import(
+        self,
+        ctx: int | None,
+        base: bytes | None,
+        rel: bytes | None,
+        found_here: ctypes._Pointer[ctypes.c_void_p],
+        buf: ctypes._Pointer[ctypes.c_void_p],
+        buflen: ctypes._Pointer[ctypes.c_size_t],
+    ) -> int:
         entry, self._armed = self._armed, None  # one import per evaluation: the wrapper's
         if (
             entry is not None
@@ -277,7 +293,19 @@ class CapiEngine:
         ):
             for key, value in variables.items():
                 setter(vm, key.encode(), value.encode())
-        if not ext_vars and not ext_codes:  # nothing above flushed the VM's cached values
+
+    def _release(self, vm: int, ext_names: Iterable[str], tla_names: Iterable[str]) -> None:
+        """After a call: drop its variables' values and the values the VM cached (setting
+        an ext var flushes them; with none, registering the flush native does), so a kept VM
+        holds nothing of a call once it is answered, and the next call starts clean."""
+        lib = self._lib
+        flushed = False
+        for key in ext_names:
+            lib.jsonnet_ext_var(vm, key.encode(), b"")
+            flushed = True
+        for key in tla_names:
+            lib.jsonnet_tla_var(vm, key.encode(), b"")
+        if not flushed:
             lib.jsonnet_native_callback(
                 vm, self._flush_name, self._native_callback, vm, self._no_params
             )
@@ -348,7 +376,9 @@ class CapiEngine:
                 )
                 entry.proven = cached and not failed
         finally:
-            if not cached:
+            if cached:
+                self._release(vm, (*ext_vars, *ext_codes), (*tla_vars, *tla_codes))
+            else:
                 lib.jsonnet_destroy(vm)
         if failed:
             raise RuntimeError(text)

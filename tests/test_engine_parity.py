@@ -248,3 +248,19 @@ def test_cache_bounds_evict_and_answers_stay_right(workers: Any) -> None:
         for n in range(90):
             answer = capi.request(f"{{n: {n}, pad: {json.dumps(string.ascii_letters * 4)}}}")
             assert json.loads(answer["json"])["n"] == n, (round_, answer)
+
+
+def test_a_kept_vm_keeps_nothing_of_the_previous_call(workers: Any) -> None:
+    """Values a cached VM computed under one call's limits or variables never answer the
+    next call: each call's answer is the in-process one for that call alone."""
+    capi, _ = workers
+    deep = "local f(n) = if n == 0 then 0 else 1 + f(n - 1); {depth: f(20)}"
+    for max_stack in (500, 10, 500, 10, 21, 22, 500):
+        request = {"snippet": deep, "filename": "deep.jsonnet", "max_stack": max_stack}
+        request.update(ext_vars={}, ext_codes={}, tla_vars={}, tla_codes={}, max_trace=20)
+        assert _answer(capi.request(**request)) == in_process(request), max_stack
+    for value in ("first", "second", "", "third"):
+        request = {"snippet": "{v: std.extVar('a')}", "filename": "v.jsonnet", "max_stack": 500}
+        request.update(ext_vars={"a": value}, ext_codes={}, tla_vars={}, tla_codes={})
+        request["max_trace"] = 20
+        assert json.loads(capi.request(**request)["json"]) == {"v": value}
