@@ -21,10 +21,19 @@ import _gojsonnet
 from jsonnet_worker import WorkerPool
 
 ROOT = Path(__file__).resolve().parent.parent
+# ../shared/bench beside the checkout, or two levels up for a git worktree under wt/.
+SHARED_BENCH = next(
+    (
+        candidate / "shared" / "bench"
+        for candidate in (ROOT.parent, ROOT.parent.parent)
+        if (candidate / "shared" / "bench" / "oidc-mapper.jsonnet").exists()
+    ),
+    ROOT.parent / "shared" / "bench",
+)
 
 
 def find_workload(directory: str | None) -> tuple[str, str]:
-    shared = Path(directory) if directory else ROOT.parent / "shared" / "bench"
+    shared = Path(directory) if directory else SHARED_BENCH
     if (shared / "oidc-mapper.jsonnet").exists():
         return (shared / "oidc-mapper.jsonnet").read_text(), (shared / "claims.json").read_text()
     return (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -31,7 +32,7 @@ from benchmarks.bench_latency import percentile as pct
 from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
-from jsonnet_worker import EvaluationTimeout, WorkerPool
+from jsonnet_worker import EvaluationTimeout, WorkerPool, _capi
 from jsonnet_worker._process import WorkerState
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -255,6 +256,84 @@ def scaling(report: Report, quick: bool) -> None:
     )
 
 
+def engine_path(report: Report, quick: bool) -> None:
+    """The evaluation itself, in this process (no sandbox, no IPC): the binding, which
+    builds a VM and parses the snippet on every call, against the C API path the workers
+    use (``_capi``: a VM per cached snippet, parsed once), with a fresh ``claims`` text each
+    call so no value can be reused."""
+    capi = _capi.CapiEngine(_capi.bind(_gojsonnet.__file__), "import not available")
+    rows = []
+    for workload in (workloads.light(), workloads.courier(), workloads.heavy()):
+        count = 100 if quick else 600
+        variants = [
+            {**workload.ext_codes, key: value + " " * (i % 7)}
+            for i in range(count)
+            for key, value in list(workload.ext_codes.items())[:1]
+        ] or [workload.ext_codes] * count
+
+        def binding(codes: dict[str, str], w: Workload = workload) -> str:
+            result: str = _gojsonnet.evaluate_snippet(
+                w.filename, w.snippet, ext_codes=codes, tla_codes=w.tla_codes
+            )
+            return result
+
+        def cached(codes: dict[str, str], w: Workload = workload) -> str:
+            return capi.evaluate_snippet(
+                w.filename,
+                w.snippet,
+                ext_vars={},
+                ext_codes=codes,
+                tla_vars={},
+                tla_codes=w.tla_codes,
+                max_stack=500,
+                max_trace=20,
+            )
+
+        started = time.perf_counter()
+        first = cached(variants[0])
+        first_call = time.perf_counter() - started
+        started = time.perf_counter()
+        second = cached(variants[0])
+        second_call = time.perf_counter() - started
+        assert first == second == binding(variants[0])
+        timings: dict[str, list[float]] = {"binding": [], "capi": []}
+        for round_ in range(5):
+            for name, call in (("binding", binding), ("capi", cached)):
+                chunk = variants[round_::5]
+                for codes in chunk:
+                    began = time.perf_counter()
+                    call(codes)
+                    timings[name].append(time.perf_counter() - began)
+        b50, c50 = pct(timings["binding"], 0.5), pct(timings["capi"], 0.5)
+        rows.append(
+            [
+                workload.name,
+                us(b50),
+                us(first_call),
+                us(second_call),
+                us(c50),
+                f"{c50 / b50:.2f}",
+            ]
+        )
+    stats = capi.stats
+    report.table(
+        "Engine path: the evaluation alone, in this process",
+        [
+            "workload",
+            "binding p50 µs",
+            "C API 1st call µs (direct)",
+            "2nd call µs (parse into the cache)",
+            "cached p50 µs",
+            "cached / binding",
+        ],
+        rows,
+    )
+    report.notes.append(
+        f"C API path cache over that run: {stats.hits} hits, {stats.misses} misses, "
+        f"{stats.evictions} evictions, {stats.direct_reruns} direct re-runs"
+    )
+
+
 def lifecycle(report: Report, quick: bool) -> None:
     repeats = 3 if quick else 7
     cold = []
@@ -373,6 +452,70 @@ def layer_costs(quick: bool) -> str:
     return done.stdout.strip()
 
 
+def service_ratio(quick: bool, write: bool) -> tuple[float, str]:
+    """benchmarks/bench_service.py in a subprocess (it writes its own section of RESULTS.md):
+    the service's req/s over the unsafe in-process app's under wrk, median of its rounds."""
+    arguments = ["--seconds", "2", "--rounds", "2", "--total", "500"] if quick else []
+    if not write:
+        arguments.append("--no-write")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_service", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    found = re.search(r"per round: (.*) \(median ([\d.]+)x\)", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"bench_service failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return float(found.group(2)), found.group(1)
+
+
+def targets(
+    report: Report, latency: dict[str, float], rates: dict[str, float], service: float
+) -> None:
+    """Issue 13's targets, each against what this run measured."""
+    light, heavy = workloads.light().name, workloads.heavy().name
+    pool = "jsonnet_worker pool (go, 2)"
+    best_light = max(rates[f"{light}|pool2|callers{c}"] for c in (1, 2, 4))
+    best_heavy = max(rates[f"{heavy}|pool2|callers{c}"] for c in (1, 2, 4))
+    rows = [
+        ("light mapper sequential p50 vs in-process", latency[f"{light}|{pool}|p50"], 0.90, "≤"),
+        ("light mapper sequential p99 vs in-process", latency[f"{light}|{pool}|p99"], 1.20, "≤"),
+        (
+            "light mapper, pool of 2, vs in-process 1 thread",
+            best_light / rates[f"{light}|single"],
+            1.6,
+            "≥",
+        ),
+        (
+            "light mapper, pool of 2, vs ProcessPoolExecutor",
+            best_light / rates[f"{light}|executor"],
+            3.0,
+            "≥",
+        ),
+        (
+            "heavy mapper, pool of 2, vs in-process 1 thread",
+            best_heavy / rates[f"{heavy}|single"],
+            1.8,
+            "≥",
+        ),
+        ("service vs unsafe in-process Starlette app (wrk, 16 connections)", service, 1.5, "≥"),
+    ]
+    report.table(
+        "Targets (issue 13)",
+        ["figure", "measured", "target", "met"],
+        [
+            [
+                name,
+                f"{value:.2f}x",
+                f"{sign} {goal:.2f}x",
+                "yes" if (value <= goal if sign == "≤" else value >= goal) else "no",
+            ]
+            for name, value, goal, sign in rows
+        ],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run")
@@ -380,10 +523,15 @@ def main() -> None:
     args = parser.parse_args()
     report = Report()
     print(machine())
-    sequential_latency(report, args.quick)
-    throughputs(report, args.quick)
+    latency = sequential_latency(report, args.quick)
+    rates = throughputs(report, args.quick)
+    engine_path(report, args.quick)
     scaling(report, args.quick)
     lifecycle(report, args.quick)
+    service, per_round = service_ratio(args.quick, not args.no_write)
+    report.notes.append(f"service / unsafe in-process app under wrk, per round: {per_round}")
+    targets(report, latency, rates, service)
+    report.sections.insert(0, report.sections.pop())  # the targets first
     print("\n" + "\n".join(report.notes))
     layers = layer_costs(args.quick)
     print("\n" + layers)
@@ -397,9 +545,12 @@ def main() -> None:
                 service = current[start:] if end == -1 else current[start:end]
         RESULTS.write_text(
             "# Benchmark results\n\n"
-            "Regenerate with `python -m benchmarks.run` (about five minutes; the service "
-            "section below with `python -m benchmarks.bench_service`). Ratios are against "
-            "in-process `_gojsonnet` measured in the same run.\n\n"
+            "Regenerate with `python -m benchmarks.run` (about eight minutes; it runs "
+            "`python -m benchmarks.bench_service` too, which writes the service section "
+            "below). Ratios are against in-process `_gojsonnet` measured in the same run, "
+            "contenders interleaved in rounds. The machine is shared (other test runs were "
+            "active during this one): absolute figures move a lot from run to run, ratios "
+            "less.\n\n"
             f"Machine: {machine()}.\n\n"
             + "\n".join(f"- {n}" for n in report.notes)
             + "\n\n"

@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import bench_latency
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCH = ROOT.parent / "shared" / "bench"
+SHARED_BENCH = bench_latency.SHARED_BENCH
 
 
 @dataclass(frozen=True)

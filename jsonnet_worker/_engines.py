@@ -28,9 +28,13 @@ import struct
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from . import _capi
 from ._elf import elf_needed
-from ._protocol import ErrorKind, EvalRequest
+from ._protocol import Action, ErrorKind, EvalRequest
+
+_T = TypeVar("_T")
 
 MFD_EXEC = 0x10  # Linux 6.3+: ask for an executable memfd whatever vm.memfd_noexec says
 MAX_ERROR_CHARS = 16 * 1024
@@ -207,21 +211,73 @@ def _refuse_nul(request: EvalRequest) -> None:
             )
 
 
-class Engine:
-    """One loaded engine; ``evaluate`` returns manifested JSON or raises EvaluationFailed."""
+# What ``max_stack`` 0 makes each engine report once the snippet has been parsed and statically
+# checked, before any of it is evaluated (see ``_capi``: the go engine fails at the standard
+# library's first frame, the C++ one at the snippet's).
+_CHECK_PASSED = {
+    EngineKind.GO: _capi.CHECK_PASSED,
+    EngineKind.CPP: "RUNTIME ERROR: max stack frames exceeded.\n\t\t\n",
+}
+_CPP_API = "binding: the C++ VM re-parses its standard library on every call; nothing to keep"
 
-    def __init__(self, kind: EngineKind, module: types.ModuleType) -> None:
+
+def _output_checked(result: str, max_output: int) -> str:
+    size = len(result)
+    if size > max_output or (
+        size * 4 > max_output and len(result.encode("utf-8", "replace")) > max_output
+    ):
+        raise EvaluationFailed(
+            ErrorKind.OUTPUT_TOO_LARGE,
+            f"output of at least {size} bytes is over the limit of {max_output} bytes",
+        )
+    return result
+
+
+class Engine:
+    """One loaded engine; ``run`` answers a request with JSON text or raises EvaluationFailed.
+
+    For the go engine the C API path (``_capi``) is used where the extension offers it, else
+    the binding; ``api`` says which, and why ("capi" or "binding: <reason>")."""
+
+    def __init__(
+        self, kind: EngineKind, module: types.ModuleType, prefer_capi: bool = True
+    ) -> None:
         self.kind = kind
         self.version = str(getattr(module, "version", "unknown"))
-        self._evaluate: Callable[..., str] = module.evaluate_snippet
+        self._module_evaluate: Callable[..., str] = module.evaluate_snippet
+        self._capi: _capi.CapiEngine | None = None
+        if kind is EngineKind.CPP:
+            self.api = _CPP_API
+        elif not prefer_capi:
+            self.api = "binding: the C API path was turned off (--engine-api binding)"
+        else:
+            try:
+                library = _capi.bind(str(module.__file__))
+                self._capi = _capi.CapiEngine(library, IMPORT_REFUSED)
+                self.api = "capi"
+            except _capi.CapiUnavailable as exc:
+                self.api = f"binding: {exc}"
 
-    def evaluate(self, request: EvalRequest) -> str:
+    def run(self, request: EvalRequest) -> str:
         _refuse_nul(request)
+        try:
+            if request.action is Action.CHECK:
+                self._check(request)
+                return "null"
+            if request.action is Action.FMT:
+                formatted = json.dumps(self._format(request), ensure_ascii=False)
+                return _output_checked(formatted, request.max_output)
+            return _output_checked(self._evaluate(request), request.max_output)
+        except MemoryError:
+            raise EvaluationFailed(ErrorKind.MEMORY, "the worker ran out of memory") from None
+
+    def _evaluate(self, request: EvalRequest) -> str:
         ext_vars, ext_codes = _without_nul("ext var", request.ext_vars, request.ext_codes)
         tla_vars, tla_codes = _without_nul("TLA var", request.tla_vars, request.tla_codes)
-        barrier = _ImportBarrier()
-        try:
-            result = self._evaluate(
+        if self._capi is not None:
+            return _as_engine_result(
+                None,
+                self._capi.evaluate_snippet,
                 request.filename,
                 request.snippet,
                 ext_vars=ext_vars,
@@ -229,27 +285,80 @@ class Engine:
                 tla_vars=tla_vars,
                 tla_codes=tla_codes,
                 max_stack=request.max_stack,
-                import_callback=barrier,
+                max_trace=request.max_trace,
             )
-        except RuntimeError as exc:
-            raise EvaluationFailed(
-                ErrorKind.JSONNET, bound_text(barrier.message(str(exc)))
-            ) from None
-        except MemoryError:
-            raise EvaluationFailed(ErrorKind.MEMORY, "the worker ran out of memory") from None
-        except UnicodeDecodeError:
-            raise EvaluationFailed(ErrorKind.JSONNET, barrier.message("")) from None
-        except Exception as exc:  # any other failure of the binding's C glue
-            raise EvaluationFailed(
-                ErrorKind.JSONNET, bound_text(f"{type(exc).__name__}: {exc}")
-            ) from None
-        size = len(result)
-        if size > request.max_output or (
-            size * 4 > request.max_output
-            and len(result.encode("utf-8", "replace")) > request.max_output
-        ):
-            raise EvaluationFailed(
-                ErrorKind.OUTPUT_TOO_LARGE,
-                f"output of at least {size} bytes is over the limit of {request.max_output} bytes",
+        barrier = _ImportBarrier()
+        return _as_engine_result(
+            barrier,
+            self._module_evaluate,
+            request.filename,
+            request.snippet,
+            ext_vars=ext_vars,
+            ext_codes=ext_codes,
+            tla_vars=tla_vars,
+            tla_codes=tla_codes,
+            max_stack=request.max_stack,
+            max_trace=request.max_trace,
+            import_callback=barrier,
+        )
+
+    def _check(self, request: EvalRequest) -> None:
+        """Parse and statically check, never evaluate: with ``max_stack`` 0 both engines stop
+        at the first stack frame, after the static checks and before the snippet runs.
+        Validity is decided under a fixed filename (a static error then starts with it, never
+        like the stack error); the message comes from a run under the caller's."""
+        if self._capi is not None:
+            _as_engine_result(None, self._capi.check_snippet, request.filename, request.snippet)
+            return
+        passed = _CHECK_PASSED[self.kind]
+        for filename in (_capi.PROBE_FILENAME.decode(), request.filename):
+            barrier = _ImportBarrier()
+            try:
+                _as_engine_result(
+                    barrier,
+                    self._module_evaluate,
+                    filename,
+                    request.snippet,
+                    max_stack=0,
+                    import_callback=barrier,
+                )
+            except EvaluationFailed as exc:
+                if exc.message == passed:
+                    return
+                if filename == request.filename:
+                    raise
+            else:  # the engine evaluated after all: never report that as a check
+                raise EvaluationFailed(
+                    ErrorKind.INTERNAL, f"engine {self.kind.value!r} evaluated under max_stack 0"
+                )
+
+    def _format(self, request: EvalRequest) -> str:
+        if self._capi is None:
+            why = (
+                "the C++ engine has no formatter; use engine 'go'"
+                if self.kind is EngineKind.CPP
+                else f"it needs go-jsonnet's C API, and this worker uses the {self.api}"
             )
-        return result
+            raise EvaluationFailed(ErrorKind.JSONNET, f"action 'fmt' is not available: {why}")
+        return _as_engine_result(None, self._capi.format_snippet, request.filename, request.snippet)
+
+
+def _as_engine_result(
+    barrier: _ImportBarrier | None, function: Callable[..., _T], *args: Any, **kwargs: Any
+) -> _T:
+    """Call the engine; its failures become EvaluationFailed with a bounded message."""
+    try:
+        return function(*args, **kwargs)
+    except RuntimeError as exc:
+        text = str(exc) if barrier is None else barrier.message(str(exc))
+        raise EvaluationFailed(ErrorKind.JSONNET, bound_text(text)) from None
+    except MemoryError:
+        raise
+    except UnicodeDecodeError:  # the binding read past the barrier's message (see message)
+        if barrier is None:
+            raise EvaluationFailed(ErrorKind.JSONNET, "the engine's message is not UTF-8") from None
+        raise EvaluationFailed(ErrorKind.JSONNET, bound_text(barrier.message(""))) from None
+    except Exception as exc:  # e.g. UnicodeDecodeError from the binding's C glue
+        raise EvaluationFailed(
+            ErrorKind.JSONNET, bound_text(f"{type(exc).__name__}: {exc}")
+        ) from None

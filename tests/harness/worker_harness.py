@@ -204,19 +204,22 @@ def main() -> int:
 
         _seccomp.install = refuse  # type: ignore[assignment]
     elif mode == "no-barrier":
-        original = _engines.Engine.evaluate
+        # The binding without its import callback (the C API path is turned off: its barrier
+        # is the VM's callback itself), so only the kernel can refuse.
+        original = _engines.Engine.run
 
-        def evaluate_without_barrier(self: _engines.Engine, request: object) -> str:
-            evaluate = self._evaluate
-            self._evaluate = lambda *a, **kw: evaluate(
+        def run_without_barrier(self: _engines.Engine, request: object) -> str:
+            self._capi = None
+            evaluate = self._module_evaluate
+            self._module_evaluate = lambda *a, **kw: evaluate(
                 *a, **{k: v for k, v in kw.items() if k != "import_callback"}
             )
             try:
                 return original(self, request)  # type: ignore[arg-type]
             finally:
-                self._evaluate = evaluate
+                self._module_evaluate = evaluate
 
-        _engines.Engine.evaluate = evaluate_without_barrier  # type: ignore[method-assign]
+        _engines.Engine.run = run_without_barrier  # type: ignore[method-assign]
     elif mode == "python":
         # What the probes of tests/test_isolation_matrix.py use: nothing can be imported
         # once the worker is restricted, so load it now.
@@ -247,7 +250,7 @@ def main() -> int:
             exec(request.snippet, scope)
             return json.dumps(scope.get("result"))
 
-        _engines.Engine.evaluate = run_python  # type: ignore[method-assign]
+        _engines.Engine.run = run_python  # type: ignore[method-assign]
     elif mode == "broken-engine":
         _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
             lambda self: "_no_such_jsonnet_engine"
