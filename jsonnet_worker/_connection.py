@@ -226,15 +226,16 @@ class WorkerConnection:
 
     # -- the caller's side -----------------------------------------------------------------
 
-    def send_request(self, request: EvalRequest, frame: bytes | None = None) -> bytes:
+    def send_request(self, request: EvalRequest, *, encoded: bytes | None = None) -> bytes:
         """The frame to write for ``request``; from now on only its answer is accepted.
-        ``frame`` is the request already encoded (``encode(request.to_message())``), for a
-        caller that encoded it before it had a worker. Raises ConnectionMisuse unless IDLE."""
+        ``encoded`` is the request already encoded (``encode(request.to_message())``), for a
+        caller that encoded it before it had a worker: it is returned as it is. Raises
+        ConnectionMisuse unless IDLE."""
         if self._state is not ConnectionState.IDLE:
             raise ConnectionMisuse(f"cannot send a request while {self._state.value}")
         self._expected = request
         self._state = ConnectionState.AWAITING_ANSWER
-        return frame if frame is not None else encode(request.to_message())
+        return encoded if encoded is not None else encode(request.to_message())
 
     def receive_data(self, data: bytes) -> None:
         """Bytes the worker's response channel gave; ``b""`` when it reached end of file."""

@@ -359,7 +359,7 @@ def test_send_request_uses_a_frame_encoded_beforehand() -> None:
     connection = greeted()
     request = EvalRequest(3, "1")
     frame = encode(request.to_message())
-    assert connection.send_request(request, frame) is frame
+    assert connection.send_request(request, encoded=frame) is frame
     assert connection.expected_id == 3
 
 
