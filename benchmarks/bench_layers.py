@@ -13,7 +13,6 @@ workload (the OIDC mapper of bench_latency.py), with full/landlock ratios.
 from __future__ import annotations
 
 import argparse
-import select
 import statistics
 import sys
 import time
@@ -22,8 +21,9 @@ from pathlib import Path
 from bench_latency import find_workload, percentile, time_calls
 
 from jsonnet_worker import WorkerPool
+from jsonnet_worker._launch import launch_and_greet
 from jsonnet_worker._privileges import resolve_identity
-from jsonnet_worker._process import WorkerProcess, WorkerSettings, worker_command
+from jsonnet_worker._process import WorkerSettings, worker_command
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
 
 HARNESS = Path(__file__).resolve().parent.parent / "tests" / "harness" / "worker_harness.py"
@@ -39,18 +39,10 @@ def harness_command(settings: WorkerSettings, without: str = "") -> list[str]:
 def time_to_hello(settings: WorkerSettings, command: list[str] | None) -> tuple[float, float]:
     """Seconds from spawn to hello, and the worker's own start-up time in seconds."""
     started = time.perf_counter()
-    worker = WorkerProcess(settings, command)
-    try:
-        while True:
-            select.select([worker.stdout], [], [], 10)
-            if not worker.read_stdout():
-                raise RuntimeError("worker exited before its hello")
-            event = worker.reader.next_event()
-            if event is not None:
-                elapsed = time.perf_counter() - started
-                return elapsed, float(event.payload["startup_ms"]) / 1000  # type: ignore[union-attr]
-    finally:
-        worker.close()
+    worker, hello = launch_and_greet(settings, command)
+    elapsed = time.perf_counter() - started
+    worker.close()
+    return elapsed, hello.startup_ms / 1000
 
 
 def main() -> None:

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import sys
 import time
 from collections.abc import Sequence
 
 from . import __version__
-from ._errors import Error, JsonnetError
+from ._connection import Hello, WorkerConnection
+from ._errors import Error, JsonnetError, WorkerStartError
+from ._launch import await_hello
 from ._pool import DEFAULT_MAX_OUTPUT, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, WorkerPool
 from ._privileges import DEFAULT_WORKER_USER, resolve_identity
-from ._process import WorkerHello, WorkerProcess, WorkerSettings
-from ._protocol import DEFAULT_MAX_FRAME, Message
+from ._process import WorkerProcess, WorkerSettings
+from ._protocol import DEFAULT_MAX_FRAME
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -170,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float, int]:
+def greet(engine: str, timeout: float = 10.0) -> tuple[Hello | str, float, int]:
     """Start one worker, wait for its hello (or its reason for failing), stop it."""
     started = time.monotonic()
     identity = resolve_identity(DEFAULT_WORKER_USER)
@@ -178,24 +179,11 @@ def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float,
         WorkerSettings(engine, DEFAULT_MEMORY_LIMIT, DEFAULT_MAX_FRAME, identity)
     )
     try:
-        poller = select.poll()
-        poller.register(worker.stdout, select.POLLIN)
-        deadline = started + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not poller.poll(left * 1000):
-                continue
-            if not worker.read_stdout():
-                worker.drain_stderr()
-                return f"worker exited: {worker.stderr.text().strip()}", 0.0, worker.pid
-            event = worker.reader.next_event()
-            if isinstance(event, Message):
-                elapsed = time.monotonic() - started
-                if event.payload.get("t") == "hello":
-                    return WorkerHello.from_message(event.payload), elapsed, worker.pid
-                return str(event.payload.get("reason", event.payload)), elapsed, worker.pid
-            if event is not None:
-                return f"unexpected frame {event!r}", 0.0, worker.pid
-        return f"no hello within {timeout} s", 0.0, worker.pid
+        try:
+            hello: Hello | str = await_hello(worker, WorkerConnection(DEFAULT_MAX_OUTPUT), timeout)
+        except WorkerStartError as exc:
+            hello = str(exc)
+        return hello, time.monotonic() - started, worker.pid
     finally:
         worker.close(grace=1.0)
 
