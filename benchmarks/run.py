@@ -32,7 +32,7 @@ from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
 from jsonnet_worker import EvaluationTimeout, WorkerPool
-from jsonnet_worker._process import WorkerState
+from jsonnet_worker._state import Status
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SERVICE_HEADING = "## Service load test"
@@ -358,8 +358,9 @@ def wait_quiet(pool: WorkerPool, timeout: float = 10.0) -> None:
 
 def active_worker(pool: WorkerPool) -> int:
     """The pid of an idle worker serving calls (not the spare)."""
-    with pool._core.lock:
-        return next(w.pid for w in pool._core.workers if w.state is WorkerState.IDLE)
+    state = pool._state
+    with state.lock:
+        return next(m.worker.pid for m in state.members.values() if m.status is Status.IDLE)
 
 
 def layer_costs(quick: bool) -> str:

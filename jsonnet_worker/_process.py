@@ -23,7 +23,6 @@ Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goe
 
 from __future__ import annotations
 
-import enum
 import os
 import select
 import signal
@@ -35,10 +34,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import MemoryLimitExceeded, WorkerCrashed
+from ._config import PoolConfig
+from ._errors import InvalidArgument, MemoryLimitExceeded, WorkerCrashed
 from ._landlock import LandlockStatus
-from ._privileges import WorkerIdentity
-from ._protocol import FrameReader
+from ._privileges import WorkerIdentity, resolve_identity
 from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
 
 STDERR_HEAD = 4096
@@ -56,15 +55,6 @@ _MEMORY_MARKERS = (
 )
 
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    SPARE = "spare"  # started and greeted, held back to replace the next worker that dies
-    IDLE = "idle"
-    BUSY = "busy"
-    DYING = "dying"  # died while a caller holds it; the caller retires it
-    DEAD = "dead"
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every worker of a pool is started with."""
@@ -73,6 +63,17 @@ class WorkerSettings:
     memory_limit: int
     max_frame: int
     identity: WorkerIdentity | None = None  # whom a root parent's workers drop to
+
+
+def settings_for(config: PoolConfig) -> WorkerSettings:
+    """What a pool with ``config`` starts its workers with (kept next to ``WorkerSettings``
+    so that a field added there is filled here)."""
+    worker_user = config.worker_user
+    if isinstance(worker_user, range):
+        raise InvalidArgument("worker_user as a uid range needs the per-worker uid support")
+    return WorkerSettings(
+        config.engine, config.memory_limit, config.max_request, resolve_identity(worker_user)
+    )
 
 
 @dataclass(frozen=True)
@@ -239,13 +240,13 @@ def one_way_channel(child_reads: bool) -> tuple[int, int]:
 
 
 class WorkerProcess:
-    """A started worker: channels, pidfd, reader state. Killed and reaped through it only."""
+    """A started worker: its channels and pidfd. Killed, reaped and closed through it only.
+
+    Pure mechanism: which state the pool gives it, and what its bytes mean, live in
+    ``_state`` and ``_connection``."""
 
     def __init__(self, settings: WorkerSettings, command: list[str] | None = None) -> None:
         self.settings = settings
-        self.state = WorkerState.STARTING
-        self.hello: WorkerHello | None = None
-        self.reader = FrameReader(settings.max_frame)
         self.stderr = StderrCapture()
         self.started_at = time.monotonic()
         child_ends: list[int] = []
@@ -278,7 +279,14 @@ class WorkerProcess:
         for fd in parent_ends:
             os.set_blocking(fd, False)
         self.pid = self._popen.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except BaseException:
+            self._popen.kill()
+            self._popen.wait()
+            for fd in parent_ends:
+                os.close(fd)
+            raise
         # Reused by whichever caller holds the worker: registering fds per call costs
         # more syscalls than the answer's wait.
         self.poller = select.poll()
@@ -288,25 +296,25 @@ class WorkerProcess:
         self._fds_open = True
         self._fd_lock = threading.Lock()
         self.stderr_open = True
+        self._cpu_clock = ((~self.pid) << 3) | 2  # clock_getcpuclockid(pid): CPUCLOCK_SCHED
 
     def __repr__(self) -> str:
-        return f"<WorkerProcess pid={self.pid} {self.state.value}>"
+        return f"<WorkerProcess pid={self.pid}>"
 
     # -- reading -------------------------------------------------------------------------
 
-    def read_stdout(self) -> bool:
-        """Move what stdout holds into the frame reader; False at end of file."""
+    def read_stdout(self) -> bytes | None:
+        """What stdout holds now: bytes, ``b""`` at end of stream, None if nothing yet."""
         try:
-            data = os.read(self.stdout, READ_SIZE)
+            return os.read(self.stdout, READ_SIZE)
         except BlockingIOError:
-            return True
-        if not data:
-            return False
-        self.reader.feed(data)
-        return True
+            return None
+        except OSError:
+            return b""
 
-    def drain_stderr(self) -> bool:
-        """Move what stderr holds into the capture; False at end of file."""
+    def drain_stderr(self, keep: bool = True) -> bool:
+        """Move what stderr holds into the capture (or, ``keep=False``, into nothing);
+        False at end of file."""
         while True:
             try:
                 data = os.read(self.stderr_fd, READ_SIZE)
@@ -317,7 +325,26 @@ class WorkerProcess:
             if not data:
                 self.stderr_open = False
                 return False
-            self.stderr.add(data)
+            if keep:
+                self.stderr.add(data)
+
+    def ready(self) -> tuple[bool, bool]:
+        """Without blocking: whether (stdout, stderr) have bytes or have ended."""
+        stdout = stderr = False
+        for fd, _ in self.poller.poll(0):
+            if fd == self.stdout:
+                stdout = True
+            else:
+                stderr = True
+        return stdout, stderr
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (all its threads), as RLIMIT_CPU counts it; None once
+        it is gone. A per-process CPU clock: no /proc, works for a child of another uid."""
+        try:
+            return time.clock_gettime(self._cpu_clock)
+        except OSError:
+            return None
 
     # -- life and death ------------------------------------------------------------------
 
@@ -343,21 +370,22 @@ class WorkerProcess:
                 return None
         return self._popen.wait()
 
-    def death_error(self, grace: float = 1.0) -> MemoryLimitExceeded | WorkerCrashed:
-        """After EOF on stdout: wait for the process to end, and say why it died."""
-        returncode = self.wait(grace)
-        if returncode is None:
-            self.kill()
-            returncode = self.wait(None)
-        self.drain_stderr()
-        tail = self.stderr.text()
+    def how_it_ended(self) -> str:
+        """ "killed by SIGSEGV" or "exited with status 3" (after it has been reaped)."""
+        returncode = self._popen.returncode
         if returncode is not None and returncode < 0:
             try:
-                how = f"killed by {signal.Signals(-returncode).name}"
+                return f"killed by {signal.Signals(-returncode).name}"
             except ValueError:
-                how = f"killed by signal {-returncode}"
-        else:
-            how = f"exited with status {returncode}"
+                return f"killed by signal {-returncode}"
+        return f"exited with status {returncode}"
+
+    def death_error(self) -> MemoryLimitExceeded | WorkerCrashed:
+        """After it has exited (reaped): why it died, with what it printed during this call."""
+        returncode = self._popen.returncode
+        self.drain_stderr()
+        tail = self.stderr.text()
+        how = self.how_it_ended()
         if any(marker in tail for marker in _MEMORY_MARKERS):
             return MemoryLimitExceeded(
                 f"the worker ran out of memory (limit {self.settings.memory_limit} bytes) and {how}"
@@ -403,5 +431,4 @@ class WorkerProcess:
                 self._fds_open = False
                 for fd in (self.stdout, self.stderr_fd, self.pidfd):
                     os.close(fd)
-        self.state = WorkerState.DEAD
         return returncode

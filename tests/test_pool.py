@@ -16,6 +16,7 @@ import time
 import pytest
 
 import jsonnet_worker
+import seam
 from conftest import (
     child_pids,
     full,
@@ -38,7 +39,6 @@ from jsonnet_worker import (
     WorkerStartError,
 )
 from jsonnet_worker._landlock import probe
-from jsonnet_worker._process import WorkerState
 
 MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
 HEAVY_GO = (
@@ -211,7 +211,7 @@ def test_busy_worker_killed_from_outside(go_pool: WorkerPool) -> None:
     thread = threading.Thread(target=call)
     thread.start()
     wait_until(lambda: go_pool.stats().busy == 1)
-    busy = [w.pid for w in go_pool._core.workers if w.state is WorkerState.BUSY]
+    busy = seam.pids(go_pool, "busy")
     os.kill(busy[0], signal.SIGKILL)
     thread.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed)
@@ -231,10 +231,9 @@ def test_idle_worker_killed_from_outside_is_replaced(go_pool: WorkerPool) -> Non
 
 def test_spare_killed_from_outside_is_replaced_not_handed_out(go_pool: WorkerPool) -> None:
     wait_until(lambda: full(go_pool))
-    with go_pool._core.lock:
-        spare = next(w for w in go_pool._core.workers if w.state is WorkerState.SPARE)
-    os.kill(spare.pid, signal.SIGKILL)
-    wait_until(lambda: full(go_pool) and spare.pid not in go_pool.stats().worker_pids)
+    spare = seam.pids(go_pool, "spare")[0]
+    os.kill(spare, signal.SIGKILL)
+    wait_until(lambda: full(go_pool) and spare not in go_pool.stats().worker_pids)
     for _ in range(4):
         assert go_pool.evaluate("4") == 4
 
@@ -407,15 +406,15 @@ def test_sandbox_status_and_log(caplog: pytest.LogCaptureFixture) -> None:
 )
 def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="jsonnet_worker")
-    with WorkerPool(2, _worker_command=harness_command(mode)) as pool:
+    with WorkerPool(2, require_sandbox=False, _worker_command=harness_command(mode)) as pool:
         assert pool.sandbox is not None and not pool.sandbox.enforced
         assert reason in pool.sandbox.reason
         assert pool.evaluate("{a: 1}") == {"a": 1}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not available" in warnings[0].getMessage()
     assert reason in warnings[0].getMessage()
-    with pytest.raises(SandboxUnavailable) as caught:
-        WorkerPool(2, require_sandbox=True, _worker_command=harness_command(mode))
+    with pytest.raises(SandboxUnavailable) as caught:  # the default: fail closed
+        WorkerPool(2, _worker_command=harness_command(mode))
     assert reason in caught.value.reason
 
 
@@ -431,6 +430,6 @@ def test_stats_count_what_happened() -> None:
         stats = pool.stats()
         assert stats.size == 2 and stats.alive == 2 and stats.idle == 2
         assert stats.evaluations == 1
-        assert stats.errors == {"JsonnetError": 1, "EvaluationTimeout": 1}
+        assert stats.errors == {"jsonnet_error": 1, "timeout": 1}
         assert stats.timeouts == 1 and stats.respawns == 1 and stats.crashes == 0
         assert stats.queue_depth == 0 and stats.spares == 1 and len(stats.worker_pids) == 3

@@ -262,8 +262,8 @@ def test_metrics_count_what_happened(client: httpx.Client) -> None:
     )
     after = metric_values(client)
     assert delta("jsonnet_worker_evaluations_total") == 1
-    assert delta("jsonnet_worker_errors_total", kind="JsonnetError") == 1
-    assert delta("jsonnet_worker_errors_total", kind="EvaluationTimeout") == 1
+    assert delta("jsonnet_worker_errors_total", kind="jsonnet_error") == 1
+    assert delta("jsonnet_worker_errors_total", kind="timeout") == 1
     assert delta("jsonnet_worker_timeouts_total") == 1
     assert delta("jsonnet_worker_http_requests_total", endpoint="mapper", status="200") == 1
     assert delta("jsonnet_worker_http_requests_total", endpoint="evaluate", status="422") == 1
