@@ -88,10 +88,10 @@ def main() -> None:
         for _ in range(rounds):
             for name, call in calls.items():
                 latency[name] += time_calls(call, args.calls // rounds)
-    for name, samples in latency.items():
+    for name, timings in latency.items():
         print(
-            f"call  {name:9}: p50 {percentile(samples, 0.5) * 1e6:.0f} us, "
-            f"p99 {percentile(samples, 0.99) * 1e6:.0f} us"
+            f"call  {name:9}: p50 {percentile(timings, 0.5) * 1e6:.0f} us, "
+            f"p99 {percentile(timings, 0.99) * 1e6:.0f} us"
         )
     for fraction, label in ((0.5, "p50"), (0.99, "p99")):
         ratio = percentile(latency["full"], fraction) / percentile(latency["landlock"], fraction)
