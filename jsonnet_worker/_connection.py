@@ -95,7 +95,7 @@ class ConnectionMisuse(Error, RuntimeError):
     kind = "internal"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hello:
     """A worker's validated hello: who it is and what its sandbox achieved."""
 
@@ -120,14 +120,14 @@ class Hello:
         return SandboxStatus(self.landlock, self.self_check, **extra)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StartupFailed:
     """The worker could not start and said why (it exits next: fail closed)."""
 
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answer:
     """A result for the request in flight: its JSON text and that text decoded (for action
     ``fmt`` a str, for ``check`` None)."""
@@ -137,7 +137,7 @@ class Answer:
     value: Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failure:
     """The worker's error for the request in flight. ``request_id`` is None only for a
     ``protocol`` error about a frame the worker could not read."""
@@ -147,7 +147,7 @@ class Failure:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The stream ended. ``state`` is what the connection was waiting for; ``unread`` counts
     the bytes of an incomplete frame it was cut in."""
@@ -156,7 +156,7 @@ class ConnectionClosed:
     unread: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionBroken:
     """The worker broke the protocol; ``reason`` says how (escaped, bounded)."""
 
@@ -379,9 +379,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every answer: json.loads with an option builds a new one per call.
+_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def _decode_json(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return _JSON.decode(text)
     except RecursionError:
         raise _Lie("a result nested deeper than the parent can decode") from None
     except ValueError as exc:  # JSONDecodeError, and NaN/Infinity refused above

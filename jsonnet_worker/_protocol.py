@@ -118,9 +118,20 @@ class FrameReader:
         self, max_frame: int = DEFAULT_MAX_FRAME, limits: UnpackLimits | None = None
     ) -> None:
         self.max_frame = max_frame
+        self._options: dict[str, int] = {}
         self.limits = limits
         self._buffer = bytearray()
         self._broken = False
+
+    @property
+    def limits(self) -> UnpackLimits | None:
+        """The per-container limits applied to the frames read from now on."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: UnpackLimits | None) -> None:
+        self._limits = limits
+        self._options = limits.as_kwargs() if limits is not None else {}
 
     @property
     def broken(self) -> bool:
@@ -151,7 +162,7 @@ class FrameReader:
             return None
         body = bytes(buffer[HEADER_SIZE:end])
         del buffer[:end]
-        return decode_body(body, self.limits)
+        return _unpack(body, self._options)
 
     def events(self) -> Iterator[Event]:
         while (event := self.next_event()) is not None:
@@ -159,9 +170,12 @@ class FrameReader:
 
 
 def decode_body(body: bytes, limits: UnpackLimits | None = None) -> Event:
+    return _unpack(body, limits.as_kwargs() if limits is not None else {})
+
+
+def _unpack(body: bytes, options: dict[str, int]) -> Event:
     if not body:
         return MalformedFrame("empty frame")
-    options = limits.as_kwargs() if limits is not None else {}
     try:
         payload = msgpack.unpackb(body, raw=False, strict_map_key=True, **options)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
