@@ -32,7 +32,7 @@ from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
 from jsonnet_worker import EvaluationTimeout, WorkerPool
-from jsonnet_worker._state import Status
+from tests import seams
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SERVICE_HEADING = "## Service load test"
@@ -358,9 +358,7 @@ def wait_quiet(pool: WorkerPool, timeout: float = 10.0) -> None:
 
 def active_worker(pool: WorkerPool) -> int:
     """The pid of an idle worker serving calls (not the spare)."""
-    state = pool._state
-    with state.lock:
-        return next(m.worker.pid for m in state.members.values() if m.status is Status.IDLE)
+    return seams.worker_pids(pool, "idle")[0]
 
 
 def layer_costs(quick: bool) -> str:

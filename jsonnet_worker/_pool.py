@@ -542,7 +542,7 @@ class WorkerPool:
                 return
         ticket.arm()
         self._perform(state.take_or_wait(ticket))
-        if ticket.worker is None and ticket.error is None:
+        if ticket.queued:
             self._wait(ticket)
         if ticket.error is not None:
             raise ticket.error
@@ -654,7 +654,7 @@ class WorkerPool:
                 return
         ticket.arm(asyncio.get_running_loop())
         self._perform(state.take_or_wait(ticket))
-        if ticket.worker is None and ticket.error is None:
+        if ticket.queued:
             await self._await(ticket)
         if ticket.error is not None:
             raise ticket.error
@@ -964,9 +964,7 @@ os.register_at_fork(after_in_child=_forget_parent_pools)
 
 @atexit.register
 def _terminate_live_pools() -> None:
-    for pool in list(_live_pools):
-        if pool._forked():
-            continue
+    for pool in list(_live_pools):  # a forked child's copies were forgotten at the fork
         try:
             pool.terminate()
         except Exception:

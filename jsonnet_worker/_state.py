@@ -115,9 +115,11 @@ class Ticket:
     ``call`` is the caller's encoded request: whoever hands the ticket a worker writes it
     to the worker *before* waking the caller (``HandOver``), so the worker starts at once.
     ``written`` says how much of it went out; ``handed`` that the writer also registered the
-    request with the worker's connection. Subclasses say how a caller is woken."""
+    request with the worker's connection. A ``queued`` ticket's caller must wait for its
+    wake-up even if ``worker`` is already set: the hand-over may still be writing.
+    Subclasses say how a caller is woken."""
 
-    __slots__ = ("call", "domain", "error", "handed", "worker", "written")
+    __slots__ = ("call", "domain", "error", "handed", "queued", "worker", "written")
 
     def __init__(self, call: Any, domain: Domain) -> None:
         self.call = call
@@ -126,6 +128,7 @@ class Ticket:
         self.error: Error | None = None
         self.written = 0
         self.handed = False
+        self.queued = False
 
     def wake(self) -> bool:
         """Tell the caller its worker (or error) is there; False if nobody can be told."""
@@ -269,8 +272,9 @@ class PoolState(Generic[W]):
             return True
 
     def take_or_wait(self, ticket: Ticket) -> list[Action]:
-        """A worker at once (the ticket holds it), or the ticket queued. Raises when the
-        pool cannot serve it (failed, no worker can start, the queue is full)."""
+        """A worker at once (the ticket holds it), or the ticket queued (``ticket.queued``:
+        its caller waits for the wake-up). Raises when the pool cannot serve it (failed, no
+        worker can start, the queue is full)."""
         actions: list[Action] = []
         with self.lock:
             member = self._idle_for(ticket.domain)
@@ -282,10 +286,9 @@ class PoolState(Generic[W]):
                 # Only workers of other domains are idle: recycle the longest idle one.
                 victim = self.idle[0]
                 self._recycle(victim, f"the next caller is of {ticket.domain.describe()}", actions)
-                spare = self._spare()
-                if spare is not None:
-                    self._check_out(spare, ticket)
-                    actions.append(HandOver(ticket, spare.worker))
+                member = self._idle_for(ticket.domain)  # the spare promoted in its place
+                if member is not None:
+                    self._check_out(member, ticket)
                     return actions
             if len(self.waiters) >= self.config.queue_limit:
                 raise Overloaded(
@@ -293,6 +296,7 @@ class PoolState(Generic[W]):
                     f"already waiting (queue_limit={self.config.queue_limit})"
                 )
             self.waiters.append(ticket)
+            ticket.queued = True
         return actions
 
     def give_up(self, ticket: Ticket) -> bool:

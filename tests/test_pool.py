@@ -16,7 +16,7 @@ import time
 import pytest
 
 import jsonnet_worker
-import seam
+import seams
 from conftest import (
     child_pids,
     full,
@@ -211,7 +211,7 @@ def test_busy_worker_killed_from_outside(go_pool: WorkerPool) -> None:
     thread = threading.Thread(target=call)
     thread.start()
     wait_until(lambda: go_pool.stats().busy == 1)
-    busy = seam.pids(go_pool, "busy")
+    busy = seams.worker_pids(go_pool, "busy")
     os.kill(busy[0], signal.SIGKILL)
     thread.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed)
@@ -231,7 +231,7 @@ def test_idle_worker_killed_from_outside_is_replaced(go_pool: WorkerPool) -> Non
 
 def test_spare_killed_from_outside_is_replaced_not_handed_out(go_pool: WorkerPool) -> None:
     wait_until(lambda: full(go_pool))
-    spare = seam.pids(go_pool, "spare")[0]
+    spare = seams.worker_pids(go_pool, "spare")[0]
     os.kill(spare, signal.SIGKILL)
     wait_until(lambda: full(go_pool) and spare not in go_pool.stats().worker_pids)
     for _ in range(4):
@@ -341,6 +341,7 @@ def test_pool_dies_with_its_parent(tmp_path) -> None:
     assert len(pids) == 3  # two workers and the spare
     parent.kill()
     parent.wait()
+    parent.stdout.close()
 
     def gone() -> bool:
         return not any(os.path.exists(f"/proc/{pid}") for pid in pids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-import seam
+import seams
 from jsonnet_worker import WorkerPool
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -41,18 +41,18 @@ def each_worker_answers(pool: WorkerPool) -> int:
     request correctly; returns how many answered. (Sequential calls would all reach the
     same worker: the idle list is last in, first out.)"""
     wait_full(pool)
-    tickets = seam.hold_idle_workers(pool)
+    tickets = seams.hold_idle_workers(pool)
     assert len(tickets) == pool.size, "the pool is not quiet"
     answered = 0
     try:
         while tickets:
             ticket = tickets.pop()
-            value = seam.call_on(pool, ticket, "{n: std.extVar('n') + 1}", {"n": answered})
+            value = seams.call_on(pool, ticket, "{n: std.extVar('n') + 1}", {"n": answered})
             assert value == {"n": answered + 1}
             answered += 1
     finally:
         for ticket in tickets:
-            seam.give_back(pool, ticket)
+            seams.give_back(pool, ticket)
     return answered
 
 

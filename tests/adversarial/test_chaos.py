@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import seam
+import seams
 from conftest import child_pids, open_fds
 from jsonnet_worker import EvaluationTimeout, WorkerCrashed, WorkerPool
 
@@ -151,7 +151,7 @@ def test_chaos_under_load(tier: Tier) -> None:
         stop_chaos.set()
         chaos_thread.join(60)
         wait_full(pool)
-        victim = seam.pids(pool, "busy")[0]
+        victim = seams.worker_pids(pool, "busy")[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         kills.append(killed_at)
