@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import sys
 from typing import Any
 
 import msgpack
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jsonnet_worker import WorkerPool
 from jsonnet_worker._connection import (
     FRAME_MARGIN,
     MAX_MESSAGE_BYTES,
@@ -30,8 +32,12 @@ from jsonnet_worker._connection import (
     WorkerConnection,
     escape_controls,
 )
+from jsonnet_worker._errors import WorkerStartError
 from jsonnet_worker._landlock import SupportState
+from jsonnet_worker._launch import launch_and_greet
+from jsonnet_worker._process import WorkerSettings
 from jsonnet_worker._protocol import (
+    DEFAULT_MAX_FRAME,
     MAX_MESSAGE_CHARS,
     Action,
     ErrorKind,
@@ -640,6 +646,72 @@ def test_the_end_of_the_stream_while_idle_is_closed() -> None:
 def test_escape_controls_keeps_newlines_tabs_and_text() -> None:
     assert escape_controls("plain ünïcödé\n\tok") == "plain ünïcödé\n\tok"
     assert escape_controls("\0\x1b\x7f\x85\u200f") == "\\x00\\x1b\\x7f\\x85\\u200f"
+
+
+# -- real processes: launch_and_greet, and a pool whose workers lie in their hello ---------
+
+
+def fake_worker(
+    *, hello: dict[str, Any] | None = None, stderr: str = "", code: int = 0
+) -> list[str]:
+    """A process in place of the worker: it writes ``hello`` (if given) as a frame and
+    ``stderr``, then exits with ``code`` (or, after a hello, waits to be killed)."""
+    script = (
+        "import os, struct, sys, time, msgpack\n"
+        f"hello = {hello!r}\n"
+        f"sys.stderr.write({stderr!r}); sys.stderr.flush()\n"
+        "if hello is not None:\n"
+        "    body = msgpack.packb(hello)\n"
+        "    os.write(1, struct.pack('>I', len(body)) + body)\n"
+        "    time.sleep(60)\n"
+        f"sys.exit({code})\n"
+    )
+    return [sys.executable, "-c", script]
+
+
+SETTINGS = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME)
+
+
+def test_launch_and_greet_gives_the_process_and_its_hello() -> None:
+    worker, hello = launch_and_greet(SETTINGS, fake_worker(hello=HELLO))
+    try:
+        assert hello.pid == 4242 and hello.landlock.enforced
+        assert not worker.exited()
+    finally:
+        worker.close()
+
+
+def test_launch_and_greet_refuses_a_hostile_hello_by_name() -> None:
+    with pytest.raises(WorkerStartError, match="invalid hello: hello field 'pid'") as caught:
+        launch_and_greet(SETTINGS, fake_worker(hello={**HELLO, "pid": "1; rm -rf /"}))
+    assert "'pid'" in caught.value.cause
+
+
+def test_launch_and_greet_says_how_a_worker_died_with_its_stderr_escaped() -> None:
+    command = fake_worker(stderr="first\nboom \x1b[31mred\n", code=3)
+    with pytest.raises(WorkerStartError, match="exited during start-up") as caught:
+        launch_and_greet(SETTINGS, command)
+    assert caught.value.cause == "exited during start-up: boom \\x1b[31mred"
+
+
+def test_launch_and_greet_gives_up_after_its_timeout() -> None:
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(WorkerStartError, match=r"no hello within 0\.5 s"):
+        launch_and_greet(SETTINGS, silent, timeout=0.5)
+
+
+def test_launch_and_greet_passes_on_a_startup_failure() -> None:
+    command = fake_worker(hello={"t": "startup_failed", "reason": "no memfd"})
+    with pytest.raises(WorkerStartError, match="start-up failed: no memfd"):
+        launch_and_greet(SETTINGS, command)
+
+
+def test_a_pool_whose_workers_lie_in_their_hello_fails_typed_and_cleanly() -> None:
+    # Before the connection object, a hello with a bad field type killed the supervisor
+    # thread, and the pool with it.
+    command = fake_worker(hello={**HELLO, "layers": {"seccomp": {"state": ["active"]}}})
+    with pytest.raises(WorkerStartError, match="invalid hello: layer 'seccomp'"):
+        WorkerPool(1, spares=0, _worker_command=command)
 
 
 # -- fuzzing: nothing a worker sends escapes as an exception ---------------------------------
