@@ -660,14 +660,18 @@ class WorkerPool:
             raise ticket.error
 
     async def _await(self, ticket: AsyncTicket) -> None:
+        # asyncio.timeout, not wait_for: wait_for (3.11) swallows a cancellation that
+        # arrives once the awaited future is done, and the call would go on.
         try:
-            await asyncio.wait_for(asyncio.shield(ticket.future), self.config.queue_timeout)
+            async with asyncio.timeout(self.config.queue_timeout):
+                await asyncio.shield(ticket.future)
             return
         except TimeoutError:
             if self._state.give_up(ticket):
                 raise ticket.error or self._queue_timed_out() from None
         try:  # handed over just now: the wake-up follows
-            await asyncio.wait_for(ticket.future, HANDOVER_GRACE)
+            async with asyncio.timeout(HANDOVER_GRACE):
+                await asyncio.shield(ticket.future)
         except TimeoutError:
             raise Overloaded("the worker handed to this call did not arrive") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,6 +35,7 @@ from jsonnet_worker import (
     OutputTooLarge,
     Overloaded,
     PoolClosed,
+    ProtocolError,
     SandboxUnavailable,
     WorkerCrashed,
     WorkerPool,
@@ -434,3 +437,243 @@ def test_stats_count_what_happened() -> None:
         assert stats.errors == {"jsonnet_error": 1, "timeout": 1}
         assert stats.timeouts == 1 and stats.respawns == 1 and stats.crashes == 0
         assert stats.queue_depth == 0 and stats.spares == 1 and len(stats.worker_pids) == 3
+
+
+# -- interrupts and cancellation, at every point of a call, on both paths ------------------
+# The worker is the harness's compromised-engine model: a snippet is Python run in the
+# worker, so a call can take exactly as long as a test needs (time.sleep), with no CPU burnt.
+
+
+# The worker's response channel (fd 1 is a copy of stderr once the worker has started).
+RESPONSES = (
+    "import gc\n"
+    "responses = next(o for o in gc.get_objects() if type(o).__name__ == 'ProtocolStreams')"
+    ".responses\n"
+)
+
+
+def sleeper(seconds: float, value: int) -> str:
+    return f"import time\ntime.sleep({seconds})\nresult = {value}"
+
+
+@pytest.fixture
+def python_pool() -> Iterator[WorkerPool]:
+    with WorkerPool(1, spares=0, timeout=10, _worker_command=harness_command("python")) as pool:
+        yield pool
+
+
+def interrupt_main_when(condition: Callable[[], bool], how: str = "signal") -> threading.Thread:
+    """From another thread: once ``condition()`` holds, interrupt the main thread, with a real
+    SIGINT (which wakes a blocking wait) or ``_thread.interrupt_main`` (which takes effect at
+    the main thread's next bytecode)."""
+
+    def run() -> None:
+        wait_until(condition)
+        if how == "signal":
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        else:
+            _thread.interrupt_main()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def back_to_full_size(pool: WorkerPool) -> None:
+    wait_until(lambda: full(pool) and pool.stats().queue_depth == 0 and pool.stats().busy == 0)
+    assert pool.evaluate("result = 41 + 1") == 42
+
+
+def test_keyboard_interrupt_while_queued(python_pool: WorkerPool) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        holder = executor.submit(python_pool.evaluate, sleeper(0.5, 1))
+        wait_until(lambda: python_pool.stats().busy == 1)
+        interrupter = interrupt_main_when(lambda: python_pool.stats().queue_depth == 1)
+        with pytest.raises(KeyboardInterrupt):
+            python_pool.evaluate(sleeper(0, 2))
+        interrupter.join()
+        assert python_pool.stats().queue_depth == 0
+        assert holder.result(10) == 1
+    back_to_full_size(python_pool)
+
+
+def test_keyboard_interrupt_once_handed_over(python_pool: WorkerPool) -> None:
+    """The giver writes the queued caller's request and wakes it; the interrupt lands right
+    after (``interrupt_main`` from the giver's thread): that worker is discarded, since
+    nobody will read its answer."""
+    pids = python_pool.stats().worker_pids
+
+    def give_then_interrupt() -> int:
+        value = python_pool.evaluate(sleeper(0.3, 1))  # hands the worker to the main thread
+        _thread.interrupt_main()
+        return int(value)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        holder = executor.submit(give_then_interrupt)
+        wait_until(lambda: python_pool.stats().busy == 1)
+        with pytest.raises(KeyboardInterrupt):
+            python_pool.evaluate(sleeper(0.5, 2))
+        assert holder.result(10) == 1
+    back_to_full_size(python_pool)
+    assert set(python_pool.stats().worker_pids).isdisjoint(pids)
+
+
+def test_keyboard_interrupt_while_running(python_pool: WorkerPool) -> None:
+    pids = python_pool.stats().worker_pids
+    interrupter = interrupt_main_when(lambda: python_pool.stats().busy == 1)
+    with pytest.raises(KeyboardInterrupt):
+        python_pool.evaluate(sleeper(2, 1))
+    interrupter.join()
+    back_to_full_size(python_pool)
+    assert set(python_pool.stats().worker_pids).isdisjoint(pids)
+
+
+@pytest.mark.parametrize("where", ["queued", "handed over", "running"])
+def test_task_cancellation(python_pool: WorkerPool, where: str) -> None:
+    async def main() -> None:
+        holder = asyncio.ensure_future(python_pool.aevaluate(sleeper(0.3, 1)))
+        while python_pool.stats().busy == 0:
+            await asyncio.sleep(0.005)
+        if where == "running":
+            holder.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holder
+            return
+        queued = asyncio.ensure_future(python_pool.aevaluate(sleeper(0.5, 2)))
+        while python_pool.stats().queue_depth == 0:
+            await asyncio.sleep(0.005)
+        if where == "queued":
+            queued.cancel()
+        else:
+            # The holder's settle hands its worker to the queued task (request written) and
+            # schedules its wake-up; the task is cancelled in that same turn of the loop,
+            # before it runs again.
+            holder.add_done_callback(lambda _: queued.cancel())
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert await holder == 1
+
+    asyncio.run(main())
+    back_to_full_size(python_pool)
+
+
+# -- stderr never crosses calls ------------------------------------------------------------
+
+
+def test_a_trace_never_reaches_the_next_callers_crash() -> None:
+    secret = "SECRET-7c1e"
+    with WorkerPool(1, spares=0, timeout=30) as pool:
+        for _ in range(5):
+            assert pool.evaluate(f"std.trace('{secret}', 1)") == 1
+            outcome: list[BaseException] = []
+
+            def victim(outcome: list[BaseException] = outcome) -> None:
+                try:
+                    pool.evaluate(HEAVY_GO)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=victim)
+            thread.start()
+            wait_until(lambda: pool.stats().busy == 1)
+            os.kill(seams.worker_pids(pool, "busy")[0], signal.SIGKILL)
+            thread.join(10)
+            (error,) = outcome
+            assert isinstance(error, WorkerCrashed)
+            assert secret not in str(error) and secret not in error.stderr_tail
+            wait_until(lambda: full(pool))
+
+
+# -- a worker that lies (the compromised-engine model) -------------------------------------
+
+
+def test_bytes_from_an_idle_worker_retire_it() -> None:
+    """A worker that writes while nobody asked (here: a forged answer for the next request,
+    from a thread that outlives the call) never serves again; the next call gets its own."""
+    forge = RESPONSES + (
+        "import os, threading, time, msgpack, struct\n"
+        "def later():\n"
+        "    time.sleep(0.05)\n"
+        "    body = msgpack.packb({'t': 'result', 'id': 2, 'json': '666'})\n"
+        "    os.write(responses, struct.pack('>I', len(body)) + body)\n"
+        "threading.Thread(target=later).start()\n"
+        "result = 1\n"
+    )
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        assert pool.evaluate(forge) == 1
+        wait_until(lambda: pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 2") == 2
+
+
+def test_bytes_after_the_answer_retire_the_worker() -> None:
+    trailing = RESPONSES + (
+        "import os, threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.02), os.write(responses, b'\\0' * 8)))"
+        ".start()\n"
+        "time.sleep(0.01)\n"
+        "result = 1\n"
+    )
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        pool.evaluate(trailing)
+        wait_until(lambda: pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 3") == 3
+
+
+def test_cpu_burnt_while_idle_retires_the_worker() -> None:
+    burner = (
+        "import threading\n"
+        "def burn():\n"
+        "    while True: pass\n"
+        "threading.Thread(target=burn, daemon=True).start()\n"
+        "result = 1\n"
+    )
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        pool.evaluate(burner)
+        wait_until(lambda: pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 4") == 4
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        RESPONSES + "import os, time\nos.close(responses)\ntime.sleep(30)\nresult = 1",
+        # drips a frame's header byte by byte, then nothing more
+        RESPONSES + "import os, time\n"
+        "for b in b'\\0\\0\\0\\x10': os.write(responses, bytes([b])); time.sleep(0.05)\n"
+        "time.sleep(30)\nresult = 1",
+    ],
+    ids=["closes-its-channel", "drips-a-frame"],
+)
+def test_the_deadline_holds_against_a_worker_that_stalls(lie: str) -> None:
+    with WorkerPool(1, spares=0, timeout=0.5, _worker_command=harness_command("python")) as pool:
+        started = time.monotonic()
+        with pytest.raises((ProtocolError, EvaluationTimeout)):
+            pool.evaluate(lie)
+        # Within DEATH_GRACE (1 s) of the deadline would mean waiting for an exit that never
+        # comes; a generous bound for a noisy machine, well under that.
+        assert time.monotonic() - started < 0.5 + 0.4
+        wait_until(lambda: full(pool))
+        assert pool.evaluate("result = 5") == 5
+
+
+@pytest.mark.parametrize(
+    "dumps,expected",
+    [
+        ("lambda v: '{not json'", "not valid JSON"),
+        ("lambda v: '[' * 100000 + ']' * 100000", "deeper"),
+        ("lambda v: '1' * ((1 << 20) + 100)", "max_output|max_str_len"),  # within the frame cap
+        ("lambda v: '1' * (2 << 20)", "over the limit"),  # a frame past max_output's cap
+    ],
+    ids=["invalid-json", "too-deep", "over-max-output", "oversized-frame"],
+)
+def test_a_result_the_parent_cannot_trust_is_a_protocol_error(dumps: str, expected: str) -> None:
+    lie = f"import json\njson.dumps = {dumps}\nresult = 1"
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        with pytest.raises(ProtocolError, match=expected):
+            pool.evaluate(lie)
+        wait_until(lambda: full(pool) and pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 6") == 6
