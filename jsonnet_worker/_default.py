@@ -28,7 +28,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere no pool can start anyway
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_default_pool() -> WorkerPool:

@@ -963,7 +963,8 @@ def _forget_parent_pools() -> None:
     _live_pools.clear()
 
 
-os.register_at_fork(after_in_child=_forget_parent_pools)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere no pool can start anyway
+    os.register_at_fork(after_in_child=_forget_parent_pools)
 
 
 @atexit.register

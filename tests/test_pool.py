@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -252,11 +253,13 @@ def test_segfault_in_the_cpp_engine_is_survived() -> None:
 
 
 @pytest.mark.parametrize("engine", ["go", "cpp"])
-def test_memory_bomb_is_a_memory_error(engine: str) -> None:
+def test_memory_bomb_is_a_memory_error(engine: str, caplog: pytest.LogCaptureFixture) -> None:
     with WorkerPool(1, engine=engine, timeout=20, memory_limit=256 << 20) as pool:
         with pytest.raises(MemoryLimitExceeded):
             pool.evaluate("std.makeArray(1e9, function(i) i)")
         assert pool.evaluate("6") == 6
+    (record,) = [r for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.__dict__["worker_pid"] > 0
 
 
 def test_huge_output_is_refused_and_the_worker_kept(go_pool: WorkerPool) -> None:
@@ -677,3 +680,164 @@ def test_a_result_the_parent_cannot_trust_is_a_protocol_error(dumps: str, expect
             pool.evaluate(lie)
         wait_until(lambda: full(pool) and pid not in pool.stats().worker_pids)
         assert pool.evaluate("result = 6") == 6
+
+
+# -- options, tenants, recycling -----------------------------------------------------------
+
+
+def test_options_come_from_one_pool_config() -> None:
+    config = jsonnet_worker.PoolConfig(size=1, spares=0, timeout=3.0, max_trace=5)
+    with WorkerPool(config=config, max_stack=200) as pool:
+        assert pool.config == config.replace(max_stack=200)
+        assert (pool.size, pool.spares, pool.timeout, pool.max_stack) == (1, 0, 3.0, 200)
+    with pytest.raises(jsonnet_worker.InvalidArgument, match="spares"):
+        WorkerPool(1, spares=-1)
+    with pytest.raises(TypeError):
+        WorkerPool(1, no_such_option=1)
+    with WorkerPool(1, spares=0, queue_limit=None) as pool:  # the old signature's default
+        assert pool.queue_limit == jsonnet_worker.PoolConfig().queue_limit
+        with pytest.raises(ValueError, match="timeout"):
+            pool.evaluate("1", timeout=float("nan"))
+        with pytest.raises(TypeError, match="tenant"):
+            pool.evaluate("1", tenant=7)  # type: ignore[arg-type]
+
+
+def test_a_worker_never_serves_two_tenants() -> None:
+    """Each tenant's calls see only workers that served that tenant or nobody: the pid that
+    answered tells which process ran the call."""
+    pid_of = "result = __import__('os').getpid()"
+    with WorkerPool(2, spares=1, _worker_command=harness_command("python")) as pool:
+        wait_until(lambda: full(pool))
+        served: dict[str | None, set[int]] = {}
+        for round_ in range(8):
+            for tenant in ("alice", "bob", None, f"once-{round_}"):
+                served.setdefault(tenant, set()).add(pool.evaluate(pid_of, tenant=tenant))
+        for tenant, pids in served.items():
+            for other, other_pids in served.items():
+                if other != tenant:
+                    assert not pids & other_pids, (tenant, other)
+        assert pool.stats().recycles > 0
+        wait_until(lambda: full(pool))
+
+
+def test_max_calls_per_worker_recycles_the_worker() -> None:
+    with WorkerPool(1, spares=0, max_calls_per_worker=3) as pool:
+        pids = [pool.stats().worker_pids]
+        for index in range(9):
+            assert pool.evaluate("std.extVar('i')", {"i": index}) == index
+            wait_until(lambda: full(pool))
+            pids.append(pool.stats().worker_pids)
+        assert len(set(pids)) == 4  # the first worker and three replacements
+        assert pool.stats().recycles == 3
+
+
+def test_a_worker_is_recycled_before_its_cpu_budget_runs_out() -> None:
+    """Recycled once less than two call timeouts of CPU are left of its budget, so RLIMIT_CPU
+    never ends a call that keeps to its timeout."""
+
+    def burn(seconds: float) -> str:
+        return (
+            "import time\nstart = time.process_time()\n"
+            f"while time.process_time() - start < {seconds}: pass\nresult = 1"
+        )
+
+    with WorkerPool(
+        1, spares=0, timeout=1.0, cpu_budget=4.0, _worker_command=harness_command("python")
+    ) as pool:
+        (pid,) = pool.stats().worker_pids
+        pool.evaluate(burn(0.3), timeout=10)
+        assert pool.stats().worker_pids == (pid,) and pool.stats().recycles == 0
+        pool.evaluate(burn(1.9), timeout=10)  # now within 2 timeouts of the budget
+        wait_until(lambda: full(pool) and pid not in pool.stats().worker_pids)
+        assert pool.stats().recycles == 1
+
+
+# -- operational logging -------------------------------------------------------------------
+
+MARKER = "PERSONAL-DATA-5f3a9"
+
+
+def test_logs_tell_what_happened_and_never_a_snippet_or_a_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with WorkerPool(1, spares=0, timeout=0.5, max_calls_per_worker=4) as pool:
+        assert pool.evaluate(f"std.trace('{MARKER}', 1) // {MARKER}", {"v": MARKER}) == 1
+        with pytest.raises(JsonnetError):
+            pool.evaluate("error std.extVar('v')", {"v": MARKER}, tenant="acme")
+        with pytest.raises(EvaluationTimeout):
+            pool.evaluate(f"// {MARKER}\n" + HEAVY_GO, {"v": MARKER}, tenant="acme")
+        wait_until(lambda: full(pool))
+        outcome: list[BaseException] = []
+
+        def crash() -> None:
+            try:
+                pool.evaluate(f"std.trace(std.extVar('v'), {HEAVY_GO})", {"v": MARKER}, timeout=30)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=crash)
+        thread.start()
+        wait_until(lambda: pool.stats().busy == 1)
+        os.kill(seams.worker_pids(pool, "busy")[0], signal.SIGKILL)
+        thread.join(10)
+        assert isinstance(outcome[0], WorkerCrashed)
+        wait_until(lambda: full(pool))
+        for index in range(4):
+            pool.evaluate(f"std.extVar('v') // {index}", {"v": MARKER})
+        wait_until(lambda: any("max_calls" in r.getMessage() for r in caplog.records))
+    records = [r for r in caplog.records if r.name.startswith("jsonnet_worker")]
+    for record in records:
+        assert MARKER not in record.getMessage()
+        assert MARKER not in repr(record.args) and MARKER not in repr(vars(record))
+    by_text = {r.getMessage(): r for r in records}
+    timeout = next(r for text, r in by_text.items() if "deadline" in text)
+    assert timeout.levelno == logging.WARNING and "(tenant 'acme')" in timeout.getMessage()
+    assert timeout.__dict__["tenant"] == "acme" and timeout.__dict__["worker_pid"] > 0
+    crash_record = next(r for text, r in by_text.items() if "killed by SIGKILL" in text)
+    assert crash_record.levelno == logging.WARNING
+    recycle = next(r for text, r in by_text.items() if "max_calls_per_worker" in text)
+    assert recycle.levelno == logging.INFO and "recycled" in recycle.getMessage()
+
+
+# -- platforms -----------------------------------------------------------------------------
+
+
+def test_not_linux_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(jsonnet_worker.UnsupportedPlatform, match="needs Linux"):
+        WorkerPool(1)
+
+
+def test_a_kernel_without_pidfd_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    with pytest.raises(jsonnet_worker.UnsupportedPlatform, match="pidfd"):
+        WorkerPool(1)
+
+
+def test_no_sched_getaffinity_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity")
+    with WorkerPool(spares=0) as pool:
+        assert pool.size == max(2, os.cpu_count() or 1)
+        assert pool.evaluate("1") == 1
+
+
+def test_the_package_imports_where_the_pool_cannot_run() -> None:
+    script = (
+        "import os, select, sys\n"
+        "sys.platform = 'darwin'\n"
+        "for name in ('register_at_fork', 'pidfd_open', 'sched_getaffinity', 'pipe2'):\n"
+        "    delattr(os, name)\n"
+        "del select.poll\n"
+        "import jsonnet_worker\n"
+        "try:\n"
+        "    jsonnet_worker.WorkerPool()\n"
+        "except jsonnet_worker.UnsupportedPlatform as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "needs Linux" in done.stdout
