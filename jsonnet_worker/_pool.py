@@ -76,7 +76,7 @@ from ._errors import (
     UnsupportedPlatform,
     WorkerStartError,
 )
-from ._process import settings_for
+from ._process import WorkerProcess, settings_for
 from ._protocol import Action, ErrorKind, EvalRequest, encode
 from ._state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
 from ._status import PoolStats, SandboxStatus
@@ -559,32 +559,31 @@ class WorkerPool:
         """Write the frame (after what a caller handing the worker over already wrote),
         then read the answer until the deadline."""
         worker, call = ticket.worker, ticket.call
-        process, connection = worker.process, worker.connection
         deadline = time.monotonic() + call.time_left()
-        sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
-        process.stderr.mark()
+        pending = self._start(ticket)
+        outcome = None
+        if pending is None and self._may_spin():
+            outcome = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
+        if outcome is None:
+            outcome = self._poll_for_answer(worker, pending, deadline)
+        if outcome is None:
+            return self._timed_out(call)
+        return self._died(worker, deadline) if outcome is _CLOSED else outcome
+
+    def _poll_for_answer(
+        self, worker: Worker, pending: memoryview | None, deadline: float
+    ) -> Outcome | None:
+        """Poll the worker's channels (writing the rest of the frame) until an outcome or
+        the deadline (None)."""
+        process = worker.process
         poller = process.poller
-        pending = self._write_rest(worker, memoryview(call.frame)[sent:])
         if pending is not None:
             poller.register(process.stdin, select.POLLOUT)
-        elif self._may_spin():
-            outcome = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
-            if outcome is not None:
-                return self._died(worker, deadline) if outcome is _CLOSED else outcome
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return self._timed_out(call)
+            while (left := deadline - time.monotonic()) > 0:
                 for fd, _ in poller.poll(left * 1000.0 + 1):
                     if fd == process.stdout:
-                        data = process.read_stdout()
-                        if data is None:
-                            continue
-                        connection.receive_data(data)
-                        outcome = self._outcome(worker, connection.next_event())
-                        if outcome is _CLOSED:
-                            return self._died(worker, deadline)
+                        outcome = self._read_answer(worker)
                         if outcome is not None:
                             return outcome
                     elif fd == process.stderr_fd:
@@ -594,6 +593,7 @@ class WorkerPool:
                         pending = self._write_rest(worker, pending)
                         if pending is None:
                             poller.unregister(process.stdin)
+            return None
         finally:
             if pending is not None:
                 poller.unregister(process.stdin)
@@ -613,14 +613,10 @@ class WorkerPool:
         """Read without blocking until an answer arrives or ``until``: waking a caller
         blocked in poll costs an inter-processor interrupt (about 30 us on the virtual
         machines measured), a large share of a 200 us evaluation."""
-        process, connection = worker.process, worker.connection
         while True:
-            data = process.read_stdout()
-            if data is not None:
-                connection.receive_data(data)
-                outcome = self._outcome(worker, connection.next_event())
-                if outcome is not None:
-                    return outcome
+            outcome = self._read_answer(worker)
+            if outcome is not None:
+                return outcome
             if time.monotonic() >= until:
                 return None
             # Let whatever else is runnable on this CPU (the worker's collector, another
@@ -680,12 +676,10 @@ class WorkerPool:
         timeout after encoding)."""
         loop = asyncio.get_running_loop()
         worker, call = ticket.worker, ticket.call
-        process, connection = worker.process, worker.connection
+        process = worker.process
         deadline = time.monotonic() + call.time_left()
-        sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
-        process.stderr.mark()
+        pending: list[memoryview | None] = [self._start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
-        pending: list[memoryview | None] = [self._write_rest(worker, memoryview(call.frame)[sent:])]
         timers: list[asyncio.TimerHandle] = []
 
         def settle(outcome: Outcome) -> None:
@@ -696,11 +690,7 @@ class WorkerPool:
             settle(self._death(worker))
 
         def on_stdout() -> None:
-            data = process.read_stdout()
-            if data is None:
-                return
-            connection.receive_data(data)
-            outcome = self._outcome(worker, connection.next_event())
+            outcome = self._read_answer(worker)
             if outcome is _CLOSED:
                 # Wait for its exit on its pidfd, in the loop, within the deadline.
                 loop.remove_reader(process.stdout)
@@ -715,8 +705,7 @@ class WorkerPool:
                 loop.remove_reader(process.stderr_fd)
 
         def on_stdin() -> None:
-            chunk = pending[0]
-            pending[0] = None if chunk is None else self._write_rest(worker, chunk)
+            pending[0] = self._write_rest(worker, pending[0] or memoryview(b""))
             if pending[0] is None:
                 loop.remove_writer(process.stdin)
 
@@ -730,12 +719,7 @@ class WorkerPool:
         try:
             return await done
         finally:
-            for timer in timers:
-                timer.cancel()
-            loop.remove_reader(process.stdout)
-            loop.remove_reader(process.stderr_fd)
-            loop.remove_reader(process.pidfd)
-            loop.remove_writer(process.stdin)
+            _unwatch(loop, process, timers)
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -817,6 +801,23 @@ class WorkerPool:
         ticket.worker = None
         self._perform(self._state.discard(worker, reason))
         return False
+
+    def _start(self, ticket: Ticket) -> memoryview | None:
+        """Register the request with the conversation (unless the hand-over did) and write
+        what the channel takes of its frame now; the rest, if any. What the worker prints
+        from now on is this call's (stderr was drained before it came to us)."""
+        worker, call = ticket.worker, ticket.call
+        sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
+        worker.process.stderr.mark()
+        return self._write_rest(worker, memoryview(call.frame)[sent:])
+
+    def _read_answer(self, worker: Worker) -> Outcome | None:
+        """Feed what the response channel holds to the conversation: an outcome, or None."""
+        data = worker.process.read_stdout()
+        if data is None:
+            return None
+        worker.connection.receive_data(data)
+        return self._outcome(worker, worker.connection.next_event())
 
     def _outcome(self, worker: Worker, event: ConnectionEvent) -> Outcome | None:
         """What one event of the conversation means for the call (None: need more data)."""
@@ -945,6 +946,18 @@ class WorkerPool:
             executor.shutdown(wait=False, cancel_futures=True)
         self._supervisor.stop(grace)
         _live_pools.discard(self)
+
+
+def _unwatch(
+    loop: asyncio.AbstractEventLoop, process: WorkerProcess, timers: list[asyncio.TimerHandle]
+) -> None:
+    """What ``_aexchange`` set up on the event loop, taken down."""
+    for timer in timers:
+        timer.cancel()
+    loop.remove_reader(process.stdout)
+    loop.remove_reader(process.stderr_fd)
+    loop.remove_reader(process.pidfd)
+    loop.remove_writer(process.stdin)
 
 
 def _domain(tenant: str | None) -> Domain:
