@@ -1,8 +1,9 @@
 """One worker process, owned by exactly one ``WorkerProcess`` that kills and reaps it.
 
-Goals: start the worker by re-executing this interpreter in the hidden worker mode, hold its
-three channels and its pidfd, and turn whatever the worker sends or how it dies into a typed
-outcome. Nothing here decides policy (how many workers, when to respawn): that is the pool's.
+Goals: pure mechanism. Start the worker by re-executing this interpreter in the hidden
+worker mode; hold its three channels and its pidfd; read, write, signal, reap, read its CPU
+time; say how it died. Nothing here decides policy (how many workers, when to recycle: that
+is ``_state``'s) or what the bytes mean (``_connection``'s). See docs/DESIGN.md, "Call flow".
 
 Plan: the channels are non-blocking on our side, so a stuck or dead worker can never block a
 caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is drained into a
@@ -32,13 +33,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ._config import PoolConfig
+from ._connection import escape_controls
 from ._errors import InvalidArgument, MemoryLimitExceeded, WorkerCrashed
-from ._landlock import LandlockStatus
 from ._privileges import WorkerIdentity, resolve_identity
-from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
 
 STDERR_HEAD = 4096
 STDERR_TAIL = 4096
@@ -74,48 +73,6 @@ def settings_for(config: PoolConfig) -> WorkerSettings:
     return WorkerSettings(
         config.engine, config.memory_limit, config.max_request, resolve_identity(worker_user)
     )
-
-
-@dataclass(frozen=True)
-class WorkerHello:
-    pid: int
-    engine: str
-    engine_version: str
-    python: str
-    landlock: LandlockStatus
-    self_check: str
-    startup_ms: float
-    layers: tuple[LayerStatus, ...] = ()  # limits, privileges, seccomp
-
-    @classmethod
-    def from_message(cls, payload: dict[str, Any]) -> WorkerHello:
-        sandbox = payload.get("sandbox")
-        layers = payload.get("layers")
-        layers = layers if isinstance(layers, dict) else {}
-        return cls(
-            pid=int(payload.get("pid", 0)),
-            engine=str(payload.get("engine", "")),
-            engine_version=str(payload.get("engine_version", "")),
-            python=str(payload.get("python", "")),
-            landlock=LandlockStatus.from_dict(sandbox if isinstance(sandbox, dict) else {}),
-            self_check=str(payload.get("self_check", "")),
-            startup_ms=float(payload.get("startup_ms", 0.0)),
-            layers=tuple(LayerStatus.from_dict(name, layers.get(name)) for name in EXTRA_LAYERS),
-        )
-
-    def sandbox(self) -> SandboxStatus:
-        extra = {layer.name: layer for layer in self.layers}
-
-        def layer(name: str) -> LayerStatus:
-            return extra.get(name) or LayerStatus.unreported(name)
-
-        return SandboxStatus(
-            self.landlock,
-            self.self_check,
-            limits=layer("limits"),
-            privileges=layer("privileges"),
-            seccomp=layer("seccomp"),
-        )
 
 
 class StderrCapture:
@@ -390,6 +347,9 @@ class WorkerProcess:
             return MemoryLimitExceeded(
                 f"the worker ran out of memory (limit {self.settings.memory_limit} bytes) and {how}"
             )
+        # What the worker printed is the snippet's (std.trace) or the engine's: escaped, so
+        # that it can paint no terminal and forge no log line where the message goes.
+        tail = escape_controls(tail)
         detail = tail.strip().splitlines()[0] if tail.strip() else "no output"
         return WorkerCrashed(
             f"worker {self.pid} {how} during the evaluation ({detail[:200]})",
