@@ -797,9 +797,11 @@ class WorkerPool:
         if data is None:
             return True
         worker.connection.receive_data(data)
-        reason = "wrote to its channel while idle" if data else ""
         ticket.worker = None
-        self._perform(self._state.discard(worker, reason))
+        if data:
+            self._perform(self._state.discard(worker, "wrote to its channel while idle"))
+        else:  # it died while idle (its pidfd may not have been seen yet)
+            self._perform(self._state.settle(worker, Outcome(died=True, reason="died while idle")))
         return False
 
     def _start(self, ticket: Ticket) -> memoryview | None:

@@ -377,7 +377,7 @@ class PoolState(Generic[W]):
 
     def _record(self, outcome: Outcome) -> None:
         error = outcome.error
-        if error is None:
+        if error is None and outcome.answer is not None:
             self.evaluations += 1
         elif isinstance(error, EvaluationTimeout):
             self.timeouts += 1

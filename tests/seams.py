@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jsonnet_worker import WorkerPool
+from jsonnet_worker._connection import ConnectionState
 from jsonnet_worker._pool import ThreadTicket
 from jsonnet_worker._protocol import Action
 from jsonnet_worker._state import NO_TENANT, Status, Ticket
@@ -74,3 +75,14 @@ def call_on(pool: WorkerPool, ticket: Ticket, snippet: str, ext_vars: dict[str, 
 def give_back(pool: WorkerPool, ticket: Ticket) -> None:
     """Check in a worker ``hold_idle_workers`` took, unused."""
     pool._supervisor.perform(pool._state.check_in(ticket.worker))
+
+
+def pids_in_call(pool: WorkerPool) -> list[int]:
+    """The busy workers whose caller has written its request (their conversation awaits the
+    answer): a kill now lands during the evaluation, not between check-out and request,
+    where the pool moves the call to another worker instead."""
+    return [
+        worker.pid
+        for worker in workers(pool, "busy")
+        if worker.connection.state is ConnectionState.AWAITING_ANSWER
+    ]

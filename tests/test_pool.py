@@ -214,9 +214,8 @@ def test_busy_worker_killed_from_outside(go_pool: WorkerPool) -> None:
     wait_until(lambda: full(go_pool))
     thread = threading.Thread(target=call)
     thread.start()
-    wait_until(lambda: go_pool.stats().busy == 1)
-    busy = seams.worker_pids(go_pool, "busy")
-    os.kill(busy[0], signal.SIGKILL)
+    wait_until(lambda: len(seams.pids_in_call(go_pool)) == 1)
+    os.kill(seams.pids_in_call(go_pool)[0], signal.SIGKILL)
     thread.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed)
     assert outcome[0].signal == signal.SIGKILL
@@ -578,8 +577,8 @@ def test_a_trace_never_reaches_the_next_callers_crash() -> None:
 
             thread = threading.Thread(target=victim)
             thread.start()
-            wait_until(lambda: pool.stats().busy == 1)
-            os.kill(seams.worker_pids(pool, "busy")[0], signal.SIGKILL)
+            wait_until(lambda: len(seams.pids_in_call(pool)) == 1)
+            os.kill(seams.pids_in_call(pool)[0], signal.SIGKILL)
             thread.join(10)
             (error,) = outcome
             assert isinstance(error, WorkerCrashed)
@@ -778,8 +777,8 @@ def test_logs_tell_what_happened_and_never_a_snippet_or_a_value(
 
         thread = threading.Thread(target=crash)
         thread.start()
-        wait_until(lambda: pool.stats().busy == 1)
-        os.kill(seams.worker_pids(pool, "busy")[0], signal.SIGKILL)
+        wait_until(lambda: len(seams.pids_in_call(pool)) == 1)
+        os.kill(seams.pids_in_call(pool)[0], signal.SIGKILL)
         thread.join(10)
         assert isinstance(outcome[0], WorkerCrashed)
         wait_until(lambda: full(pool))
