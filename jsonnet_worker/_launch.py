@@ -12,7 +12,6 @@ last line explains a death.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 
@@ -26,7 +25,7 @@ from ._connection import (
     escape_controls,
 )
 from ._errors import WorkerStartError
-from ._process import READ_SIZE, WorkerProcess, WorkerSettings
+from ._process import WorkerProcess, WorkerSettings
 
 DEFAULT_GREET_TIMEOUT = 10.0
 # How long a worker whose stream ended may take to exit before its stderr is read.
@@ -38,16 +37,6 @@ DEFAULT_MAX_OUTPUT = 1 << 20
 def last_stderr_line(worker: WorkerProcess) -> str:
     text = worker.stderr.text().strip()
     return escape_controls(text.splitlines()[-1][:500]) if text else "no output"
-
-
-def _read(fd: int) -> bytes | None:
-    """What ``fd`` holds now; b"" at end of file, None if nothing yet."""
-    try:
-        return os.read(fd, READ_SIZE)
-    except BlockingIOError:
-        return None
-    except OSError:
-        return b""
 
 
 def await_hello(
@@ -85,7 +74,7 @@ def await_hello(
             if fd == worker.stderr_fd:
                 if not worker.drain_stderr():
                     poller.unregister(fd)
-            elif (data := _read(fd)) is not None:
+            elif (data := worker.read_stdout()) is not None:
                 connection.receive_data(data)
 
 

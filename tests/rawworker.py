@@ -24,7 +24,7 @@ from jsonnet_worker._connection import (
     WorkerConnection,
 )
 from jsonnet_worker._launch import await_hello
-from jsonnet_worker._process import READ_SIZE, WorkerProcess, WorkerSettings
+from jsonnet_worker._process import WorkerProcess, WorkerSettings
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, EvalRequest, Event, FrameReader
 
 MAX_OUTPUT = 1 << 20
@@ -79,10 +79,9 @@ class RawWorker:
                     if not self.process.drain_stderr():
                         poller.unregister(fd)
                     continue
-                try:
-                    return os.read(fd, READ_SIZE)
-                except BlockingIOError:
-                    continue
+                data = self.process.read_stdout()
+                if data is not None:
+                    return data
 
     def receive(self, timeout: float = 20.0) -> Event | None:
         """The next raw frame event, or None at EOF."""
