@@ -718,18 +718,31 @@ def test_a_pool_whose_workers_lie_in_their_hello_fails_typed_and_cleanly() -> No
 
 
 def drive(connection: WorkerConnection, chunks: list[bytes], end: bool) -> list[ConnectionEvent]:
+    """Feed ``chunks`` (then the end, if ``end``), sending a request whenever the connection
+    is idle, and check what any worker's bytes may give: only events, a Hello only first, an
+    answer only for the id in flight and within the limits, nothing after a final event."""
     seen: list[ConnectionEvent] = []
+    owed = connection.expected_id
+    next_id = (owed or 0) + 1  # requests are numbered 1, 2, 3...: frames can guess them
     for chunk in [*chunks, *([b""] if end else [])]:
         connection.receive_data(chunk)
         while (event := connection.next_event()) is not NEED_DATA:
             assert isinstance(event, EVENT_TYPES)
+            if isinstance(event, Hello):
+                assert not seen and connection.hello is event
+            if isinstance(event, Answer):
+                assert event.request_id == owed and len(event.json_text) <= MAX_OUTPUT
+            if isinstance(event, Failure):
+                assert event.request_id in (owed, None)
+                assert len(event.message) <= 4 * (MAX_MESSAGE_CHARS + 64)
             seen.append(event)
-            if isinstance(event, ConnectionClosed | ConnectionBroken):
-                break
-            if isinstance(event, Hello | Answer | Failure) and state(connection) is IDLE:
-                connection.send_request(EvalRequest(len(seen), "x"))
-        if connection.state in (ConnectionState.CLOSED, ConnectionState.BROKEN):
-            break
+            if isinstance(event, ConnectionClosed | ConnectionBroken | StartupFailed):
+                assert connection.state in (ConnectionState.CLOSED, ConnectionState.BROKEN)
+                assert connection.next_event() is not NEED_DATA  # final: it stays
+                return seen
+            if state(connection) is IDLE:
+                owed, next_id = next_id, next_id + 1
+                connection.send_request(EvalRequest(owed, "x"))
     return seen
 
 
@@ -774,9 +787,9 @@ answer_like = st.builds(
     lambda t, request_id, json_text, kind, message: encode(
         {"t": t, "id": request_id, "json": json_text, "kind": kind, "message": message}
     ),
-    st.sampled_from(["result", "error", "hello"]),
-    st.sampled_from([1, 2, None, True]),
-    st.text(max_size=30) | st.sampled_from(["[" * 3000, "null", "1", '"s"']),
+    st.sampled_from(["result", "result", "error", "hello"]),
+    st.sampled_from([1, 1, 2, 2, 3, None, True]),
+    st.sampled_from(["[" * 3000, "null", "1", '"s"', '{"a": [1, 2]}', "{"]) | st.text(max_size=30),
     st.sampled_from(["jsonnet", "protocol", "memory", "bogus"]),
     st.text(max_size=30),
 )
