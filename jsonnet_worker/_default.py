@@ -3,6 +3,7 @@
 The default pool belongs to the process that created it: in a forked child (gunicorn
 ``--preload``, Celery, ``multiprocessing`` with fork) the first call starts a fresh pool and
 never touches the parent's (its workers, channels and supervisor thread stay the parent's).
+See docs/DESIGN.md ("Fork") and README.md ("Prefork servers").
 """
 
 from __future__ import annotations

@@ -797,11 +797,10 @@ class WorkerPool:
         if data is None:
             return True
         worker.connection.receive_data(data)
-        ticket.worker = None
         if data:
-            self._perform(self._state.discard(worker, "wrote to its channel while idle"))
+            self._perform(self._state.reject(ticket, "wrote to its channel while idle"))
         else:  # it died while idle (its pidfd may not have been seen yet)
-            self._perform(self._state.settle(worker, Outcome(died=True, reason="died while idle")))
+            self._perform(self._state.reject(ticket, "died while idle", died=True))
         return False
 
     def _start(self, ticket: Ticket) -> memoryview | None:

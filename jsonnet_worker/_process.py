@@ -24,6 +24,7 @@ Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import signal
@@ -70,8 +71,19 @@ def settings_for(config: PoolConfig) -> WorkerSettings:
     worker_user = config.worker_user
     if isinstance(worker_user, range):
         raise InvalidArgument("worker_user as a uid range needs the per-worker uid support")
+    # cpu_budget reaches the worker (RLIMIT_CPU) once WorkerSettings has the field (issue 12,
+    # INTERFACES item 3); the pool recycles by config.cpu_budget either way.
+    budget = (
+        {"cpu_budget": config.cpu_budget}
+        if "cpu_budget" in {f.name for f in dataclasses.fields(WorkerSettings)}
+        else {}
+    )
     return WorkerSettings(
-        config.engine, config.memory_limit, config.max_request, resolve_identity(worker_user)
+        config.engine,
+        config.memory_limit,
+        config.max_request,
+        resolve_identity(worker_user),
+        **budget,
     )
 
 

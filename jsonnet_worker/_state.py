@@ -325,6 +325,16 @@ class PoolState(Generic[W]):
                 return []
         return self.discard(ticket.worker, "its caller gave up during the call", logging.INFO)
 
+    def reject(self, ticket: Ticket, reason: str, *, died: bool = False) -> list[Action]:
+        """The worker ``ticket`` was just given is unfit to serve (it wrote while idle, or
+        died): discarded, and the ticket holds nothing again (its caller takes another)."""
+        worker = ticket.worker
+        with self.lock:
+            ticket.worker = None
+            if died:
+                self.crashes += 1
+        return self.discard(worker, reason)
+
     def _idle_for(self, domain: Domain) -> Member[W] | None:
         idle = self.idle
         for index in range(len(idle) - 1, -1, -1):  # last in, first out: the warmest

@@ -504,3 +504,13 @@ def test_wake_supervisor_accompanies_every_retirement() -> None:
     ticket = pool.take()
     actions = pool.state.discard(ticket.worker, "broke the protocol")
     assert WakeSupervisor() in actions and kills(actions) == [ticket.worker]
+
+
+def test_a_worker_unfit_at_check_out_is_rejected_and_the_ticket_freed() -> None:
+    pool = Pool(size=2, spares=0)
+    ticket = pool.take()
+    dead = ticket.worker
+    actions = pool.state.reject(ticket, "died while idle", died=True)
+    assert ticket.worker is None and kills(actions) == [dead]
+    assert pool.state.stats().crashes == 1
+    assert pool.state.take(ticket) and ticket.worker is not dead
