@@ -36,7 +36,7 @@ from ._connection import (
     StartupFailed,
     WorkerConnection,
 )
-from ._errors import WorkerStartError
+from ._errors import Error, ProtocolError, WorkerStartError
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import EvalRequest
 from ._state import (
@@ -160,7 +160,14 @@ class Supervisor:
         """The giver writes the waiting caller's request, then wakes it: the worker starts
         at once instead of idling until that caller's thread or task is scheduled."""
         call = ticket.call
-        ticket.written = worker.send_request(call.request, call.frame)
+        try:
+            ticket.written = worker.send_request(call.request, call.frame)
+        except Error as exc:  # a conversation out of turn: our bug, but never a lost caller
+            logger.exception("worker %d: hand-over failed", worker.pid)
+            self.perform(self.state.abandon(ticket))
+            ticket.error = ProtocolError(f"the worker handed to this call could not take it: {exc}")
+            ticket.wake()
+            return
         ticket.handed = True
         if not ticket.wake():  # its event loop is closed: nobody will read the answer
             self.perform(self.state.abandon(ticket))
