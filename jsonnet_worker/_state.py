@@ -373,17 +373,21 @@ class PoolState(Generic[W]):
 
     def settle(self, worker: W, outcome: Outcome, cpu: float | None = None) -> list[Action]:
         """Record how a call ended, then check its worker in (``outcome.keep``) or discard
-        it. ``cpu`` is the worker's CPU time now, read by the caller outside the lock."""
-        with self.lock:
-            member = self.members.get(worker)
-            domain = member.domain if member is not None else None
-            self._record(outcome)
+        it, under one lock. ``cpu`` is the worker's CPU time now, read outside the lock."""
         actions: list[Action] = []
-        if outcome.reason:
-            actions.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
-        if not outcome.keep:
-            return actions + self.discard(worker, "")
-        return actions + self.check_in(worker, cpu)
+        with self.lock:
+            self._record(outcome)
+            member = self.members.get(worker)
+            if outcome.reason:
+                domain = member.domain if member is not None else None
+                actions.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
+            if member is None:
+                actions += self._orphan(worker)
+            elif outcome.keep:
+                self._check_in(member, cpu, actions)
+            else:
+                self._retire(member, actions)
+        return actions
 
     def _record(self, outcome: Outcome) -> None:
         error = outcome.error
@@ -403,30 +407,31 @@ class PoolState(Generic[W]):
             member = self.members.get(worker)
             if member is None:
                 return self._orphan(worker)
-            if member.status is Status.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
-                self._retire(member, actions)
-                return actions
-            reason = self._recycle_reason(member, cpu)
-            if reason:
-                self._recycle(member, reason, actions)
-                return actions
-            member.epoch += 1
-            member.cpu_at_rest = cpu
-            if self.waiters:
-                ticket = next((t for t in self.waiters if t.domain == member.domain), None)
-                if ticket is None:
-                    first = self.waiters[0]
-                    self._recycle(
-                        member, f"the next caller is of {first.domain.describe()}", actions
-                    )
-                    return actions
-                self.waiters.remove(ticket)
-                self._check_out(member, ticket)
-                actions.append(HandOver(ticket, worker))
-                return actions
-            member.status = Status.IDLE
-            self.idle.append(member)
+            self._check_in(member, cpu, actions)
         return actions
+
+    def _check_in(self, member: Member[W], cpu: float | None, actions: list[Action]) -> None:
+        if member.status is Status.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
+            self._retire(member, actions)
+            return
+        reason = self._recycle_reason(member, cpu)
+        if reason:
+            self._recycle(member, reason, actions)
+            return
+        member.epoch += 1
+        member.cpu_at_rest = cpu
+        if self.waiters:
+            ticket = next((t for t in self.waiters if t.domain == member.domain), None)
+            if ticket is None:
+                first = self.waiters[0]
+                self._recycle(member, f"the next caller is of {first.domain.describe()}", actions)
+                return
+            self.waiters.remove(ticket)
+            self._check_out(member, ticket)
+            actions.append(HandOver(ticket, member.worker))
+            return
+        member.status = Status.IDLE
+        self.idle.append(member)
 
     def _recycle_reason(self, member: Member[W], cpu: float | None) -> str:
         limit = self.config.max_calls_per_worker
