@@ -568,7 +568,7 @@ class WorkerPool:
             outcome = self._poll_for_answer(worker, pending, deadline)
         if outcome is None:
             return self._timed_out(call)
-        return self._died(worker, deadline) if outcome is _CLOSED else outcome
+        return self._died(worker, call, deadline) if outcome is _CLOSED else outcome
 
     def _poll_for_answer(
         self, worker: Worker, pending: memoryview | None, deadline: float
@@ -598,10 +598,11 @@ class WorkerPool:
             if pending is not None:
                 poller.unregister(process.stdin)
 
-    def _died(self, worker: Worker, deadline: float) -> Outcome:
+    def _died(self, worker: Worker, call: _Call, deadline: float) -> Outcome:
         """The response channel ended: wait for the exit, within the deadline."""
-        worker.process.wait(min(DEATH_GRACE, max(0.0, deadline - time.monotonic())))
-        return self._death(worker)
+        grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
+        worker.process.wait(grace)
+        return self._death(worker, call, cut=grace < DEATH_GRACE)
 
     def _may_spin(self) -> bool:
         """Spin for the answer only when this is the pool's only call and a second CPU
@@ -686,8 +687,8 @@ class WorkerPool:
             if not done.done():
                 done.set_result(outcome)
 
-        def on_exit() -> None:
-            settle(self._death(worker))
+        def on_exit(cut: bool = False) -> None:
+            settle(self._death(worker, call, cut))
 
         def on_stdout() -> None:
             outcome = self._read_answer(worker)
@@ -696,7 +697,7 @@ class WorkerPool:
                 loop.remove_reader(process.stdout)
                 loop.add_reader(process.pidfd, on_exit)
                 grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
-                timers.append(loop.call_later(grace, on_exit))
+                timers.append(loop.call_later(grace, on_exit, grace < DEATH_GRACE))
             elif outcome is not None:
                 settle(outcome)
 
@@ -843,12 +844,15 @@ class WorkerPool:
             reason=f"broke the protocol: {reason}",
         )
 
-    def _death(self, worker: Worker) -> Outcome:
-        """After the end of its response channel: why it died, or (still running) that it
-        closed its channel in mid-call, which is a lie."""
+    def _death(self, worker: Worker, call: _Call, cut: bool) -> Outcome:
+        """After the end of its response channel: why it died; or, still running, that the
+        deadline came first (``cut``: the wait for its exit was cut short by the deadline),
+        or that it closed its channel in mid-call and went on, which is a lie."""
         process = worker.process
         if process.wait(0.0) is None:
             process.kill()
+            if cut:
+                return self._timed_out(call)
             return Outcome(
                 error=ProtocolError(
                     f"worker {worker.pid} closed its response channel during the call; replaced"
