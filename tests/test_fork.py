@@ -29,6 +29,13 @@ SCRIPT = textwrap.dedent(
     explicit = WorkerPool(2)
     jsonnet_worker.evaluate("1")  # the default pool exists before the fork
     default = jsonnet_worker.get_default_pool()
+
+    def settled(pool):
+        stats = pool.stats()
+        return stats.spares == pool.spares and stats.starting == 0 and stats.alive == pool.size
+
+    while not (settled(explicit) and settled(default)):
+        time.sleep(0.01)  # every worker and spare started: the pid sets below are complete
     pids_before = (set(explicit.stats().worker_pids), set(default.stats().worker_pids))
     errors = []
 
@@ -86,6 +93,7 @@ SCRIPT = textwrap.dedent(
         and set(default.stats().worker_pids) == pids_before[1]
     )
     report["crashes"] = explicit.stats().crashes + default.stats().crashes
+    report["parent_stats"] = [repr(explicit.stats()), repr(default.stats())]
     report["parent_pids"] = sorted(pids_before[0] | pids_before[1])
     explicit.close()
     print(json.dumps(report))
@@ -106,4 +114,4 @@ def test_fork_with_both_pools_busy() -> None:
     assert not set(report["child_pids"]) & set(report["parent_pids"])
     assert report["parent_errors"] == []
     # Nothing of the parent's was signalled or closed: the same workers, none crashed.
-    assert report["same_workers"] is True and report["crashes"] == 0
+    assert report["same_workers"] is True and report["crashes"] == 0, report
