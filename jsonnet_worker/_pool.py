@@ -518,8 +518,8 @@ class WorkerPool:
     def _call(self, call: _Call) -> Answer:
         self._check_fork()
         ticket = ThreadTicket(call, call.domain)
-        self._state.admit()
         try:
+            self._state.admit(ticket)
             try:
                 self._check_out(ticket)
                 outcome = self._exchange(ticket)
@@ -531,7 +531,7 @@ class WorkerPool:
             self._state.count_error(exc)
             raise
         finally:
-            self._leave()
+            self._leave(ticket)
 
     def _check_out(self, ticket: ThreadTicket) -> None:
         """A worker for this call: one at once, else wait in FIFO (the worker then comes with
@@ -629,8 +629,8 @@ class WorkerPool:
     async def _acall(self, call: _Call) -> Answer:
         self._check_fork()
         ticket = AsyncTicket(call, call.domain)
-        self._state.admit()
         try:
+            self._state.admit(ticket)
             try:
                 await self._acheck_out(ticket)
                 outcome = await self._aexchange(ticket)
@@ -642,7 +642,7 @@ class WorkerPool:
             self._state.count_error(exc)
             raise
         finally:
-            self._leave()
+            self._leave(ticket)
 
     async def _acheck_out(self, ticket: AsyncTicket) -> None:
         state = self._state
@@ -919,8 +919,8 @@ class WorkerPool:
     def _queue_timed_out(self) -> Overloaded:
         return Overloaded(f"no worker became free within {self.config.queue_timeout} s")
 
-    def _leave(self) -> None:
-        if self._state.leave():
+    def _leave(self, ticket: Ticket) -> None:
+        if self._state.leave(ticket):
             with self._idle_done:
                 self._idle_done.notify_all()
 

@@ -119,7 +119,7 @@ class Ticket:
     wake-up even if ``worker`` is already set: the hand-over may still be writing.
     Subclasses say how a caller is woken."""
 
-    __slots__ = ("call", "domain", "error", "handed", "queued", "worker", "written")
+    __slots__ = ("admitted", "call", "domain", "error", "handed", "queued", "worker", "written")
 
     def __init__(self, call: Any, domain: Domain) -> None:
         self.call = call
@@ -129,6 +129,7 @@ class Ticket:
         self.written = 0
         self.handed = False
         self.queued = False
+        self.admitted = False
 
     def wake(self) -> bool:
         """Tell the caller its worker (or error) is there; False if nobody can be told."""
@@ -241,19 +242,24 @@ class PoolState(Generic[W]):
 
     # -- admission ---------------------------------------------------------------------------
 
-    def admit(self) -> None:
-        """A call enters (raises if the pool takes no new calls)."""
+    def admit(self, ticket: Ticket) -> None:
+        """A call enters (raises if the pool takes no new calls). The ticket records it, so
+        that ``leave`` is right whatever interrupts the caller in between."""
         with self.lock:
             if self.phase is Phase.FAILED and self.failure is not None:
                 raise self.failure
             if self.phase is not Phase.OPEN:
                 raise PoolClosed("the pool is closed")
             self.in_flight += 1
+            ticket.admitted = True
 
-    def leave(self) -> bool:
-        """A call has left; True if it was the last one of a closing pool."""
+    def leave(self, ticket: Ticket) -> bool:
+        """A call has left (if it was admitted); True if it was the last one of a closing
+        pool."""
         with self.lock:
-            self.in_flight -= 1
+            if ticket.admitted:
+                ticket.admitted = False
+                self.in_flight -= 1
             return self.in_flight == 0 and self.phase is not Phase.OPEN
 
     def count_error(self, error: Error) -> None:

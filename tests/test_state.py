@@ -249,7 +249,8 @@ def test_close_during_hand_over() -> None:
     """close() lets queued calls finish: a hand-over under way completes, and the worker is
     checked in afterwards as usual; no new call is admitted."""
     pool = Pool(size=1, spares=0)
-    pool.state.admit()
+    call = FakeTicket()
+    pool.state.admit(call)
     holder = pool.take()
     waiter = FakeTicket()
     pool.state.take_or_wait(waiter)
@@ -257,10 +258,11 @@ def test_close_during_hand_over() -> None:
     pool.state.begin_close()
     assert pool.state.phase is Phase.CLOSING
     with pytest.raises(PoolClosed):
-        pool.state.admit()
+        pool.state.admit(FakeTicket())
     assert pool.state.settle(waiter.worker, ANSWER) == []
     assert pool.status(holder.worker) is Status.IDLE
-    assert pool.state.leave()  # the last call out of a closing pool
+    assert pool.state.leave(call)  # the last call out of a closing pool
+    assert pool.state.in_flight == 0 and not call.admitted
 
 
 def test_terminate_during_hand_over() -> None:
@@ -335,7 +337,7 @@ def test_a_missing_sandbox_when_required_fails_the_pool() -> None:
     assert state.phase is Phase.FAILED and isinstance(state.failure, SandboxUnavailable)
     assert state.spawn_due(0.0) == 0
     with pytest.raises(SandboxUnavailable):
-        state.admit()
+        state.admit(FakeTicket())
 
 
 def test_an_unsandboxed_worker_is_accepted_when_not_required() -> None:
@@ -496,7 +498,7 @@ def test_the_supervisor_failing_fails_every_waiter() -> None:
     actions = pool.state.fail(error)
     assert actions == [Wake(waiter)] and waiter.error is error
     with pytest.raises(WorkerStartError):
-        pool.state.admit()
+        pool.state.admit(FakeTicket())
 
 
 def test_wake_supervisor_accompanies_every_retirement() -> None:
@@ -514,3 +516,14 @@ def test_a_worker_unfit_at_check_out_is_rejected_and_the_ticket_freed() -> None:
     assert ticket.worker is None and kills(actions) == [dead]
     assert pool.state.stats().crashes == 1
     assert pool.state.take(ticket) and ticket.worker is not dead
+
+
+def test_leave_counts_only_an_admitted_call() -> None:
+    """A call refused at admission (or interrupted before it) leaves nothing behind: close()
+    would otherwise wait for a call that is not there."""
+    pool = Pool(size=1, spares=0)
+    refused = FakeTicket()
+    pool.state.begin_close()
+    with pytest.raises(PoolClosed):
+        pool.state.admit(refused)
+    assert pool.state.leave(refused) and pool.state.in_flight == 0
