@@ -19,7 +19,6 @@ namespace add to start-up and per call, as ratios.
 from __future__ import annotations
 
 import argparse
-import select
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from bench_latency import find_workload, percentile, time_calls
 
 from jsonnet_worker import WorkerPool
+from jsonnet_worker._launch import launch_and_greet
 from jsonnet_worker._privileges import WorkerIdentities
 from jsonnet_worker._process import WorkerProcess, WorkerSettings, worker_command
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
@@ -46,18 +46,10 @@ def harness_command(settings: WorkerSettings, without: str = "") -> list[str]:
 def time_to_hello(settings: WorkerSettings, command: list[str] | None) -> tuple[float, float]:
     """Seconds from spawn to hello, and the worker's own start-up time in seconds."""
     started = time.perf_counter()
-    worker = WorkerProcess(settings, command)
-    try:
-        while True:
-            select.select([worker.stdout], [], [], 10)
-            if not worker.read_stdout():
-                raise RuntimeError("worker exited before its hello")
-            event = worker.reader.next_event()
-            if event is not None:
-                elapsed = time.perf_counter() - started
-                return elapsed, float(event.payload["startup_ms"]) / 1000  # type: ignore[union-attr]
-    finally:
-        worker.close()
+    worker, hello = launch_and_greet(settings, command)
+    elapsed = time.perf_counter() - started
+    worker.close()
+    return elapsed, hello.startup_ms / 1000
 
 
 def measure_issue_12(starts: int, calls: int) -> None:
@@ -200,10 +192,10 @@ def main() -> None:
         for _ in range(rounds):
             for name, call in calls.items():
                 latency[name] += time_calls(call, args.calls // rounds)
-    for name, samples in latency.items():
+    for name, timings in latency.items():
         print(
-            f"call  {name:9}: p50 {percentile(samples, 0.5) * 1e6:.0f} us, "
-            f"p99 {percentile(samples, 0.99) * 1e6:.0f} us"
+            f"call  {name:9}: p50 {percentile(timings, 0.5) * 1e6:.0f} us, "
+            f"p99 {percentile(timings, 0.99) * 1e6:.0f} us"
         )
     for fraction, label in ((0.5, "p50"), (0.99, "p99")):
         ratio = percentile(latency["full"], fraction) / percentile(latency["landlock"], fraction)

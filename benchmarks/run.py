@@ -33,7 +33,7 @@ from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
 from jsonnet_worker import EvaluationTimeout, WorkerPool, _capi
-from jsonnet_worker._process import WorkerState
+from tests import seams
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SERVICE_HEADING = "## Service load test"
@@ -437,8 +437,7 @@ def wait_quiet(pool: WorkerPool, timeout: float = 10.0) -> None:
 
 def active_worker(pool: WorkerPool) -> int:
     """The pid of an idle worker serving calls (not the spare)."""
-    with pool._core.lock:
-        return next(w.pid for w in pool._core.workers if w.state is WorkerState.IDLE)
+    return seams.worker_pids(pool, "idle")[0]
 
 
 def layer_costs(quick: bool) -> str:

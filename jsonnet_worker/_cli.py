@@ -19,20 +19,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import select
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any
 
 from . import __version__, _output, _testrunner
 from ._config import ENGINES, PoolConfig
-from ._errors import Error, JsonnetError
+from ._connection import Hello, WorkerConnection
+from ._errors import Error, JsonnetError, WorkerStartError
+from ._launch import await_hello
 from ._pool import WorkerPool
 from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
-from ._process import WorkerHello, WorkerProcess, WorkerSettings
-from ._protocol import DEFAULT_MAX_FRAME, Message
+from ._process import WorkerProcess, WorkerSettings
+from ._protocol import DEFAULT_MAX_FRAME
 from ._verdict import judge
 
 EXIT_ERROR = 1
@@ -44,15 +45,6 @@ CLI_POOL = {"size": 1, "spares": 0}
 # Options whose flags parse their value as go-jsonnet does (messages and exit 1), with the
 # smallest value each takes.
 _JSONNET_STYLE = {"max_stack": ("-s", 1), "max_trace": ("-t", 0)}
-
-
-class _CheckAndFormat(Protocol):
-    """The pool's ``check``/``format`` call paths (INTERFACES.md item 2), typed here so this
-    module type-checks before and after they land."""
-
-    def check(self, snippet: str, *, filename: str) -> None: ...
-
-    def format(self, snippet: str, *, filename: str) -> str: ...
 
 
 class Failed(Exception):
@@ -460,7 +452,7 @@ def run_check(args: argparse.Namespace) -> int:
         with WorkerPool(config=config) as pool:
             for source, filename in inputs:
                 try:
-                    cast(_CheckAndFormat, pool).check(source, filename=filename)
+                    pool.check(source, filename=filename)
                 except JsonnetError as exc:
                     failed = True
                     sys.stderr.write(exc.message.rstrip("\n") + "\n")
@@ -482,7 +474,7 @@ def run_fmt(args: argparse.Namespace) -> int:
         with WorkerPool(config=config) as pool:
             for path, source, filename in inputs:
                 try:
-                    formatted = cast(_CheckAndFormat, pool).format(source, filename=filename)
+                    formatted = pool.format(source, filename=filename)
                 except JsonnetError as exc:
                     sys.stderr.write(exc.message.rstrip("\n") + "\n")
                     status = EXIT_ERROR
@@ -500,7 +492,7 @@ def run_fmt(args: argparse.Namespace) -> int:
     return status
 
 
-def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float, int]:
+def greet(engine: str, timeout: float = 10.0) -> tuple[Hello | str, float, int]:
     """Start one worker, wait for its hello (or its reason for failing), stop it."""
     started = time.monotonic()
     identities = WorkerIdentities(DEFAULT_WORKER_USER)
@@ -508,29 +500,18 @@ def greet(engine: str, timeout: float = 10.0) -> tuple[WorkerHello | str, float,
         WorkerSettings(engine, PoolConfig().memory_limit, DEFAULT_MAX_FRAME, identities)
     )
     try:
-        poller = select.poll()
-        poller.register(worker.stdout, select.POLLIN)
-        deadline = started + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not poller.poll(left * 1000):
-                continue
-            if not worker.read_stdout():
-                worker.drain_stderr()
-                return f"worker exited: {worker.stderr.text().strip()}", 0.0, worker.pid
-            event = worker.reader.next_event()
-            if isinstance(event, Message):
-                elapsed = time.monotonic() - started
-                if event.payload.get("t") == "hello":
-                    return WorkerHello.from_message(event.payload), elapsed, worker.pid
-                return str(event.payload.get("reason", event.payload)), elapsed, worker.pid
-            if event is not None:
-                return f"unexpected frame {event!r}", 0.0, worker.pid
-        return f"no hello within {timeout} s", 0.0, worker.pid
+        try:
+            hello: Hello | str = await_hello(
+                worker, WorkerConnection(PoolConfig().max_output), timeout
+            )
+        except WorkerStartError as exc:
+            hello = str(exc)
+        return hello, time.monotonic() - started, worker.pid
     finally:
         worker.close(grace=1.0)
 
 
-def _greet_safely(engine: str) -> tuple[WorkerHello | str, float, int]:
+def _greet_safely(engine: str) -> tuple[Hello | str, float, int]:
     """``greet``, with a machine that cannot start a worker at all (no pidfd, not Linux)
     reported as the reason instead of a traceback."""
     try:
@@ -560,7 +541,7 @@ def run_doctor(engine: str) -> int:
     return 0 if healthy else EXIT_ERROR
 
 
-def _print_hello(hello: WorkerHello, elapsed: float) -> bool:
+def _print_hello(hello: Hello, elapsed: float) -> bool:
     landlock = hello.landlock
     print(f"  engine version:  {hello.engine_version} (Python {hello.python})")
     print(

@@ -34,14 +34,13 @@ import select
 import sys
 import sysconfig
 import threading
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.machinery import EXTENSION_SUFFIXES
 from typing import TYPE_CHECKING, Any
 
 from . import _elf
-from ._errors import HostSandboxError, SandboxConfigError
+from ._errors import HostSandboxError, SandboxConfigError, WorkerStartError
 from ._landlock import (
     ABI_RIGHTS,
     KNOWN_ABI,
@@ -52,8 +51,9 @@ from ._landlock import (
     SupportState,
     probe,
 )
-from ._process import WorkerProcess, WorkerSettings, _package_paths
-from ._protocol import DEFAULT_MAX_FRAME, Message
+from ._launch import launch_and_greet
+from ._process import WorkerSettings, _package_paths
+from ._protocol import DEFAULT_MAX_FRAME
 from ._status import log_landlock
 
 if TYPE_CHECKING:
@@ -297,22 +297,18 @@ def mapped_files(pid: int | str = "self") -> set[str]:
 
 def _probe_worker_maps(engine: str) -> set[str]:
     """Start one worker, wait for its hello, and read what it mapped."""
-    worker = WorkerProcess(WorkerSettings(engine, 1 << 30, DEFAULT_MAX_FRAME))
     try:
-        deadline = time.monotonic() + PROBE_TIMEOUT
-        poller = select.poll()
-        poller.register(worker.stdout, select.POLLIN)
-        while time.monotonic() < deadline:
-            poller.poll(max(1, int((deadline - time.monotonic()) * 1000)))
-            if not worker.read_stdout():
-                break
-            event = worker.reader.next_event()
-            if isinstance(event, Message):
-                if event.payload.get("t") == "hello":
-                    return mapped_files(worker.pid)
-                break
-        logger.warning("Landlock: the probe worker did not start; its libraries are not known")
+        worker, _ = launch_and_greet(
+            WorkerSettings(engine, 1 << 30, DEFAULT_MAX_FRAME), timeout=PROBE_TIMEOUT
+        )
+    except WorkerStartError as exc:
+        logger.warning(
+            "Landlock: the probe worker did not start (%s); its libraries are not known",
+            exc.cause or exc,
+        )
         return set()
+    try:
+        return mapped_files(worker.pid)
     finally:
         worker.close()
 

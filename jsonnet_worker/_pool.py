@@ -1,25 +1,27 @@
-"""WorkerPool: the public pool, its blocking and asyncio call paths.
-
-How a call flows::
-
-    caller thread / asyncio task                      supervisor thread (one per pool)
-    ----------------------------                      --------------------------------
-    encode request (msgpack frame)                    spawn workers (re-exec, -I)
-    take an idle worker ---------- PoolCore ---------- accept hello -> idle list
-      (or wait in FIFO; Overloaded past the limits)   poll pidfds: reap, replace
-    write frame -> worker stdin                        back off on start-up failures
-    poll(stdout, stderr) until the deadline            close() / terminate(): reap all
-      result / error frame -> give the worker back
-      timeout -> SIGKILL, retire  --------------------> reap, start a replacement
-      EOF (crash) -> classify, retire ----------------> reap, start a replacement
+"""WorkerPool: the public pool, and its blocking and asyncio call paths as mirrors.
 
 Goals: per call, no hop through another thread (the caller talks to its worker directly and
-its deadline is the ``poll`` timeout; asyncio uses the event loop's readers), exactly one
-outcome (a result or a typed error, never a hang and never an empty success), and a pool that
-heals itself.
+its deadline is the ``poll`` timeout; asyncio uses the event loop's readers); exactly one
+outcome (a result or a typed error, never a hang, never another call's data); a pool that
+heals itself; and nothing a worker sends believed unchecked.
+
+Plan: both paths run the same steps with the same names, over one ``_state.Outcome``
+(httpx's ``Client``/``AsyncClient`` discipline): ``_prepare`` (check and encode),
+``admit``, ``_check_out``/``_acheck_out`` (a ``Ticket``: an idle worker of the caller's
+trust domain, or wait in FIFO), ``_exchange``/``_aexchange`` (write the frame, read the
+answer through the worker's ``WorkerConnection`` until the deadline), ``_settle`` (record,
+check in or discard). Any ``BaseException`` anywhere between check-out and settle (an
+interrupt, a cancellation) abandons the ticket: out of the queue, and a worker it holds
+discarded. Every state change is a ``_state.PoolState`` transition; the supervisor's
+``perform`` carries out the actions it returns. The call flow is drawn in docs/DESIGN.md.
+
+Fork: a pool belongs to the process that created it. In a forked child every call on it
+raises ``ForkedPool`` and ``close``/``terminate`` do nothing (the workers, their channels
+and the supervisor are the parent's); the module-level default pool starts afresh.
 
 Weak spots: a timed-out or cancelled call costs the pool that worker (it is killed: its
-engine cannot be interrupted), and a replacement takes one interpreter start (~60 ms).
+engine cannot be interrupted), and a replacement takes one interpreter start (~60 ms; a
+spare hides it).
 """
 
 from __future__ import annotations
@@ -27,236 +29,279 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import errno
 import itertools
-import json
+import logging
+import math
 import os
 import select
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
-from . import _engines
-from ._config import DEFAULT_CPU_BUDGET, PoolConfig
-from ._core import AsyncWaiter, PoolCore, ThreadWaiter, Waiter
+from ._config import (  # the DEFAULT_ names: re-exported for _cli and service/_config
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_MAX_STACK,
+    DEFAULT_MEMORY_LIMIT,
+    DEFAULT_QUEUE_LIMIT,
+    DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    PoolConfig,
+)
+from ._connection import (
+    NEED_DATA,
+    Answer,
+    ConnectionBroken,
+    ConnectionClosed,
+    ConnectionEvent,
+    Failure,
+)
 from ._errors import (
     Error,
     EvaluationTimeout,
+    ForkedPool,
     InputTooLarge,
+    InvalidArgument,
+    InvalidType,
     JsonnetError,
     MemoryLimitExceeded,
     OutputTooLarge,
     Overloaded,
     PoolClosed,
     ProtocolError,
+    UnsupportedPlatform,
     WorkerStartError,
 )
-from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
-from ._process import WorkerProcess, WorkerSettings
-from ._protocol import (
-    DEFAULT_MAX_FRAME,
-    ErrorKind,
-    EvalRequest,
-    Event,
-    FrameTooLarge,
-    Message,
-    encode,
-)
+from ._process import WorkerProcess, settings_for
+from ._protocol import Action, ErrorKind, EvalRequest, encode
+from ._state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
 from ._status import PoolStats, SandboxStatus
-from ._supervisor import Supervisor
+from ._supervisor import Supervisor, Worker
 from ._values import split_variables
 
-DEFAULT_TIMEOUT = 1.0
-DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024
-DEFAULT_MAX_OUTPUT = 1024 * 1024
-DEFAULT_MAX_STACK = 500
-DEFAULT_SPAWN_TIMEOUT = 10.0
-DEFAULT_QUEUE_TIMEOUT = 5.0
-DEFAULT_QUEUE_LIMIT = 1000
-DEATH_GRACE = 1.0
+logger = logging.getLogger("jsonnet_worker")
+
+__all__ = [
+    "DEFAULT_MAX_OUTPUT",
+    "DEFAULT_MAX_STACK",
+    "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_QUEUE_LIMIT",
+    "DEFAULT_QUEUE_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "WorkerPool",
+    "check_platform",
+    "default_size",
+]
+
+DEATH_GRACE = (
+    1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
+)
+HANDOVER_GRACE = 1.0  # how long a hand-over already under way may take to wake its caller
 SPIN_MAX = 0.002
+
+
+def _cpus() -> int:
+    """The CPUs this process may use (``os.sched_getaffinity`` where it exists)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def default_size() -> int:
     """The CPUs this process may use, at least 2."""
+    return max(2, _cpus())
+
+
+def check_platform() -> None:
+    """Raise UnsupportedPlatform where workers cannot be sandboxed and supervised."""
+    if sys.platform != "linux":
+        raise UnsupportedPlatform(
+            f"the worker sandbox needs Linux (Landlock, seccomp, pidfd); this is {sys.platform}"
+        )
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        raise UnsupportedPlatform("this Python has no os.pidfd_open (the pool needs pidfds)")
     try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(2, cpus)
-
-
-class _Failure(Exception):
-    """A call's typed error, and whether its worker must be replaced."""
-
-    def __init__(self, error: Error, retire: bool) -> None:
-        super().__init__(error)
-        self.error = error
-        self.retire = retire
+        os.close(pidfd_open(os.getpid()))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM):
+            raise UnsupportedPlatform(
+                f"the kernel refuses pidfd_open ({os.strerror(exc.errno)}): the pool needs "
+                "pidfds (Linux 5.3 or later, not blocked by a seccomp profile) to watch and "
+                "signal its workers without a pid-reuse race"
+            ) from None
+        raise
 
 
 @dataclass(frozen=True)
 class _Call:
-    """One encoded call: its id and frame, its timeout, and the seconds encoding took."""
+    """One encoded call: the request and its frame, its timeout, the seconds encoding took
+    (they count against the timeout), and its trust domain."""
 
-    request_id: int
+    request: EvalRequest
     frame: bytes
     timeout: float
     spent: float
+    domain: Domain
 
     def time_left(self) -> float:
         return self.timeout - self.spent
 
 
-_ERRORS_BY_KIND: dict[str, tuple[type[Error], bool]] = {
-    ErrorKind.JSONNET.value: (JsonnetError, False),
-    ErrorKind.OUTPUT_TOO_LARGE.value: (OutputTooLarge, False),
-    ErrorKind.MEMORY.value: (MemoryLimitExceeded, True),
-    ErrorKind.PROTOCOL.value: (ProtocolError, True),
+class ThreadTicket(Ticket):
+    """A blocking caller's ticket; its wake-up lock is made only if it has to wait."""
+
+    __slots__ = ("_signal",)
+
+    def arm(self) -> None:
+        self._signal = threading.Lock()
+        self._signal.acquire()
+
+    def wake(self) -> bool:
+        self._signal.release()
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return self._signal.acquire(timeout=max(timeout, 0.0))
+
+
+class AsyncTicket(Ticket):
+    """An asyncio task's ticket: woken through its event loop, from any thread."""
+
+    __slots__ = ("future", "loop")
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def _set(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def wake(self) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self._set)
+        except RuntimeError:  # its event loop is closed: nobody will take the worker
+            return False
+        return True
+
+
+# What a worker's error kind means, and whether the worker may serve again.
+_FAILURES: dict[ErrorKind, tuple[type[Error], bool]] = {
+    ErrorKind.JSONNET: (JsonnetError, True),
+    ErrorKind.OUTPUT_TOO_LARGE: (OutputTooLarge, True),
+    ErrorKind.MEMORY: (MemoryLimitExceeded, False),
+    ErrorKind.PROTOCOL: (ProtocolError, False),
+    ErrorKind.INTERNAL: (ProtocolError, False),
 }
-
-
-def interpret(event: Event, request_id: int) -> str:
-    """The JSON text a response carries, or a _Failure: shared by both call paths."""
-    if isinstance(event, Message):
-        payload = event.payload
-        if payload.get("id") == request_id:
-            kind = payload.get("t")
-            if kind == "result" and isinstance(payload.get("json"), str):
-                json_text: str = payload["json"]
-                return json_text
-            if kind == "error":
-                error_type, retire = _ERRORS_BY_KIND.get(
-                    str(payload.get("kind")), (ProtocolError, True)
-                )
-                message = str(payload.get("message", ""))
-                if error_type is ProtocolError:
-                    message = f"the worker reported {payload.get('kind')}: {message}"
-                raise _Failure(error_type(message), retire)
-        raise _Failure(
-            ProtocolError(
-                f"unexpected message from the worker (t={payload.get('t')!r}, "
-                f"id={payload.get('id')!r}, expected id {request_id})"
-            ),
-            True,
-        )
-    if isinstance(event, FrameTooLarge):
-        raise _Failure(ProtocolError(f"worker sent a frame of {event.size} bytes"), True)
-    raise _Failure(ProtocolError(f"worker sent a malformed frame: {event.reason}"), True)
+# The end of a worker's response channel: each path waits for its exit in its own way.
+_CLOSED = Outcome(reason="closed")
 
 
 class WorkerPool:
     """A pool of sandboxed worker processes that evaluate Jsonnet.
 
-    Safe to share between threads and asyncio tasks. Use it as a context manager, or call
-    ``close()``; at interpreter exit a pool still open is terminated.
+    ``WorkerPool(size, **options)`` or ``WorkerPool(config=PoolConfig(...))`` (options given
+    too override the config's); see ``PoolConfig`` for every option. Safe to share between
+    threads and asyncio tasks. Use it as a context manager, or call ``close()``; at
+    interpreter exit a pool still open is terminated. A pool belongs to the process that
+    created it: after ``fork()`` create a new one in the child (README: prefork servers).
     """
 
     def __init__(
         self,
         size: int | None = None,
         *,
-        engine: str = "go",
-        timeout: float = DEFAULT_TIMEOUT,
-        memory_limit: int = DEFAULT_MEMORY_LIMIT,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-        max_stack: int = DEFAULT_MAX_STACK,
-        queue_limit: int | None = None,
-        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
-        spawn_timeout: float = DEFAULT_SPAWN_TIMEOUT,
-        max_request: int = DEFAULT_MAX_FRAME,
-        spares: int = 1,
-        require_sandbox: bool = False,
-        worker_user: str | range | None = DEFAULT_WORKER_USER,
-        cpu_budget: float | None = DEFAULT_CPU_BUDGET,
         config: PoolConfig | None = None,
         _worker_command: list[str] | None = None,
+        **options: Any,
     ) -> None:
-        if config is not None:  # OPS shim for WorkerPool(config=...); POOL's rewrite replaces it
-            size, engine, timeout = config.size, config.engine, config.timeout
-            memory_limit, max_output, max_stack = (
-                config.memory_limit,
-                config.max_output,
-                config.max_stack,
-            )
-            queue_limit, queue_timeout = config.queue_limit, config.queue_timeout
-            spawn_timeout, max_request, spares = (
-                config.spawn_timeout,
-                config.max_request,
-                config.spares,
-            )
-            require_sandbox = config.require_sandbox
-            worker_user, cpu_budget = config.worker_user, config.cpu_budget
-        engine_kind = _engines.EngineKind(engine)
-        self.size = default_size() if size is None else size
-        if self.size < 1:
-            raise ValueError("size must be at least 1")
-        for name, value in (
-            ("timeout", timeout),
-            ("memory_limit", memory_limit),
-            ("max_output", max_output),
-            ("max_stack", max_stack),
-            ("queue_timeout", queue_timeout),
-            ("spawn_timeout", spawn_timeout),
-            ("max_request", max_request),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive")
-        self.engine = engine_kind.value
-        self.timeout = timeout
-        self.max_output = max_output
-        self.max_stack = max_stack
-        self.queue_timeout = queue_timeout
-        self.max_request = max_request
-        self.queue_limit = DEFAULT_QUEUE_LIMIT if queue_limit is None else queue_limit
+        check_platform()
+        if options.get("queue_limit", 0) is None:
+            del options["queue_limit"]  # the signature before PoolConfig took None: the default
+        if size is not None:
+            options["size"] = size
+        base = config or PoolConfig()
+        try:
+            config = base.replace(**options) if options else base
+        except TypeError as exc:
+            raise InvalidType(f"WorkerPool: {exc}") from None
+        if config.size is None:
+            config = config.replace(size=default_size())
+        self.config = config
+        self._pid = os.getpid()
         self._ids = itertools.count(1)
-        self._cpus = len(os.sched_getaffinity(0))
+        self._cpus = _cpus()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
-        settings = WorkerSettings(
-            engine_kind.value,
-            memory_limit,
-            max_request,
-            WorkerIdentities(worker_user),
-            cpu_budget=cpu_budget,
-        )
-        self._supervisor: Supervisor
-        if spares < 0:
-            raise ValueError("spares must be 0 or more")
-        self.spares = spares
-        self._core = PoolCore(self.size, spares, self.queue_limit, lambda: self._supervisor.wake())
-        self._supervisor = Supervisor(
-            self._core,
-            settings,
-            spawn_timeout=spawn_timeout,
-            require_sandbox=require_sandbox,
-            command=_worker_command,
-        )
+        self._state: PoolState[Worker] = PoolState(config, threading.Lock())
+        self._supervisor = Supervisor(self._state, settings_for(config), command=_worker_command)
+        self._perform = self._supervisor.perform
         self._supervisor.start()
         _live_pools.add(self)
         self._supervisor.initial_done.wait()
-        with self._core.lock:
-            fatal = self._core.fatal
-            started = any(w.hello is not None for w in self._core.workers)
-            reason = self._core.start_failure
-        if fatal is not None or not started:
+        failure, reason = self._state.failure, self._state.start_failure
+        if failure is not None or not self._state.has_started():
             self.terminate()
-            if fatal is not None:
-                raise fatal
+            if failure is not None:
+                raise failure
             raise WorkerStartError(f"no worker could start: {reason}", cause=reason)
+
+    # -- options (stored once, in ``config``) ----------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._state.size
+
+    @property
+    def spares(self) -> int:
+        return self.config.spares
+
+    @property
+    def engine(self) -> str:
+        return self.config.engine
+
+    @property
+    def timeout(self) -> float:
+        return self.config.timeout
+
+    @property
+    def max_stack(self) -> int:
+        return self.config.max_stack
+
+    @property
+    def max_output(self) -> int:
+        return self.config.max_output
+
+    @property
+    def queue_limit(self) -> int:
+        return self.config.queue_limit
+
+    @property
+    def queue_timeout(self) -> float:
+        return self.config.queue_timeout
 
     # -- public API ----------------------------------------------------------------------
 
     @property
     def sandbox(self) -> SandboxStatus | None:
         """The sandbox status the workers reported (None before any hello)."""
-        return self._core.sandbox
+        return self._state.sandbox
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` or ``terminate()`` began (or no worker can ever start)."""
+        return self._state.phase is not Phase.OPEN
 
     def stats(self) -> PoolStats:
-        return self._core.stats()
+        self._check_fork()
+        return self._state.stats()
 
     def evaluate(
         self,
@@ -268,20 +313,22 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
-        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
+        tenant: str | None = None,
     ) -> Any:
-        """Evaluate ``snippet`` in a worker and return the decoded JSON value."""
-        return json.loads(
-            self.evaluate_json(
-                snippet,
-                ext_vars,
-                tla_vars=tla_vars,
-                ext_codes=ext_codes,
-                tla_codes=tla_codes,
-                filename=filename,
-                timeout=timeout,
-            )
+        """Evaluate ``snippet`` in a worker and return the decoded JSON value. A worker that
+        served one ``tenant`` never serves another (None: the calls without a tenant)."""
+        call = self._prepare(
+            Action.EVAL,
+            snippet,
+            ext_vars,
+            tla_vars,
+            ext_codes,
+            tla_codes,
+            filename,
+            timeout,
+            tenant,
         )
+        return self._call(call).value
 
     def evaluate_json(
         self,
@@ -293,19 +340,49 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
-        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
+        tenant: str | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
-        call = self._prepare(snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename, timeout)
-        self._enter()
-        try:
-            worker, sent = self._take_worker(call.frame)
-            return self._finish(worker, lambda: self._exchange(worker, call, sent))
-        except Error as exc:
-            self._core.count_error(exc)
-            raise
-        finally:
-            self._leave()
+        call = self._prepare(
+            Action.EVAL,
+            snippet,
+            ext_vars,
+            tla_vars,
+            ext_codes,
+            tla_codes,
+            filename,
+            timeout,
+            tenant,
+        )
+        return self._call(call).json_text
+
+    def check(
+        self,
+        snippet: str,
+        *,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        """Parse and statically check ``snippet`` without evaluating it; raises JsonnetError
+        with the engine's message (``file:line:col``) if it is not valid Jsonnet."""
+        call = self._prepare(
+            Action.CHECK, snippet, None, None, None, None, filename, timeout, tenant
+        )
+        self._call(call)
+
+    def format(
+        self,
+        snippet: str,
+        *,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+    ) -> str:
+        """``snippet`` formatted by go-jsonnet's formatter (``jsonnet fmt``)."""
+        call = self._prepare(Action.FMT, snippet, None, None, None, None, filename, timeout, tenant)
+        formatted: str = self._call(call).value
+        return formatted
 
     async def aevaluate(
         self,
@@ -317,20 +394,21 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
-        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
+        tenant: str | None = None,
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
-        return json.loads(
-            await self.aevaluate_json(
-                snippet,
-                ext_vars,
-                tla_vars=tla_vars,
-                ext_codes=ext_codes,
-                tla_codes=tla_codes,
-                filename=filename,
-                timeout=timeout,
-            )
+        call = self._prepare(
+            Action.EVAL,
+            snippet,
+            ext_vars,
+            tla_vars,
+            ext_codes,
+            tla_codes,
+            filename,
+            timeout,
+            tenant,
         )
+        return (await self._acall(call)).value
 
     async def aevaluate_json(
         self,
@@ -342,26 +420,48 @@ class WorkerPool:
         tla_codes: Mapping[str, str] | None = None,
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
-        tenant: str | None = None,  # OPS shim: accepted, not acted on (POOL's rewrite)
+        tenant: str | None = None,
     ) -> str:
-        call = self._prepare(snippet, ext_vars, tla_vars, ext_codes, tla_codes, filename, timeout)
-        self._enter()
-        try:
-            worker, sent = await self._atake_worker(call.frame)
-            try:
-                event = await self._aexchange(worker, call.frame, sent, call.time_left())
-            except BaseException:
-                worker.kill()  # cancelled mid-call: its answer would reach nobody
-                self._core.retire(worker)
-                raise
-            return self._finish(
-                worker, lambda: self._settle(worker, event, call.request_id, call.timeout)
-            )
-        except Error as exc:
-            self._core.count_error(exc)
-            raise
-        finally:
-            self._leave()
+        """``evaluate_json`` for asyncio."""
+        call = self._prepare(
+            Action.EVAL,
+            snippet,
+            ext_vars,
+            tla_vars,
+            ext_codes,
+            tla_codes,
+            filename,
+            timeout,
+            tenant,
+        )
+        return (await self._acall(call)).json_text
+
+    async def acheck(
+        self,
+        snippet: str,
+        *,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        """``check`` for asyncio."""
+        call = self._prepare(
+            Action.CHECK, snippet, None, None, None, None, filename, timeout, tenant
+        )
+        await self._acall(call)
+
+    async def aformat(
+        self,
+        snippet: str,
+        *,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+    ) -> str:
+        """``format`` for asyncio."""
+        call = self._prepare(Action.FMT, snippet, None, None, None, None, filename, timeout, tenant)
+        formatted: str = (await self._acall(call)).value
+        return formatted
 
     def submit(
         self,
@@ -370,8 +470,9 @@ class WorkerPool:
         **kwargs: Any,
     ) -> concurrent.futures.Future[Any]:
         """``evaluate`` in a background thread; returns a ``concurrent.futures.Future``."""
+        self._check_fork()
         with self._executor_lock:
-            if self._core.closed:
+            if self.closed:
                 raise PoolClosed("the pool is closed")
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -382,30 +483,28 @@ class WorkerPool:
     def close(self, timeout: float | None = None) -> None:
         """Refuse new calls, let calls in flight (and queued) finish, then stop and reap every
         worker. With ``timeout``, calls still running after it are cut off as by
-        ``terminate()``."""
-        with self._core.lock:
-            self._core.closed = True
+        ``terminate()``. In a forked child: nothing (the workers are the parent's)."""
+        if self._forked():
+            return
+        self._state.begin_close()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle_done:
-            while self._core.in_flight:
+            while self._state.in_flight:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._idle_done.wait(left)
-        if self._core.in_flight:
+        if self._state.in_flight:
             self.terminate()
             return
         self._shutdown(grace=DEATH_GRACE)
 
     def terminate(self) -> None:
-        """Kill every worker now; calls in flight and queued raise PoolClosed."""
-        with self._core.lock:
-            self._core.closed = True
-            self._core.terminated = True
-            self._core.fail_waiters(PoolClosed("the pool was terminated"))
-            workers = list(self._core.workers)
-        for worker in workers:
-            worker.kill()
+        """Kill every worker now; calls in flight and queued raise PoolClosed. In a forked
+        child: nothing (the workers are the parent's)."""
+        if self._forked():
+            return
+        self._perform(self._state.begin_terminate())
         self._shutdown(grace=0.0)
 
     def __enter__(self) -> WorkerPool:
@@ -414,7 +513,436 @@ class WorkerPool:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- internals -----------------------------------------------------------------------
+    # -- the blocking path ----------------------------------------------------------------
+
+    def _call(self, call: _Call) -> Answer:
+        self._check_fork()
+        ticket = ThreadTicket(call, call.domain)
+        try:
+            self._state.admit(ticket)
+            try:
+                self._check_out(ticket)
+                outcome = self._exchange(ticket)
+            except BaseException:
+                self._perform(self._state.abandon(ticket))
+                raise
+            return self._settle(ticket, outcome)
+        except Error as exc:
+            self._state.count_error(exc)
+            raise
+        finally:
+            self._leave(ticket)
+
+    def _check_out(self, ticket: ThreadTicket) -> None:
+        """A worker for this call: one at once, else wait in FIFO (the worker then comes with
+        the request already written by whoever handed it over)."""
+        state = self._state
+        while state.take(ticket):
+            if self._ready_for_call(ticket):
+                return
+        ticket.arm()
+        self._perform(state.take_or_wait(ticket))
+        if ticket.queued:
+            self._wait(ticket)
+        if ticket.error is not None:
+            raise ticket.error
+
+    def _wait(self, ticket: ThreadTicket) -> None:
+        if ticket.wait(self.config.queue_timeout):
+            return
+        if self._state.give_up(ticket):
+            raise ticket.error or self._queue_timed_out()
+        if not ticket.wait(HANDOVER_GRACE):  # handed over just now: the wake-up follows
+            raise Overloaded("the worker handed to this call did not arrive")
+
+    def _exchange(self, ticket: Ticket) -> Outcome:
+        """Write the frame (after what a caller handing the worker over already wrote),
+        then read the answer until the deadline."""
+        worker, call = ticket.worker, ticket.call
+        deadline = time.monotonic() + call.time_left()
+        pending = self._start(ticket)
+        outcome = None
+        if pending is None and self._may_spin():
+            outcome = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
+        if outcome is None:
+            outcome = self._poll_for_answer(worker, pending, deadline)
+        if outcome is None:
+            return self._timed_out(call)
+        return self._died(worker, call, deadline) if outcome is _CLOSED else outcome
+
+    def _poll_for_answer(
+        self, worker: Worker, pending: memoryview | None, deadline: float
+    ) -> Outcome | None:
+        """Poll the worker's channels (writing the rest of the frame) until an outcome or
+        the deadline (None)."""
+        process = worker.process
+        poller = process.poller
+        if pending is not None:
+            poller.register(process.stdin, select.POLLOUT)
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                for fd, _ in poller.poll(left * 1000.0 + 1):
+                    if fd == process.stdout:
+                        outcome = self._read_answer(worker)
+                        if outcome is not None:
+                            return outcome
+                    elif fd == process.stderr_fd:
+                        if not process.drain_stderr():
+                            poller.unregister(process.stderr_fd)
+                    elif pending is not None:
+                        pending = self._write_rest(worker, pending)
+                        if pending is None:
+                            poller.unregister(process.stdin)
+            return None
+        finally:
+            if pending is not None:
+                poller.unregister(process.stdin)
+
+    def _died(self, worker: Worker, call: _Call, deadline: float) -> Outcome:
+        """The response channel ended: wait for the exit, within the deadline."""
+        grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
+        worker.process.wait(grace)
+        return self._death(worker, call, cut=grace < DEATH_GRACE)
+
+    def _may_spin(self) -> bool:
+        """Spin for the answer only when this is the pool's only call and a second CPU
+        exists: then the spinner takes no core from a worker and no GIL time from another
+        caller (a spinning thread delays every other thread's wake-up)."""
+        return self._cpus > 1 and self._state.in_flight == 1
+
+    def _spin_for_answer(self, worker: Worker, until: float) -> Outcome | None:
+        """Read without blocking until an answer arrives or ``until``: waking a caller
+        blocked in poll costs an inter-processor interrupt (about 30 us on the virtual
+        machines measured), a large share of a 200 us evaluation."""
+        while True:
+            outcome = self._read_answer(worker)
+            if outcome is not None:
+                return outcome
+            if time.monotonic() >= until:
+                return None
+            # Let whatever else is runnable on this CPU (the worker's collector, another
+            # caller) run: spinning must not starve it.
+            os.sched_yield()
+
+    # -- the asyncio path (the same steps, the same names) -------------------------------
+
+    async def _acall(self, call: _Call) -> Answer:
+        self._check_fork()
+        ticket = AsyncTicket(call, call.domain)
+        try:
+            self._state.admit(ticket)
+            try:
+                await self._acheck_out(ticket)
+                outcome = await self._aexchange(ticket)
+            except BaseException:
+                self._perform(self._state.abandon(ticket))
+                raise
+            return self._settle(ticket, outcome)
+        except Error as exc:
+            self._state.count_error(exc)
+            raise
+        finally:
+            self._leave(ticket)
+
+    async def _acheck_out(self, ticket: AsyncTicket) -> None:
+        state = self._state
+        while state.take(ticket):
+            if self._ready_for_call(ticket):
+                return
+        ticket.arm(asyncio.get_running_loop())
+        self._perform(state.take_or_wait(ticket))
+        if ticket.queued:
+            await self._await(ticket)
+        if ticket.error is not None:
+            raise ticket.error
+
+    async def _await(self, ticket: AsyncTicket) -> None:
+        # asyncio.timeout, not wait_for: wait_for (3.11) swallows a cancellation that
+        # arrives once the awaited future is done, and the call would go on.
+        try:
+            async with asyncio.timeout(self.config.queue_timeout):
+                await asyncio.shield(ticket.future)
+            return
+        except TimeoutError:
+            if self._state.give_up(ticket):
+                raise ticket.error or self._queue_timed_out() from None
+        try:  # handed over just now: the wake-up follows
+            async with asyncio.timeout(HANDOVER_GRACE):
+                await asyncio.shield(ticket.future)
+        except TimeoutError:
+            raise Overloaded("the worker handed to this call did not arrive") from None
+
+    async def _aexchange(self, ticket: Ticket) -> Outcome:
+        """``_exchange`` on the event loop's readers and a timer (with what is left of the
+        timeout after encoding)."""
+        loop = asyncio.get_running_loop()
+        worker, call = ticket.worker, ticket.call
+        process = worker.process
+        deadline = time.monotonic() + call.time_left()
+        pending: list[memoryview | None] = [self._start(ticket)]
+        done: asyncio.Future[Outcome] = loop.create_future()
+        timers: list[asyncio.TimerHandle] = []
+
+        def settle(outcome: Outcome) -> None:
+            if not done.done():
+                done.set_result(outcome)
+
+        def on_exit(cut: bool = False) -> None:
+            settle(self._death(worker, call, cut))
+
+        def on_stdout() -> None:
+            outcome = self._read_answer(worker)
+            if outcome is _CLOSED:
+                # Wait for its exit on its pidfd, in the loop, within the deadline.
+                loop.remove_reader(process.stdout)
+                loop.add_reader(process.pidfd, on_exit)
+                grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
+                timers.append(loop.call_later(grace, on_exit, grace < DEATH_GRACE))
+            elif outcome is not None:
+                settle(outcome)
+
+        def on_stderr() -> None:
+            if not process.drain_stderr():
+                loop.remove_reader(process.stderr_fd)
+
+        def on_stdin() -> None:
+            pending[0] = self._write_rest(worker, pending[0] or memoryview(b""))
+            if pending[0] is None:
+                loop.remove_writer(process.stdin)
+
+        loop.add_reader(process.stdout, on_stdout)
+        loop.add_reader(process.stderr_fd, on_stderr)
+        if pending[0] is not None:
+            loop.add_writer(process.stdin, on_stdin)
+        timers.append(
+            loop.call_later(max(call.time_left(), 0.0), lambda: settle(self._timed_out(call)))
+        )
+        try:
+            return await done
+        finally:
+            _unwatch(loop, process, timers)
+
+    # -- shared by both paths ------------------------------------------------------------
+
+    def _prepare(
+        self,
+        action: Action,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None,
+        tla_vars: Mapping[str, Any] | None,
+        ext_codes: Mapping[str, str] | None,
+        tla_codes: Mapping[str, str] | None,
+        filename: str,
+        timeout: float | None,
+        tenant: str | None,
+    ) -> _Call:
+        """Check and encode a call before any worker is involved; the time encoding takes
+        (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
+        seconds = self._timeout(timeout)
+        started = time.monotonic()
+        if not isinstance(snippet, str):
+            raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")
+        if not isinstance(filename, str):
+            raise InvalidType(f"filename must be str, not {type(filename).__name__}")
+        domain = _domain(tenant)
+        ext_strings, ext_code = split_variables("ext", ext_vars, ext_codes)
+        tla_strings, tla_code = split_variables("tla", tla_vars, tla_codes)
+        config = self.config
+        request = EvalRequest(
+            id=next(self._ids),
+            snippet=snippet,
+            filename=filename,
+            ext_vars=ext_strings,
+            ext_codes=ext_code,
+            tla_vars=tla_strings,
+            tla_codes=tla_code,
+            max_stack=config.max_stack,
+            max_output=config.max_output,
+            max_trace=config.max_trace,
+            action=action,
+        )
+        try:
+            frame = encode(request.to_message())
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
+                f"at position {exc.start}: a lone surrogate?)"
+            ) from None
+        if len(frame) - 4 > config.max_request:
+            raise InputTooLarge(
+                f"the request is {len(frame)} bytes, over max_request={config.max_request}"
+            )
+        return _Call(request, frame, seconds, time.monotonic() - started, domain)
+
+    def _timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.config.timeout
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+            raise InvalidType(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
+        return float(timeout)
+
+    def _ready_for_call(self, ticket: Ticket) -> bool:
+        """A worker just taken from the idle list: what it printed since its last call is
+        dropped (stderr never crosses calls); one that wrote to its response channel while
+        idle, or whose channel ended, is discarded (False: take another)."""
+        worker: Worker = ticket.worker
+        process = worker.process
+        stdout, stderr = process.ready()
+        if stderr:
+            process.drain_stderr(keep=False)
+        if not stdout:
+            return True
+        data = process.read_stdout()
+        if data is None:
+            return True
+        worker.connection.receive_data(data)
+        if data:
+            self._perform(self._state.reject(ticket, "wrote to its channel while idle"))
+        else:  # it died while idle (its pidfd may not have been seen yet)
+            self._perform(self._state.reject(ticket, "died while idle", died=True))
+        return False
+
+    def _start(self, ticket: Ticket) -> memoryview | None:
+        """Register the request with the conversation (unless the hand-over did) and write
+        what the channel takes of its frame now; the rest, if any. What the worker prints
+        from now on is this call's (stderr was drained before it came to us)."""
+        worker, call = ticket.worker, ticket.call
+        sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
+        worker.process.stderr.mark()
+        return self._write_rest(worker, memoryview(call.frame)[sent:])
+
+    def _read_answer(self, worker: Worker) -> Outcome | None:
+        """Feed what the response channel holds to the conversation: an outcome, or None."""
+        data = worker.process.read_stdout()
+        if data is None:
+            return None
+        worker.connection.receive_data(data)
+        return self._outcome(worker, worker.connection.next_event())
+
+    def _outcome(self, worker: Worker, event: ConnectionEvent) -> Outcome | None:
+        """What one event of the conversation means for the call (None: need more data)."""
+        if event is NEED_DATA:
+            return None
+        if isinstance(event, Answer):
+            return Outcome(answer=event, keep=True)
+        if isinstance(event, Failure):
+            error_type, keep = _FAILURES[event.kind]
+            message = event.message
+            if error_type is ProtocolError:
+                message = f"the worker reported {event.kind.value}: {message}"
+                return Outcome(error=ProtocolError(message), reason=f"reported {event.kind.value}")
+            if error_type is MemoryLimitExceeded:
+                return Outcome(error=MemoryLimitExceeded(message), reason="ran out of memory")
+            return Outcome(error=error_type(message), keep=keep)
+        if isinstance(event, ConnectionClosed):
+            return _CLOSED
+        reason = event.reason if isinstance(event, ConnectionBroken) else type(event).__name__
+        return Outcome(
+            error=ProtocolError(f"worker {worker.pid} broke the protocol ({reason}); replaced"),
+            reason=f"broke the protocol: {reason}",
+        )
+
+    def _death(self, worker: Worker, call: _Call, cut: bool) -> Outcome:
+        """After the end of its response channel: why it died; or, still running, that the
+        deadline came first (``cut``: the wait for its exit was cut short by the deadline),
+        or that it closed its channel in mid-call and went on, which is a lie."""
+        process = worker.process
+        if process.wait(0.0) is None:
+            process.kill()
+            if cut:
+                return self._timed_out(call)
+            return Outcome(
+                error=ProtocolError(
+                    f"worker {worker.pid} closed its response channel during the call; replaced"
+                ),
+                reason="closed its response channel during the call",
+            )
+        error = process.death_error()
+        how = process.how_it_ended()
+        if isinstance(error, MemoryLimitExceeded):
+            return Outcome(error=error, died=True, reason=f"ran out of memory and {how}")
+        return Outcome(error=error, died=True, reason=f"{how} during a call")
+
+    def _timed_out(self, call: _Call) -> Outcome:
+        return Outcome(
+            error=EvaluationTimeout(
+                f"the evaluation ran past its {call.timeout} s deadline; its worker was killed"
+            ),
+            reason=f"ran past its {call.timeout} s deadline; killed",
+        )
+
+    def _settle(self, ticket: Ticket, outcome: Outcome) -> Answer:
+        """Record how the call ended; check the worker in or discard it; the answer, or
+        the call's typed error."""
+        worker: Worker = ticket.worker
+        cpu = None
+        if outcome.keep:
+            outcome = self._after_call(worker, outcome)
+            if self.config.cpu_budget is not None:
+                cpu = worker.process.cpu_seconds()
+        self._perform(self._state.settle(worker, outcome, cpu))
+        if outcome.error is not None:
+            if self._state.terminated:
+                raise PoolClosed("the pool was terminated during the call") from None
+            raise outcome.error
+        answer: Answer = outcome.answer
+        return answer
+
+    @staticmethod
+    def _after_call(worker: Worker, outcome: Outcome) -> Outcome:
+        """Before the worker serves again: its stderr drained and dropped; bytes after its
+        answer, or a closed stderr, mean it is not to be trusted."""
+        process = worker.process
+        stdout, stderr = process.ready()
+        if stderr:
+            process.drain_stderr(keep=False)
+        if stdout:
+            return replace(outcome, keep=False, reason="wrote to its channel after its answer")
+        if not process.stderr_open:
+            return replace(outcome, keep=False, reason="closed its stderr")
+        return outcome
+
+    @staticmethod
+    def _write_rest(worker: Worker, data: memoryview) -> memoryview | None:
+        """Write what the channel takes now; the rest, or None when all is written (or the
+        worker is gone, which the caller learns from its response channel)."""
+        if not data:
+            return None
+        written = worker.process.send(data)
+        if written is None:
+            return None
+        rest = data[written:]
+        return rest if rest else None
+
+    def _queue_timed_out(self) -> Overloaded:
+        return Overloaded(f"no worker became free within {self.config.queue_timeout} s")
+
+    def _leave(self, ticket: Ticket) -> None:
+        if self._state.leave(ticket):
+            with self._idle_done:
+                self._idle_done.notify_all()
+
+    # -- fork and shutdown ---------------------------------------------------------------
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._pid
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            logger.warning(
+                "fork detected: a WorkerPool of process %d was used in process %d",
+                self._pid,
+                os.getpid(),
+                extra={"parent_pid": self._pid},
+            )
+            raise ForkedPool(
+                f"this WorkerPool was created in process {self._pid} and cannot be used in "
+                f"its forked child {os.getpid()} (its workers belong to the parent): create "
+                "pools after the fork (gunicorn: in post_fork; Celery: on worker_process_init), "
+                "or use the module-level jsonnet_worker.evaluate, which starts afresh"
+            )
 
     def _shutdown(self, grace: float) -> None:
         with self._executor_lock:
@@ -424,309 +952,42 @@ class WorkerPool:
         self._supervisor.stop(grace)
         _live_pools.discard(self)
 
-    def _timeout(self, timeout: float | None) -> float:
-        if timeout is None:
-            return self.timeout
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        return timeout
 
-    def _prepare(
-        self,
-        snippet: str,
-        ext_vars: Mapping[str, Any] | None,
-        tla_vars: Mapping[str, Any] | None,
-        ext_codes: Mapping[str, str] | None,
-        tla_codes: Mapping[str, str] | None,
-        filename: str,
-        timeout: float | None,
-    ) -> _Call:
-        """Check and encode a call before any worker is involved; the time encoding takes
-        (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
-        seconds = self._timeout(timeout)
-        started = time.monotonic()
-        if not isinstance(snippet, str):
-            raise TypeError(f"snippet must be str, not {type(snippet).__name__}")
-        if not isinstance(filename, str):
-            raise TypeError(f"filename must be str, not {type(filename).__name__}")
-        ext_strings, ext_code = split_variables("ext", ext_vars, ext_codes)
-        tla_strings, tla_code = split_variables("tla", tla_vars, tla_codes)
-        request = EvalRequest(
-            id=next(self._ids),
-            snippet=snippet,
-            filename=filename,
-            ext_vars=ext_strings,
-            ext_codes=ext_code,
-            tla_vars=tla_strings,
-            tla_codes=tla_code,
-            max_stack=self.max_stack,
-            max_output=self.max_output,
-        )
-        try:
-            frame = encode(request.to_message())
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
-                f"at position {exc.start}: a lone surrogate?)"
-            ) from None
-        if len(frame) - 4 > self.max_request:
-            raise InputTooLarge(
-                f"the request is {len(frame)} bytes, over max_request={self.max_request}"
-            )
-        return _Call(request.id, frame, seconds, time.monotonic() - started)
+def _unwatch(
+    loop: asyncio.AbstractEventLoop, process: WorkerProcess, timers: list[asyncio.TimerHandle]
+) -> None:
+    """What ``_aexchange`` set up on the event loop, taken down."""
+    for timer in timers:
+        timer.cancel()
+    loop.remove_reader(process.stdout)
+    loop.remove_reader(process.stderr_fd)
+    loop.remove_reader(process.pidfd)
+    loop.remove_writer(process.stdin)
 
-    def _enter(self) -> None:
-        with self._core.lock:
-            if self._core.closed:
-                raise PoolClosed("the pool is closed")
-            self._core.in_flight += 1
 
-    def _leave(self) -> None:
-        with self._core.lock:
-            self._core.in_flight -= 1
-            last = self._core.in_flight == 0 and self._core.closed
-        if last:
-            with self._idle_done:
-                self._idle_done.notify_all()
-
-    def _take_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
-        """A worker for this call, and how much of ``frame`` was already written to it
-        (by the caller that handed it over)."""
-        worker = self._core.take_idle()
-        if worker is not None:
-            return worker, 0
-        waiter = ThreadWaiter(frame)
-        worker = self._core.take_or_wait(waiter)
-        if worker is not None:
-            return worker, 0
-        if not waiter.wait(self.queue_timeout):
-            if self._core.abandon(waiter) is None:
-                raise waiter.error or self._queue_timed_out()
-            waiter.wait(None)  # handed over just now: the wake-up follows the write
-        return self._waited(waiter)
-
-    async def _atake_worker(self, frame: bytes) -> tuple[WorkerProcess, int]:
-        worker = self._core.take_idle()
-        if worker is not None:
-            return worker, 0
-        waiter = AsyncWaiter(asyncio.get_running_loop(), frame)
-        worker = self._core.take_or_wait(waiter)
-        if worker is not None:
-            return worker, 0
-        try:
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout)
-            except TimeoutError:
-                if self._core.abandon(waiter) is None:
-                    raise waiter.error or self._queue_timed_out() from None
-                await waiter.future  # handed over just now: the wake-up follows the write
-        except asyncio.CancelledError:
-            worker = self._core.abandon(waiter)
-            if worker is not None:
-                worker.kill()  # our request may already be in its channel
-                self._core.retire(worker)
-            raise
-        return self._waited(waiter)
-
-    def _queue_timed_out(self) -> Overloaded:
-        return Overloaded(f"no worker became free within {self.queue_timeout} s")
-
-    @staticmethod
-    def _waited(waiter: Waiter) -> tuple[WorkerProcess, int]:
-        """What a woken waiter got: its worker and how much of its frame went out, or its
-        error (the pool was terminated, or no worker can start)."""
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.worker is not None
-        return waiter.worker, waiter.written
-
-    def _finish(self, worker: WorkerProcess, run: Any) -> str:
-        """Run a call on ``worker``; give the worker back or retire it, count the outcome."""
-        core = self._core
-        try:
-            result: str = run()
-        except _Failure as failure:
-            if failure.retire:
-                worker.kill()
-                core.retire(worker)
-            else:
-                core.give_back(worker)
-            if core.terminated:
-                raise PoolClosed("the pool was terminated during the call") from None
-            raise failure.error from None
-        except BaseException:
-            worker.kill()
-            core.retire(worker)
-            raise
-        if worker.reader.pending or not worker.stderr_open:
-            # Bytes beyond the answer, or a closed stderr: the worker is not to be trusted.
-            worker.kill()
-            core.retire(worker)
-        else:
-            core.give_back(worker)
-        with core.lock:
-            core.evaluations += 1
-        return result
-
-    def _timed_out(self, timeout: float) -> _Failure:
-        with self._core.lock:
-            self._core.timeouts += 1
-        return _Failure(
-            EvaluationTimeout(
-                f"the evaluation ran past its {timeout} s deadline; its worker was killed"
-            ),
-            True,
-        )
-
-    def _died(self, worker: WorkerProcess, grace: float = DEATH_GRACE) -> _Failure:
-        """The worker's channel ended: wait up to ``grace`` for it to exit, say why it died."""
-        error = worker.death_error(grace)
-        with self._core.lock:
-            self._core.crashes += 1
-        return _Failure(error, True)
-
-    def _exchange(self, worker: WorkerProcess, call: _Call, sent: int) -> str:
-        """The blocking fast path: write the frame (after the ``sent`` bytes a caller handing
-        the worker over already wrote), poll until the answer or the deadline."""
-        request_id, frame, timeout = call.request_id, call.frame, call.timeout
-        deadline = time.monotonic() + call.time_left()
-        worker.stderr.mark()
-        poller = worker.poller
-        pending = self._write_some(worker, memoryview(frame)[sent:])
-        if pending:
-            poller.register(worker.stdin, select.POLLOUT)
-        elif self._may_spin():
-            answer = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
-            if answer is False:
-                raise self._died(worker)
-            if answer is not None:
-                return interpret(answer, request_id)
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._timed_out(timeout)
-                for fd, _ in poller.poll(left * 1000.0 + 1):
-                    if fd == worker.stdout:
-                        if not worker.read_stdout():
-                            raise self._died(worker)
-                        event = worker.reader.next_event()
-                        if event is not None:
-                            return interpret(event, request_id)
-                    elif fd == worker.stderr_fd:
-                        if not worker.drain_stderr():
-                            poller.unregister(worker.stderr_fd)
-                    elif pending is not None:
-                        pending = self._write_some(worker, pending)
-                        if not pending:
-                            poller.unregister(worker.stdin)
-        finally:
-            if pending:
-                poller.unregister(worker.stdin)
-
-    def _may_spin(self) -> bool:
-        """Spin for the answer only when this is the pool's only call and a second CPU
-        exists: then the spinner takes no core from a worker and no GIL time from another
-        caller (a spinning thread delays every other thread's wake-up)."""
-        return self._cpus > 1 and self._core.in_flight == 1
-
-    @staticmethod
-    def _spin_for_answer(worker: WorkerProcess, until: float) -> Event | Literal[False] | None:
-        """Read without blocking until an answer arrives or ``until``: waking a caller
-        blocked in poll costs an inter-processor interrupt (about 30 us on the virtual
-        machines measured), a large share of a 200 us evaluation. False at EOF."""
-        while True:
-            if not worker.read_stdout():
-                return False
-            event = worker.reader.next_event()
-            if event is not None:
-                return event
-            if time.monotonic() >= until:
-                return None
-            # Let whatever else is runnable on this CPU (the worker's collector, another
-            # caller) run: spinning must not starve it.
-            os.sched_yield()
-
-    @staticmethod
-    def _write_some(worker: WorkerProcess, data: memoryview) -> memoryview | None:
-        """Write what the channel takes now; the rest, or None when all is written (or the
-        worker is gone, which the caller learns from stdout)."""
-        if not data:
-            return None
-        written = worker.send(data)
-        if written is None:
-            return None
-        rest = data[written:]
-        return rest if rest else None
-
-    async def _aexchange(
-        self, worker: WorkerProcess, frame: bytes, sent: int, timeout: float
-    ) -> Event | str:
-        """The asyncio path: the same exchange on the event loop's readers and a timer (with
-        what is left of the timeout after encoding). Returns the response event, or
-        "timeout" / "eof"."""
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Event | str] = loop.create_future()
-        worker.stderr.mark()
-        pending: list[memoryview | None] = [self._write_some(worker, memoryview(frame)[sent:])]
-
-        def settle(value: Event | str) -> None:
-            if not outcome.done():
-                outcome.set_result(value)
-
-        def on_stdout() -> None:
-            if not worker.read_stdout():
-                # The worker is dying: wait here (not in _died, which would block the loop)
-                # until its pidfd says it has exited, for at most DEATH_GRACE.
-                loop.remove_reader(worker.stdout)
-                loop.add_reader(worker.pidfd, settle, "eof")
-                loop.call_later(DEATH_GRACE, settle, "eof")
-                return
-            event = worker.reader.next_event()
-            if event is not None:
-                settle(event)
-
-        def on_stderr() -> None:
-            if not worker.drain_stderr():
-                loop.remove_reader(worker.stderr_fd)
-
-        def on_stdin() -> None:
-            chunk = pending[0]
-            pending[0] = None if chunk is None else self._write_some(worker, chunk)
-            if pending[0] is None:
-                loop.remove_writer(worker.stdin)
-
-        loop.add_reader(worker.stdout, on_stdout)
-        loop.add_reader(worker.stderr_fd, on_stderr)
-        if pending[0] is not None:
-            loop.add_writer(worker.stdin, on_stdin)
-        timer = loop.call_later(max(timeout, 0.0), settle, "timeout")
-        try:
-            return await outcome
-        finally:
-            timer.cancel()
-            loop.remove_reader(worker.stdout)
-            loop.remove_reader(worker.stderr_fd)
-            loop.remove_reader(worker.pidfd)
-            loop.remove_writer(worker.stdin)
-
-    def _settle(
-        self, worker: WorkerProcess, event: Event | str, request_id: int, timeout: float
-    ) -> str:
-        if event == "timeout":
-            raise self._timed_out(timeout)
-        if event == "eof":
-            raise self._died(worker, grace=0.0)  # _aexchange already waited on its pidfd
-        assert not isinstance(event, str)
-        return interpret(event, request_id)
+def _domain(tenant: str | None) -> Domain:
+    if tenant is None:
+        return NO_TENANT
+    if not isinstance(tenant, str):
+        raise InvalidType(f"tenant must be a str or None, not {type(tenant).__name__}")
+    return Domain(tenant)
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
+def _forget_parent_pools() -> None:
+    """In a forked child: the parent's pools are not ours to terminate at exit."""
+    _live_pools.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere no pool can start anyway
+    os.register_at_fork(after_in_child=_forget_parent_pools)
+
+
 @atexit.register
 def _terminate_live_pools() -> None:
-    for pool in list(_live_pools):
+    for pool in list(_live_pools):  # a forked child's copies were forgotten at the fork
         try:
             pool.terminate()
         except Exception:

@@ -1,8 +1,9 @@
 """One worker process, owned by exactly one ``WorkerProcess`` that kills and reaps it.
 
-Goals: start the worker by re-executing this interpreter in the hidden worker mode, hold its
-three channels and its pidfd, and turn whatever the worker sends or how it dies into a typed
-outcome. Nothing here decides policy (how many workers, when to respawn): that is the pool's.
+Goals: pure mechanism. Start the worker by re-executing this interpreter in the hidden
+worker mode; hold its three channels and its pidfd; read, write, signal, reap, read its CPU
+time; say how it died. Nothing here decides policy (how many workers, when to recycle: that
+is ``_state``'s) or what the bytes mean (``_connection``'s). See docs/DESIGN.md, "Call flow".
 
 Plan: the channels are non-blocking on our side, so a stuck or dead worker can never block a
 caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is drained into a
@@ -23,7 +24,7 @@ Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goe
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import os
 import select
 import signal
@@ -33,13 +34,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from ._config import PoolConfig
+from ._connection import escape_controls
 from ._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
-from ._landlock import LandlockStatus
 from ._privileges import WorkerIdentities, WorkerIdentity
-from ._protocol import FrameReader
-from ._status import EXTRA_LAYERS, LayerStatus, SandboxStatus
 
 STDERR_HEAD = 4096
 STDERR_TAIL = 4096
@@ -56,15 +55,6 @@ _MEMORY_MARKERS = (
 )
 
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"
-    SPARE = "spare"  # started and greeted, held back to replace the next worker that dies
-    IDLE = "idle"
-    BUSY = "busy"
-    DYING = "dying"  # died while a caller holds it; the caller retires it
-    DEAD = "dead"
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every worker of a pool is started with."""
@@ -77,48 +67,16 @@ class WorkerSettings:
     cpu_budget: float | None = None  # CPU seconds of one worker's life (RLIMIT_CPU)
 
 
-@dataclass(frozen=True)
-class WorkerHello:
-    pid: int
-    engine: str
-    engine_version: str
-    python: str
-    landlock: LandlockStatus
-    self_check: str
-    startup_ms: float
-    layers: tuple[LayerStatus, ...] = ()  # one per name in EXTRA_LAYERS
-
-    @classmethod
-    def from_message(cls, payload: dict[str, Any]) -> WorkerHello:
-        sandbox = payload.get("sandbox")
-        layers = payload.get("layers")
-        layers = layers if isinstance(layers, dict) else {}
-        return cls(
-            pid=int(payload.get("pid", 0)),
-            engine=str(payload.get("engine", "")),
-            engine_version=str(payload.get("engine_version", "")),
-            python=str(payload.get("python", "")),
-            landlock=LandlockStatus.from_dict(sandbox if isinstance(sandbox, dict) else {}),
-            self_check=str(payload.get("self_check", "")),
-            startup_ms=float(payload.get("startup_ms", 0.0)),
-            layers=tuple(LayerStatus.from_dict(name, layers.get(name)) for name in EXTRA_LAYERS),
-        )
-
-    def sandbox(self) -> SandboxStatus:
-        extra = {layer.name: layer for layer in self.layers}
-
-        def layer(name: str) -> LayerStatus:
-            return extra.get(name) or LayerStatus.unreported(name)
-
-        return SandboxStatus(
-            self.landlock,
-            self.self_check,
-            limits=layer("limits"),
-            privileges=layer("privileges"),
-            seccomp=layer("seccomp"),
-            uid=layer("uid"),
-            ipc_namespace=layer("ipc_namespace"),
-        )
+def settings_for(config: PoolConfig) -> WorkerSettings:
+    """What a pool with ``config`` starts its workers with (kept next to ``WorkerSettings``
+    so that a field added there is filled here)."""
+    return WorkerSettings(
+        config.engine,
+        config.memory_limit,
+        config.max_request,
+        WorkerIdentities(config.worker_user),
+        config.cpu_budget,
+    )
 
 
 class StderrCapture:
@@ -247,13 +205,13 @@ def one_way_channel(child_reads: bool) -> tuple[int, int]:
 
 
 class WorkerProcess:
-    """A started worker: channels, pidfd, reader state. Killed and reaped through it only."""
+    """A started worker: its channels and pidfd. Killed, reaped and closed through it only.
+
+    Pure mechanism: which state the pool gives it, and what its bytes mean, live in
+    ``_state`` and ``_connection``."""
 
     def __init__(self, settings: WorkerSettings, command: list[str] | None = None) -> None:
         self.settings = settings
-        self.state = WorkerState.STARTING
-        self.hello: WorkerHello | None = None
-        self.reader = FrameReader(settings.max_frame)
         self.stderr = StderrCapture()
         self.started_at = time.monotonic()
         self._fd_lock = threading.Lock()
@@ -291,7 +249,14 @@ class WorkerProcess:
         for fd in parent_ends:
             os.set_blocking(fd, False)
         self.pid = self._popen.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except BaseException:
+            self._popen.kill()
+            self._popen.wait()
+            for fd in parent_ends:
+                os.close(fd)
+            raise
         # Reused by whichever caller holds the worker: registering fds per call costs
         # more syscalls than the answer's wait.
         self.poller = select.poll()
@@ -300,25 +265,26 @@ class WorkerProcess:
         self._input_open = True
         self._fds_open = True
         self.stderr_open = True
+        self._cpu_clock = ((~self.pid) << 3) | 2  # clock_getcpuclockid(pid): CPUCLOCK_SCHED
+        self._cpu_at_exit: float | None = None
 
     def __repr__(self) -> str:
-        return f"<WorkerProcess pid={self.pid} {self.state.value}>"
+        return f"<WorkerProcess pid={self.pid}>"
 
     # -- reading -------------------------------------------------------------------------
 
-    def read_stdout(self) -> bool:
-        """Move what stdout holds into the frame reader; False at end of file."""
+    def read_stdout(self) -> bytes | None:
+        """What stdout holds now: bytes, ``b""`` at end of stream, None if nothing yet."""
         try:
-            data = os.read(self.stdout, READ_SIZE)
+            return os.read(self.stdout, READ_SIZE)
         except BlockingIOError:
-            return True
-        if not data:
-            return False
-        self.reader.feed(data)
-        return True
+            return None
+        except OSError:
+            return b""
 
-    def drain_stderr(self) -> bool:
-        """Move what stderr holds into the capture; False at end of file."""
+    def drain_stderr(self, keep: bool = True) -> bool:
+        """Move what stderr holds into the capture (or, ``keep=False``, into nothing);
+        False at end of file."""
         while True:
             try:
                 data = os.read(self.stderr_fd, READ_SIZE)
@@ -329,7 +295,26 @@ class WorkerProcess:
             if not data:
                 self.stderr_open = False
                 return False
-            self.stderr.add(data)
+            if keep:
+                self.stderr.add(data)
+
+    def ready(self) -> tuple[bool, bool]:
+        """Without blocking: whether (stdout, stderr) have bytes or have ended."""
+        stdout = stderr = False
+        for fd, _ in self.poller.poll(0):
+            if fd == self.stdout:
+                stdout = True
+            else:
+                stderr = True
+        return stdout, stderr
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (all its threads), as RLIMIT_CPU counts it; None once
+        it is gone. A per-process CPU clock: no /proc, works for a child of another uid."""
+        try:
+            return time.clock_gettime(self._cpu_clock)
+        except OSError:
+            return None
 
     # -- life and death ------------------------------------------------------------------
 
@@ -353,54 +338,39 @@ class WorkerProcess:
             poller.register(self.pidfd, select.POLLIN)
             if not poller.poll(max(0, int(timeout * 1000))):
                 return None
+        if self._popen.returncode is None and self._fds_open:
+            self._cpu_at_exit = self.cpu_seconds()  # a zombie's clock still reads
         return self._popen.wait()
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time the process has used (a zombie's too, until it is reaped); None where
-        /proc cannot be read (a host restricted with ``restrict_host``)."""
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-    def _exit_seen(self, timeout: float) -> bool:
-        """Whether the process has ended within ``timeout``, without reaping it."""
-        if self._popen.returncode is not None or not self._fds_open:
-            return self.wait(timeout) is not None
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return bool(poller.poll(max(0, int(timeout * 1000))))
-
-    def _ran_out_of_cpu(self, returncode: int | None, cpu: float | None) -> bool:
+    def _ran_out_of_cpu(self, returncode: int | None) -> bool:
         """RLIMIT_CPU ended it: SIGXCPU at the budget, or SIGKILL a second later (a worker
-        that ignores SIGXCPU), told apart from other kills by the CPU time it used."""
+        that ignores SIGXCPU), told apart from other kills by the CPU time it had used when
+        it was reaped (``wait`` samples it then: the clock is gone afterwards)."""
         budget = self.settings.cpu_budget
         if budget is None or returncode is None:
             return False
         if returncode == -signal.SIGXCPU:
             return True
+        cpu = self._cpu_at_exit
         return returncode == -signal.SIGKILL and cpu is not None and cpu >= budget
 
-    def death_error(
-        self, grace: float = 1.0
-    ) -> MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout:
-        """After EOF on stdout: wait for the process to end, and say why it died."""
-        if not self._exit_seen(grace):
-            self.kill()
-        cpu = self.cpu_seconds() if self.settings.cpu_budget is not None else None
-        returncode = self.wait(None)
-        self.drain_stderr()
-        tail = self.stderr.text()
+    def how_it_ended(self) -> str:
+        """ "killed by SIGSEGV" or "exited with status 3" (after it has been reaped)."""
+        returncode = self._popen.returncode
         if returncode is not None and returncode < 0:
             try:
-                how = f"killed by {signal.Signals(-returncode).name}"
+                return f"killed by {signal.Signals(-returncode).name}"
             except ValueError:
-                how = f"killed by signal {-returncode}"
-        else:
-            how = f"exited with status {returncode}"
-        if self._ran_out_of_cpu(returncode, cpu):
+                return f"killed by signal {-returncode}"
+        return f"exited with status {returncode}"
+
+    def death_error(self) -> MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout:
+        """After it has exited (reaped): why it died, with what it printed during this call."""
+        returncode = self._popen.returncode
+        self.drain_stderr()
+        tail = self.stderr.text()
+        how = self.how_it_ended()
+        if self._ran_out_of_cpu(returncode):
             return EvaluationTimeout(
                 f"the worker used up its CPU budget of {self.settings.cpu_budget:g} s "
                 f"(RLIMIT_CPU) and was {how}; it is replaced"
@@ -409,6 +379,9 @@ class WorkerProcess:
             return MemoryLimitExceeded(
                 f"the worker ran out of memory (limit {self.settings.memory_limit} bytes) and {how}"
             )
+        # What the worker printed is the snippet's (std.trace) or the engine's: escaped, so
+        # that it can paint no terminal and forge no log line where the message goes.
+        tail = escape_controls(tail)
         detail = tail.strip().splitlines()[0] if tail.strip() else "no output"
         return WorkerCrashed(
             f"worker {self.pid} {how} during the evaluation ({detail[:200]})",
@@ -451,7 +424,6 @@ class WorkerProcess:
                 self._fds_open = False
                 for fd in (self.stdout, self.stderr_fd, self.pidfd):
                     os.close(fd)
-        self.state = WorkerState.DEAD
         return returncode
 
     def _release_identity(self) -> None:

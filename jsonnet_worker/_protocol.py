@@ -20,6 +20,11 @@ Messages (key ``t``):
                   check only: the result is ``null``) or ``fmt`` (the result is the
                   formatted source as a JSON string)
 
+A reader may carry ``UnpackLimits``: msgpack then refuses, while it decodes, any string, binary,
+array or map longer than the limit (a hostile frame of a million tiny map keys costs the
+parent's memory and GIL time long after its length passed the frame cap). The pool's side of
+the conversation (``_connection``) sets them per state; the worker reads requests without.
+
 Weak spots: after ``FrameTooLarge`` the stream cannot be resynchronised cheaply, so both ends
 treat it as the end of that peer; ``MalformedFrame`` keeps the boundary and may go on.
 """
@@ -38,6 +43,10 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+# An error message or start-up reason is at most this many characters, plus a truncation
+# note of at most MAX_NOTE_CHARS ("... (N more characters truncated)").
+MAX_MESSAGE_CHARS = 16 * 1024
+MAX_NOTE_CHARS = 64
 
 
 class Action(enum.Enum):
@@ -56,6 +65,26 @@ class ErrorKind(enum.Enum):
     MEMORY = "memory"
     PROTOCOL = "protocol"
     INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Per-container limits msgpack enforces while it decodes one frame."""
+
+    max_str_len: int
+    max_array_len: int
+    max_map_len: int
+    max_bin_len: int = 0
+    max_ext_len: int = 0
+
+    def as_kwargs(self) -> dict[str, int]:
+        return {
+            "max_str_len": self.max_str_len,
+            "max_bin_len": self.max_bin_len,
+            "max_array_len": self.max_array_len,
+            "max_map_len": self.max_map_len,
+            "max_ext_len": self.max_ext_len,
+        }
 
 
 @dataclass(frozen=True)
@@ -85,10 +114,24 @@ def encode(message: dict[str, Any]) -> bytes:
 class FrameReader:
     """Turns a byte stream into events. Feed it bytes, then drain ``events()``."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, max_frame: int = DEFAULT_MAX_FRAME, limits: UnpackLimits | None = None
+    ) -> None:
         self.max_frame = max_frame
+        self._options: dict[str, int] = {}
+        self.limits = limits
         self._buffer = bytearray()
         self._broken = False
+
+    @property
+    def limits(self) -> UnpackLimits | None:
+        """The per-container limits applied to the frames read from now on."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: UnpackLimits | None) -> None:
+        self._limits = limits
+        self._options = limits.as_kwargs() if limits is not None else {}
 
     @property
     def broken(self) -> bool:
@@ -119,20 +162,27 @@ class FrameReader:
             return None
         body = bytes(buffer[HEADER_SIZE:end])
         del buffer[:end]
-        return decode_body(body)
+        return _unpack(body, self._options)
 
     def events(self) -> Iterator[Event]:
         while (event := self.next_event()) is not None:
             yield event
 
 
-def decode_body(body: bytes) -> Event:
+def decode_body(body: bytes, limits: UnpackLimits | None = None) -> Event:
+    return _unpack(body, limits.as_kwargs() if limits is not None else {})
+
+
+def _unpack(body: bytes, options: dict[str, int]) -> Event:
     if not body:
         return MalformedFrame("empty frame")
     try:
-        payload = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        payload = msgpack.unpackb(body, raw=False, strict_map_key=True, **options)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        return MalformedFrame(f"invalid msgpack: {type(exc).__name__}")
+        detail = str(exc)[:120]
+        return MalformedFrame(
+            f"invalid msgpack: {type(exc).__name__}" + (f" ({detail})" if detail else "")
+        )
     if not isinstance(payload, dict):
         return MalformedFrame(f"frame is a {type(payload).__name__}, not a map")
     return Message(payload)

@@ -158,10 +158,11 @@ class PoolStats:
     starting: int
     spares: int
     evaluations: int
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # by ``Error.kind``
     timeouts: int = 0
     crashes: int = 0
     respawns: int = 0
     start_failures: int = 0
     queue_depth: int = 0
     worker_pids: tuple[int, ...] = ()
+    recycles: int = 0  # healthy workers replaced (call or CPU budget spent, another tenant)

@@ -1,16 +1,20 @@
-"""The supervisor thread: starts workers, accepts their hello, reaps the dead, replaces them.
+"""The supervisor thread: starts workers, greets them, samples the idle, reaps the dead.
 
 Goals: the pool stays at full size without any caller paying for it; a death is noticed at
-once, even of an idle worker; a worker that cannot start never makes the pool respawn in a
-tight loop; every process it started is reaped and every fd closed.
+once, even of an idle worker; a worker that cannot start (or greets with a lie) never makes
+the pool respawn in a tight loop and never stops this thread; an idle worker or spare that
+writes or burns CPU is retired; every process started is reaped and every fd closed.
 
 Plan: one thread for the pool's whole life (PR_SET_PDEATHSIG fires when the *thread* that
 forked a worker exits, so workers must be forked from a thread that lives as long as the
-pool). It polls a wake-up pipe, the pidfd of every worker, and the stdout of workers still
-starting; callers own the pipes of the workers they hold, so it never reads those.
+pool). It polls a wake-up pipe, the pidfd of every worker, and the channels of workers still
+starting (their hello goes through ``_connection.WorkerConnection``); callers own the
+channels of the workers they hold, so it never reads those. Every decision is a transition
+of ``_state.PoolState``; ``perform`` carries out the actions a transition returns, for the
+supervisor and for the callers alike. See docs/DESIGN.md, "Call flow".
 
-Weak spots: a pidfd stays readable after death; the pidfd of a busy dead worker is left out
-of the poll set until its caller retires it, so the loop does not spin.
+Weak spots: a pidfd stays readable after death, so the pidfd of a busy dead worker (DYING)
+is left out of the poll set until its caller discards it.
 """
 
 from __future__ import annotations
@@ -21,48 +25,80 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-from ._core import PoolCore
-from ._errors import SandboxUnavailable, WorkerStartError
-from ._process import WorkerHello, WorkerProcess, WorkerSettings, WorkerState
-from ._protocol import PROTOCOL_VERSION, Message
+from ._connection import (
+    NEED_DATA,
+    ConnectionBroken,
+    ConnectionClosed,
+    Hello,
+    StartupFailed,
+    WorkerConnection,
+)
+from ._errors import Error, ProtocolError, WorkerStartError
+from ._process import WorkerProcess, WorkerSettings
+from ._protocol import EvalRequest
+from ._state import (
+    Action,
+    Close,
+    HandOver,
+    IdleSample,
+    Kill,
+    Log,
+    PoolState,
+    Status,
+    Ticket,
+    Wake,
+    WakeSupervisor,
+)
 from ._status import SandboxStatus, log_landlock
 
 logger = logging.getLogger("jsonnet_worker")
 
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
+IDLE_CHECK_INTERVAL = 0.5
+
+
+class Worker:
+    """One worker as the pool uses it: its process (the mechanism) and its conversation."""
+
+    __slots__ = ("connection", "pid", "process")
+
+    def __init__(self, process: WorkerProcess, connection: WorkerConnection) -> None:
+        self.process = process
+        self.connection = connection
+        self.pid = process.pid
+
+    def __repr__(self) -> str:
+        return f"<Worker pid={self.pid} {self.connection.state.value}>"
+
+    def send_request(self, request: EvalRequest, frame: bytes, sent: int = 0) -> int:
+        """Register ``request`` with the conversation and write what the channel takes of
+        ``frame`` now (the rest is the caller's to write); the bytes written."""
+        self.connection.send_request(request, encoded=frame)
+        return self.process.send(frame) or 0
 
 
 class Supervisor:
     def __init__(
         self,
-        core: PoolCore,
+        state: PoolState[Worker],
         settings: WorkerSettings,
         *,
-        spawn_timeout: float,
-        require_sandbox: bool,
         command: list[str] | None = None,
     ) -> None:
-        self.core = core
+        self.state = state
         self.settings = settings
-        self.spawn_timeout = spawn_timeout
-        self.require_sandbox = require_sandbox
         self.command = command
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_lock = threading.Lock()
         self._wake_open = True
         self._stopping = False
         self._grace = 0.0
-        self._failures_in_a_row = 0
-        self._next_spawn_at = 0.0
-        self._spawned = 0
-        self._initial_resolved = 0
-        self._dead_busy: set[WorkerProcess] = set()
         self._sandbox_logged = False
+        self._next_idle_check = 0.0
         self._on_thread: list[tuple[Callable[[], object], Future[object]]] = []
+        self._on_thread_lock = threading.Lock()
         self.initial_done = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="jsonnet-worker-supervisor", daemon=True
@@ -89,19 +125,10 @@ class Supervisor:
         if threading.current_thread() is self.thread:
             return function()
         future: Future[object] = Future()
-        with self.core.lock:
+        with self._on_thread_lock:
             self._on_thread.append((function, future))
         self.wake()
         return future.result(timeout)
-
-    def _run_requests(self) -> None:
-        with self.core.lock:
-            requests, self._on_thread = self._on_thread, []
-        for function, future in requests:
-            try:
-                future.set_result(function())
-            except BaseException as exc:
-                future.set_exception(exc)
 
     def stop(self, grace: float) -> None:
         """Close every worker (after ``grace`` seconds for an orderly exit) and end the thread."""
@@ -111,95 +138,150 @@ class Supervisor:
         if threading.current_thread() is not self.thread:
             self.thread.join()
 
+    # -- performing actions (for every thread) -------------------------------------------
+
+    def perform(self, actions: Iterable[Action]) -> None:
+        """Carry out what a transition asked for, outside the state's lock."""
+        for action in actions:
+            if isinstance(action, HandOver):
+                self._hand_over(action.ticket, action.worker)
+            elif isinstance(action, Kill):
+                action.worker.process.kill()
+            elif isinstance(action, WakeSupervisor):
+                self.wake()
+            elif isinstance(action, Wake):
+                action.ticket.wake()
+            elif isinstance(action, Close):
+                action.worker.process.close()
+            elif isinstance(action, Log):
+                logger.log(action.level, action.message, *action.args, extra=action.extra)
+
+    def _hand_over(self, ticket: Ticket, worker: Worker) -> None:
+        """The giver writes the waiting caller's request, then wakes it: the worker starts
+        at once instead of idling until that caller's thread or task is scheduled."""
+        call = ticket.call
+        try:
+            ticket.written = worker.send_request(call.request, call.frame)
+        except Error as exc:  # a conversation out of turn: our bug, but never a lost caller
+            logger.exception("worker %d: hand-over failed", worker.pid)
+            self.perform(self.state.abandon(ticket))
+            ticket.error = ProtocolError(f"the worker handed to this call could not take it: {exc}")
+            ticket.wake()
+            return
+        ticket.handed = True
+        if not ticket.wake():  # its event loop is closed: nobody will read the answer
+            self.perform(self.state.abandon(ticket))
+
     # -- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while not self._stopping:
                 self._run_requests()
-                self._spawn_missing()
+                self._spawn_missing()  # first: a replacement starts before the dead are reaped
+                self._reap_retired()
                 self._wait_and_handle()
+                self._check_idle()
+                with self.state.lock:
+                    done = self.state.initial_done()
+                if done:
+                    self.initial_done.set()
         except BaseException:
             logger.exception("jsonnet_worker supervisor failed; stopping the pool's workers")
-            with self.core.lock:
-                self.core.fatal = WorkerStartError("the pool's supervisor failed")
-                self.core.fail_waiters(self.core.fatal)
+            self.perform(self.state.fail(WorkerStartError("the pool's supervisor failed")))
         finally:
             self._shutdown()
 
-    def _spawn_missing(self) -> None:
-        core = self.core
-        with core.lock:
-            # A graceful close() still serves the calls in flight and queued: keep the pool
-            # whole until it stops us; terminate() needs no more workers.
-            if core.terminated or core.fatal is not None:
-                return
-            # Spares start after the first wave: on a small machine they would slow it down.
-            spares = core.spares if self.initial_done.is_set() else 0
-            missing = core.size + spares - len(core.workers)
-        now = time.monotonic()
-        if missing <= 0 or now < self._next_spawn_at:
-            return
-        for _ in range(missing):
+    def _run_requests(self) -> None:
+        with self._on_thread_lock:
+            requests, self._on_thread = self._on_thread, []
+        for function, future in requests:
             try:
-                worker = WorkerProcess(self.settings, self.command)
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _reap_retired(self) -> None:
+        for worker in self.state.take_retired():
+            worker.process.close()
+
+    def _spawn_missing(self) -> None:
+        for _ in range(self.state.spawn_due(time.monotonic())):
+            try:
+                process = WorkerProcess(self.settings, self.command)
             except OSError as exc:
-                self._start_failed(None, f"cannot start a worker process: {exc}")
+                reason = f"cannot start a worker process: {exc}"
+                self.perform(self.state.start_failed(None, reason, time.monotonic()))
                 return
-            with core.lock:
-                core.workers.add(worker)
-                if self._spawned >= core.size + core.spares:
-                    core.respawns += 1  # beyond the first workers and spares: a replacement
-            self._spawned += 1
+            worker = Worker(process, WorkerConnection(self._max_output()))
+            self.state.started(worker, process.started_at)
+
+    def _max_output(self) -> int:
+        return self.state.config.max_output
 
     def _wait_and_handle(self) -> None:
-        core = self.core
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        watched: dict[int, tuple[str, WorkerProcess]] = {}
+        watched: dict[int, tuple[str, Worker]] = {}
         now = time.monotonic()
-        timeout = None if now >= self._next_spawn_at else self._next_spawn_at - now
-        with core.lock:
-            workers = list(core.workers)
-            retired, core.retired = core.retired, []
-        for worker in retired:
-            self._dead_busy.discard(worker)
-            worker.close()
-        for worker in workers:
-            if worker.state is WorkerState.STARTING:
-                poller.register(worker.stdout, select.POLLIN)
-                poller.register(worker.stderr_fd, select.POLLIN)
-                watched[worker.stdout] = ("hello", worker)
-                watched[worker.stderr_fd] = ("stderr", worker)
-                left = worker.started_at + self.spawn_timeout - now
-                timeout = left if timeout is None else min(timeout, left)
-            if worker not in self._dead_busy:
-                poller.register(worker.pidfd, select.POLLIN)
-                watched[worker.pidfd] = ("exit", worker)
-        wait_ms = -1 if timeout is None else max(0, int(timeout * 1000) + 1)
+        deadlines = [self._next_idle_check]
+        next_spawn = self.state.next_spawn_at
+        if next_spawn > now:
+            deadlines.append(next_spawn)
+        for worker, status, _, started_at in self.state.snapshot():
+            process = worker.process
+            if status is Status.STARTING:
+                poller.register(process.stdout, select.POLLIN)
+                poller.register(process.stderr_fd, select.POLLIN)
+                watched[process.stdout] = ("hello", worker)
+                watched[process.stderr_fd] = ("stderr", worker)
+                deadlines.append(started_at + self.state.config.spawn_timeout)
+            if status is not Status.DYING:
+                poller.register(process.pidfd, select.POLLIN)
+                watched[process.pidfd] = ("exit", worker)
+        wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1)
         for fd, _ in poller.poll(wait_ms):
             if fd == self._wake_r:
                 self._drain_wake()
                 continue
             role, worker = watched[fd]
-            if worker.state is WorkerState.DEAD:
-                continue
-            if role != "exit" and worker.state is not WorkerState.STARTING:
+            now_status = self.state.status_of(worker)
+            if now_status is None:
+                continue  # retired earlier in this batch
+            status = now_status
+            if role != "exit" and status is not Status.STARTING:
                 continue  # greeted earlier in this batch: a caller may hold it now
-            if role == "stderr":
-                worker.drain_stderr()
-            elif role == "hello":
-                self._read_hello(worker)
-            else:
-                self._exited(worker)
+            try:
+                self._handle(role, worker, status)
+            except Exception as exc:  # whatever a worker sent: never the end of this thread
+                logger.exception("worker %d: unexpected failure while starting it", worker.pid)
+                self._start_failed(worker, f"unexpected failure while starting it: {exc!r}")
+        self._time_out_starts()
+
+    def _handle(self, role: str, worker: Worker, status: Status) -> None:
+        if role == "stderr":
+            worker.process.drain_stderr()
+        elif role == "hello":
+            data = worker.process.read_stdout()
+            if data is not None:
+                worker.connection.receive_data(data)
+                self._greet(worker)
+        elif status is Status.STARTING:
+            data = worker.process.read_stdout()  # a startup_failed frame may still be there
+            worker.connection.receive_data(data or b"")
+            if data:
+                worker.connection.receive_data(b"")
+            self._greet(worker)
+        else:
+            worker.process.wait(0.0)
+            self.perform(self.state.exited(worker, worker.process.how_it_ended()))
+
+    def _time_out_starts(self) -> None:
         now = time.monotonic()
-        for worker in workers:
-            if (
-                worker.state is WorkerState.STARTING
-                and now - worker.started_at > self.spawn_timeout
-            ):
-                worker.kill()
-                self._start_failed(worker, f"no hello within {self.spawn_timeout} s")
+        limit = self.state.config.spawn_timeout
+        for worker, status, _, started_at in self.state.snapshot():
+            if status is Status.STARTING and now - started_at > limit:
+                self._start_failed(worker, f"no hello within {limit} s")
 
     def _drain_wake(self) -> None:
         try:
@@ -210,52 +292,42 @@ class Supervisor:
 
     # -- start-up ------------------------------------------------------------------------
 
-    def _read_hello(self, worker: WorkerProcess) -> None:
-        if not worker.read_stdout():
-            if self._killed_from_outside(worker):
-                return
-            worker.drain_stderr()
-            self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
+    def _greet(self, worker: Worker) -> None:
+        event = worker.connection.next_event()
+        if event is NEED_DATA:
             return
-        event = worker.reader.next_event()
-        if event is None:
-            return
-        payload = event.payload if isinstance(event, Message) else {}
-        kind = payload.get("t")
-        if kind == "startup_failed":
-            self._start_failed(worker, str(payload.get("reason", "no reason given")))
-        elif kind != "hello":
-            self._start_failed(worker, f"sent {event!r} instead of a hello")
-        elif payload.get("protocol") != PROTOCOL_VERSION:
-            self._start_failed(worker, f"speaks protocol {payload.get('protocol')!r}")
+        if isinstance(event, Hello):
+            self._accept(worker, event)
+        elif isinstance(event, StartupFailed):
+            self._start_failed(worker, event.reason)
+        elif isinstance(event, ConnectionBroken):
+            self._start_failed(worker, f"sent an invalid hello: {event.reason}")
+        elif isinstance(event, ConnectionClosed):
+            self._died_starting(worker)
         else:
-            self._accept(worker, WorkerHello.from_message(payload))
+            self._start_failed(worker, f"sent {type(event).__name__} before its hello")
 
-    def _accept(self, worker: WorkerProcess, hello: WorkerHello) -> None:
-        core = self.core
+    def _accept(self, worker: Worker, hello: Hello) -> None:
         sandbox = hello.sandbox()
-        if self.require_sandbox and not sandbox.enforced:
-            error = SandboxUnavailable(
-                f"require_sandbox=True, but the workers have no Landlock sandbox: {sandbox.reason}",
-                reason=sandbox.reason,
-            )
-            with core.lock:
-                core.sandbox = sandbox
-                core.fatal = error
-                core.fail_waiters(error)
-                core._retire_locked(worker)
-            worker.kill()
-            self._log_sandbox(sandbox)
-            self._count_initial()
-            return
-        worker.hello = hello
-        self._failures_in_a_row = 0
-        with core.lock:
-            core.sandbox = core.sandbox or sandbox
-            core.start_failure = ""
+        self.perform(self.state.greeted(worker, sandbox))
         self._log_sandbox(sandbox)
-        core.accept(worker)
-        self._count_initial()
+
+    def _died_starting(self, worker: Worker) -> None:
+        """A starting worker SIGKILLed from outside (an operator, a chaos test) is replaced at
+        once: it says nothing about whether workers can start, so it neither backs off nor
+        fails waiting callers as a start-up failure would."""
+        process = worker.process
+        returncode = process.wait(0.05)
+        if returncode == -signal.SIGKILL:
+            self.perform(self.state.exited(worker, process.how_it_ended()))
+            return
+        process.drain_stderr()
+        text = process.stderr.text().strip()
+        line = text.splitlines()[-1][:500] if text else "no output"
+        self._start_failed(worker, f"exited during start-up: {line}")
+
+    def _start_failed(self, worker: Worker | None, reason: str) -> None:
+        self.perform(self.state.start_failed(worker, reason, time.monotonic()))
 
     def _log_sandbox(self, sandbox: SandboxStatus) -> None:
         if self._sandbox_logged:
@@ -269,103 +341,47 @@ class Supervisor:
         if sandbox.enforced and others:
             logger.warning("Worker isolation layers missing: %s", others)
 
-    def _start_failed(self, worker: WorkerProcess | None, reason: str) -> None:
-        core = self.core
-        self._failures_in_a_row += 1
-        delay = min(BACKOFF_FIRST * 2 ** (self._failures_in_a_row - 1), BACKOFF_MAX)
-        self._next_spawn_at = time.monotonic() + delay
-        message = f"worker start-up failed: {reason}"
-        if self._failures_in_a_row == 1 or self._failures_in_a_row % 10 == 0:
-            logger.error("%s (attempt %d; next in %.1f s)", message, self._failures_in_a_row, delay)
-        with core.lock:
-            core.start_failures += 1
-            core.start_failure = reason
-            if worker is not None:
-                core._retire_locked(worker)
-            if not core.active():
-                core.fail_waiters(WorkerStartError(message, cause=reason))
-        if worker is not None:
-            worker.kill()
-        self._count_initial()
+    # -- the idle --------------------------------------------------------------------------
 
-    def _count_initial(self) -> None:
-        """The pool's constructor waits until every worker of the first wave said hello, or
-        as many start-up attempts as the pool's size ended, or a fatal error."""
-        core = self.core
-        self._initial_resolved += 1
-        with core.lock:
-            done = (
-                core.active() >= core.size
-                or self._initial_resolved >= core.size
-                or core.fatal is not None
-            )
-        if done:
-            self.initial_done.set()
-
-    @staticmethod
-    def _stderr_line(worker: WorkerProcess) -> str:
-        text = worker.stderr.text().strip()
-        return text.splitlines()[-1][:500] if text else "no output"
-
-    # -- deaths --------------------------------------------------------------------------
-
-    def _killed_from_outside(self, worker: WorkerProcess) -> bool:
-        """A starting worker SIGKILLed from outside (an operator, a chaos test) is replaced at
-        once: it says nothing about whether workers can start, so it neither backs off nor
-        fails waiting callers with WorkerStartError as a start-up failure would."""
-        if worker.wait(0.05) != -signal.SIGKILL:
-            return False
-        with self.core.lock:
-            self.core.crashes += 1
-            self.core._retire_locked(worker)
-        self._count_initial()
-        return True
-
-    def _exited(self, worker: WorkerProcess) -> None:
-        core = self.core
-        if worker.state is WorkerState.STARTING:
-            if self._killed_from_outside(worker):
-                return
-            worker.read_stdout()
-            event = worker.reader.next_event()
-            if isinstance(event, Message) and event.payload.get("t") == "startup_failed":
-                self._start_failed(worker, str(event.payload.get("reason")))
-            else:
-                worker.drain_stderr()
-                self._start_failed(worker, "exited during start-up: " + self._stderr_line(worker))
+    def _check_idle(self) -> None:
+        """Every IDLE_CHECK_INTERVAL: an idle worker or spare that wrote to its channel or
+        whose CPU time grows is retired (its engine is doing what nobody asked for)."""
+        now = time.monotonic()
+        if now < self._next_idle_check:
             return
-        with core.lock:
-            if worker.state in (WorkerState.IDLE, WorkerState.SPARE):
-                # No caller holds it: a spare left here would later be handed to one.
-                core.crashes += 1
-                core._retire_locked(worker)
-                return
-            # Busy: its caller sees the end of the pipe and retires it (and closes its fds,
-            # which it is reading). Capacity comes back now: a spare takes its place.
-            core.mark_dying(worker)
-        self._dead_busy.add(worker)
+        self._next_idle_check = now + IDLE_CHECK_INTERVAL
+        resting = [
+            (worker, epoch)
+            for worker, status, epoch, _ in self.state.snapshot()
+            if status in (Status.IDLE, Status.SPARE)
+        ]
+        if not resting:
+            return
+        # A poller of our own: a caller may be polling a worker's (after checking it out).
+        poller = select.poll()
+        for worker, _ in resting:
+            poller.register(worker.process.stdout, select.POLLIN)
+        wrote = {fd for fd, _ in poller.poll(0)}
+        samples = [
+            IdleSample(worker, epoch, worker.process.cpu_seconds(), worker.process.stdout in wrote)
+            for worker, epoch in resting
+        ]
+        self.perform(self.state.idle_check(samples))
+
+    # -- the end ---------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Close every worker no caller holds. A busy worker (a call still running at
-        ``terminate()``) is only killed: its caller sees the end of the pipe, and closes it
-        (``PoolCore.retire``), so no fd is closed under a caller's feet."""
-        core = self.core
-        with core.lock:
-            core.supervisor_stopped = True
-            workers = list(core.workers) + core.retired
-            core.workers.clear()
-            core.retired = []
-            core.idle.clear()
-        held = (WorkerState.BUSY, WorkerState.DYING)
-        for worker in workers:
-            if worker.state in held:
-                worker.kill()
-        idle = [w for w in workers if w.state not in held]
-        for worker in idle:
-            worker.end_input()
+        ``terminate()``) is only killed: its caller sees the end of its channel and closes
+        it, so no fd is closed under a caller's feet."""
+        free, held = self.state.supervisor_stopped()
+        for worker in held:
+            worker.process.kill()
+        for worker in free:
+            worker.process.end_input()
         deadline = time.monotonic() + self._grace
-        for worker in idle:
-            worker.close(grace=max(0.0, deadline - time.monotonic()))
+        for worker in free:
+            worker.process.close(grace=max(0.0, deadline - time.monotonic()))
         with self._wake_lock:
             self._wake_open = False
             for fd in (self._wake_r, self._wake_w):

@@ -1,4 +1,13 @@
-"""A worker driven frame by frame, for tests of the worker and its protocol."""
+"""A worker driven frame by frame, for tests of the worker and its protocol.
+
+``RawWorker`` starts a worker through ``_launch.await_hello`` (so ``hello`` is the validated,
+typed ``Hello`` the pool sees) and then offers two views of the same response channel:
+``request()`` talks through the pool's own ``WorkerConnection`` (a real worker's answers
+must pass the pool's validation), while ``send_bytes()``/``receive()`` are raw, for tests
+that send the worker garbage and read its raw frames back (errors with no id, several
+frames, the end of the stream), which the pool's conversation would rightly refuse.
+Use one view at a time: each request's answer must be read before the next request.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,18 @@ import select
 import time
 from typing import Any
 
+from jsonnet_worker._connection import (
+    NEED_DATA,
+    Answer,
+    Failure,
+    Hello,
+    WorkerConnection,
+)
+from jsonnet_worker._launch import await_hello
 from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Event, Message, encode
+from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, EvalRequest, Event, FrameReader
+
+MAX_OUTPUT = 1 << 20
 
 
 class RawWorker:
@@ -22,8 +41,14 @@ class RawWorker:
         self.engine = engine
         settings = WorkerSettings(engine, 1 << 30, max_frame, cpu_budget=cpu_budget)
         self.process = WorkerProcess(settings, command)
+        self.connection = WorkerConnection(MAX_OUTPUT)
+        self.frames = FrameReader(DEFAULT_MAX_FRAME)
         self.next_id = 1
-        self.hello = self.receive()
+        try:
+            self.hello: Hello = await_hello(self.process, self.connection, timeout=20.0)
+        except BaseException:
+            self.process.close()
+            raise
 
     def __enter__(self) -> RawWorker:
         return self
@@ -40,16 +65,14 @@ class RawWorker:
         finally:
             os.set_blocking(self.process.stdin, False)
 
-    def receive(self, timeout: float = 20.0) -> Event | None:
-        """The next event, or None at EOF. Drains stderr meanwhile."""
+    def _read(self, timeout: float) -> bytes:
+        """The next bytes of the response channel (b"" at EOF). Drains stderr meanwhile."""
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.process.stdout, select.POLLIN)
-        poller.register(self.process.stderr_fd, select.POLLIN)
+        if self.process.stderr_open:
+            poller.register(self.process.stderr_fd, select.POLLIN)
         while True:
-            event = self.process.reader.next_event()
-            if event is not None:
-                return event
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no frame from the worker")
@@ -57,25 +80,39 @@ class RawWorker:
                 if fd == self.process.stderr_fd:
                     if not self.process.drain_stderr():
                         poller.unregister(fd)
-                elif not self.process.read_stdout():
-                    return None
+                    continue
+                data = self.process.read_stdout()
+                if data is not None:
+                    return data
+
+    def receive(self, timeout: float = 20.0) -> Event | None:
+        """The next raw frame event, or None at EOF."""
+        deadline = time.monotonic() + timeout
+        while (event := self.frames.next_event()) is None:
+            data = self._read(deadline - time.monotonic())
+            if not data:
+                return None
+            self.frames.feed(data)
+        return event
 
     def request(self, snippet: str, **fields: Any) -> dict[str, Any]:
-        message = {
-            "t": "eval",
-            "id": self.next_id,
-            "snippet": snippet,
-            "filename": "test.jsonnet",
-            "ext_vars": {},
-            "ext_codes": {},
-            "tla_vars": {},
-            "tla_codes": {},
-            "max_stack": 500,
-            "max_output": 1 << 20,
-        }
-        message.update(fields)
+        """Evaluate through the pool's conversation; the answer as the worker's message
+        (``t`` result with ``json``, or ``t`` error with ``kind`` and ``message``)."""
+        fields.setdefault("filename", "test.jsonnet")
+        fields.setdefault("max_output", MAX_OUTPUT)
+        request = EvalRequest(self.next_id, snippet, **fields)
         self.next_id += 1
-        self.send_bytes(encode(message))
-        event = self.receive()
-        assert isinstance(event, Message), event
-        return event.payload
+        self.send_bytes(self.connection.send_request(request))
+        deadline = time.monotonic() + 20.0
+        while (event := self.connection.next_event()) is NEED_DATA:
+            self.connection.receive_data(self._read(deadline - time.monotonic()))
+        if isinstance(event, Answer):
+            return {"t": "result", "id": event.request_id, "json": event.json_text}
+        if isinstance(event, Failure):
+            return {
+                "t": "error",
+                "id": event.request_id,
+                "kind": event.kind.value,
+                "message": event.message,
+            }
+        raise AssertionError(f"the worker's answer was refused: {event}")

@@ -48,7 +48,6 @@ import pytest
 from conftest import harness_command
 from jsonnet_worker._landlock import probe
 from jsonnet_worker._privileges import NOBODY_ID, resolve_identity
-from jsonnet_worker._protocol import Message
 from rawworker import RawWorker
 
 pytestmark = pytest.mark.skipif(
@@ -535,11 +534,7 @@ def workers() -> Iterator[dict[str, RawWorker]]:
         for column, command in _commands().items():
             started[column] = RawWorker("go", command=command)
             hello = started[column].hello
-            assert isinstance(hello, Message) and hello.payload["t"] == "hello", (
-                column,
-                hello,
-                started[column].process.stderr.text(),
-            )
+            assert hello.pid == started[column].process.pid, hello
         yield started
     finally:
         for worker in started.values():

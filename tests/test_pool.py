@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
+import errno
 import json
 import logging
 import os
@@ -12,10 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import jsonnet_worker
+import seams
 from conftest import (
     child_pids,
     full,
@@ -32,13 +36,13 @@ from jsonnet_worker import (
     OutputTooLarge,
     Overloaded,
     PoolClosed,
+    ProtocolError,
     SandboxUnavailable,
     WorkerCrashed,
     WorkerPool,
     WorkerStartError,
 )
 from jsonnet_worker._landlock import probe
-from jsonnet_worker._process import WorkerState
 
 MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
 HEAVY_GO = (
@@ -210,9 +214,8 @@ def test_busy_worker_killed_from_outside(go_pool: WorkerPool) -> None:
     wait_until(lambda: full(go_pool))
     thread = threading.Thread(target=call)
     thread.start()
-    wait_until(lambda: go_pool.stats().busy == 1)
-    busy = [w.pid for w in go_pool._core.workers if w.state is WorkerState.BUSY]
-    os.kill(busy[0], signal.SIGKILL)
+    wait_until(lambda: len(seams.pids_in_call(go_pool)) == 1)
+    os.kill(seams.pids_in_call(go_pool)[0], signal.SIGKILL)
     thread.join(10)
     assert len(outcome) == 1 and isinstance(outcome[0], WorkerCrashed)
     assert outcome[0].signal == signal.SIGKILL
@@ -231,10 +234,9 @@ def test_idle_worker_killed_from_outside_is_replaced(go_pool: WorkerPool) -> Non
 
 def test_spare_killed_from_outside_is_replaced_not_handed_out(go_pool: WorkerPool) -> None:
     wait_until(lambda: full(go_pool))
-    with go_pool._core.lock:
-        spare = next(w for w in go_pool._core.workers if w.state is WorkerState.SPARE)
-    os.kill(spare.pid, signal.SIGKILL)
-    wait_until(lambda: full(go_pool) and spare.pid not in go_pool.stats().worker_pids)
+    spare = seams.worker_pids(go_pool, "spare")[0]
+    os.kill(spare, signal.SIGKILL)
+    wait_until(lambda: full(go_pool) and spare not in go_pool.stats().worker_pids)
     for _ in range(4):
         assert go_pool.evaluate("4") == 4
 
@@ -250,11 +252,13 @@ def test_segfault_in_the_cpp_engine_is_survived() -> None:
 
 
 @pytest.mark.parametrize("engine", ["go", "cpp"])
-def test_memory_bomb_is_a_memory_error(engine: str) -> None:
+def test_memory_bomb_is_a_memory_error(engine: str, caplog: pytest.LogCaptureFixture) -> None:
     with WorkerPool(1, engine=engine, timeout=20, memory_limit=256 << 20) as pool:
         with pytest.raises(MemoryLimitExceeded):
             pool.evaluate("std.makeArray(1e9, function(i) i)")
         assert pool.evaluate("6") == 6
+    (record,) = [r for r in caplog.records if "ran out of memory" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.__dict__["worker_pid"] > 0
 
 
 def test_huge_output_is_refused_and_the_worker_kept(go_pool: WorkerPool) -> None:
@@ -342,6 +346,7 @@ def test_pool_dies_with_its_parent(tmp_path) -> None:
     assert len(pids) == 3  # two workers and the spare
     parent.kill()
     parent.wait()
+    parent.stdout.close()
 
     def gone() -> bool:
         return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
@@ -407,15 +412,15 @@ def test_sandbox_status_and_log(caplog: pytest.LogCaptureFixture) -> None:
 )
 def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="jsonnet_worker")
-    with WorkerPool(2, _worker_command=harness_command(mode)) as pool:
+    with WorkerPool(2, require_sandbox=False, _worker_command=harness_command(mode)) as pool:
         assert pool.sandbox is not None and not pool.sandbox.enforced
         assert reason in pool.sandbox.reason
         assert pool.evaluate("{a: 1}") == {"a": 1}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not available" in warnings[0].getMessage()
     assert reason in warnings[0].getMessage()
-    with pytest.raises(SandboxUnavailable) as caught:
-        WorkerPool(2, require_sandbox=True, _worker_command=harness_command(mode))
+    with pytest.raises(SandboxUnavailable) as caught:  # the default: fail closed
+        WorkerPool(2, _worker_command=harness_command(mode))
     assert reason in caught.value.reason
 
 
@@ -431,6 +436,407 @@ def test_stats_count_what_happened() -> None:
         stats = pool.stats()
         assert stats.size == 2 and stats.alive == 2 and stats.idle == 2
         assert stats.evaluations == 1
-        assert stats.errors == {"JsonnetError": 1, "EvaluationTimeout": 1}
+        assert stats.errors == {"jsonnet_error": 1, "timeout": 1}
         assert stats.timeouts == 1 and stats.respawns == 1 and stats.crashes == 0
         assert stats.queue_depth == 0 and stats.spares == 1 and len(stats.worker_pids) == 3
+
+
+# -- interrupts and cancellation, at every point of a call, on both paths ------------------
+# The worker is the harness's compromised-engine model: a snippet is Python run in the
+# worker, so a call can take exactly as long as a test needs (time.sleep), with no CPU burnt.
+
+
+# The worker's response channel (fd 1 is a copy of stderr once the worker has started).
+RESPONSES = (
+    "import gc\n"
+    "responses = next(o for o in gc.get_objects() if type(o).__name__ == 'ProtocolStreams')"
+    ".responses\n"
+)
+
+
+def sleeper(seconds: float, value: int) -> str:
+    return f"import time\ntime.sleep({seconds})\nresult = {value}"
+
+
+@pytest.fixture
+def python_pool() -> Iterator[WorkerPool]:
+    with WorkerPool(1, spares=0, timeout=10, _worker_command=harness_command("python")) as pool:
+        yield pool
+
+
+def interrupt_main_when(condition: Callable[[], bool], how: str = "signal") -> threading.Thread:
+    """From another thread: once ``condition()`` holds, interrupt the main thread, with a real
+    SIGINT (which wakes a blocking wait) or ``_thread.interrupt_main`` (which takes effect at
+    the main thread's next bytecode)."""
+
+    def run() -> None:
+        wait_until(condition)
+        if how == "signal":
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        else:
+            _thread.interrupt_main()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def back_to_full_size(pool: WorkerPool) -> None:
+    wait_until(lambda: full(pool) and pool.stats().queue_depth == 0 and pool.stats().busy == 0)
+    assert pool.evaluate("result = 41 + 1") == 42
+
+
+def test_keyboard_interrupt_while_queued(python_pool: WorkerPool) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        holder = executor.submit(python_pool.evaluate, sleeper(0.5, 1))
+        wait_until(lambda: python_pool.stats().busy == 1)
+        interrupter = interrupt_main_when(lambda: python_pool.stats().queue_depth == 1)
+        with pytest.raises(KeyboardInterrupt):
+            python_pool.evaluate(sleeper(0, 2))
+        interrupter.join()
+        assert python_pool.stats().queue_depth == 0
+        assert holder.result(10) == 1
+    back_to_full_size(python_pool)
+
+
+def test_keyboard_interrupt_once_handed_over(python_pool: WorkerPool) -> None:
+    """The giver writes the queued caller's request and wakes it; the interrupt lands right
+    after (``interrupt_main`` from the giver's thread): that worker is discarded, since
+    nobody will read its answer."""
+    pids = python_pool.stats().worker_pids
+
+    def give_then_interrupt() -> int:
+        value = python_pool.evaluate(sleeper(0.3, 1))  # hands the worker to the main thread
+        _thread.interrupt_main()
+        return int(value)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        holder = executor.submit(give_then_interrupt)
+        wait_until(lambda: python_pool.stats().busy == 1)
+        with pytest.raises(KeyboardInterrupt):
+            python_pool.evaluate(sleeper(0.5, 2))
+        assert holder.result(10) == 1
+    back_to_full_size(python_pool)
+    assert set(python_pool.stats().worker_pids).isdisjoint(pids)
+
+
+def test_keyboard_interrupt_while_running(python_pool: WorkerPool) -> None:
+    pids = python_pool.stats().worker_pids
+    interrupter = interrupt_main_when(lambda: python_pool.stats().busy == 1)
+    with pytest.raises(KeyboardInterrupt):
+        python_pool.evaluate(sleeper(2, 1))
+    interrupter.join()
+    back_to_full_size(python_pool)
+    assert set(python_pool.stats().worker_pids).isdisjoint(pids)
+
+
+@pytest.mark.parametrize("where", ["queued", "handed over", "running"])
+def test_task_cancellation(python_pool: WorkerPool, where: str) -> None:
+    async def main() -> None:
+        holder = asyncio.ensure_future(python_pool.aevaluate(sleeper(0.3, 1)))
+        while python_pool.stats().busy == 0:
+            await asyncio.sleep(0.005)
+        if where == "running":
+            holder.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holder
+            return
+        queued = asyncio.ensure_future(python_pool.aevaluate(sleeper(0.5, 2)))
+        while python_pool.stats().queue_depth == 0:
+            await asyncio.sleep(0.005)
+        if where == "queued":
+            queued.cancel()
+        else:
+            # The holder's settle hands its worker to the queued task (request written) and
+            # schedules its wake-up; the task is cancelled in that same turn of the loop,
+            # before it runs again.
+            holder.add_done_callback(lambda _: queued.cancel())
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert await holder == 1
+
+    asyncio.run(main())
+    back_to_full_size(python_pool)
+
+
+# -- stderr never crosses calls ------------------------------------------------------------
+
+
+def test_a_trace_never_reaches_the_next_callers_crash() -> None:
+    secret = "SECRET-7c1e"
+    with WorkerPool(1, spares=0, timeout=30) as pool:
+        for _ in range(5):
+            assert pool.evaluate(f"std.trace('{secret}', 1)") == 1
+            outcome: list[BaseException] = []
+
+            def victim(outcome: list[BaseException] = outcome) -> None:
+                try:
+                    pool.evaluate(HEAVY_GO)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=victim)
+            thread.start()
+            wait_until(lambda: len(seams.pids_in_call(pool)) == 1)
+            os.kill(seams.pids_in_call(pool)[0], signal.SIGKILL)
+            thread.join(10)
+            (error,) = outcome
+            assert isinstance(error, WorkerCrashed)
+            assert secret not in str(error) and secret not in error.stderr_tail
+            wait_until(lambda: full(pool))
+
+
+# -- a worker that lies (the compromised-engine model) -------------------------------------
+
+
+def test_bytes_from_an_idle_worker_retire_it() -> None:
+    """A worker that writes while nobody asked (here: a forged answer for the next request,
+    from a thread that outlives the call) never serves again; the next call gets its own."""
+    forge = RESPONSES + (
+        "import os, threading, time, msgpack, struct\n"
+        "def later():\n"
+        "    time.sleep(0.05)\n"
+        "    body = msgpack.packb({'t': 'result', 'id': 2, 'json': '666'})\n"
+        "    os.write(responses, struct.pack('>I', len(body)) + body)\n"
+        "threading.Thread(target=later).start()\n"
+        "result = 1\n"
+    )
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        assert pool.evaluate(forge) == 1
+        wait_until(lambda: pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 2") == 2
+
+
+def test_bytes_after_the_answer_retire_the_worker() -> None:
+    trailing = RESPONSES + (
+        "import os, threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.02), os.write(responses, b'\\0' * 8)))"
+        ".start()\n"
+        "time.sleep(0.01)\n"
+        "result = 1\n"
+    )
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        pool.evaluate(trailing)
+        wait_until(lambda: pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 3") == 3
+
+
+def test_cpu_burnt_while_idle_retires_the_worker() -> None:
+    burner = (
+        "import threading\n"
+        "def burn():\n"
+        "    while True: pass\n"
+        "threading.Thread(target=burn, daemon=True).start()\n"
+        "result = 1\n"
+    )
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        pool.evaluate(burner)
+        wait_until(lambda: pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 4") == 4
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        RESPONSES + "import os, time\nos.close(responses)\ntime.sleep(30)\nresult = 1",
+        # drips a frame's header byte by byte, then nothing more
+        RESPONSES + "import os, time\n"
+        "for b in b'\\0\\0\\0\\x10': os.write(responses, bytes([b])); time.sleep(0.05)\n"
+        "time.sleep(30)\nresult = 1",
+    ],
+    ids=["closes-its-channel", "drips-a-frame"],
+)
+def test_the_deadline_holds_against_a_worker_that_stalls(lie: str) -> None:
+    with WorkerPool(1, spares=0, timeout=0.5, _worker_command=harness_command("python")) as pool:
+        started = time.monotonic()
+        with pytest.raises((ProtocolError, EvaluationTimeout)):
+            pool.evaluate(lie)
+        # Within DEATH_GRACE (1 s) of the deadline would mean waiting for an exit that never
+        # comes; a generous bound for a noisy machine, well under that.
+        assert time.monotonic() - started < 0.5 + 0.4
+        wait_until(lambda: full(pool))
+        assert pool.evaluate("result = 5") == 5
+
+
+@pytest.mark.parametrize(
+    "dumps,expected",
+    [
+        ("lambda v: '{not json'", "not valid JSON"),
+        ("lambda v: '[' * 100000 + ']' * 100000", "deeper"),
+        ("lambda v: '1' * ((1 << 20) + 100)", "max_output|max_str_len"),  # within the frame cap
+        ("lambda v: '1' * (2 << 20)", "over the limit"),  # a frame past max_output's cap
+    ],
+    ids=["invalid-json", "too-deep", "over-max-output", "oversized-frame"],
+)
+def test_a_result_the_parent_cannot_trust_is_a_protocol_error(dumps: str, expected: str) -> None:
+    lie = f"import json\njson.dumps = {dumps}\nresult = 1"
+    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+        pid = pool.stats().worker_pids[0]
+        with pytest.raises(ProtocolError, match=expected):
+            pool.evaluate(lie)
+        wait_until(lambda: full(pool) and pid not in pool.stats().worker_pids)
+        assert pool.evaluate("result = 6") == 6
+
+
+# -- options, tenants, recycling -----------------------------------------------------------
+
+
+def test_options_come_from_one_pool_config() -> None:
+    config = jsonnet_worker.PoolConfig(size=1, spares=0, timeout=3.0, max_trace=5)
+    with WorkerPool(config=config, max_stack=200) as pool:
+        assert pool.config == config.replace(max_stack=200)
+        assert (pool.size, pool.spares, pool.timeout, pool.max_stack) == (1, 0, 3.0, 200)
+    with pytest.raises(jsonnet_worker.InvalidArgument, match="spares"):
+        WorkerPool(1, spares=-1)
+    with pytest.raises(TypeError):
+        WorkerPool(1, no_such_option=1)
+    with WorkerPool(1, spares=0, queue_limit=None) as pool:  # the old signature's default
+        assert pool.queue_limit == jsonnet_worker.PoolConfig().queue_limit
+        with pytest.raises(ValueError, match="timeout"):
+            pool.evaluate("1", timeout=float("nan"))
+        with pytest.raises(TypeError, match="tenant"):
+            pool.evaluate("1", tenant=7)  # type: ignore[arg-type]
+
+
+def test_a_worker_never_serves_two_tenants() -> None:
+    """Each tenant's calls see only workers that served that tenant or nobody: the pid that
+    answered tells which process ran the call."""
+    pid_of = "result = __import__('os').getpid()"
+    with WorkerPool(2, spares=1, _worker_command=harness_command("python")) as pool:
+        wait_until(lambda: full(pool))
+        served: dict[str | None, set[int]] = {}
+        for round_ in range(8):
+            for tenant in ("alice", "bob", None, f"once-{round_}"):
+                served.setdefault(tenant, set()).add(pool.evaluate(pid_of, tenant=tenant))
+        for tenant, pids in served.items():
+            for other, other_pids in served.items():
+                if other != tenant:
+                    assert not pids & other_pids, (tenant, other)
+        assert pool.stats().recycles > 0
+        wait_until(lambda: full(pool))
+
+
+def test_max_calls_per_worker_recycles_the_worker() -> None:
+    with WorkerPool(1, spares=0, max_calls_per_worker=3) as pool:
+        pids = [pool.stats().worker_pids]
+        for index in range(9):
+            assert pool.evaluate("std.extVar('i')", {"i": index}) == index
+            wait_until(lambda: full(pool))
+            pids.append(pool.stats().worker_pids)
+        assert len(set(pids)) == 4  # the first worker and three replacements
+        assert pool.stats().recycles == 3
+
+
+def test_a_worker_is_recycled_before_its_cpu_budget_runs_out() -> None:
+    """Recycled once less than two call timeouts of CPU are left of its budget, so RLIMIT_CPU
+    never ends a call that keeps to its timeout."""
+
+    def burn(seconds: float) -> str:
+        return (
+            "import time\nstart = time.process_time()\n"
+            f"while time.process_time() - start < {seconds}: pass\nresult = 1"
+        )
+
+    with WorkerPool(
+        1, spares=0, timeout=1.0, cpu_budget=4.0, _worker_command=harness_command("python")
+    ) as pool:
+        (pid,) = pool.stats().worker_pids
+        pool.evaluate(burn(0.3), timeout=10)
+        assert pool.stats().worker_pids == (pid,) and pool.stats().recycles == 0
+        pool.evaluate(burn(1.9), timeout=10)  # now within 2 timeouts of the budget
+        wait_until(lambda: full(pool) and pid not in pool.stats().worker_pids)
+        assert pool.stats().recycles == 1
+
+
+# -- operational logging -------------------------------------------------------------------
+
+MARKER = "PERSONAL-DATA-5f3a9"
+
+
+def test_logs_tell_what_happened_and_never_a_snippet_or_a_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with WorkerPool(1, spares=0, timeout=0.5, max_calls_per_worker=4) as pool:
+        assert pool.evaluate(f"std.trace('{MARKER}', 1) // {MARKER}", {"v": MARKER}) == 1
+        with pytest.raises(JsonnetError):
+            pool.evaluate("error std.extVar('v')", {"v": MARKER}, tenant="acme")
+        with pytest.raises(EvaluationTimeout):
+            pool.evaluate(f"// {MARKER}\n" + HEAVY_GO, {"v": MARKER}, tenant="acme")
+        wait_until(lambda: full(pool))
+        outcome: list[BaseException] = []
+
+        def crash() -> None:
+            try:
+                pool.evaluate(f"std.trace(std.extVar('v'), {HEAVY_GO})", {"v": MARKER}, timeout=30)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=crash)
+        thread.start()
+        wait_until(lambda: len(seams.pids_in_call(pool)) == 1)
+        os.kill(seams.pids_in_call(pool)[0], signal.SIGKILL)
+        thread.join(10)
+        assert isinstance(outcome[0], WorkerCrashed)
+        wait_until(lambda: full(pool))
+        for index in range(4):
+            pool.evaluate(f"std.extVar('v') // {index}", {"v": MARKER})
+        wait_until(lambda: any("max_calls" in r.getMessage() for r in caplog.records))
+    records = [r for r in caplog.records if r.name.startswith("jsonnet_worker")]
+    for record in records:
+        assert MARKER not in record.getMessage()
+        assert MARKER not in repr(record.args) and MARKER not in repr(vars(record))
+    by_text = {r.getMessage(): r for r in records}
+    timeout = next(r for text, r in by_text.items() if "deadline" in text)
+    assert timeout.levelno == logging.WARNING and "(tenant 'acme')" in timeout.getMessage()
+    assert timeout.__dict__["tenant"] == "acme" and timeout.__dict__["worker_pid"] > 0
+    crash_record = next(r for text, r in by_text.items() if "killed by SIGKILL" in text)
+    assert crash_record.levelno == logging.WARNING
+    recycle = next(r for text, r in by_text.items() if "max_calls_per_worker" in text)
+    assert recycle.levelno == logging.INFO and "recycled" in recycle.getMessage()
+
+
+# -- platforms -----------------------------------------------------------------------------
+
+
+def test_not_linux_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(jsonnet_worker.UnsupportedPlatform, match="needs Linux"):
+        WorkerPool(1)
+
+
+def test_a_kernel_without_pidfd_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    with pytest.raises(jsonnet_worker.UnsupportedPlatform, match="pidfd"):
+        WorkerPool(1)
+
+
+def test_no_sched_getaffinity_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity")
+    with WorkerPool(spares=0) as pool:
+        assert pool.size == max(2, os.cpu_count() or 1)
+        assert pool.evaluate("1") == 1
+
+
+def test_the_package_imports_where_the_pool_cannot_run() -> None:
+    script = (
+        "import os, select, sys\n"
+        "sys.platform = 'darwin'\n"
+        "for name in ('register_at_fork', 'pidfd_open', 'sched_getaffinity', 'pipe2'):\n"
+        "    delattr(os, name)\n"
+        "del select.poll\n"
+        "import jsonnet_worker\n"
+        "try:\n"
+        "    jsonnet_worker.WorkerPool()\n"
+        "except jsonnet_worker.UnsupportedPlatform as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "needs Linux" in done.stdout

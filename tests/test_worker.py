@@ -10,8 +10,12 @@ import msgpack
 import pytest
 
 from conftest import ENGINES, harness_command, load_cases, read_case_source
+from jsonnet_worker._connection import WorkerConnection
+from jsonnet_worker._errors import WorkerStartError
 from jsonnet_worker._landlock import probe
-from jsonnet_worker._protocol import Message, encode
+from jsonnet_worker._launch import await_hello
+from jsonnet_worker._process import WorkerProcess, WorkerSettings
+from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
 from rawworker import RawWorker
 
 needs_landlock = pytest.mark.skipif(
@@ -26,24 +30,21 @@ def worker(request: pytest.FixtureRequest):
 
 
 def test_hello_reports_engine_and_sandbox(worker: RawWorker) -> None:
-    hello = worker.hello
-    assert isinstance(hello, Message)
-    payload = hello.payload
-    assert payload["t"] == "hello" and payload["protocol"] == 1
-    assert payload["pid"] == worker.process.pid
-    assert payload["engine_version"].startswith("v")
-    sandbox = payload["sandbox"]
+    hello = worker.hello  # parsed and validated by the pool's WorkerConnection
+    assert hello.pid == worker.process.pid
+    assert hello.engine == worker.engine and hello.engine_version.startswith("v")
+    sandbox = hello.landlock
     if probe().available:
-        assert sandbox["enforced"] is True
-        assert sandbox["abi"] == probe().abi
-        assert "READ_FILE" in sandbox["handled_fs"] and "EXECUTE" in sandbox["handled_fs"]
-        assert payload["self_check"].startswith("refused")
+        assert sandbox.enforced is True
+        assert sandbox.abi == probe().abi
+        assert "READ_FILE" in sandbox.handled_fs and "EXECUTE" in sandbox.handled_fs
+        assert hello.self_check.startswith("refused")
         if probe().abi >= 4:
-            assert sandbox["handled_net"] == ["BIND_TCP", "CONNECT_TCP"]
+            assert sandbox.handled_net == ("BIND_TCP", "CONNECT_TCP")
         if probe().abi >= 6:
-            assert sandbox["scoped"] == ["ABSTRACT_UNIX_SOCKET", "SIGNAL"]
+            assert sandbox.scoped == ("ABSTRACT_UNIX_SOCKET", "SIGNAL")
         if probe().abi >= 7:
-            assert "LOG_SAME_EXEC_OFF" in sandbox["restrict_flags"]
+            assert "LOG_SAME_EXEC_OFF" in sandbox.restrict_flags
 
 
 @pytest.mark.parametrize("case", load_cases(), ids=lambda c: c["file"].split("/")[-1])
@@ -181,12 +182,14 @@ def test_every_thread_has_no_new_privs(engine: str) -> None:
 
 
 def test_worker_whose_engine_fails_to_load_says_why() -> None:
-    with RawWorker("go", command=harness_command("broken-engine")) as raw:
-        assert isinstance(raw.hello, Message)
-        assert raw.hello.payload["t"] == "startup_failed"
-        assert "not installed" in raw.hello.payload["reason"]
-        assert raw.receive() is None
-        assert raw.process.wait(5) == 70
+    settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME)
+    worker = WorkerProcess(settings, harness_command("broken-engine"))
+    try:
+        with pytest.raises(WorkerStartError, match="not installed"):
+            await_hello(worker, WorkerConnection(1 << 20))
+        assert worker.wait(5) == 70
+    finally:
+        worker.close()
 
 
 def test_worker_environment_is_minimal() -> None:

@@ -147,8 +147,12 @@ def render(data: dict[str, Any], examples: int, seconds: float, exit_code: int) 
         "",
         "- Kills in a row faster than a spare restarts (~100-250 ms on two busy cores) each wait",
         "  for an interpreter start; `spares=2` or more covers bursts of kills.",
-        "- A hostile worker writing garbage back to the pool is tested only through the",
-        "  existing harness tests, not fuzzed.",
+        "- A hostile worker writing back to the pool is tested case by case, not fuzzed against",
+        "  a live pool: tests/test_pool.py (a forged answer while idle, bytes after the answer,",
+        "  a closed channel, a dripped frame, invalid, too deep and too large results, CPU",
+        "  burnt while idle) and tests/test_connection.py (every lie of the conversation).",
+        "- Idle workers are sampled every 0.5 s: one that burns CPU or writes while idle is",
+        "  retired at the next sample (or at its next check-out), not at once.",
         "",
     ]
     return "\n".join(out)

@@ -3,13 +3,11 @@ pool for an answer, and the parent's resident memory."""
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 
+import seams
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._process import WorkerState
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -43,27 +41,18 @@ def each_worker_answers(pool: WorkerPool) -> int:
     request correctly; returns how many answered. (Sequential calls would all reach the
     same worker: the idle list is last in, first out.)"""
     wait_full(pool)
-    core = pool._core
-    with core.lock:
-        workers = list(core.idle)
-        core.idle.clear()
-        for worker in workers:
-            worker.state = WorkerState.BUSY
-    assert len(workers) == pool.size, "the pool is not quiet"
+    tickets = seams.hold_idle_workers(pool)
+    assert len(tickets) == pool.size, "the pool is not quiet"
     answered = 0
     try:
-        while workers:
-            worker = workers.pop()
-            call = pool._prepare(
-                "{n: std.extVar('n') + 1}", {"n": answered}, None, None, None, "check.jsonnet", 10
-            )
-            exchange = functools.partial(pool._exchange, worker, call, 0)
-            text = pool._finish(worker, exchange)
-            assert json.loads(text) == {"n": answered + 1}
+        while tickets:
+            ticket = tickets.pop()
+            value = seams.call_on(pool, ticket, "{n: std.extVar('n') + 1}", {"n": answered})
+            assert value == {"n": answered + 1}
             answered += 1
     finally:
-        for worker in workers:
-            core.give_back(worker)
+        for ticket in tickets:
+            seams.give_back(pool, ticket)
     return answered
 
 

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import seams
 from conftest import child_pids, open_fds
 from jsonnet_worker import EvaluationTimeout, WorkerCrashed, WorkerPool
-from jsonnet_worker._process import WorkerState
 
 from .conftest import Tier
 from .ledger import LEDGER
@@ -151,7 +151,7 @@ def test_chaos_under_load(tier: Tier) -> None:
         stop_chaos.set()
         chaos_thread.join(60)
         wait_full(pool)
-        victim = next(w.pid for w in list(pool._core.workers) if w.state is WorkerState.BUSY)
+        victim = seams.worker_pids(pool, "busy")[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         kills.append(killed_at)

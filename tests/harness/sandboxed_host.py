@@ -88,7 +88,8 @@ def kill_a_worker(pool: WorkerPool) -> dict[str, Any]:
 
 
 def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_path: str) -> Any:
-    op, arg = command["op"], command.get("arg")
+    op: str = command["op"]
+    arg: Any = command.get("arg")
     if op == "read":
         answer = outcome(lambda: read(arg))
     elif op == "write_in":

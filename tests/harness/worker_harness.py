@@ -49,6 +49,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from jsonnet_worker import _engines, _landlock, _privileges, _seccomp, _worker
+from jsonnet_worker._protocol import EvalRequest
 from jsonnet_worker._status import LayerState, LayerStatus
 
 LAYERS = ("seccomp", "limits", "landlock-net-scopes", "ipc_namespace", "issue-12")
@@ -245,7 +246,7 @@ def main() -> int:
 
         _worker.start = start_and_record  # type: ignore[assignment]
 
-        def run_python(self: _engines.Engine, request: _engines.EvalRequest) -> str:
+        def run_python(self: _engines.Engine, request: EvalRequest) -> str:
             scope: dict[str, object] = {"main_thread": main_thread}
             exec(request.snippet, scope)
             return json.dumps(scope.get("result"))

@@ -1,0 +1,770 @@
+"""The pool's state and every transition of it, in one place (h11's rule for ``_state.py``).
+
+Goals: one owner of the pool's state; every change to it is a named method here, so no other
+module assigns a state field; no I/O under the lock, and none here at all: a transition
+returns the ``Action``s (kill, close, hand over, wake, log) for its caller to perform once
+the lock is released. That makes the whole pool's policy testable with fake workers
+(tests/test_state.py) and keeps the hand-over gain (the giver writes the waiting caller's
+frame, outside the lock). See docs/DESIGN.md, "Call flow", for where each transition is
+called from.
+
+Plan: ``PoolState`` holds the lifecycle ``Phase`` (one enum for what were four flags), one
+``Member`` record per worker process (its ``Status``, trust domain, calls served, CPU seen at
+rest), the idle list, the FIFO of waiting ``Ticket``s, the start-up back-off and the counters.
+Workers are opaque here: anything with a ``pid``.
+
+Trust domains: a worker that has served one tenant never serves another; calls without a
+tenant form a domain of their own. A check-out takes, in this order: an idle worker of the
+caller's domain, an idle worker that never served anyone, a spare in place of an idle worker
+of another domain (which is recycled), or, without a spare, it recycles that worker and waits
+for the fresh replacement. A worker given back while only callers of other domains wait is
+recycled, so that they get a fresh one and nobody starves.
+
+Weak spots: the idle-CPU and idle-bytes checks are samples (the supervisor's, every
+``IDLE_CHECK_INTERVAL``, and every check-out's and check-in's), so a worker that burns CPU
+between two samples is retired at the next one, not at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from ._config import PoolConfig
+from ._errors import (
+    Error,
+    EvaluationTimeout,
+    Overloaded,
+    PoolClosed,
+    SandboxUnavailable,
+    WorkerCrashed,
+    WorkerStartError,
+)
+from ._status import PoolStats, SandboxStatus
+
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+# CPU seconds an idle worker or spare may use between two samples (a Go runtime's idle
+# housekeeping uses well under a millisecond a second; a worker still evaluating after its
+# answer uses most of a CPU).
+IDLE_CPU_ALLOWANCE = 0.05
+# A worker is recycled once fewer CPU seconds than this many call timeouts are left of its
+# budget (a Go worker evaluates on up to two threads, GOMAXPROCS=2).
+CPU_HEADROOM_TIMEOUTS = 2.0
+
+
+class _Worker(Hashable, Protocol):
+    @property
+    def pid(self) -> int: ...
+
+
+W = TypeVar("W", bound=_Worker)
+
+
+class Phase(enum.Enum):
+    """The pool's lifecycle, in order."""
+
+    OPEN = "open"
+    CLOSING = "closing"  # close(): no new calls; calls in flight and queued finish
+    FAILED = "failed"  # no worker can ever start (``failure`` says why)
+    TERMINATED = "terminated"  # terminate(): workers killed; queued and running calls fail
+    STOPPED = "stopped"  # the supervisor has ended: callers close the workers they hold
+
+
+class Status(enum.Enum):
+    """A worker's place in the pool (policy; ``_process.WorkerProcess`` is the mechanism)."""
+
+    STARTING = "starting"
+    SPARE = "spare"  # greeted, held back to replace the next worker that goes
+    IDLE = "idle"
+    BUSY = "busy"
+    DYING = "dying"  # died while a caller holds it; the caller discards it
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A trust domain: the calls of one tenant, or (``tenant=None``) the calls without one."""
+
+    tenant: str | None
+
+    def describe(self) -> str:
+        return "no tenant" if self.tenant is None else f"tenant {self.tenant!r}"
+
+
+NO_TENANT = Domain(None)
+
+
+@dataclass(eq=False)
+class Member(Generic[W]):
+    worker: W
+    status: Status
+    started_at: float
+    domain: Domain | None = None  # None: has served nobody yet
+    calls: int = 0
+    epoch: int = 0  # changes at every check-out and check-in: samples of another epoch are stale
+    cpu_at_rest: float | None = None
+
+
+class Ticket:
+    """One call's claim on a worker: what it waits for, what it was handed.
+
+    ``call`` is the caller's encoded request: whoever hands the ticket a worker writes it
+    to the worker *before* waking the caller (``HandOver``), so the worker starts at once.
+    ``written`` says how much of it went out; ``handed`` that the writer also registered the
+    request with the worker's connection. A ``queued`` ticket's caller must wait for its
+    wake-up even if ``worker`` is already set: the hand-over may still be writing.
+    Subclasses say how a caller is woken."""
+
+    __slots__ = ("admitted", "call", "domain", "error", "handed", "queued", "worker", "written")
+
+    def __init__(self, call: Any, domain: Domain) -> None:
+        self.call = call
+        self.domain = domain
+        self.worker: Any = None
+        self.error: Error | None = None
+        self.written = 0
+        self.handed = False
+        self.queued = False
+        self.admitted = False
+
+    def wake(self) -> bool:
+        """Tell the caller its worker (or error) is there; False if nobody can be told."""
+        raise NotImplementedError
+
+
+# -- actions: what a transition asks its caller to do, after the lock --------------------------
+
+
+@dataclass(frozen=True)
+class Kill:
+    worker: Any
+
+
+@dataclass(frozen=True)
+class Close:
+    """Kill, reap and close: the supervisor has stopped, so nobody else will."""
+
+    worker: Any
+
+
+@dataclass(frozen=True)
+class WakeSupervisor:
+    pass
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """Write ``ticket``'s request to ``worker``, then wake the ticket's caller."""
+
+    ticket: Ticket
+    worker: Any
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wake a ticket's caller: its ``error`` is set."""
+
+    ticket: Ticket
+
+
+@dataclass(frozen=True)
+class Log:
+    level: int
+    message: str
+    args: tuple[Any, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Action = Kill | Close | WakeSupervisor | HandOver | Wake | Log
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one call on a worker ended, on either call path: an answer (the connection's
+    ``Answer``) or a typed error, and whether the worker may serve again.
+
+    ``reason`` says, for the log, why the worker goes (never a snippet's text or value)."""
+
+    answer: Any = None
+    error: Error | None = None
+    keep: bool = False
+    died: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class IdleSample:
+    """What the supervisor saw of an idle worker or spare outside the lock."""
+
+    worker: Any
+    epoch: int
+    cpu: float | None  # None: could not be read (it has exited: its pidfd says so next)
+    wrote: bool  # bytes (or end of stream) on its response channel
+
+
+class PoolState(Generic[W]):
+    """Every field of the pool's state, and every transition. See the module docstring."""
+
+    def __init__(self, config: PoolConfig, lock: Any) -> None:
+        assert config.size is not None
+        self.config = config
+        self.lock = lock
+        self.phase = Phase.OPEN
+        self.failure: Error | None = None
+        self.members: dict[W, Member[W]] = {}
+        self.idle: list[Member[W]] = []
+        self.waiters: collections.deque[Ticket] = collections.deque()
+        self.retired: list[W] = []  # killed, for the supervisor to reap and close
+        self.held: set[W] = set()  # busy when the supervisor stopped: their callers close them
+        self.in_flight = 0
+        self.sandbox: SandboxStatus | None = None
+        self.start_failure = ""  # the last start-up failure, while unresolved
+        self.failures_in_a_row = 0
+        self.next_spawn_at = 0.0
+        self.spawned = 0
+        self.initial_resolved = 0
+        self.evaluations = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.timeouts = 0
+        self.crashes = 0
+        self.respawns = 0
+        self.start_failures = 0
+        self.recycles = 0
+
+    @property
+    def size(self) -> int:
+        assert self.config.size is not None
+        return self.config.size
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def admit(self, ticket: Ticket) -> None:
+        """A call enters (raises if the pool takes no new calls). The ticket records it, so
+        that ``leave`` is right whatever interrupts the caller in between."""
+        with self.lock:
+            if self.phase is Phase.FAILED and self.failure is not None:
+                raise self.failure
+            if self.phase is not Phase.OPEN:
+                raise PoolClosed("the pool is closed")
+            self.in_flight += 1
+            ticket.admitted = True
+
+    def leave(self, ticket: Ticket) -> bool:
+        """A call has left (if it was admitted); True if it was the last one of a closing
+        pool."""
+        with self.lock:
+            if ticket.admitted:
+                ticket.admitted = False
+                self.in_flight -= 1
+            return self.in_flight == 0 and self.phase is not Phase.OPEN
+
+    def count_error(self, error: Error) -> None:
+        with self.lock:
+            self.errors[error.kind] += 1
+
+    # -- check out ---------------------------------------------------------------------------
+
+    def take(self, ticket: Ticket) -> bool:
+        """The hot path: an idle worker of the ticket's domain (or a fresh one) at once."""
+        with self.lock:
+            member = self._idle_for(ticket.domain)
+            if member is None:
+                return False
+            self._check_out(member, ticket)
+            return True
+
+    def take_or_wait(self, ticket: Ticket) -> list[Action]:
+        """A worker at once (the ticket holds it), or the ticket queued (``ticket.queued``:
+        its caller waits for the wake-up). Raises when the pool cannot serve it (failed, no
+        worker can start, the queue is full)."""
+        actions: list[Action] = []
+        with self.lock:
+            member = self._idle_for(ticket.domain)
+            if member is not None:
+                self._check_out(member, ticket)
+                return actions
+            self._raise_if_hopeless()
+            if self.idle:
+                # Only workers of other domains are idle: recycle the longest idle one.
+                victim = self.idle[0]
+                self._recycle(victim, f"the next caller is of {ticket.domain.describe()}", actions)
+                member = self._idle_for(ticket.domain)  # the spare promoted in its place
+                if member is not None:
+                    self._check_out(member, ticket)
+                    return actions
+            if len(self.waiters) >= self.config.queue_limit:
+                raise Overloaded(
+                    f"all {self.size} workers are busy and {len(self.waiters)} calls are "
+                    f"already waiting (queue_limit={self.config.queue_limit})"
+                )
+            self.waiters.append(ticket)
+            ticket.queued = True
+        return actions
+
+    def give_up(self, ticket: Ticket) -> bool:
+        """The caller stops waiting (its queue timeout): True if it was still queued; False
+        if a worker was handed to it meanwhile (its request is being written: it should
+        wait for the wake-up, which follows the write)."""
+        with self.lock:
+            if ticket.worker is not None:
+                return False
+            try:
+                self.waiters.remove(ticket)
+            except ValueError:
+                pass
+            return True
+
+    def abandon(self, ticket: Ticket) -> list[Action]:
+        """The caller is gone (an exception, a cancellation) at any point of its call: out of
+        the queue, and the worker it holds (its request may be in the worker's channel, and
+        nobody will read the answer) discarded."""
+        with self.lock:
+            if ticket.worker is None:
+                try:
+                    self.waiters.remove(ticket)
+                except ValueError:
+                    pass
+                return []
+        return self.discard(ticket.worker, "its caller gave up during the call", logging.INFO)
+
+    def reject(self, ticket: Ticket, reason: str, *, died: bool = False) -> list[Action]:
+        """The worker ``ticket`` was just given is unfit to serve (it wrote while idle, or
+        died): discarded, and the ticket holds nothing again (its caller takes another)."""
+        worker = ticket.worker
+        with self.lock:
+            ticket.worker = None
+            if died:
+                self.crashes += 1
+        return self.discard(worker, reason)
+
+    def _idle_for(self, domain: Domain) -> Member[W] | None:
+        idle = self.idle
+        for index in range(len(idle) - 1, -1, -1):  # last in, first out: the warmest
+            if idle[index].domain == domain:
+                return idle.pop(index)
+        for index in range(len(idle) - 1, -1, -1):
+            if idle[index].domain is None:
+                return idle.pop(index)
+        return None
+
+    def _spare(self) -> Member[W] | None:
+        if self.phase not in (Phase.OPEN, Phase.CLOSING):
+            return None
+        return next((m for m in self.members.values() if m.status is Status.SPARE), None)
+
+    def _check_out(self, member: Member[W], ticket: Ticket) -> None:
+        """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
+        member.status = Status.BUSY
+        member.domain = ticket.domain
+        member.calls += 1
+        member.epoch += 1
+        ticket.worker = member.worker
+
+    def _raise_if_hopeless(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self.phase in (Phase.TERMINATED, Phase.STOPPED):
+            raise PoolClosed("the pool was terminated")
+        if self.start_failure and not self._active():
+            raise WorkerStartError(
+                f"no worker is running: workers fail to start ({self.start_failure})",
+                cause=self.start_failure,
+            )
+
+    # -- check in, discard, record -----------------------------------------------------------
+
+    def settle(self, worker: W, outcome: Outcome, cpu: float | None = None) -> list[Action]:
+        """Record how a call ended, then check its worker in (``outcome.keep``) or discard
+        it, under one lock. ``cpu`` is the worker's CPU time now, read outside the lock."""
+        actions: list[Action] = []
+        with self.lock:
+            self._record(outcome)
+            member = self.members.get(worker)
+            if outcome.reason:
+                domain = member.domain if member is not None else None
+                actions.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
+            if member is None:
+                actions += self._orphan(worker)
+            elif outcome.keep:
+                self._check_in(member, cpu, actions)
+            else:
+                self._retire(member, actions)
+        return actions
+
+    def _record(self, outcome: Outcome) -> None:
+        error = outcome.error
+        if error is None and outcome.answer is not None:
+            self.evaluations += 1
+        elif isinstance(error, EvaluationTimeout):
+            self.timeouts += 1
+        if outcome.died or isinstance(error, WorkerCrashed):
+            self.crashes += 1
+
+    def check_in(self, worker: W, cpu: float | None = None) -> list[Action]:
+        """A caller is done with ``worker``: straight to the next waiter of its domain (with
+        that waiter's request written first, outside the lock), else to the idle list; or
+        recycled (its call budget or CPU budget is spent, or only other domains wait)."""
+        actions: list[Action] = []
+        with self.lock:
+            member = self.members.get(worker)
+            if member is None:
+                return self._orphan(worker)
+            self._check_in(member, cpu, actions)
+        return actions
+
+    def _check_in(self, member: Member[W], cpu: float | None, actions: list[Action]) -> None:
+        if member.status is Status.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
+            self._retire(member, actions)
+            return
+        reason = self._recycle_reason(member, cpu)
+        if reason:
+            self._recycle(member, reason, actions)
+            return
+        member.epoch += 1
+        member.cpu_at_rest = cpu
+        if self.waiters:
+            ticket = next((t for t in self.waiters if t.domain == member.domain), None)
+            if ticket is None:
+                first = self.waiters[0]
+                self._recycle(member, f"the next caller is of {first.domain.describe()}", actions)
+                return
+            self.waiters.remove(ticket)
+            self._check_out(member, ticket)
+            actions.append(HandOver(ticket, member.worker))
+            return
+        member.status = Status.IDLE
+        self.idle.append(member)
+
+    def _recycle_reason(self, member: Member[W], cpu: float | None) -> str:
+        limit = self.config.max_calls_per_worker
+        if limit is not None and member.calls >= limit:
+            return f"it served max_calls_per_worker={limit} calls"
+        budget = self.config.cpu_budget
+        if (
+            budget is not None
+            and cpu is not None
+            and cpu + CPU_HEADROOM_TIMEOUTS * self.config.timeout >= budget
+        ):
+            return f"it used {cpu:.1f} of its cpu_budget={budget} CPU seconds"
+        return ""
+
+    def _recycle(self, member: Member[W], reason: str, actions: list[Action]) -> None:
+        """Under the lock: retire a healthy worker so that a fresh one replaces it."""
+        self.recycles += 1
+        actions.append(_log(logging.INFO, f"recycled: {reason}", member.worker.pid, member.domain))
+        self._retire(member, actions)
+
+    def discard(self, worker: W, reason: str, level: int = logging.WARNING) -> list[Action]:
+        """Kill and retire ``worker`` in one (idempotent); a spare takes its place."""
+        actions: list[Action] = []
+        with self.lock:
+            member = self.members.get(worker)
+            if member is None:
+                return self._orphan(worker)
+            if reason:
+                actions.append(_log(level, reason, worker.pid, member.domain))
+            self._retire(member, actions)
+        return actions
+
+    def _orphan(self, worker: W) -> list[Action]:
+        """Under the lock: a worker no longer a member. Held at the supervisor's stop: its
+        caller closes it; otherwise it was retired already."""
+        if worker in self.held:
+            self.held.discard(worker)
+            return [Close(worker)]
+        return []
+
+    def _retire(self, member: Member[W], actions: list[Action]) -> None:
+        """Under the lock: out of service, killed; the supervisor reaps it and starts another."""
+        was_active = member.status in (Status.IDLE, Status.BUSY)
+        if member.status is Status.IDLE:
+            self.idle.remove(member)
+        del self.members[member.worker]
+        self.retired.append(member.worker)
+        actions.append(Kill(member.worker))
+        actions.append(WakeSupervisor())
+        if was_active:
+            self._promote_spare(actions)
+
+    def _promote_spare(self, actions: list[Action]) -> None:
+        """Capacity comes back now, not after an interpreter start (~60 ms); not after
+        terminate()."""
+        spare = self._spare()
+        if spare is not None:
+            self._hand_out(spare, actions)
+
+    def _hand_out(self, member: Member[W], actions: list[Action]) -> None:
+        """Under the lock: a fresh worker to the first caller waiting (any domain), else to
+        the idle list."""
+        if self.waiters:
+            ticket = self.waiters.popleft()
+            self._check_out(member, ticket)
+            actions.append(HandOver(ticket, member.worker))
+            return
+        member.status = Status.IDLE
+        self.idle.append(member)
+
+    def _fail_waiters(self, error: Error, actions: list[Action]) -> None:
+        while self.waiters:
+            ticket = self.waiters.popleft()
+            ticket.error = error
+            actions.append(Wake(ticket))
+
+    # -- the supervisor's transitions ---------------------------------------------------------
+
+    def spawn_due(self, now: float) -> int:
+        """How many workers to start now (none while backing off or once closed)."""
+        with self.lock:
+            if self.phase not in (Phase.OPEN, Phase.CLOSING) or now < self.next_spawn_at:
+                return 0
+            # Spares start after the first wave: on a small machine they would slow it down.
+            spares = self.config.spares if self.initial_done() else 0
+            return max(0, self.size + spares - len(self.members))
+
+    def started(self, worker: W, now: float) -> None:
+        with self.lock:
+            self.members[worker] = Member(worker, Status.STARTING, now)
+            if self.spawned >= self.size + self.config.spares:
+                self.respawns += 1  # beyond the first workers and spares: a replacement
+            self.spawned += 1
+
+    def greeted(self, worker: W, sandbox: SandboxStatus) -> list[Action]:
+        """A worker said a valid hello: serve with it, hold it back as a spare, or refuse it
+        (the sandbox is required and missing: then no worker ever will be accepted)."""
+        actions: list[Action] = []
+        with self.lock:
+            member = self.members.get(worker)
+            if member is None or member.status is not Status.STARTING:
+                return actions
+            self.initial_resolved += 1
+            if self.config.require_sandbox and not sandbox.enforced:
+                self.sandbox = sandbox
+                self._fail(
+                    SandboxUnavailable(
+                        "require_sandbox=True, but the workers have no Landlock sandbox: "
+                        f"{sandbox.reason}",
+                        reason=sandbox.reason,
+                    ),
+                    actions,
+                )
+                self._retire(member, actions)
+                return actions
+            self.sandbox = self.sandbox or sandbox
+            self.failures_in_a_row = 0
+            self.start_failure = ""
+            if self._active() < self.size:
+                self._hand_out(member, actions)
+            else:
+                member.status = Status.SPARE
+        return actions
+
+    def start_failed(self, worker: W | None, reason: str, now: float) -> list[Action]:
+        """A worker could not start (or said so): back off, retire it, and fail the waiting
+        callers while no worker is running."""
+        actions: list[Action] = []
+        with self.lock:
+            self.failures_in_a_row += 1
+            delay = min(BACKOFF_FIRST * 2 ** (self.failures_in_a_row - 1), BACKOFF_MAX)
+            self.next_spawn_at = now + delay
+            self.start_failures += 1
+            self.start_failure = reason
+            self.initial_resolved += 1
+            pid = 0
+            if worker is not None:
+                member = self.members.get(worker)
+                if member is not None:
+                    pid = worker.pid
+                    self._retire(member, actions)
+            if self.failures_in_a_row == 1 or self.failures_in_a_row % 10 == 0:
+                actions.append(
+                    Log(
+                        logging.WARNING,
+                        "worker start-up failed: %s (attempt %d; next in %.1f s)",
+                        (reason, self.failures_in_a_row, delay),
+                        {"worker_pid": pid, "backoff_seconds": delay},
+                    )
+                )
+            if not self._active():
+                message = f"worker start-up failed: {reason}"
+                self._fail_waiters(WorkerStartError(message, cause=reason), actions)
+        return actions
+
+    def exited(self, worker: W, how: str) -> list[Action]:
+        """A worker's pidfd says it has exited (``how``: "killed by SIGKILL", ...). Idle, a
+        spare, or killed from outside while starting: retired now. Busy: its caller sees
+        the end of its channel and discards it; a spare takes its place now."""
+        actions: list[Action] = []
+        with self.lock:
+            member = self.members.get(worker)
+            if member is None:
+                return actions
+            if member.status is Status.BUSY:
+                member.status = Status.DYING
+                self._promote_spare(actions)
+                return actions
+            if member.status is Status.DYING:
+                return actions
+            if member.status is Status.STARTING:
+                self.initial_resolved += 1
+            self.crashes += 1
+            actions.append(
+                _log(
+                    logging.WARNING,
+                    f"{member.status.value} worker died ({how}); replacing it",
+                    worker.pid,
+                    member.domain,
+                )
+            )
+            self._retire(member, actions)
+        return actions
+
+    def idle_check(self, samples: list[IdleSample]) -> list[Action]:
+        """The supervisor's sample of idle workers and spares: one that wrote while idle, or
+        whose CPU time grew since it came to rest, is discarded."""
+        actions: list[Action] = []
+        with self.lock:
+            for sample in samples:
+                member = self.members.get(sample.worker)
+                if member is None or member.epoch != sample.epoch:
+                    continue
+                if member.status not in (Status.IDLE, Status.SPARE):
+                    continue
+                if sample.wrote:
+                    reason = f"{member.status.value} worker wrote to its channel while idle"
+                elif sample.cpu is None:
+                    continue
+                elif member.cpu_at_rest is None:
+                    member.cpu_at_rest = sample.cpu
+                    continue
+                elif sample.cpu - member.cpu_at_rest > IDLE_CPU_ALLOWANCE:
+                    used = sample.cpu - member.cpu_at_rest
+                    reason = f"{member.status.value} worker used {used:.3f} CPU seconds while idle"
+                else:
+                    member.cpu_at_rest = sample.cpu
+                    continue
+                actions.append(_log(logging.WARNING, reason, member.worker.pid, member.domain))
+                self._retire(member, actions)
+        return actions
+
+    def fail(self, error: Error) -> list[Action]:
+        """No worker can ever be started (the supervisor failed): every caller gets ``error``."""
+        actions: list[Action] = []
+        with self.lock:
+            self._fail(error, actions)
+        return actions
+
+    def _fail(self, error: Error, actions: list[Action]) -> None:
+        self.failure = error
+        if self.phase in (Phase.OPEN, Phase.CLOSING):
+            self.phase = Phase.FAILED
+        self._fail_waiters(error, actions)
+
+    def take_retired(self) -> list[W]:
+        with self.lock:
+            retired, self.retired = self.retired, []
+            return retired
+
+    def snapshot(self) -> list[tuple[W, Status, int, float]]:
+        """Every member's worker, status, epoch and start time, for the supervisor's poll."""
+        with self.lock:
+            return [(m.worker, m.status, m.epoch, m.started_at) for m in self.members.values()]
+
+    def status_of(self, worker: W) -> Status | None:
+        with self.lock:
+            member = self.members.get(worker)
+            return None if member is None else member.status
+
+    def initial_done(self) -> bool:
+        """The constructor waits until every worker of the first wave said hello, or as many
+        start-up attempts as the pool's size ended, or the pool failed (under the lock or
+        from the supervisor thread)."""
+        return (
+            self._active() >= self.size
+            or self.initial_resolved >= self.size
+            or self.failure is not None
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def begin_close(self) -> None:
+        with self.lock:
+            if self.phase is Phase.OPEN:
+                self.phase = Phase.CLOSING
+
+    def begin_terminate(self) -> list[Action]:
+        """Every caller waiting gets PoolClosed; every worker, busy ones too, is killed (a
+        busy worker's caller sees the end of its channel)."""
+        actions: list[Action] = []
+        with self.lock:
+            if self.phase is not Phase.STOPPED:
+                self.phase = Phase.TERMINATED
+            self._fail_waiters(PoolClosed("the pool was terminated"), actions)
+            actions.extend(Kill(worker) for worker in self.members)
+        return actions
+
+    def supervisor_stopped(self) -> tuple[list[W], list[W]]:
+        """The supervisor ends: the workers it closes now, and those it only kills (held by
+        a caller, who closes them: no fd is closed under a caller's feet)."""
+        with self.lock:
+            self.phase = Phase.STOPPED
+            held = [m.worker for m in self.members.values() if m.status in _HELD]
+            free = [m.worker for m in self.members.values() if m.status not in _HELD]
+            free += self.retired
+            self.held.update(held)
+            self.members.clear()
+            self.idle.clear()
+            self.retired = []
+            return free, held
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in (Phase.TERMINATED, Phase.STOPPED)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _active(self) -> int:
+        return sum(m.status in (Status.IDLE, Status.BUSY) for m in self.members.values())
+
+    def has_started(self) -> bool:
+        with self.lock:
+            return self.sandbox is not None and self.failure is None and self.initial_resolved > 0
+
+    def stats(self) -> PoolStats:
+        with self.lock:
+            states = collections.Counter(m.status for m in self.members.values())
+            return PoolStats(
+                size=self.size,
+                alive=states[Status.IDLE] + states[Status.BUSY],
+                busy=states[Status.BUSY],
+                idle=states[Status.IDLE],
+                starting=states[Status.STARTING],
+                spares=states[Status.SPARE],
+                evaluations=self.evaluations,
+                errors=dict(self.errors),
+                timeouts=self.timeouts,
+                crashes=self.crashes,
+                respawns=self.respawns,
+                start_failures=self.start_failures,
+                queue_depth=len(self.waiters),
+                worker_pids=tuple(sorted(m.worker.pid for m in self.members.values())),
+                recycles=self.recycles,
+            )
+
+
+_HELD = (Status.BUSY, Status.DYING)
+
+
+def _log(level: int, message: str, pid: int, domain: Domain | None) -> Log:
+    tenant = domain.tenant if domain is not None else None
+    where = "" if tenant is None else " (tenant %r)"
+    args: tuple[Any, ...] = (pid,) if tenant is None else (pid, tenant)
+    return Log(
+        level,
+        "worker %d: " + message.replace("%", "%%") + where,
+        args,
+        {"worker_pid": pid, "tenant": tenant},
+    )
