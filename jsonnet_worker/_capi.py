@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import secrets
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -188,7 +187,9 @@ class CapiEngine:
         self._bytes = 0
         # Unguessable per worker: the wrapper's directory (the only base the callback serves)
         # and the native function whose registration flushes a VM's cached values.
-        secret = secrets.token_hex(16)
+        # os.urandom, not secrets: secrets imports random, which needs os.register_at_fork,
+        # and `import jsonnet_worker` must work on every platform.
+        secret = os.urandom(16).hex()
         self._wrapper_dir = f"/{secret}/".encode()
         self._wrapper_path = self._wrapper_dir + b"wrapper.jsonnet"
         self._wrapper_token = b"snippet"
