@@ -30,6 +30,7 @@ import json
 import logging
 import logging.config
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ from typing import Any
 
 import uvicorn
 
+from .._errors import HostSandboxError
 from .._host import HostSandbox, restrict_host
 from .._pool import WorkerPool
 from ._app import create_app
@@ -69,7 +71,30 @@ def apply_host_sandbox(
     sandbox = restrict_host(
         config.raw, config_files=config_files, pool=pool, private_dirs=private_dirs
     )
-    return host_sandbox_json(sandbox)
+    status = host_sandbox_json(sandbox)
+    if private_dirs and sandbox.enforced:
+        status["outside_private_dirs"] = [probe_outside(sandbox, path) for path in private_dirs]
+    return status
+
+
+def probe_outside(sandbox: HostSandbox, private_dir: str) -> dict[str, Any]:
+    """Try to list the directory above a read-write grant, once the layer is on: refused
+    unless another grant covers it. Anything else means the layer allows more than it
+    says, and the process does not serve (HostSandboxError)."""
+    above = os.path.dirname(private_dir)
+    try:
+        os.listdir(above)
+        refused = False
+    except PermissionError:
+        refused = True
+    granted = [*sandbox.ro_paths, *sandbox.rw_dirs]
+    covered = any(above == path or above.startswith(path.rstrip("/") + "/") for path in granted)
+    if not refused and not covered:
+        raise HostSandboxError(
+            f"the host's Landlock layer lets this process list {above}, above its "
+            f"read-write grant {private_dir}, which no grant covers"
+        )
+    return {"path": above, "refused": refused}
 
 
 def host_sandbox_json(sandbox: HostSandbox) -> dict[str, Any]:
