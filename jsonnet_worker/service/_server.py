@@ -18,6 +18,10 @@ and uvicorn's loggers, the access log included (``--no-access-log`` turns it off
 a request carries (snippets, variables, tokens) is logged; the access log has the method,
 path and status only.
 
+``--workers N`` (``serve.workers``): ``_multiprocess.py``'s supervisor runs N server
+processes, each built here (``build_server``) with its own pool and host sandbox and the
+shared metrics directory as its one read-write grant.
+
 Weak spots: a module imported lazily somewhere deep in a dependency after the sandbox is on
 fails with PermissionError; the service tests run the real restricted server so such an
 import shows up there.
