@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import stat
 import time
 from collections.abc import Iterator
@@ -150,9 +152,8 @@ def check_scrapes(scrapes: list[str]) -> None:
         count_key = ("jsonnet_worker_request_duration_seconds_count", ok[:1])
         assert figures[count_key] == 8
         assert figures[("jsonnet_worker_pool_size", ())] == 2  # livesum: 1 + 1
-        idle = figures[("jsonnet_worker_workers", (("state", "idle"),))]
-        busy = figures[("jsonnet_worker_workers", (("state", "busy"),))]
-        assert idle + busy == 2
+        states = ("idle", "busy", "starting")
+        assert sum(figures[("jsonnet_worker_workers", (("state", st),))] for st in states) == 2
         assert figures[("jsonnet_worker_sandbox_enforced", ())] == 1  # livemin
         assert figures[("jsonnet_worker_crashes_total", ())] == 0
 
@@ -181,3 +182,53 @@ def test_workers_is_a_config_key_and_an_environment_override(tmp_path: Path) -> 
     for bad in ("0", "two", "1.5"):
         with pytest.raises(ConfigError, match=r"serve\.workers"):
             load_config(config, environ={"JSONNET_WORKER_SERVE_WORKERS": bad})
+
+
+def wait_until_gone(pids: set[int], timeout: float = READY_TIMEOUT) -> set[int]:
+    """The pids still alive once all are gone or ``timeout`` has passed (a bound, not a
+    timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while (alive := {pid for pid in pids if pid_alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def every_pid(service: ServiceProcess, server_pids: set[int]) -> set[int]:
+    """The server processes and their pool workers (each /healthz over a pinned connection)."""
+    found = set(server_pids)
+    with pinned_clients(service.base_url, server_pids) as clients:
+        for client in clients.values():
+            found |= set(client.get("/healthz").json()["pool"]["worker_pids"])
+    return found
+
+
+def test_a_server_process_that_dies_stops_the_service(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with running_service(config, tmp_path, "--workers", "2") as service:
+        log = wait_for_log(service, "all 2 server processes are ready")
+        server_pids, metrics_dir = server_pids_and_dir(log)
+        everything = every_pid(service, server_pids)
+        victim = min(server_pids)
+        os.kill(victim, signal.SIGKILL)
+        assert service.process.wait(READY_TIMEOUT) == 1
+        log = service.log()
+    assert f"(pid {victim}) exited (-9) while serving: stopping the service" in log, log
+    assert wait_until_gone(everything) == set(), log
+    assert not metrics_dir.exists()
+
+
+def test_server_processes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no time to stop anyone: its lifeline pipe ends, and
+    each server process stops (and reaps its pool) by itself."""
+    config = write_config(tmp_path)
+    with running_service(config, tmp_path, "--workers", "2") as service:
+        log = wait_for_log(service, "all 2 server processes are ready")
+        server_pids, metrics_dir = server_pids_and_dir(log)
+        everything = every_pid(service, server_pids)
+        service.process.kill()
+        service.process.wait()
+        left = wait_until_gone(everything)
+        log = service.log()
+    assert left == set(), log
+    assert log.count("the supervisor is gone: stopping") == 2, log
+    shutil.rmtree(metrics_dir)  # what only a SIGKILLed supervisor leaves behind
