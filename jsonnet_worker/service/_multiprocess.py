@@ -53,11 +53,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .._errors import Error
 from ._config import ConfigError, ServiceConfig, load_config
 from ._metrics import MULTIPROC_ENV
+
+if TYPE_CHECKING:
+    from ._server import ServeOptions
 
 logger = logging.getLogger("jsonnet_worker.service")
 
@@ -125,7 +128,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return uvicorn.Config(app="unused:app", host=host, port=port, log_config=None).bind_socket()
 
 
-def supervise(options: Any, config: ServiceConfig, workers: int) -> int:
+def supervise(options: ServeOptions, config: ServiceConfig, workers: int) -> int:
     """Run ``workers`` server processes until SIGTERM or SIGINT; returns the exit status
     (or re-raises the signal that stopped it)."""
     received: list[int] = []
@@ -184,7 +187,7 @@ def supervise(options: Any, config: ServiceConfig, workers: int) -> int:
 
 
 def start_server_process(
-    index: int, options: Any, listener_fd: int, lifeline_fd: int, metrics_dir: str
+    index: int, options: ServeOptions, listener_fd: int, lifeline_fd: int, metrics_dir: str
 ) -> ServerProcess:
     ready_read, ready_write = os.pipe()
     spec = ProcessSpec(
