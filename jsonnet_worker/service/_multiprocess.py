@@ -323,8 +323,12 @@ def server_process(spec_json: str) -> int:
             if self.should_exit:
                 return
             asyncio.get_running_loop().add_reader(spec.lifeline_fd, self.supervisor_gone)
-            os.write(spec.ready_fd, READY)
-            os.close(spec.ready_fd)
+            try:
+                os.write(spec.ready_fd, READY)
+            except BrokenPipeError:  # the supervisor died during our start: the lifeline says so
+                pass
+            finally:
+                os.close(spec.ready_fd)
 
         def supervisor_gone(self) -> None:
             asyncio.get_running_loop().remove_reader(spec.lifeline_fd)
