@@ -224,11 +224,13 @@ def test_server_processes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> 
     with running_service(config, tmp_path, "--workers", "2") as service:
         log = wait_for_log(service, "all 2 server processes are ready")
         server_pids, metrics_dir = server_pids_and_dir(log)
-        everything = every_pid(service, server_pids)
-        service.process.kill()
-        service.process.wait()
-        left = wait_until_gone(everything)
-        log = service.log()
-    assert left == set(), log
+        try:
+            everything = every_pid(service, server_pids)
+            service.process.kill()
+            service.process.wait()
+            left = wait_until_gone(everything)
+            log = service.log()
+        finally:
+            shutil.rmtree(metrics_dir)  # what only a SIGKILLed supervisor leaves behind
+    assert left == set(), (left, log)
     assert log.count("the supervisor is gone: stopping") == 2, log
-    shutil.rmtree(metrics_dir)  # what only a SIGKILLed supervisor leaves behind
