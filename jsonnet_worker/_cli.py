@@ -281,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-access-log", dest="access_log", action="store_false", help="no access log lines"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="server processes on one socket, each with its own pool (default: the config's "
+        "serve.workers, 1); /metrics sums them all",
+    )
     return parser
 
 
@@ -359,6 +366,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         log_level=args.log_level,
         access_log=args.access_log,
+        workers=args.workers,
     )
     return _server.serve(options)
 

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import select
+import stat
 import sys
 import sysconfig
 import threading
@@ -231,6 +232,28 @@ def sqlite_temp_dir() -> str | None:
         if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             return os.path.abspath(candidate)
     return None
+
+
+def private_dir(path: str | os.PathLike[str]) -> str:
+    """``path`` checked as a directory this process made for itself: absolute, no symlink
+    on the way, a directory owned by this user with no access for group or others (what
+    ``tempfile.mkdtemp`` makes). SandboxConfigError otherwise: a read-write grant on
+    anything broader (``/tmp``, a home directory) is refused, not narrowed."""
+    text = os.fspath(path)
+    if not os.path.isabs(text) or os.path.realpath(text) != os.path.normpath(text):
+        raise SandboxConfigError(f"private_dirs: {text!r} must be an absolute path, no symlink")
+    try:
+        info = os.lstat(text)
+    except OSError as exc:
+        raise SandboxConfigError(f"private_dirs: {text}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SandboxConfigError(f"private_dirs: {text} is not a directory")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise SandboxConfigError(
+            f"private_dirs: {text} must be owned by this user with mode 0700 "
+            f"(it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o})"
+        )
+    return os.path.normpath(text)
 
 
 def _config_grants(config: Mapping[str, Any], config_files: Iterable[str]) -> AllowList:
@@ -450,6 +473,7 @@ def restrict_host(
     *,
     config_files: Iterable[str | os.PathLike[str]] = (),
     pool: WorkerPool | Sequence[WorkerPool] | None = None,
+    private_dirs: Iterable[str | os.PathLike[str]] = (),
 ) -> HostSandbox:
     """Apply a Landlock layer to this process that allows only what the config needs.
 
@@ -460,6 +484,11 @@ def restrict_host(
     ``restart_required=True`` and changes nothing. Raises ``SandboxConfigError`` for a bad
     ``security.landlock`` section and ``HostSandboxError`` when Landlock is supported but
     the layer cannot be applied (fail closed).
+
+    ``private_dirs``: directories this process made for its own run-time files (the
+    service's Prometheus multiprocess directory), granted read-write, each exactly itself
+    and what is beneath it; each must be absolute, owned by this user and mode 0700
+    (``private_dir``), else SandboxConfigError and nothing is applied.
     """
     global _applied
     pools = _as_pools(pool)
@@ -469,7 +498,10 @@ def restrict_host(
             logger.warning("Landlock: %s; a restart is required.", RESTART_NOTE)
             return replace(_applied, restart_required=True)
         disabled, _ = _landlock_settings(config)
+        private = [private_dir(path) for path in private_dirs]
         allow = _config_grants(config, [os.fspath(p) for p in config_files])
+        for path in private:
+            allow.grants[path] = READ_WRITE  # exactly READ_WRITE: reported in rw_dirs
         for path, access in _runtime_grants(pools).grants.items():
             allow.grants[path] = allow.grants.get(path, FsAccess(0)) | access
         ro_paths, rw_dirs = allow.ro_paths(), allow.with_access(READ_WRITE)

@@ -65,6 +65,9 @@ def build_layout(base: Path) -> None:
         (base / live).symlink_to(target)
     (base / "data").mkdir()
     (base / "tmp").mkdir()
+    (base / "run" / "metrics").mkdir(parents=True)  # the private_dirs grant: metrics only
+    (base / "run" / "metrics").chmod(0o700)
+    (base / "run" / "sibling.txt").write_text("beside the private directory")
 
 
 def renew(link: Path, new_target: str) -> None:
@@ -124,6 +127,7 @@ class Host:
         env = {
             **os.environ,
             "TMPDIR": str(base / "tmp"),
+            "HOST_PRIVATE_DIR": str(base / "run" / "metrics"),
             "PYTHONPATH": path or str(ROOT),
         }
         env.pop("SQLITE_TMPDIR", None)
@@ -208,7 +212,11 @@ def test_the_log_records_come_in_order_and_the_layer_is_active(host: Host) -> No
 def test_what_the_config_names_is_granted_and_only_that(host: Host) -> None:
     base = host.base
     sandbox = host.started["sandbox"]
-    assert set(sandbox["rw_dirs"]) == {str(base / "data"), str(base / "tmp")}
+    assert set(sandbox["rw_dirs"]) == {
+        str(base / "data"),
+        str(base / "tmp"),
+        str(base / "run" / "metrics"),
+    }
     assert not any(p.startswith("/etc/ssl") or p == "/etc" for p in sandbox["ro_paths"])
     assert not any(p in ("/usr", "/usr/lib", "/lib", "/proc", "/sys") for p in sandbox["ro_paths"])
     readable = [
@@ -254,6 +262,57 @@ def test_what_the_config_does_not_name_is_refused(host: Host) -> None:
     for directory in (str(base), str(base / "schemas")):
         answer = host.ask("write_in", directory)
         assert not answer["ok"] and answer["errno"] == EACCES
+
+
+def test_a_private_dir_is_read_write_and_nothing_above_it_is(host: Host) -> None:
+    """The service's multiprocess metrics directory: files are made, grown, read, listed
+    and removed in it (and beneath it); its parent is neither readable nor writable."""
+    metrics = host.base / "run" / "metrics"
+    assert host.ask("write_in", str(metrics))["ok"]
+    assert host.ask("list", str(metrics)) == {"ok": True, "value": 0}
+    (metrics / "nested").mkdir()
+    assert host.ask("write_in", str(metrics / "nested"))["ok"]
+    for op, path in (
+        ("write_in", metrics.parent),
+        ("list", metrics.parent),
+        ("read", metrics.parent / "sibling.txt"),
+        ("write_in", host.base),
+    ):
+        answer = host.ask(op, str(path))
+        assert not answer["ok"] and answer["errno"] == EACCES, (op, path, answer)
+
+
+def test_a_private_dir_must_be_private_and_nothing_is_applied_otherwise(tmp_path: Path) -> None:
+    """In a process of its own: a validation bug would otherwise restrict the test run."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o700)
+    (tmp_path / "link").symlink_to(private)
+    cases = {
+        str(shared): "mode 0700",
+        str(tmp_path / "link"): "no symlink",
+        "relative/dir": "absolute",
+        str(tmp_path / "missing"): "No such file",
+    }
+    done = run_python(
+        "import jsonnet_worker\n"
+        f"for path in {list(cases)!r}:\n"
+        "    try:\n"
+        "        jsonnet_worker.restrict_host({}, private_dirs=[path])\n"
+        "    except jsonnet_worker.SandboxConfigError as exc:\n"
+        "        print('refused:', exc)\n"
+        "open('/etc/passwd').close()\n"
+        "print('unrestricted')\n"
+    )
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == len(cases), done
+    for line, message in zip(refusals, cases.values(), strict=True):
+        assert message in line, (line, message)
+    assert done.stdout.splitlines()[-1] == "unrestricted", done
+    assert _host.private_dir(private) == str(private)
 
 
 def test_a_schema_ref_is_refused_unless_listed_in_allowed_paths(host: Host) -> None:

@@ -43,6 +43,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -62,7 +63,7 @@ from .._status import PoolStats, SandboxStatus
 from .._verdict import SandboxVerdict, judge
 from ._config import ServiceConfig, Snippet
 from ._errors import ApiError, from_pool_error
-from ._metrics import CONTENT_TYPE, ServiceMetrics
+from ._metrics import CONTENT_TYPE, REFRESH_INTERVAL, ServiceMetrics
 from ._openapi import openapi_document
 
 logger = logging.getLogger("jsonnet_worker.service")
@@ -89,6 +90,7 @@ class Service:
         config: ServiceConfig,
         pool: WorkerPool | None = None,
         after_start: AfterStart | None = None,
+        metrics_dir: str | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -96,7 +98,9 @@ class Service:
         self.after_start = after_start
         self.host_sandbox: Mapping[str, Any] = {"applied": False, "reason": "not requested"}
         self.serving = pool is not None
-        self.metrics = ServiceMetrics(self.stats, self.sandbox, config.pool.engine)
+        self.metrics = ServiceMetrics(
+            self.stats, self.sandbox, config.pool.engine, multiprocess_dir=metrics_dir
+        )
 
     def stats(self) -> PoolStats | None:
         return None if self.pool is None else self.pool.stats()
@@ -114,6 +118,7 @@ class Service:
         if self.pool is None:
             # Blocks until the workers said hello: fine at start, nothing is served yet.
             self.pool = WorkerPool(config=self.config.pool)
+        refreshing: asyncio.Task[None] | None = None
         try:
             await self.check_snippets(self.pool)
             if self.after_start is not None:  # e.g. restrict_host: if it fails, stop here
@@ -122,14 +127,25 @@ class Service:
             verdict = self.verdict()
             log = logger.info if verdict.complete else logger.warning
             log("serving with %d workers; %s", self.pool.size, verdict.summary())
+            if self.metrics.multiprocess_dir is not None:
+                refreshing = asyncio.create_task(self.refresh_metrics())
             yield
         finally:
             self.serving = False
+            if refreshing is not None:
+                refreshing.cancel()
             if self.owns_pool:
                 pool = self.pool
                 # The server has finished its requests by now; close() then reaps the workers.
                 await anyio.to_thread.run_sync(pool.close, self.config.shutdown_timeout)
                 logger.info("pool closed, workers reaped")
+
+    async def refresh_metrics(self) -> None:
+        """Multiprocess metrics: copy this process's pool stats to the shared files now
+        and then, so that a scrape answered by another process sees them."""
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(REFRESH_INTERVAL)
 
     async def check_snippets(self, pool: WorkerPool) -> None:
         """Parse and statically check every configured mapper and template in the sandbox
@@ -251,6 +267,7 @@ class Service:
             "mappers": sorted(self.config.mappers),
             "templates": sorted(self.config.templates),
             "evaluate_enabled": self.config.evaluate_enabled,
+            "server": {"pid": os.getpid()},  # which process answered (serve --workers N)
         }
         return JSONResponse(body, status_code=code)
 
@@ -442,10 +459,14 @@ def create_app(
     *,
     pool: WorkerPool | None = None,
     after_start: AfterStart | None = None,
+    metrics_dir: str | None = None,
 ) -> Starlette:
     """The service as an ASGI app. Without ``pool`` it starts one from ``config.pool`` in
-    its lifespan and closes it at shutdown; with one, the caller owns it."""
-    service = Service(config, pool, after_start)
+    its lifespan and closes it at shutdown; with one, the caller owns it. ``metrics_dir``:
+    prometheus_client's multiprocess directory, shared by every server process
+    (``PROMETHEUS_MULTIPROC_DIR`` must name it before prometheus_client is imported);
+    ``/metrics`` then answers for all of them."""
+    service = Service(config, pool, after_start, metrics_dir)
     routes = [
         Route("/v1/evaluate", service.counted("evaluate", service.evaluate), methods=["POST"]),
         Route("/v1/mappers/{name}", service.counted("mapper", service.mapper), methods=["POST"]),

@@ -69,6 +69,7 @@ ENV_KEYS: tuple[tuple[str, ...], ...] = (
     ("serve", "max_request_timeout"),
     ("serve", "shutdown_timeout"),
     ("serve", "keep_alive_timeout"),
+    ("serve", "workers"),
     ("serve", "evaluate", "enabled"),
     ("serve", "auth", "bearer_token_file"),
     ("security", "require_sandbox"),
@@ -120,6 +121,7 @@ class ServiceConfig:
     max_request_timeout: float = DEFAULT_MAX_REQUEST_TIMEOUT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    workers: int = 1  # server processes on one socket, each with its own pool
     bearer_token: str | None = None  # serve.auth.bearer_token_file's content, read at start
     raw: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the file read (the packaged default.yaml without --config)
@@ -223,6 +225,7 @@ def parse_config(
         keep_alive_timeout=_positive(
             serve, "keep_alive_timeout", float, DEFAULT_KEEP_ALIVE_TIMEOUT, "serve"
         ),
+        workers=_positive(serve, "workers", int, 1, "serve"),
         raw=raw,
         path=path,
     )

@@ -15,22 +15,38 @@ start failures, queue depth, workers by state, and the sandbox verdict
 ``build_info{version,python,engine}``. Each app gets its own ``CollectorRegistry``, so
 several apps (tests, embedding) never collide in the global one.
 
-Weak spots: the counters restart at zero with the process, as Prometheus expects of a
-counter; with several server processes each has its own pool and counters (README: "The
-service", scaling out).
+Several server processes (``serve --workers N``): prometheus_client's multiprocess mode,
+in a private directory the supervisor makes (``multiprocess_dir``; the same path in
+``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported, which is what selects
+its file-backed values). Every process writes its own files there and ``/metrics``, in
+whichever process answers, reads them all. A collector cannot read another process's
+pool, so each process copies its pool's stats into file-backed metrics (``PoolFigures``):
+at every scrape it answers, and every ``REFRESH_INTERVAL`` seconds. The pool's counters
+are added as deltas (a sum over every process that ever ran, as a counter should be); the
+gauges are ``livesum`` (workers, queue depth, pool size: the service's totals) and
+``livemin`` (the sandbox gauges: 1 only when every live process has its sandbox);
+``build_info`` is ``livemax``. The supervisor marks a process dead when it ends, so its
+gauges leave the sums.
+
+Weak spots: the counters restart at zero with the service, as Prometheus expects of a
+counter; with several processes another process's pool gauges are up to
+``REFRESH_INTERVAL`` old, and ``_created`` samples are not exported (prometheus_client's
+multiprocess mode has none).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from .._errors import Error
+from .._errors import Error, InvalidArgument
 from .._status import PoolStats, SandboxStatus
 from .._verdict import judge
 
@@ -46,6 +62,34 @@ def _error_classes(base: type[Error]) -> list[type[Error]]:
 
 
 _KIND_OF_CLASS = {cls.__name__: cls.kind for cls in _error_classes(Error)}
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+REFRESH_INTERVAL = 1.0  # seconds between two copies of a process's pool stats to its files
+SANDBOX_HELP = {
+    "enforced": "1 while the workers report their Landlock sandbox enforced (require_sandbox).",
+    "complete": "1 while every isolation layer is active (the doctor's and /healthz's verdict).",
+}
+POOL_COUNTERS = {
+    "crashes": "Workers that died (during a call or while idle).",
+    "respawns": "Workers started to replace one that ended.",
+    "start_failures": "Workers that failed before their hello.",
+}
+ERRORS_HELP = "The pool's failed calls by error kind."
+QUEUE_HELP = "Calls waiting for a free worker."
+WORKERS_HELP = "Worker processes by state."
+POOL_SIZE_HELP = "Configured pool size."
+
+
+def errors_by_kind(stats: PoolStats) -> dict[str, int]:
+    """The pool's error counts keyed by ``Error.kind``."""
+    by_kind: dict[str, int] = {}
+    for key, count in stats.errors.items():
+        kind = _KIND_OF_CLASS.get(key, key)  # stats keyed by class name (older pools)
+        by_kind[kind] = by_kind.get(kind, 0) + count
+    return by_kind
+
+
+def worker_states(stats: PoolStats) -> tuple[tuple[str, int], ...]:
+    return (("busy", stats.busy), ("idle", stats.idle), ("starting", stats.starting))
 
 
 class PoolCollector(Collector):
@@ -65,65 +109,124 @@ class PoolCollector(Collector):
         if stats is None:
             return
         verdict = judge(self.read_sandbox())
-        yield GaugeMetricFamily(
-            f"{PREFIX}_sandbox_enforced",
-            "1 while the workers report their Landlock sandbox enforced (require_sandbox).",
-            value=int(verdict.enforced),
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_sandbox_complete",
-            "1 while every isolation layer is active (the doctor's and /healthz's verdict).",
-            value=int(verdict.complete),
-        )
-        counters = [
-            ("crashes", "Workers that died (during a call or while idle).", stats.crashes),
-            ("respawns", "Workers started to replace one that ended.", stats.respawns),
-            ("start_failures", "Workers that failed before their hello.", stats.start_failures),
-        ]
-        for name, help_text, value in counters:
-            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
-        errors = CounterMetricFamily(
-            f"{PREFIX}_errors", "The pool's failed calls by error kind.", labels=["kind"]
-        )
-        by_kind: dict[str, int] = {}
-        for key, count in stats.errors.items():
-            kind = _KIND_OF_CLASS.get(key, key)  # stats keyed by class name (older pools)
-            by_kind[kind] = by_kind.get(kind, 0) + count
-        for kind, count in sorted(by_kind.items()):
+        for name, value in (("enforced", verdict.enforced), ("complete", verdict.complete)):
+            yield GaugeMetricFamily(
+                f"{PREFIX}_sandbox_{name}", SANDBOX_HELP[name], value=int(value)
+            )
+        values = {"crashes": stats.crashes, "respawns": stats.respawns}
+        values["start_failures"] = stats.start_failures
+        for name, help_text in POOL_COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=values[name])
+        errors = CounterMetricFamily(f"{PREFIX}_errors", ERRORS_HELP, labels=["kind"])
+        for kind, count in sorted(errors_by_kind(stats).items()):
             errors.add_metric([kind], count)
         yield errors
-        yield GaugeMetricFamily(
-            f"{PREFIX}_queue_depth", "Calls waiting for a free worker.", value=stats.queue_depth
-        )
-        workers = GaugeMetricFamily(
-            f"{PREFIX}_workers", "Worker processes by state.", labels=["state"]
-        )
-        for state, count in (
-            ("busy", stats.busy),
-            ("idle", stats.idle),
-            ("starting", stats.starting),
-        ):
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", QUEUE_HELP, value=stats.queue_depth)
+        workers = GaugeMetricFamily(f"{PREFIX}_workers", WORKERS_HELP, labels=["state"])
+        for state, count in worker_states(stats):
             workers.add_metric([state], count)
         yield workers
-        yield GaugeMetricFamily(f"{PREFIX}_pool_size", "Configured pool size.", value=stats.size)
+        yield GaugeMetricFamily(f"{PREFIX}_pool_size", POOL_SIZE_HELP, value=stats.size)
+
+
+class PoolFigures:
+    """Multiprocess mode: this process's pool stats copied into file-backed metrics, so
+    that the process that answers a scrape shows every process's pool (see the module's
+    docstring for each metric's mode)."""
+
+    def __init__(
+        self,
+        read_stats: Callable[[], PoolStats | None],
+        read_sandbox: Callable[[], SandboxStatus | None],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.read_stats = read_stats
+        self.read_sandbox = read_sandbox
+        self.sandbox = {
+            name: Gauge(
+                f"{PREFIX}_sandbox_{name}",
+                help_text,
+                registry=registry,
+                multiprocess_mode="livemin",
+            )
+            for name, help_text in SANDBOX_HELP.items()
+        }
+        self.counters = {
+            name: Counter(f"{PREFIX}_{name}", help_text, registry=registry)
+            for name, help_text in POOL_COUNTERS.items()
+        }
+        self.errors = Counter(f"{PREFIX}_errors", ERRORS_HELP, ["kind"], registry=registry)
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", QUEUE_HELP, registry=registry, multiprocess_mode="livesum"
+        )
+        self.workers = Gauge(
+            f"{PREFIX}_workers",
+            WORKERS_HELP,
+            ["state"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.pool_size = Gauge(
+            f"{PREFIX}_pool_size", POOL_SIZE_HELP, registry=registry, multiprocess_mode="livesum"
+        )
+        self.copied: dict[tuple[str, str], int] = {}  # counter values already added
+
+    def refresh(self) -> None:
+        stats = self.read_stats()
+        if stats is None:
+            return
+        verdict = judge(self.read_sandbox())
+        self.sandbox["enforced"].set(int(verdict.enforced))
+        self.sandbox["complete"].set(int(verdict.complete))
+        values = {"crashes": stats.crashes, "respawns": stats.respawns}
+        values["start_failures"] = stats.start_failures
+        for name, counter in self.counters.items():
+            self._add(counter, (name, ""), values[name])
+        for kind, count in errors_by_kind(stats).items():
+            self._add(self.errors.labels(kind), ("errors", kind), count)
+        self.queue_depth.set(stats.queue_depth)
+        for state, count in worker_states(stats):
+            self.workers.labels(state).set(count)
+        self.pool_size.set(stats.size)
+
+    def _add(self, counter: Counter, key: tuple[str, str], value: int) -> None:
+        """Add what the pool counted since the last copy (a counter only goes up)."""
+        delta = value - self.copied.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+            self.copied[key] = value
 
 
 class ServiceMetrics:
-    """The registry of one app: the pool collector plus per-request metrics."""
+    """The registry of one app: the pool collector plus per-request metrics; with
+    ``multiprocess_dir``, file-backed metrics that ``render`` reads for every process."""
 
     def __init__(
         self,
         read_stats: Callable[[], PoolStats | None],
         read_sandbox: Callable[[], SandboxStatus | None],
         engine: str,
+        multiprocess_dir: str | None = None,
     ) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(PoolCollector(read_stats, read_sandbox))
+        self.pool_figures: PoolFigures | None = None
+        if multiprocess_dir is None:
+            self.registry.register(PoolCollector(read_stats, read_sandbox))
+        else:
+            if os.environ.get(MULTIPROC_ENV) != multiprocess_dir:
+                # prometheus_client chose in-memory values at import: nothing would be shared
+                raise InvalidArgument(
+                    f"multiprocess metrics in {multiprocess_dir} need {MULTIPROC_ENV} set to "
+                    "it before prometheus_client is imported"
+                )
+            self.pool_figures = PoolFigures(read_stats, read_sandbox, self.registry)
         build = Gauge(
             f"{PREFIX}_build_info",
             "The running version (always 1).",
             ["version", "python", "engine"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         build.labels(__version__, platform.python_version(), engine).set(1)
         self.outcomes = Counter(
@@ -151,5 +254,16 @@ class ServiceMetrics:
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
+    def refresh(self) -> None:
+        """Copy this process's pool stats to the shared files (multiprocess mode only)."""
+        if self.pool_figures is not None:
+            self.pool_figures.refresh()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.refresh()
+        # A registry per scrape, holding only the reader of every process's files.
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(every_process)

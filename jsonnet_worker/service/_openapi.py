@@ -170,7 +170,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/metrics": {
                 "get": {
-                    "summary": "Prometheus metrics (text format).",
+                    "summary": "Prometheus metrics (text format), of every server process.",
                     "responses": {
                         "200": {"description": "Metrics.", "content": {"text/plain": {}}}
                     },

@@ -18,6 +18,10 @@ and uvicorn's loggers, the access log included (``--no-access-log`` turns it off
 a request carries (snippets, variables, tokens) is logged; the access log has the method,
 path and status only.
 
+``--workers N`` (``serve.workers``): ``_multiprocess.py``'s supervisor runs N server
+processes, each built here (``build_server``) with its own pool and host sandbox and the
+shared metrics directory as its one read-write grant.
+
 Weak spots: a module imported lazily somewhere deep in a dependency after the sandbox is on
 fails with PermissionError; the service tests run the real restricted server so such an
 import shows up there.
@@ -30,15 +34,17 @@ import json
 import logging
 import logging.config
 import math
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from .._errors import HostSandboxError
 from .._host import HostSandbox, restrict_host
 from .._pool import WorkerPool
 from ._app import create_app
@@ -52,7 +58,9 @@ EXIT_CONFIG = 2
 EXIT_START = 3
 
 
-def apply_host_sandbox(pool: WorkerPool, config: ServiceConfig) -> Mapping[str, Any]:
+def apply_host_sandbox(
+    pool: WorkerPool, config: ServiceConfig, private_dirs: Sequence[str] = ()
+) -> Mapping[str, Any]:
     """The ``restrict_host`` step, after the pool has started and before the server
     listens; returns the host sandbox's status for /healthz.
 
@@ -60,10 +68,37 @@ def apply_host_sandbox(pool: WorkerPool, config: ServiceConfig) -> Mapping[str, 
     thread exists but the pool's supervisor (``restrict_host`` refuses otherwise). Raises
     (and so the lifespan start-up fails, and the process exits before listening) where
     Landlock is supported but the layer cannot be applied, or the section is invalid.
+    ``private_dirs``: the multiprocess metrics directory of ``serve --workers N``, the one
+    path this process may write (``restrict_host``'s ``private_dirs``).
     """
     config_files = [] if config.path is None else [config.path]
-    sandbox = restrict_host(config.raw, config_files=config_files, pool=pool)
-    return host_sandbox_json(sandbox)
+    sandbox = restrict_host(
+        config.raw, config_files=config_files, pool=pool, private_dirs=private_dirs
+    )
+    status = host_sandbox_json(sandbox)
+    if private_dirs and sandbox.enforced:
+        status["outside_private_dirs"] = [probe_outside(sandbox, path) for path in private_dirs]
+    return status
+
+
+def probe_outside(sandbox: HostSandbox, private_dir: str) -> dict[str, Any]:
+    """Try to list the directory above a read-write grant, once the layer is on: refused
+    unless another grant covers it. Anything else means the layer allows more than it
+    says, and the process does not serve (HostSandboxError)."""
+    above = os.path.dirname(private_dir)
+    try:
+        os.listdir(above)
+        refused = False
+    except PermissionError:
+        refused = True
+    granted = [*sandbox.ro_paths, *sandbox.rw_dirs]
+    covered = any(above == path or above.startswith(path.rstrip("/") + "/") for path in granted)
+    if not refused and not covered:
+        raise HostSandboxError(
+            f"the host's Landlock layer lets this process list {above}, above its "
+            f"read-write grant {private_dir}, which no grant covers"
+        )
+    return {"path": above, "refused": refused}
 
 
 def host_sandbox_json(sandbox: HostSandbox) -> dict[str, Any]:
@@ -94,6 +129,7 @@ class ServeOptions:
     log_format: str = "text"  # or "json": one object per line
     log_level: str = "info"
     access_log: bool = True
+    workers: int | None = None  # server processes; None: the config's serve.workers (1)
 
 
 class JsonFormatter(logging.Formatter):
@@ -158,6 +194,10 @@ def serve(options: ServeOptions) -> int:
     except ConfigError as exc:
         print(f"jsonnet-worker serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    workers = config.workers if options.workers is None else options.workers
+    if workers < 1:
+        print("jsonnet-worker serve: --workers must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
     logger.info(
         "config %s: %d mappers, %d templates",
         config.path or "(embedded default)",
@@ -165,20 +205,41 @@ def serve(options: ServeOptions) -> int:
         len(config.templates),
     )
     warn_if_exposed(config, options.host)
+    if workers > 1:
+        from ._multiprocess import supervise  # imports nothing of the app's at the top
+
+        return supervise(options, config, workers)
+    server = build_server(config, options)
+    server.run()
+    return 0 if server.started else EXIT_START
+
+
+def build_server(
+    config: ServiceConfig,
+    options: ServeOptions,
+    metrics_dir: str | None = None,
+    server_class: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
+) -> uvicorn.Server:
+    """The uvicorn server of one process: the app, restricted after its pool starts, with
+    every module uvicorn and anyio import lazily imported now, before the sandbox.
+    ``metrics_dir``: shared multiprocess metrics (a server process of ``--workers N``)."""
+    private_dirs = () if metrics_dir is None else (metrics_dir,)
+
+    def after_start(pool: WorkerPool, started: ServiceConfig) -> Mapping[str, Any]:
+        return apply_host_sandbox(pool, started, private_dirs)
+
     server_config = uvicorn.Config(
-        create_app(config, after_start=apply_host_sandbox),
+        create_app(config, after_start=after_start, metrics_dir=metrics_dir),
         host=options.host,
         port=options.port,
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(config.shutdown_timeout),
         timeout_keep_alive=math.ceil(config.keep_alive_timeout),
         access_log=options.access_log,
-        log_config=log_config,
+        log_config=logging_config(options.log_format, options.log_level),
         log_level=options.log_level,
         server_header=False,
     )
     server_config.load()  # import what uvicorn would import lazily, before the sandbox
     importlib.import_module("anyio._backends._asyncio")  # imported by anyio on first use
-    server = uvicorn.Server(server_config)
-    server.run()
-    return 0 if server.started else EXIT_START
+    return server_class(server_config)

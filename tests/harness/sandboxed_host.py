@@ -1,6 +1,7 @@
 """A host process that restricts itself with restrict_host and then answers probes.
 
-Usage: python sandboxed_host.py CONFIG.yml (working directory: the config's layout).
+Usage: python sandboxed_host.py CONFIG.yml (working directory: the config's layout);
+HOST_PRIVATE_DIR in the environment names a directory passed as ``private_dirs``.
 It loads the YAML config, starts a pool of two workers, calls restrict_host with the config
 file and the pool, prints one JSON line (the HostSandbox and the log records), then answers
 one JSON command per stdin line with one JSON line, until EOF. Restriction is irrevocable,
@@ -94,6 +95,8 @@ def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_p
         answer = outcome(lambda: read(arg))
     elif op == "write_in":
         answer = outcome(lambda: write_in(arg))
+    elif op == "list":
+        answer = outcome(lambda: len(os.listdir(arg)))
     elif op == "sqlite":
         answer = outcome(lambda: sqlite_write(arg))
     elif op == "evaluate":
@@ -141,7 +144,10 @@ def main() -> None:
     with open(config_path) as file:
         config = yaml.safe_load(file)
     pool = WorkerPool(2, timeout=2.0)
-    sandbox = restrict_host(config, config_files=[config_path], pool=pool)
+    private = os.environ.get("HOST_PRIVATE_DIR")  # a read-write run-time directory
+    sandbox = restrict_host(
+        config, config_files=[config_path], pool=pool, private_dirs=[private] if private else []
+    )
     first = {"sandbox": dataclasses.asdict(sandbox), "records": list(records.lines)}
     print(json.dumps(first, default=str), flush=True)
     for line in sys.stdin:

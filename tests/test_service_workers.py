@@ -1,0 +1,236 @@
+"""``serve --workers N``: real server processes on one socket of 127.0.0.1, each with its own
+pool and host sandbox, and one /metrics that counts what every process served."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from jsonnet_worker.service import ConfigError, load_config
+from servicekit import ServiceProcess, pid_alive, running_service
+
+READY_TIMEOUT = 60.0
+MAX_CONNECTIONS = 200  # fresh connections tried before giving up on reaching every process
+
+
+def write_config(folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    (folder / "mapper.jsonnet").write_text(
+        "local c = std.extVar('claims'); {identity: {traits: {email: c.email}}}"
+    )
+    config: dict[str, Any] = {
+        "pool": {"size": 1, "spares": 0},
+        "selfservice": {
+            "methods": {
+                "oidc": {
+                    "config": {"providers": [{"id": "m", "mapper_url": "file://mapper.jsonnet"}]}
+                }
+            }
+        },
+        **(extra or {}),
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_for_log(service: ServiceProcess, text: str) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while text not in (log := service.log()):
+        assert service.process.poll() is None, f"the service exited:\n{log}"
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
+def server_pids_and_dir(log: str) -> tuple[set[int], Path]:
+    found = re.search(r"server processes on one socket \(pids ([\d ]+)\), metrics in (\S+)", log)
+    assert found, log
+    return {int(pid) for pid in found.group(1).split()}, Path(found.group(2))
+
+
+@contextmanager
+def pinned_clients(base_url: str, wanted: set[int]) -> Iterator[dict[int, httpx.Client]]:
+    """One keep-alive connection to each server process: a connection stays with the process
+    that accepted it, so what is sent on it is served there (its /healthz says which)."""
+    found: dict[int, httpx.Client] = {}
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            client = httpx.Client(base_url=base_url, limits=httpx.Limits(max_connections=1))
+            pid = client.get("/healthz").json()["server"]["pid"]
+            if pid in found:
+                client.close()
+            else:
+                found[pid] = client
+            if set(found) == wanted:
+                break
+        assert set(found) == wanted, f"reached {sorted(found)} of {sorted(wanted)}"
+        yield found
+    finally:
+        for client in found.values():
+            client.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_two_server_processes_share_a_socket_metrics_and_a_clean_stop(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with running_service(config, tmp_path, "--workers", "2") as service:
+        log = wait_for_log(service, "all 2 server processes are ready")
+        server_pids, metrics_dir = server_pids_and_dir(log)
+        assert len(server_pids) == 2 and service.process.pid not in server_pids
+        info = os.stat(metrics_dir)
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.geteuid()
+        sent = {}
+        pool_workers: set[int] = set()
+        with pinned_clients(service.base_url, server_pids) as clients:
+            scrapes = exercise(clients, sent, pool_workers, metrics_dir)
+        scrapes.append(httpx.get(f"{service.base_url}/metrics").text)
+        check_scrapes(scrapes)
+        assert sent == {pid: count for pid, count in zip(sorted(server_pids), (3, 5), strict=True)}
+        assert len(pool_workers) == 2
+        supervisor = service.process.pid
+        service.stop()
+        log = service.log()
+    for pid in {supervisor, *server_pids, *pool_workers}:
+        assert not pid_alive(pid), (pid, log)
+    assert not metrics_dir.exists(), log
+    assert log.count("pool closed, workers reaped") == 2, log
+    assert "Traceback" not in log, log
+
+
+def exercise(
+    clients: dict[int, httpx.Client],
+    sent: dict[int, int],
+    pool_workers: set[int],
+    metrics_dir: Path,
+) -> list[str]:
+    """3 evaluations on one process's connection, 5 on the other's; the scrape of each."""
+    for count, (pid, client) in zip((3, 5), sorted(clients.items()), strict=True):
+        for index in range(count):
+            answer = client.post("/v1/evaluate", json={"snippet": f"{index} + 1"})
+            assert answer.json() == index + 1
+        health = client.get("/healthz").json()
+        assert health["server"]["pid"] == pid  # the same connection, the same process
+        assert health["pool"]["evaluations"] >= count, health  # (+ a start-up check)
+        host = health["sandbox"]["host"]
+        assert host["applied"] is True, host
+        assert host["allowed"]["rw_dirs"] == 1  # the metrics directory, nothing else
+        # Each process, once restricted, was refused the directory above its grant.
+        assert host["outside_private_dirs"] == [{"path": str(metrics_dir.parent), "refused": True}]
+        pool_workers |= set(health["pool"]["worker_pids"])
+        sent[pid] = count
+    return [client.get("/metrics").text for client in clients.values()]
+
+
+def check_scrapes(scrapes: list[str]) -> None:
+    """Whichever process answers /metrics, it counts what both served (3 + 5)."""
+    for text in scrapes:
+        figures = samples(text)
+        ok = (("endpoint", "evaluate"), ("outcome", "ok"))
+        assert figures[("jsonnet_worker_evaluations_total", ok)] == 8, text
+        status = (("endpoint", "evaluate"), ("status", "200"))
+        assert figures[("jsonnet_worker_http_requests_total", status)] == 8
+        count_key = ("jsonnet_worker_request_duration_seconds_count", ok[:1])
+        assert figures[count_key] == 8
+        assert figures[("jsonnet_worker_pool_size", ())] == 2  # livesum: 1 + 1
+        states = ("idle", "busy", "starting")
+        assert sum(figures[("jsonnet_worker_workers", (("state", st),))] for st in states) == 2
+        assert figures[("jsonnet_worker_sandbox_enforced", ())] == 1  # livemin
+        assert figures[("jsonnet_worker_crashes_total", ())] == 0
+
+
+def test_a_server_process_that_cannot_start_stops_the_start(tmp_path: Path) -> None:
+    """restrict_host refuses a bad security.landlock section in each server process: the
+    supervisor exits 3, as one process does, and leaves neither a process nor its
+    directory behind."""
+    config = write_config(tmp_path, {"security": {"landlock": {"allowed_paths": "/etc"}}})
+    with pytest.raises(AssertionError, match=r"exited \(3\)") as failed:
+        with running_service(config, tmp_path, "--workers", "2"):
+            pass
+    log = str(failed.value)
+    server_pids, metrics_dir = server_pids_and_dir(log)
+    assert "before it was ready: stopping" in log
+    assert "allowed_paths" in log
+    assert not metrics_dir.exists()
+    assert not any(pid_alive(pid) for pid in server_pids)
+
+
+def test_workers_is_a_config_key_and_an_environment_override(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"serve": {"workers": 3}})
+    assert load_config(config, environ={}).workers == 3
+    assert load_config(config, environ={"JSONNET_WORKER_SERVE_WORKERS": "2"}).workers == 2
+    assert load_config(write_config(tmp_path), environ={}).workers == 1
+    for bad in ("0", "two", "1.5"):
+        with pytest.raises(ConfigError, match=r"serve\.workers"):
+            load_config(config, environ={"JSONNET_WORKER_SERVE_WORKERS": bad})
+
+
+def wait_until_gone(pids: set[int], timeout: float = READY_TIMEOUT) -> set[int]:
+    """The pids still alive once all are gone or ``timeout`` has passed (a bound, not a
+    timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while (alive := {pid for pid in pids if pid_alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def every_pid(service: ServiceProcess, server_pids: set[int]) -> set[int]:
+    """The server processes and their pool workers (each /healthz over a pinned connection)."""
+    found = set(server_pids)
+    with pinned_clients(service.base_url, server_pids) as clients:
+        for client in clients.values():
+            found |= set(client.get("/healthz").json()["pool"]["worker_pids"])
+    return found
+
+
+def test_a_server_process_that_dies_stops_the_service(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with running_service(config, tmp_path, "--workers", "2") as service:
+        log = wait_for_log(service, "all 2 server processes are ready")
+        server_pids, metrics_dir = server_pids_and_dir(log)
+        everything = every_pid(service, server_pids)
+        victim = min(server_pids)
+        os.kill(victim, signal.SIGKILL)
+        assert service.process.wait(READY_TIMEOUT) == 1
+        log = service.log()
+    assert f"(pid {victim}) exited (-9) while serving: stopping the service" in log, log
+    assert wait_until_gone(everything) == set(), log
+    assert not metrics_dir.exists()
+
+
+def test_server_processes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no time to stop anyone: its lifeline pipe ends, and
+    each server process stops (and reaps its pool) by itself."""
+    config = write_config(tmp_path)
+    with running_service(config, tmp_path, "--workers", "2") as service:
+        log = wait_for_log(service, "all 2 server processes are ready")
+        server_pids, metrics_dir = server_pids_and_dir(log)
+        try:
+            everything = every_pid(service, server_pids)
+            service.process.kill()
+            service.process.wait()
+            left = wait_until_gone(everything)
+            log = service.log()
+        finally:
+            shutil.rmtree(metrics_dir)  # what only a SIGKILLed supervisor leaves behind
+    assert left == set(), (left, log)
+    assert log.count("the supervisor is gone: stopping") == 2, log
