@@ -29,10 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .. import __version__
-from .._errors import Error
-from .._status import PoolStats, SandboxStatus
-from .._verdict import judge
+from .. import Error, PoolStats, SandboxStatus, __version__, judge_sandbox
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "jsonnet_worker"
@@ -64,7 +61,7 @@ class PoolCollector(Collector):
         stats = self.read_stats()
         if stats is None:
             return
-        verdict = judge(self.read_sandbox())
+        verdict = judge_sandbox(self.read_sandbox())
         yield GaugeMetricFamily(
             f"{PREFIX}_sandbox_enforced",
             "1 while the workers report their Landlock sandbox enforced (require_sandbox).",
