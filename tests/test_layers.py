@@ -18,6 +18,7 @@ import signal
 
 import pytest
 
+import seams
 from conftest import full, harness_command, wait_until
 from jsonnet_worker import (
     EvaluationTimeout,
@@ -440,7 +441,8 @@ def test_a_uid_range_gives_each_live_worker_its_own_uid() -> None:
     with WorkerPool(3, worker_user="200000-200009", spares=1) as pool:
         wait_until(lambda: full(pool))
         sandbox = pool.sandbox
-        assert sandbox is not None and sandbox.missing == (), sandbox.summary()
+        assert sandbox is not None
+        assert sandbox.missing == (), sandbox.summary()
         assert sandbox.missing_in_depth == (), sandbox.summary()
         assert "this worker's alone" in sandbox.uid.detail
         # RLIMIT_NPROC counts this worker's tasks only: nothing ran as its uid before.
@@ -454,7 +456,7 @@ def test_a_uid_range_gives_each_live_worker_its_own_uid() -> None:
         wait_until(lambda: victim not in pool.stats().worker_pids and full(pool))
         now = {status_fields(pid)[0]["Uid"].split()[0] for pid in pool.stats().worker_pids}
         assert len(now) == 4 and all(200000 <= int(u) <= 200009 for u in now)
-        identities = pool._supervisor.settings.identities
+        identities = seams.worker_identities(pool)
         assert identities.in_use() == 4
         assert pool.evaluate("[1, 2]") == [1, 2]
     assert identities.in_use() == 0

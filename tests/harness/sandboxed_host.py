@@ -122,7 +122,7 @@ def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_p
             lambda: {"executable": sys.executable, "select_file": getattr(select, "__file__", None)}
         )
     elif op == "supervisor_reads":
-        answer = outcome(lambda: pool._supervisor.run_on_thread(lambda: read(arg)))
+        answer = outcome(lambda: pool.run_on_supervisor(lambda: read(arg)))
     elif op == "restrict_again":
         records.lines.clear()
         again = restrict_host(arg, config_files=[config_path], pool=pool)
