@@ -256,7 +256,11 @@ def test_a_kept_vm_keeps_nothing_of_the_previous_call(workers: Any) -> None:
     capi, _ = workers
     deep = "local f(n) = if n == 0 then 0 else 1 + f(n - 1); {depth: f(20)}"
     for max_stack in (500, 10, 500, 10, 21, 22, 500):
-        request = {"snippet": deep, "filename": "deep.jsonnet", "max_stack": max_stack}
+        request: dict[str, Any] = {
+            "snippet": deep,
+            "filename": "deep.jsonnet",
+            "max_stack": max_stack,
+        }
         request.update(ext_vars={}, ext_codes={}, tla_vars={}, tla_codes={}, max_trace=20)
         assert _answer(capi.request(**request)) == in_process(request), max_stack
     for value in ("first", "second", "", "third"):

@@ -220,9 +220,9 @@ def test_death_signal_survives_the_privilege_drop() -> None:
 def python_worker(**options: object) -> RawWorker:
     """The compromised-engine model: a full worker that runs each snippet as Python."""
     identity = resolve_identity("nobody")
-    command = harness_command("python", identity=identity, **options)  # type: ignore[arg-type]
-    raw = RawWorker("go", command=command, cpu_budget=options.get("cpu_budget"))  # type: ignore[arg-type]
-    assert raw.hello is not None and raw.hello.payload["t"] == "hello", raw.hello  # type: ignore[union-attr]
+    command = harness_command("python", identity=identity, **options)
+    raw = RawWorker("go", command=command, cpu_budget=options.get("cpu_budget"))
+    assert raw.hello is not None and raw.hello.payload["t"] == "hello", raw.hello
     return raw
 
 
