@@ -39,9 +39,9 @@ def workers() -> Any:
         RawWorker("go") as capi,
         RawWorker("go", command=[*worker_command(settings_), "--engine-api", "binding"]) as binding,
     ):
-        if capi.hello.payload.get("engine_api") != "capi":
-            pytest.skip(f"no C API here: {capi.hello.payload.get('engine_api')}")
-        assert binding.hello.payload["engine_api"].startswith("binding: ")
+        if capi.hello.engine_api != "capi":
+            pytest.skip(f"no C API here: {capi.hello.engine_api}")
+        assert binding.hello.engine_api.startswith("binding: ")
         yield capi, binding
 
 

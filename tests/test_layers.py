@@ -222,7 +222,7 @@ def python_worker(**options: object) -> RawWorker:
     identity = resolve_identity("nobody")
     command = harness_command("python", identity=identity, **options)
     raw = RawWorker("go", command=command, cpu_budget=options.get("cpu_budget"))
-    assert raw.hello is not None and raw.hello.payload["t"] == "hello", raw.hello
+    assert raw.hello.pid == raw.process.pid, raw.hello
     return raw
 
 
