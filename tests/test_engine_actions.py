@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ENGINES
 from jsonnet_worker._process import WorkerSettings, worker_command
+from jsonnet_worker._protocol import Action
 from rawworker import RawWorker
 
 # name -> (engine, extra worker arguments)
@@ -47,7 +48,7 @@ def worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
 
 
 def _ask(worker: RawWorker, snippet: str, action: str, **fields: Any) -> dict[str, Any]:
-    return worker.request(snippet, action=action, **fields)
+    return worker.request(snippet, action=Action(action), **fields)
 
 
 def test_hello_says_which_api(worker: RawWorker, request: pytest.FixtureRequest) -> None:
