@@ -217,11 +217,11 @@ def test_death_signal_survives_the_privilege_drop() -> None:
 # -- the runtimes under the filter's rules ---------------------------------------------------
 
 
-def python_worker(**options: object) -> RawWorker:
+def python_worker(*, cpu_budget: float | None = None) -> RawWorker:
     """The compromised-engine model: a full worker that runs each snippet as Python."""
     identity = resolve_identity("nobody")
-    command = harness_command("python", identity=identity, **options)
-    raw = RawWorker("go", command=command, cpu_budget=options.get("cpu_budget"))
+    command = harness_command("python", identity=identity, cpu_budget=cpu_budget)
+    raw = RawWorker("go", command=command, cpu_budget=cpu_budget)
     assert raw.hello.pid == raw.process.pid, raw.hello
     return raw
 
@@ -376,7 +376,8 @@ while True:
     with python_worker(cpu_budget=1) as raw:
         with pytest.raises(AssertionError):  # no answer: the worker dies mid-call
             raw.request(code)
-        error = raw.process.death_error(grace=10)
+        assert raw.process.wait(10) is not None, "the worker outlived its CPU budget"
+        error = raw.process.death_error()
     assert isinstance(error, EvaluationTimeout), error
     assert "CPU budget of 1 s" in str(error) and "SIGKILL" in str(error)
 
@@ -386,7 +387,8 @@ def test_without_a_budget_a_kill_is_a_crash() -> None:
     crash."""
     with python_worker() as raw:
         os.kill(raw.process.pid, signal.SIGKILL)
-        error = raw.process.death_error(grace=10)
+        assert raw.process.wait(10) is not None
+        error = raw.process.death_error()
     assert type(error).__name__ == "WorkerCrashed", error
 
 
