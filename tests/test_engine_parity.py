@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jsonnet_worker._connection import escape_controls
 from jsonnet_worker._process import WorkerSettings, worker_command
 from rawworker import RawWorker
 
@@ -179,7 +180,9 @@ def in_process(request: dict[str, Any]) -> tuple[str, str] | None:
                     end = message.find("\n", at)
                     end = len(message) if end == -1 else end
                     message = message[: at + len(marker)] + message[end:]
-        return "jsonnet", message
+        # The pool's conversation escapes control characters in every failure's message (a
+        # worker's text reaches logs, terminals and HTTP bodies): so does the expectation.
+        return "jsonnet", escape_controls(message)
     except UnicodeDecodeError:
         if refused:
             return None
