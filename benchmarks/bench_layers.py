@@ -30,7 +30,7 @@ from bench_latency import find_workload, percentile, time_calls
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._launch import launch_and_greet
 from jsonnet_worker._privileges import WorkerIdentities
-from jsonnet_worker._process import WorkerProcess, WorkerSettings, worker_command
+from jsonnet_worker._process import WorkerSettings, worker_command
 from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
 
 HARNESS = Path(__file__).resolve().parent.parent / "tests" / "harness" / "worker_harness.py"

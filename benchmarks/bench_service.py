@@ -234,9 +234,10 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
         ratios.append(rates[SERVICE] / max(rates[UNSAFE_LOOP], rates[UNSAFE_POOL]))
     rows = []
     for target, target_runs in by_target.items():
-        rates = [run.requests_per_second for run in target_runs]
+        target_rates = [run.requests_per_second for run in target_runs]
         rows.append(
-            f"| {target} | {statistics.median(rates):,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
+            f"| {target} | {statistics.median(target_rates):,.0f} | "
+            f"{min(target_rates):,.0f}-{max(target_rates):,.0f} | "
             f"{statistics.median(run.p50_ms for run in target_runs):.1f} ms | "
             f"{statistics.median(run.p99_ms for run in target_runs):.1f} ms | "
             f"{sum(run.bad_responses for run in target_runs)} |"

@@ -535,13 +535,13 @@ def main() -> None:
     layers = layer_costs(args.quick)
     print("\n" + layers)
     if not args.no_write:
-        service = ""
+        service_section = ""
         if RESULTS.exists():  # benchmarks/bench_service.py keeps its own section
             current = RESULTS.read_text()
             start = current.find(SERVICE_HEADING)
             if start != -1:
                 end = current.find("\n## ", start + len(SERVICE_HEADING))
-                service = current[start:] if end == -1 else current[start:end]
+                service_section = current[start:] if end == -1 else current[start:end]
         RESULTS.write_text(
             "# Benchmark results\n\n"
             "Regenerate with `python -m benchmarks.run` (about eight minutes; it runs "
@@ -558,7 +558,7 @@ def main() -> None:
             + "`benchmarks/bench_layers.py`, one run:\n\n```\n"
             + layers
             + "\n```\n"
-            + ("\n" + service.rstrip("\n") + "\n" if service else "")
+            + ("\n" + service_section.rstrip("\n") + "\n" if service_section else "")
         )
         print(f"wrote {RESULTS}")
 

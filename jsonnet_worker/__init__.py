@@ -32,6 +32,7 @@ from ._host import HostSandbox, restrict_host
 from ._landlock import LandlockStatus
 from ._pool import WorkerPool
 from ._status import LayerState, LayerStatus, PoolStats, SandboxStatus
+from ._verdict import SandboxVerdict, judge_sandbox
 
 __version__ = "0.1.0"
 
@@ -59,12 +60,14 @@ __all__ = [
     "SandboxConfigError",
     "SandboxStatus",
     "SandboxUnavailable",
+    "SandboxVerdict",
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStartError",
     "aevaluate",
     "evaluate",
     "get_default_pool",
+    "judge_sandbox",
     "restrict_host",
     "set_default_pool",
 ]

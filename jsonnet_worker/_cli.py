@@ -34,7 +34,7 @@ from ._pool import WorkerPool
 from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import DEFAULT_MAX_FRAME
-from ._verdict import judge
+from ._verdict import judge_sandbox
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -574,7 +574,7 @@ def _print_hello(hello: Hello, elapsed: float) -> bool:
             print(f"  {label:<16} active: {layer.detail}")
         else:
             print(f"  {label:<16} MISSING: {layer.reason}")
-    return judge(sandbox).complete
+    return judge_sandbox(sandbox).complete
 
 
 def main_entry() -> None:

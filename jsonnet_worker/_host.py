@@ -30,7 +30,6 @@ import importlib.util
 import json
 import logging
 import os
-import select
 import stat
 import sys
 import sysconfig
@@ -263,12 +262,29 @@ def _config_grants(config: Mapping[str, Any], config_files: Iterable[str]) -> Al
         allow.add(path, READ, "security.landlock.allowed_paths")
     for path in config_files:
         allow.add(os.fspath(path), READ, "config file")
+    _grant_tls_files(allow, config)
+    _grant_courier_files(allow, config)
+    for path in file_urls(config):
+        allow.add(path, READ, "file:// value")
+    _grant_sqlite_dirs(allow, config)
+    allow.add(os.devnull, DEVICE, "/dev/null")
+    for path in SYSTEM_FILES:
+        allow.add_if_exists(path, READ)
+    return allow
+
+
+def _grant_tls_files(allow: AllowList, config: Mapping[str, Any]) -> None:
+    """The listeners' certificate and key files."""
     for listener in ("public", "admin"):
         for part in ("cert", "key"):
             key = f"serve.{listener}.tls.{part}.path"
             value = _lookup(config, key)
             if isinstance(value, str) and value:
                 allow.add(value, READ, key)
+
+
+def _grant_courier_files(allow: AllowList, config: Mapping[str, Any]) -> None:
+    """The courier's SMTP client certificates (its own and each channel's) and templates."""
     smtp_blocks = [("courier.smtp", _lookup(config, "courier.smtp"))]
     channels = _lookup(config, "courier.channels")
     for index, channel in enumerate(channels if isinstance(channels, list) else []):
@@ -284,8 +300,10 @@ def _config_grants(config: Mapping[str, Any], config_files: Iterable[str]) -> Al
     templates = _lookup(config, "courier.template_override_path")
     if isinstance(templates, str) and templates:
         allow.add(templates.removeprefix(FILE_URL), READ, "courier.template_override_path")
-    for path in file_urls(config):
-        allow.add(path, READ, "file:// value")
+
+
+def _grant_sqlite_dirs(allow: AllowList, config: Mapping[str, Any]) -> None:
+    """A SQLite DSN's database directory and SQLite's temp directory, read-write."""
     is_sqlite, database = sqlite_database(config.get("dsn"))
     if database is not None:
         allow.add(os.path.dirname(database), READ_WRITE, "SQLite database directory")
@@ -293,10 +311,6 @@ def _config_grants(config: Mapping[str, Any], config_files: Iterable[str]) -> Al
         temp = sqlite_temp_dir()
         if temp is not None:
             allow.add(temp, READ_WRITE, "SQLite temp directory")
-    allow.add(os.devnull, DEVICE, "/dev/null")
-    for path in SYSTEM_FILES:
-        allow.add_if_exists(path, READ)
-    return allow
 
 
 # -- what a worker loads ---------------------------------------------------------------------
@@ -411,6 +425,20 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
     allow.add(package, READ, "jsonnet_worker")
     for root in _package_paths():
         allow.add(root, LIST, "a sys.path root of the worker")
+    extensions = _grant_worker_modules(allow)
+    for path in LOADER_FILES:
+        allow.add_if_exists(path, FsAccess.READ_FILE)
+    libraries = _mapped_by_workers(pools)
+    libraries |= _resolve_needed([interpreter, *extensions], _library_search_dirs(libraries))
+    for path in sorted(libraries):
+        if path != interpreter and not path.startswith(stdlib + os.sep):
+            allow.add(path, FsAccess.READ_FILE, "a shared library a worker loads")
+    return allow
+
+
+def _grant_worker_modules(allow: AllowList) -> list[str]:
+    """Grant the modules a worker imports beyond the stdlib (msgpack, the engines); return
+    their extension modules, whose shared libraries it needs too."""
     extensions = []
     for name in ("msgpack", *ENGINE_MODULES):
         spec = importlib.util.find_spec(name)
@@ -426,8 +454,12 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
         else:
             allow.add(spec.origin, READ, name)
             extensions.append(spec.origin)
-    for path in LOADER_FILES:
-        allow.add_if_exists(path, FsAccess.READ_FILE)
+    return extensions
+
+
+def _mapped_by_workers(pools: Sequence[WorkerPool]) -> set[str]:
+    """The files this process and the pools' workers have mapped (one probe worker's, if
+    no pool has a worker yet)."""
     libraries = mapped_files()
     worker_pids = [pid for pool in pools for pid in pool.stats().worker_pids]
     for pid in worker_pids:
@@ -435,11 +467,7 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
     if not worker_pids:
         engine = pools[0].engine if pools else "go"
         libraries |= _probe_worker_maps(engine)
-    libraries |= _resolve_needed([interpreter, *extensions], _library_search_dirs(libraries))
-    for path in sorted(libraries):
-        if path != interpreter and not path.startswith(stdlib + os.sep):
-            allow.add(path, FsAccess.READ_FILE, "a shared library a worker loads")
-    return allow
+    return libraries
 
 
 # -- applying it -----------------------------------------------------------------------------
@@ -451,7 +479,7 @@ _applied_lock = threading.Lock()
 def _other_threads(pools: Sequence[WorkerPool]) -> list[str]:
     """Threads of this process that the layer would not bind, by name."""
     allowed = {threading.get_native_id()}
-    allowed |= {pool._supervisor.thread.native_id or 0 for pool in pools}
+    allowed |= {pool.supervisor_thread_id or 0 for pool in pools}
     try:
         task_ids = {int(tid) for tid in os.listdir("/proc/self/task")}
     except OSError:
@@ -548,7 +576,7 @@ def _apply(ruleset: Ruleset, pools: Sequence[WorkerPool]) -> LandlockStatus:
     try:
         status = ruleset.restrict_self(support)
         for pool in pools:
-            pool._supervisor.run_on_thread(lambda: ruleset.restrict_self(support))
+            pool.run_on_supervisor(lambda: ruleset.restrict_self(support))
     except (LandlockError, OSError) as exc:
         raise HostSandboxError(f"cannot apply the host's Landlock layer: {exc}") from exc
     return status

@@ -305,6 +305,12 @@ def no_new_privs() -> bool:
     return bool(_sys().prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1)
 
 
+def prctl(option: int, arg: int = 0) -> int:
+    """prctl(2) with one argument, through the typed entry point this module holds (the
+    worker's other prctl calls use it, e.g. PR_SET_PDEATHSIG); returns what the call did."""
+    return int(_sys().prctl(option, arg, 0, 0, 0))
+
+
 @dataclass
 class Ruleset:
     """The rights a caller wants handled, and path rules that grant some of them back.

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -302,6 +302,19 @@ class WorkerPool:
     def stats(self) -> PoolStats:
         self._check_fork()
         return self._state.stats()
+
+    @property
+    def supervisor_thread_id(self) -> int | None:
+        """The native id of the thread that starts this pool's workers (``restrict_host``
+        binds it too, and counts it as a thread it may leave running)."""
+        return self._supervisor.thread.native_id
+
+    def run_on_supervisor(self, function: Callable[[], object], timeout: float = 10.0) -> object:
+        """Run ``function`` on the thread that starts this pool's workers and return its
+        result (its exception is raised here). ``restrict_host`` applies the host's Landlock
+        layer there: before Landlock ABI 8 a layer binds only the calling thread and what it
+        starts later."""
+        return self._supervisor.run_on_thread(function, timeout)
 
     def evaluate(
         self,

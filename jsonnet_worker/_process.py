@@ -24,7 +24,6 @@ Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goe
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import signal

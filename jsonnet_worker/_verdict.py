@@ -1,5 +1,5 @@
 """The one sandbox verdict: ``doctor``, the service's ``/healthz`` and ``/readyz`` and its
-start-up log all judge what the workers reported with :func:`judge`, so "healthy" means the
+start-up log all judge what the workers reported with :func:`judge_sandbox`, so "healthy" means the
 same thing everywhere.
 
 ``enforced`` is what ``require_sandbox`` demands (the workers' Landlock layer); ``complete``
@@ -25,7 +25,7 @@ class SandboxVerdict:
         return "sandbox: degraded: " + "; ".join(self.reasons)
 
 
-def judge(sandbox: SandboxStatus | None) -> SandboxVerdict:
+def judge_sandbox(sandbox: SandboxStatus | None) -> SandboxVerdict:
     """The verdict on what the workers reported (None: no worker has reported yet)."""
     if sandbox is None:
         return SandboxVerdict(False, False, ("no worker has reported its sandbox yet",))

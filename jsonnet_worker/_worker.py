@@ -149,8 +149,7 @@ class ProtocolStreams:
 
 
 def tie_to_parent(parent_pid: int) -> None:
-    # The typed prctl entry point the Landlock module already holds.
-    if _landlock._sys().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _landlock.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
         raise StartupFailed("PR_SET_PDEATHSIG failed")
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(EXIT_STARTUP_FAILED)

@@ -25,6 +25,7 @@ from typing import Any
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._connection import ConnectionState
 from jsonnet_worker._pool import ThreadTicket
+from jsonnet_worker._privileges import WorkerIdentities
 from jsonnet_worker._protocol import Action
 from jsonnet_worker._state import NO_TENANT, Status, Ticket
 from jsonnet_worker._supervisor import Worker
@@ -48,7 +49,13 @@ def worker_pids(pool: WorkerPool, status: str) -> list[int]:
 def run_on_supervisor(pool: WorkerPool, function: Callable[[], object]) -> object:
     """Run ``function`` on the pool's supervisor thread and return what it returned: the
     thread that spawns every worker (the host sandbox tests check what it may read)."""
-    return pool._supervisor.run_on_thread(function)
+    return pool.run_on_supervisor(function)
+
+
+def worker_identities(pool: WorkerPool) -> WorkerIdentities:
+    """The pool's uid allocator (``worker_user`` as a range): how many of its uids are held
+    by live workers right now (``in_use()``), so a test sees a dead worker's uid come back."""
+    return pool._supervisor.settings.identities
 
 
 def hold_idle_workers(pool: WorkerPool) -> list[Ticket]:

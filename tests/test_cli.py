@@ -215,8 +215,8 @@ class GoJsonnet:
             for name, value in (options or {}).items():
                 getattr(self.lib, f"jsonnet_{name}")(vm, value)
             for kind, mapping in (variables or {}).items():
-                for key, value in mapping.items():
-                    getattr(self.lib, f"jsonnet_{kind}")(vm, key.encode(), value.encode())
+                for key, text in mapping.items():
+                    getattr(self.lib, f"jsonnet_{kind}")(vm, key.encode(), text.encode())
             error = ctypes.c_int()
             function = getattr(self.lib, f"jsonnet_evaluate_snippet{mode}")
             result = function(vm, filename.encode(), code.encode(), ctypes.byref(error))

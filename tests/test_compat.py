@@ -16,10 +16,10 @@ RECURSE = "local f(n) = if n == 0 then error 'bottom' else 1 + f(n - 1); f(40)"
 def test_evaluate_file_matches_the_binding(tmp_path: Path) -> None:
     source = tmp_path / "m.jsonnet"
     source.write_text("function(t) {a: std.extVar('e'), t: t, f: std.thisFile}")
-    kwargs = {"ext_vars": {"e": "x"}, "tla_codes": {"t": "[1, 2]"}}
-    assert compat.evaluate_file(str(source), **kwargs) == _jsonnet.evaluate_file(
-        str(source), **kwargs
-    )
+    ext_vars, tla_codes = {"e": "x"}, {"t": "[1, 2]"}
+    assert compat.evaluate_file(
+        str(source), ext_vars=ext_vars, tla_codes=tla_codes
+    ) == _jsonnet.evaluate_file(str(source), ext_vars=ext_vars, tla_codes=tla_codes)
 
 
 def test_evaluate_file_that_cannot_be_read(tmp_path: Path) -> None:

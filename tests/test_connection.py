@@ -166,7 +166,11 @@ def test_a_valid_hello_is_parsed_into_typed_fields() -> None:
     assert hello.landlock.abi == 7 and hello.landlock.errata == 3
     assert hello.landlock.handled_fs == ("EXECUTE", "WRITE_FILE")
     assert [layer.name for layer in hello.layers] == list(EXTRA_LAYERS)
-    assert hello.layers[0].state is LayerState.ACTIVE and hello.layers[0].detail
+    layers = {layer.name: layer for layer in hello.layers}
+    assert layers["limits"].state is LayerState.ACTIVE and layers["limits"].detail
+    assert layers["privileges"].state is LayerState.MISSING and layers["privileges"].reason
+    # A layer the hello leaves out is missing, never taken as active.
+    assert layers["ipc_namespace"].state is LayerState.MISSING
     assert state(connection) is ConnectionState.IDLE
     assert connection.next_event() is NEED_DATA
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ENGINES
 from jsonnet_worker._process import WorkerSettings, worker_command
+from jsonnet_worker._protocol import Action
 from rawworker import RawWorker
 
 # name -> (engine, extra worker arguments)
@@ -47,11 +48,11 @@ def worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
 
 
 def _ask(worker: RawWorker, snippet: str, action: str, **fields: Any) -> dict[str, Any]:
-    return worker.request(snippet, action=action, **fields)
+    return worker.request(snippet, action=Action(action), **fields)
 
 
 def test_hello_says_which_api(worker: RawWorker, request: pytest.FixtureRequest) -> None:
-    api = worker.hello.payload["engine_api"]
+    api = worker.hello.engine_api
     if request.node.callspec.params["worker"] == "go-capi":
         assert api == "capi"
     else:
@@ -91,7 +92,7 @@ def test_check_refuses_nul_like_eval(worker: RawWorker) -> None:
 
 def test_fmt(worker: RawWorker) -> None:
     answer = _ask(worker, "{b:2,   a :1, c: [1,2  ,3] }", "fmt")
-    if worker.hello.payload["engine_api"] != "capi":
+    if worker.hello.engine_api != "capi":
         assert answer["t"] == "error" and answer["kind"] == "jsonnet"
         assert "action 'fmt' is not available" in answer["message"]
         return

@@ -507,23 +507,23 @@ def _commands() -> dict[str, list[str]]:
     """Every worker the matrix needs. Run as an unprivileged user, the worker as shipped is
     the ``nonroot`` column itself."""
     legacy = ("seccomp", "limits", "ipc_namespace")
-    marker = {"seccomp_errno": SECCOMP_MARKER}
     if not ROOT:
         return {
             "nonroot": harness_command("python"),
-            "nonroot-marked": harness_command("python", **marker),  # type: ignore[arg-type]
+            "nonroot-marked": harness_command("python", seccomp_errno=SECCOMP_MARKER),
             "nonroot-landlock": harness_command("python", without=legacy),
         }
     identity = resolve_identity("nobody")
-    parent = {"parent_uid": PARENT_UID}
     return {
         "kratos": harness_command("python", without=(*legacy, "landlock-net-scopes")),
         "landlock": harness_command("python", without=legacy),
         "full": harness_command("python", identity=identity),
         "full-marked": harness_command("python", identity=identity, seccomp_errno=SECCOMP_MARKER),
-        "nonroot": harness_command("python", **parent),  # type: ignore[arg-type]
-        "nonroot-marked": harness_command("python", seccomp_errno=SECCOMP_MARKER, **parent),  # type: ignore[arg-type]
-        "nonroot-landlock": harness_command("python", without=legacy, **parent),  # type: ignore[arg-type]
+        "nonroot": harness_command("python", parent_uid=PARENT_UID),
+        "nonroot-marked": harness_command(
+            "python", seccomp_errno=SECCOMP_MARKER, parent_uid=PARENT_UID
+        ),
+        "nonroot-landlock": harness_command("python", without=legacy, parent_uid=PARENT_UID),
     }
 
 

@@ -18,6 +18,7 @@ import signal
 
 import pytest
 
+import seams
 from conftest import full, harness_command, wait_until
 from jsonnet_worker import (
     EvaluationTimeout,
@@ -216,12 +217,12 @@ def test_death_signal_survives_the_privilege_drop() -> None:
 # -- the runtimes under the filter's rules ---------------------------------------------------
 
 
-def python_worker(**options: object) -> RawWorker:
+def python_worker(*, cpu_budget: float | None = None) -> RawWorker:
     """The compromised-engine model: a full worker that runs each snippet as Python."""
     identity = resolve_identity("nobody")
-    command = harness_command("python", identity=identity, **options)  # type: ignore[arg-type]
-    raw = RawWorker("go", command=command, cpu_budget=options.get("cpu_budget"))  # type: ignore[arg-type]
-    assert raw.hello is not None and raw.hello.payload["t"] == "hello", raw.hello  # type: ignore[union-attr]
+    command = harness_command("python", identity=identity, cpu_budget=cpu_budget)
+    raw = RawWorker("go", command=command, cpu_budget=cpu_budget)
+    assert raw.hello.pid == raw.process.pid, raw.hello
     return raw
 
 
@@ -375,7 +376,8 @@ while True:
     with python_worker(cpu_budget=1) as raw:
         with pytest.raises(AssertionError):  # no answer: the worker dies mid-call
             raw.request(code)
-        error = raw.process.death_error(grace=10)
+        assert raw.process.wait(10) is not None, "the worker outlived its CPU budget"
+        error = raw.process.death_error()
     assert isinstance(error, EvaluationTimeout), error
     assert "CPU budget of 1 s" in str(error) and "SIGKILL" in str(error)
 
@@ -385,7 +387,8 @@ def test_without_a_budget_a_kill_is_a_crash() -> None:
     crash."""
     with python_worker() as raw:
         os.kill(raw.process.pid, signal.SIGKILL)
-        error = raw.process.death_error(grace=10)
+        assert raw.process.wait(10) is not None
+        error = raw.process.death_error()
     assert type(error).__name__ == "WorkerCrashed", error
 
 
@@ -440,7 +443,8 @@ def test_a_uid_range_gives_each_live_worker_its_own_uid() -> None:
     with WorkerPool(3, worker_user="200000-200009", spares=1) as pool:
         wait_until(lambda: full(pool))
         sandbox = pool.sandbox
-        assert sandbox is not None and sandbox.missing == (), sandbox.summary()
+        assert sandbox is not None
+        assert sandbox.missing == (), sandbox.summary()
         assert sandbox.missing_in_depth == (), sandbox.summary()
         assert "this worker's alone" in sandbox.uid.detail
         # RLIMIT_NPROC counts this worker's tasks only: nothing ran as its uid before.
@@ -454,7 +458,7 @@ def test_a_uid_range_gives_each_live_worker_its_own_uid() -> None:
         wait_until(lambda: victim not in pool.stats().worker_pids and full(pool))
         now = {status_fields(pid)[0]["Uid"].split()[0] for pid in pool.stats().worker_pids}
         assert len(now) == 4 and all(200000 <= int(u) <= 200009 for u in now)
-        identities = pool._supervisor.settings.identities
+        identities = seams.worker_identities(pool)
         assert identities.in_use() == 4
         assert pool.evaluate("[1, 2]") == [1, 2]
     assert identities.in_use() == 0

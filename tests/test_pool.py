@@ -825,10 +825,12 @@ def test_no_sched_getaffinity_falls_back(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_the_package_imports_where_the_pool_cannot_run() -> None:
+    # No os.fork either, as on the platforms without register_at_fork: the stdlib's random
+    # (which _capi's secrets imports) registers an at-fork hook wherever os.fork exists.
     script = (
         "import os, select, sys\n"
         "sys.platform = 'darwin'\n"
-        "for name in ('register_at_fork', 'pidfd_open', 'sched_getaffinity', 'pipe2'):\n"
+        "for name in ('fork', 'register_at_fork', 'pidfd_open', 'sched_getaffinity', 'pipe2'):\n"
         "    delattr(os, name)\n"
         "del select.poll\n"
         "import jsonnet_worker\n"

@@ -172,6 +172,11 @@ class RecordingPool(WorkerPool):
 
     tenants: list[str | None]
 
+    def __enter__(self) -> RecordingPool:
+        super().__enter__()
+        self.tenants = []
+        return self
+
     async def aevaluate_json(self, *args: Any, tenant: str | None = None, **kw: Any) -> str:
         self.tenants.append(tenant)
         return await super().aevaluate_json(*args, tenant=tenant, **kw)
@@ -198,7 +203,6 @@ def test_tenants_are_passed_in_two_namespaces(tmp_path: Path) -> None:
             assert answer.status_code == 400 and "tenant" in answer.json()["error"]["message"]
 
     with RecordingPool(config=PoolConfig(size=1, spares=0)) as pool:
-        pool.tenants = []
 
         async def main() -> None:
             async with in_process(create_app(config, pool=pool)) as client:

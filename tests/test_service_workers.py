@@ -99,7 +99,7 @@ def test_two_server_processes_share_a_socket_metrics_and_a_clean_stop(tmp_path: 
         assert len(server_pids) == 2 and service.process.pid not in server_pids
         info = os.stat(metrics_dir)
         assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.geteuid()
-        sent = {}
+        sent: dict[int, int] = {}
         pool_workers: set[int] = set()
         with pinned_clients(service.base_url, server_pids) as clients:
             scrapes = exercise(clients, sent, pool_workers, metrics_dir)

@@ -57,10 +57,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._errors import Error, JsonnetError
-from .._pool import WorkerPool
-from .._status import PoolStats, SandboxStatus
-from .._verdict import SandboxVerdict, judge
+from .. import (
+    Error,
+    JsonnetError,
+    PoolStats,
+    SandboxStatus,
+    SandboxVerdict,
+    WorkerPool,
+    judge_sandbox,
+)
 from ._config import ServiceConfig, Snippet
 from ._errors import ApiError, from_pool_error
 from ._metrics import CONTENT_TYPE, REFRESH_INTERVAL, ServiceMetrics
@@ -164,7 +169,7 @@ class Service:
                 ) from None
 
     def verdict(self) -> SandboxVerdict:
-        return judge(None if self.pool is None else self.pool.sandbox)
+        return judge_sandbox(None if self.pool is None else self.pool.sandbox)
 
     def ready(self) -> tuple[bool, str]:
         """Whether requests can be served, and why not."""
@@ -239,7 +244,7 @@ class Service:
     async def healthz(self, request: Request) -> Response:
         stats = self.stats()
         sandbox = None if self.pool is None else self.pool.sandbox
-        verdict = judge(sandbox)
+        verdict = judge_sandbox(sandbox)
         reasons = list(verdict.reasons)
         if stats is not None and stats.alive == 0:
             reasons.insert(0, "no worker alive")

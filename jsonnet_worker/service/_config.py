@@ -48,8 +48,7 @@ from typing import Any
 
 import yaml
 
-from .._config import PoolConfig
-from .._errors import InvalidArgument
+from .. import InvalidArgument, PoolConfig
 
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_REQUEST_TIMEOUT = 10.0

@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from .._errors import Error, JsonnetError
+from .. import Error, JsonnetError
 
 RETRY_AFTER_SECONDS = 1
 

@@ -45,10 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .. import __version__
-from .._errors import Error, InvalidArgument
-from .._status import PoolStats, SandboxStatus
-from .._verdict import judge
+from .. import Error, InvalidArgument, PoolStats, SandboxStatus, __version__, judge_sandbox
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "jsonnet_worker"
@@ -108,7 +105,7 @@ class PoolCollector(Collector):
         stats = self.read_stats()
         if stats is None:
             return
-        verdict = judge(self.read_sandbox())
+        verdict = judge_sandbox(self.read_sandbox())
         for name, value in (("enforced", verdict.enforced), ("complete", verdict.complete)):
             yield GaugeMetricFamily(
                 f"{PREFIX}_sandbox_{name}", SANDBOX_HELP[name], value=int(value)
@@ -175,7 +172,7 @@ class PoolFigures:
         stats = self.read_stats()
         if stats is None:
             return
-        verdict = judge(self.read_sandbox())
+        verdict = judge_sandbox(self.read_sandbox())
         self.sandbox["enforced"].set(int(verdict.enforced))
         self.sandbox["complete"].set(int(verdict.complete))
         values = {"crashes": stats.crashes, "respawns": stats.respawns}

@@ -55,7 +55,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from .._errors import Error
+from .. import Error
 from ._config import ConfigError, ServiceConfig, load_config
 from ._metrics import MULTIPROC_ENV
 

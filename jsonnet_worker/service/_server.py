@@ -44,9 +44,7 @@ from typing import Any
 
 import uvicorn
 
-from .._errors import HostSandboxError
-from .._host import HostSandbox, restrict_host
-from .._pool import WorkerPool
+from .. import HostSandbox, HostSandboxError, WorkerPool, restrict_host
 from ._app import create_app
 from ._config import ConfigError, ServiceConfig, load_config
 

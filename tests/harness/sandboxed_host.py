@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -88,17 +89,20 @@ def kill_a_worker(pool: WorkerPool) -> dict[str, Any]:
     raise TimeoutError(f"no replacement within 10 s: {pool.stats()}")
 
 
+# Operations on a path alone: the answer is what the operation returns, or its error.
+PATH_OPS: dict[str, Callable[[str], Any]] = {
+    "read": read,
+    "write_in": write_in,
+    "list": lambda path: len(os.listdir(path)),
+    "sqlite": sqlite_write,
+}
+
+
 def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_path: str) -> Any:
     op: str = command["op"]
     arg: Any = command.get("arg")
-    if op == "read":
-        answer = outcome(lambda: read(arg))
-    elif op == "write_in":
-        answer = outcome(lambda: write_in(arg))
-    elif op == "list":
-        answer = outcome(lambda: len(os.listdir(arg)))
-    elif op == "sqlite":
-        answer = outcome(lambda: sqlite_write(arg))
+    if op in PATH_OPS:
+        answer = outcome(lambda: PATH_OPS[op](arg))
     elif op == "evaluate":
         answer = outcome(lambda: pool.evaluate(arg, command.get("ext_vars")))
     elif op == "timeout_then_evaluate":
@@ -125,7 +129,7 @@ def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_p
             lambda: {"executable": sys.executable, "select_file": getattr(select, "__file__", None)}
         )
     elif op == "supervisor_reads":
-        answer = outcome(lambda: pool._supervisor.run_on_thread(lambda: read(arg)))
+        answer = outcome(lambda: pool.run_on_supervisor(lambda: read(arg)))
     elif op == "restrict_again":
         records.lines.clear()
         again = restrict_host(arg, config_files=[config_path], pool=pool)

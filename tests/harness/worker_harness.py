@@ -45,6 +45,7 @@ import os
 import resource
 import struct
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -74,9 +75,18 @@ def leave_out(layers: set[str]) -> None:
     if unknown:
         raise SystemExit(f"unknown layers {sorted(unknown)}")
     if "seccomp" in layers:
-        _seccomp.install = lambda machine=None, refusal=errno.EPERM: _seccomp.SeccompResult(
-            False, os.uname().machine, reason="left out by the test harness"
-        )
+
+        def left_out(
+            machine: str | None = None,
+            refusal: int = errno.EPERM,
+            *,
+            process_clone: int | None = None,
+        ) -> _seccomp.SeccompResult:
+            return _seccomp.SeccompResult(
+                False, os.uname().machine, reason="left out by the test harness"
+            )
+
+        _seccomp.install = left_out
     if "limits" in layers:
 
         def memory_limit_only(memory_limit: int, cpu_budget: float | None = None) -> str:
@@ -119,7 +129,13 @@ def leave_out(layers: set[str]) -> None:
 
 def refuse_with(error: int) -> None:
     install = _seccomp.install
-    _seccomp.install = lambda machine=None, refusal=errno.EPERM: install(machine, error)
+
+    def refusing_with_error(
+        machine: str | None = None, refusal: int = errno.EPERM, *, process_clone: int | None = None
+    ) -> _seccomp.SeccompResult:
+        return install(machine, error, process_clone=process_clone)
+
+    _seccomp.install = refusing_with_error
 
 
 def install_landlock_filter(error: int) -> None:
@@ -186,8 +202,100 @@ def install_filter(bpf: list[tuple[int, int, int, int]]) -> None:
         raise OSError(ctypes.get_errno(), "seccomp")
 
 
-def main() -> int:
-    mode, argv = sys.argv[1], sys.argv[2:]
+def seccomp_refused() -> None:
+    def refuse(machine: str | None = None, refusal: int = errno.EPERM) -> None:
+        raise _seccomp.SeccompError(errno.EACCES, "seccomp(SET_MODE_FILTER): refused")
+
+    _seccomp.install = refuse  # type: ignore[assignment]
+
+
+def no_barrier() -> None:
+    # The binding without its import callback (the C API path is turned off: its barrier
+    # is the VM's callback itself), so only the kernel can refuse.
+    original = _engines.Engine.run
+
+    def run_without_barrier(self: _engines.Engine, request: object) -> str:
+        self._capi = None
+        evaluate = self._module_evaluate
+        self._module_evaluate = lambda *a, **kw: evaluate(
+            *a, **{k: v for k, v in kw.items() if k != "import_callback"}
+        )
+        try:
+            return original(self, request)  # type: ignore[arg-type]
+        finally:
+            self._module_evaluate = evaluate
+
+    _engines.Engine.run = run_without_barrier  # type: ignore[method-assign]
+
+
+def python_engine() -> None:
+    # What the probes of tests/test_isolation_matrix.py use: nothing can be imported
+    # once the worker is restricted, so load it now.
+    import socket  # noqa: F401
+    import threading  # noqa: F401
+
+    # Per-thread state of the main thread, read once start-up is over (snippets run on
+    # the loop thread): PR_SET_PDEATHSIG is a property of the thread that set it.
+    main_thread: dict[str, object] = {}
+    start = _worker.start
+
+    def start_and_record(*args: object) -> object:
+        with open("/proc/self/maps") as maps:  # before restriction: the main stack
+            for line in maps:
+                if line.rstrip().endswith("[stack]"):
+                    low, high = line.split()[0].split("-")
+                    main_thread["stack"] = [int(low, 16), int(high, 16)]
+        started = start(*args)  # type: ignore[arg-type]
+        pdeathsig = ctypes.c_int(-1)
+        ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
+        main_thread["pdeathsig"] = pdeathsig.value
+        return started
+
+    _worker.start = start_and_record  # type: ignore[assignment]
+
+    def run_python(self: _engines.Engine, request: EvalRequest) -> str:
+        scope: dict[str, object] = {"main_thread": main_thread}
+        exec(request.snippet, scope)
+        return json.dumps(scope.get("result"))
+
+    _engines.Engine.run = run_python  # type: ignore[method-assign]
+
+
+def broken_engine() -> None:
+    _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
+        lambda self: "_no_such_jsonnet_engine"
+    )
+
+
+def limits_refused() -> None:
+    setrlimit = resource.setrlimit
+
+    def refusing(limit: int, value: tuple[int, int]) -> None:
+        if limit in (resource.RLIMIT_RTPRIO, resource.RLIMIT_MSGQUEUE):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        setrlimit(limit, value)
+
+    resource.setrlimit = refusing
+
+
+# Each mode: what it changes in this process before the real worker's main runs.
+MODES: dict[str, Callable[[], None]] = {
+    "full": lambda: None,
+    "seccomp-refused": seccomp_refused,
+    "no-barrier": no_barrier,
+    "python": python_engine,
+    "broken-engine": broken_engine,
+    "landlock-enosys": lambda: install_landlock_filter(errno.ENOSYS),
+    "landlock-eperm": lambda: install_landlock_filter(errno.EPERM),
+    "ipc-refused": lambda: install_unshare_filter(errno.EPERM),
+    "seccomp-enosys": lambda: install_unshare_filter(errno.ENOSYS, "seccomp"),
+    "limits-refused": limits_refused,
+}
+
+
+def apply_options(argv: list[str]) -> list[str]:
+    """Apply the leading --without/--seccomp-errno/--parent-uid options; the rest is the
+    worker's own argv."""
     while argv and argv[0] in ("--without", "--seccomp-errno", "--parent-uid"):
         option, value, argv = argv[0], argv[1], argv[2:]
         if option == "--without":
@@ -196,85 +304,15 @@ def main() -> int:
             become_parent_uid(int(value))
         else:
             refuse_with(int(value))
-    if mode == "full":
-        pass
-    elif mode == "seccomp-refused":
+    return argv
 
-        def refuse(machine: str | None = None, refusal: int = errno.EPERM) -> None:
-            raise _seccomp.SeccompError(errno.EACCES, "seccomp(SET_MODE_FILTER): refused")
 
-        _seccomp.install = refuse  # type: ignore[assignment]
-    elif mode == "no-barrier":
-        # The binding without its import callback (the C API path is turned off: its barrier
-        # is the VM's callback itself), so only the kernel can refuse.
-        original = _engines.Engine.run
-
-        def run_without_barrier(self: _engines.Engine, request: object) -> str:
-            self._capi = None
-            evaluate = self._module_evaluate
-            self._module_evaluate = lambda *a, **kw: evaluate(
-                *a, **{k: v for k, v in kw.items() if k != "import_callback"}
-            )
-            try:
-                return original(self, request)  # type: ignore[arg-type]
-            finally:
-                self._module_evaluate = evaluate
-
-        _engines.Engine.run = run_without_barrier  # type: ignore[method-assign]
-    elif mode == "python":
-        # What the probes of tests/test_isolation_matrix.py use: nothing can be imported
-        # once the worker is restricted, so load it now.
-        import socket  # noqa: F401
-        import threading  # noqa: F401
-
-        # Per-thread state of the main thread, read once start-up is over (snippets run on
-        # the loop thread): PR_SET_PDEATHSIG is a property of the thread that set it.
-        main_thread: dict[str, object] = {}
-        start = _worker.start
-
-        def start_and_record(*args: object) -> object:
-            with open("/proc/self/maps") as maps:  # before restriction: the main stack
-                for line in maps:
-                    if line.rstrip().endswith("[stack]"):
-                        low, high = line.split()[0].split("-")
-                        main_thread["stack"] = [int(low, 16), int(high, 16)]
-            started = start(*args)  # type: ignore[arg-type]
-            pdeathsig = ctypes.c_int(-1)
-            ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
-            main_thread["pdeathsig"] = pdeathsig.value
-            return started
-
-        _worker.start = start_and_record  # type: ignore[assignment]
-
-        def run_python(self: _engines.Engine, request: EvalRequest) -> str:
-            scope: dict[str, object] = {"main_thread": main_thread}
-            exec(request.snippet, scope)
-            return json.dumps(scope.get("result"))
-
-        _engines.Engine.run = run_python  # type: ignore[method-assign]
-    elif mode == "broken-engine":
-        _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
-            lambda self: "_no_such_jsonnet_engine"
-        )
-    elif mode == "landlock-enosys":
-        install_landlock_filter(errno.ENOSYS)
-    elif mode == "landlock-eperm":
-        install_landlock_filter(errno.EPERM)
-    elif mode == "ipc-refused":
-        install_unshare_filter(errno.EPERM)
-    elif mode == "seccomp-enosys":
-        install_unshare_filter(errno.ENOSYS, "seccomp")
-    elif mode == "limits-refused":
-        setrlimit = resource.setrlimit
-
-        def refusing(limit: int, value: tuple[int, int]) -> None:
-            if limit in (resource.RLIMIT_RTPRIO, resource.RLIMIT_MSGQUEUE):
-                raise OSError(errno.EINVAL, "Invalid argument")
-            setrlimit(limit, value)
-
-        resource.setrlimit = refusing
-    else:
+def main() -> int:
+    mode = sys.argv[1]
+    argv = apply_options(sys.argv[2:])
+    if mode not in MODES:
         raise SystemExit(f"unknown harness mode {mode}")
+    MODES[mode]()
     code = _worker.main(argv)
     sys.stderr.flush()
     os._exit(code)
