@@ -9,8 +9,9 @@ directly, the next ones through its cached VM) and every answer must be the same
 
 The one accepted difference is a bug of the binding, not of the C API path: its C glue reads
 an import callback's error text without a NUL terminator, so bytes of garbage follow the
-refusal message (the worker cuts them at the line's end) and, when they are not UTF-8, the
-binding raises UnicodeDecodeError instead of returning the message.
+refusal message (the worker cuts them at the line's end); when they are not UTF-8, or end
+the message early, the binding loses it, and the binding path's barrier reports the refusal
+it made instead, without the engine's trace (``_ImportBarrier.message``).
 """
 
 from __future__ import annotations
@@ -197,7 +198,14 @@ def _answer(payload: dict[str, Any]) -> tuple[str, str]:
 
 
 def _binding_garbled(answer: tuple[str, str]) -> bool:
-    return answer[0] == "jsonnet" and answer[1].startswith("UnicodeDecodeError: 'utf-8' codec")
+    """The binding lost the engine's message to its garbage bug: its barrier's stand-in
+    (one line, no trace) or, from an older binding path, the decoding error itself."""
+    kind, message = answer
+    stand_in = message.startswith(f"RUNTIME ERROR: importer error: {REFUSED} ")
+    return kind == "jsonnet" and (
+        (stand_in and "\n" not in message)
+        or message.startswith("UnicodeDecodeError: 'utf-8' codec")
+    )
 
 
 @settings(
