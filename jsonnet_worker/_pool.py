@@ -101,7 +101,6 @@ DEATH_GRACE = (
     1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
 )
 HANDOVER_GRACE = 1.0  # how long a hand-over already under way may take to wake its caller
-SPIN_MAX = 0.002
 
 
 def _cpus() -> int:
@@ -236,7 +235,6 @@ class WorkerPool:
         self.config = config
         self._pid = os.getpid()
         self._ids = itertools.count(1)
-        self._cpus = _cpus()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
@@ -561,11 +559,10 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         deadline = time.monotonic() + call.time_left()
         pending = self._start(ticket)
-        outcome = None
-        if pending is None and self._may_spin():
-            outcome = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
-        if outcome is None:
-            outcome = self._poll_for_answer(worker, pending, deadline)
+        # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
+        # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
+        # the worker, none in the caller").
+        outcome = self._poll_for_answer(worker, pending, deadline)
         if outcome is None:
             return self._timed_out(call)
         return self._died(worker, call, deadline) if outcome is _CLOSED else outcome
@@ -603,26 +600,6 @@ class WorkerPool:
         grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
         worker.process.wait(grace)
         return self._death(worker, call, cut=grace < DEATH_GRACE)
-
-    def _may_spin(self) -> bool:
-        """Spin for the answer only when this is the pool's only call and a second CPU
-        exists: then the spinner takes no core from a worker and no GIL time from another
-        caller (a spinning thread delays every other thread's wake-up)."""
-        return self._cpus > 1 and self._state.in_flight == 1
-
-    def _spin_for_answer(self, worker: Worker, until: float) -> Outcome | None:
-        """Read without blocking until an answer arrives or ``until``: waking a caller
-        blocked in poll costs an inter-processor interrupt (about 30 us on the virtual
-        machines measured), a large share of a 200 us evaluation."""
-        while True:
-            outcome = self._read_answer(worker)
-            if outcome is not None:
-                return outcome
-            if time.monotonic() >= until:
-                return None
-            # Let whatever else is runnable on this CPU (the worker's collector, another
-            # caller) run: spinning must not starve it.
-            os.sched_yield()
 
     # -- the asyncio path (the same steps, the same names) -------------------------------
 
