@@ -77,7 +77,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._process import WorkerProcess, settings_for
-from ._protocol import Action, ErrorKind, EvalRequest, encode
+from ._protocol import Action, ErrorKind, EvalRequest, encode_request
 from ._state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
 from ._status import PoolStats, SandboxStatus
 from ._supervisor import Supervisor, Worker
@@ -739,7 +739,7 @@ class WorkerPool:
             action=action,
         )
         try:
-            frame = encode(request.to_message())
+            frame = encode_request(request)
         except UnicodeEncodeError as exc:
             raise InvalidArgument(
                 f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
