@@ -183,6 +183,9 @@ class AsyncTicket(Ticket):
             self.future.set_result(None)
 
     def wake(self) -> bool:
+        if _running_loop() is self.loop:  # the giver runs on this loop: no self-pipe write
+            self._set()
+            return True
         try:
             self.loop.call_soon_threadsafe(self._set)
         except RuntimeError:  # its event loop is closed: nobody will take the worker
@@ -659,6 +662,7 @@ class WorkerPool:
         pending: list[memoryview | None] = [self._start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
+        watched = _Watched(readers=[process.stdout, process.stderr_fd])
 
         def settle(outcome: Outcome) -> None:
             if not done.done():
@@ -673,6 +677,7 @@ class WorkerPool:
                 # Wait for its exit on its pidfd, in the loop, within the deadline.
                 loop.remove_reader(process.stdout)
                 loop.add_reader(process.pidfd, on_exit)
+                watched.readers.append(process.pidfd)
                 grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
                 timers.append(loop.call_later(grace, on_exit, grace < DEATH_GRACE))
             elif outcome is not None:
@@ -691,13 +696,14 @@ class WorkerPool:
         loop.add_reader(process.stderr_fd, on_stderr)
         if pending[0] is not None:
             loop.add_writer(process.stdin, on_stdin)
+            watched.writer = True
         timers.append(
             loop.call_later(max(call.time_left(), 0.0), lambda: settle(self._timed_out(call)))
         )
         try:
             return await done
         finally:
-            _unwatch(loop, process, timers)
+            _unwatch(loop, process, timers, watched)
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -930,16 +936,35 @@ class WorkerPool:
         _live_pools.discard(self)
 
 
+@dataclass
+class _Watched:
+    """What ``_aexchange`` registered on its event loop (removing what was never added
+    costs a selector lookup each)."""
+
+    readers: list[int]
+    writer: bool = False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a thread without a running loop (the supervisor, a sync caller)
+        return None
+
+
 def _unwatch(
-    loop: asyncio.AbstractEventLoop, process: WorkerProcess, timers: list[asyncio.TimerHandle]
+    loop: asyncio.AbstractEventLoop,
+    process: WorkerProcess,
+    timers: list[asyncio.TimerHandle],
+    watched: _Watched,
 ) -> None:
     """What ``_aexchange`` set up on the event loop, taken down."""
     for timer in timers:
         timer.cancel()
-    loop.remove_reader(process.stdout)
-    loop.remove_reader(process.stderr_fd)
-    loop.remove_reader(process.pidfd)
-    loop.remove_writer(process.stdin)
+    for fd in watched.readers:
+        loop.remove_reader(fd)
+    if watched.writer:
+        loop.remove_writer(process.stdin)
 
 
 def _domain(tenant: str | None) -> Domain:
