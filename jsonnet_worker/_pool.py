@@ -77,7 +77,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._process import WorkerProcess, settings_for
-from ._protocol import Action, ErrorKind, EvalRequest, encode
+from ._protocol import Action, ErrorKind, EvalRequest, encode_request
 from ._state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
 from ._status import PoolStats, SandboxStatus
 from ._supervisor import Supervisor, Worker
@@ -101,7 +101,6 @@ DEATH_GRACE = (
     1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
 )
 HANDOVER_GRACE = 1.0  # how long a hand-over already under way may take to wake its caller
-SPIN_MAX = 0.002
 
 
 def _cpus() -> int:
@@ -184,6 +183,9 @@ class AsyncTicket(Ticket):
             self.future.set_result(None)
 
     def wake(self) -> bool:
+        if _running_loop() is self.loop:  # the giver runs on this loop: no self-pipe write
+            self._set()
+            return True
         try:
             self.loop.call_soon_threadsafe(self._set)
         except RuntimeError:  # its event loop is closed: nobody will take the worker
@@ -236,7 +238,6 @@ class WorkerPool:
         self.config = config
         self._pid = os.getpid()
         self._ids = itertools.count(1)
-        self._cpus = _cpus()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
@@ -574,11 +575,10 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         deadline = time.monotonic() + call.time_left()
         pending = self._start(ticket)
-        outcome = None
-        if pending is None and self._may_spin():
-            outcome = self._spin_for_answer(worker, min(deadline, time.monotonic() + SPIN_MAX))
-        if outcome is None:
-            outcome = self._poll_for_answer(worker, pending, deadline)
+        # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
+        # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
+        # the worker, none in the caller").
+        outcome = self._poll_for_answer(worker, pending, deadline)
         if outcome is None:
             return self._timed_out(call)
         return self._died(worker, call, deadline) if outcome is _CLOSED else outcome
@@ -616,26 +616,6 @@ class WorkerPool:
         grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
         worker.process.wait(grace)
         return self._death(worker, call, cut=grace < DEATH_GRACE)
-
-    def _may_spin(self) -> bool:
-        """Spin for the answer only when this is the pool's only call and a second CPU
-        exists: then the spinner takes no core from a worker and no GIL time from another
-        caller (a spinning thread delays every other thread's wake-up)."""
-        return self._cpus > 1 and self._state.in_flight == 1
-
-    def _spin_for_answer(self, worker: Worker, until: float) -> Outcome | None:
-        """Read without blocking until an answer arrives or ``until``: waking a caller
-        blocked in poll costs an inter-processor interrupt (about 30 us on the virtual
-        machines measured), a large share of a 200 us evaluation."""
-        while True:
-            outcome = self._read_answer(worker)
-            if outcome is not None:
-                return outcome
-            if time.monotonic() >= until:
-                return None
-            # Let whatever else is runnable on this CPU (the worker's collector, another
-            # caller) run: spinning must not starve it.
-            os.sched_yield()
 
     # -- the asyncio path (the same steps, the same names) -------------------------------
 
@@ -695,6 +675,7 @@ class WorkerPool:
         pending: list[memoryview | None] = [self._start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
+        watched = _Watched(readers=[process.stdout, process.stderr_fd])
 
         def settle(outcome: Outcome) -> None:
             if not done.done():
@@ -709,6 +690,7 @@ class WorkerPool:
                 # Wait for its exit on its pidfd, in the loop, within the deadline.
                 loop.remove_reader(process.stdout)
                 loop.add_reader(process.pidfd, on_exit)
+                watched.readers.append(process.pidfd)
                 grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
                 timers.append(loop.call_later(grace, on_exit, grace < DEATH_GRACE))
             elif outcome is not None:
@@ -727,13 +709,14 @@ class WorkerPool:
         loop.add_reader(process.stderr_fd, on_stderr)
         if pending[0] is not None:
             loop.add_writer(process.stdin, on_stdin)
+            watched.writer = True
         timers.append(
             loop.call_later(max(call.time_left(), 0.0), lambda: settle(self._timed_out(call)))
         )
         try:
             return await done
         finally:
-            _unwatch(loop, process, timers)
+            _unwatch(loop, process, timers, watched)
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -775,7 +758,7 @@ class WorkerPool:
             action=action,
         )
         try:
-            frame = encode(request.to_message())
+            frame = encode_request(request)
         except UnicodeEncodeError as exc:
             raise InvalidArgument(
                 f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
@@ -966,16 +949,35 @@ class WorkerPool:
         _live_pools.discard(self)
 
 
+@dataclass
+class _Watched:
+    """What ``_aexchange`` registered on its event loop (removing what was never added
+    costs a selector lookup each)."""
+
+    readers: list[int]
+    writer: bool = False
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a thread without a running loop (the supervisor, a sync caller)
+        return None
+
+
 def _unwatch(
-    loop: asyncio.AbstractEventLoop, process: WorkerProcess, timers: list[asyncio.TimerHandle]
+    loop: asyncio.AbstractEventLoop,
+    process: WorkerProcess,
+    timers: list[asyncio.TimerHandle],
+    watched: _Watched,
 ) -> None:
     """What ``_aexchange`` set up on the event loop, taken down."""
     for timer in timers:
         timer.cancel()
-    loop.remove_reader(process.stdout)
-    loop.remove_reader(process.stderr_fd)
-    loop.remove_reader(process.pidfd)
-    loop.remove_writer(process.stdin)
+    for fd in watched.readers:
+        loop.remove_reader(fd)
+    if watched.writer:
+        loop.remove_writer(process.stdin)
 
 
 def _domain(tenant: str | None) -> Domain:

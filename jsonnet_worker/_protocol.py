@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,6 +227,35 @@ class EvalRequest:
             "max_trace": self.max_trace,
             "max_output": self.max_output,
         }
+
+
+_packers = threading.local()
+
+
+def encode_request(request: EvalRequest) -> bytes:
+    """``encode(request.to_message())`` in under half the time (the caller's hot path): the
+    message built in one go and a Packer kept per thread (a Packer is not thread-safe, and
+    ``packb`` makes one per call). Raises UnicodeEncodeError like ``encode``."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    body: bytes = packer.pack(
+        {
+            "t": "eval",
+            "id": request.id,
+            "action": request.action.value,
+            "snippet": request.snippet,
+            "filename": request.filename,
+            "ext_vars": request.ext_vars,
+            "ext_codes": request.ext_codes,
+            "tla_vars": request.tla_vars,
+            "tla_codes": request.tla_codes,
+            "max_stack": request.max_stack,
+            "max_trace": request.max_trace,
+            "max_output": request.max_output,
+        }
+    )
+    return HEADER.pack(len(body)) + body
 
 
 def _string_map(payload: dict[str, Any], key: str, request_id: int) -> dict[str, str]:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import struct
 
 import msgpack
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from jsonnet_worker._protocol import (
+    Action,
+    EvalRequest,
     FrameReader,
     FrameTooLarge,
     MalformedFrame,
     Message,
     ProtocolViolation,
     encode,
+    encode_request,
     parse_request,
 )
 
@@ -98,3 +102,24 @@ def test_any_msgpack_shape_is_a_message_or_malformed(value: object) -> None:
     reader.feed(struct.pack(">I", len(body)) + body)
     (event,) = reader.events()
     assert isinstance(event, Message) == isinstance(value, dict)
+
+
+def test_encode_request_is_the_bytes_of_encode_to_message() -> None:
+    request = EvalRequest(
+        id=7,
+        snippet="std.extVar('a') + 'é'",
+        filename="x.jsonnet",
+        ext_vars={"a": "1"},
+        ext_codes={"b": "{}"},
+        tla_vars={"c": "2"},
+        tla_codes={"d": "[]"},
+        max_stack=9,
+        max_output=10,
+        max_trace=3,
+        action=Action.FMT,
+    )
+    assert encode_request(request) == encode(request.to_message())
+    with pytest.raises(UnicodeEncodeError):
+        encode_request(EvalRequest(id=8, snippet="\udc80"))
+    # the Packer kept for this thread is clean after that failure
+    assert encode_request(request) == encode(request.to_message())

@@ -27,9 +27,10 @@ serves a configured mapper (a compromised worker could read later callers' claim
 ``serve.auth.bearer_token_file`` set, every ``/v1/*`` request needs ``Authorization: Bearer
 <token>`` (compared in constant time; 401 otherwise).
 
-A body is read in chunks and refused with 413 as soon as it passes ``serve.max_body_bytes``
-(before any JSON parsing). The answer of an evaluation is the engine's manifested JSON
-passed through as is (``aevaluate_json``): no decode and re-encode per request.
+A body over ``serve.max_body_bytes`` is refused with 413 before any JSON parsing: by its
+Content-Length (then read in one piece), or, chunked, as soon as the chunks pass it. The
+answer of an evaluation is the engine's manifested JSON passed through as is
+(``aevaluate_json``): no decode and re-encode per request.
 
 Weak spots: a client that disconnects mid-evaluation does not cancel it (the worker finishes
 and the answer is dropped), which is the cheaper choice: cancelling costs a worker.
@@ -301,13 +302,16 @@ class Service:
                 raise ApiError(400, "bad_request", "bad Content-Length")
             if int(declared) > limit:
                 raise ApiError(413, "too_large", f"the body is over {limit} bytes")
-        chunks = bytearray()
-        async for chunk in request.stream():
-            chunks += chunk
-            if len(chunks) > limit:
-                raise ApiError(413, "too_large", f"the body is over {limit} bytes")
+            # The server reads no more than the declared length: one read, bounded.
+            raw: bytes | bytearray = await request.body()
+        else:  # chunked: count as it comes, refuse at the limit
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise ApiError(413, "too_large", f"the body is over {limit} bytes")
         try:
-            body = json.loads(chunks)
+            body = json.loads(raw)
         except (ValueError, RecursionError):
             raise ApiError(400, "bad_request", "the body is not valid JSON") from None
         if not isinstance(body, dict):

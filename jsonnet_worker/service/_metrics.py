@@ -246,10 +246,23 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+        # labels() hashes and locks on every call: each child is looked up once (the label
+        # values are few: endpoints, status codes, error kinds).
+        self._children: dict[tuple[str, int, str], tuple[Counter, Counter, Histogram]] = {}
+
     def observe(self, endpoint: str, status: int, outcome: str, seconds: float) -> None:
-        self.outcomes.labels(endpoint, outcome).inc()
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        key = (endpoint, status, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.outcomes.labels(endpoint, outcome),
+                self.requests.labels(endpoint, str(status)),
+                self.latency.labels(endpoint),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].inc()
+        children[2].observe(seconds)
 
     def refresh(self) -> None:
         """Copy this process's pool stats to the shared files (multiprocess mode only)."""
