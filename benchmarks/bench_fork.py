@@ -40,15 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import find_workload, percentile
 
 from jsonnet_worker._forking import TemplateProcess
-from jsonnet_worker._privileges import DEFAULT_WORKER_USER, resolve_identity
+from jsonnet_worker._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+
+_READERS: dict[int, FrameReader] = {}  # each worker's frames, by pid
 
 
 def next_message(worker: WorkerProcess, timeout: float = 20.0) -> Message:
     deadline = time.monotonic() + timeout
+    reader = _READERS.setdefault(worker.pid, FrameReader(worker.settings.max_frame))
     while True:
-        event = worker.reader.next_event()
+        event = reader.next_event()
         if event is not None:
             assert isinstance(event, Message), event
             return event
@@ -58,8 +61,13 @@ def next_message(worker: WorkerProcess, timeout: float = 20.0) -> Message:
         ready = select.select([worker.stdout, worker.stderr_fd], [], [], left)[0]
         if worker.stderr_fd in ready:
             worker.drain_stderr()
-        if worker.stdout in ready and not worker.read_stdout():
-            raise RuntimeError(f"worker exited: {worker.stderr.text()[:300]}")
+        if worker.stdout in ready:
+            data = worker.read_stdout()
+            if data == b"":
+                _READERS.pop(worker.pid, None)
+                raise RuntimeError(f"worker exited: {worker.stderr.text()[:300]}")
+            if data:
+                reader.feed(data)
 
 
 class Caller:
@@ -222,7 +230,7 @@ def main() -> None:
     parser.add_argument("--spares", type=int, default=2)
     args = parser.parse_args()
     settings = WorkerSettings(
-        "go", 1 << 30, DEFAULT_MAX_FRAME, resolve_identity(DEFAULT_WORKER_USER)
+        "go", 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities(DEFAULT_WORKER_USER)
     )
     caller = Caller(*find_workload(None))
     template_started = time.perf_counter()

@@ -41,16 +41,16 @@ from typing import Any
 
 from ._errors import WorkerStartError
 from ._landlock import LandlockStatus, Scope
+from ._privileges import WorkerIdentity
 from ._process import (
     StderrCapture,
     WorkerProcess,
     WorkerSettings,
-    WorkerState,
     one_way_channel,
     worker_command,
     worker_environment,
 )
-from ._protocol import PROTOCOL_VERSION, FrameReader
+from ._protocol import PROTOCOL_VERSION
 from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
 from ._template import (
     CHANNELS,
@@ -152,89 +152,35 @@ def isolation_problem(hello: TemplateHello) -> str | None:
     return None
 
 
-def template_command(settings: WorkerSettings) -> list[str]:
+def template_command(settings: WorkerSettings, identity: WorkerIdentity | None = None) -> list[str]:
     """The worker command in the template mode: the same bootstrap and arguments."""
-    command = worker_command(settings)
+    command = worker_command(settings, identity)
     command[command.index(WORKER_COMMAND)] = TEMPLATE_COMMAND
     return command
 
 
 class ForkedWorker(WorkerProcess):
-    """A worker forked by a template: a child of this process, reaped here through its pidfd.
+    """A worker forked by a template: a child of this process (CLONE_PARENT), adopted by
+    ``WorkerProcess.adopt`` and reaped through its pidfd. Everything else is a re-exec
+    worker's mechanism; it holds no identity (its template holds the one it runs as)."""
 
-    The same mechanism as a re-exec ``WorkerProcess`` (channels, reader, stderr capture,
-    ``kill``, ``send``, ``close``, ``death_error`` are inherited); only how the process is
-    made and reaped differs: there is no ``Popen``, ``waitid(P_PIDFD)`` reaps."""
+    template_pid: int
 
-    def __init__(
-        self,
+    @classmethod
+    def forked(
+        cls,
         settings: WorkerSettings,
         pid: int,
         pidfd: int,
         channels: tuple[int, int, int],
         template_pid: int,
-    ) -> None:
-        # What WorkerProcess.__init__ sets, once the process exists.
-        self.settings = settings
-        self.state = WorkerState.STARTING
-        self.hello = None
-        self.reader = FrameReader(settings.max_frame)
-        self.stderr = StderrCapture()
-        self.started_at = time.monotonic()
-        self.stdin, self.stdout, self.stderr_fd = channels
-        for fd in channels:
-            os.set_blocking(fd, False)
-        self.pid = pid
-        self.pidfd = pidfd
-        self.template_pid = template_pid
-        # Forked workers run as their template's identity: the template holds it for its
-        # life, so a worker neither acquires nor releases one.
-        self.identity = None
-        self._identity_held = False
-        self.poller = select.poll()
-        self.poller.register(self.stdout, select.POLLIN)
-        self.poller.register(self.stderr_fd, select.POLLIN)
-        self._input_open = True
-        self._fds_open = True
-        self._fd_lock = threading.Lock()
-        self.stderr_open = True
-        self.returncode: int | None = None
-        self._reap_lock = threading.Lock()
+    ) -> ForkedWorker:
+        worker = cls.adopt(settings, pid, pidfd, channels)
+        worker.template_pid = template_pid
+        return worker
 
     def __repr__(self) -> str:
-        return f"<ForkedWorker pid={self.pid} template={self.template_pid} {self.state.value}>"
-
-    def _reap(self, block: bool) -> int | None:
-        # As Popen.poll: a non-blocking look while another thread waits says "running".
-        if not self._reap_lock.acquire(blocking=block):
-            return self.returncode
-        try:
-            if self.returncode is not None or not self._fds_open:
-                return self.returncode
-            try:
-                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | (0 if block else os.WNOHANG))
-            except ChildProcessError:  # reaped by the kernel (SIGCHLD ignored): status lost
-                self.returncode = 0
-                return 0
-            if info is None:
-                return None
-            killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-            self.returncode = -info.si_status if killed else info.si_status
-            return self.returncode
-        finally:
-            self._reap_lock.release()
-
-    def exited(self) -> bool:
-        return self._reap(block=False) is not None
-
-    def wait(self, timeout: float | None) -> int | None:
-        """Reap the process; None if it is still running after ``timeout`` seconds."""
-        if self.returncode is None and timeout is not None and self._fds_open:
-            poller = select.poll()
-            poller.register(self.pidfd, select.POLLIN)
-            if not poller.poll(max(0, int(timeout * 1000))):
-                return None
-        return self._reap(block=True)
+        return f"<ForkedWorker pid={self.pid} template={self.template_pid}>"
 
 
 class TemplateProcess:
@@ -256,11 +202,24 @@ class TemplateProcess:
         self._lock = threading.Lock()
         self._next_id = 0
         self._closed = False
-        control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        child_stderr, self.stderr_fd = one_way_channel(child_reads=False)
+        # One identity for the template's life, shared by every worker it forks (which
+        # neither acquire nor release one); released once the template is reaped.
+        self.identity = settings.identities.acquire()
+        try:
+            control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except BaseException:
+            settings.identities.release(self.identity)
+            raise
+        try:
+            child_stderr, self.stderr_fd = one_way_channel(child_reads=False)
+        except BaseException:
+            control.close()
+            child_control.close()
+            settings.identities.release(self.identity)
+            raise
         try:
             self._popen = subprocess.Popen(
-                command or template_command(settings),
+                command or template_command(settings, self.identity),
                 stdin=child_control.fileno(),
                 stdout=child_stderr,
                 stderr=child_stderr,
@@ -271,6 +230,7 @@ class TemplateProcess:
         except BaseException:
             control.close()
             os.close(self.stderr_fd)
+            settings.identities.release(self.identity)
             raise
         finally:
             child_control.close()
@@ -421,7 +381,7 @@ class TemplateProcess:
         answered = message.get("id") == request_id
         if message["t"] == "forked" and answered and pidfd >= 0 and isinstance(pid, int):
             stdin, stdout, stderr = channels
-            return ForkedWorker(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
+            return ForkedWorker.forked(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
         if pidfd >= 0:
             os.close(pidfd)
         if message["t"] == "fork_failed" and answered:
@@ -472,6 +432,7 @@ class TemplateProcess:
             self._closed = True
             os.close(self.stderr_fd)
             os.close(self.pidfd)
+            self.settings.identities.release(self.identity)
             return returncode
 
 
