@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import os
 import select
 import signal
@@ -61,6 +62,8 @@ from ._template import (
     encode_control,
 )
 from ._worker import TEMPLATE_COMMAND, WORKER_COMMAND
+
+logger = logging.getLogger("jsonnet_worker")
 
 START_TIMEOUT = 20.0
 BACKOFF_FIRST = 0.1  # seconds before a failed template is started again, doubling
@@ -409,6 +412,13 @@ class TemplateProcess:
     def exited(self) -> bool:
         return self._popen.poll() is not None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the template has used (RLIMIT_CPU counts it); None once it is gone."""
+        try:
+            return time.clock_gettime(((~self.pid) << 3) | 2)  # clock_getcpuclockid(pid)
+        except OSError:
+            return None
+
     def wait(self, timeout: float | None) -> int | None:
         """Reap the template; None if it is still running after ``timeout`` seconds."""
         if self._popen.returncode is None and timeout is not None and not self._closed:
@@ -442,14 +452,30 @@ class ForkState(enum.Enum):
     REFUSED = "refused"  # this host refuses what forking needs: re-exec for good
 
 
+@dataclass(frozen=True)
+class SourceStats:
+    """The template's part of ``PoolStats``."""
+
+    template_pid: int | None  # None: no template is up (re-exec workers meanwhile)
+    forks: int  # workers forked from a template
+    fallbacks: int  # workers re-executed because no template could give one
+    template_starts: int  # templates started (the first, respawns, replacements)
+
+
 class WorkerSource:
     """Where a pool's new workers come from: a fork of its template while the template can
     give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox``/``doctor``.
 
     The template is started on the first ``spawn`` and again after a failure, with a
     back-off of 0.1 s doubling to 5 s; a permanent refusal stops the attempts for good.
+    ``maintain`` notices a dead template at once, restarts it once the back-off has passed,
+    and replaces it before its RLIMIT_CPU runs out (each fork costs it about a millisecond).
     Call it from the supervisor thread only: PR_SET_PDEATHSIG ties the template, and every
     worker it forks, to the thread that started the template."""
+
+    # A template that has used this share of its CPU budget is replaced (it never evaluates:
+    # only forks count, so it is far from the budget for a long time).
+    CPU_SHARE = 0.5
 
     def __init__(
         self,
@@ -465,8 +491,17 @@ class WorkerSource:
         self.state = ForkState.WAITING
         self.reason = "no template started yet"
         self.forked = 0
+        self.fallbacks = 0
+        self.starts = 0
         self._retry_at = 0.0
         self._delay = BACKOFF_FIRST
+        if settings.identities.uids is not None:
+            # A worker_user range promises a uid per worker; a template has one uid.
+            self.state = ForkState.REFUSED
+            self.reason = (
+                "worker_user is a uid range (one uid per worker): a template's forked "
+                "workers would share its uid"
+            )
 
     def spawn(self) -> WorkerProcess:
         """A new worker: forked if the template can, re-executed otherwise. Raises only
@@ -480,7 +515,45 @@ class WorkerSource:
             else:
                 self.forked += 1
                 return worker
-        return WorkerProcess(self.settings)
+        re_exec = WorkerProcess(self.settings)
+        self.fallbacks += 1
+        return re_exec
+
+    def maintain(self) -> float | None:
+        """Between spawns: a dead template is noticed (and logged), a missing one started
+        once its back-off has passed, one near its CPU budget replaced. Returns when to call
+        again (a back-off running out), or None."""
+        budget = self.settings.cpu_budget
+        template = self.template
+        if template is not None and not template.exited() and budget is not None:
+            used = template.cpu_seconds()
+            if used is not None and used >= budget * self.CPU_SHARE:
+                logger.info(
+                    "jsonnet_worker template %d used %.2f s of its %g s CPU budget; replacing it",
+                    template.pid,
+                    used,
+                    budget,
+                )
+                self.replace()
+        self._usable_template()
+        if self.template is None and self.state is ForkState.WAITING:
+            return self._retry_at
+        return None
+
+    def replace(self) -> None:
+        """Start a new template now (the old one is closed; the workers it forked live on)."""
+        if self.state is ForkState.REFUSED:
+            return
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+        self.state, self._retry_at, self._delay = ForkState.WAITING, 0.0, BACKOFF_FIRST
+        self._usable_template()
+
+    @property
+    def pidfd(self) -> int | None:
+        """The template's pidfd, to watch for its death (None without a template)."""
+        return self.template.pidfd if self.template is not None else None
 
     def _usable_template(self) -> TemplateProcess | None:
         if self.template is not None and self.template.exited():
@@ -489,6 +562,7 @@ class WorkerSource:
             return self.template
         if self.state is ForkState.REFUSED or self.clock() < self._retry_at:
             return None
+        self.starts += 1
         try:
             self.template = TemplateProcess(self.settings, self.template_command)
         except TemplateUnavailable as exc:
@@ -514,21 +588,39 @@ class WorkerSource:
         self.reason = exc.reason
         if exc.permanent:
             self.state = ForkState.REFUSED
+            logger.warning(
+                "jsonnet_worker: forked workers are unavailable on this host (%s); new "
+                "workers are re-executed interpreters (slower to start, as isolated)",
+                exc.reason,
+            )
             return
         self.state = ForkState.WAITING
         self._retry_at = self.clock() + self._delay
+        logger.warning(
+            "jsonnet_worker: the worker template failed (%s); re-exec workers until it is "
+            "started again in %.1f s",
+            exc.reason,
+            self._delay,
+        )
         self._delay = min(self._delay * 2, BACKOFF_MAX)
 
     def status(self) -> LayerStatus:
         """The ``template`` layer of ``pool.sandbox`` and ``doctor``."""
-        if self.template is not None:
+        template = self.template
+        if template is not None:
             return LayerStatus(
                 "template",
                 LayerState.ACTIVE,
-                f"template pid {self.template.pid}: new workers are its forks (CLONE_PARENT), "
+                f"template pid {template.pid}: new workers are its forks (CLONE_PARENT), "
                 f"each in its own nested Landlock domain; {self.forked} forked",
             )
         return LayerStatus("template", LayerState.MISSING, reason=f"re-exec workers: {self.reason}")
+
+    def stats(self) -> SourceStats:
+        template = self.template
+        return SourceStats(
+            template.pid if template is not None else None, self.forked, self.fallbacks, self.starts
+        )
 
     def close(self) -> None:
         """Stop the template; the workers it forked live on (their owners close them)."""
