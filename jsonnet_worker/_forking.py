@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import math
 import os
 import select
 import signal
@@ -247,6 +248,7 @@ class TemplateProcess:
         except BaseException:
             self.close()
             raise
+        self.cpu_at_hello = self.cpu_seconds() or 0.0
 
     def __repr__(self) -> str:
         return f"<TemplateProcess pid={self.pid}{' closed' if self._closed else ''}>"
@@ -462,6 +464,11 @@ class SourceStats:
     template_starts: int  # templates started (the first, respawns, replacements)
 
 
+# A template that has used this share of its CPU limit (beyond its start-up) is replaced:
+# it never evaluates, only its forks count (about a millisecond each).
+CPU_SHARE = 0.5
+
+
 class WorkerSource:
     """Where a pool's new workers come from: a fork of its template while the template can
     give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox``/``doctor``.
@@ -473,20 +480,18 @@ class WorkerSource:
     Call it from the supervisor thread only: PR_SET_PDEATHSIG ties the template, and every
     worker it forks, to the thread that started the template."""
 
-    # A template that has used this share of its CPU budget is replaced (it never evaluates:
-    # only forks count, so it is far from the budget for a long time).
-    CPU_SHARE = 0.5
-
     def __init__(
         self,
         settings: WorkerSettings,
         *,
         template_command: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cpu_share: float = CPU_SHARE,
     ) -> None:
         self.settings = settings
         self.template_command = template_command
         self.clock = clock
+        self.cpu_share = cpu_share
         self.template: TemplateProcess | None = None
         self.state = ForkState.WAITING
         self.reason = "no template started yet"
@@ -526,13 +531,16 @@ class WorkerSource:
         budget = self.settings.cpu_budget
         template = self.template
         if template is not None and not template.exited() and budget is not None:
+            limit = max(1, math.ceil(budget))  # RLIMIT_CPU as the start-up sets it
             used = template.cpu_seconds()
-            if used is not None and used >= budget * self.CPU_SHARE:
+            # Its start-up's own CPU time is not counted against the share (no churn).
+            due = template.cpu_at_hello + (limit - template.cpu_at_hello) * self.cpu_share
+            if used is not None and used >= due:
                 logger.info(
-                    "jsonnet_worker template %d used %.2f s of its %g s CPU budget; replacing it",
+                    "jsonnet_worker template %d used %.2f s of its %d s CPU limit; replacing it",
                     template.pid,
                     used,
-                    budget,
+                    limit,
                 )
                 self.replace()
         self._usable_template()

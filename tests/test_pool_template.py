@@ -17,7 +17,7 @@ import pytest
 
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._config import PoolConfig
-from jsonnet_worker._forking import template_command
+from jsonnet_worker._forking import ForkedWorker, WorkerSource, template_command
 from jsonnet_worker._landlock import probe
 from jsonnet_worker._process import settings_for
 from jsonnet_worker._status import LayerState
@@ -191,3 +191,30 @@ def test_every_thread_of_a_pools_forked_worker_is_in_its_own_domain() -> None:
         answer = pool.evaluate(f"result = probe({targets!r})")
         os.waitpid(answer["probe"], 0)  # the probe is our child too (CLONE_PARENT)
         assert answer["errors"] == [0] * len(tids) + [errno.EPERM, errno.EPERM]
+
+
+def test_a_template_near_its_cpu_limit_is_replaced_and_its_workers_serve_on() -> None:
+    """The share is made tiny so that the first tending finds the template due (a real
+    template needs hundreds of forks to use half a second of CPU)."""
+    settings = settings_for(PoolConfig(size=1, cpu_budget=1.0))
+    source = WorkerSource(settings, cpu_share=1e-9)
+    try:
+        worker = source.spawn()
+        try:
+            first = source.template
+            assert isinstance(worker, ForkedWorker) and first is not None
+            pid = first.pid
+            spent = first.cpu_at_hello
+            for _ in range(20):  # a fork or two: the template's clock counts nanoseconds
+                used = first.cpu_seconds()
+                if used is not None and used > spent:
+                    break
+                source.spawn().close()
+            source.maintain()
+            assert source.template is not None and source.template.pid != pid
+            assert source.stats().template_starts == 2
+            assert worker.exited() is False  # the old template's worker lives on
+        finally:
+            worker.close()
+    finally:
+        source.close()
