@@ -12,10 +12,11 @@ closed; interleaved, so drift on a noisy machine hits both alike. Reported, as p
     keeps a never-used spare (a new tenant per call, sequential);
   * their ratios against the cold start measured in the same run (issue 14's target: a call
     on a never-used worker p50 <= 0.10x a cold start);
-  * a new tenant per call, sequential, as a pool would serve it: a helper thread (the
-    supervisor's stand-in) keeps ``--spares`` greeted forked workers ready and retires each
-    used one; each call takes a spare, is answered, and gives it to the helper. Reported as
-    p50 / p95 of the caller's wait plus call, and as a ratio to the cold start;
+  * through the real pool (``WorkerPool``, forked workers against ``_fork_workers=False``,
+    alternated): a new tenant per call, sequential (20 ms apart), 1 worker + 2 spares, as
+    p50 / p95 and as a ratio to the cold start (target <= 0.10x); the worst call (begun
+    during a burst of 6 SIGKILLs 20 ms apart or the 300 ms after it) under sequential load
+    on a pool of 2 + 1 spare, as a range over ``--bursts`` bursts (target <= 0.30x);
   * steady-state per-call latency on one worker of each kind (a forked worker must not be
     slower once warm);
   * memory per worker with ``--alive`` of each kind alive at once, after one call each:
@@ -26,8 +27,10 @@ closed; interleaved, so drift on a noisy machine hits both alike. Reported, as p
 from __future__ import annotations
 
 import argparse
-import queue
+import os
+import random
 import select
+import signal
 import statistics
 import sys
 import threading
@@ -39,16 +42,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latency import find_workload, percentile
 
+from jsonnet_worker import Error, WorkerPool
 from jsonnet_worker._forking import TemplateProcess
-from jsonnet_worker._privileges import DEFAULT_WORKER_USER, resolve_identity
+from jsonnet_worker._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+
+_READERS: dict[int, FrameReader] = {}  # each worker's frames, by pid
 
 
 def next_message(worker: WorkerProcess, timeout: float = 20.0) -> Message:
     deadline = time.monotonic() + timeout
+    reader = _READERS.setdefault(worker.pid, FrameReader(worker.settings.max_frame))
     while True:
-        event = worker.reader.next_event()
+        event = reader.next_event()
         if event is not None:
             assert isinstance(event, Message), event
             return event
@@ -58,8 +65,13 @@ def next_message(worker: WorkerProcess, timeout: float = 20.0) -> Message:
         ready = select.select([worker.stdout, worker.stderr_fd], [], [], left)[0]
         if worker.stderr_fd in ready:
             worker.drain_stderr()
-        if worker.stdout in ready and not worker.read_stdout():
-            raise RuntimeError(f"worker exited: {worker.stderr.text()[:300]}")
+        if worker.stdout in ready:
+            data = worker.read_stdout()
+            if data == b"":
+                _READERS.pop(worker.pid, None)
+                raise RuntimeError(f"worker exited: {worker.stderr.text()[:300]}")
+            if data:
+                reader.feed(data)
 
 
 class Caller:
@@ -154,56 +166,88 @@ def steady(start: Callable[[], WorkerProcess], caller: Caller, calls: int) -> li
         worker.close()
 
 
-def new_tenant_per_call(
-    start: Callable[[], WorkerProcess], caller: Caller, calls: int, spares: int
-) -> list[float]:
-    """Seconds per sequential call, each on a never-used worker kept ready by a helper."""
-    ready: queue.Queue[WorkerProcess] = queue.Queue(maxsize=spares)
-    used: queue.Queue[WorkerProcess | None] = queue.Queue()
+def pool_new_tenant(pool: WorkerPool, caller: Caller, calls: int) -> list[float]:
+    """Seconds per sequential call through the real pool, each of a new tenant (so each on a
+    never-used worker: a spare, or one started for it)."""
+    for _ in range(3):  # warm-up
+        pool.evaluate(caller.snippet, ext_codes={"claims": caller.claims})
+    samples = []
+    for call in range(calls):
+        time.sleep(0.02)  # a sequential client: the supervisor refills the spares meanwhile
+        began = time.perf_counter()
+        pool.evaluate(caller.snippet, ext_codes={"claims": caller.claims}, tenant=f"t{call}")
+        samples.append(time.perf_counter() - began)
+    return samples
+
+
+def pool_kill_burst(pool: WorkerPool, caller: Caller, kills: int = 6) -> tuple[float, int]:
+    """Sequential calls from one thread while ``kills`` workers are SIGKILLed 20 ms apart:
+    the slowest call begun during the burst or the 300 ms after it, and how many failed."""
+    calls: list[tuple[float, float, bool]] = []  # began, seconds, failed
     stop = threading.Event()
 
-    def keep_spares() -> None:
+    def load() -> None:
         while not stop.is_set():
-            try:
-                retired = used.get_nowait()
-            except queue.Empty:
-                retired = None
-            if retired is not None:
-                retired.close()
-                continue
-            if ready.full():
-                retired = used.get()  # sleep until a call gives a worker back
-                if retired is not None:
-                    retired.close()
-                continue
-            worker = start()
-            next_message(worker)  # the hello: a spare is greeted before it is handed out
-            ready.put(worker)
-
-    helper = threading.Thread(target=keep_spares)
-    helper.start()
-    samples = []
-    try:
-        for _ in range(spares):  # the pool starts full
-            while not ready.full():
-                time.sleep(0.01)
-        for _ in range(calls):
             began = time.perf_counter()
-            worker = ready.get()
-            caller.call(worker)
-            samples.append(time.perf_counter() - began)
-            used.put(worker)
-    finally:
-        stop.set()
-        used.put(None)
-        helper.join()
-        while not ready.empty():
-            ready.get().close()
-        while not used.empty():
-            retired = used.get()
-            if retired is not None:
-                retired.close()
-    return samples
+            try:
+                pool.evaluate(caller.snippet, ext_codes={"claims": caller.claims})
+                failed = False
+            except Error:
+                failed = True
+            calls.append((began, time.perf_counter() - began, failed))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    time.sleep(0.3)
+    burst_began = time.perf_counter()
+    for _ in range(kills):
+        pids = pool.stats().worker_pids
+        if pids:
+            try:
+                os.kill(random.choice(pids), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+    burst_ended = time.perf_counter()
+    time.sleep(0.5)
+    stop.set()
+    thread.join()
+    during = [row for row in calls if burst_began <= row[0] <= burst_ended + 0.3]
+    return max(row[1] for row in during), sum(row[2] for row in during)
+
+
+def through_the_pool(caller: Caller, calls: int, bursts: int, cold_start: float) -> None:
+    """The pool's own paths, forked (the default) against re-exec (``_fork_workers=False``),
+    alternated in two blocks each so drift hits both."""
+    tenants: dict[str, list[float]] = {"forked": [], "re-exec": []}
+    worst: dict[str, list[float]] = {"forked": [], "re-exec": []}
+    failed: dict[str, int] = {"forked": 0, "re-exec": 0}
+    for _ in range(2):
+        for kind in ("forked", "re-exec"):
+            with WorkerPool(1, spares=2, _fork_workers=kind == "forked") as pool:
+                tenants[kind] += pool_new_tenant(pool, caller, calls // 2)
+            with WorkerPool(2, spares=1, _fork_workers=kind == "forked") as pool:
+                for _ in range(max(1, bursts // 2)):
+                    slowest, errors = pool_kill_burst(pool, caller)
+                    worst[kind].append(slowest)
+                    failed[kind] += errors
+    for kind in ("forked", "re-exec"):
+        print(line(f"pool: new tenant per call, {kind}", tenants[kind]))
+        print(
+            f"ratio pool new-tenant call / cold start (p50), {kind}: "
+            f"{statistics.median(tenants[kind]) / cold_start:.3f}"
+            + ("  (target <= 0.10)" if kind == "forked" else "")
+        )
+    for kind in ("forked", "re-exec"):
+        ratios = sorted(value / cold_start for value in worst[kind])
+        print(
+            f"pool: worst call in a burst of 6 kills 20 ms apart, {kind}: "
+            f"{min(worst[kind]) * 1e3:.1f}-{max(worst[kind]) * 1e3:.1f} ms, "
+            f"ratio to cold start {ratios[0]:.3f}-{ratios[-1]:.3f} (median "
+            f"{statistics.median(ratios):.3f})"
+            + ("  (target <= 0.30)" if kind == "forked" else "")
+            + f"; {failed[kind]} calls failed (on a killed worker)"
+        )
 
 
 def line(name: str, samples: list[float]) -> str:
@@ -219,10 +263,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--alive", type=int, default=4)
     parser.add_argument("--tenant-calls", type=int, default=100)
-    parser.add_argument("--spares", type=int, default=2)
+    parser.add_argument("--bursts", type=int, default=6)
     args = parser.parse_args()
     settings = WorkerSettings(
-        "go", 1 << 30, DEFAULT_MAX_FRAME, resolve_identity(DEFAULT_WORKER_USER)
+        "go", 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities(DEFAULT_WORKER_USER)
     )
     caller = Caller(*find_workload(None))
     template_started = time.perf_counter()
@@ -261,12 +305,7 @@ def main() -> None:
             "ratio fork+hello+call / cold start (p50):     "
             f"{forked_answer / cold_start:.3f}  (no spare ready)"
         )
-        tenants = new_tenant_per_call(forked, caller, args.tenant_calls, args.spares)
-        print(line(f"new tenant per call ({args.spares} spares)", tenants))
-        print(
-            "ratio new-tenant call / cold start (p50):     "
-            f"{statistics.median(tenants) / cold_start:.3f}  (target <= 0.10)"
-        )
+        through_the_pool(caller, args.tenant_calls, args.bursts, cold_start)
         steady_cold = steady(cold, caller, args.calls)
         steady_forked = steady(forked, caller, args.calls)
         print(line("steady per call, re-exec worker", steady_cold))

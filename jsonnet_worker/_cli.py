@@ -29,11 +29,13 @@ from . import __version__, _output, _testrunner
 from ._config import ENGINES, PoolConfig
 from ._connection import Hello, WorkerConnection
 from ._errors import Error, JsonnetError, WorkerStartError
+from ._forking import WorkerSource
 from ._launch import await_hello
 from ._pool import WorkerPool
 from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import DEFAULT_MAX_FRAME
+from ._status import LayerState, LayerStatus
 from ._verdict import judge_sandbox
 
 EXIT_ERROR = 1
@@ -519,6 +521,34 @@ def greet(engine: str, timeout: float = 10.0) -> tuple[Hello | str, float, int]:
         worker.close(grace=1.0)
 
 
+def template_report(engine: str, timeout: float = 10.0) -> LayerStatus:
+    """Whether a pool here forks its workers from a template: start one, fork a worker, read
+    its hello. The template's ``LayerStatus`` (missing: re-exec workers, and why)."""
+    identities = WorkerIdentities(DEFAULT_WORKER_USER)
+    source = WorkerSource(
+        WorkerSettings(engine, PoolConfig().memory_limit, DEFAULT_MAX_FRAME, identities)
+    )
+    try:
+        started = time.monotonic()
+        worker = source.spawn()
+        try:
+            await_hello(worker, WorkerConnection(PoolConfig().max_output), timeout)
+            elapsed = time.monotonic() - started
+        finally:
+            worker.close(grace=1.0)
+        status = source.status()
+        if status.active:
+            template = source.template
+            start = f"template start-up {template.hello.startup_ms:.1f} ms; " if template else ""
+            took = f"template start + fork to the hello {elapsed * 1000:.1f} ms"
+            status = dataclasses.replace(status, detail=f"{status.detail} ({start}{took})")
+        return status
+    except (OSError, Error) as exc:
+        return LayerStatus("template", LayerState.MISSING, reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        source.close()
+
+
 def _greet_safely(engine: str) -> tuple[Hello | str, float, int]:
     """``greet``, with a machine that cannot start a worker at all (no pidfd, not Linux)
     reported as the reason instead of a traceback."""
@@ -545,6 +575,11 @@ def run_doctor(engine: str) -> int:
             print(f"  FAILED: {hello}")
             continue
         healthy = _print_hello(hello, elapsed) and healthy
+        template = template_report(name)
+        if template.active:
+            print(f"  {'template:':<16} active: {template.detail}")
+        else:  # re-exec workers: slower to start, as isolated
+            print(f"  {'template:':<16} MISSING: {template.reason}")
     print("sandbox: OK" if healthy else "sandbox: NOT fully enforced (see above)")
     return 0 if healthy else EXIT_ERROR
 

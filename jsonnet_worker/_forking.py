@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
+import math
 import os
 import select
 import signal
@@ -41,16 +43,16 @@ from typing import Any
 
 from ._errors import WorkerStartError
 from ._landlock import LandlockStatus, Scope
+from ._privileges import WorkerIdentity
 from ._process import (
     StderrCapture,
     WorkerProcess,
     WorkerSettings,
-    WorkerState,
     one_way_channel,
     worker_command,
     worker_environment,
 )
-from ._protocol import PROTOCOL_VERSION, FrameReader
+from ._protocol import PROTOCOL_VERSION
 from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
 from ._template import (
     CHANNELS,
@@ -61,6 +63,8 @@ from ._template import (
     encode_control,
 )
 from ._worker import TEMPLATE_COMMAND, WORKER_COMMAND
+
+logger = logging.getLogger("jsonnet_worker")
 
 START_TIMEOUT = 20.0
 BACKOFF_FIRST = 0.1  # seconds before a failed template is started again, doubling
@@ -152,89 +156,35 @@ def isolation_problem(hello: TemplateHello) -> str | None:
     return None
 
 
-def template_command(settings: WorkerSettings) -> list[str]:
+def template_command(settings: WorkerSettings, identity: WorkerIdentity | None = None) -> list[str]:
     """The worker command in the template mode: the same bootstrap and arguments."""
-    command = worker_command(settings)
+    command = worker_command(settings, identity)
     command[command.index(WORKER_COMMAND)] = TEMPLATE_COMMAND
     return command
 
 
 class ForkedWorker(WorkerProcess):
-    """A worker forked by a template: a child of this process, reaped here through its pidfd.
+    """A worker forked by a template: a child of this process (CLONE_PARENT), adopted by
+    ``WorkerProcess.adopt`` and reaped through its pidfd. Everything else is a re-exec
+    worker's mechanism; it holds no identity (its template holds the one it runs as)."""
 
-    The same mechanism as a re-exec ``WorkerProcess`` (channels, reader, stderr capture,
-    ``kill``, ``send``, ``close``, ``death_error`` are inherited); only how the process is
-    made and reaped differs: there is no ``Popen``, ``waitid(P_PIDFD)`` reaps."""
+    template_pid: int
 
-    def __init__(
-        self,
+    @classmethod
+    def forked(
+        cls,
         settings: WorkerSettings,
         pid: int,
         pidfd: int,
         channels: tuple[int, int, int],
         template_pid: int,
-    ) -> None:
-        # What WorkerProcess.__init__ sets, once the process exists.
-        self.settings = settings
-        self.state = WorkerState.STARTING
-        self.hello = None
-        self.reader = FrameReader(settings.max_frame)
-        self.stderr = StderrCapture()
-        self.started_at = time.monotonic()
-        self.stdin, self.stdout, self.stderr_fd = channels
-        for fd in channels:
-            os.set_blocking(fd, False)
-        self.pid = pid
-        self.pidfd = pidfd
-        self.template_pid = template_pid
-        # Forked workers run as their template's identity: the template holds it for its
-        # life, so a worker neither acquires nor releases one.
-        self.identity = None
-        self._identity_held = False
-        self.poller = select.poll()
-        self.poller.register(self.stdout, select.POLLIN)
-        self.poller.register(self.stderr_fd, select.POLLIN)
-        self._input_open = True
-        self._fds_open = True
-        self._fd_lock = threading.Lock()
-        self.stderr_open = True
-        self.returncode: int | None = None
-        self._reap_lock = threading.Lock()
+    ) -> ForkedWorker:
+        worker = cls.adopt(settings, pid, pidfd, channels)
+        worker.template_pid = template_pid
+        return worker
 
     def __repr__(self) -> str:
-        return f"<ForkedWorker pid={self.pid} template={self.template_pid} {self.state.value}>"
-
-    def _reap(self, block: bool) -> int | None:
-        # As Popen.poll: a non-blocking look while another thread waits says "running".
-        if not self._reap_lock.acquire(blocking=block):
-            return self.returncode
-        try:
-            if self.returncode is not None or not self._fds_open:
-                return self.returncode
-            try:
-                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | (0 if block else os.WNOHANG))
-            except ChildProcessError:  # reaped by the kernel (SIGCHLD ignored): status lost
-                self.returncode = 0
-                return 0
-            if info is None:
-                return None
-            killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-            self.returncode = -info.si_status if killed else info.si_status
-            return self.returncode
-        finally:
-            self._reap_lock.release()
-
-    def exited(self) -> bool:
-        return self._reap(block=False) is not None
-
-    def wait(self, timeout: float | None) -> int | None:
-        """Reap the process; None if it is still running after ``timeout`` seconds."""
-        if self.returncode is None and timeout is not None and self._fds_open:
-            poller = select.poll()
-            poller.register(self.pidfd, select.POLLIN)
-            if not poller.poll(max(0, int(timeout * 1000))):
-                return None
-        return self._reap(block=True)
+        return f"<ForkedWorker pid={self.pid} template={self.template_pid}>"
 
 
 class TemplateProcess:
@@ -256,11 +206,24 @@ class TemplateProcess:
         self._lock = threading.Lock()
         self._next_id = 0
         self._closed = False
-        control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        child_stderr, self.stderr_fd = one_way_channel(child_reads=False)
+        # One identity for the template's life, shared by every worker it forks (which
+        # neither acquire nor release one); released once the template is reaped.
+        self.identity = settings.identities.acquire()
+        try:
+            control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except BaseException:
+            settings.identities.release(self.identity)
+            raise
+        try:
+            child_stderr, self.stderr_fd = one_way_channel(child_reads=False)
+        except BaseException:
+            control.close()
+            child_control.close()
+            settings.identities.release(self.identity)
+            raise
         try:
             self._popen = subprocess.Popen(
-                command or template_command(settings),
+                command or template_command(settings, self.identity),
                 stdin=child_control.fileno(),
                 stdout=child_stderr,
                 stderr=child_stderr,
@@ -271,6 +234,7 @@ class TemplateProcess:
         except BaseException:
             control.close()
             os.close(self.stderr_fd)
+            settings.identities.release(self.identity)
             raise
         finally:
             child_control.close()
@@ -284,6 +248,7 @@ class TemplateProcess:
         except BaseException:
             self.close()
             raise
+        self.cpu_at_hello = self.cpu_seconds() or 0.0
 
     def __repr__(self) -> str:
         return f"<TemplateProcess pid={self.pid}{' closed' if self._closed else ''}>"
@@ -421,7 +386,7 @@ class TemplateProcess:
         answered = message.get("id") == request_id
         if message["t"] == "forked" and answered and pidfd >= 0 and isinstance(pid, int):
             stdin, stdout, stderr = channels
-            return ForkedWorker(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
+            return ForkedWorker.forked(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
         if pidfd >= 0:
             os.close(pidfd)
         if message["t"] == "fork_failed" and answered:
@@ -449,6 +414,13 @@ class TemplateProcess:
     def exited(self) -> bool:
         return self._popen.poll() is not None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the template has used (RLIMIT_CPU counts it); None once it is gone."""
+        try:
+            return time.clock_gettime(((~self.pid) << 3) | 2)  # clock_getcpuclockid(pid)
+        except OSError:
+            return None
+
     def wait(self, timeout: float | None) -> int | None:
         """Reap the template; None if it is still running after ``timeout`` seconds."""
         if self._popen.returncode is None and timeout is not None and not self._closed:
@@ -472,6 +444,7 @@ class TemplateProcess:
             self._closed = True
             os.close(self.stderr_fd)
             os.close(self.pidfd)
+            self.settings.identities.release(self.identity)
             return returncode
 
 
@@ -481,12 +454,29 @@ class ForkState(enum.Enum):
     REFUSED = "refused"  # this host refuses what forking needs: re-exec for good
 
 
+@dataclass(frozen=True)
+class SourceStats:
+    """The template's part of ``PoolStats``."""
+
+    template_pid: int | None  # None: no template is up (re-exec workers meanwhile)
+    forks: int  # workers forked from a template
+    fallbacks: int  # workers re-executed because no template could give one
+    template_starts: int  # templates started (the first, respawns, replacements)
+
+
+# A template that has used this share of its CPU limit (beyond its start-up) is replaced:
+# it never evaluates, only its forks count (about a millisecond each).
+CPU_SHARE = 0.5
+
+
 class WorkerSource:
     """Where a pool's new workers come from: a fork of its template while the template can
     give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox``/``doctor``.
 
     The template is started on the first ``spawn`` and again after a failure, with a
     back-off of 0.1 s doubling to 5 s; a permanent refusal stops the attempts for good.
+    ``maintain`` notices a dead template at once, restarts it once the back-off has passed,
+    and replaces it before its RLIMIT_CPU runs out (each fork costs it about a millisecond).
     Call it from the supervisor thread only: PR_SET_PDEATHSIG ties the template, and every
     worker it forks, to the thread that started the template."""
 
@@ -496,16 +486,27 @@ class WorkerSource:
         *,
         template_command: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cpu_share: float = CPU_SHARE,
     ) -> None:
         self.settings = settings
         self.template_command = template_command
         self.clock = clock
+        self.cpu_share = cpu_share
         self.template: TemplateProcess | None = None
         self.state = ForkState.WAITING
         self.reason = "no template started yet"
         self.forked = 0
+        self.fallbacks = 0
+        self.starts = 0
         self._retry_at = 0.0
         self._delay = BACKOFF_FIRST
+        if settings.identities.uids is not None:
+            # A worker_user range promises a uid per worker; a template has one uid.
+            self.state = ForkState.REFUSED
+            self.reason = (
+                "worker_user is a uid range (one uid per worker): a template's forked "
+                "workers would share its uid"
+            )
 
     def spawn(self) -> WorkerProcess:
         """A new worker: forked if the template can, re-executed otherwise. Raises only
@@ -519,7 +520,48 @@ class WorkerSource:
             else:
                 self.forked += 1
                 return worker
-        return WorkerProcess(self.settings)
+        re_exec = WorkerProcess(self.settings)
+        self.fallbacks += 1
+        return re_exec
+
+    def maintain(self) -> float | None:
+        """Between spawns: a dead template is noticed (and logged), a missing one started
+        once its back-off has passed, one near its CPU budget replaced. Returns when to call
+        again (a back-off running out), or None."""
+        budget = self.settings.cpu_budget
+        template = self.template
+        if template is not None and not template.exited() and budget is not None:
+            limit = max(1, math.ceil(budget))  # RLIMIT_CPU as the start-up sets it
+            used = template.cpu_seconds()
+            # Its start-up's own CPU time is not counted against the share (no churn).
+            due = template.cpu_at_hello + (limit - template.cpu_at_hello) * self.cpu_share
+            if used is not None and used >= due:
+                logger.info(
+                    "jsonnet_worker template %d used %.2f s of its %d s CPU limit; replacing it",
+                    template.pid,
+                    used,
+                    limit,
+                )
+                self.replace()
+        self._usable_template()
+        if self.template is None and self.state is ForkState.WAITING:
+            return self._retry_at
+        return None
+
+    def replace(self) -> None:
+        """Start a new template now (the old one is closed; the workers it forked live on)."""
+        if self.state is ForkState.REFUSED:
+            return
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+        self.state, self._retry_at, self._delay = ForkState.WAITING, 0.0, BACKOFF_FIRST
+        self._usable_template()
+
+    @property
+    def pidfd(self) -> int | None:
+        """The template's pidfd, to watch for its death (None without a template)."""
+        return self.template.pidfd if self.template is not None else None
 
     def _usable_template(self) -> TemplateProcess | None:
         if self.template is not None and self.template.exited():
@@ -528,6 +570,7 @@ class WorkerSource:
             return self.template
         if self.state is ForkState.REFUSED or self.clock() < self._retry_at:
             return None
+        self.starts += 1
         try:
             self.template = TemplateProcess(self.settings, self.template_command)
         except TemplateUnavailable as exc:
@@ -553,21 +596,39 @@ class WorkerSource:
         self.reason = exc.reason
         if exc.permanent:
             self.state = ForkState.REFUSED
+            logger.warning(
+                "jsonnet_worker: forked workers are unavailable on this host (%s); new "
+                "workers are re-executed interpreters (slower to start, as isolated)",
+                exc.reason,
+            )
             return
         self.state = ForkState.WAITING
         self._retry_at = self.clock() + self._delay
+        logger.warning(
+            "jsonnet_worker: the worker template failed (%s); re-exec workers until it is "
+            "started again in %.1f s",
+            exc.reason,
+            self._delay,
+        )
         self._delay = min(self._delay * 2, BACKOFF_MAX)
 
     def status(self) -> LayerStatus:
         """The ``template`` layer of ``pool.sandbox`` and ``doctor``."""
-        if self.template is not None:
+        template = self.template
+        if template is not None:
             return LayerStatus(
                 "template",
                 LayerState.ACTIVE,
-                f"template pid {self.template.pid}: new workers are its forks (CLONE_PARENT), "
+                f"template pid {template.pid}: new workers are its forks (CLONE_PARENT), "
                 f"each in its own nested Landlock domain; {self.forked} forked",
             )
         return LayerStatus("template", LayerState.MISSING, reason=f"re-exec workers: {self.reason}")
+
+    def stats(self) -> SourceStats:
+        template = self.template
+        return SourceStats(
+            template.pid if template is not None else None, self.forked, self.fallbacks, self.starts
+        )
 
     def close(self) -> None:
         """Stop the template; the workers it forked live on (their owners close them)."""

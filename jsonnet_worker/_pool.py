@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import errno
 import itertools
 import logging
@@ -221,6 +222,8 @@ class WorkerPool:
         *,
         config: PoolConfig | None = None,
         _worker_command: list[str] | None = None,
+        _fork_workers: bool = True,
+        _template_command: list[str] | None = None,
         **options: Any,
     ) -> None:
         check_platform()
@@ -242,7 +245,15 @@ class WorkerPool:
         self._executor_lock = threading.Lock()
         self._idle_done = threading.Condition(threading.Lock())
         self._state: PoolState[Worker] = PoolState(config, threading.Lock())
-        self._supervisor = Supervisor(self._state, settings_for(config), command=_worker_command)
+        # _fork_workers=False: every worker a re-exec start (the path a host without what
+        # the template needs takes; tests and benchmarks force it to compare).
+        self._supervisor = Supervisor(
+            self._state,
+            settings_for(config),
+            command=_worker_command,
+            fork_workers=_fork_workers,
+            template_command=_template_command,
+        )
         self._perform = self._supervisor.perform
         self._supervisor.start()
         _live_pools.add(self)
@@ -292,8 +303,12 @@ class WorkerPool:
 
     @property
     def sandbox(self) -> SandboxStatus | None:
-        """The sandbox status the workers reported (None before any hello)."""
-        return self._state.sandbox
+        """The sandbox status the workers reported (None before any hello), with the pool's
+        ``template`` layer (forked workers, or re-exec workers and why)."""
+        sandbox = self._state.sandbox
+        if sandbox is None:
+            return None
+        return dataclasses.replace(sandbox, template=self._supervisor.template_status())
 
     @property
     def closed(self) -> bool:
@@ -302,7 +317,20 @@ class WorkerPool:
 
     def stats(self) -> PoolStats:
         self._check_fork()
-        return self._state.stats()
+        source = self._supervisor.template_stats()
+        return dataclasses.replace(
+            self._state.stats(),
+            template_pid=source.template_pid,
+            forks=source.forks,
+            fork_fallbacks=source.fallbacks,
+            template_starts=source.template_starts,
+        )
+
+    def replace_template(self) -> None:
+        """Start a new worker template now; the workers the old one forked serve on. A pool
+        that re-executes its workers (no template on this host) does nothing."""
+        self._check_fork()
+        self._supervisor.replace_template()
 
     @property
     def supervisor_thread_id(self) -> int | None:

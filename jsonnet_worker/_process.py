@@ -18,8 +18,12 @@ not carry. Landlock does not mediate pipefs, so a worker could reopen a pipe it 
 worker's own stderr pipe and hung; fd 3 would steal the request stream). A socket cannot be
 opened through ``/proc`` at all (ENXIO), so the kernel refuses that too.
 
-Weak spots: ``subprocess.Popen`` reaps; the pidfd only observes, so ``reap`` goes through
-``Popen.wait`` (thread-safe).
+A worker forked by a template (``_forking``) is a child of this process that ``subprocess``
+did not start: ``WorkerProcess.adopt`` owns it the same way and reaps it through
+``waitid(P_PIDFD)`` (``PidfdChild``); it holds no identity of its own.
+
+Weak spots: a re-exec worker is reaped by ``subprocess.Popen`` (thread-safe); the pidfd only
+observes it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from ._config import PoolConfig
 from ._connection import escape_controls
@@ -203,20 +208,96 @@ def one_way_channel(child_reads: bool) -> tuple[int, int]:
     return child.detach(), parent.detach()
 
 
+class _Child(Protocol):
+    """How a worker is reaped: ``subprocess.Popen`` for a re-exec worker, ``PidfdChild`` for
+    an adopted one."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int: ...
+
+
+class PidfdChild:
+    """A child of this process that ``subprocess`` did not start, reaped through its pidfd
+    (``waitid(P_PIDFD)``: no pid-reuse race, an unreaped child keeps its pid). Popen's
+    ``returncode``/``poll``/``wait``, thread-safe: a look while another thread waits says
+    "running", as ``Popen.poll`` does."""
+
+    def __init__(self, pidfd: int) -> None:
+        self.pidfd = pidfd
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        return self._reap(block=False)
+
+    def wait(self) -> int:
+        returncode = self._reap(block=True)
+        assert returncode is not None
+        return returncode
+
+    def _reap(self, block: bool) -> int | None:
+        if not self._lock.acquire(blocking=block):
+            return self.returncode
+        try:
+            if self.returncode is not None:
+                return self.returncode
+            try:
+                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | (0 if block else os.WNOHANG))
+            except ChildProcessError:  # reaped by the kernel (SIGCHLD ignored): status lost
+                self.returncode = 0
+                return 0
+            if info is None:
+                return None
+            killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+            self.returncode = -info.si_status if killed else info.si_status
+            return self.returncode
+        finally:
+            self._lock.release()
+
+
+@dataclass(frozen=True)
+class AdoptedChild:
+    """A worker started elsewhere, to be owned by a ``WorkerProcess``: its pid, its pidfd,
+    and the parent ends of its (requests, responses, stderr) channels."""
+
+    pid: int
+    pidfd: int
+    channels: tuple[int, int, int]
+
+
+_Process = TypeVar("_Process", bound="WorkerProcess")
+
+
 class WorkerProcess:
     """A started worker: its channels and pidfd. Killed, reaped and closed through it only.
 
     Pure mechanism: which state the pool gives it, and what its bytes mean, live in
     ``_state`` and ``_connection``."""
 
-    def __init__(self, settings: WorkerSettings, command: list[str] | None = None) -> None:
-        self.settings = settings
-        self.stderr = StderrCapture()
-        self.started_at = time.monotonic()
-        self._fd_lock = threading.Lock()
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        command: list[str] | None = None,
+        *,
+        adopted: AdoptedChild | None = None,
+    ) -> None:
+        if adopted is not None:
+            self._attach(
+                settings,
+                PidfdChild(adopted.pidfd),
+                adopted.pid,
+                adopted.pidfd,
+                adopted.channels,
+                None,
+                held=False,
+            )
+            return
         # Held until the process is reaped (close()): a uid from a range is this worker's.
-        self.identity = settings.identities.acquire()
-        self._identity_held = True
+        identity = settings.identities.acquire()
         child_ends: list[int] = []
         parent_ends: list[int] = []
         try:
@@ -224,8 +305,8 @@ class WorkerProcess:
                 child_end, parent_end = one_way_channel(child_reads)
                 child_ends.append(child_end)
                 parent_ends.append(parent_end)
-            self._popen = subprocess.Popen(
-                command or worker_command(settings, self.identity),
+            popen = subprocess.Popen(
+                command or worker_command(settings, identity),
                 stdin=child_ends[0],
                 stdout=child_ends[1],
                 stderr=child_ends[2],
@@ -236,7 +317,7 @@ class WorkerProcess:
         except BaseException:
             for fd in parent_ends:
                 os.close(fd)
-            self._release_identity()
+            settings.identities.release(identity)
             raise
         finally:
             for fd in child_ends:
@@ -244,18 +325,55 @@ class WorkerProcess:
                     os.close(fd)
                 except OSError:
                     pass
-        self.stdin, self.stdout, self.stderr_fd = parent_ends
-        for fd in parent_ends:
-            os.set_blocking(fd, False)
-        self.pid = self._popen.pid
         try:
-            self.pidfd = os.pidfd_open(self.pid)
+            pidfd = os.pidfd_open(popen.pid)
         except BaseException:
-            self._popen.kill()
-            self._popen.wait()
+            popen.kill()
+            popen.wait()
             for fd in parent_ends:
                 os.close(fd)
+            settings.identities.release(identity)
             raise
+        stdin, stdout, stderr = parent_ends
+        self._attach(settings, popen, popen.pid, pidfd, (stdin, stdout, stderr), identity)
+
+    @classmethod
+    def adopt(
+        cls: type[_Process],
+        settings: WorkerSettings,
+        pid: int,
+        pidfd: int,
+        channels: tuple[int, int, int],
+    ) -> _Process:
+        """Own a worker started elsewhere: a child of this process (a template's
+        CLONE_PARENT fork) given as its pidfd and the parent ends of its three channels,
+        reaped through ``waitid(P_PIDFD)``. It holds no identity of its own: it runs as its
+        template's, which the template holds for its life."""
+        return cls(settings, adopted=AdoptedChild(pid, pidfd, channels))
+
+    def _attach(
+        self,
+        settings: WorkerSettings,
+        child: _Child,
+        pid: int,
+        pidfd: int,
+        channels: tuple[int, int, int],
+        identity: WorkerIdentity | None,
+        *,
+        held: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.stderr = StderrCapture()
+        self.started_at = time.monotonic()
+        self._fd_lock = threading.Lock()
+        self.identity = identity
+        self._identity_held = held
+        self._child = child
+        self.stdin, self.stdout, self.stderr_fd = channels
+        for fd in channels:
+            os.set_blocking(fd, False)
+        self.pid = pid
+        self.pidfd = pidfd
         # Reused by whichever caller holds the worker: registering fds per call costs
         # more syscalls than the answer's wait.
         self.poller = select.poll()
@@ -266,6 +384,11 @@ class WorkerProcess:
         self.stderr_open = True
         self._cpu_clock = ((~self.pid) << 3) | 2  # clock_getcpuclockid(pid): CPUCLOCK_SCHED
         self._cpu_at_exit: float | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once reaped (negative: the signal that killed it)."""
+        return self._child.returncode
 
     def __repr__(self) -> str:
         return f"<WorkerProcess pid={self.pid}>"
@@ -327,19 +450,19 @@ class WorkerProcess:
                 pass
 
     def exited(self) -> bool:
-        return self._popen.poll() is not None
+        return self._child.poll() is not None
 
     def wait(self, timeout: float | None) -> int | None:
         """Reap the process; None if it is still running after ``timeout`` seconds."""
-        if self._popen.returncode is None and timeout is not None and self._fds_open:
+        if self._child.returncode is None and timeout is not None and self._fds_open:
             # Popen.wait(timeout) sleeps in steps of up to 50 ms; the pidfd says at once.
             poller = select.poll()
             poller.register(self.pidfd, select.POLLIN)
             if not poller.poll(max(0, int(timeout * 1000))):
                 return None
-        if self._popen.returncode is None and self._fds_open:
+        if self._child.returncode is None and self._fds_open:
             self._cpu_at_exit = self.cpu_seconds()  # a zombie's clock still reads
-        return self._popen.wait()
+        return self._child.wait()
 
     def _ran_out_of_cpu(self, returncode: int | None) -> bool:
         """RLIMIT_CPU ended it: SIGXCPU at the budget, or SIGKILL a second later (a worker
@@ -355,7 +478,7 @@ class WorkerProcess:
 
     def how_it_ended(self) -> str:
         """ "killed by SIGSEGV" or "exited with status 3" (after it has been reaped)."""
-        returncode = self._popen.returncode
+        returncode = self._child.returncode
         if returncode is not None and returncode < 0:
             try:
                 return f"killed by {signal.Signals(-returncode).name}"
@@ -365,7 +488,7 @@ class WorkerProcess:
 
     def death_error(self) -> MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout:
         """After it has exited (reaped): why it died, with what it printed during this call."""
-        returncode = self._popen.returncode
+        returncode = self._child.returncode
         self.drain_stderr()
         tail = self.stderr.text()
         how = self.how_it_ended()

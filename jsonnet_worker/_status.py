@@ -107,6 +107,10 @@ class SandboxStatus:
     ipc_namespace: LayerStatus = field(
         default_factory=lambda: LayerStatus.unreported("ipc_namespace")
     )
+    # How the pool makes workers (forks of a sandboxed template, or re-exec and why): not an
+    # isolation layer of the workers (a forked worker is as isolated as a re-exec one), so
+    # it is in neither ``layers`` nor ``missing``. None: not a pool's status (one worker's).
+    template: LayerStatus | None = None
 
     @property
     def enforced(self) -> bool:
@@ -144,7 +148,8 @@ class SandboxStatus:
 
     def summary(self) -> str:
         extra = "; ".join(layer.summary() for layer in self.extra_layers)
-        return f"{self.landlock.summary()}; {extra}"
+        template = f"; {self.template.summary()}" if self.template is not None else ""
+        return f"{self.landlock.summary()}; {extra}{template}"
 
 
 @dataclass(frozen=True)
@@ -166,3 +171,7 @@ class PoolStats:
     queue_depth: int = 0
     worker_pids: tuple[int, ...] = ()
     recycles: int = 0  # healthy workers replaced (call or CPU budget spent, another tenant)
+    template_pid: int | None = None  # the template new workers are forked from; None: re-exec
+    forks: int = 0  # workers forked from a template
+    fork_fallbacks: int = 0  # workers re-executed because no template could give one
+    template_starts: int = 0  # templates started: the first, respawns after a death, replacements

@@ -37,6 +37,7 @@ from ._connection import (
     WorkerConnection,
 )
 from ._errors import Error, ProtocolError, WorkerStartError
+from ._forking import SourceStats, WorkerSource
 from ._process import WorkerProcess, WorkerSettings
 from ._protocol import EvalRequest
 from ._state import (
@@ -52,7 +53,7 @@ from ._state import (
     Wake,
     WakeSupervisor,
 )
-from ._status import SandboxStatus, log_landlock
+from ._status import LayerState, LayerStatus, SandboxStatus, log_landlock
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -86,10 +87,18 @@ class Supervisor:
         settings: WorkerSettings,
         *,
         command: list[str] | None = None,
+        fork_workers: bool = True,
+        template_command: list[str] | None = None,
     ) -> None:
         self.state = state
         self.settings = settings
         self.command = command
+        # New workers are forks of a template (made on this thread, in _run) unless the
+        # pool asked for re-exec workers or for its own worker command (a test harness).
+        self._fork_workers = fork_workers and command is None
+        self.source: WorkerSource | None = None
+        self._template_command = template_command  # a test harness's template
+        self._template_due = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_lock = threading.Lock()
         self._wake_open = True
@@ -174,10 +183,36 @@ class Supervisor:
 
     # -- the loop ------------------------------------------------------------------------
 
+    def template_status(self) -> LayerStatus:
+        """The ``template`` layer: forked workers, or re-exec ones and why."""
+        source = self.source
+        if source is not None:
+            return source.status()
+        reason = "re-exec workers: " + (
+            "the pool's own worker command" if self.command is not None else "forking is off"
+        )
+        return LayerStatus("template", LayerState.MISSING, reason=reason)
+
+    def template_stats(self) -> SourceStats:
+        source = self.source
+        return source.stats() if source is not None else SourceStats(None, 0, 0, 0)
+
+    def replace_template(self) -> None:
+        """Start a new template now (on this thread); the old one's workers live on."""
+        self.run_on_thread(self._replace_template)
+
+    def _replace_template(self) -> None:
+        if self.source is not None:
+            self.source.replace()
+            self._template_due = 0.0
+
     def _run(self) -> None:
         try:
+            if self._fork_workers:
+                self.source = WorkerSource(self.settings, template_command=self._template_command)
             while not self._stopping:
                 self._run_requests()
+                self._tend_template()
                 self._spawn_missing()  # first: a replacement starts before the dead are reaped
                 self._reap_retired()
                 self._wait_and_handle()
@@ -205,10 +240,25 @@ class Supervisor:
         for worker in self.state.take_retired():
             worker.process.close()
 
+    def _tend_template(self) -> None:
+        """Notice a dead template, restart it after its back-off, replace it before its CPU
+        budget runs out: at its death (its pidfd), at the back-off's end, and every
+        IDLE_CHECK_INTERVAL otherwise."""
+        source, now = self.source, time.monotonic()
+        if source is None or now < self._template_due:
+            return
+        retry_at = source.maintain()
+        self._template_due = retry_at if retry_at is not None else now + IDLE_CHECK_INTERVAL
+
+    def _new_process(self) -> WorkerProcess:
+        if self.source is not None:
+            return self.source.spawn()
+        return WorkerProcess(self.settings, self.command)
+
     def _spawn_missing(self) -> None:
         for _ in range(self.state.spawn_due(time.monotonic())):
             try:
-                process = WorkerProcess(self.settings, self.command)
+                process = self._new_process()
             except OSError as exc:
                 reason = f"cannot start a worker process: {exc}"
                 self.perform(self.state.start_failed(None, reason, time.monotonic()))
@@ -225,6 +275,7 @@ class Supervisor:
         watched: dict[int, tuple[str, Worker]] = {}
         now = time.monotonic()
         deadlines = [self._next_idle_check]
+        template_pidfd = self._watch_template(poller, deadlines)
         next_spawn = self.state.next_spawn_at
         if next_spawn > now:
             deadlines.append(next_spawn)
@@ -241,8 +292,8 @@ class Supervisor:
                 watched[process.pidfd] = ("exit", worker)
         wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1)
         for fd, _ in poller.poll(wait_ms):
-            if fd == self._wake_r:
-                self._drain_wake()
+            if fd in (self._wake_r, template_pidfd):
+                self._woken(fd)
                 continue
             role, worker = watched[fd]
             now_status = self.state.status_of(worker)
@@ -257,6 +308,23 @@ class Supervisor:
                 logger.exception("worker %d: unexpected failure while starting it", worker.pid)
                 self._start_failed(worker, f"unexpected failure while starting it: {exc!r}")
         self._time_out_starts()
+
+    def _watch_template(self, poller: select.poll, deadlines: list[float]) -> int:
+        """Watch the template's pidfd and its next tending time; the pidfd, or -1."""
+        source = self.source
+        pidfd = source.pidfd if source is not None else None
+        if source is not None:
+            deadlines.append(self._template_due)
+        if pidfd is None:
+            return -1
+        poller.register(pidfd, select.POLLIN)
+        return pidfd
+
+    def _woken(self, fd: int) -> None:
+        if fd == self._wake_r:
+            self._drain_wake()
+        else:
+            self._template_due = 0.0  # the template died: tended on the next turn
 
     def _handle(self, role: str, worker: Worker, status: Status) -> None:
         if role == "stderr":
@@ -382,6 +450,8 @@ class Supervisor:
         deadline = time.monotonic() + self._grace
         for worker in free:
             worker.process.close(grace=max(0.0, deadline - time.monotonic()))
+        if self.source is not None:
+            self.source.close()  # the workers it forked were closed above
         with self._wake_lock:
             self._wake_open = False
             for fd in (self._wake_r, self._wake_w):

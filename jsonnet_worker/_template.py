@@ -275,6 +275,25 @@ def run_forked_worker(template: Template, channels: list[int]) -> NoReturn:
             os._exit(code)
 
 
+# Made once, at the template's start, before it dropped privileges: a forked worker has its
+# template's, not one of its own.
+PER_TEMPLATE_LAYERS = ("ipc_namespace", "uid")
+
+
+def per_template(layers: list[LayerStatus]) -> list[LayerStatus]:
+    """A forked worker's report of the layers it shares with its template's other workers
+    (an IPC namespace and a uid per template, not per worker; its seccomp filter refuses
+    SysV IPC and mq_* whatever the namespace)."""
+    return [
+        dataclasses.replace(
+            layer, detail=f"{layer.detail}; one per template, shared by its forked workers"
+        )
+        if layer.name in PER_TEMPLATE_LAYERS and layer.active
+        else layer
+        for layer in layers
+    ]
+
+
 def forked_worker_main(template: Template, channels: list[int]) -> int:
     started = time.monotonic()
     options, restricted = template.options, template.restricted
@@ -291,7 +310,13 @@ def forked_worker_main(template: Template, channels: list[int]) -> int:
     try:
         status = _landlock.restrict_self_empty()
         check = _worker.self_check(status, restricted.check_target)
-        own = dataclasses.replace(restricted, started=started, landlock=status, self_check=check)
+        own = dataclasses.replace(
+            restricted,
+            started=started,
+            landlock=status,
+            self_check=check,
+            layers=per_template(restricted.layers),
+        )
         engine, hello = _worker.finish_start(options, own)
     except (_worker.StartupFailed, OSError, ValueError) as exc:
         reason = f"forked worker start-up failed: {exc}"

@@ -466,9 +466,20 @@ def test_a_uid_range_gives_each_live_worker_its_own_uid() -> None:
 
 @needs_root
 def test_each_worker_has_an_ipc_namespace_of_its_own(pool: WorkerPool) -> None:
+    """Forked workers (issue 14) share their template's namespace, made before it dropped
+    privileges: one per template, never the host's; re-exec workers have one each."""
     mine = os.readlink("/proc/self/ns/ipc")
-    namespaces = {os.readlink(f"/proc/{pid}/ns/ipc") for pid in pool.stats().worker_pids}
-    assert mine not in namespaces and len(namespaces) == len(pool.stats().worker_pids)
+    stats = pool.stats()
+    namespaces = {os.readlink(f"/proc/{pid}/ns/ipc") for pid in stats.worker_pids}
+    assert mine not in namespaces
+    if stats.template_pid is not None and stats.fork_fallbacks == 0:
+        assert namespaces == {os.readlink(f"/proc/{stats.template_pid}/ns/ipc")}
+        assert pool.sandbox is not None
+        assert "one per template" in pool.sandbox.ipc_namespace.detail, pool.sandbox.summary()
+    with WorkerPool(2, spares=0, _fork_workers=False) as re_exec:
+        pids = re_exec.stats().worker_pids
+        own = {os.readlink(f"/proc/{pid}/ns/ipc") for pid in pids}
+        assert mine not in own and len(own) == len(pids)
 
 
 def test_an_ipc_namespace_the_kernel_refuses_is_missing_not_fatal() -> None:

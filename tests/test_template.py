@@ -30,9 +30,9 @@ from jsonnet_worker._forking import (
     template_command,
 )
 from jsonnet_worker._landlock import probe
-from jsonnet_worker._privileges import DEFAULT_WORKER_USER, resolve_identity
+from jsonnet_worker._privileges import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
 from jsonnet_worker._status import LayerState
 from jsonnet_worker._template import (
     CONTROL_MAX,
@@ -52,7 +52,7 @@ HEAVY_GO = "std.foldl(function(a, b) a + b, std.range(1, 2000000), 0)"
 
 
 def settings(engine: str = "go") -> WorkerSettings:
-    return WorkerSettings(engine, 1 << 30, DEFAULT_MAX_FRAME, resolve_identity(DEFAULT_WORKER_USER))
+    return WorkerSettings(engine, 1 << 30, DEFAULT_MAX_FRAME, WorkerIdentities(DEFAULT_WORKER_USER))
 
 
 def harness(mode: str, engine: str = "go") -> list[str]:
@@ -66,6 +66,7 @@ class Talk:
 
     def __init__(self, process: WorkerProcess) -> None:
         self.process = process
+        self.reader = FrameReader(process.settings.max_frame)
         self.next_id = 1
         hello = self.receive()
         assert isinstance(hello, Message), process.stderr.text()
@@ -76,7 +77,7 @@ class Talk:
         process = self.process
         deadline = time.monotonic() + timeout
         while True:
-            event = process.reader.next_event()
+            event = self.reader.next_event()
             if event is not None:
                 assert isinstance(event, Message), event
                 return event
@@ -86,8 +87,12 @@ class Talk:
             ready = select.select([process.stdout, process.stderr_fd], [], [], left)[0]
             if process.stderr_fd in ready:
                 process.drain_stderr()
-            if process.stdout in ready and not process.read_stdout():
-                return None
+            if process.stdout in ready:
+                data = process.read_stdout()
+                if data == b"":
+                    return None
+                if data:
+                    self.reader.feed(data)
 
     def send(self, snippet: str, **fields: Any) -> int:
         request_id = self.next_id
@@ -357,11 +362,6 @@ def test_the_templates_fork_form_is_refused_to_its_workers(
     assert talk.python(CLONE_PROBE.format(flags=FORK_FLAGS)) == [-1, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 (SANDBOX): prlimit64 is allowed only for pid 0 by the worker filter; "
-    "re-exec workers of one uid have the same gap today",
-)
 def test_a_forked_worker_cannot_prlimit_its_template_or_a_sibling(
     python_template: TemplateProcess, workers: list[WorkerProcess]
 ) -> None:
@@ -691,7 +691,7 @@ def test_a_forked_worker_keeps_the_memory_limit_and_its_death_is_classified(
 ) -> None:
     limit = 256 << 20
     template = TemplateProcess(
-        WorkerSettings("go", limit, DEFAULT_MAX_FRAME, resolve_identity(DEFAULT_WORKER_USER))
+        WorkerSettings("go", limit, DEFAULT_MAX_FRAME, WorkerIdentities(DEFAULT_WORKER_USER))
     )
     try:
         talk = fork(template, workers)

@@ -184,7 +184,9 @@ def test_chaos_under_load(tier: Tier) -> None:
             thread.join(60)
             assert not thread.is_alive()
         wait_full(pool)
-        alive = set(pool.stats().worker_pids)
+        stats = pool.stats()
+        # the pool's children: its live workers and the template they are forked from
+        alive = set(stats.worker_pids) | ({stats.template_pid} - {None})
         assert child_pids() - children == alive  # every dead worker reaped: no zombie
         assert pool.evaluate("{ok: true}") == {"ok": True}
     leaked_fds = open_fds() - fds

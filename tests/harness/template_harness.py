@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import worker_harness
+import worker_harness  # tests/harness, put on sys.path above
 
 from jsonnet_worker import _engines, _landlock, _template
 from jsonnet_worker._protocol import EvalRequest
@@ -135,7 +135,7 @@ def run_python_snippets(scope_extra: dict[str, object] | None = None) -> None:
         exec(request.snippet, scope)
         return json.dumps(scope.get("result"))
 
-    _engines.Engine.evaluate = run_python  # type: ignore[method-assign]
+    _engines.Engine.run = run_python  # type: ignore[method-assign]
 
 
 def main() -> None:
