@@ -24,12 +24,21 @@ Each class carries ``kind`` (a stable snake_case name, the one vocabulary used b
     |   |-- ForkedPool              forked_pool        500
     |   |-- WorkerCrashed           worker_crashed     502  (the snippet may have caused it)
     |   |-- ProtocolError           protocol_error     502  (a worker lied; it was replaced)
+    |   |-- ConnectionMisuse        internal           500  (a bug of ours: _connection)
     |   `-- WorkerStartError        unavailable        503
+    |       `-- TemplateUnavailable template_unavailable 503  (_forking: re-exec instead)
     |
-    `-- the sandbox's: where isolation is required but cannot be applied, nothing runs
-        |-- SandboxUnavailable      sandbox_unavailable 503
-        |-- UnsupportedPlatform     unsupported_platform 500
-        `-- HostSandboxError        host_sandbox       500
+    |-- the sandbox's: where isolation is required but cannot be applied, nothing runs
+    |   |-- SandboxUnavailable      sandbox_unavailable 503
+    |   |-- UnsupportedPlatform     unsupported_platform 500
+    |   `-- HostSandboxError        host_sandbox       500
+    |
+    `-- the tools' (defined beside their code, same contract)
+        |-- SuiteError              invalid_suite      400  (_testrunner: a suite unreadable)
+        |-- ApiError                api_error    (its own status) (service: an HTTP answer)
+        |-- StartupCheckFailed      startup_check      500  (service: a mapper fails check)
+        `-- SupervisorError         supervisor         500  (service: serve --workers N)
+    (ConfigError, the service's bad config, is an InvalidArgument: kind service_config.)
 """
 
 from __future__ import annotations

@@ -533,10 +533,19 @@ def restrict_host(
         for path, access in _runtime_grants(pools).grants.items():
             allow.grants[path] = allow.grants.get(path, FsAccess(0)) | access
         ro_paths, rw_dirs = allow.ro_paths(), allow.with_access(READ_WRITE)
-        logger.info(
+        # The lists run to kilobytes: at DEBUG, with one line at INFO that says how many.
+        logger.debug(
             "Landlock: collected roPaths. %s", json.dumps(ro_paths), extra={"paths": ro_paths}
         )
-        logger.info("Landlock: collected rwDirs. %s", json.dumps(rw_dirs), extra={"paths": rw_dirs})
+        logger.debug(
+            "Landlock: collected rwDirs. %s", json.dumps(rw_dirs), extra={"paths": rw_dirs}
+        )
+        logger.info(
+            "Landlock: granting %d read-only paths and %d read-write directories "
+            "(the lists at DEBUG).",
+            len(ro_paths),
+            len(rw_dirs),
+        )
         for note in allow.skipped:
             logger.warning("Landlock: not granted: %s", note)
         sandbox = HostSandbox(

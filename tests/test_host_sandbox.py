@@ -199,13 +199,15 @@ def test_the_log_records_come_in_order_and_the_layer_is_active(host: Host) -> No
     sandbox, records = host.started["sandbox"], host.started["records"]
     assert sandbox["status"]["enforced"] is True
     assert sandbox["skipped"] == []
-    ro = [i for i, r in enumerate(records) if r.startswith("INFO Landlock: collected roPaths. [")]
-    rw = [i for i, r in enumerate(records) if r.startswith("INFO Landlock: collected rwDirs. [")]
+    ro = [i for i, r in enumerate(records) if r.startswith("DEBUG Landlock: collected roPaths. [")]
+    rw = [i for i, r in enumerate(records) if r.startswith("DEBUG Landlock: collected rwDirs. [")]
+    summary = [i for i, r in enumerate(records) if r.startswith("INFO Landlock: granting ")]
     active = [
         i for i, r in enumerate(records) if r == "INFO Landlock filesystem sandbox is active."
     ]
-    assert len(ro) == 1 and len(rw) == 1
-    assert ro[0] < rw[0] < active[-1]
+    assert len(ro) == 1 and len(rw) == 1 and len(summary) == 1
+    assert ro[0] < rw[0] < summary[0] < active[-1]
+    assert f"{len(sandbox['rw_dirs'])} read-write directories" in records[summary[0]]
     assert json.loads(records[rw[0]].split(". ", 1)[1]) == sandbox["rw_dirs"]
 
 

@@ -143,7 +143,7 @@ def main() -> None:
     records = Records()
     logger = logging.getLogger("jsonnet_worker")
     logger.addHandler(records)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # the path lists are DEBUG records
     config_path = sys.argv[1]
     with open(config_path) as file:
         config = yaml.safe_load(file)
