@@ -383,7 +383,32 @@ def _refuse_constant(name: str) -> Any:
 _JSON = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
+# Results may nest this deep and no deeper, on every Python: 3.11's decoder stops near 990
+# levels, 3.13's goes much further, and a caller's own code (json.dumps, a recursive walk)
+# must not be the first to meet a depth the worker chose. Legitimate results are far below
+# it: with max_stack=500 both engines manifest about 400 levels and refuse 1,200.
+MAX_RESULT_DEPTH = 900
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether ``text`` nests containers deeper than MAX_RESULT_DEPTH. Counting brackets is
+    a C-speed pre-check; the exact walk (over brackets only, strings cut out) runs only for
+    results with that many brackets at all."""
+    if text.count("[") + text.count("{") <= MAX_RESULT_DEPTH:
+        return False
+    depth = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_RESULT_DEPTH:
+            return True
+    return False
+
+
 def _decode_json(text: str) -> Any:
+    if _too_deep(text):
+        raise _Lie(f"a result nested deeper than {MAX_RESULT_DEPTH} levels")
     try:
         return _JSON.decode(text)
     except RecursionError:

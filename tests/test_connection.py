@@ -18,6 +18,7 @@ from jsonnet_worker import WorkerPool
 from jsonnet_worker._connection import (
     FRAME_MARGIN,
     MAX_MESSAGE_BYTES,
+    MAX_RESULT_DEPTH,
     NEED_DATA,
     Answer,
     ConnectionBroken,
@@ -543,6 +544,21 @@ def test_a_result_nested_deeper_than_python_decodes_breaks_the_connection(depth:
     broken(connection, "nested deeper")
     connection = in_flight(max_output=7 * depth)
     connection.receive_data(result(1, '{"a":' * depth + "1" + "}" * depth))
+    broken(connection, "nested deeper")
+
+
+def test_the_depth_limit_is_the_same_on_every_python() -> None:
+    """MAX_RESULT_DEPTH levels pass and one more breaks, whatever the decoder could do;
+    brackets inside strings do not count."""
+    depth = MAX_RESULT_DEPTH
+    connection = in_flight(max_output=7 * depth)
+    connection.receive_data(result(1, "[" * depth + "]" * depth))
+    assert isinstance(connection.next_event(), Answer)
+    connection = in_flight(max_output=7 * depth)
+    connection.receive_data(result(1, json.dumps(["[{" * depth])))
+    assert isinstance(connection.next_event(), Answer)
+    connection = in_flight(max_output=7 * depth)
+    connection.receive_data(result(1, "[" * (depth + 1) + "]" * (depth + 1)))
     broken(connection, "nested deeper")
 
 
