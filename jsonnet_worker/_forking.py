@@ -49,6 +49,7 @@ from ._process import (
     WorkerProcess,
     WorkerSettings,
     one_way_channel,
+    process_cpu_seconds,
     worker_command,
     worker_environment,
 )
@@ -416,10 +417,7 @@ class TemplateProcess:
 
     def cpu_seconds(self) -> float | None:
         """CPU time the template has used (RLIMIT_CPU counts it); None once it is gone."""
-        try:
-            return time.clock_gettime(((~self.pid) << 3) | 2)  # clock_getcpuclockid(pid)
-        except OSError:
-            return None
+        return process_cpu_seconds(self.pid)
 
     def wait(self, timeout: float | None) -> int | None:
         """Reap the template; None if it is still running after ``timeout`` seconds."""

@@ -83,6 +83,16 @@ def settings_for(config: PoolConfig) -> WorkerSettings:
     )
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time process ``pid`` has used (all its threads), as RLIMIT_CPU counts it; None
+    once it is gone. Its per-process CPU clock (clock_getcpuclockid: CPUCLOCK_SCHED): no
+    /proc, works for a child of another uid, and a zombie's still reads."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        return None
+
+
 class StderrCapture:
     """The first and last bytes a worker printed since ``mark()``, bounded."""
 
@@ -382,7 +392,6 @@ class WorkerProcess:
         self._input_open = True
         self._fds_open = True
         self.stderr_open = True
-        self._cpu_clock = ((~self.pid) << 3) | 2  # clock_getcpuclockid(pid): CPUCLOCK_SCHED
         self._cpu_at_exit: float | None = None
 
     @property
@@ -431,12 +440,7 @@ class WorkerProcess:
         return stdout, stderr
 
     def cpu_seconds(self) -> float | None:
-        """CPU time the process has used (all its threads), as RLIMIT_CPU counts it; None once
-        it is gone. A per-process CPU clock: no /proc, works for a child of another uid."""
-        try:
-            return time.clock_gettime(self._cpu_clock)
-        except OSError:
-            return None
+        return process_cpu_seconds(self.pid)
 
     # -- life and death ------------------------------------------------------------------
 
