@@ -17,9 +17,10 @@ and the worker outlives its template: killing the template loses no in-flight ca
 re-exec ``WorkerProcess`` otherwise, the template restarted after a back-off, the reason kept.
 
 Weak spots: the template runs as the pool's ``WorkerSettings.identity``, and its workers share
-that uid. If the template dies in the middle of a fork after cloning, that child is our
-child but we never learn its pid: it exits when its request channel closes, and stays a
-zombie until this process exits. An application that sets SIGCHLD to SIG_IGN makes the kernel
+that uid. If the template dies in the middle of a fork after cloning, before it sends the
+pidfd, the child is still ours: ``fork_worker`` reads its pid from its hello without consuming
+it and adopts it (a child that dies before its hello is never known: it stays a zombie until
+this process exits). An application that sets SIGCHLD to SIG_IGN makes the kernel
 reap every child itself: the exit status is then unknown and reported as 0 (as
 ``subprocess`` does).
 """
@@ -53,7 +54,7 @@ from ._process import (
     worker_command,
     worker_environment,
 )
-from ._protocol import PROTOCOL_VERSION
+from ._protocol import HEADER, HEADER_SIZE, PROTOCOL_VERSION, Message, decode_body
 from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
 from ._template import (
     CHANNELS,
@@ -71,6 +72,10 @@ START_TIMEOUT = 20.0
 BACKOFF_FIRST = 0.1  # seconds before a failed template is started again, doubling
 BACKOFF_MAX = 5.0
 FORK_TIMEOUT = 5.0
+# How long a fork whose template died looks for the hello of a child it may have cloned (a
+# fork's hello takes about 7 ms; an end of the channel says at once that there is none).
+ORPHAN_WAIT = 5.0
+ORPHAN_HELLO_MAX = 64 * 1024  # a hello is about 2 KB
 READ_SIZE = 64 * 1024
 # How a kernel or a container's seccomp profile refuses clone(CLONE_PARENT | CLONE_PIDFD):
 # it will refuse every later fork the same way.
@@ -186,6 +191,45 @@ class ForkedWorker(WorkerProcess):
 
     def __repr__(self) -> str:
         return f"<ForkedWorker pid={self.pid} template={self.template_pid}>"
+
+
+def _peek_hello_pid(fd: int, deadline: float) -> int | None:
+    """The pid named by the hello waiting on a worker's response channel, read without
+    consuming it (MSG_PEEK: the pool's conversation reads it as from any worker); None if the
+    channel ends, the deadline passes or what it holds is not a hello."""
+    channel = socket.socket(fileno=os.dup(fd))
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        wanted = HEADER_SIZE
+        while (left := deadline - time.monotonic()) > 0:
+            if not poller.poll(left * 1000):
+                return None
+            try:
+                data = channel.recv(wanted, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return None
+            if not data:
+                return None  # the end of the channel: no process holds its other end
+            if len(data) < wanted:  # the rest is on its way: poll says "readable" meanwhile
+                time.sleep(0.001)
+                continue
+            if wanted == HEADER_SIZE:
+                (size,) = HEADER.unpack(data)
+                if size > ORPHAN_HELLO_MAX:
+                    return None
+                wanted += size
+                continue
+            event = decode_body(data[HEADER_SIZE:])
+            if not isinstance(event, Message) or event.payload.get("t") != "hello":
+                return None
+            pid = event.payload.get("pid")
+            return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+        return None
+    finally:
+        channel.close()
 
 
 class TemplateProcess:
@@ -370,7 +414,13 @@ class TemplateProcess:
                 finally:
                     for fd in child_ends:
                         os.close(fd)
-                message, fds = self._receive(time.monotonic() + timeout)
+                try:
+                    message, fds = self._receive(time.monotonic() + timeout)
+                except TemplateUnavailable:
+                    orphan = self._adopt_orphan(parent_ends)
+                    if orphan is None:
+                        raise
+                    return orphan
                 return self._forked(request_id, message, fds, parent_ends)
             except BaseException:
                 for fd in parent_ends:
@@ -401,6 +451,33 @@ class TemplateProcess:
             f"the template answered a fork with {message['t']!r} (id {message.get('id')!r})",
             permanent=False,
         )
+
+    def _adopt_orphan(self, channels: list[int]) -> ForkedWorker | None:
+        """The template died (or was killed) before it answered a fork: had it cloned the
+        worker, that worker is our child (CLONE_PARENT) and nobody else would reap it. Its
+        hello names its pid; a pidfd on a child of ours that is not reaped names that child
+        and no other, and ``waitid`` on it refuses any process that is not our child. So it
+        is adopted as any forked worker. None: no worker came (the template died before the
+        clone, or the worker before its hello)."""
+        pid = _peek_hello_pid(channels[1], time.monotonic() + ORPHAN_WAIT)
+        if pid is None:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        try:
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # not our child: not the worker we asked for
+            os.close(pidfd)
+            return None
+        logger.info(
+            "jsonnet_worker: template %d died before it answered a fork; its worker %d is adopted",
+            self.pid,
+            pid,
+        )
+        stdin, stdout, stderr = channels
+        return ForkedWorker.forked(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
 
     # -- life and death ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import pytest
 
 from jsonnet_worker._errors import MemoryLimitExceeded
 from jsonnet_worker._forking import (
+    ORPHAN_WAIT,
     ForkedWorker,
     ForkState,
     TemplateHello,
@@ -505,6 +506,42 @@ def test_a_forked_worker_survives_its_templates_death_mid_evaluation(
     answer = talk.receive()
     assert answer is not None
     assert answer.payload == {"t": "result", "id": request_id, "json": "2000001000000\n"}
+
+
+def test_a_worker_cloned_just_before_its_template_died_is_adopted_not_left_a_zombie(
+    workers: list[WorkerProcess],
+) -> None:
+    template = TemplateProcess(settings(), harness("die-after-clone"))
+    try:
+        worker = template.fork_worker()  # no pidfd came: the worker is found by its hello
+        workers.append(worker)
+        assert template.wait(10.0) == 9
+        talk = Talk(worker)
+        assert talk.hello.payload["pid"] == worker.pid
+        assert status_of(f"/proc/{worker.pid}/status")["PPid"] == str(os.getpid())
+        assert talk.request("[1, 2]")["json"] == "[\n   1,\n   2\n]\n"
+        pid = worker.pid
+        worker.close()
+        assert not os.path.exists(f"/proc/{pid}"), "the adopted worker was not reaped"
+        with pytest.raises(TemplateUnavailable):
+            template.fork_worker()
+    finally:
+        template.close()
+
+
+def test_a_template_dead_before_its_clone_is_an_error_at_once() -> None:
+    template = TemplateProcess(settings(), harness("die-before-clone"))
+    try:
+        began = time.monotonic()
+        with pytest.raises(TemplateUnavailable) as refused:
+            template.fork_worker()
+        # The end of the new worker's channel says no worker exists: no wait for a hello.
+        assert time.monotonic() - began < ORPHAN_WAIT
+        assert refused.value.permanent is False
+        assert "exited" in refused.value.reason
+        assert template.wait(10.0) == 9
+    finally:
+        template.close()
 
 
 def test_closing_the_template_keeps_its_workers(

@@ -15,6 +15,9 @@ Run as ``python -I template_harness.py MODE [template args...]``. Modes:
                   with EPERM, as a container's profile may
   landlock-enosys the Landlock syscalls answer ENOSYS (a kernel without Landlock)
   broken-engine   the engine extension cannot be found
+  die-after-clone the template exits right after its clone, before it sends the worker's
+                  pidfd (as if killed in mid-fork): the worker lives on, known to no one
+  die-before-clone the template exits when a fork is asked, before any clone
 This is not a switch in the product: it lives in tests/ and patches the product's modules.
 """
 
@@ -36,6 +39,7 @@ from jsonnet_worker._protocol import EvalRequest
 
 CLONE_NR = {"x86_64": 56, "aarch64": 220}
 TGKILL_NR = {"x86_64": 234, "aarch64": 131}
+DIED_IN_FORK = 9  # the exit status of the die-*-clone modes
 
 
 def refuse_clone_parent() -> None:
@@ -138,6 +142,28 @@ def run_python_snippets(scope_extra: dict[str, object] | None = None) -> None:
     _engines.Engine.run = run_python  # type: ignore[method-assign]
 
 
+def die_after_clone() -> None:
+    send = _template.Template.send
+
+    def send_or_die(
+        self: _template.Template, message: dict[str, object], fds: list[int] | None = None
+    ) -> None:
+        if message.get("t") == "forked":
+            os._exit(DIED_IN_FORK)
+        send(self, message, fds)
+
+    _template.Template.send = send_or_die  # type: ignore[method-assign]
+
+
+def die_before_clone() -> None:
+    def exit_at_once(
+        self: _template.Template, message: dict[str, object], fds: list[int], flags: int
+    ) -> None:
+        os._exit(DIED_IN_FORK)
+
+    _template.Template.answer = exit_at_once  # type: ignore[method-assign]
+
+
 def main() -> None:
     mode, argv = sys.argv[1], sys.argv[2:]
     if mode == "python":
@@ -152,6 +178,10 @@ def main() -> None:
         _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
             lambda self: "_no_such_jsonnet_engine"
         )
+    elif mode == "die-after-clone":
+        die_after_clone()
+    elif mode == "die-before-clone":
+        die_before_clone()
     elif mode != "full":
         raise SystemExit(f"unknown harness mode {mode}")
     code = _template.main(argv)
