@@ -27,7 +27,7 @@ from pathlib import Path
 
 import _gojsonnet
 
-from benchmarks import workloads
+from benchmarks import bench_bounds, workloads
 from benchmarks.bench_latency import percentile as pct
 from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
@@ -525,11 +525,22 @@ def main() -> None:
     latency = sequential_latency(report, args.quick)
     rates = throughputs(report, args.quick)
     engine_path(report, args.quick)
+    bounds, floor, call_cpu = bench_bounds.measure(300 if args.quick else 3000)
+    report.table("What bounds the light mapper's sequential call", bench_bounds.HEADER, bounds)
+    report.notes.append(floor)
     scaling(report, args.quick)
     lifecycle(report, args.quick)
     service, per_round = service_ratio(args.quick, not args.no_write)
     report.notes.append(f"service / unsafe in-process app under wrk, per round: {per_round}")
     targets(report, latency, rates, service)
+    cpus = len(os.sched_getaffinity(0))
+    ceiling = cpus / call_cpu
+    report.notes.append(
+        f"CPU per pool call on the light mapper (caller thread and worker process): "
+        f"{call_cpu * 1e6:.0f} µs, so {cpus} CPUs give at most {ceiling:.0f} calls/s = "
+        f"{ceiling / rates[f'{workloads.light().name}|executor']:.2f}x ProcessPoolExecutor's "
+        f"rate in this run"
+    )
     report.sections.insert(0, report.sections.pop())  # the targets first
     print("\n" + "\n".join(report.notes))
     layers = layer_costs(args.quick)
