@@ -127,6 +127,36 @@ def test_the_template_is_replaced_on_demand_and_its_workers_serve_on() -> None:
         assert pool.stats().fork_fallbacks == 0
 
 
+def zombie_children() -> set[int]:
+    """This process's children that have exited and are not reaped."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                found.add(int(entry))
+    return found
+
+
+def test_templates_dying_in_mid_fork_cost_no_worker_and_leave_no_zombie() -> None:
+    before = zombie_children()
+    # Every template started exits right after its first clone, before it sends the pidfd.
+    with WorkerPool(2, spares=1, _template_command=harness("die-after-clone")) as pool:
+        for call in range(4):
+            assert pool.evaluate(f"{call} + 1", tenant=f"t{call}") == call + 1
+        stats = pool.stats()
+        assert stats.forks >= 1 and stats.template_starts >= 1, stats
+        for pid in stats.worker_pids:
+            assert parent_of(pid) == os.getpid()
+        workers = set(stats.worker_pids)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), "reaped")
+    assert zombie_children() <= before
+
+
 def test_killing_the_template_under_load_loses_no_call() -> None:
     """Four threads call with a new tenant each time (every call needs a new worker) while
     the template is SIGKILLed three times; every call gets its own answer, the template is
