@@ -249,8 +249,8 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
             "",
             "`python -m benchmarks.bench_service`. Machine: "
             f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs shared by wrk, the "
-            "servers and the service's workers (and, while this ran, by other people's test "
-            "runs: a noisy machine, so compare the ratios of one round, not runs).",
+            "servers and the service's workers (and by whatever else runs on the machine: "
+            "compare the ratios of one round, not runs).",
             "",
             "### Throughput under wrk",
             "",

@@ -187,38 +187,57 @@ def sequential_latency(report: Report, quick: bool) -> dict[str, float]:
 
 
 def throughputs(report: Report, quick: bool) -> dict[str, float]:
-    seconds = 1.0 if quick else 3.0
+    """Closed-loop rates, every contender alive at once and measured in turn in rounds (so
+    drift on a noisy machine hits all alike); each figure is the median of its rounds."""
+    seconds, rounds = (1.0, 1) if quick else (2.0, 3)
     figures: dict[str, float] = {}
     for workload in (workloads.light(), workloads.heavy()):
         floor = InProcess("go")
-        single = throughput(partial(floor.call, workload), 1, seconds)
+        peers: list[Contender] = [ProcessPool(2), PebblePool(2)]
+        pools = {size: Pool("go", size) for size in (1, 2, 4)}
+        runs: list[tuple[str, Contender, int]] = [("single", floor, 1)]
+        runs += [(f"peer{index}", peer, 4) for index, peer in enumerate(peers)]
+        runs += [
+            (f"pool{size}|callers{callers}", pool, callers)
+            for size, pool in pools.items()
+            for callers in (1, 2, 4)
+        ]
+        measured: dict[str, list[float]] = {key: [] for key, _, _ in runs}
+        try:
+            for _ in range(rounds):
+                for key, contender, callers in runs:
+                    call = partial(contender.call, workload)
+                    measured[key].append(throughput(call, callers, seconds))
+        finally:
+            for contender in [*peers, *pools.values()]:
+                contender.close()
+        rate = {key: statistics.median(values) for key, values in measured.items()}
+        single = rate["single"]
         rows = [[floor.name, "1", "-", f"{single:.0f}", "1.00"]]
-        executor_rate = 0.0
-        for peer in (ProcessPool(2), PebblePool(2)):
-            try:
-                rate = throughput(partial(peer.call, workload), 4, seconds)
-            finally:
-                peer.close()
-            executor_rate = executor_rate or rate  # ProcessPoolExecutor: the targets' peer
-            rows.append([peer.name, "4", "2", f"{rate:.0f}", f"{rate / single:.2f}"])
-        for size in (1, 2, 4):
-            pool = Pool("go", size)
-            try:
-                for callers in (1, 2, 4):
-                    rate = throughput(partial(pool.call, workload), callers, seconds)
-                    rows.append(
-                        [pool.name, str(callers), str(size), f"{rate:.0f}", f"{rate / single:.2f}"]
-                    )
-                    figures[f"{workload.name}|pool{size}|callers{callers}"] = rate
-            finally:
-                pool.close()
+        for index, peer in enumerate(peers):
+            peer_rate = rate[f"peer{index}"]
+            rows.append([peer.name, "4", "2", f"{peer_rate:.0f}", f"{peer_rate / single:.2f}"])
+        for size, pool in pools.items():
+            for callers in (1, 2, 4):
+                pool_rate = rate[f"pool{size}|callers{callers}"]
+                rows.append(
+                    [
+                        pool.name,
+                        str(callers),
+                        str(size),
+                        f"{pool_rate:.0f}",
+                        f"{pool_rate / single:.2f}",
+                    ]
+                )
+                figures[f"{workload.name}|pool{size}|callers{callers}"] = pool_rate
+        executor_rate = rate["peer0"]  # ProcessPoolExecutor: the targets' peer
         figures[f"{workload.name}|single"] = single
         figures[f"{workload.name}|executor"] = executor_rate
         best2 = max(figures[f"{workload.name}|pool2|callers{c}"] for c in (1, 2, 4))
         report.notes.append(
             f"{workload.name}: pool of 2 at best {best2:.0f}/s = {best2 / single:.2f}x "
             f"in-process single-thread, {best2 / executor_rate:.2f}x ProcessPoolExecutor "
-            "(2 workers, 4 callers)"
+            f"(2 workers, 4 callers); medians of {rounds} interleaved rounds of {seconds:g} s"
         )
         report.table(
             f"Throughput: {workload.name}",
@@ -558,8 +577,8 @@ def main() -> None:
             "Regenerate with `python -m benchmarks.run` (about eight minutes; it runs "
             "`python -m benchmarks.bench_service` too, which writes the service section "
             "below). Ratios are against in-process `_gojsonnet` measured in the same run, "
-            "contenders interleaved in rounds. The machine is shared (other test runs were "
-            "active during this one): absolute figures move a lot from run to run, ratios "
+            "contenders interleaved in rounds. On these 2-CPU VMs absolute figures move a "
+            "lot from run to run (more so on a machine shared with other work), ratios "
             "less.\n\n"
             f"Machine: {machine()}.\n\n"
             + "\n".join(f"- {n}" for n in report.notes)
