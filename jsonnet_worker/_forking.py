@@ -468,7 +468,7 @@ class TemplateProcess:
             return None
         try:
             os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # not our child: not the worker we asked for
+        except OSError:  # ChildProcessError: not our child, not the worker we asked for
             os.close(pidfd)
             return None
         logger.info(
