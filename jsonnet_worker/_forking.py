@@ -49,6 +49,8 @@ from ._process import (
     StderrCapture,
     WorkerProcess,
     WorkerSettings,
+    exits_within,
+    kill_through,
     one_way_channel,
     process_cpu_seconds,
     worker_command,
@@ -484,10 +486,7 @@ class TemplateProcess:
     def kill(self) -> None:
         if self._closed:
             return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_through(self.pidfd)
 
     def exited(self) -> bool:
         return self._popen.poll() is not None
@@ -498,11 +497,9 @@ class TemplateProcess:
 
     def wait(self, timeout: float | None) -> int | None:
         """Reap the template; None if it is still running after ``timeout`` seconds."""
-        if self._popen.returncode is None and timeout is not None and not self._closed:
-            poller = select.poll()
-            poller.register(self.pidfd, select.POLLIN)
-            if not poller.poll(max(0, int(timeout * 1000))):
-                return None
+        unreaped = self._popen.returncode is None and not self._closed
+        if unreaped and timeout is not None and not exits_within(self.pidfd, timeout):
+            return None
         return self._popen.wait()
 
     def close(self, grace: float = 1.0) -> int | None:

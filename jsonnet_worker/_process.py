@@ -93,6 +93,22 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def kill_through(pidfd: int) -> None:
+    """SIGKILL the process ``pidfd`` names (no pid-reuse race); nothing if it is gone."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def exits_within(pidfd: int, timeout: float) -> bool:
+    """Whether the process ``pidfd`` names has exited within ``timeout`` seconds (its pidfd
+    turns readable at once; Popen.wait(timeout) sleeps in steps of up to 50 ms)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
 class StderrCapture:
     """The first and last bytes a worker printed since ``mark()``, bounded."""
 
@@ -448,23 +464,17 @@ class WorkerProcess:
         with self._fd_lock:  # the pidfd's number must not be closed (and reused) meanwhile
             if not self._fds_open:
                 return
-            try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_through(self.pidfd)
 
     def exited(self) -> bool:
         return self._child.poll() is not None
 
     def wait(self, timeout: float | None) -> int | None:
         """Reap the process; None if it is still running after ``timeout`` seconds."""
-        if self._child.returncode is None and timeout is not None and self._fds_open:
-            # Popen.wait(timeout) sleeps in steps of up to 50 ms; the pidfd says at once.
-            poller = select.poll()
-            poller.register(self.pidfd, select.POLLIN)
-            if not poller.poll(max(0, int(timeout * 1000))):
-                return None
-        if self._child.returncode is None and self._fds_open:
+        unreaped = self._child.returncode is None and self._fds_open
+        if unreaped and timeout is not None and not exits_within(self.pidfd, timeout):
+            return None
+        if self._child.returncode is None and self._fds_open:  # not reaped meanwhile
             self._cpu_at_exit = self.cpu_seconds()  # a zombie's clock still reads
         return self._child.wait()
 
