@@ -274,18 +274,17 @@ class Engine:
     def _evaluate(self, request: EvalRequest) -> str:
         ext_vars, ext_codes = _without_nul("ext var", request.ext_vars, request.ext_codes)
         tla_vars, tla_codes = _without_nul("TLA var", request.tla_vars, request.tla_codes)
+        variables = {
+            "ext_vars": ext_vars,
+            "ext_codes": ext_codes,
+            "tla_vars": tla_vars,
+            "tla_codes": tla_codes,
+            "max_stack": request.max_stack,
+            "max_trace": request.max_trace,
+        }
         if self._capi is not None:
             return _as_engine_result(
-                None,
-                self._capi.evaluate_snippet,
-                request.filename,
-                request.snippet,
-                ext_vars=ext_vars,
-                ext_codes=ext_codes,
-                tla_vars=tla_vars,
-                tla_codes=tla_codes,
-                max_stack=request.max_stack,
-                max_trace=request.max_trace,
+                None, self._capi.evaluate_snippet, request.filename, request.snippet, **variables
             )
         barrier = _ImportBarrier()
         return _as_engine_result(
@@ -293,13 +292,8 @@ class Engine:
             self._module_evaluate,
             request.filename,
             request.snippet,
-            ext_vars=ext_vars,
-            ext_codes=ext_codes,
-            tla_vars=tla_vars,
-            tla_codes=tla_codes,
-            max_stack=request.max_stack,
-            max_trace=request.max_trace,
             import_callback=barrier,
+            **variables,
         )
 
     def _check(self, request: EvalRequest) -> None:
