@@ -16,16 +16,39 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+
+
+def write_config(folder: Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """A service config in ``folder``: a pool of one, one mapper ``m`` (its file beside it),
+    and the sections of ``extra`` on top."""
+    (folder / "mapper.jsonnet").write_text(
+        "local c = std.extVar('claims'); {identity: {traits: {email: c.email}}}"
+    )
+    config: dict[str, Any] = {
+        "pool": {"size": 1, "spares": 0},
+        "selfservice": {
+            "methods": {
+                "oidc": {
+                    "config": {"providers": [{"id": "m", "mapper_url": "file://mapper.jsonnet"}]}
+                }
+            }
+        },
+        **(extra or {}),
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def free_port() -> int:

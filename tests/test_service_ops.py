@@ -10,19 +10,24 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from conftest import DATA
 from jsonnet_worker import PoolConfig, WorkerPool
 from jsonnet_worker.service import create_app, load_config
 from jsonnet_worker.service._server import warn_if_exposed
-from servicekit import GITHUB_CLAIMS, GITHUB_EXPECT, ServiceProcess, running_service
+from servicekit import (
+    GITHUB_CLAIMS,
+    GITHUB_EXPECT,
+    ServiceProcess,
+    running_service,
+    write_config,
+)
 
 CONFIG = DATA / "service" / "config.yaml"
 SLOW = (
@@ -50,26 +55,6 @@ def test_probes_and_the_sandbox_verdict(service: ServiceProcess) -> None:
     log = service.log()
     verdict = "sandbox: every layer active" if complete else "sandbox: degraded: "
     assert log.count(verdict) == 1, log  # the start-up log line: the same verdict, once
-
-
-def write_config(folder: Path, extra: Mapping[str, Any]) -> Path:
-    (folder / "mapper.jsonnet").write_text(
-        "local c = std.extVar('claims'); {identity: {traits: {email: c.email}}}"
-    )
-    config: dict[str, Any] = {
-        "pool": {"size": 1, "spares": 0},
-        "selfservice": {
-            "methods": {
-                "oidc": {
-                    "config": {"providers": [{"id": "m", "mapper_url": "file://mapper.jsonnet"}]}
-                }
-            }
-        },
-        **extra,
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_bearer_token_json_logs_and_access_log(tmp_path: Path) -> None:

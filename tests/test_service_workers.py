@@ -12,38 +12,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from jsonnet_worker.service import ConfigError, load_config
-from servicekit import ServiceProcess, pid_alive, running_service
+from servicekit import ServiceProcess, pid_alive, running_service, write_config
 
 READY_TIMEOUT = 60.0
 MAX_CONNECTIONS = 200  # fresh connections tried before giving up on reaching every process
-
-
-def write_config(folder: Path, extra: dict[str, Any] | None = None) -> Path:
-    (folder / "mapper.jsonnet").write_text(
-        "local c = std.extVar('claims'); {identity: {traits: {email: c.email}}}"
-    )
-    config: dict[str, Any] = {
-        "pool": {"size": 1, "spares": 0},
-        "selfservice": {
-            "methods": {
-                "oidc": {
-                    "config": {"providers": [{"id": "m", "mapper_url": "file://mapper.jsonnet"}]}
-                }
-            }
-        },
-        **(extra or {}),
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def wait_for_log(service: ServiceProcess, text: str) -> str:
