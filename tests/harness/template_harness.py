@@ -27,7 +27,6 @@ import ctypes
 import errno
 import json
 import os
-import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,18 +52,7 @@ def refuse_clone_parent() -> None:
         (0x06, 0, 0, refuse),
         (0x06, 0, 0, allow),
     ]
-    program = b"".join(struct.pack("=HBBI", *insn) for insn in bpf)
-    buffer = ctypes.create_string_buffer(program)
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = SockFprog(len(bpf), ctypes.addressof(buffer))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "no_new_privs")
-    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
-        raise OSError(ctypes.get_errno(), "seccomp")
+    worker_harness.install_filter(bpf)
 
 
 class DomainProbe:
