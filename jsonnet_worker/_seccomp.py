@@ -319,6 +319,20 @@ class SyscallTable:
         return {name: self.numbers[name] for name in ARGUMENT_RULES}
 
 
+# Since Linux 5.1 every architecture numbers new system calls alike, from 424 on
+# (pidfd_send_signal): one table for both.
+# fmt: off
+_UNIFIED_NUMBERS = {
+    "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426,
+    "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435,
+    "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442, "quotactl_fd": 443,
+    "memfd_secret": 447, "process_mrelease": 448, "fchmodat2": 452, "setxattrat": 463,
+    "getxattrat": 464, "listxattrat": 465, "removexattrat": 466, "open_tree_attr": 467,
+}
+# fmt: on
+
+
 # From arch/x86/entry/syscalls/syscall_64.tbl (checked against asm/unistd_64.h in the tests).
 # fmt: off
 _X86_64_NUMBERS = {
@@ -346,13 +360,7 @@ _X86_64_NUMBERS = {
     "open_by_handle_at": 304, "clock_adjtime": 305, "syncfs": 306, "setns": 308,
     "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
     "sched_setattr": 314, "seccomp": 317, "memfd_create": 319, "kexec_file_load": 320,
-    "bpf": 321, "execveat": 322, "userfaultfd": 323, "pidfd_send_signal": 424,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
-    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440,
-    "mount_setattr": 442, "quotactl_fd": 443, "memfd_secret": 447, "process_mrelease": 448,
-    "fchmodat2": 452, "setxattrat": 463, "getxattrat": 464, "listxattrat": 465,
-    "removexattrat": 466, "open_tree_attr": 467,
+    "bpf": 321, "execveat": 322, "userfaultfd": 323, **_UNIFIED_NUMBERS,
 }
 # fmt: on
 X86_64 = SyscallTable(audit_arch=0xC000003E, numbers=_X86_64_NUMBERS, x32_bit=True)
@@ -383,13 +391,7 @@ _GENERIC_NUMBERS = {
     "name_to_handle_at": 264, "open_by_handle_at": 265, "clock_adjtime": 266, "syncfs": 267,
     "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272,
     "finit_module": 273, "sched_setattr": 274, "seccomp": 277, "memfd_create": 279, "bpf": 280,
-    "execveat": 281, "userfaultfd": 282, "kexec_file_load": 294, "pidfd_send_signal": 424,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
-    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440,
-    "mount_setattr": 442, "quotactl_fd": 443, "memfd_secret": 447, "process_mrelease": 448,
-    "fchmodat2": 452, "setxattrat": 463, "getxattrat": 464, "listxattrat": 465,
-    "removexattrat": 466, "open_tree_attr": 467,
+    "execveat": 281, "userfaultfd": 282, "kexec_file_load": 294, **_UNIFIED_NUMBERS,
 }
 # fmt: on
 AARCH64 = SyscallTable(audit_arch=0xC00000B7, numbers=_GENERIC_NUMBERS)
