@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from collections.abc import Callable
 import _gojsonnet
 
 from benchmarks import workloads
+from benchmarks.bench_latency import time_calls
 from jsonnet_worker import WorkerPool, _capi
 from jsonnet_worker._process import process_cpu_seconds
 from tests import seams
@@ -46,20 +48,12 @@ ECHO_CHILD = (
 
 
 def p50(call: Callable[[], object], count: int) -> float:
-    for _ in range(max(10, count // 10)):
-        call()
-    timings = []
-    for _ in range(count):
-        began = time.perf_counter()
-        call()
-        timings.append(time.perf_counter() - began)
-    return statistics.median(timings)
+    time_calls(call, max(10, count // 10))  # warm-up
+    return statistics.median(time_calls(call, count))
 
 
 def echo_round_trip(count: int, one_cpu: bool) -> float:
     """p50 of a one-byte round trip to a child process over a unix socket pair."""
-    import socket
-
     ours, theirs = socket.socketpair()
     child = subprocess.Popen(
         [sys.executable, "-c", ECHO_CHILD, str(theirs.fileno())], pass_fds=[theirs.fileno()]
@@ -133,18 +127,6 @@ def measure(count: int) -> tuple[list[list[str]], str, float]:
     claims = light.ext_codes
     capi = _capi.CapiEngine(_capi.bind(_gojsonnet.__file__), "import not available")
 
-    def cached() -> str:
-        return capi.evaluate_snippet(
-            light.filename,
-            light.snippet,
-            ext_vars={},
-            ext_codes=claims,
-            tla_vars={},
-            tla_codes=light.tla_codes,
-            max_stack=500,
-            max_trace=20,
-        )
-
     one = p50(lambda: _gojsonnet.evaluate_snippet("one.jsonnet", "1"), count)
     one_claims = p50(
         lambda: _gojsonnet.evaluate_snippet("one.jsonnet", "1", ext_codes=claims), count
@@ -153,7 +135,7 @@ def measure(count: int) -> tuple[list[list[str]], str, float]:
         lambda: _gojsonnet.evaluate_snippet(light.filename, light.snippet, ext_codes=claims),
         count,
     )
-    api = p50(cached, count)
+    api = p50(lambda: light.evaluate_capi(capi), count)
     across = echo_round_trip(count, one_cpu=False)
     one_cpu = echo_round_trip(count, one_cpu=True)
     sleep = sleep_cpu(count)

@@ -297,16 +297,7 @@ def engine_path(report: Report, quick: bool) -> None:
             return result
 
         def cached(codes: dict[str, str], w: Workload = workload) -> str:
-            return capi.evaluate_snippet(
-                w.filename,
-                w.snippet,
-                ext_vars={},
-                ext_codes=codes,
-                tla_vars={},
-                tla_codes=w.tla_codes,
-                max_stack=500,
-                max_trace=20,
-            )
+            return w.evaluate_capi(capi, codes)
 
         started = time.perf_counter()
         first = cached(variants[0])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import bench_latency
+from jsonnet_worker._capi import CapiEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCH = bench_latency.SHARED_BENCH
@@ -25,6 +26,20 @@ class Workload:
             self.filename, self.snippet, ext_codes=self.ext_codes, tla_codes=self.tla_codes
         )
         return result
+
+    def evaluate_capi(self, capi: CapiEngine, ext_codes: dict[str, str] | None = None) -> str:
+        """Through the workers' C API path (``_capi``), in this process: no sandbox, no IPC;
+        ``ext_codes`` in place of the workload's (a fresh text per call defeats no cache)."""
+        return capi.evaluate_snippet(
+            self.filename,
+            self.snippet,
+            ext_vars={},
+            ext_codes=self.ext_codes if ext_codes is None else ext_codes,
+            tla_vars={},
+            tla_codes=self.tla_codes,
+            max_stack=500,
+            max_trace=20,
+        )
 
 
 def light() -> Workload:
