@@ -130,21 +130,25 @@ class StartupFailed:
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A result for the request in flight: its JSON text and that text decoded (for action
-    ``fmt`` a str, for ``check`` None)."""
+    ``fmt`` a str, for ``check`` None). ``retire``: the worker asks to be replaced after
+    this answer (its memory's peak passed its retire mark)."""
 
     request_id: int
     json_text: str
     value: Any
+    retire: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
     """The worker's error for the request in flight. ``request_id`` is None only for a
-    ``protocol`` error about a frame the worker could not read."""
+    ``protocol`` error about a frame the worker could not read. ``retire`` as in
+    ``Answer``."""
 
     request_id: int | None
     kind: ErrorKind
     message: str
+    retire: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +345,7 @@ class WorkerConnection:
             raise _Lie(f"the answer to a check is a {type(value).__name__}, not null")
         if request.action is Action.FMT and not isinstance(value, str):
             raise _Lie(f"the answer to a fmt is a {type(value).__name__}, not a string")
-        return Answer(request.id, text, value)
+        return Answer(request.id, text, value, _retire(payload))
 
     def _failure(self, payload: dict[str, Any], request: EvalRequest) -> Failure:
         raw_kind = payload.get("kind")
@@ -354,7 +358,7 @@ class WorkerConnection:
             pass  # the worker could not read our frame, so it cannot know its id
         else:
             _check_id(request_id, request.id)
-        return Failure(request_id, kind, _message(payload, "message"))
+        return Failure(request_id, kind, _message(payload, "message"), _retire(payload))
 
 
 def _shown(value: object) -> str:
@@ -364,6 +368,13 @@ def _shown(value: object) -> str:
 def _check_id(value: object, expected: int) -> None:
     if type(value) is not int or value != expected:
         raise _Lie(f"an answer with id {_shown(value)}, expected {expected}")
+
+
+def _retire(payload: dict[str, Any]) -> bool:
+    value = payload.get("retire", False)
+    if type(value) is not bool:
+        raise _Lie(f"a 'retire' that is a {type(value).__name__}, not a bool")
+    return value
 
 
 def _message(payload: dict[str, Any], key: str) -> str:

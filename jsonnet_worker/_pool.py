@@ -78,7 +78,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._process import WorkerProcess, settings_for
-from ._protocol import Action, ErrorKind, EvalRequest, encode_request
+from ._protocol import RETIRE_AT_MEMORY_SHARE, Action, ErrorKind, EvalRequest, encode_request
 from ._state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
 from ._status import PoolStats, SandboxStatus
 from ._supervisor import Supervisor, Worker
@@ -204,6 +204,12 @@ _FAILURES: dict[ErrorKind, tuple[type[Error], bool]] = {
 }
 # The end of a worker's response channel: each path waits for its exit in its own way.
 _CLOSED = Outcome(reason="closed")
+
+
+def _retire_reason(retire: bool) -> str:
+    if not retire:
+        return ""
+    return f"it used over {RETIRE_AT_MEMORY_SHARE:.0%} of the memory headroom it started with"
 
 
 class WorkerPool:
@@ -850,7 +856,7 @@ class WorkerPool:
         if event is NEED_DATA:
             return None
         if isinstance(event, Answer):
-            return Outcome(answer=event, keep=True)
+            return Outcome(answer=event, keep=True, recycle=_retire_reason(event.retire))
         if isinstance(event, Failure):
             error_type, keep = _FAILURES[event.kind]
             message = event.message
@@ -859,7 +865,9 @@ class WorkerPool:
                 return Outcome(error=ProtocolError(message), reason=f"reported {event.kind.value}")
             if error_type is MemoryLimitExceeded:
                 return Outcome(error=MemoryLimitExceeded(message), reason="ran out of memory")
-            return Outcome(error=error_type(message), keep=keep)
+            return Outcome(
+                error=error_type(message), keep=keep, recycle=_retire_reason(event.retire)
+            )
         if isinstance(event, ConnectionClosed):
             return _CLOSED
         reason = event.reason if isinstance(event, ConnectionBroken) else type(event).__name__

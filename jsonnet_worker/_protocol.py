@@ -41,6 +41,13 @@ from typing import Any
 import msgpack
 
 PROTOCOL_VERSION = 1
+# A worker that has used more than this share of the memory headroom it started with (what
+# RLIMIT_DATA still let it map) asks, in its answer, to be replaced: go-jsonnet's heap and
+# stacks never give their mappings back, so the next call, maybe another caller's small one,
+# would start with what is left and could die of the last call's memory (seen in CI: a
+# trivial call killed by SIGABRT on the worker whose deep-nesting snippet had just ended in a
+# JsonnetError, with its mapped memory still at the limit).
+RETIRE_AT_MEMORY_SHARE = 0.5
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024

@@ -187,13 +187,15 @@ class Outcome:
     """How one call on a worker ended, on either call path: an answer (the connection's
     ``Answer``) or a typed error, and whether the worker may serve again.
 
-    ``reason`` says, for the log, why the worker goes (never a snippet's text or value)."""
+    ``reason`` says, for the log, why the worker goes (never a snippet's text or value);
+    ``recycle``, why a worker that may be kept is replaced all the same (it asked to be)."""
 
     answer: Any = None
     error: Error | None = None
     keep: bool = False
     died: bool = False
     reason: str = ""
+    recycle: str = ""
 
 
 @dataclass(frozen=True)
@@ -390,7 +392,7 @@ class PoolState(Generic[W]):
             if member is None:
                 actions += self._orphan(worker)
             elif outcome.keep:
-                self._check_in(member, cpu, actions)
+                self._check_in(member, cpu, actions, outcome.recycle)
             else:
                 self._retire(member, actions)
         return actions
@@ -416,11 +418,13 @@ class PoolState(Generic[W]):
             self._check_in(member, cpu, actions)
         return actions
 
-    def _check_in(self, member: Member[W], cpu: float | None, actions: list[Action]) -> None:
+    def _check_in(
+        self, member: Member[W], cpu: float | None, actions: list[Action], recycle: str = ""
+    ) -> None:
         if member.status is Status.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
             self._retire(member, actions)
             return
-        reason = self._recycle_reason(member, cpu)
+        reason = recycle or self._recycle_reason(member, cpu)
         if reason:
             self._recycle(member, reason, actions)
             return

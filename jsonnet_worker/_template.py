@@ -323,7 +323,7 @@ def forked_worker_main(template: Template, channels: list[int]) -> int:
         print(reason, file=sys.stderr, flush=True)
         streams.send({"t": "startup_failed", "reason": _engines.bound_text(reason)})
         return EXIT_STARTUP_FAILED
-    return _worker.serve(streams, engine, hello, options.max_frame)
+    return _worker.serve(streams, engine, hello, options)
 
 
 def start_template(

@@ -37,6 +37,7 @@ import ctypes
 import dataclasses
 import errno
 import math
+import mmap
 import os
 import resource
 import select
@@ -51,6 +52,7 @@ from . import _engines, _landlock, _privileges, _seccomp
 from ._protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
+    RETIRE_AT_MEMORY_SHARE,
     ErrorKind,
     FrameReader,
     FrameTooLarge,
@@ -73,6 +75,11 @@ READ_SIZE = 256 * 1024
 # machine; interleaved A/B runs on the busy 2-CPU machine (issue 13): a 60 us window, spun only
 # while it pays, beat both a fixed 300 us spin (p50 1.09x vs 3.0-3.9x in-process) and none.
 SPIN_FOR_REQUEST = 0.00006
+# The memory headroom is probed (a few microseconds) after an evaluation that took at least
+# this long, and after every MEMORY_PROBE_EVERY answers: mapping hundreds of megabytes takes
+# an honest engine far longer than this, so the fast calls skip the probe.
+MEMORY_PROBE_AFTER = 0.001
+MEMORY_PROBE_EVERY = 256
 
 
 @dataclass(frozen=True)
@@ -283,11 +290,45 @@ def self_check(status: _landlock.LandlockStatus, target: str) -> str:
     return f"allowed: open({target!r}) succeeded (no Landlock on this kernel)"
 
 
+def can_map(size: int) -> bool:
+    """Whether RLIMIT_DATA (and the kernel's overcommit policy) would let this process map
+    ``size`` more bytes of private writable memory now: mapped and unmapped untouched, so
+    it costs no page. No /proc: under the empty layer a forked worker cannot open its own."""
+    try:
+        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).close()
+    except OSError:
+        return False
+    return True
+
+
+class MemoryHeadroom:
+    """Whether this worker has used over RETIRE_AT_MEMORY_SHARE of the headroom it started
+    with. Measured at the start (a bisection of ``can_map``, to 1 MiB), then probed."""
+
+    def __init__(self, memory_limit: int) -> None:
+        can, cannot = 0, memory_limit + 1
+        while cannot - can > 1 << 20:
+            size = (can + cannot) // 2
+            can, cannot = (size, cannot) if can_map(size) else (can, size)
+        self.reserve = max(1, int(can * (1 - RETIRE_AT_MEMORY_SHARE)))
+        self.unprobed = 0
+
+    def spent(self, evaluation_seconds: float) -> bool:
+        self.unprobed += 1
+        if evaluation_seconds < MEMORY_PROBE_AFTER and self.unprobed < MEMORY_PROBE_EVERY:
+            return False
+        self.unprobed = 0
+        return not can_map(self.reserve)
+
+
 class EvaluationLoop:
-    def __init__(self, streams: ProtocolStreams, engine: _engines.Engine, max_frame: int) -> None:
+    def __init__(
+        self, streams: ProtocolStreams, engine: _engines.Engine, max_frame: int, memory_limit: int
+    ) -> None:
         self.streams = streams
         self.engine = engine
         self.reader = FrameReader(max_frame)
+        self.headroom = MemoryHeadroom(memory_limit)
         os.set_blocking(streams.requests, False)
         self.wait_readable = select.poll()
         self.wait_readable.register(streams.requests, select.POLLIN)
@@ -313,7 +354,11 @@ class EvaluationLoop:
                 if isinstance(event, MalformedFrame):
                     self.streams.send(error_message(None, ErrorKind.PROTOCOL, event.reason))
                     continue
-                self.streams.send(self.answer(event.payload))
+                started = time.monotonic()
+                message = self.answer(event.payload)
+                if self.headroom.spent(time.monotonic() - started):
+                    message["retire"] = True
+                self.streams.send(message)
 
     def receive(self) -> bytes:
         """The next bytes of the request stream; b"" at EOF.
@@ -464,18 +509,22 @@ def main(argv: list[str]) -> int:
         print(reason, file=sys.stderr, flush=True)
         streams.send({"t": "startup_failed", "reason": _engines.bound_text(reason)})
         return EXIT_STARTUP_FAILED
-    return serve(streams, engine, hello, options.max_frame)
+    return serve(streams, engine, hello, options)
 
 
 def serve(
-    streams: ProtocolStreams, engine: _engines.Engine, hello: dict[str, Any], max_frame: int
+    streams: ProtocolStreams,
+    engine: _engines.Engine,
+    hello: dict[str, Any],
+    options: WorkerOptions,
 ) -> int:
     """The rest of step 6: the hello and the loop, on a thread born restricted."""
     outcome: list[int] = []
 
     def run_loop() -> None:
+        loop = EvaluationLoop(streams, engine, options.max_frame, options.memory_limit)
         streams.send(hello)
-        outcome.append(EvaluationLoop(streams, engine, max_frame).run())
+        outcome.append(loop.run())
 
     loop_thread = threading.Thread(target=run_loop, name="jsonnet-worker-loop")
     loop_thread.start()

@@ -114,8 +114,8 @@ def result(request_id: Any = 1, json_text: Any = '{"a": 1}', **extra: Any) -> by
     return encode({"t": "result", "id": request_id, "json": json_text, **extra})
 
 
-def error(request_id: Any = 1, kind: Any = "jsonnet", message: Any = "boom") -> bytes:
-    return encode({"t": "error", "id": request_id, "kind": kind, "message": message})
+def error(request_id: Any = 1, kind: Any = "jsonnet", message: Any = "boom", **extra: Any) -> bytes:
+    return encode({"t": "error", "id": request_id, "kind": kind, "message": message, **extra})
 
 
 def events(connection: WorkerConnection) -> list[ConnectionEvent]:
@@ -435,6 +435,25 @@ def test_every_error_kind_is_a_failure(kind: ErrorKind) -> None:
     connection.receive_data(error(1, kind.value, "what went wrong"))
     assert connection.next_event() == Failure(1, kind, "what went wrong")
     assert state(connection) is ConnectionState.IDLE
+
+
+def test_a_worker_may_ask_to_be_retired_after_a_result_or_an_error() -> None:
+    connection = in_flight()
+    connection.receive_data(result(1, "2", retire=True))
+    assert connection.next_event() == Answer(1, "2", 2, retire=True)
+    connection = in_flight()
+    connection.receive_data(error(1, retire=True))
+    assert connection.next_event() == Failure(1, ErrorKind.JSONNET, "boom", retire=True)
+    connection = in_flight()
+    connection.receive_data(result(1, "2", retire=False))
+    assert connection.next_event() == Answer(1, "2", 2)
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None, [True]])
+def test_a_retire_that_is_not_a_bool_breaks_the_connection(value: Any) -> None:
+    connection = in_flight()
+    connection.receive_data(result(1, "2", retire=value))
+    broken(connection, "'retire'")
 
 
 @pytest.mark.parametrize("kind", ["timeout", "", None, 1, "JSONNET"])

@@ -261,6 +261,27 @@ def test_memory_bomb_is_a_memory_error(engine: str, caplog: pytest.LogCaptureFix
     assert record.levelno == logging.WARNING and record.__dict__["worker_pid"] > 0
 
 
+def test_a_worker_left_with_little_memory_headroom_is_replaced_after_its_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """go-jsonnet never gives back what it mapped: a snippet that ends in its own error after
+    using most of the limit would leave a worker on which the next call could die of that
+    memory (without the retire, every second call here was a MemoryLimitExceeded)."""
+    chain = "local o = {a: 1};\n" + "o" + " + {a: super.a + 1}" * 25_000
+    caplog.set_level(logging.INFO, logger="jsonnet_worker")
+    with WorkerPool(1, engine="go", timeout=20, memory_limit=512 << 20) as pool:
+        for n in range(300):  # fast calls, and the probe every 256 answers: all kept
+            assert pool.evaluate("{n: std.extVar('n')}", ext_vars={"n": n}) == {"n": n}
+        assert pool.stats().recycles == 0
+        for _ in range(3):
+            with pytest.raises(JsonnetError, match="max stack frames"):
+                pool.evaluate(chain)
+            assert pool.evaluate("{n: 1}") == {"n": 1}
+        stats = pool.stats()
+        assert (stats.recycles, stats.crashes) == (3, 0)
+    assert any("memory headroom it started with" in r.getMessage() for r in caplog.records)
+
+
 def test_huge_output_is_refused_and_the_worker_kept(go_pool: WorkerPool) -> None:
     pids = go_pool.stats().worker_pids
     with pytest.raises(OutputTooLarge):

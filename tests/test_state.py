@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -424,6 +424,23 @@ def test_max_calls_per_worker_recycles() -> None:
     assert second.worker is first.worker
     assert kills(pool.state.settle(second.worker, ANSWER)) == [first.worker]
     assert pool.state.stats().recycles == 1
+
+
+def test_a_worker_that_asks_to_be_retired_is_recycled_after_its_answer() -> None:
+    pool = Pool(size=1, spares=1)
+    (spare,) = pool.workers(Status.SPARE)
+    asked = "its peak memory passed 50% of its memory_limit"
+    ticket = pool.take()
+    actions = pool.state.settle(ticket.worker, replace(ANSWER, recycle=asked))
+    assert kills(actions) == [ticket.worker]
+    (log,) = [a for a in actions if isinstance(a, Log)]
+    assert log.message % log.args == f"worker {ticket.worker.pid}: recycled: {asked}"
+    assert pool.status(spare) is Status.IDLE  # the spare takes its place at once
+    ticket = pool.take()
+    failed = Outcome(error=JsonnetError("x"), keep=True, recycle=asked)  # a kept error too
+    assert kills(pool.state.settle(ticket.worker, failed)) == [spare]
+    stats = pool.state.stats()
+    assert (stats.recycles, stats.evaluations, stats.crashes) == (2, 1, 0)
 
 
 def test_a_worker_near_its_cpu_budget_is_recycled_before_it_runs_out() -> None:
