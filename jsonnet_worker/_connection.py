@@ -131,7 +131,7 @@ class StartupFailed:
 class Answer:
     """A result for the request in flight: its JSON text and that text decoded (for action
     ``fmt`` a str, for ``check`` None). ``retire``: the worker asks to be replaced after
-    this answer (its memory's peak passed its retire mark)."""
+    this answer (it has used over RETIRE_AT_MEMORY_SHARE of its starting memory headroom)."""
 
     request_id: int
     json_text: str

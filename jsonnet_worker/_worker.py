@@ -20,8 +20,9 @@ Plan (the order is the point):
   6. load the engine (its Go threads are born restricted), then the seccomp filter on every
      thread at once (``_seccomp``: the Go threads exist by now, and memfd_create is refused
      from here on), start the loop thread (born restricted, and off the main thread, where
-     cgo's stack probing re-reads /proc/self/maps on every call and now fails), and send the
-     hello, which reports every layer.
+     cgo's stack probing re-reads /proc/self/maps on every call and now fails), measure the
+     memory headroom the limit leaves (``MemoryHeadroom``), and send the hello, which reports
+     every layer.
 Any failure in 2-6 sends a ``startup_failed`` frame and exits non-zero. Steps 2-5 are
 ``start_restricted``, step 6 ``finish_start`` and ``serve``: a template (``_template``) runs
 the first half once and forks children that each run the second.
