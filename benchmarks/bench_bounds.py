@@ -106,12 +106,7 @@ def pool_cpu(workload: workloads.Workload, count: int) -> tuple[float, float, fl
         worker_cpu = (worker_after - worker_before) / count
 
     def in_process() -> object:
-        return _gojsonnet.evaluate_snippet(
-            workload.filename,
-            workload.snippet,
-            ext_codes=workload.ext_codes,
-            tla_codes=workload.tla_codes,
-        )
+        return workload.evaluate_in_process(_gojsonnet)
 
     p50(in_process, count // 10)
     began = time.process_time()
@@ -131,10 +126,7 @@ def measure(count: int) -> tuple[list[list[str]], str, float]:
     one_claims = p50(
         lambda: _gojsonnet.evaluate_snippet("one.jsonnet", "1", ext_codes=claims), count
     )
-    binding = p50(
-        lambda: _gojsonnet.evaluate_snippet(light.filename, light.snippet, ext_codes=claims),
-        count,
-    )
+    binding = p50(lambda: light.evaluate_in_process(_gojsonnet), count)
     api = p50(lambda: light.evaluate_capi(capi), count)
     across = echo_round_trip(count, one_cpu=False)
     one_cpu = echo_round_trip(count, one_cpu=True)

@@ -56,7 +56,7 @@ from ._process import (
     worker_command,
     worker_environment,
 )
-from ._protocol import HEADER, HEADER_SIZE, PROTOCOL_VERSION, Message, decode_body
+from ._protocol import HEADER_SIZE, PROTOCOL_VERSION, FrameReader, Message
 from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
 from ._template import (
     CHANNELS,
@@ -203,30 +203,27 @@ def _peek_hello_pid(fd: int, deadline: float) -> int | None:
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        wanted = HEADER_SIZE
         while (left := deadline - time.monotonic()) > 0:
             if not poller.poll(left * 1000):
                 return None
             try:
-                data = channel.recv(wanted, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                data = channel.recv(
+                    HEADER_SIZE + ORPHAN_HELLO_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT
+                )
             except BlockingIOError:
                 continue
             except OSError:
                 return None
             if not data:
                 return None  # the end of the channel: no process holds its other end
-            if len(data) < wanted:  # the rest is on its way: poll says "readable" meanwhile
+            reader = FrameReader(ORPHAN_HELLO_MAX)  # each peek sees the frame from its start
+            reader.feed(data)
+            event = reader.next_event()
+            if event is None:  # the rest is on its way: poll says "readable" meanwhile
                 time.sleep(0.001)
                 continue
-            if wanted == HEADER_SIZE:
-                (size,) = HEADER.unpack(data)
-                if size > ORPHAN_HELLO_MAX:
-                    return None
-                wanted += size
-                continue
-            event = decode_body(data[HEADER_SIZE:])
             if not isinstance(event, Message) or event.payload.get("t") != "hello":
-                return None
+                return None  # an oversized or malformed frame too
             pid = event.payload.get("pid")
             return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
         return None
