@@ -8,9 +8,16 @@ Throughput: ``wrk`` (C, one thread; installed with apt-get when missing) with 16
 connections on 127.0.0.1 against, in turn, the real service (``jsonnet-worker serve`` with
 the tests' config: 2 workers, go engine, host Landlock layer on) and a plain Starlette app
 that evaluates the same GitHub mapper in-process (``benchmarks/unsafe_app.py``, on the event
-loop and in Starlette's thread pool), all under uvicorn, interleaved in rounds of a bounded
-duration so that the noise of a shared machine hits each alike. The ratio is against the
-faster unsafe variant of the same round.
+loop and in Starlette's thread pool), all under uvicorn with the same logging (no access
+log), interleaved in rounds of a bounded duration so that the noise of a shared machine hits
+each alike. The ratio is against the faster unsafe variant of the same round.
+
+What bounds the ratio: during every wrk run the CPU time of the server process (all its
+threads), of its descendants (the service's workers) and of wrk itself is read, per request.
+``GET /livez`` (no evaluation, no pool) gives the HTTP stack's own cost, the same stack the
+unsafe app runs on; with the workers' CPU per evaluation and wrk's per request, that is the
+least a sandboxed request costs the machine, whatever the hand-over, and so a ceiling on the
+rate that the report sets against the target.
 
 Correctness: the bounded httpx load of ``tests/test_service_load.py`` (one request in 25
 hostile: endless loops cut at 0.2 s, errors, refused imports, oversized output, bad and
@@ -27,6 +34,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -44,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from jsonnet_worker._process import process_cpu_seconds
 from servicekit import (
     GITHUB_CLAIMS,
     GITHUB_EXPECT,
@@ -60,6 +69,11 @@ HEADING = "## Service load test (`jsonnet-worker serve`)"
 MAPPER_PATH = "/v1/mappers/github"
 WRK_BODY = json.dumps({"claims": GITHUB_CLAIMS})
 START_TIMEOUT = 60.0
+TARGET_RATIO = 1.5  # issue 13: the service against the unsafe in-process app
+SERVICE = "jsonnet-worker serve (2 workers)"
+UNSAFE_LOOP = "unsafe Starlette app, on the event loop"
+UNSAFE_POOL = "unsafe Starlette app, in the thread pool"
+LIVEZ = "jsonnet-worker serve: GET /livez (no evaluation, no pool)"
 
 
 # -- wrk ------------------------------------------------------------------------------------
@@ -82,6 +96,28 @@ def ensure_wrk() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server under test: where to send requests, and the process whose CPU is counted."""
+
+    name: str
+    base_url: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class CpuPerRequest:
+    """Microseconds of CPU per request over one wrk run."""
+
+    server: float  # the server process, all its threads (the event loop, the supervisor)
+    workers: float  # its descendants: the service's workers (0 for the unsafe app)
+    wrk: float
+
+    @property
+    def total(self) -> float:
+        return self.server + self.workers + self.wrk
+
+
 @dataclass
 class WrkRun:
     target: str
@@ -89,6 +125,7 @@ class WrkRun:
     p50_ms: float
     p99_ms: float
     bad_responses: int  # non-2xx answers and socket errors: must be 0
+    cpu: CpuPerRequest
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -99,13 +136,60 @@ def _latency_ms(output: str, percent: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (the kernel's children lists, thread by thread)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as children:
+                    kids = [int(kid) for kid in children.read().split()]
+            except OSError:
+                continue
+            found += kids
+            pending += kids
+    return found
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    return {pid: seconds for pid in pids if (seconds := process_cpu_seconds(pid)) is not None}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_wrk(
-    wrk: str, target: str, url: str, seconds: float, connections: int, script: Path | None
+    wrk: str,
+    server: Server,
+    path: str,
+    seconds: float,
+    connections: int,
+    script: Path | None,
+    target: str | None = None,
 ) -> WrkRun:
-    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url]
+    """One wrk run against ``server``; its rate and latency, and the CPU per request of the
+    server, of its descendants (workers that end during the run are not counted: rare, and
+    then the figure is low) and of wrk (the only child this process waits for meanwhile)."""
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     if script is not None:
-        command[1:1] = ["-s", str(script)]
+        command += ["-s", str(script)]
+    command.append(server.base_url + path)
+    server_before = process_cpu_seconds(server.pid) or 0.0
+    workers_before = _cpu_seconds(descendants(server.pid))
+    wrk_before = _children_cpu()
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 30)
+    wrk_cpu = _children_cpu() - wrk_before
+    server_cpu = (process_cpu_seconds(server.pid) or 0.0) - server_before
+    workers_after = _cpu_seconds(descendants(server.pid))
+    workers_cpu = sum(cpu - workers_before.get(pid, 0.0) for pid, cpu in workers_after.items())
     output = done.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
     if rate is None:
@@ -116,8 +200,16 @@ def run_wrk(
     )
     if errors:
         bad += sum(int(n) for n in errors.groups())
+    requests = re.search(r"(\d+) requests in", output)
+    count = max(1, int(requests.group(1))) if requests else 1
+    cpu = CpuPerRequest(server_cpu / count * 1e6, workers_cpu / count * 1e6, wrk_cpu / count * 1e6)
     return WrkRun(
-        target, float(rate.group(1)), _latency_ms(output, "50"), _latency_ms(output, "99"), bad
+        target or server.name,
+        float(rate.group(1)),
+        _latency_ms(output, "50"),
+        _latency_ms(output, "99"),
+        bad,
+        cpu,
     )
 
 
@@ -132,8 +224,8 @@ def post_script(directory: Path) -> Path:
 
 
 @contextmanager
-def unsafe_app(log_dir: Path, threadpool: bool) -> Iterator[str]:
-    """``benchmarks/unsafe_app.py`` under uvicorn on a free port of 127.0.0.1; its base URL."""
+def unsafe_app(log_dir: Path, threadpool: bool) -> Iterator[Server]:
+    """``benchmarks/unsafe_app.py`` under uvicorn on a free port of 127.0.0.1."""
     port = free_port()
     environment = {**os.environ, "UNSAFE_THREADPOOL": "1" if threadpool else "0"}
     command = [
@@ -167,7 +259,7 @@ def unsafe_app(log_dir: Path, threadpool: bool) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the unsafe app did not start") from None
                 time.sleep(0.05)
-        yield base_url
+        yield Server(UNSAFE_POOL if threadpool else UNSAFE_LOOP, base_url, process.pid)
     finally:
         process.terminate()
         try:
@@ -177,12 +269,14 @@ def unsafe_app(log_dir: Path, threadpool: bool) -> Iterator[str]:
             process.wait()
 
 
-def check_answers(urls: dict[str, str]) -> None:
+def check_answers(servers: list[Server]) -> None:
     """Every target gives the mapper's right answer before it is measured."""
-    for target, base_url in urls.items():
-        answer = httpx.post(f"{base_url}{MAPPER_PATH}", content=WRK_BODY, timeout=10)
+    for server in servers:
+        answer = httpx.post(f"{server.base_url}{MAPPER_PATH}", content=WRK_BODY, timeout=10)
         if answer.status_code != 200 or answer.json() != GITHUB_EXPECT:
-            raise RuntimeError(f"{target}: wrong answer {answer.status_code} {answer.text[:200]}")
+            raise RuntimeError(
+                f"{server.name}: wrong answer {answer.status_code} {answer.text[:200]}"
+            )
 
 
 # -- the httpx hostile mix (correctness) ------------------------------------------------------
@@ -217,10 +311,38 @@ def hostile_mix(base_url: str, total: int) -> MixRow:
 
 # -- the report -------------------------------------------------------------------------------
 
-SERVICE = "jsonnet-worker serve (2 workers)"
-UNSAFE_LOOP = "unsafe Starlette app, on the event loop"
-UNSAFE_POOL = "unsafe Starlette app, in the thread pool"
-HEALTHZ = "jsonnet-worker serve: GET /healthz (no evaluation)"
+
+def ceiling(runs: list[list[WrkRun]], target_ratio: float) -> str:
+    """The sentence on what bounds the service's rate, from the medians of the CPU figures."""
+
+    def median_of(target: str, part: str) -> float:
+        return statistics.median(
+            getattr(run.cpu, part) for round_ in runs for run in round_ if run.target == target
+        )
+
+    def median_rate(target: str) -> float:
+        return statistics.median(
+            run.requests_per_second for round_ in runs for run in round_ if run.target == target
+        )
+
+    cpus = len(os.sched_getaffinity(0))
+    unsafe = max(median_rate(UNSAFE_LOOP), median_rate(UNSAFE_POOL))
+    goal = target_ratio * unsafe
+    budget = cpus * 1e6 / goal
+    workers, wrk = median_of(SERVICE, "workers"), median_of(SERVICE, "wrk")
+    http, server = median_of(LIVEZ, "server"), median_of(SERVICE, "server")
+    loop_cap = 1e6 / server  # the service's event loop is one thread
+    return (
+        f"What bounds it: at {target_ratio:g}x the unsafe app ({goal:,.0f} req/s) the {cpus} "
+        f"CPUs give {budget:.0f} µs of CPU per request to everything on them. The workers' "
+        f"evaluation takes {workers:.0f} µs of it and wrk {wrk:.0f} µs, which leaves "
+        f"{budget - workers - wrk:.0f} µs for the service's own process, where /livez alone "
+        f"(the HTTP stack: no body, no pool) takes {http:.0f} µs. The service's process took "
+        f"{server:.0f} µs per evaluation request ({server - http:.0f} µs over /livez: the JSON "
+        "API, the pool's asyncio call, the hand-over to a worker), and its event loop is one "
+        f"thread: that alone caps it at {loop_cap:,.0f} req/s = {loop_cap / unsafe:.2f}x the "
+        "unsafe app."
+    )
 
 
 def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: int) -> str:
@@ -235,11 +357,16 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
     rows = []
     for target, target_runs in by_target.items():
         target_rates = [run.requests_per_second for run in target_runs]
+        cpu = [
+            statistics.median(getattr(run.cpu, part) for run in target_runs)
+            for part in ("server", "workers", "wrk")
+        ]
         rows.append(
             f"| {target} | {statistics.median(target_rates):,.0f} | "
             f"{min(target_rates):,.0f}-{max(target_rates):,.0f} | "
             f"{statistics.median(run.p50_ms for run in target_runs):.1f} ms | "
             f"{statistics.median(run.p99_ms for run in target_runs):.1f} ms | "
+            f"{cpu[0]:.0f} / {cpu[1]:.0f} / {cpu[2]:.0f} µs | "
             f"{sum(run.bad_responses for run in target_runs)} |"
         )
     result = mix.result
@@ -258,15 +385,19 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
             f"round, {len(runs)} rounds interleaved, POST {MAPPER_PATH} with GitHub claims, on "
             "127.0.0.1. The service runs the tests' config (2 workers, go engine, host Landlock "
             "layer on); the unsafe app (`benchmarks/unsafe_app.py`) evaluates the same mapper "
-            "in-process with `_gojsonnet`; both under uvicorn (uvloop, httptools).",
+            "in-process with `_gojsonnet`; both under uvicorn (uvloop, httptools), without an "
+            "access log. CPU per request: the server process (all its threads) / its "
+            "descendants (the service's workers) / wrk.",
             "",
-            "| target | req/s (median) | range | p50 | p99 | bad answers |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| target | req/s (median) | range | p50 | p99 | CPU per request | bad answers |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",
             f"Service / faster unsafe variant, per round: "
             f"{', '.join(f'{ratio:.2f}x' for ratio in ratios)} "
             f"(median {statistics.median(ratios):.2f}x).",
+            "",
+            ceiling(runs, TARGET_RATIO),
             "",
             "### Correctness under a hostile mix (httpx)",
             "",
@@ -307,37 +438,32 @@ def main() -> int:
         directory = Path(scratch)
         script = post_script(directory)
         with (
-            running_service(CONFIG, directory) as service,
+            running_service(CONFIG, directory, "--no-access-log") as service_process,
             unsafe_app(directory, threadpool=False) as unsafe_loop,
             unsafe_app(directory, threadpool=True) as unsafe_pool,
         ):
-            urls = {SERVICE: service.base_url, UNSAFE_LOOP: unsafe_loop, UNSAFE_POOL: unsafe_pool}
-            check_answers(urls)
-            for target, base_url in urls.items():  # warm up: caches, pools, JITs of no kind
-                run_wrk(wrk, target, base_url + MAPPER_PATH, 1, args.connections, script)
+            service = Server(SERVICE, service_process.base_url, service_process.process.pid)
+            servers = [service, unsafe_loop, unsafe_pool]
+            check_answers(servers)
+
+            def measure(server: Server, seconds: float) -> list[WrkRun]:
+                runs = [run_wrk(wrk, server, MAPPER_PATH, seconds, args.connections, script)]
+                if server is service:  # its HTTP stack alone, in the same round
+                    runs.append(
+                        run_wrk(wrk, server, "/livez", seconds, args.connections, None, LIVEZ)
+                    )
+                return runs
+
+            for server in servers:  # warm up: caches, pools, JITs of no kind
+                measure(server, 1)
             for _ in range(args.rounds):
-                round_ = [
-                    run_wrk(
-                        wrk, target, base_url + MAPPER_PATH, args.seconds, args.connections, script
-                    )
-                    for target, base_url in urls.items()
-                ]
-                round_.append(
-                    run_wrk(
-                        wrk,
-                        HEALTHZ,
-                        service.base_url + "/healthz",
-                        args.seconds,
-                        args.connections,
-                        None,
-                    )
-                )
+                round_ = [run for server in servers for run in measure(server, args.seconds)]
                 runs.append(round_)
                 print(
                     "  ".join(f"{run.target}: {run.requests_per_second:,.0f}/s" for run in round_),
                     flush=True,
                 )
-            check_answers(urls)
+            check_answers(servers)
             mix = hostile_mix(service.base_url, args.total)
     text = section(runs, mix, args.seconds, args.connections)
     print(text)
