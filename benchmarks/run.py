@@ -463,7 +463,8 @@ def layer_costs(quick: bool) -> str:
 
 def service_ratio(quick: bool, write: bool) -> tuple[float, str]:
     """benchmarks/bench_service.py in a subprocess (it writes its own section of RESULTS.md):
-    the service's req/s over the unsafe in-process app's under wrk, median of its rounds."""
+    the service's req/s over the unsafe in-process app's under wrk, median of its rounds; and
+    the per-round ratios, with the cap its event loop puts on the rate."""
     arguments = ["--seconds", "2", "--rounds", "2", "--total", "500"] if quick else []
     if not write:
         arguments.append("--no-write")
@@ -476,7 +477,9 @@ def service_ratio(quick: bool, write: bool) -> tuple[float, str]:
     found = re.search(r"per round: (.*) \(median ([\d.]+)x\)", done.stdout)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"bench_service failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return float(found.group(2)), found.group(1)
+    capped = re.search(r"caps it at ([\d,]+ req/s = [\d.]+x) the unsafe app", done.stdout)
+    bound = f"; its event loop alone caps it at {capped.group(1)}" if capped else ""
+    return float(found.group(2)), found.group(1) + bound
 
 
 def targets(
@@ -548,7 +551,8 @@ def main() -> None:
     report.notes.append(
         f"CPU per pool call on the light mapper (caller thread and worker process): "
         f"{call_cpu * 1e6:.0f} µs, so {cpus} CPUs give at most {ceiling:.0f} calls/s = "
-        f"{ceiling / rates[f'{workloads.light().name}|executor']:.2f}x ProcessPoolExecutor's "
+        f"{ceiling / rates[f'{workloads.light().name}|single']:.2f}x in-process single-thread "
+        f"and {ceiling / rates[f'{workloads.light().name}|executor']:.2f}x ProcessPoolExecutor's "
         f"rate in this run"
     )
     report.sections.insert(0, report.sections.pop())  # the targets first
