@@ -15,9 +15,10 @@ each alike. The ratio is against the faster unsafe variant of the same round.
 What bounds the ratio: during every wrk run the CPU time of the server process (all its
 threads), of its descendants (the service's workers) and of wrk itself is read, per request.
 ``GET /livez`` (no evaluation, no pool) gives the HTTP stack's own cost, the same stack the
-unsafe app runs on; with the workers' CPU per evaluation and wrk's per request, that is the
-least a sandboxed request costs the machine, whatever the hand-over, and so a ceiling on the
-rate that the report sets against the target.
+unsafe app runs on. The report says how much CPU per request the target leaves the service's
+own process once the workers and wrk are paid, against what /livez alone takes there, and
+the cap the service's process puts on its rate: its CPU is its event loop's (the supervisor
+thread idles under load), and the loop is one thread.
 
 Correctness: the bounded httpx load of ``tests/test_service_load.py`` (one request in 25
 hostile: endless loops cut at 0.2 s, errors, refused imports, oversized output, bad and
@@ -112,10 +113,6 @@ class CpuPerRequest:
     server: float  # the server process, all its threads (the event loop, the supervisor)
     workers: float  # its descendants: the service's workers (0 for the unsafe app)
     wrk: float
-
-    @property
-    def total(self) -> float:
-        return self.server + self.workers + self.wrk
 
 
 @dataclass
