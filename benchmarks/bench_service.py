@@ -309,33 +309,36 @@ def hostile_mix(base_url: str, total: int) -> MixRow:
 # -- the report -------------------------------------------------------------------------------
 
 
-def ceiling(runs: list[list[WrkRun]], target_ratio: float) -> str:
+def median_rate(runs: list[WrkRun]) -> float:
+    return statistics.median(run.requests_per_second for run in runs)
+
+
+def median_cpu(runs: list[WrkRun]) -> CpuPerRequest:
+    """Each part's median over ``runs`` (one target's)."""
+    return CpuPerRequest(
+        statistics.median(run.cpu.server for run in runs),
+        statistics.median(run.cpu.workers for run in runs),
+        statistics.median(run.cpu.wrk for run in runs),
+    )
+
+
+def ceiling(by_target: dict[str, list[WrkRun]], target_ratio: float) -> str:
     """The sentence on what bounds the service's rate, from the medians of the CPU figures."""
-
-    def median_of(target: str, part: str) -> float:
-        return statistics.median(
-            getattr(run.cpu, part) for round_ in runs for run in round_ if run.target == target
-        )
-
-    def median_rate(target: str) -> float:
-        return statistics.median(
-            run.requests_per_second for round_ in runs for run in round_ if run.target == target
-        )
-
     cpus = len(os.sched_getaffinity(0))
-    unsafe = max(median_rate(UNSAFE_LOOP), median_rate(UNSAFE_POOL))
+    unsafe = max(median_rate(by_target[UNSAFE_LOOP]), median_rate(by_target[UNSAFE_POOL]))
     goal = target_ratio * unsafe
     budget = cpus * 1e6 / goal
-    workers, wrk = median_of(SERVICE, "workers"), median_of(SERVICE, "wrk")
-    http, server = median_of(LIVEZ, "server"), median_of(SERVICE, "server")
-    loop_cap = 1e6 / server  # the service's event loop is one thread
+    cpu = median_cpu(by_target[SERVICE])
+    http = median_cpu(by_target[LIVEZ]).server
+    loop_cap = 1e6 / cpu.server  # the service's event loop is one thread
     return (
         f"What bounds it: at {target_ratio:g}x the unsafe app ({goal:,.0f} req/s) the {cpus} "
         f"CPUs give {budget:.0f} µs of CPU per request to everything on them. The workers' "
-        f"evaluation takes {workers:.0f} µs of it and wrk {wrk:.0f} µs, which leaves "
-        f"{budget - workers - wrk:.0f} µs for the service's own process, where /livez alone "
-        f"(the HTTP stack: no body, no pool) takes {http:.0f} µs. The service's process took "
-        f"{server:.0f} µs per evaluation request ({server - http:.0f} µs over /livez: the JSON "
+        f"evaluation takes {cpu.workers:.0f} µs of it and wrk {cpu.wrk:.0f} µs, which leaves "
+        f"{budget - cpu.workers - cpu.wrk:.0f} µs for the service's own process, where /livez "
+        f"alone (the HTTP stack: no body, no pool) takes {http:.0f} µs. The service's process "
+        f"took {cpu.server:.0f} µs per evaluation request ({cpu.server - http:.0f} µs over "
+        "/livez: the JSON "
         "API, the pool's asyncio call, the hand-over to a worker), and its event loop is one "
         f"thread: that alone caps it at {loop_cap:,.0f} req/s = {loop_cap / unsafe:.2f}x the "
         "unsafe app."
@@ -354,16 +357,13 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
     rows = []
     for target, target_runs in by_target.items():
         target_rates = [run.requests_per_second for run in target_runs]
-        cpu = [
-            statistics.median(getattr(run.cpu, part) for run in target_runs)
-            for part in ("server", "workers", "wrk")
-        ]
+        cpu = median_cpu(target_runs)
         rows.append(
-            f"| {target} | {statistics.median(target_rates):,.0f} | "
+            f"| {target} | {median_rate(target_runs):,.0f} | "
             f"{min(target_rates):,.0f}-{max(target_rates):,.0f} | "
             f"{statistics.median(run.p50_ms for run in target_runs):.1f} ms | "
             f"{statistics.median(run.p99_ms for run in target_runs):.1f} ms | "
-            f"{cpu[0]:.0f} / {cpu[1]:.0f} / {cpu[2]:.0f} µs | "
+            f"{cpu.server:.0f} / {cpu.workers:.0f} / {cpu.wrk:.0f} µs | "
             f"{sum(run.bad_responses for run in target_runs)} |"
         )
     result = mix.result
@@ -394,7 +394,7 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
             f"{', '.join(f'{ratio:.2f}x' for ratio in ratios)} "
             f"(median {statistics.median(ratios):.2f}x).",
             "",
-            ceiling(runs, TARGET_RATIO),
+            ceiling(by_target, TARGET_RATIO),
             "",
             "### Correctness under a hostile mix (httpx)",
             "",
