@@ -31,8 +31,9 @@ import _gojsonnet
 
 from benchmarks import workloads
 from benchmarks.bench_latency import time_calls
-from jsonnet_worker import WorkerPool, _capi
-from jsonnet_worker._process import process_cpu_seconds
+from jsonnet_worker import WorkerPool
+from jsonnet_worker._pool.processes import process_cpu_seconds
+from jsonnet_worker._worker import capi
 from tests import seams
 
 HEADER = ["figure", "µs", "what it is"]
@@ -120,14 +121,14 @@ def measure(count: int) -> tuple[list[list[str]], str, float]:
     the CPU seconds a pool call costs the machine (caller and worker)."""
     light = workloads.light()
     claims = light.ext_codes
-    capi = _capi.CapiEngine(_capi.bind(_gojsonnet.__file__), "import not available")
+    engine = capi.CapiEngine(capi.bind(_gojsonnet.__file__), "import not available")
 
     one = p50(lambda: _gojsonnet.evaluate_snippet("one.jsonnet", "1"), count)
     one_claims = p50(
         lambda: _gojsonnet.evaluate_snippet("one.jsonnet", "1", ext_codes=claims), count
     )
     binding = p50(lambda: light.evaluate_in_process(_gojsonnet), count)
-    api = p50(lambda: light.evaluate_capi(capi), count)
+    api = p50(lambda: light.evaluate_capi(engine), count)
     across = echo_round_trip(count, one_cpu=False)
     one_cpu = echo_round_trip(count, one_cpu=True)
     sleep = sleep_cpu(count)

@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import find_workload, percentile
 
 from jsonnet_worker import Error, WorkerPool
-from jsonnet_worker._forking import TemplateProcess
-from jsonnet_worker._privileges import DEFAULT_WORKER_USER, WorkerIdentities
-from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+from jsonnet_worker._pool.forking import TemplateProcess
+from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
+from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
+from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
 
 _READERS: dict[int, FrameReader] = {}  # each worker's frames, by pid
 

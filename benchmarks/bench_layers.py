@@ -28,10 +28,10 @@ from pathlib import Path
 from bench_latency import find_workload, percentile, time_calls
 
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._launch import launch_and_greet
-from jsonnet_worker._privileges import WorkerIdentities
-from jsonnet_worker._process import WorkerSettings, worker_command
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
+from jsonnet_worker._pool.identities import WorkerIdentities
+from jsonnet_worker._pool.launch import launch_and_greet
+from jsonnet_worker._pool.processes import WorkerSettings, worker_command
+from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME
 
 HARNESS = Path(__file__).resolve().parent.parent / "tests" / "harness" / "worker_harness.py"
 
@@ -104,7 +104,7 @@ def measure_issue_12(starts: int, calls: int) -> None:
 _FILTER_COST = """
 import ctypes, os, sys, time
 sys.path[:0] = [{root!r}, {harness!r}]
-from jsonnet_worker import _seccomp
+from jsonnet_worker._sandbox import seccomp as _seccomp
 import worker_harness
 mode = sys.argv[1]
 ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from jsonnet_worker._process import process_cpu_seconds
+from jsonnet_worker._pool.processes import process_cpu_seconds
 from servicekit import (
     GITHUB_CLAIMS,
     GITHUB_EXPECT,

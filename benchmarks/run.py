@@ -32,7 +32,8 @@ from benchmarks.bench_latency import percentile as pct
 from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
 from benchmarks.workloads import Workload
-from jsonnet_worker import EvaluationTimeout, WorkerPool, _capi
+from jsonnet_worker import EvaluationTimeout, WorkerPool
+from jsonnet_worker._worker import capi
 from tests import seams
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -278,9 +279,9 @@ def scaling(report: Report, quick: bool) -> None:
 def engine_path(report: Report, quick: bool) -> None:
     """The evaluation itself, in this process (no sandbox, no IPC): the binding, which
     builds a VM and parses the snippet on every call, against the C API path the workers
-    use (``_capi``: a VM per cached snippet, parsed once), with a fresh ``claims`` text each
+    use (``_worker.capi``: a VM per cached snippet, parsed once), with a fresh ``claims`` text each
     call so no value can be reused."""
-    capi = _capi.CapiEngine(_capi.bind(_gojsonnet.__file__), "import not available")
+    engine = capi.CapiEngine(capi.bind(_gojsonnet.__file__), "import not available")
     rows = []
     for workload in (workloads.light(), workloads.courier(), workloads.heavy()):
         count = 100 if quick else 600
@@ -297,7 +298,7 @@ def engine_path(report: Report, quick: bool) -> None:
             return result
 
         def cached(codes: dict[str, str], w: Workload = workload) -> str:
-            return w.evaluate_capi(capi, codes)
+            return w.evaluate_capi(engine, codes)
 
         started = time.perf_counter()
         first = cached(variants[0])
@@ -325,7 +326,7 @@ def engine_path(report: Report, quick: bool) -> None:
                 f"{c50 / b50:.2f}",
             ]
         )
-    stats = capi.stats
+    stats = engine.stats
     report.table(
         "Engine path: the evaluation alone, in this process",
         [

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import bench_latency
-from jsonnet_worker._capi import CapiEngine
+from jsonnet_worker._worker.capi import CapiEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCH = bench_latency.SHARED_BENCH

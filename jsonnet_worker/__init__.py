@@ -29,10 +29,10 @@ from ._errors import (
     WorkerStartError,
 )
 from ._host import HostSandbox, restrict_host
-from ._landlock import LandlockStatus
-from ._pool import WorkerPool
-from ._status import LayerState, LayerStatus, PoolStats, SandboxStatus
-from ._verdict import SandboxVerdict, judge_sandbox
+from ._pool.facade import WorkerPool
+from ._report import PoolStats, SandboxStatus, SandboxVerdict, judge_sandbox
+from ._sandbox.landlock import LandlockStatus
+from ._wire.layers import LayerState, LayerStatus
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
-"""``python -m jsonnet_worker``: the CLI, and the hidden worker mode the pool re-executes."""
+"""``python -m jsonnet_worker``: the command line (``_cli``). Workers and fork servers are
+started on ``_worker.bootstrap`` instead, which never loads this package's ``__init__``."""
 
 from __future__ import annotations
 
@@ -6,14 +7,9 @@ import sys
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    if argv[:1] == ["_worker"]:  # hidden: the mode the pool re-executes this interpreter in
-        from ._worker import run
+    from ._cli.main import main as cli_main
 
-        run()
-    from ._cli import main as cli_main
-
-    sys.exit(cli_main(argv))
+    sys.exit(cli_main(sys.argv[1:]))
 
 
 if __name__ == "__main__":

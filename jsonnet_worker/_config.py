@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._engines import EngineKind
 from ._errors import InvalidArgument, InvalidType
+from ._wire.protocol import EngineKind
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024

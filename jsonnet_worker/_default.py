@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ._pool import WorkerPool
+from ._pool.facade import WorkerPool
 
 logger = logging.getLogger("jsonnet_worker")
 

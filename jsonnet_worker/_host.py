@@ -39,9 +39,12 @@ from dataclasses import dataclass, field, replace
 from importlib.machinery import EXTENSION_SUFFIXES
 from typing import TYPE_CHECKING, Any
 
-from . import _elf
 from ._errors import HostSandboxError, SandboxConfigError, WorkerStartError
-from ._landlock import (
+from ._pool.launch import launch_and_greet
+from ._pool.processes import WorkerSettings, _package_paths
+from ._report import log_landlock
+from ._sandbox import elf
+from ._sandbox.landlock import (
     ABI_RIGHTS,
     KNOWN_ABI,
     FsAccess,
@@ -51,13 +54,10 @@ from ._landlock import (
     SupportState,
     probe,
 )
-from ._launch import launch_and_greet
-from ._process import WorkerSettings, _package_paths
-from ._protocol import DEFAULT_MAX_FRAME
-from ._status import log_landlock
+from ._wire.protocol import DEFAULT_MAX_FRAME
 
 if TYPE_CHECKING:
-    from ._pool import WorkerPool
+    from ._pool.facade import WorkerPool
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -358,16 +358,16 @@ def _resolve_needed(paths: Iterable[str], search: list[str]) -> set[str]:
     while pending:
         path = pending.pop()
         try:
-            entries = _elf.dynamic_strings(path)
+            entries = elf.dynamic_strings(path)
         except (OSError, ValueError, IndexError):
             continue
         origin = os.path.dirname(path)
         runpath = [
             directory.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
-            for text in entries.get(_elf.DT_RUNPATH, []) + entries.get(_elf.DT_RPATH, [])
+            for text in entries.get(elf.DT_RUNPATH, []) + entries.get(elf.DT_RPATH, [])
             for directory in text.split(":")
         ]
-        for soname in entries.get(_elf.DT_NEEDED, []):
+        for soname in entries.get(elf.DT_NEEDED, []):
             for directory in [*runpath, *search]:
                 candidate = os.path.realpath(os.path.join(directory, soname))
                 if os.path.isfile(candidate):
@@ -411,7 +411,7 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
     allow = AllowList()
     interpreter = os.path.realpath(sys.executable)
     allow.add(interpreter, EXECUTE, "the interpreter")
-    loader = _elf.interpreter(interpreter)
+    loader = elf.interpreter(interpreter)
     if loader:
         allow.add(os.path.realpath(loader), EXECUTE, "the dynamic loader")
     if sys.prefix != sys.base_prefix:

@@ -20,7 +20,7 @@ from typing import Any
 from ._config import PoolConfig
 from ._default import get_default_pool
 from ._errors import Error, JsonnetError
-from ._pool import WorkerPool
+from ._pool.facade import WorkerPool
 
 _UNSUPPORTED = ("import_callback", "native_callbacks", "jpathdir")
 _IGNORED = ("gc_min_objects", "gc_growth_trigger")  # the engines' own GC tuning

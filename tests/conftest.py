@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._privileges import WorkerIdentity
-from jsonnet_worker._process import WorkerSettings, worker_command
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME
+from jsonnet_worker._pool.processes import WorkerSettings, worker_command
+from jsonnet_worker._sandbox.privileges import WorkerIdentity
+from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME
 
 TESTS = Path(__file__).parent
 DATA = TESTS / "data"

@@ -16,16 +16,10 @@ import select
 import time
 from typing import Any
 
-from jsonnet_worker._connection import (
-    NEED_DATA,
-    Answer,
-    Failure,
-    Hello,
-    WorkerConnection,
-)
-from jsonnet_worker._launch import await_hello
-from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, EvalRequest, Event, FrameReader
+from jsonnet_worker._pool.connection import NEED_DATA, Answer, Failure, Hello, WorkerConnection
+from jsonnet_worker._pool.launch import await_hello
+from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
+from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, EvalRequest, Event, FrameReader
 
 MAX_OUTPUT = 1 << 20
 

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._connection import ConnectionState
-from jsonnet_worker._pool import ThreadTicket
-from jsonnet_worker._privileges import WorkerIdentities
-from jsonnet_worker._protocol import Action
-from jsonnet_worker._state import NO_TENANT, Status, Ticket
-from jsonnet_worker._supervisor import Worker
+from jsonnet_worker._pool.connection import ConnectionState
+from jsonnet_worker._pool.facade import ThreadTicket
+from jsonnet_worker._pool.identities import WorkerIdentities
+from jsonnet_worker._pool.state import NO_TENANT, Status, Ticket
+from jsonnet_worker._pool.supervisor import Worker
+from jsonnet_worker._wire.protocol import Action
 
 STATUSES = tuple(status.value for status in Status)
 

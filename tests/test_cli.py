@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from jsonnet_worker import InvalidArgument, PoolConfig, UnsupportedPlatform, _cli
-from jsonnet_worker._landlock import probe
+from jsonnet_worker import InvalidArgument, PoolConfig, UnsupportedPlatform
+from jsonnet_worker._cli import main
+from jsonnet_worker._sandbox.landlock import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -364,22 +365,22 @@ def test_pool_flags_cover_every_pool_option() -> None:
 
 def test_eval_fails_closed_by_default() -> None:
     """require_sandbox is PoolConfig's (True) unless --allow-unsandboxed is given."""
-    parser = _cli.build_parser()
-    assert _cli.pool_config(parser.parse_args(["eval", "x"]), _cli.CLI_POOL).require_sandbox
+    parser = main.build_parser()
+    assert main.pool_config(parser.parse_args(["eval", "x"]), main.CLI_POOL).require_sandbox
     opted_out = parser.parse_args(["eval", "x", "--allow-unsandboxed"])
-    assert _cli.pool_config(opted_out, _cli.CLI_POOL).require_sandbox is False
+    assert main.pool_config(opted_out, main.CLI_POOL).require_sandbox is False
     for command in ("test", "check", "fmt"):
-        assert _cli.pool_config(parser.parse_args([command, "x"]), _cli.CLI_POOL).require_sandbox
+        assert main.pool_config(parser.parse_args([command, "x"]), main.CLI_POOL).require_sandbox
 
 
 def test_cpp_engine_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "_jsonnet", None)  # as if the cpp extra were absent
     with pytest.raises(InvalidArgument, match=r"pip install 'jsonnet-worker\[cpp\]'"):
         PoolConfig(engine="cpp")
-    args = _cli.build_parser().parse_args(["eval", "x", "--engine", "cpp"])
-    with pytest.raises(_cli.Failed, match=r"^ERROR: engine 'cpp' needs the C\+\+ binding"):
-        _cli.pool_config(args, _cli.CLI_POOL)
-    assert _cli.run_doctor("cpp") == 1
+    args = main.build_parser().parse_args(["eval", "x", "--engine", "cpp"])
+    with pytest.raises(main.Failed, match=r"^ERROR: engine 'cpp' needs the C\+\+ binding"):
+        main.pool_config(args, main.CLI_POOL)
+    assert main.run_doctor("cpp") == 1
 
 
 @pytest.mark.parametrize(
@@ -397,8 +398,8 @@ def test_doctor_reports_a_machine_where_no_worker_can_start(
     def greet(engine: str, timeout: float = 10.0) -> Any:
         raise failure
 
-    monkeypatch.setattr(_cli, "greet", greet)
-    assert _cli.run_doctor("go") == 1
+    monkeypatch.setattr(main, "greet", greet)
+    assert main.run_doctor("go") == 1
     out = capsys.readouterr().out
     assert f"FAILED: cannot start a worker here: {type(failure).__name__}: {failure}" in out
     assert out.endswith("sandbox: NOT fully enforced (see above)\n")

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._connection import (
+from jsonnet_worker._errors import WorkerStartError
+from jsonnet_worker._pool.connection import (
     FRAME_MARGIN,
     MAX_MESSAGE_BYTES,
     MAX_RESULT_DEPTH,
@@ -33,11 +34,12 @@ from jsonnet_worker._connection import (
     WorkerConnection,
     escape_controls,
 )
-from jsonnet_worker._errors import WorkerStartError
-from jsonnet_worker._landlock import SupportState
-from jsonnet_worker._launch import launch_and_greet
-from jsonnet_worker._process import WorkerSettings
-from jsonnet_worker._protocol import (
+from jsonnet_worker._pool.launch import launch_and_greet
+from jsonnet_worker._pool.processes import WorkerSettings
+from jsonnet_worker._report import SandboxStatus
+from jsonnet_worker._sandbox.landlock import SupportState
+from jsonnet_worker._wire.layers import EXTRA_LAYERS, LayerState
+from jsonnet_worker._wire.protocol import (
     DEFAULT_MAX_FRAME,
     MAX_MESSAGE_CHARS,
     Action,
@@ -46,7 +48,6 @@ from jsonnet_worker._protocol import (
     encode,
     parse_request,
 )
-from jsonnet_worker._status import EXTRA_LAYERS, LayerState, SandboxStatus
 
 MAX_OUTPUT = 1000
 IDLE = ConnectionState.IDLE

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ENGINES, harness_command
-from jsonnet_worker import _engines
-from jsonnet_worker._landlock import probe
+from jsonnet_worker._sandbox.landlock import probe
+from jsonnet_worker._wire.protocol import EngineKind
 from rawworker import RawWorker
 
 pytestmark = pytest.mark.skipif(
@@ -60,7 +60,7 @@ def test_kernel_refuses_reads(
     snippet = f'{form} "{target}"'
     if target.startswith(("/etc", "/tmp")) and form != "import":
         # Control: the same engine, in this unrestricted process, reads the file.
-        engine = importlib.import_module(_engines.EngineKind(barrierless.engine).module_name)
+        engine = importlib.import_module(EngineKind(barrierless.engine).module_name)
         assert engine.evaluate_snippet("control.jsonnet", snippet)
     answer = barrierless.request(snippet)
     assert answer["t"] == "error", answer

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from conftest import ENGINES
-from jsonnet_worker._process import WorkerSettings, worker_command
-from jsonnet_worker._protocol import Action
+from jsonnet_worker._pool.processes import WorkerSettings, worker_command
+from jsonnet_worker._wire.protocol import Action, EngineKind
 from rawworker import RawWorker
 
 # name -> (engine, extra worker arguments)
@@ -131,20 +131,20 @@ def test_without_the_c_api_the_binding_is_used_and_the_hello_says_why() -> None:
     old gojsonnet) or not loaded at all gives the binding path and a reason."""
     import types
 
-    from jsonnet_worker import _capi, _engines
-    from jsonnet_worker._protocol import Action, EvalRequest
+    from jsonnet_worker._wire.protocol import Action, EvalRequest
+    from jsonnet_worker._worker import capi, engines
 
-    with pytest.raises(_capi.CapiUnavailable, match="symbols are missing: jsonnet_make"):
-        _capi.bind("libc.so.6")
-    with pytest.raises(_capi.CapiUnavailable, match="not loaded"):
-        _capi.bind("/nonexistent/_gojsonnet.so")
+    with pytest.raises(capi.CapiUnavailable, match="symbols are missing: jsonnet_make"):
+        capi.bind("libc.so.6")
+    with pytest.raises(capi.CapiUnavailable, match="not loaded"):
+        capi.bind("/nonexistent/_gojsonnet.so")
     gojsonnet = pytest.importorskip("_gojsonnet")
     old = types.ModuleType("_gojsonnet")
     old.__file__ = "libc.so.6"
     old.evaluate_snippet = gojsonnet.evaluate_snippet  # type: ignore[attr-defined]
-    engine = _engines.Engine(_engines.EngineKind.GO, old)
+    engine = engines.Engine(EngineKind.GO, old)
     assert engine.api.startswith("binding: the C API symbols are missing: jsonnet_make")
     assert engine.run(EvalRequest(id=1, snippet="{a: 1 + 1}")) == '{\n   "a": 2\n}\n'
-    with pytest.raises(_engines.EvaluationFailed, match="action 'fmt' is not available"):
+    with pytest.raises(engines.EvaluationFailed, match="action 'fmt' is not available"):
         engine.run(EvalRequest(id=2, snippet="{a: 1}", action=Action.FMT))
-    assert _engines.Engine(_engines.EngineKind.GO, gojsonnet).api == "capi"
+    assert engines.Engine(EngineKind.GO, gojsonnet).api == "capi"

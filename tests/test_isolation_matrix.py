@@ -46,8 +46,8 @@ from pathlib import Path
 import pytest
 
 from conftest import harness_command
-from jsonnet_worker._landlock import probe
-from jsonnet_worker._privileges import NOBODY_ID, resolve_identity
+from jsonnet_worker._pool.identities import NOBODY_ID, resolve_identity
+from jsonnet_worker._sandbox.landlock import probe
 from rawworker import RawWorker
 
 pytestmark = pytest.mark.skipif(

@@ -6,36 +6,36 @@ import os
 import subprocess
 import sys
 
-from jsonnet_worker import _landlock
-from jsonnet_worker._landlock import FsAccess, NetAccess, Scope, SupportState
+from jsonnet_worker._sandbox import landlock
+from jsonnet_worker._sandbox.landlock import FsAccess, NetAccess, Scope, SupportState
 
 
 def test_rights_table_grows_with_the_abi() -> None:
-    assert _landlock.rights_for_abi(1).fs == FsAccess(0x1FFF)
-    assert FsAccess.REFER in _landlock.rights_for_abi(2).fs
-    assert FsAccess.TRUNCATE in _landlock.rights_for_abi(3).fs
-    assert _landlock.rights_for_abi(3).net == NetAccess(0)
-    assert _landlock.rights_for_abi(4).net == NetAccess.BIND_TCP | NetAccess.CONNECT_TCP
-    assert FsAccess.IOCTL_DEV in _landlock.rights_for_abi(5).fs
-    assert _landlock.rights_for_abi(6).scope == Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL
-    assert _landlock.rights_for_abi(7).restrict_flags
-    assert FsAccess.RESOLVE_UNIX in _landlock.rights_for_abi(9).fs
-    assert _landlock.rights_for_abi(42) == _landlock.rights_for_abi(_landlock.KNOWN_ABI)
-    for abi in range(1, _landlock.KNOWN_ABI):
-        newer = _landlock.rights_for_abi(abi + 1)
-        older = _landlock.rights_for_abi(abi)
+    assert landlock.rights_for_abi(1).fs == FsAccess(0x1FFF)
+    assert FsAccess.REFER in landlock.rights_for_abi(2).fs
+    assert FsAccess.TRUNCATE in landlock.rights_for_abi(3).fs
+    assert landlock.rights_for_abi(3).net == NetAccess(0)
+    assert landlock.rights_for_abi(4).net == NetAccess.BIND_TCP | NetAccess.CONNECT_TCP
+    assert FsAccess.IOCTL_DEV in landlock.rights_for_abi(5).fs
+    assert landlock.rights_for_abi(6).scope == Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL
+    assert landlock.rights_for_abi(7).restrict_flags
+    assert FsAccess.RESOLVE_UNIX in landlock.rights_for_abi(9).fs
+    assert landlock.rights_for_abi(42) == landlock.rights_for_abi(landlock.KNOWN_ABI)
+    for abi in range(1, landlock.KNOWN_ABI):
+        newer = landlock.rights_for_abi(abi + 1)
+        older = landlock.rights_for_abi(abi)
         assert older.fs & newer.fs == older.fs and older.net & newer.net == older.net
 
 
 def test_probe_reports_this_kernel() -> None:
-    support = _landlock.probe()
+    support = landlock.probe()
     assert support.state in set(SupportState)
     if support.available:
         assert support.abi >= 1
 
 
 def test_status_round_trips_through_a_dict() -> None:
-    status = _landlock.LandlockStatus(
+    status = landlock.LandlockStatus(
         enforced=True,
         state=SupportState.AVAILABLE,
         abi=7,
@@ -46,13 +46,13 @@ def test_status_round_trips_through_a_dict() -> None:
         restrict_flags=("LOG_SAME_EXEC_OFF",),
         dropped=("RESOLVE_UNIX",),
     )
-    assert _landlock.LandlockStatus.from_dict(status.to_dict()) == status
+    assert landlock.LandlockStatus.from_dict(status.to_dict()) == status
     assert "dropped" in status.summary() and "RESOLVE_UNIX" in status.summary()
 
 
 def test_unavailable_kernel_gives_a_typed_status_not_an_error() -> None:
-    support = _landlock.LandlockSupport(SupportState.DISABLED_AT_BOOT, detail="lsm=")
-    status = _landlock.restrict_self_empty(support)
+    support = landlock.LandlockSupport(SupportState.DISABLED_AT_BOOT, detail="lsm=")
+    status = landlock.restrict_self_empty(support)
     assert not status.enforced and status.state is SupportState.DISABLED_AT_BOOT
     assert "disabled at boot" in status.reason
 
@@ -61,7 +61,7 @@ def test_best_effort_drops_what_an_older_abi_lacks() -> None:
     """Run in a child: restriction is irrevocable. ABI 3 is pretended; the real kernel
     accepts the subset, and the status names what was dropped."""
     code = (
-        "from jsonnet_worker import _landlock as l\n"
+        "from jsonnet_worker._sandbox import landlock as l\n"
         "real = l.probe()\n"
         "s = l.restrict_self_empty(l.LandlockSupport(real.state, abi=min(3, real.abi)))\n"
         "print(s.enforced, ','.join(s.dropped), ','.join(s.handled_net))\n"

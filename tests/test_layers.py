@@ -27,11 +27,11 @@ from jsonnet_worker import (
     SandboxStatus,
     WorkerPool,
     WorkerStartError,
-    _cli,
 )
-from jsonnet_worker._privileges import WorkerIdentities, parse_worker_user, resolve_identity
-from jsonnet_worker._seccomp import TABLES, build_program, install
-from jsonnet_worker._status import LayerState
+from jsonnet_worker._cli import main
+from jsonnet_worker._pool.identities import WorkerIdentities, parse_worker_user, resolve_identity
+from jsonnet_worker._sandbox.seccomp import TABLES, build_program, install
+from jsonnet_worker._wire.layers import LayerState
 from rawworker import RawWorker
 
 ROOT = os.geteuid() == 0
@@ -192,7 +192,7 @@ def test_keeping_root_is_reported_missing(caplog: pytest.LogCaptureFixture) -> N
 def test_doctor_lists_every_layer(capsys: pytest.CaptureFixture[str]) -> None:
     """The defence-in-depth layers are listed, missing with the reason, and the doctor still
     calls the sandbox enforced."""
-    assert _cli.main(["doctor", "--engine", "go"]) == 0
+    assert main.main(["doctor", "--engine", "go"]) == 0
     out = capsys.readouterr().out
     for layer in ("limits:", "privileges:", "seccomp:"):
         assert f"  {layer:<16} active:" in out, out

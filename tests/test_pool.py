@@ -42,7 +42,7 @@ from jsonnet_worker import (
     WorkerPool,
     WorkerStartError,
 )
-from jsonnet_worker._landlock import probe
+from jsonnet_worker._sandbox.landlock import probe
 
 MAPPER = "local c = std.extVar('claims'); {id: c.sub, n: c.n * 2, who: std.extVar('who')}"
 HEAVY_GO = (

@@ -17,10 +17,10 @@ import pytest
 
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._config import PoolConfig
-from jsonnet_worker._forking import ForkedWorker, WorkerSource, template_command
-from jsonnet_worker._landlock import probe
-from jsonnet_worker._process import settings_for
-from jsonnet_worker._status import LayerState
+from jsonnet_worker._pool.forking import ForkedWorker, WorkerSource, template_command
+from jsonnet_worker._pool.processes import settings_for
+from jsonnet_worker._sandbox.landlock import probe
+from jsonnet_worker._wire.layers import LayerState
 
 HARNESS = Path(__file__).parent / "harness" / "template_harness.py"
 LANDLOCK = probe()

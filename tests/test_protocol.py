@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jsonnet_worker._protocol import (
+from jsonnet_worker._wire.protocol import (
     Action,
     EvalRequest,
     FrameReader,

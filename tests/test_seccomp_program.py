@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from jsonnet_worker import _seccomp
-from jsonnet_worker._seccomp import (
+from jsonnet_worker._sandbox import seccomp
+from jsonnet_worker._sandbox.seccomp import (
     ARGUMENT_RULES,
     DENIED,
     SECCOMP_RET_ALLOW,
@@ -198,6 +198,6 @@ def test_the_numbers_are_the_kernel_headers(arch: str) -> None:
 
 
 def test_the_module_has_one_table_per_architecture_it_claims() -> None:
-    assert _seccomp.table_for_machine("x86_64") is _seccomp.X86_64
-    assert _seccomp.table_for_machine("aarch64") is _seccomp.AARCH64
-    assert _seccomp.table_for_machine("riscv64") is None
+    assert seccomp.table_for_machine("x86_64") is seccomp.X86_64
+    assert seccomp.table_for_machine("aarch64") is seccomp.AARCH64
+    assert seccomp.table_for_machine("riscv64") is None

@@ -12,7 +12,8 @@ import pytest
 
 import jsonnet_worker
 from conftest import DATA
-from jsonnet_worker import PoolConfig, _cli
+from jsonnet_worker import PoolConfig
+from jsonnet_worker._cli import main
 from jsonnet_worker.service import ApiError, ConfigError, SnippetKind, load_config
 from jsonnet_worker.service._config import parse_config
 
@@ -112,7 +113,7 @@ def test_serve_without_the_extra_names_it(
         elif name == "starlette" or name.startswith("starlette."):
             monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     monkeypatch.setitem(sys.modules, "starlette", None)
-    assert _cli.main(["serve"]) == _cli.EXIT_USAGE
+    assert main.main(["serve"]) == main.EXIT_USAGE
     error = capsys.readouterr().err
     assert "jsonnet-worker[serve]" in error and "starlette" in error
 

@@ -17,8 +17,7 @@ import pytest
 from jsonnet_worker import Overloaded, PoolClosed, SandboxUnavailable, WorkerStartError
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._errors import EvaluationTimeout, JsonnetError, WorkerCrashed
-from jsonnet_worker._landlock import LandlockStatus, SupportState
-from jsonnet_worker._state import (
+from jsonnet_worker._pool.state import (
     CPU_HEADROOM_TIMEOUTS,
     IDLE_CPU_ALLOWANCE,
     NO_TENANT,
@@ -36,7 +35,8 @@ from jsonnet_worker._state import (
     Wake,
     WakeSupervisor,
 )
-from jsonnet_worker._status import SandboxStatus
+from jsonnet_worker._report import SandboxStatus
+from jsonnet_worker._sandbox.landlock import LandlockStatus, SupportState
 
 SANDBOXED = SandboxStatus(LandlockStatus(enforced=True, state=SupportState.AVAILABLE, abi=7))
 UNSANDBOXED = SandboxStatus(

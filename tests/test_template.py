@@ -19,7 +19,7 @@ import msgpack
 import pytest
 
 from jsonnet_worker._errors import MemoryLimitExceeded
-from jsonnet_worker._forking import (
+from jsonnet_worker._pool.forking import (
     ORPHAN_WAIT,
     ForkedWorker,
     ForkState,
@@ -30,18 +30,18 @@ from jsonnet_worker._forking import (
     isolation_problem,
     template_command,
 )
-from jsonnet_worker._landlock import probe
-from jsonnet_worker._privileges import DEFAULT_WORKER_USER, WorkerIdentities
-from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
-from jsonnet_worker._status import LayerState
-from jsonnet_worker._template import (
+from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
+from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
+from jsonnet_worker._sandbox.landlock import probe
+from jsonnet_worker._wire.control import (
     CONTROL_MAX,
     FORK_FLAGS,
     ControlError,
     decode_control,
     encode_control,
 )
+from jsonnet_worker._wire.layers import LayerState
+from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
 
 HARNESS = Path(__file__).parent / "harness" / "template_harness.py"
 LANDLOCK = probe()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jsonnet_worker._testrunner import SuiteError, load_suite, same_json
+from jsonnet_worker._cli.testrunner import SuiteError, load_suite, same_json
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "jsonnet_worker" / "service" / "examples"

@@ -10,12 +10,12 @@ import msgpack
 import pytest
 
 from conftest import ENGINES, harness_command, load_cases, read_case_source
-from jsonnet_worker._connection import WorkerConnection
 from jsonnet_worker._errors import WorkerStartError
-from jsonnet_worker._landlock import probe
-from jsonnet_worker._launch import await_hello
-from jsonnet_worker._process import WorkerProcess, WorkerSettings
-from jsonnet_worker._protocol import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._pool.connection import WorkerConnection
+from jsonnet_worker._pool.launch import await_hello
+from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
+from jsonnet_worker._sandbox.landlock import probe
+from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, Message, encode
 from rawworker import RawWorker
 
 needs_landlock = pytest.mark.skipif(

@@ -19,14 +19,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ENGINES
-from jsonnet_worker._protocol import (
+from jsonnet_worker._wire.protocol import (
     Message,
     ProtocolViolation,
     decode_body,
     encode,
     parse_request,
 )
-from jsonnet_worker._worker import EXIT_PROTOCOL
+from jsonnet_worker._worker.startup import EXIT_PROTOCOL
 from rawworker import RawWorker
 
 from .conftest import Tier

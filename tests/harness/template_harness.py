@@ -1,4 +1,4 @@
-"""Test harness: the real template start-up (``_template.main``), with one thing changed.
+"""Test harness: the real template start-up (``forkserver.main``), with one thing changed.
 
 Run as ``python -I template_harness.py MODE [template args...]``. Modes:
   full            the product's template unchanged
@@ -33,8 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import worker_harness  # tests/harness, put on sys.path above
 
-from jsonnet_worker import _engines, _landlock, _template
-from jsonnet_worker._protocol import EvalRequest
+from jsonnet_worker._sandbox import landlock
+from jsonnet_worker._wire import control
+from jsonnet_worker._wire.protocol import EngineKind, EvalRequest
+from jsonnet_worker._worker import engines, forkserver
 
 CLONE_NR = {"x86_64": 56, "aarch64": 220}
 TGKILL_NR = {"x86_64": 234, "aarch64": 131}
@@ -48,7 +50,7 @@ def refuse_clone_parent() -> None:
         (0x20, 0, 0, 0),  # ld [nr]
         (0x15, 0, 3, CLONE_NR[os.uname().machine]),  # jeq clone ? next : allow
         (0x20, 0, 0, 16),  # ld [args[0] low]
-        (0x45, 0, 1, _template.CLONE_PARENT),  # jset CLONE_PARENT ? refuse : allow
+        (0x45, 0, 1, control.CLONE_PARENT),  # jset CLONE_PARENT ? refuse : allow
         (0x06, 0, 0, refuse),
         (0x06, 0, 0, allow),
     ]
@@ -59,7 +61,7 @@ class DomainProbe:
     """A process in exactly the forked worker's domain, driven over two pipes."""
 
     def __init__(self) -> None:
-        self.clone = _template.Cloner()  # bound before restriction
+        self.clone = forkserver.Cloner()  # bound before restriction
         self.layers = 0
         self.requests = self.answers = -1
 
@@ -104,14 +106,14 @@ class DomainProbe:
 
 def probe_domains() -> DomainProbe:
     probe = DomainProbe()
-    restrict = _landlock.restrict_self_empty
+    restrict = landlock.restrict_self_empty
 
-    def restrict_then_probe(support: _landlock.LandlockSupport | None = None) -> object:
+    def restrict_then_probe(support: landlock.LandlockSupport | None = None) -> object:
         status = restrict(support)
         probe.after_layer()
         return status
 
-    _landlock.restrict_self_empty = restrict_then_probe  # type: ignore[assignment]
+    landlock.restrict_self_empty = restrict_then_probe  # type: ignore[assignment]
     return probe
 
 
@@ -122,34 +124,34 @@ def run_python_snippets(scope_extra: dict[str, object] | None = None) -> None:
     import stat  # noqa: F401
     import threading  # noqa: F401
 
-    def run_python(self: _engines.Engine, request: EvalRequest) -> str:
+    def run_python(self: engines.Engine, request: EvalRequest) -> str:
         scope: dict[str, object] = dict(scope_extra or {})
         exec(request.snippet, scope)
         return json.dumps(scope.get("result"))
 
-    _engines.Engine.run = run_python  # type: ignore[method-assign]
+    engines.Engine.run = run_python  # type: ignore[method-assign]
 
 
 def die_after_clone() -> None:
-    send = _template.Template.send
+    send = forkserver.Template.send
 
     def send_or_die(
-        self: _template.Template, message: dict[str, object], fds: list[int] | None = None
+        self: forkserver.Template, message: dict[str, object], fds: list[int] | None = None
     ) -> None:
         if message.get("t") == "forked":
             os._exit(DIED_IN_FORK)
         send(self, message, fds)
 
-    _template.Template.send = send_or_die  # type: ignore[method-assign]
+    forkserver.Template.send = send_or_die  # type: ignore[method-assign]
 
 
 def die_before_clone() -> None:
     def exit_at_once(
-        self: _template.Template, message: dict[str, object], fds: list[int], flags: int
+        self: forkserver.Template, message: dict[str, object], fds: list[int], flags: int
     ) -> None:
         os._exit(DIED_IN_FORK)
 
-    _template.Template.answer = exit_at_once  # type: ignore[method-assign]
+    forkserver.Template.answer = exit_at_once  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -163,7 +165,7 @@ def main() -> None:
     elif mode == "landlock-enosys":
         worker_harness.install_landlock_filter(errno.ENOSYS)
     elif mode == "broken-engine":
-        _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
+        EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
             lambda self: "_no_such_jsonnet_engine"
         )
     elif mode == "die-after-clone":
@@ -172,7 +174,7 @@ def main() -> None:
         die_before_clone()
     elif mode != "full":
         raise SystemExit(f"unknown harness mode {mode}")
-    code = _template.main(argv)
+    code = forkserver.main(argv)
     sys.stderr.flush()
     os._exit(code)
 

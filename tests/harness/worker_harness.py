@@ -49,9 +49,10 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from jsonnet_worker import _engines, _landlock, _privileges, _seccomp, _worker
-from jsonnet_worker._protocol import EvalRequest
-from jsonnet_worker._status import LayerState, LayerStatus
+from jsonnet_worker._sandbox import landlock, privileges, seccomp
+from jsonnet_worker._wire.layers import LayerState, LayerStatus
+from jsonnet_worker._wire.protocol import EngineKind, EvalRequest
+from jsonnet_worker._worker import engines, startup
 
 LAYERS = ("seccomp", "limits", "landlock-net-scopes", "ipc_namespace", "issue-12")
 
@@ -60,8 +61,8 @@ _BEFORE_ISSUE_12_DENIED = (
     *("execve", "execveat", "fork", "vfork", "socket", "ptrace", "process_vm_readv"),
     *("process_vm_writev", "pidfd_getfd", "chmod", "fchmod", "fchmodat", "fchmodat2"),
     *("chown", "fchown", "lchown", "fchownat", "utime", "utimes", "futimesat", "utimensat"),
-    *_seccomp.DENIED_FAMILIES["xattr"],
-    *_seccomp.DENIED_FAMILIES["namespaces and mounts"],
+    *seccomp.DENIED_FAMILIES["xattr"],
+    *seccomp.DENIED_FAMILIES["namespaces and mounts"],
     *("memfd_create", "memfd_secret", "bpf", "perf_event_open", "keyctl", "add_key"),
     *("request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd"),
     *("personality", "kexec_load", "kexec_file_load", "init_module", "finit_module"),
@@ -81,27 +82,27 @@ def leave_out(layers: set[str]) -> None:
             refusal: int = errno.EPERM,
             *,
             process_clone: int | None = None,
-        ) -> _seccomp.SeccompResult:
-            return _seccomp.SeccompResult(
+        ) -> seccomp.SeccompResult:
+            return seccomp.SeccompResult(
                 False, os.uname().machine, reason="left out by the test harness"
             )
 
-        _seccomp.install = left_out
+        seccomp.install = left_out
     if "limits" in layers:
 
         def memory_limit_only(memory_limit: int, cpu_budget: float | None = None) -> str:
             resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
             return f"RLIMIT_DATA {memory_limit}"
 
-        _worker.set_limits = memory_limit_only
-        _privileges.set_task_and_file_limits = lambda uid: LayerStatus(
+        startup.set_limits = memory_limit_only
+        privileges.set_task_and_file_limits = lambda uid: LayerStatus(
             "limits", LayerState.MISSING, reason="left out by the test harness"
         )
     if "issue-12" in layers:
-        _seccomp.DENIED = _BEFORE_ISSUE_12_DENIED
-        _seccomp.ARGUMENT_RULES = {
+        seccomp.DENIED = _BEFORE_ISSUE_12_DENIED
+        seccomp.ARGUMENT_RULES = {
             name: rule
-            for name, rule in _seccomp.ARGUMENT_RULES.items()
+            for name, rule in seccomp.ARGUMENT_RULES.items()
             if name in ("clone", "clone3")
         }
 
@@ -111,31 +112,31 @@ def leave_out(layers: set[str]) -> None:
             resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
             return f"RLIMIT_DATA {memory_limit}, RLIMIT_FSIZE 0, RLIMIT_CORE 0"
 
-        _worker.set_limits = limits_before_issue_12
+        startup.set_limits = limits_before_issue_12
         layers = layers | {"ipc_namespace"}
     if "ipc_namespace" in layers:
-        _privileges.new_ipc_namespace = lambda: LayerStatus(
+        privileges.new_ipc_namespace = lambda: LayerStatus(
             "ipc_namespace", LayerState.MISSING, reason="left out by the test harness"
         )
     if "landlock-net-scopes" in layers:
-        everything = _landlock.Ruleset.deny_everything
+        everything = landlock.Ruleset.deny_everything
 
-        def filesystem_only() -> _landlock.Ruleset:
+        def filesystem_only() -> landlock.Ruleset:
             ruleset = everything()
-            return _landlock.Ruleset(fs=ruleset.fs, restrict_flags=ruleset.restrict_flags)
+            return landlock.Ruleset(fs=ruleset.fs, restrict_flags=ruleset.restrict_flags)
 
-        _landlock.Ruleset.deny_everything = staticmethod(filesystem_only)  # type: ignore[method-assign]
+        landlock.Ruleset.deny_everything = staticmethod(filesystem_only)  # type: ignore[method-assign]
 
 
 def refuse_with(error: int) -> None:
-    install = _seccomp.install
+    install = seccomp.install
 
     def refusing_with_error(
         machine: str | None = None, refusal: int = errno.EPERM, *, process_clone: int | None = None
-    ) -> _seccomp.SeccompResult:
+    ) -> seccomp.SeccompResult:
         return install(machine, error, process_clone=process_clone)
 
-    _seccomp.install = refusing_with_error
+    seccomp.install = refusing_with_error
 
 
 def install_landlock_filter(error: int) -> None:
@@ -157,7 +158,7 @@ def install_landlock_filter(error: int) -> None:
 def install_unshare_filter(error: int, call: str = "unshare") -> None:
     """seccomp: ``call`` (unshare) returns ``error``; everything else is allowed. Installed
     with prctl(PR_SET_SECCOMP), which works without the seccomp(2) call."""
-    table = _seccomp.AARCH64 if os.uname().machine == "aarch64" else _seccomp.X86_64
+    table = seccomp.AARCH64 if os.uname().machine == "aarch64" else seccomp.X86_64
     unshare = table.number(call)
     install_filter(
         [
@@ -175,16 +176,16 @@ def become_parent_uid(uid: int) -> None:
     Taken at the start of the worker's start-up (the interpreter has started as root: this
     uid may not be able to read it), with PR_SET_PDEATHSIG re-armed (a credential change
     clears it)."""
-    start = _worker.start
+    start = startup.start
 
-    def start_as_parent_uid(options: _worker.WorkerOptions, streams: object) -> object:
+    def start_as_parent_uid(options: startup.WorkerOptions, streams: object) -> object:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-        _worker.tie_to_parent(options.parent_pid)
+        startup.tie_to_parent(options.parent_pid)
         return start(options, streams)  # type: ignore[arg-type]
 
-    _worker.start = start_as_parent_uid  # type: ignore[assignment]
+    startup.start = start_as_parent_uid  # type: ignore[assignment]
 
 
 def install_filter(bpf: list[tuple[int, int, int, int]]) -> None:
@@ -204,17 +205,17 @@ def install_filter(bpf: list[tuple[int, int, int, int]]) -> None:
 
 def seccomp_refused() -> None:
     def refuse(machine: str | None = None, refusal: int = errno.EPERM) -> None:
-        raise _seccomp.SeccompError(errno.EACCES, "seccomp(SET_MODE_FILTER): refused")
+        raise seccomp.SeccompError(errno.EACCES, "seccomp(SET_MODE_FILTER): refused")
 
-    _seccomp.install = refuse  # type: ignore[assignment]
+    seccomp.install = refuse  # type: ignore[assignment]
 
 
 def no_barrier() -> None:
     # The binding without its import callback (the C API path is turned off: its barrier
     # is the VM's callback itself), so only the kernel can refuse.
-    original = _engines.Engine.run
+    original = engines.Engine.run
 
-    def run_without_barrier(self: _engines.Engine, request: object) -> str:
+    def run_without_barrier(self: engines.Engine, request: object) -> str:
         self._capi = None
         evaluate = self._module_evaluate
         self._module_evaluate = lambda *a, **kw: evaluate(
@@ -225,7 +226,7 @@ def no_barrier() -> None:
         finally:
             self._module_evaluate = evaluate
 
-    _engines.Engine.run = run_without_barrier  # type: ignore[method-assign]
+    engines.Engine.run = run_without_barrier  # type: ignore[method-assign]
 
 
 def python_engine() -> None:
@@ -237,7 +238,7 @@ def python_engine() -> None:
     # Per-thread state of the main thread, read once start-up is over (snippets run on
     # the loop thread): PR_SET_PDEATHSIG is a property of the thread that set it.
     main_thread: dict[str, object] = {}
-    start = _worker.start
+    start = startup.start
 
     def start_and_record(*args: object) -> object:
         with open("/proc/self/maps") as maps:  # before restriction: the main stack
@@ -251,18 +252,18 @@ def python_engine() -> None:
         main_thread["pdeathsig"] = pdeathsig.value
         return started
 
-    _worker.start = start_and_record  # type: ignore[assignment]
+    startup.start = start_and_record  # type: ignore[assignment]
 
-    def run_python(self: _engines.Engine, request: EvalRequest) -> str:
+    def run_python(self: engines.Engine, request: EvalRequest) -> str:
         scope: dict[str, object] = {"main_thread": main_thread}
         exec(request.snippet, scope)
         return json.dumps(scope.get("result"))
 
-    _engines.Engine.run = run_python  # type: ignore[method-assign]
+    engines.Engine.run = run_python  # type: ignore[method-assign]
 
 
 def broken_engine() -> None:
-    _engines.EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
+    EngineKind.module_name = property(  # type: ignore[method-assign,assignment]
         lambda self: "_no_such_jsonnet_engine"
     )
 
@@ -313,7 +314,7 @@ def main() -> int:
     if mode not in MODES:
         raise SystemExit(f"unknown harness mode {mode}")
     MODES[mode]()
-    code = _worker.main(argv)
+    code = startup.main(argv)
     sys.stderr.flush()
     os._exit(code)
 

@@ -39,10 +39,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from ._config import PoolConfig
-from ._connection import escape_controls
-from ._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
-from ._privileges import WorkerIdentities, WorkerIdentity
+from .._config import PoolConfig
+from .._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
+from .._sandbox.privileges import WorkerIdentity
+from .._wire.protocol import WORKER_COMMAND
+from .connection import escape_controls
+from .identities import WorkerIdentities
 
 STDERR_HEAD = 4096
 STDERR_TAIL = 4096
@@ -143,12 +145,16 @@ class StderrCapture:
         )
 
 
+# The package's directory (this module is jsonnet_worker/_pool/processes.py).
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _package_paths() -> list[str]:
     """Where this package and its runtime dependencies are imported from, for ``sys.path``
     of a worker started with ``-I`` (which ignores PYTHONPATH)."""
     import importlib.util
 
-    roots = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    roots = [os.path.dirname(PACKAGE_DIR)]
     for name in ("msgpack", "_gojsonnet", "_jsonnet"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin:
@@ -159,12 +165,13 @@ def _package_paths() -> list[str]:
 
 # The worker imports only what it needs: no ``site`` (-S; the paths it needs are given) and
 # not the package's ``__init__`` (which pulls in the pool, asyncio and logging): a stand-in
-# package module makes ``jsonnet_worker._worker`` importable on its own.
+# package module makes ``jsonnet_worker._worker.bootstrap`` importable on its own (the
+# ``__init__`` of ``_worker``, ``_sandbox`` and ``_wire`` are empty).
 _BOOTSTRAP = (
     "import sys, types; sys.path[:0] = {paths!r}; sys.argv[0] = 'jsonnet_worker'; "
     "package = types.ModuleType('jsonnet_worker'); package.__path__ = [{package!r}]; "
     "sys.modules['jsonnet_worker'] = package; "
-    "from jsonnet_worker._worker import run; run()"
+    "from jsonnet_worker._worker.bootstrap import run; run()"
 )
 
 
@@ -184,10 +191,8 @@ def worker_command(settings: WorkerSettings, identity: WorkerIdentity | None = N
         "-I",
         "-S",
         "-c",
-        _BOOTSTRAP.format(
-            paths=_package_paths(), package=os.path.dirname(os.path.abspath(__file__))
-        ),
-        "_worker",
+        _BOOTSTRAP.format(paths=_package_paths(), package=PACKAGE_DIR),
+        WORKER_COMMAND,
         "--engine",
         settings.engine,
         "--memory-limit",

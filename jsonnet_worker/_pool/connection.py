@@ -45,9 +45,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._errors import Error
-from ._landlock import LandlockStatus, SupportState
-from ._protocol import (
+from .._errors import Error
+from .._report import SandboxStatus
+from .._sandbox.landlock import LandlockStatus, SupportState
+from .._wire.layers import EXTRA_LAYERS, LayerState, LayerStatus
+from .._wire.protocol import (
     MAX_MESSAGE_CHARS,
     MAX_NOTE_CHARS,
     PROTOCOL_VERSION,
@@ -60,7 +62,6 @@ from ._protocol import (
     UnpackLimits,
     encode,
 )
-from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
 
 HELLO_MAX_FRAME = 64 * 1024
 # Room in an answer frame beyond its one long string: the map, its keys, the id, the kind.

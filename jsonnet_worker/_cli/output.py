@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Any, TextIO
 
-from ._errors import JsonnetError
+from .._errors import JsonnetError
 
 _INDENT = "   "
 _SPACE = re.compile(r"[ \t\n\r]*")

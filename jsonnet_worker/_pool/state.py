@@ -34,8 +34,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._config import PoolConfig
-from ._errors import (
+from .._config import PoolConfig
+from .._errors import (
     Error,
     EvaluationTimeout,
     Overloaded,
@@ -44,7 +44,7 @@ from ._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from ._status import PoolStats, SandboxStatus
+from .._report import PoolStats, SandboxStatus
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0

@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._config import (  # the DEFAULT_ names: re-exported for _cli and service/_config
+from .._config import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_STACK,
     DEFAULT_MEMORY_LIMIT,
@@ -53,15 +53,7 @@ from ._config import (  # the DEFAULT_ names: re-exported for _cli and service/_
     DEFAULT_TIMEOUT,
     PoolConfig,
 )
-from ._connection import (
-    NEED_DATA,
-    Answer,
-    ConnectionBroken,
-    ConnectionClosed,
-    ConnectionEvent,
-    Failure,
-)
-from ._errors import (
+from .._errors import (
     Error,
     EvaluationTimeout,
     ForkedPool,
@@ -77,12 +69,20 @@ from ._errors import (
     UnsupportedPlatform,
     WorkerStartError,
 )
-from ._process import WorkerProcess, settings_for
-from ._protocol import RETIRE_AT_MEMORY_SHARE, Action, ErrorKind, EvalRequest, encode_request
-from ._state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
-from ._status import PoolStats, SandboxStatus
-from ._supervisor import Supervisor, Worker
-from ._values import split_variables
+from .._report import PoolStats, SandboxStatus
+from .._wire.protocol import RETIRE_AT_MEMORY_SHARE, Action, ErrorKind, EvalRequest, encode_request
+from .connection import (
+    NEED_DATA,
+    Answer,
+    ConnectionBroken,
+    ConnectionClosed,
+    ConnectionEvent,
+    Failure,
+)
+from .processes import WorkerProcess, settings_for
+from .state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
+from .supervisor import Supervisor, Worker
+from .variables import split_variables
 
 logger = logging.getLogger("jsonnet_worker")
 

@@ -49,11 +49,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _engines, _landlock, _privileges, _seccomp
-from ._protocol import (
+from .._sandbox import landlock, privileges, seccomp
+from .._wire.layers import LayerStatus
+from .._wire.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     RETIRE_AT_MEMORY_SHARE,
+    WORKER_COMMAND,
+    EngineKind,
     ErrorKind,
     FrameReader,
     FrameTooLarge,
@@ -64,10 +67,8 @@ from ._protocol import (
     parse_request,
     result_message,
 )
-from ._status import LayerStatus
+from . import engines
 
-WORKER_COMMAND = "_worker"
-TEMPLATE_COMMAND = "_template"  # the same bootstrap, forking workers (``_template``)
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 70
 EXIT_PROTOCOL = 71
@@ -85,11 +86,11 @@ MEMORY_PROBE_EVERY = 256
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    engine: _engines.EngineKind
+    engine: EngineKind
     memory_limit: int
     parent_pid: int
     max_frame: int = DEFAULT_MAX_FRAME
-    identity: _privileges.WorkerIdentity | None = None
+    identity: privileges.WorkerIdentity | None = None
     cpu_budget: float | None = None
     engine_api: str = "auto"
 
@@ -100,7 +101,7 @@ class StartupFailed(Exception):
 
 def parse_args(argv: list[str]) -> WorkerOptions:
     parser = argparse.ArgumentParser(prog=f"jsonnet_worker {WORKER_COMMAND}", add_help=False)
-    parser.add_argument("--engine", choices=[kind.value for kind in _engines.EngineKind])
+    parser.add_argument("--engine", choices=[kind.value for kind in EngineKind])
     parser.add_argument("--memory-limit", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME)
@@ -114,11 +115,11 @@ def parse_args(argv: list[str]) -> WorkerOptions:
     args = parser.parse_args(argv)
     identity = None
     if args.uid is not None and args.gid is not None:
-        identity = _privileges.WorkerIdentity(
+        identity = privileges.WorkerIdentity(
             args.user or str(args.uid), args.uid, args.gid, own_uid=args.own_uid
         )
     return WorkerOptions(
-        engine=_engines.EngineKind(args.engine),
+        engine=EngineKind(args.engine),
         memory_limit=args.memory_limit,
         parent_pid=args.parent_pid,
         max_frame=args.max_frame,
@@ -157,7 +158,7 @@ class ProtocolStreams:
 
 
 def tie_to_parent(parent_pid: int) -> None:
-    if _landlock.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+    if landlock.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
         raise StartupFailed("PR_SET_PDEATHSIG failed")
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(EXIT_STARTUP_FAILED)
@@ -275,7 +276,7 @@ def self_check_target() -> str:
     raise StartupFailed("no file to run the Landlock self-check on")
 
 
-def self_check(status: _landlock.LandlockStatus, target: str) -> str:
+def self_check(status: landlock.LandlockStatus, target: str) -> str:
     """Try to open a file we could read before restriction; it must be refused."""
     try:
         with open(target, "rb"):
@@ -324,7 +325,7 @@ class MemoryHeadroom:
 
 class EvaluationLoop:
     def __init__(
-        self, streams: ProtocolStreams, engine: _engines.Engine, max_frame: int, memory_limit: int
+        self, streams: ProtocolStreams, engine: engines.Engine, max_frame: int, memory_limit: int
     ) -> None:
         self.streams = streams
         self.engine = engine
@@ -401,13 +402,13 @@ class EvaluationLoop:
             return error_message(exc.request_id, ErrorKind.PROTOCOL, exc.reason)
         try:
             return result_message(request.id, self.engine.run(request))
-        except _engines.EvaluationFailed as exc:
+        except engines.EvaluationFailed as exc:
             return error_message(request.id, exc.kind, exc.message)
         except MemoryError:
             return error_message(request.id, ErrorKind.MEMORY, "the worker ran out of memory")
         except Exception as exc:  # never lose a request to a bug: say what happened
             return error_message(
-                request.id, ErrorKind.INTERNAL, _engines.bound_text(f"{type(exc).__name__}: {exc}")
+                request.id, ErrorKind.INTERNAL, engines.bound_text(f"{type(exc).__name__}: {exc}")
             )
 
 
@@ -417,8 +418,8 @@ class Restricted:
     state a template keeps and forks (``_template``)."""
 
     started: float
-    prepared: _engines.PreparedEngine
-    landlock: _landlock.LandlockStatus
+    prepared: engines.PreparedEngine
+    landlock: landlock.LandlockStatus
     self_check: str
     check_target: str  # what the self-check opened: a forked worker checks its layer on it
     layers: list[LayerStatus]  # limits, privileges; seccomp is added by ``finish_start``
@@ -429,19 +430,19 @@ def start_restricted(options: WorkerOptions) -> Restricted:
     started = time.monotonic()
     warm_up()
     try:
-        prepared = _engines.prepare(options.engine)
-    except _engines.EngineLoadError as exc:
+        prepared = engines.prepare(options.engine)
+    except engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
     applied = set_limits(options.memory_limit, options.cpu_budget)
-    ipc_namespace = _privileges.new_ipc_namespace()  # needs root: before the drop
+    ipc_namespace = privileges.new_ipc_namespace()  # needs root: before the drop
     identity = options.identity
-    limits = _privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
+    limits = privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
     limits = dataclasses.replace(limits, detail=f"{limits.detail}, {applied}".strip(", "))
     if identity is not None:
-        _privileges.drop_to(identity)
+        privileges.drop_to(identity)
         tie_to_parent(options.parent_pid)
-    privileges = _privileges.privilege_status(identity)
-    uid = _privileges.uid_status(identity)
+    privileges_layer = privileges.privilege_status(identity)
+    uid = privileges.uid_status(identity)
     check_target = self_check_target()
     threads = thread_count()
     if threads != 1:
@@ -449,31 +450,31 @@ def start_restricted(options: WorkerOptions) -> Restricted:
             f"{threads} threads exist before restriction; each must be born inside the domain"
         )
     try:
-        status = _landlock.restrict_self_empty()
+        status = landlock.restrict_self_empty()
         if not status.enforced:
-            _landlock.set_no_new_privs()
+            landlock.set_no_new_privs()
     except OSError as exc:
         raise StartupFailed(f"cannot apply the Landlock layer: {exc}") from exc
     check = self_check(status, check_target)
-    layers = [ipc_namespace, limits, privileges, uid]
+    layers = [ipc_namespace, limits, privileges_layer, uid]
     return Restricted(started, prepared, status, check, check_target, layers)
 
 
 def finish_start(
     options: WorkerOptions, restricted: Restricted
-) -> tuple[_engines.Engine, dict[str, Any]]:
+) -> tuple[engines.Engine, dict[str, Any]]:
     """Step 6 up to the hello: load the engine, apply the seccomp filter; returns the engine
     and the hello to send."""
     try:
-        engine = _engines.Engine(
+        engine = engines.Engine(
             options.engine,
-            _engines.load(restricted.prepared),
+            engines.load(restricted.prepared),
             prefer_capi=options.engine_api != "binding",
         )
-    except _engines.EngineLoadError as exc:
+    except engines.EngineLoadError as exc:
         raise StartupFailed(str(exc)) from exc
     try:
-        seccomp = _seccomp.layer_status(_seccomp.install())
+        seccomp_layer = seccomp.layer_status(seccomp.install())
     except OSError as exc:
         raise StartupFailed(f"cannot apply the seccomp filter: {exc}") from exc
     hello = {
@@ -485,7 +486,7 @@ def finish_start(
         "engine_api": engine.api,
         "python": sys.version.split()[0],
         "sandbox": restricted.landlock.to_dict(),
-        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp)},
+        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp_layer)},
         "self_check": restricted.self_check,
         "startup_ms": round((time.monotonic() - restricted.started) * 1000, 3),
     }
@@ -494,7 +495,7 @@ def finish_start(
 
 def start(
     options: WorkerOptions, streams: ProtocolStreams
-) -> tuple[_engines.Engine, dict[str, Any]]:
+) -> tuple[engines.Engine, dict[str, Any]]:
     """Steps 2-6 up to the hello; returns the engine and the hello to send."""
     return finish_start(options, start_restricted(options))
 
@@ -508,14 +509,14 @@ def main(argv: list[str]) -> int:
     except (StartupFailed, OSError, ValueError) as exc:
         reason = f"worker start-up failed: {exc}"
         print(reason, file=sys.stderr, flush=True)
-        streams.send({"t": "startup_failed", "reason": _engines.bound_text(reason)})
+        streams.send({"t": "startup_failed", "reason": engines.bound_text(reason)})
         return EXIT_STARTUP_FAILED
     return serve(streams, engine, hello, options)
 
 
 def serve(
     streams: ProtocolStreams,
-    engine: _engines.Engine,
+    engine: engines.Engine,
     hello: dict[str, Any],
     options: WorkerOptions,
 ) -> int:
@@ -531,17 +532,3 @@ def serve(
     loop_thread.start()
     loop_thread.join()
     return outcome[0] if outcome else EXIT_PROTOCOL
-
-
-def run() -> None:
-    """Entry point of the hidden worker mode (``sys.argv[1] == "_worker"``), and of the
-    template mode (``"_template"``, ``_template.main``) that the same bootstrap starts."""
-    if sys.argv[1:2] == [TEMPLATE_COMMAND]:
-        from ._template import main as template_main
-
-        code = template_main(sys.argv[2:])
-    else:
-        code = main(sys.argv[2:])
-    sys.stderr.flush()
-    # No interpreter finalisation: the engine's runtime threads are still running.
-    os._exit(code)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import InvalidArgument, InvalidType
+from .._errors import InvalidArgument, InvalidType
 
 # Deeper values are refused before encoding, on every Python version alike (3.13's C encoder
 # no longer stops at the recursion limit); no claim set or template context nests this deep.

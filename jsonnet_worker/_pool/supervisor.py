@@ -28,7 +28,11 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-from ._connection import (
+from .._errors import Error, ProtocolError, WorkerStartError
+from .._report import SandboxStatus, log_landlock
+from .._wire.layers import LayerState, LayerStatus
+from .._wire.protocol import EvalRequest
+from .connection import (
     NEED_DATA,
     ConnectionBroken,
     ConnectionClosed,
@@ -36,11 +40,9 @@ from ._connection import (
     StartupFailed,
     WorkerConnection,
 )
-from ._errors import Error, ProtocolError, WorkerStartError
-from ._forking import SourceStats, WorkerSource
-from ._process import WorkerProcess, WorkerSettings
-from ._protocol import EvalRequest
-from ._state import (
+from .forking import SourceStats, WorkerSource
+from .processes import WorkerProcess, WorkerSettings
+from .state import (
     Action,
     Close,
     HandOver,
@@ -53,7 +55,6 @@ from ._state import (
     Wake,
     WakeSupervisor,
 )
-from ._status import LayerState, LayerStatus, SandboxStatus, log_landlock
 
 logger = logging.getLogger("jsonnet_worker")
 

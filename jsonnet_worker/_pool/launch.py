@@ -15,7 +15,8 @@ from __future__ import annotations
 import select
 import time
 
-from ._connection import (
+from .._errors import WorkerStartError
+from .connection import (
     NEED_DATA,
     ConnectionBroken,
     ConnectionClosed,
@@ -24,8 +25,7 @@ from ._connection import (
     WorkerConnection,
     escape_controls,
 )
-from ._errors import WorkerStartError
-from ._process import WorkerProcess, WorkerSettings
+from .processes import WorkerProcess, WorkerSettings
 
 DEFAULT_GREET_TIMEOUT = 10.0
 # How long a worker whose stream ended may take to exit before its stderr is read.

@@ -1,12 +1,21 @@
-"""Public value types that describe a pool: its sandbox layers and its counters."""
+"""What a pool reports about itself: its sandbox (``SandboxStatus``, from the workers' hellos),
+its counters (``PoolStats``) and the one verdict on its sandbox (``judge_sandbox``).
+
+The one sandbox verdict: ``doctor``, the service's ``/healthz`` and ``/readyz`` and its
+start-up log all judge what the workers reported with :func:`judge_sandbox`, so "healthy" means the
+same thing everywhere.
+
+``enforced`` is what ``require_sandbox`` demands (the workers' Landlock layer); ``complete``
+adds every other layer and the worker's self-check; ``reasons`` says what is missing.
+"""
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass, field
 
-from ._landlock import LandlockStatus
+from ._sandbox.landlock import LandlockStatus
+from ._wire.layers import LayerState, LayerStatus
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -25,65 +34,6 @@ def log_landlock(status: LandlockStatus, unprotected: str) -> None:
             status.reason or status.state.value,
             unprotected,
         )
-
-
-class LayerState(enum.Enum):
-    ACTIVE = "active"
-    MISSING = "missing"  # the kernel, the architecture or the configuration lacks it
-
-
-@dataclass(frozen=True)
-class LayerStatus:
-    """One isolation layer beyond Landlock (seccomp, privileges, limits), as a worker reported
-    it: active with what it does (``detail``), or missing and why (``reason``)."""
-
-    name: str
-    state: LayerState
-    detail: str = ""
-    reason: str = ""
-
-    @property
-    def active(self) -> bool:
-        return self.state is LayerState.ACTIVE
-
-    @property
-    def required(self) -> bool:
-        """False for the defence-in-depth layers (``DEFENCE_IN_DEPTH``): reported, and
-        logged when missing, but a sandbox without them is still enforced."""
-        return self.name not in DEFENCE_IN_DEPTH
-
-    @classmethod
-    def unreported(cls, name: str) -> LayerStatus:
-        return cls(name, LayerState.MISSING, reason="not reported by the worker")
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "state": self.state.value,
-            "detail": self.detail,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_dict(cls, name: str, data: object) -> LayerStatus:
-        if not isinstance(data, dict):
-            return cls.unreported(name)
-        try:
-            state = LayerState(str(data.get("state")))
-        except ValueError:
-            return cls(name, LayerState.MISSING, reason=f"unknown state {data.get('state')!r}")
-        return cls(name, state, str(data.get("detail", "")), str(data.get("reason", "")))
-
-    def summary(self) -> str:
-        if self.active:
-            return f"{self.name}: active ({self.detail})" if self.detail else f"{self.name}: active"
-        return f"{self.name}: MISSING ({self.reason})"
-
-
-# The layers beyond Landlock, in the order the worker applies them.
-EXTRA_LAYERS = ("ipc_namespace", "limits", "privileges", "uid", "seccomp")
-# Layers a root parent can add on top (a uid per worker, an IPC namespace per worker); a
-# non-root parent cannot, and the seccomp filter closes what they would close.
-DEFENCE_IN_DEPTH = ("uid", "ipc_namespace")
 
 
 @dataclass(frozen=True)
@@ -175,3 +125,25 @@ class PoolStats:
     forks: int = 0  # workers forked from a template
     fork_fallbacks: int = 0  # workers re-executed because no template could give one
     template_starts: int = 0  # templates started: the first, respawns after a death, replacements
+
+
+@dataclass(frozen=True)
+class SandboxVerdict:
+    enforced: bool
+    complete: bool
+    reasons: tuple[str, ...]
+
+    def summary(self) -> str:
+        if self.complete:
+            return "sandbox: every layer active"
+        return "sandbox: degraded: " + "; ".join(self.reasons)
+
+
+def judge_sandbox(sandbox: SandboxStatus | None) -> SandboxVerdict:
+    """The verdict on what the workers reported (None: no worker has reported yet)."""
+    if sandbox is None:
+        return SandboxVerdict(False, False, ("no worker has reported its sandbox yet",))
+    reasons = [f"{layer.name} missing: {layer.reason}" for layer in sandbox.missing]
+    if not sandbox.self_check.startswith("refused"):
+        reasons.append(f"self-check: {sandbox.self_check or 'not reported'}")
+    return SandboxVerdict(sandbox.enforced, not reasons, tuple(reasons))

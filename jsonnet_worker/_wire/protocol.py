@@ -41,6 +41,10 @@ from typing import Any
 import msgpack
 
 PROTOCOL_VERSION = 1
+# The mode a fresh interpreter is started in (its ``sys.argv[1]``, read by
+# ``_worker.bootstrap``): one worker, or a fork server that forks workers.
+WORKER_COMMAND = "_worker"
+FORK_SERVER_COMMAND = "_template"
 # A worker that has used more than this share of the memory headroom it started with (what
 # RLIMIT_DATA still let it map) asks, in its answer, to be replaced: go-jsonnet's heap and
 # stacks never give their mappings back, so the next call, maybe another caller's small one,
@@ -55,6 +59,17 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 # note of at most MAX_NOTE_CHARS ("... (N more characters truncated)").
 MAX_MESSAGE_CHARS = 16 * 1024
 MAX_NOTE_CHARS = 64
+
+
+class EngineKind(enum.Enum):
+    """The engine a worker runs, as its command line names it (``--engine``)."""
+
+    GO = "go"
+    CPP = "cpp"
+
+    @property
+    def module_name(self) -> str:
+        return "_gojsonnet" if self is EngineKind.GO else "_jsonnet"
 
 
 class Action(enum.Enum):

@@ -42,10 +42,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import WorkerStartError
-from ._landlock import LandlockStatus, Scope
-from ._privileges import WorkerIdentity
-from ._process import (
+from .._errors import WorkerStartError
+from .._report import SandboxStatus
+from .._sandbox.landlock import LandlockStatus, Scope
+from .._sandbox.privileges import WorkerIdentity
+from .._wire.control import (
+    CHANNELS,
+    CONTROL_MAX,
+    FORK_FLAGS,
+    ControlError,
+    decode_control,
+    encode_control,
+)
+from .._wire.layers import EXTRA_LAYERS, LayerState, LayerStatus
+from .._wire.protocol import (
+    FORK_SERVER_COMMAND,
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    WORKER_COMMAND,
+    FrameReader,
+    Message,
+)
+from .processes import (
     StderrCapture,
     WorkerProcess,
     WorkerSettings,
@@ -56,17 +74,6 @@ from ._process import (
     worker_command,
     worker_environment,
 )
-from ._protocol import HEADER_SIZE, PROTOCOL_VERSION, FrameReader, Message
-from ._status import EXTRA_LAYERS, LayerState, LayerStatus, SandboxStatus
-from ._template import (
-    CHANNELS,
-    CONTROL_MAX,
-    FORK_FLAGS,
-    ControlError,
-    decode_control,
-    encode_control,
-)
-from ._worker import TEMPLATE_COMMAND, WORKER_COMMAND
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -167,7 +174,7 @@ def isolation_problem(hello: TemplateHello) -> str | None:
 def template_command(settings: WorkerSettings, identity: WorkerIdentity | None = None) -> list[str]:
     """The worker command in the template mode: the same bootstrap and arguments."""
     command = worker_command(settings, identity)
-    command[command.index(WORKER_COMMAND)] = TEMPLATE_COMMAND
+    command[command.index(WORKER_COMMAND)] = FORK_SERVER_COMMAND
     return command
 
 

@@ -11,7 +11,7 @@ Plan (docs/DESIGN.md, "Forked workers"). The template is started like a worker (
 bootstrap, mode ``_template``), and:
   1. ties its life to the parent, moves the control socket (a SOCK_SEQPACKET pair made by
      the pool, given as fd 0) to a private fd, keeps a /dev/null fd for its workers' fd 0;
-  2. runs ``_worker.start_restricted``: warm-up, the engine copied into a memfd with its
+  2. runs ``startup.start_restricted``: warm-up, the engine copied into a memfd with its
      libraries loaded, limits, privilege drop, the empty Landlock layer, the self-check, all
      while it has one thread (it never starts another);
   3. applies its own seccomp filter: the worker's deny-list, except that ``clone`` with
@@ -32,7 +32,7 @@ The forked child (``run_forked_worker``), before its hello:
      scopes keep it from the template and from its siblings; checks the layer holds;
   3. loads the engine from the memfd (its Go threads are born in the nested domain), applies
      the worker's seccomp filter with TSYNC (no fork from here on), and runs the normal
-     hello and evaluation loop (``_worker.finish_start`` and ``_worker.serve``).
+     hello and evaluation loop (``startup.finish_start`` and ``startup.serve``).
 
 Control messages (msgpack maps, one per SEQPACKET datagram, key ``t``):
   pool -> template  ``fork``            id; SCM_RIGHTS: requests, responses, stderr
@@ -61,57 +61,27 @@ import errno
 import gc
 import os
 import resource
-import signal
 import socket
 import sys
 import threading
 import time
 from typing import Any, NoReturn
 
-import msgpack
+from .._sandbox import landlock, seccomp
+from .._wire.control import (
+    CHANNELS,
+    CONTROL_MAX,
+    FORK_FLAGS,
+    ControlError,
+    decode_control,
+    encode_control,
+)
+from .._wire.layers import LayerState, LayerStatus
+from .._wire.protocol import PROTOCOL_VERSION
+from . import engines, startup
 
-from . import _engines, _landlock, _seccomp, _worker
-from ._protocol import PROTOCOL_VERSION
-from ._status import LayerState, LayerStatus
-
-CLONE_PIDFD = 0x00001000
-CLONE_PARENT = 0x00008000
-# The one flag word the template's filter lets ``clone`` make a process with: the child is
-# the template's sibling (the pool's child), its pidfd is returned, it signals SIGCHLD.
-FORK_FLAGS = CLONE_PARENT | CLONE_PIDFD | signal.SIGCHLD
-CHANNELS = 3  # requests, responses, stderr
-CONTROL_MAX = 64 * 1024
-EXIT_STARTUP_FAILED = _worker.EXIT_STARTUP_FAILED
-EXIT_PROTOCOL = _worker.EXIT_PROTOCOL
-
-
-class ControlError(Exception):
-    """A control message that is not a map with a string ``t``."""
-
-
-def encode_control(message: dict[str, Any]) -> bytes:
-    data: bytes = msgpack.packb(message, use_bin_type=True)
-    if len(data) > CONTROL_MAX:
-        raise ControlError(f"control message of {len(data)} bytes is over {CONTROL_MAX}")
-    return data
-
-
-def decode_control(data: bytes) -> dict[str, Any]:
-    try:
-        message = msgpack.unpackb(
-            data,
-            raw=False,
-            max_str_len=CONTROL_MAX,
-            max_bin_len=0,
-            max_array_len=256,
-            max_map_len=256,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ControlError(f"undecodable control message: {type(exc).__name__}") from None
-    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
-        raise ControlError("a control message must be a map with a string 't'")
-    return message
+EXIT_STARTUP_FAILED = startup.EXIT_STARTUP_FAILED
+EXIT_PROTOCOL = startup.EXIT_PROTOCOL
 
 
 class Cloner:
@@ -122,9 +92,9 @@ class Cloner:
     fork and re-take it in the child)."""
 
     def __init__(self, machine: str | None = None) -> None:
-        table = _seccomp.table_for_machine(machine)
+        table = seccomp.table_for_machine(machine)
         if table is None:
-            raise _worker.StartupFailed(
+            raise startup.StartupFailed(
                 f"no clone syscall number for architecture {machine or os.uname().machine}"
             )
         self.number = table.number("clone")
@@ -160,7 +130,7 @@ class Cloner:
         return pid, pidfd.value
 
 
-def seccomp_layer(result: _seccomp.SeccompResult) -> LayerStatus:
+def seccomp_layer(result: seccomp.SeccompResult) -> LayerStatus:
     if not result.applied:
         return LayerStatus("seccomp", LayerState.MISSING, reason=result.reason)
     return LayerStatus(
@@ -171,7 +141,7 @@ def seccomp_layer(result: _seccomp.SeccompResult) -> LayerStatus:
     )
 
 
-class ForkedStreams(_worker.ProtocolStreams):
+class ForkedStreams(startup.ProtocolStreams):
     """A forked worker's protocol channels, already on private fds (``ProtocolStreams``
     moves fds 0 and 1, and opens /dev/null, which the template's layer now refuses)."""
 
@@ -195,8 +165,8 @@ def close_all_but(keep: set[int]) -> None:
 class Template:
     """The template's state: what it forks, and the channel it is asked on."""
 
-    options: _worker.WorkerOptions
-    restricted: _worker.Restricted
+    options: startup.WorkerOptions
+    restricted: startup.Restricted
     control: socket.socket
     null_fd: int
     clone: Cloner
@@ -299,7 +269,7 @@ def forked_worker_main(template: Template, channels: list[int]) -> int:
     options, restricted = template.options, template.restricted
     requests, responses, errors = channels
     # The parent is now the pool's thread that started the template (CLONE_PARENT).
-    _worker.tie_to_parent(options.parent_pid)
+    startup.tie_to_parent(options.parent_pid)
     os.setsid()  # out of the template's session and process group
     os.dup2(template.null_fd, 0)
     os.dup2(errors, 2)
@@ -308,8 +278,8 @@ def forked_worker_main(template: Template, channels: list[int]) -> int:
     template.control.detach()  # its fd is closed below; the object must not close it again
     close_all_but({0, 1, 2, requests, responses, restricted.prepared.memfd})
     try:
-        status = _landlock.restrict_self_empty()
-        check = _worker.self_check(status, restricted.check_target)
+        status = landlock.restrict_self_empty()
+        check = startup.self_check(status, restricted.check_target)
         own = dataclasses.replace(
             restricted,
             started=started,
@@ -317,25 +287,25 @@ def forked_worker_main(template: Template, channels: list[int]) -> int:
             self_check=check,
             layers=per_template(restricted.layers),
         )
-        engine, hello = _worker.finish_start(options, own)
-    except (_worker.StartupFailed, OSError, ValueError) as exc:
+        engine, hello = startup.finish_start(options, own)
+    except (startup.StartupFailed, OSError, ValueError) as exc:
         reason = f"forked worker start-up failed: {exc}"
         print(reason, file=sys.stderr, flush=True)
-        streams.send({"t": "startup_failed", "reason": _engines.bound_text(reason)})
+        streams.send({"t": "startup_failed", "reason": engines.bound_text(reason)})
         return EXIT_STARTUP_FAILED
-    return _worker.serve(streams, engine, hello, options)
+    return startup.serve(streams, engine, hello, options)
 
 
 def start_template(
-    options: _worker.WorkerOptions, control: socket.socket, null_fd: int
+    options: startup.WorkerOptions, control: socket.socket, null_fd: int
 ) -> tuple[Template, dict[str, Any]]:
     """Steps 2-3 of the plan; returns the template and its hello."""
     clone = Cloner()
-    restricted = _worker.start_restricted(options)
+    restricted = startup.start_restricted(options)
     try:
-        seccomp = seccomp_layer(_seccomp.install(process_clone=FORK_FLAGS))
+        seccomp_status = seccomp_layer(seccomp.install(process_clone=FORK_FLAGS))
     except OSError as exc:
-        raise _worker.StartupFailed(f"cannot apply the template's seccomp filter: {exc}") from exc
+        raise startup.StartupFailed(f"cannot apply the template's seccomp filter: {exc}") from exc
     hello = {
         "t": "template_hello",
         "protocol": PROTOCOL_VERSION,
@@ -343,7 +313,7 @@ def start_template(
         "engine": options.engine.value,
         "python": sys.version.split()[0],
         "sandbox": restricted.landlock.to_dict(),
-        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp)},
+        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp_status)},
         "self_check": restricted.self_check,
         "startup_ms": round((time.monotonic() - restricted.started) * 1000, 3),
         "fork_flags": FORK_FLAGS,
@@ -352,9 +322,9 @@ def start_template(
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of the hidden template mode (``_worker.run`` dispatches here)."""
-    options = _worker.parse_args(argv)
-    _worker.tie_to_parent(options.parent_pid)
+    """Entry point of the fork server mode (``bootstrap.run`` dispatches here)."""
+    options = startup.parse_args(argv)
+    startup.tie_to_parent(options.parent_pid)
     control = socket.socket(fileno=os.dup(0))
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     os.dup2(null_fd, 0)
@@ -362,7 +332,7 @@ def main(argv: list[str]) -> int:
 
     def fail(reason: str) -> int:
         print(reason, file=sys.stderr, flush=True)
-        message = {"t": "startup_failed", "reason": _engines.bound_text(reason, 4096)}
+        message = {"t": "startup_failed", "reason": engines.bound_text(reason, 4096)}
         try:
             socket.send_fds(control, [encode_control(message)], [])
         except OSError:
@@ -371,7 +341,7 @@ def main(argv: list[str]) -> int:
 
     try:
         template, hello = start_template(options, control, null_fd)
-    except (_worker.StartupFailed, OSError, ValueError) as exc:
+    except (startup.StartupFailed, OSError, ValueError) as exc:
         return fail(f"template start-up failed: {exc}")
     try:
         template.send(hello)

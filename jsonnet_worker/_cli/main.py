@@ -8,7 +8,7 @@ command line"); every ``PoolConfig`` option is a flag of every command that star
 
 Plan: the pool flags are generated from ``PoolConfig``'s fields (name, help, type), so an
 option added there is a flag here. ``-S``, ``-m`` and ``-y`` are applied in this process to
-the JSON text the worker returns (see ``_output``): the worker protocol knows one output.
+the JSON text the worker returns (see ``output``): the worker protocol knows one output.
 Variable flags are collected in order and resolved after parsing, so that an undefined
 environment variable or an unreadable file is jsonnet's ``ERROR: ...`` with exit 1, and the
 last of two flags naming one variable wins, as in jsonnet.
@@ -25,18 +25,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, _output, _testrunner
-from ._config import ENGINES, PoolConfig
-from ._connection import Hello, WorkerConnection
-from ._errors import Error, JsonnetError, WorkerStartError
-from ._forking import WorkerSource
-from ._launch import await_hello
-from ._pool import WorkerPool
-from ._privileges import DEFAULT_WORKER_USER, WorkerIdentities
-from ._process import WorkerProcess, WorkerSettings
-from ._protocol import DEFAULT_MAX_FRAME
-from ._status import LayerState, LayerStatus
-from ._verdict import judge_sandbox
+from .. import __version__
+from .._config import ENGINES, PoolConfig
+from .._errors import Error, JsonnetError, WorkerStartError
+from .._pool.connection import Hello, WorkerConnection
+from .._pool.facade import WorkerPool
+from .._pool.forking import WorkerSource
+from .._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
+from .._pool.launch import await_hello
+from .._pool.processes import WorkerProcess, WorkerSettings
+from .._report import judge_sandbox
+from .._wire.layers import LayerState, LayerStatus
+from .._wire.protocol import DEFAULT_MAX_FRAME
+from . import output as output_modes
+from . import testrunner
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        from .service import _server
+        from ..service import _server
     except ImportError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing not in SERVE_MODULES:
@@ -416,21 +418,21 @@ def run_eval(args: argparse.Namespace) -> int:
                 filename=filename,
             )
         if args.multi is not None:
-            files = _output.multi(text, args.multi, string=args.string)
+            files = output_modes.multi(text, args.multi, string=args.string)
         elif args.yaml_stream:
-            output = _output.stream(text)
+            output = output_modes.stream(text)
         else:
-            output = _output.string(text) if args.string else text
+            output = output_modes.string(text) if args.string else text
     except Error as exc:
         raise _library_error(exc) from None
     try:
         if args.multi is None:
-            _output.write_text(output, args.output_file, create_dirs=args.create_output_dirs)
+            output_modes.write_text(output, args.output_file, create_dirs=args.create_output_dirs)
         elif args.output_file is None:
-            _output.write_multi(files, sys.stdout, create_dirs=args.create_output_dirs)
+            output_modes.write_multi(files, sys.stdout, create_dirs=args.create_output_dirs)
         else:
             with open(args.output_file, "w", encoding="utf-8") as listing:
-                _output.write_multi(files, listing, create_dirs=args.create_output_dirs)
+                output_modes.write_multi(files, listing, create_dirs=args.create_output_dirs)
     except OSError as exc:
         raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
     return 0
@@ -438,17 +440,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     config = pool_config(args, CLI_POOL)
-    suites, unreadable = _testrunner.load_suites(args.suites)
+    suites, unreadable = testrunner.load_suites(args.suites)
     for problem in unreadable:
         print(problem, file=sys.stderr)
     try:
         with WorkerPool(config=config) as pool:
-            reports = [_testrunner.run_suite(pool, suite, sys.stdout) for suite in suites]
+            reports = [testrunner.run_suite(pool, suite, sys.stdout) for suite in suites]
     except Error as exc:
         raise _library_error(exc) from None
-    print(_testrunner.summary(reports))
+    print(testrunner.summary(reports))
     if args.junit_xml:
-        _testrunner.write_junit(reports, args.junit_xml)
+        testrunner.write_junit(reports, args.junit_xml)
     if unreadable:
         return EXIT_USAGE
     return 0 if all(report.passed for report in reports) else EXIT_ERROR
@@ -494,7 +496,7 @@ def run_fmt(args: argparse.Namespace) -> int:
                         status = status or EXIT_NOT_FORMATTED
                 elif args.in_place:
                     if formatted != source:
-                        _output.write_text(formatted, path, create_dirs=False)
+                        output_modes.write_text(formatted, path, create_dirs=False)
                 else:
                     sys.stdout.write(formatted)
     except Error as exc:

@@ -76,7 +76,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ._status import LayerState, LayerStatus
+from .._wire.layers import LayerState, LayerStatus
 
 # Classic BPF opcodes (linux/filter.h) and seccomp return values (linux/seccomp.h).
 _LD_W_ABS = 0x20

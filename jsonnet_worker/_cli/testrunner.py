@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._errors import Error, JsonnetError
-from ._pool import WorkerPool
+from .._errors import Error, JsonnetError
+from .._pool.facade import WorkerPool
 
 _CASE_KEYS = {"name", "ext_vars", "tla_vars", "ext_codes", "tla_codes", "expect", "expect_error"}
 _SUITE_KEYS = {"snippet", "source", "cases", "name"}

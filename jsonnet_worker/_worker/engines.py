@@ -19,7 +19,6 @@ refuses to start with a message saying so.
 from __future__ import annotations
 
 import ctypes
-import enum
 import importlib.machinery
 import importlib.util
 import json
@@ -30,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import _capi
-from ._elf import elf_needed
-from ._protocol import Action, ErrorKind, EvalRequest
+from .._sandbox.elf import elf_needed
+from .._wire.protocol import Action, EngineKind, ErrorKind, EvalRequest
+from . import capi
 
 _T = TypeVar("_T")
 
@@ -44,15 +43,6 @@ IMPORT_REFUSED = "import not available"
 _FALLBACK_NEEDED = ("libstdc++.so.6", "libgcc_s.so.1", "libpthread.so.0", "libm.so.6")
 # Already in every Python process; loading them again is pointless.
 _ALWAYS_LOADED = ("libc.so", "ld-linux", "libpython", "libdl.so", "librt.so")
-
-
-class EngineKind(enum.Enum):
-    GO = "go"
-    CPP = "cpp"
-
-    @property
-    def module_name(self) -> str:
-        return "_gojsonnet" if self is EngineKind.GO else "_jsonnet"
 
 
 class EngineLoadError(Exception):
@@ -215,7 +205,7 @@ def _refuse_nul(request: EvalRequest) -> None:
 # checked, before any of it is evaluated (see ``_capi``: the go engine fails at the standard
 # library's first frame, the C++ one at the snippet's).
 _CHECK_PASSED = {
-    EngineKind.GO: _capi.CHECK_PASSED,
+    EngineKind.GO: capi.CHECK_PASSED,
     EngineKind.CPP: "RUNTIME ERROR: max stack frames exceeded.\n\t\t\n",
 }
 _CPP_API = "binding: the C++ VM re-parses its standard library on every call; nothing to keep"
@@ -245,17 +235,17 @@ class Engine:
         self.kind = kind
         self.version = str(getattr(module, "version", "unknown"))
         self._module_evaluate: Callable[..., str] = module.evaluate_snippet
-        self._capi: _capi.CapiEngine | None = None
+        self._capi: capi.CapiEngine | None = None
         if kind is EngineKind.CPP:
             self.api = _CPP_API
         elif not prefer_capi:
             self.api = "binding: the C API path was turned off (--engine-api binding)"
         else:
             try:
-                library = _capi.bind(str(module.__file__))
-                self._capi = _capi.CapiEngine(library, IMPORT_REFUSED)
+                library = capi.bind(str(module.__file__))
+                self._capi = capi.CapiEngine(library, IMPORT_REFUSED)
                 self.api = "capi"
-            except _capi.CapiUnavailable as exc:
+            except capi.CapiUnavailable as exc:
                 self.api = f"binding: {exc}"
 
     def run(self, request: EvalRequest) -> str:
@@ -305,7 +295,7 @@ class Engine:
             _as_engine_result(None, self._capi.check_snippet, request.filename, request.snippet)
             return
         passed = _CHECK_PASSED[self.kind]
-        for filename in (_capi.PROBE_FILENAME.decode(), request.filename):
+        for filename in (capi.PROBE_FILENAME.decode(), request.filename):
             barrier = _ImportBarrier()
             try:
                 _as_engine_result(
