@@ -12,7 +12,7 @@ closed; interleaved, so drift on a noisy machine hits both alike. Reported, as p
     keeps a never-used spare (a new tenant per call, sequential);
   * their ratios against the cold start measured in the same run (issue 14's target: a call
     on a never-used worker p50 <= 0.10x a cold start);
-  * through the real pool (``WorkerPool``, forked workers against ``_fork_workers=False``,
+  * through the real pool (``WorkerPool``, forked workers against ``seams.re_exec()``,
     alternated): a new tenant per call, sequential (20 ms apart), 1 worker + 2 spares, as
     p50 / p95 and as a ratio to the cold start (target <= 0.10x); the worst call (begun
     during a burst of 6 SIGKILLs 20 ms apart or the 300 ms after it) under sequential load
@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.seams
 
 from bench_latency import find_workload, percentile
 
@@ -47,6 +48,7 @@ from jsonnet_worker._pool.forking import TemplateProcess
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+from tests import seams
 
 _READERS: dict[int, FrameReader] = {}  # each worker's frames, by pid
 
@@ -217,16 +219,17 @@ def pool_kill_burst(pool: WorkerPool, caller: Caller, kills: int = 6) -> tuple[f
 
 
 def through_the_pool(caller: Caller, calls: int, bursts: int, cold_start: float) -> None:
-    """The pool's own paths, forked (the default) against re-exec (``_fork_workers=False``),
+    """The pool's own paths, forked (the default) against re-exec (``seams.re_exec()``),
     alternated in two blocks each so drift hits both."""
     tenants: dict[str, list[float]] = {"forked": [], "re-exec": []}
     worst: dict[str, list[float]] = {"forked": [], "re-exec": []}
     failed: dict[str, int] = {"forked": 0, "re-exec": 0}
     for _ in range(2):
         for kind in ("forked", "re-exec"):
-            with WorkerPool(1, spares=2, _fork_workers=kind == "forked") as pool:
+            origin = seams.forked() if kind == "forked" else seams.re_exec()
+            with seams.pool_of(origin, 1, spares=2) as pool:
                 tenants[kind] += pool_new_tenant(pool, caller, calls // 2)
-            with WorkerPool(2, spares=1, _fork_workers=kind == "forked") as pool:
+            with seams.pool_of(origin, 2, spares=1) as pool:
                 for _ in range(max(1, bursts // 2)):
                     slowest, errors = pool_kill_burst(pool, caller)
                     worst[kind].append(slowest)

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.seams
+
 from bench_latency import find_workload, percentile, time_calls
 
 from jsonnet_worker import WorkerPool
@@ -32,6 +34,7 @@ from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._pool.launch import launch_and_greet
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
 from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME
+from tests import seams
 
 HARNESS = Path(__file__).resolve().parent.parent / "tests" / "harness" / "worker_harness.py"
 
@@ -74,8 +77,8 @@ def measure_issue_12(starts: int, calls: int) -> None:
     snippet, claims = find_workload(None)
     codes = {"claims": claims}
     with (
-        WorkerPool(1, spares=0, _worker_command=commands["before"]) as before,
-        WorkerPool(1, spares=0, cpu_budget=300.0, _worker_command=commands["issue 12"]) as now,
+        seams.pool_of(seams.re_exec(commands["before"]), 1, spares=0) as before,
+        seams.pool_of(seams.re_exec(commands["issue 12"]), 1, spares=0, cpu_budget=300.0) as now,
     ):
         assert before.sandbox is not None and now.sandbox is not None
         assert "checked" in now.sandbox.seccomp.detail and "RLIMIT_CPU" in now.sandbox.limits.detail
@@ -176,7 +179,7 @@ def main() -> None:
     snippet, claims = find_workload(None)
     codes = {"claims": claims}
     with (
-        WorkerPool(1, worker_user=None, _worker_command=plain_command) as plain,
+        seams.pool_of(seams.re_exec(plain_command), 1, worker_user=None) as plain,
         WorkerPool(1) as full,
     ):
         assert plain.sandbox is not None and full.sandbox is not None

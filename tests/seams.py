@@ -14,7 +14,8 @@ private attribute. So:
 The seams are read-only views or actions a caller could also cause from outside (killing a
 worker by its pid is the test's own doing, with ``os.kill``); none of them changes the pool's
 state behind its back (``hold_idle_workers`` checks workers out through the pool's own
-transitions, as a call would).
+transitions, as a call would). ``pool_of`` starts a pool whose workers come from a test
+harness, or are re-executed, instead of forked from the real template.
 """
 
 from __future__ import annotations
@@ -23,21 +24,48 @@ from collections.abc import Callable
 from typing import Any
 
 from jsonnet_worker import WorkerPool
+from jsonnet_worker._pool import calls
 from jsonnet_worker._pool.connection import ConnectionState
 from jsonnet_worker._pool.facade import ThreadTicket
 from jsonnet_worker._pool.identities import WorkerIdentities
-from jsonnet_worker._pool.state import NO_TENANT, Status, Ticket
+from jsonnet_worker._pool.origin import FORKED, ForkedWorkers, ReExecWorkers, WorkerOrigin
+from jsonnet_worker._pool.state import NO_TENANT, Outcome, Ticket, WorkerStatus
 from jsonnet_worker._pool.supervisor import Worker
 from jsonnet_worker._wire.protocol import Action
 
-STATUSES = tuple(status.value for status in Status)
+STATUSES = tuple(status.value for status in WorkerStatus)
+
+
+def re_exec(command: list[str] | None = None) -> WorkerOrigin:
+    """Workers for ``pool_of``: each a fresh interpreter running ``command`` (a harness's
+    worker, tests/harness), or the real worker when None (the path a host without what the
+    template needs takes: tests and benchmarks compare it with forked workers)."""
+    return ReExecWorkers(command)
+
+
+def forked() -> WorkerOrigin:
+    """Workers for ``pool_of``: forks of the real template, as a ``WorkerPool`` has by default
+    (benchmarks compare it with ``re_exec()``)."""
+    return FORKED
+
+
+def forked_from(template_command: list[str]) -> WorkerOrigin:
+    """Workers for ``pool_of``: forks of the template ``template_command`` runs (a
+    harness's template, tests/harness)."""
+    return ForkedWorkers(template_command)
+
+
+def pool_of(origin: WorkerOrigin, size: int | None = None, **options: Any) -> WorkerPool:
+    """``WorkerPool(size, **options)`` whose workers come from ``origin`` (``re_exec``,
+    ``forked_from``) instead of forks of the real template."""
+    return WorkerPool(size, _origin=origin, **options)
 
 
 def workers(pool: WorkerPool, status: str) -> list[Worker]:
     """The pool's workers whose place in the pool is ``status`` ("starting", "spare", "idle",
     "busy", "dying"), at one instant (under the pool's lock)."""
-    wanted = Status(status)
-    return [worker for worker, now, *_ in pool._state.snapshot() if now is wanted]
+    wanted = WorkerStatus(status)
+    return [worker for worker, now, *_ in pool._state.roster().members if now is wanted]
 
 
 def worker_pids(pool: WorkerPool, status: str) -> list[int]:
@@ -73,15 +101,18 @@ def hold_idle_workers(pool: WorkerPool) -> list[Ticket]:
 def call_on(pool: WorkerPool, ticket: Ticket, snippet: str, ext_vars: dict[str, Any]) -> Any:
     """One evaluation on the worker ``ticket`` holds, through the pool's own exchange and
     settle (the worker is checked back in, or discarded, as after any call)."""
+    variables = calls.Variables(ext_vars=ext_vars)
     ticket.call = pool._prepare(
-        Action.EVAL, snippet, ext_vars, None, None, None, "seams.jsonnet", 10.0, None
+        Action.EVAL, snippet, "seams.jsonnet", 10.0, None, variables=variables
     )
-    return pool._settle(ticket, pool._exchange(ticket)).value
+    outcome = pool._exchange(ticket)
+    return calls.settle(pool._state, pool._supervisor.perform, ticket, outcome).value
 
 
 def give_back(pool: WorkerPool, ticket: Ticket) -> None:
-    """Check in a worker ``hold_idle_workers`` took, unused."""
-    pool._supervisor.perform(pool._state.check_in(ticket.worker))
+    """Check in a worker ``hold_idle_workers`` took, unused (a call that ended without an
+    answer or an error: nothing is counted)."""
+    pool._supervisor.perform(pool._state.settle(ticket.worker, Outcome(keep=True)))
 
 
 def pids_in_call(pool: WorkerPool) -> list[int]:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jsonnet_worker import WorkerPool
+import seams
 from jsonnet_worker._errors import WorkerStartError
 from jsonnet_worker._pool.connection import (
     FRAME_MARGIN,
@@ -751,7 +751,7 @@ def test_a_pool_whose_workers_lie_in_their_hello_fails_typed_and_cleanly() -> No
     # thread, and the pool with it.
     command = fake_worker(hello={**HELLO, "layers": {"seccomp": {"state": ["active"]}}})
     with pytest.raises(WorkerStartError, match="invalid hello: layer 'seccomp'"):
-        WorkerPool(1, spares=0, _worker_command=command)
+        seams.pool_of(seams.re_exec(command), 1, spares=0)
 
 
 # -- fuzzing: nothing a worker sends escapes as an exception ---------------------------------

@@ -125,7 +125,7 @@ def test_several_workers_share_the_task_limit() -> None:
 def test_a_missing_layer_is_reported_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="jsonnet_worker")
     command = harness_command("full", without=("seccomp",), identity=resolve_identity("nobody"))
-    with WorkerPool(1, _worker_command=command) as pool:
+    with seams.pool_of(seams.re_exec(command), 1) as pool:
         sandbox = pool.sandbox
         assert sandbox is not None and sandbox.enforced
         assert sandbox.seccomp.state is LayerState.MISSING
@@ -139,12 +139,12 @@ def test_a_missing_layer_is_reported_and_logged(caplog: pytest.LogCaptureFixture
 
 def test_a_filter_the_kernel_refuses_stops_the_worker() -> None:
     with pytest.raises(WorkerStartError) as caught:
-        WorkerPool(1, spawn_timeout=5, _worker_command=harness_command("seccomp-refused"))
+        seams.pool_of(seams.re_exec(harness_command("seccomp-refused")), 1, spawn_timeout=5)
     assert "cannot apply the seccomp filter" in caught.value.cause
 
 
 def test_a_kernel_without_seccomp_2_is_missing_not_fatal() -> None:
-    with WorkerPool(1, spares=0, _worker_command=harness_command("seccomp-enosys")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("seccomp-enosys")), 1, spares=0) as pool:
         sandbox = pool.sandbox
         assert sandbox is not None and not sandbox.seccomp.active
         assert "seccomp(2): Function not implemented" in sandbox.seccomp.reason
@@ -476,7 +476,7 @@ def test_each_worker_has_an_ipc_namespace_of_its_own(pool: WorkerPool) -> None:
         assert namespaces == {os.readlink(f"/proc/{stats.template_pid}/ns/ipc")}
         assert pool.sandbox is not None
         assert "one per template" in pool.sandbox.ipc_namespace.detail, pool.sandbox.summary()
-    with WorkerPool(2, spares=0, _fork_workers=False) as re_exec:
+    with seams.pool_of(seams.re_exec(), 2, spares=0) as re_exec:
         pids = re_exec.stats().worker_pids
         own = {os.readlink(f"/proc/{pid}/ns/ipc") for pid in pids}
         assert mine not in own and len(own) == len(pids)
@@ -485,7 +485,7 @@ def test_each_worker_has_an_ipc_namespace_of_its_own(pool: WorkerPool) -> None:
 def test_an_ipc_namespace_the_kernel_refuses_is_missing_not_fatal() -> None:
     """As under Docker's default seccomp profile (unshare refused): reported, not fatal."""
     command = harness_command("ipc-refused", identity=resolve_identity("nobody"))
-    with WorkerPool(1, _worker_command=command, spares=0) as pool:
+    with seams.pool_of(seams.re_exec(command), 1, spares=0) as pool:
         sandbox = pool.sandbox
         assert sandbox is not None and not sandbox.ipc_namespace.active
         if ROOT:
@@ -495,7 +495,7 @@ def test_an_ipc_namespace_the_kernel_refuses_is_missing_not_fatal() -> None:
 
 def test_a_limit_the_kernel_refuses_is_named_not_fatal() -> None:
     command = harness_command("limits-refused", identity=resolve_identity("nobody"))
-    with WorkerPool(1, _worker_command=command, spares=0) as pool:
+    with seams.pool_of(seams.re_exec(command), 1, spares=0) as pool:
         sandbox = pool.sandbox
         assert sandbox is not None
         assert "refused by the kernel: RLIMIT_RTPRIO" in sandbox.limits.detail

@@ -348,7 +348,7 @@ def test_overloaded_when_the_queue_is_full() -> None:
 def test_worker_start_failures_name_the_cause_and_back_off() -> None:
     started = time.monotonic()
     with pytest.raises(WorkerStartError) as caught:
-        WorkerPool(2, _worker_command=harness_command("broken-engine"))
+        seams.pool_of(seams.re_exec(harness_command("broken-engine")), 2)
     assert "not installed" in caught.value.cause
     assert time.monotonic() - started < 5
 
@@ -433,7 +433,7 @@ def test_sandbox_status_and_log(caplog: pytest.LogCaptureFixture) -> None:
 )
 def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="jsonnet_worker")
-    with WorkerPool(2, require_sandbox=False, _worker_command=harness_command(mode)) as pool:
+    with seams.pool_of(seams.re_exec(harness_command(mode)), 2, require_sandbox=False) as pool:
         assert pool.sandbox is not None and not pool.sandbox.enforced
         assert reason in pool.sandbox.reason
         assert pool.evaluate("{a: 1}") == {"a": 1}
@@ -441,7 +441,7 @@ def test_kernel_without_landlock(mode: str, reason: str, caplog: pytest.LogCaptu
     assert len(warnings) == 1 and "not available" in warnings[0].getMessage()
     assert reason in warnings[0].getMessage()
     with pytest.raises(SandboxUnavailable) as caught:  # the default: fail closed
-        WorkerPool(2, _worker_command=harness_command(mode))
+        seams.pool_of(seams.re_exec(harness_command(mode)), 2)
     assert reason in caught.value.reason
 
 
@@ -481,7 +481,7 @@ def sleeper(seconds: float, value: int) -> str:
 
 @pytest.fixture
 def python_pool() -> Iterator[WorkerPool]:
-    with WorkerPool(1, spares=0, timeout=10, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 1, spares=0, timeout=10) as pool:
         yield pool
 
 
@@ -622,7 +622,7 @@ def test_bytes_from_an_idle_worker_retire_it() -> None:
         "threading.Thread(target=later).start()\n"
         "result = 1\n"
     )
-    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 1, spares=0) as pool:
         pid = pool.stats().worker_pids[0]
         assert pool.evaluate(forge) == 1
         wait_until(lambda: pid not in pool.stats().worker_pids)
@@ -637,7 +637,7 @@ def test_bytes_after_the_answer_retire_the_worker() -> None:
         "time.sleep(0.01)\n"
         "result = 1\n"
     )
-    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 1, spares=0) as pool:
         pid = pool.stats().worker_pids[0]
         pool.evaluate(trailing)
         wait_until(lambda: pid not in pool.stats().worker_pids)
@@ -652,7 +652,7 @@ def test_cpu_burnt_while_idle_retires_the_worker() -> None:
         "threading.Thread(target=burn, daemon=True).start()\n"
         "result = 1\n"
     )
-    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 1, spares=0) as pool:
         pid = pool.stats().worker_pids[0]
         pool.evaluate(burner)
         wait_until(lambda: pid not in pool.stats().worker_pids)
@@ -671,7 +671,7 @@ def test_cpu_burnt_while_idle_retires_the_worker() -> None:
     ids=["closes-its-channel", "drips-a-frame"],
 )
 def test_the_deadline_holds_against_a_worker_that_stalls(lie: str) -> None:
-    with WorkerPool(1, spares=0, timeout=0.5, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 1, spares=0, timeout=0.5) as pool:
         started = time.monotonic()
         with pytest.raises((ProtocolError, EvaluationTimeout)):
             pool.evaluate(lie)
@@ -694,7 +694,7 @@ def test_the_deadline_holds_against_a_worker_that_stalls(lie: str) -> None:
 )
 def test_a_result_the_parent_cannot_trust_is_a_protocol_error(dumps: str, expected: str) -> None:
     lie = f"import json\njson.dumps = {dumps}\nresult = 1"
-    with WorkerPool(1, spares=0, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 1, spares=0) as pool:
         pid = pool.stats().worker_pids[0]
         with pytest.raises(ProtocolError, match=expected):
             pool.evaluate(lie)
@@ -726,7 +726,7 @@ def test_a_worker_never_serves_two_tenants() -> None:
     """Each tenant's calls see only workers that served that tenant or nobody: the pid that
     answered tells which process ran the call."""
     pid_of = "result = __import__('os').getpid()"
-    with WorkerPool(2, spares=1, _worker_command=harness_command("python")) as pool:
+    with seams.pool_of(seams.re_exec(harness_command("python")), 2, spares=1) as pool:
         wait_until(lambda: full(pool))
         served: dict[str | None, set[int]] = {}
         for round_ in range(8):
@@ -761,8 +761,8 @@ def test_a_worker_is_recycled_before_its_cpu_budget_runs_out() -> None:
             f"while time.process_time() - start < {seconds}: pass\nresult = 1"
         )
 
-    with WorkerPool(
-        1, spares=0, timeout=1.0, cpu_budget=4.0, _worker_command=harness_command("python")
+    with seams.pool_of(
+        seams.re_exec(harness_command("python")), 1, spares=0, timeout=1.0, cpu_budget=4.0
     ) as pool:
         (pid,) = pool.stats().worker_pids
         pool.evaluate(burn(0.3), timeout=10)

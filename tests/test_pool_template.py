@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import seams
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._pool.forking import ForkedWorker, WorkerSource, template_command
@@ -88,7 +89,7 @@ def test_tenant_switches_and_recycles_get_forked_workers() -> None:
 
 
 def test_forcing_re_exec_workers_says_so() -> None:
-    with WorkerPool(1, spares=1, _fork_workers=False) as pool:
+    with seams.pool_of(seams.re_exec(), 1, spares=1) as pool:
         assert pool.evaluate("3") == 3
         stats = pool.stats()
         assert stats.template_pid is None and stats.forks == 0 and stats.template_starts == 0
@@ -101,7 +102,7 @@ def test_a_host_that_refuses_the_fork_gets_re_exec_workers_and_a_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="jsonnet_worker")
-    with WorkerPool(1, spares=1, _template_command=harness("clone-refused")) as pool:
+    with seams.pool_of(seams.forked_from(harness("clone-refused")), 1, spares=1) as pool:
         assert pool.evaluate("[1, 2]", tenant="a") == [1, 2]
         assert pool.evaluate("[3]", tenant="b") == [3]
         stats = pool.stats()
@@ -145,7 +146,7 @@ def zombie_children() -> set[int]:
 def test_templates_dying_in_mid_fork_cost_no_worker_and_leave_no_zombie() -> None:
     before = zombie_children()
     # Every template started exits right after its first clone, before it sends the pidfd.
-    with WorkerPool(2, spares=1, _template_command=harness("die-after-clone")) as pool:
+    with seams.pool_of(seams.forked_from(harness("die-after-clone")), 2, spares=1) as pool:
         for call in range(4):
             assert pool.evaluate(f"{call} + 1", tenant=f"t{call}") == call + 1
         stats = pool.stats()
@@ -208,7 +209,7 @@ def test_killing_the_template_under_load_loses_no_call() -> None:
 def test_every_thread_of_a_pools_forked_worker_is_in_its_own_domain() -> None:
     """test_template's method through a real pool: a process cloned into exactly the worker's
     domain can signal every thread of that worker and neither the template nor a sibling."""
-    with WorkerPool(1, spares=1, _template_command=harness("domain-probe")) as pool:
+    with seams.pool_of(seams.forked_from(harness("domain-probe")), 1, spares=1) as pool:
         pid = pool.evaluate("result = __import__('os').getpid()")
         stats = pool.stats()
         template = stats.template_pid

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import FrozenInstanceError, dataclass, replace
 from typing import Any
 
 import pytest
 
 from jsonnet_worker import Overloaded, PoolClosed, SandboxUnavailable, WorkerStartError
 from jsonnet_worker._config import PoolConfig
-from jsonnet_worker._errors import EvaluationTimeout, JsonnetError, WorkerCrashed
+from jsonnet_worker._errors import EvaluationTimeout, JsonnetError, ProtocolError, WorkerCrashed
 from jsonnet_worker._pool.state import (
     CPU_HEADROOM_TIMEOUTS,
     IDLE_CPU_ALLOWANCE,
@@ -30,10 +30,10 @@ from jsonnet_worker._pool.state import (
     Outcome,
     Phase,
     PoolState,
-    Status,
     Ticket,
     Wake,
     WakeSupervisor,
+    WorkerStatus,
 )
 from jsonnet_worker._report import SandboxStatus
 from jsonnet_worker._sandbox.landlock import LandlockStatus, SupportState
@@ -68,7 +68,7 @@ class Pool:
 
     def __init__(self, size: int = 2, spares: int = 1, **options: Any) -> None:
         self.state: PoolState[FakeWorker] = PoolState(
-            PoolConfig(size=size, spares=spares, **options), threading.Lock()
+            PoolConfig(size=size, spares=spares, **options)
         )
         self.next_pid = 100
         for _ in range(size):
@@ -85,11 +85,11 @@ class Pool:
     def greet(self, worker: FakeWorker) -> list[Any]:
         return self.state.greeted(worker, SANDBOXED)
 
-    def status(self, worker: FakeWorker) -> Status | None:
+    def status(self, worker: FakeWorker) -> WorkerStatus | None:
         return self.state.status_of(worker)
 
-    def workers(self, status: Status) -> list[FakeWorker]:
-        return [w for w, s, *_ in self.state.snapshot() if s is status]
+    def workers(self, status: WorkerStatus) -> list[FakeWorker]:
+        return [w for w, s, *_ in self.state.roster().members if s is status]
 
     def take(self, domain: Domain = NO_TENANT) -> FakeTicket:
         ticket = FakeTicket(domain)
@@ -106,7 +106,7 @@ def kills(actions: list[Any]) -> list[Any]:
 
 
 def test_start_up_fills_the_pool_then_starts_the_spare() -> None:
-    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=2, spares=1), threading.Lock())
+    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=2, spares=1))
     assert state.spawn_due(0.0) == 2  # spares wait for the first wave
     first, second = FakeWorker(1), FakeWorker(2)
     state.started(first, 0.0)
@@ -118,7 +118,7 @@ def test_start_up_fills_the_pool_then_starts_the_spare() -> None:
     spare = FakeWorker(3)
     state.started(spare, 0.0)
     state.greeted(spare, SANDBOXED)
-    assert state.status_of(spare) is Status.SPARE
+    assert state.status_of(spare) is WorkerStatus.SPARE
     stats = state.stats()
     assert (stats.alive, stats.idle, stats.spares, stats.respawns) == (2, 2, 1, 0)
     assert state.sandbox == SANDBOXED
@@ -128,9 +128,9 @@ def test_check_out_and_in_is_last_in_first_out() -> None:
     pool = Pool()
     ticket = pool.take()
     worker = ticket.worker
-    assert pool.status(worker) is Status.BUSY
+    assert pool.status(worker) is WorkerStatus.BUSY
     assert pool.state.settle(worker, ANSWER) == []
-    assert pool.status(worker) is Status.IDLE
+    assert pool.status(worker) is WorkerStatus.IDLE
     assert pool.take().worker is worker  # the warmest worker again
     assert pool.state.stats().evaluations == 1
 
@@ -199,13 +199,13 @@ def test_an_unreachable_waiter_is_abandoned_by_whoever_performs_the_hand_over() 
 
 def test_death_while_busy_marks_it_dying_and_a_spare_takes_its_place() -> None:
     pool = Pool(size=2, spares=1)
-    (spare,) = pool.workers(Status.SPARE)
+    (spare,) = pool.workers(WorkerStatus.SPARE)
     holder = pool.take()
     waiter_holder = pool.take()
     waiter = FakeTicket()
     pool.state.take_or_wait(waiter)
     actions = pool.state.exited(holder.worker, "killed by SIGKILL")
-    assert pool.status(holder.worker) is Status.DYING
+    assert pool.status(holder.worker) is WorkerStatus.DYING
     assert actions == [HandOver(waiter, spare)]  # capacity back before the caller notices
     assert waiter_holder.worker is not spare
     # The caller notices the end of its channel and discards its worker.
@@ -226,11 +226,11 @@ def test_an_answer_then_death_is_never_handed_out_again() -> None:
 
 def test_death_of_a_spare_or_an_idle_worker_retires_it_now() -> None:
     pool = Pool(size=2, spares=1)
-    (spare,) = pool.workers(Status.SPARE)
+    (spare,) = pool.workers(WorkerStatus.SPARE)
     actions = pool.state.exited(spare, "killed by SIGKILL")
     assert kinds(actions) == ["Log", "Kill", "WakeSupervisor"]
     assert pool.status(spare) is None and pool.state.stats().spares == 0
-    idle = pool.workers(Status.IDLE)[0]
+    idle = pool.workers(WorkerStatus.IDLE)[0]
     pool.state.exited(idle, "killed by SIGSEGV")
     assert pool.status(idle) is None
     assert pool.state.stats().crashes == 2
@@ -260,9 +260,10 @@ def test_close_during_hand_over() -> None:
     with pytest.raises(PoolClosed):
         pool.state.admit(FakeTicket())
     assert pool.state.settle(waiter.worker, ANSWER) == []
-    assert pool.status(holder.worker) is Status.IDLE
-    assert pool.state.leave(call)  # the last call out of a closing pool
-    assert pool.state.in_flight == 0 and not call.admitted
+    assert pool.status(holder.worker) is WorkerStatus.IDLE
+    assert not pool.state.wait_for_calls(0)  # close() still waits for it
+    pool.state.leave(call)  # the last call out of a closing pool
+    assert pool.state.wait_for_calls(0) and not call.admitted
 
 
 def test_terminate_during_hand_over() -> None:
@@ -273,7 +274,7 @@ def test_terminate_during_hand_over() -> None:
     pool.state.settle(holder.worker, ANSWER)
     actions = pool.state.begin_terminate()
     assert kills(actions) == [holder.worker]  # the handed-over call sees its worker die
-    assert pool.state.terminated
+    assert pool.state.view().terminated
     assert kills(pool.state.settle(holder.worker, Outcome(error=WorkerCrashed("x"), died=True)))
 
 
@@ -297,7 +298,7 @@ def test_terminate_with_callers_queued_fails_them_all() -> None:
 def test_supervisor_stopped_leaves_held_workers_to_their_callers() -> None:
     pool = Pool(size=2, spares=0)
     holder = pool.take()
-    (idle,) = pool.workers(Status.IDLE)
+    (idle,) = pool.workers(WorkerStatus.IDLE)
     pool.state.begin_terminate()
     free, held = pool.state.supervisor_stopped()
     assert free == [idle] and held == [holder.worker]
@@ -307,7 +308,7 @@ def test_supervisor_stopped_leaves_held_workers_to_their_callers() -> None:
 
 
 def test_start_failures_back_off_and_fail_waiters_while_nothing_runs() -> None:
-    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=1, spares=0), threading.Lock())
+    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=1, spares=0))
     waiter = FakeTicket()
     worker = FakeWorker(1)
     state.started(worker, 0.0)
@@ -329,7 +330,7 @@ def test_start_failures_back_off_and_fail_waiters_while_nothing_runs() -> None:
 
 
 def test_a_missing_sandbox_when_required_fails_the_pool() -> None:
-    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=1), threading.Lock())
+    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=1))
     worker = FakeWorker(1)
     state.started(worker, 0.0)
     actions = state.greeted(worker, UNSANDBOXED)
@@ -341,13 +342,11 @@ def test_a_missing_sandbox_when_required_fails_the_pool() -> None:
 
 
 def test_an_unsandboxed_worker_is_accepted_when_not_required() -> None:
-    state: PoolState[FakeWorker] = PoolState(
-        PoolConfig(size=1, require_sandbox=False), threading.Lock()
-    )
+    state: PoolState[FakeWorker] = PoolState(PoolConfig(size=1, require_sandbox=False))
     worker = FakeWorker(1)
     state.started(worker, 0.0)
     state.greeted(worker, UNSANDBOXED)
-    assert state.status_of(worker) is Status.IDLE
+    assert state.status_of(worker) is WorkerStatus.IDLE
 
 
 # -- trust domains ---------------------------------------------------------------------------
@@ -371,7 +370,7 @@ def test_a_worker_serves_one_domain_only() -> None:
 def test_no_idle_worker_of_the_domain_takes_the_spare_and_recycles_another() -> None:
     alice, bob = Domain("alice"), Domain("bob")
     pool = Pool(size=1, spares=1)
-    (spare,) = pool.workers(Status.SPARE)
+    (spare,) = pool.workers(WorkerStatus.SPARE)
     used = pool.take(alice)
     pool.state.settle(used.worker, ANSWER)
     ticket = FakeTicket(bob)
@@ -428,14 +427,14 @@ def test_max_calls_per_worker_recycles() -> None:
 
 def test_a_worker_that_asks_to_be_retired_is_recycled_after_its_answer() -> None:
     pool = Pool(size=1, spares=1)
-    (spare,) = pool.workers(Status.SPARE)
+    (spare,) = pool.workers(WorkerStatus.SPARE)
     asked = "its peak memory passed 50% of its memory_limit"
     ticket = pool.take()
     actions = pool.state.settle(ticket.worker, replace(ANSWER, recycle=asked))
     assert kills(actions) == [ticket.worker]
     (log,) = [a for a in actions if isinstance(a, Log)]
     assert log.message % log.args == f"worker {ticket.worker.pid}: recycled: {asked}"
-    assert pool.status(spare) is Status.IDLE  # the spare takes its place at once
+    assert pool.status(spare) is WorkerStatus.IDLE  # the spare takes its place at once
     ticket = pool.take()
     failed = Outcome(error=JsonnetError("x"), keep=True, recycle=asked)  # a kept error too
     assert kills(pool.state.settle(ticket.worker, failed)) == [spare]
@@ -456,9 +455,9 @@ def test_a_worker_near_its_cpu_budget_is_recycled_before_it_runs_out() -> None:
 
 def test_idle_bytes_or_idle_cpu_retire_idle_workers_and_spares() -> None:
     pool = Pool(size=2, spares=1)
-    (spare,) = pool.workers(Status.SPARE)
-    first, second = pool.workers(Status.IDLE)
-    epochs = {w: e for w, _, e, _ in pool.state.snapshot()}
+    (spare,) = pool.workers(WorkerStatus.SPARE)
+    first, second = pool.workers(WorkerStatus.IDLE)
+    epochs = {w: e for w, _, e, _ in pool.state.roster().members}
     baseline = [IdleSample(w, epochs[w], 1.0, False) for w in (spare, first, second)]
     assert pool.state.idle_check(baseline) == []  # the first sample sets the baseline
     later = [
@@ -468,26 +467,26 @@ def test_idle_bytes_or_idle_cpu_retire_idle_workers_and_spares() -> None:
     ]
     actions = pool.state.idle_check(later)
     assert set(kills(actions)) == {spare, first}
-    assert pool.status(second) is Status.IDLE
+    assert pool.status(second) is WorkerStatus.IDLE
 
 
 def test_a_stale_idle_sample_is_ignored() -> None:
     """The supervisor sampled a worker while idle; a caller checked it out (and maybe in
     again) before the sample was judged: what it saw belongs to a call, not to idleness."""
     pool = Pool(size=1, spares=0)
-    (worker,) = pool.workers(Status.IDLE)
-    (epoch,) = [e for _, _, e, _ in pool.state.snapshot()]
+    (worker,) = pool.workers(WorkerStatus.IDLE)
+    (epoch,) = [e for _, _, e, _ in pool.state.roster().members]
     ticket = pool.take()
     pool.state.settle(ticket.worker, ANSWER, cpu=1.0)
     assert pool.state.idle_check([IdleSample(worker, epoch, 99.0, True)]) == []
-    assert pool.status(worker) is Status.IDLE
+    assert pool.status(worker) is WorkerStatus.IDLE
 
 
 def test_settle_records_outcomes() -> None:
     pool = Pool(size=2, spares=0)
     ticket = pool.take()
     pool.state.settle(ticket.worker, Outcome(error=JsonnetError("x"), keep=True))
-    assert pool.status(ticket.worker) is Status.IDLE  # a snippet's error keeps the worker
+    assert pool.status(ticket.worker) is WorkerStatus.IDLE  # a snippet's error keeps the worker
     ticket = pool.take()
     actions = pool.state.settle(
         ticket.worker, Outcome(error=EvaluationTimeout("t"), reason="ran past its deadline")
@@ -543,4 +542,65 @@ def test_leave_counts_only_an_admitted_call() -> None:
     pool.state.begin_close()
     with pytest.raises(PoolClosed):
         pool.state.admit(refused)
-    assert pool.state.leave(refused) and pool.state.in_flight == 0
+    pool.state.leave(refused)
+    assert pool.state.wait_for_calls(0) and pool.state.view().in_flight == 0
+
+
+def test_close_waits_through_the_state_until_the_last_call_leaves() -> None:
+    """``wait_for_calls`` (close()) returns once the last call in flight leaves, woken by
+    ``leave``; with a zero timeout it only says whether calls are still in flight."""
+    pool = Pool(size=1, spares=0)
+    call = FakeTicket()
+    pool.state.admit(call)
+    pool.state.begin_close()
+    assert not pool.state.wait_for_calls(0)
+    result: list[bool] = []
+    closer = threading.Thread(target=lambda: result.append(pool.state.wait_for_calls(None)))
+    closer.start()
+    pool.state.leave(call)
+    closer.join()
+    assert result == [True]
+
+
+def test_a_hand_over_is_recorded_by_transitions() -> None:
+    """The giver's write is a transition: the caller then skips registering the request."""
+    pool = Pool(size=1, spares=0)
+    holder = pool.take()
+    waiter = FakeTicket()
+    pool.state.take_or_wait(waiter)
+    assert pool.state.settle(holder.worker, ANSWER) == [HandOver(waiter, holder.worker)]
+    pool.state.handed_over(waiter, 7)
+    assert (waiter.worker, waiter.written, waiter.handed) == (holder.worker, 7, True)
+
+
+def test_a_failed_hand_over_discards_the_worker_and_wakes_the_caller_with_the_error() -> None:
+    pool = Pool(size=1, spares=1)
+    holder = pool.take()
+    waiter = FakeTicket()
+    pool.state.take_or_wait(waiter)
+    (hand_over,) = pool.state.settle(holder.worker, ANSWER)
+    assert hand_over == HandOver(waiter, holder.worker)
+    error = ProtocolError("out of turn")
+    effects = pool.state.hand_over_failed(waiter, error)
+    assert kills(effects) == [holder.worker] and effects[-1] == Wake(waiter)
+    assert waiter.error is error and not waiter.handed
+    assert pool.status(holder.worker) is None  # retired: never handed out again
+    assert pool.state.stats().idle == 1  # the spare took its place
+
+
+def test_readers_get_a_snapshot_taken_at_one_instant() -> None:
+    """``view`` and ``roster`` are immutable copies: a later transition does not change a
+    view already taken."""
+    pool = Pool(size=1, spares=0)
+    call = FakeTicket()
+    pool.state.admit(call)
+    before = pool.state.view()
+    pool.state.begin_close()
+    assert (before.phase, before.in_flight, before.started) == (Phase.OPEN, 1, True)
+    assert pool.state.view().phase is Phase.CLOSING and not pool.state.view().terminated
+    with pytest.raises(FrozenInstanceError):
+        before.phase = Phase.STOPPED  # type: ignore[misc]
+    roster = pool.state.roster()
+    pool.state.start_failed(None, "no fds", now=30.0)
+    assert roster.next_spawn_at == 0.0 and pool.state.roster().next_spawn_at > 30.0
+    assert [status for _, status, *_ in roster.members] == [WorkerStatus.IDLE]

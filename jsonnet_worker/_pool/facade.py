@@ -5,23 +5,26 @@ its deadline is the ``poll`` timeout; asyncio uses the event loop's readers); ex
 outcome (a result or a typed error, never a hang, never another call's data); a pool that
 heals itself; and nothing a worker sends believed unchecked.
 
-Plan: both paths run the same steps with the same names, over one ``_state.Outcome``
-(httpx's ``Client``/``AsyncClient`` discipline): ``_prepare`` (check and encode),
+Plan: both paths run the same steps with the same names, over one ``state.Outcome``
+(httpx's ``Client``/``AsyncClient`` discipline), and differ only in how they wait; the
+steps they share are written once, in ``calls``: ``calls.prepare`` (check and encode),
 ``admit``, ``_check_out``/``_acheck_out`` (a ``Ticket``: an idle worker of the caller's
 trust domain, or wait in FIFO), ``_exchange``/``_aexchange`` (write the frame, read the
-answer through the worker's ``WorkerConnection`` until the deadline), ``_settle`` (record,
-check in or discard). Any ``BaseException`` anywhere between check-out and settle (an
-interrupt, a cancellation) abandons the ticket: out of the queue, and a worker it holds
-discarded. Every state change is a ``_state.PoolState`` transition; the supervisor's
-``perform`` carries out the actions it returns. The call flow is drawn in docs/DESIGN.md.
+answer through the worker's ``WorkerConnection`` until the deadline), ``calls.settle``
+(record, check in or discard). Any ``BaseException`` anywhere between check-out and settle
+(an interrupt, a cancellation) abandons the ticket: out of the queue, and a worker it holds
+discarded. Every state change is a ``state.PoolState`` transition, and every read of the
+state a snapshot (``view``, ``stats``); the supervisor's ``perform`` carries out the effects
+a transition returns. The call flow is drawn in docs/DESIGN.md.
 
 Fork: a pool belongs to the process that created it. In a forked child every call on it
 raises ``ForkedPool`` and ``close``/``terminate`` do nothing (the workers, their channels
 and the supervisor are the parent's); the module-level default pool starts afresh.
 
 Weak spots: a timed-out or cancelled call costs the pool that worker (it is killed: its
-engine cannot be interrupted), and a replacement takes one interpreter start (~60 ms; a
-spare hides it).
+engine cannot be interrupted); its replacement is a fork of the pool's template (a few
+milliseconds), or an interpreter start (about 60 ms) where the pool has no template; a
+spare hides either.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import dataclasses
 import errno
 import itertools
 import logging
-import math
 import os
 import select
 import sys
@@ -41,62 +43,32 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from .._config import (
-    DEFAULT_MAX_OUTPUT,
-    DEFAULT_MAX_STACK,
-    DEFAULT_MEMORY_LIMIT,
-    DEFAULT_QUEUE_LIMIT,
-    DEFAULT_QUEUE_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    PoolConfig,
-)
+from .._config import PoolConfig
 from .._errors import (
     Error,
-    EvaluationTimeout,
     ForkedPool,
-    InputTooLarge,
-    InvalidArgument,
     InvalidType,
-    JsonnetError,
-    MemoryLimitExceeded,
-    OutputTooLarge,
     Overloaded,
     PoolClosed,
-    ProtocolError,
     UnsupportedPlatform,
     WorkerStartError,
 )
 from .._report import PoolStats, SandboxStatus
-from .._wire.protocol import RETIRE_AT_MEMORY_SHARE, Action, ErrorKind, EvalRequest, encode_request
-from .connection import (
-    NEED_DATA,
-    Answer,
-    ConnectionBroken,
-    ConnectionClosed,
-    ConnectionEvent,
-    Failure,
-)
+from .._wire.protocol import Action
+from . import calls
+from .calls import CLOSED, NO_VARIABLES, Call, Variables
+from .connection import Answer
+from .origin import FORKED, WorkerOrigin
 from .processes import WorkerProcess, settings_for
-from .state import NO_TENANT, Domain, Outcome, Phase, PoolState, Ticket
+from .state import Outcome, Phase, PoolState, Ticket
 from .supervisor import Supervisor, Worker
-from .variables import split_variables
 
 logger = logging.getLogger("jsonnet_worker")
 
-__all__ = [
-    "DEFAULT_MAX_OUTPUT",
-    "DEFAULT_MAX_STACK",
-    "DEFAULT_MEMORY_LIMIT",
-    "DEFAULT_QUEUE_LIMIT",
-    "DEFAULT_QUEUE_TIMEOUT",
-    "DEFAULT_TIMEOUT",
-    "WorkerPool",
-    "check_platform",
-    "default_size",
-]
+__all__ = ["WorkerPool", "check_platform", "default_size"]
 
 DEATH_GRACE = (
     1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
@@ -136,21 +108,6 @@ def check_platform() -> None:
                 "signal its workers without a pid-reuse race"
             ) from None
         raise
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One encoded call: the request and its frame, its timeout, the seconds encoding took
-    (they count against the timeout), and its trust domain."""
-
-    request: EvalRequest
-    frame: bytes
-    timeout: float
-    spent: float
-    domain: Domain
-
-    def time_left(self) -> float:
-        return self.timeout - self.spent
 
 
 class ThreadTicket(Ticket):
@@ -194,24 +151,6 @@ class AsyncTicket(Ticket):
         return True
 
 
-# What a worker's error kind means, and whether the worker may serve again.
-_FAILURES: dict[ErrorKind, tuple[type[Error], bool]] = {
-    ErrorKind.JSONNET: (JsonnetError, True),
-    ErrorKind.OUTPUT_TOO_LARGE: (OutputTooLarge, True),
-    ErrorKind.MEMORY: (MemoryLimitExceeded, False),
-    ErrorKind.PROTOCOL: (ProtocolError, False),
-    ErrorKind.INTERNAL: (ProtocolError, False),
-}
-# The end of a worker's response channel: each path waits for its exit in its own way.
-_CLOSED = Outcome(reason="closed")
-
-
-def _retire_reason(retire: bool) -> str:
-    if not retire:
-        return ""
-    return f"it used over {RETIRE_AT_MEMORY_SHARE:.0%} of the memory headroom it started with"
-
-
 class WorkerPool:
     """A pool of sandboxed worker processes that evaluate Jsonnet.
 
@@ -227,9 +166,7 @@ class WorkerPool:
         size: int | None = None,
         *,
         config: PoolConfig | None = None,
-        _worker_command: list[str] | None = None,
-        _fork_workers: bool = True,
-        _template_command: list[str] | None = None,
+        _origin: WorkerOrigin = FORKED,
         **options: Any,
     ) -> None:
         check_platform()
@@ -249,26 +186,20 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
-        self._idle_done = threading.Condition(threading.Lock())
-        self._state: PoolState[Worker] = PoolState(config, threading.Lock())
-        # _fork_workers=False: every worker a re-exec start (the path a host without what
-        # the template needs takes; tests and benchmarks force it to compare).
-        self._supervisor = Supervisor(
-            self._state,
-            settings_for(config),
-            command=_worker_command,
-            fork_workers=_fork_workers,
-            template_command=_template_command,
-        )
+        self._state: PoolState[Worker] = PoolState(config)
+        # _origin: where workers come from (forks of a template by default); tests and
+        # benchmarks pass another through tests/seams.py.
+        self._supervisor = Supervisor(self._state, settings_for(config), _origin)
         self._perform = self._supervisor.perform
         self._supervisor.start()
         _live_pools.add(self)
         self._supervisor.initial_done.wait()
-        failure, reason = self._state.failure, self._state.start_failure
-        if failure is not None or not self._state.has_started():
+        view = self._state.view()
+        if view.failure is not None or not view.started:
             self.terminate()
-            if failure is not None:
-                raise failure
+            if view.failure is not None:
+                raise view.failure
+            reason = view.start_failure
             raise WorkerStartError(f"no worker could start: {reason}", cause=reason)
 
     # -- options (stored once, in ``config``) ----------------------------------------------
@@ -311,7 +242,7 @@ class WorkerPool:
     def sandbox(self) -> SandboxStatus | None:
         """The sandbox status the workers reported (None before any hello), with the pool's
         ``template`` layer (forked workers, or re-exec workers and why)."""
-        sandbox = self._state.sandbox
+        sandbox = self._state.view().sandbox
         if sandbox is None:
             return None
         return dataclasses.replace(sandbox, template=self._supervisor.template_status())
@@ -319,7 +250,7 @@ class WorkerPool:
     @property
     def closed(self) -> bool:
         """True once ``close()`` or ``terminate()`` began (or no worker can ever start)."""
-        return self._state.phase is not Phase.OPEN
+        return self._state.view().phase is not Phase.OPEN
 
     def stats(self) -> PoolStats:
         self._check_fork()
@@ -365,17 +296,8 @@ class WorkerPool:
     ) -> Any:
         """Evaluate ``snippet`` in a worker and return the decoded JSON value. A worker that
         served one ``tenant`` never serves another (None: the calls without a tenant)."""
-        call = self._prepare(
-            Action.EVAL,
-            snippet,
-            ext_vars,
-            tla_vars,
-            ext_codes,
-            tla_codes,
-            filename,
-            timeout,
-            tenant,
-        )
+        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
+        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
         return self._call(call).value
 
     def evaluate_json(
@@ -391,17 +313,8 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
-        call = self._prepare(
-            Action.EVAL,
-            snippet,
-            ext_vars,
-            tla_vars,
-            ext_codes,
-            tla_codes,
-            filename,
-            timeout,
-            tenant,
-        )
+        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
+        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
         return self._call(call).json_text
 
     def check(
@@ -414,9 +327,7 @@ class WorkerPool:
     ) -> None:
         """Parse and statically check ``snippet`` without evaluating it; raises JsonnetError
         with the engine's message (``file:line:col``) if it is not valid Jsonnet."""
-        call = self._prepare(
-            Action.CHECK, snippet, None, None, None, None, filename, timeout, tenant
-        )
+        call = self._prepare(Action.CHECK, snippet, filename, timeout, tenant)
         self._call(call)
 
     def format(
@@ -428,7 +339,7 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> str:
         """``snippet`` formatted by go-jsonnet's formatter (``jsonnet fmt``)."""
-        call = self._prepare(Action.FMT, snippet, None, None, None, None, filename, timeout, tenant)
+        call = self._prepare(Action.FMT, snippet, filename, timeout, tenant)
         formatted: str = self._call(call).value
         return formatted
 
@@ -445,17 +356,8 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
-        call = self._prepare(
-            Action.EVAL,
-            snippet,
-            ext_vars,
-            tla_vars,
-            ext_codes,
-            tla_codes,
-            filename,
-            timeout,
-            tenant,
-        )
+        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
+        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
         return (await self._acall(call)).value
 
     async def aevaluate_json(
@@ -471,17 +373,8 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> str:
         """``evaluate_json`` for asyncio."""
-        call = self._prepare(
-            Action.EVAL,
-            snippet,
-            ext_vars,
-            tla_vars,
-            ext_codes,
-            tla_codes,
-            filename,
-            timeout,
-            tenant,
-        )
+        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
+        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
         return (await self._acall(call)).json_text
 
     async def acheck(
@@ -493,9 +386,7 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> None:
         """``check`` for asyncio."""
-        call = self._prepare(
-            Action.CHECK, snippet, None, None, None, None, filename, timeout, tenant
-        )
+        call = self._prepare(Action.CHECK, snippet, filename, timeout, tenant)
         await self._acall(call)
 
     async def aformat(
@@ -507,7 +398,7 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> str:
         """``format`` for asyncio."""
-        call = self._prepare(Action.FMT, snippet, None, None, None, None, filename, timeout, tenant)
+        call = self._prepare(Action.FMT, snippet, filename, timeout, tenant)
         formatted: str = (await self._acall(call)).value
         return formatted
 
@@ -535,14 +426,7 @@ class WorkerPool:
         if self._forked():
             return
         self._state.begin_close()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle_done:
-            while self._state.in_flight:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._idle_done.wait(left)
-        if self._state.in_flight:
+        if not self._state.wait_for_calls(timeout):
             self.terminate()
             return
         self._shutdown(grace=DEATH_GRACE)
@@ -563,7 +447,7 @@ class WorkerPool:
 
     # -- the blocking path ----------------------------------------------------------------
 
-    def _call(self, call: _Call) -> Answer:
+    def _call(self, call: Call) -> Answer:
         self._check_fork()
         ticket = ThreadTicket(call, call.domain)
         try:
@@ -574,19 +458,19 @@ class WorkerPool:
             except BaseException:
                 self._perform(self._state.abandon(ticket))
                 raise
-            return self._settle(ticket, outcome)
+            return calls.settle(self._state, self._perform, ticket, outcome)
         except Error as exc:
             self._state.count_error(exc)
             raise
         finally:
-            self._leave(ticket)
+            self._state.leave(ticket)
 
     def _check_out(self, ticket: ThreadTicket) -> None:
         """A worker for this call: one at once, else wait in FIFO (the worker then comes with
         the request already written by whoever handed it over)."""
         state = self._state
         while state.take(ticket):
-            if self._ready_for_call(ticket):
+            if calls.ready_for_call(state, self._perform, ticket):
                 return
         ticket.arm()
         self._perform(state.take_or_wait(ticket))
@@ -599,7 +483,7 @@ class WorkerPool:
         if ticket.wait(self.config.queue_timeout):
             return
         if self._state.give_up(ticket):
-            raise ticket.error or self._queue_timed_out()
+            raise ticket.error or calls.queue_timed_out(self.config)
         if not ticket.wait(HANDOVER_GRACE):  # handed over just now: the wake-up follows
             raise Overloaded("the worker handed to this call did not arrive")
 
@@ -608,14 +492,14 @@ class WorkerPool:
         then read the answer until the deadline."""
         worker, call = ticket.worker, ticket.call
         deadline = time.monotonic() + call.time_left()
-        pending = self._start(ticket)
+        pending = calls.start(ticket)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller").
         outcome = self._poll_for_answer(worker, pending, deadline)
         if outcome is None:
-            return self._timed_out(call)
-        return self._died(worker, call, deadline) if outcome is _CLOSED else outcome
+            return calls.timed_out(call)
+        return self._died(worker, call, deadline) if outcome is CLOSED else outcome
 
     def _poll_for_answer(
         self, worker: Worker, pending: memoryview | None, deadline: float
@@ -630,14 +514,14 @@ class WorkerPool:
             while (left := deadline - time.monotonic()) > 0:
                 for fd, _ in poller.poll(left * 1000.0 + 1):
                     if fd == process.stdout:
-                        outcome = self._read_answer(worker)
+                        outcome = calls.read_answer(worker)
                         if outcome is not None:
                             return outcome
                     elif fd == process.stderr_fd:
                         if not process.drain_stderr():
                             poller.unregister(process.stderr_fd)
                     elif pending is not None:
-                        pending = self._write_rest(worker, pending)
+                        pending = calls.write_rest(worker, pending)
                         if pending is None:
                             poller.unregister(process.stdin)
             return None
@@ -645,15 +529,15 @@ class WorkerPool:
             if pending is not None:
                 poller.unregister(process.stdin)
 
-    def _died(self, worker: Worker, call: _Call, deadline: float) -> Outcome:
+    def _died(self, worker: Worker, call: Call, deadline: float) -> Outcome:
         """The response channel ended: wait for the exit, within the deadline."""
         grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
         worker.process.wait(grace)
-        return self._death(worker, call, cut=grace < DEATH_GRACE)
+        return calls.death(worker, call, cut=grace < DEATH_GRACE)
 
     # -- the asyncio path (the same steps, the same names) -------------------------------
 
-    async def _acall(self, call: _Call) -> Answer:
+    async def _acall(self, call: Call) -> Answer:
         self._check_fork()
         ticket = AsyncTicket(call, call.domain)
         try:
@@ -664,17 +548,17 @@ class WorkerPool:
             except BaseException:
                 self._perform(self._state.abandon(ticket))
                 raise
-            return self._settle(ticket, outcome)
+            return calls.settle(self._state, self._perform, ticket, outcome)
         except Error as exc:
             self._state.count_error(exc)
             raise
         finally:
-            self._leave(ticket)
+            self._state.leave(ticket)
 
     async def _acheck_out(self, ticket: AsyncTicket) -> None:
         state = self._state
         while state.take(ticket):
-            if self._ready_for_call(ticket):
+            if calls.ready_for_call(state, self._perform, ticket):
                 return
         ticket.arm(asyncio.get_running_loop())
         self._perform(state.take_or_wait(ticket))
@@ -692,7 +576,7 @@ class WorkerPool:
             return
         except TimeoutError:
             if self._state.give_up(ticket):
-                raise ticket.error or self._queue_timed_out() from None
+                raise ticket.error or calls.queue_timed_out(self.config) from None
         try:  # handed over just now: the wake-up follows
             async with asyncio.timeout(HANDOVER_GRACE):
                 await asyncio.shield(ticket.future)
@@ -706,7 +590,7 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         process = worker.process
         deadline = time.monotonic() + call.time_left()
-        pending: list[memoryview | None] = [self._start(ticket)]
+        pending: list[memoryview | None] = [calls.start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
         watched = _Watched(readers=[process.stdout, process.stderr_fd])
@@ -716,11 +600,11 @@ class WorkerPool:
                 done.set_result(outcome)
 
         def on_exit(cut: bool = False) -> None:
-            settle(self._death(worker, call, cut))
+            settle(calls.death(worker, call, cut))
 
         def on_stdout() -> None:
-            outcome = self._read_answer(worker)
-            if outcome is _CLOSED:
+            outcome = calls.read_answer(worker)
+            if outcome is CLOSED:
                 # Wait for its exit on its pidfd, in the loop, within the deadline.
                 loop.remove_reader(process.stdout)
                 loop.add_reader(process.pidfd, on_exit)
@@ -735,7 +619,7 @@ class WorkerPool:
                 loop.remove_reader(process.stderr_fd)
 
         def on_stdin() -> None:
-            pending[0] = self._write_rest(worker, pending[0] or memoryview(b""))
+            pending[0] = calls.write_rest(worker, pending[0] or memoryview(b""))
             if pending[0] is None:
                 loop.remove_writer(process.stdin)
 
@@ -745,216 +629,35 @@ class WorkerPool:
             loop.add_writer(process.stdin, on_stdin)
             watched.writer = True
         timers.append(
-            loop.call_later(max(call.time_left(), 0.0), lambda: settle(self._timed_out(call)))
+            loop.call_later(max(call.time_left(), 0.0), lambda: settle(calls.timed_out(call)))
         )
         try:
             return await done
         finally:
             _unwatch(loop, process, timers, watched)
 
-    # -- shared by both paths ------------------------------------------------------------
+    # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
 
     def _prepare(
         self,
-        action: Action,
+        operation: Action,
         snippet: str,
-        ext_vars: Mapping[str, Any] | None,
-        tla_vars: Mapping[str, Any] | None,
-        ext_codes: Mapping[str, str] | None,
-        tla_codes: Mapping[str, str] | None,
         filename: str,
         timeout: float | None,
         tenant: str | None,
-    ) -> _Call:
-        """Check and encode a call before any worker is involved; the time encoding takes
-        (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
-        seconds = self._timeout(timeout)
-        started = time.monotonic()
-        if not isinstance(snippet, str):
-            raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")
-        if not isinstance(filename, str):
-            raise InvalidType(f"filename must be str, not {type(filename).__name__}")
-        domain = _domain(tenant)
-        ext_strings, ext_code = split_variables("ext", ext_vars, ext_codes)
-        tla_strings, tla_code = split_variables("tla", tla_vars, tla_codes)
-        config = self.config
-        request = EvalRequest(
-            id=next(self._ids),
-            snippet=snippet,
-            filename=filename,
-            ext_vars=ext_strings,
-            ext_codes=ext_code,
-            tla_vars=tla_strings,
-            tla_codes=tla_code,
-            max_stack=config.max_stack,
-            max_output=config.max_output,
-            max_trace=config.max_trace,
-            action=action,
+        *,
+        variables: Variables = NO_VARIABLES,
+    ) -> Call:
+        return calls.prepare(
+            self.config,
+            next(self._ids),
+            operation,
+            snippet,
+            filename,
+            timeout,
+            tenant,
+            variables=variables,
         )
-        try:
-            frame = encode_request(request)
-        except UnicodeEncodeError as exc:
-            raise InvalidArgument(
-                f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
-                f"at position {exc.start}: a lone surrogate?)"
-            ) from None
-        if len(frame) - 4 > config.max_request:
-            raise InputTooLarge(
-                f"the request is {len(frame)} bytes, over max_request={config.max_request}"
-            )
-        return _Call(request, frame, seconds, time.monotonic() - started, domain)
-
-    def _timeout(self, timeout: float | None) -> float:
-        if timeout is None:
-            return self.config.timeout
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
-            raise InvalidType(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
-        return float(timeout)
-
-    def _ready_for_call(self, ticket: Ticket) -> bool:
-        """A worker just taken from the idle list: what it printed since its last call is
-        dropped (stderr never crosses calls); one that wrote to its response channel while
-        idle, or whose channel ended, is discarded (False: take another)."""
-        worker: Worker = ticket.worker
-        process = worker.process
-        stdout, stderr = process.ready()
-        if stderr:
-            process.drain_stderr(keep=False)
-        if not stdout:
-            return True
-        data = process.read_stdout()
-        if data is None:
-            return True
-        worker.connection.receive_data(data)
-        if data:
-            self._perform(self._state.reject(ticket, "wrote to its channel while idle"))
-        else:  # it died while idle (its pidfd may not have been seen yet)
-            self._perform(self._state.reject(ticket, "died while idle", died=True))
-        return False
-
-    def _start(self, ticket: Ticket) -> memoryview | None:
-        """Register the request with the conversation (unless the hand-over did) and write
-        what the channel takes of its frame now; the rest, if any. What the worker prints
-        from now on is this call's (stderr was drained before it came to us)."""
-        worker, call = ticket.worker, ticket.call
-        sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
-        worker.process.stderr.mark()
-        return self._write_rest(worker, memoryview(call.frame)[sent:])
-
-    def _read_answer(self, worker: Worker) -> Outcome | None:
-        """Feed what the response channel holds to the conversation: an outcome, or None."""
-        data = worker.process.read_stdout()
-        if data is None:
-            return None
-        worker.connection.receive_data(data)
-        return self._outcome(worker, worker.connection.next_event())
-
-    def _outcome(self, worker: Worker, event: ConnectionEvent) -> Outcome | None:
-        """What one event of the conversation means for the call (None: need more data)."""
-        if event is NEED_DATA:
-            return None
-        if isinstance(event, Answer):
-            return Outcome(answer=event, keep=True, recycle=_retire_reason(event.retire))
-        if isinstance(event, Failure):
-            error_type, keep = _FAILURES[event.kind]
-            message = event.message
-            if error_type is ProtocolError:
-                message = f"the worker reported {event.kind.value}: {message}"
-                return Outcome(error=ProtocolError(message), reason=f"reported {event.kind.value}")
-            if error_type is MemoryLimitExceeded:
-                return Outcome(error=MemoryLimitExceeded(message), reason="ran out of memory")
-            return Outcome(
-                error=error_type(message), keep=keep, recycle=_retire_reason(event.retire)
-            )
-        if isinstance(event, ConnectionClosed):
-            return _CLOSED
-        reason = event.reason if isinstance(event, ConnectionBroken) else type(event).__name__
-        return Outcome(
-            error=ProtocolError(f"worker {worker.pid} broke the protocol ({reason}); replaced"),
-            reason=f"broke the protocol: {reason}",
-        )
-
-    def _death(self, worker: Worker, call: _Call, cut: bool) -> Outcome:
-        """After the end of its response channel: why it died; or, still running, that the
-        deadline came first (``cut``: the wait for its exit was cut short by the deadline),
-        or that it closed its channel in mid-call and went on, which is a lie."""
-        process = worker.process
-        if process.wait(0.0) is None:
-            process.kill()
-            if cut:
-                return self._timed_out(call)
-            return Outcome(
-                error=ProtocolError(
-                    f"worker {worker.pid} closed its response channel during the call; replaced"
-                ),
-                reason="closed its response channel during the call",
-            )
-        error = process.death_error()
-        how = process.how_it_ended()
-        if isinstance(error, MemoryLimitExceeded):
-            return Outcome(error=error, died=True, reason=f"ran out of memory and {how}")
-        return Outcome(error=error, died=True, reason=f"{how} during a call")
-
-    def _timed_out(self, call: _Call) -> Outcome:
-        return Outcome(
-            error=EvaluationTimeout(
-                f"the evaluation ran past its {call.timeout} s deadline; its worker was killed"
-            ),
-            reason=f"ran past its {call.timeout} s deadline; killed",
-        )
-
-    def _settle(self, ticket: Ticket, outcome: Outcome) -> Answer:
-        """Record how the call ended; check the worker in or discard it; the answer, or
-        the call's typed error."""
-        worker: Worker = ticket.worker
-        cpu = None
-        if outcome.keep:
-            outcome = self._after_call(worker, outcome)
-            if self.config.cpu_budget is not None:
-                cpu = worker.process.cpu_seconds()
-        self._perform(self._state.settle(worker, outcome, cpu))
-        if outcome.error is not None:
-            if self._state.terminated:
-                raise PoolClosed("the pool was terminated during the call") from None
-            raise outcome.error
-        answer: Answer = outcome.answer
-        return answer
-
-    @staticmethod
-    def _after_call(worker: Worker, outcome: Outcome) -> Outcome:
-        """Before the worker serves again: its stderr drained and dropped; bytes after its
-        answer, or a closed stderr, mean it is not to be trusted."""
-        process = worker.process
-        stdout, stderr = process.ready()
-        if stderr:
-            process.drain_stderr(keep=False)
-        if stdout:
-            return replace(outcome, keep=False, reason="wrote to its channel after its answer")
-        if not process.stderr_open:
-            return replace(outcome, keep=False, reason="closed its stderr")
-        return outcome
-
-    @staticmethod
-    def _write_rest(worker: Worker, data: memoryview) -> memoryview | None:
-        """Write what the channel takes now; the rest, or None when all is written (or the
-        worker is gone, which the caller learns from its response channel)."""
-        if not data:
-            return None
-        written = worker.process.send(data)
-        if written is None:
-            return None
-        rest = data[written:]
-        return rest if rest else None
-
-    def _queue_timed_out(self) -> Overloaded:
-        return Overloaded(f"no worker became free within {self.config.queue_timeout} s")
-
-    def _leave(self, ticket: Ticket) -> None:
-        if self._state.leave(ticket):
-            with self._idle_done:
-                self._idle_done.notify_all()
 
     # -- fork and shutdown ---------------------------------------------------------------
 
@@ -1014,14 +717,6 @@ def _unwatch(
         loop.remove_reader(fd)
     if watched.writer:
         loop.remove_writer(process.stdin)
-
-
-def _domain(tenant: str | None) -> Domain:
-    if tenant is None:
-        return NO_TENANT
-    if not isinstance(tenant, str):
-        raise InvalidType(f"tenant must be a str or None, not {type(tenant).__name__}")
-    return Domain(tenant)
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()

@@ -1,17 +1,19 @@
-"""The pool's state and every transition of it, in one place (h11's rule for ``_state.py``).
+"""The pool's state and every transition of it, in one place (h11's rule for its ``_state.py``).
 
 Goals: one owner of the pool's state; every change to it is a named method here, so no other
-module assigns a state field; no I/O under the lock, and none here at all: a transition
-returns the ``Action``s (kill, close, hand over, wake, log) for its caller to perform once
-the lock is released. That makes the whole pool's policy testable with fake workers
-(tests/test_state.py) and keeps the hand-over gain (the giver writes the waiting caller's
-frame, outside the lock). See docs/DESIGN.md, "Call flow", for where each transition is
-called from.
+module assigns a state field (a ticket's fields included) or holds the lock, which is
+private; readers get an immutable ``PoolView`` or ``Roster`` taken under it; no I/O under
+the lock, and none here at all: a transition returns the ``Effect``s (kill, close, hand
+over, wake, log) for its caller to perform once the lock is released. That makes the whole
+pool's policy testable with fake workers (tests/test_state.py) and keeps the hand-over gain
+(the giver writes the waiting caller's frame, outside the lock). The one wait here is
+``wait_for_calls`` (``close()``), on a condition of that same lock. See docs/DESIGN.md,
+"Call flow", for where each transition is called from.
 
 Plan: ``PoolState`` holds the lifecycle ``Phase`` (one enum for what were four flags), one
-``Member`` record per worker process (its ``Status``, trust domain, calls served, CPU seen at
-rest), the idle list, the FIFO of waiting ``Ticket``s, the start-up back-off and the counters.
-Workers are opaque here: anything with a ``pid``.
+``Member`` record per worker process (its ``WorkerStatus``, trust domain, calls served, CPU
+seen at rest), the idle list, the FIFO of waiting ``Ticket``s, the start-up back-off and the
+counters. Workers are opaque here: anything with a ``pid``.
 
 Trust domains: a worker that has served one tenant never serves another; calls without a
 tenant form a domain of their own. A check-out takes, in this order: an idle worker of the
@@ -30,6 +32,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -75,8 +78,8 @@ class Phase(enum.Enum):
     STOPPED = "stopped"  # the supervisor has ended: callers close the workers they hold
 
 
-class Status(enum.Enum):
-    """A worker's place in the pool (policy; ``_process.WorkerProcess`` is the mechanism)."""
+class WorkerStatus(enum.Enum):
+    """A worker's place in the pool (policy; ``processes.WorkerProcess`` is the mechanism)."""
 
     STARTING = "starting"
     SPARE = "spare"  # greeted, held back to replace the next worker that goes
@@ -101,7 +104,7 @@ NO_TENANT = Domain(None)
 @dataclass(eq=False)
 class Member(Generic[W]):
     worker: W
-    status: Status
+    status: WorkerStatus
     started_at: float
     domain: Domain | None = None  # None: has served nobody yet
     calls: int = 0
@@ -117,7 +120,8 @@ class Ticket:
     ``written`` says how much of it went out; ``handed`` that the writer also registered the
     request with the worker's connection. A ``queued`` ticket's caller must wait for its
     wake-up even if ``worker`` is already set: the hand-over may still be writing.
-    Subclasses say how a caller is woken."""
+    Every field but ``call`` is set by ``PoolState`` transitions only; subclasses say how a
+    caller is woken."""
 
     __slots__ = ("admitted", "call", "domain", "error", "handed", "queued", "worker", "written")
 
@@ -136,7 +140,7 @@ class Ticket:
         raise NotImplementedError
 
 
-# -- actions: what a transition asks its caller to do, after the lock --------------------------
+# -- effects: what a transition asks its caller to do, after the lock --------------------------
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class Log:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Action = Kill | Close | WakeSupervisor | HandOver | Wake | Log
+Effect = Kill | Close | WakeSupervisor | HandOver | Wake | Log
 
 
 @dataclass(frozen=True)
@@ -208,13 +212,46 @@ class IdleSample:
     wrote: bool  # bytes (or end of stream) on its response channel
 
 
+@dataclass(frozen=True)
+class PoolView:
+    """The pool's lifecycle as one reader sees it, at one instant (``PoolState.view``)."""
+
+    phase: Phase
+    failure: Error | None  # set once no worker can ever start
+    start_failure: str  # the last start-up failure, while unresolved
+    sandbox: SandboxStatus | None  # from the first hello (None before any)
+    in_flight: int
+
+    @property
+    def started(self) -> bool:
+        """A worker said hello and nothing failed the pool."""
+        return self.sandbox is not None and self.failure is None
+
+    @property
+    def terminated(self) -> bool:
+        """terminate() began, or the supervisor has ended: calls in flight are cut off."""
+        return self.phase in (Phase.TERMINATED, Phase.STOPPED)
+
+
+@dataclass(frozen=True)
+class Roster(Generic[W]):
+    """Every member as the supervisor's poll sees it, at one instant (``PoolState.roster``):
+    (worker, status, epoch, start time) each, and when the start-up back-off ends."""
+
+    members: tuple[tuple[W, WorkerStatus, int, float], ...]
+    next_spawn_at: float
+
+
 class PoolState(Generic[W]):
     """Every field of the pool's state, and every transition. See the module docstring."""
 
-    def __init__(self, config: PoolConfig, lock: Any) -> None:
+    def __init__(self, config: PoolConfig) -> None:
         assert config.size is not None
         self.config = config
-        self.lock = lock
+        # Private: a transition takes it, performs nothing under it, and returns its effects.
+        self._lock = threading.Lock()
+        # close() waits on it for the last call in flight to leave (``leave`` notifies).
+        self._calls_done = threading.Condition(self._lock)
         self.phase = Phase.OPEN
         self.failure: Error | None = None
         self.members: dict[W, Member[W]] = {}
@@ -247,7 +284,7 @@ class PoolState(Generic[W]):
     def admit(self, ticket: Ticket) -> None:
         """A call enters (raises if the pool takes no new calls). The ticket records it, so
         that ``leave`` is right whatever interrupts the caller in between."""
-        with self.lock:
+        with self._lock:
             if self.phase is Phase.FAILED and self.failure is not None:
                 raise self.failure
             if self.phase is not Phase.OPEN:
@@ -255,49 +292,56 @@ class PoolState(Generic[W]):
             self.in_flight += 1
             ticket.admitted = True
 
-    def leave(self, ticket: Ticket) -> bool:
-        """A call has left (if it was admitted); True if it was the last one of a closing
-        pool."""
-        with self.lock:
+    def leave(self, ticket: Ticket) -> None:
+        """A call has left (if it was admitted); the last one of a closing pool wakes
+        ``wait_for_calls``."""
+        with self._lock:
             if ticket.admitted:
                 ticket.admitted = False
                 self.in_flight -= 1
-            return self.in_flight == 0 and self.phase is not Phase.OPEN
+            if self.in_flight == 0 and self.phase is not Phase.OPEN:
+                self._calls_done.notify_all()
+
+    def wait_for_calls(self, timeout: float | None) -> bool:
+        """Block until no call is in flight, at most ``timeout`` seconds (None: no limit);
+        True if none is. For ``close()``, after ``begin_close``: no call enters any more."""
+        with self._lock:
+            return self._calls_done.wait_for(lambda: self.in_flight == 0, timeout)
 
     def count_error(self, error: Error) -> None:
-        with self.lock:
+        with self._lock:
             self.errors[error.kind] += 1
 
     # -- check out ---------------------------------------------------------------------------
 
     def take(self, ticket: Ticket) -> bool:
         """The hot path: an idle worker of the ticket's domain (or a fresh one) at once."""
-        with self.lock:
+        with self._lock:
             member = self._idle_for(ticket.domain)
             if member is None:
                 return False
             self._check_out(member, ticket)
             return True
 
-    def take_or_wait(self, ticket: Ticket) -> list[Action]:
+    def take_or_wait(self, ticket: Ticket) -> list[Effect]:
         """A worker at once (the ticket holds it), or the ticket queued (``ticket.queued``:
         its caller waits for the wake-up). Raises when the pool cannot serve it (failed, no
         worker can start, the queue is full)."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             member = self._idle_for(ticket.domain)
             if member is not None:
                 self._check_out(member, ticket)
-                return actions
+                return effects
             self._raise_if_hopeless()
             if self.idle:
                 # Only workers of other domains are idle: recycle the longest idle one.
                 victim = self.idle[0]
-                self._recycle(victim, f"the next caller is of {ticket.domain.describe()}", actions)
+                self._recycle(victim, f"the next caller is of {ticket.domain.describe()}", effects)
                 member = self._idle_for(ticket.domain)  # the spare promoted in its place
                 if member is not None:
                     self._check_out(member, ticket)
-                    return actions
+                    return effects
             if len(self.waiters) >= self.config.queue_limit:
                 raise Overloaded(
                     f"all {self.size} workers are busy and {len(self.waiters)} calls are "
@@ -305,13 +349,13 @@ class PoolState(Generic[W]):
                 )
             self.waiters.append(ticket)
             ticket.queued = True
-        return actions
+        return effects
 
     def give_up(self, ticket: Ticket) -> bool:
         """The caller stops waiting (its queue timeout): True if it was still queued; False
         if a worker was handed to it meanwhile (its request is being written: it should
         wait for the wake-up, which follows the write)."""
-        with self.lock:
+        with self._lock:
             if ticket.worker is not None:
                 return False
             try:
@@ -320,11 +364,11 @@ class PoolState(Generic[W]):
                 pass
             return True
 
-    def abandon(self, ticket: Ticket) -> list[Action]:
+    def abandon(self, ticket: Ticket) -> list[Effect]:
         """The caller is gone (an exception, a cancellation) at any point of its call: out of
         the queue, and the worker it holds (its request may be in the worker's channel, and
         nobody will read the answer) discarded."""
-        with self.lock:
+        with self._lock:
             if ticket.worker is None:
                 try:
                     self.waiters.remove(ticket)
@@ -333,15 +377,31 @@ class PoolState(Generic[W]):
                 return []
         return self.discard(ticket.worker, "its caller gave up during the call", logging.INFO)
 
-    def reject(self, ticket: Ticket, reason: str, *, died: bool = False) -> list[Action]:
+    def reject(self, ticket: Ticket, reason: str, *, died: bool = False) -> list[Effect]:
         """The worker ``ticket`` was just given is unfit to serve (it wrote while idle, or
         died): discarded, and the ticket holds nothing again (its caller takes another)."""
         worker = ticket.worker
-        with self.lock:
+        with self._lock:
             ticket.worker = None
             if died:
                 self.crashes += 1
         return self.discard(worker, reason)
+
+    def handed_over(self, ticket: Ticket, written: int) -> None:
+        """The giver of a ``HandOver`` registered the request with the worker's connection
+        and wrote ``written`` bytes of its frame; it wakes the caller next. No lock: between
+        the check-out and the wake-up only the giver touches these fields, and the wake-up
+        (a lock released, a future set) publishes them to the caller."""
+        ticket.written = written
+        ticket.handed = True
+
+    def hand_over_failed(self, ticket: Ticket, error: Error) -> list[Effect]:
+        """The giver could not write the request (a conversation out of turn: a bug, but
+        never a lost caller): the worker is discarded and the caller woken with ``error``."""
+        effects = self.abandon(ticket)
+        ticket.error = error  # before the wake-up, which publishes it (see ``handed_over``)
+        effects.append(Wake(ticket))
+        return effects
 
     def _idle_for(self, domain: Domain) -> Member[W] | None:
         idle = self.idle
@@ -356,11 +416,11 @@ class PoolState(Generic[W]):
     def _spare(self) -> Member[W] | None:
         if self.phase not in (Phase.OPEN, Phase.CLOSING):
             return None
-        return next((m for m in self.members.values() if m.status is Status.SPARE), None)
+        return next((m for m in self.members.values() if m.status is WorkerStatus.SPARE), None)
 
     def _check_out(self, member: Member[W], ticket: Ticket) -> None:
         """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
-        member.status = Status.BUSY
+        member.status = WorkerStatus.BUSY
         member.domain = ticket.domain
         member.calls += 1
         member.epoch += 1
@@ -379,23 +439,23 @@ class PoolState(Generic[W]):
 
     # -- check in, discard, record -----------------------------------------------------------
 
-    def settle(self, worker: W, outcome: Outcome, cpu: float | None = None) -> list[Action]:
+    def settle(self, worker: W, outcome: Outcome, cpu: float | None = None) -> list[Effect]:
         """Record how a call ended, then check its worker in (``outcome.keep``) or discard
         it, under one lock. ``cpu`` is the worker's CPU time now, read outside the lock."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             self._record(outcome)
             member = self.members.get(worker)
             if outcome.reason:
                 domain = member.domain if member is not None else None
-                actions.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
+                effects.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
             if member is None:
-                actions += self._orphan(worker)
+                effects += self._orphan(worker)
             elif outcome.keep:
-                self._check_in(member, cpu, actions, outcome.recycle)
+                self._check_in(member, cpu, effects, outcome.recycle)
             else:
-                self._retire(member, actions)
-        return actions
+                self._retire(member, effects)
+        return effects
 
     def _record(self, outcome: Outcome) -> None:
         error = outcome.error
@@ -406,27 +466,19 @@ class PoolState(Generic[W]):
         if outcome.died or isinstance(error, WorkerCrashed):
             self.crashes += 1
 
-    def check_in(self, worker: W, cpu: float | None = None) -> list[Action]:
-        """A caller is done with ``worker``: straight to the next waiter of its domain (with
-        that waiter's request written first, outside the lock), else to the idle list; or
-        recycled (its call budget or CPU budget is spent, or only other domains wait)."""
-        actions: list[Action] = []
-        with self.lock:
-            member = self.members.get(worker)
-            if member is None:
-                return self._orphan(worker)
-            self._check_in(member, cpu, actions)
-        return actions
-
     def _check_in(
-        self, member: Member[W], cpu: float | None, actions: list[Action], recycle: str = ""
+        self, member: Member[W], cpu: float | None, effects: list[Effect], recycle: str = ""
     ) -> None:
-        if member.status is Status.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
-            self._retire(member, actions)
+        """Under the lock: a caller is done with ``member``: straight to the next waiter of
+        its domain (with that waiter's request written first, outside the lock), else to
+        the idle list; or recycled (its call budget or CPU budget is spent, it asked to be,
+        or only other domains wait)."""
+        if member.status is WorkerStatus.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
+            self._retire(member, effects)
             return
         reason = recycle or self._recycle_reason(member, cpu)
         if reason:
-            self._recycle(member, reason, actions)
+            self._recycle(member, reason, effects)
             return
         member.epoch += 1
         member.cpu_at_rest = cpu
@@ -434,13 +486,13 @@ class PoolState(Generic[W]):
             ticket = next((t for t in self.waiters if t.domain == member.domain), None)
             if ticket is None:
                 first = self.waiters[0]
-                self._recycle(member, f"the next caller is of {first.domain.describe()}", actions)
+                self._recycle(member, f"the next caller is of {first.domain.describe()}", effects)
                 return
             self.waiters.remove(ticket)
             self._check_out(member, ticket)
-            actions.append(HandOver(ticket, member.worker))
+            effects.append(HandOver(ticket, member.worker))
             return
-        member.status = Status.IDLE
+        member.status = WorkerStatus.IDLE
         self.idle.append(member)
 
     def _recycle_reason(self, member: Member[W], cpu: float | None) -> str:
@@ -456,25 +508,25 @@ class PoolState(Generic[W]):
             return f"it used {cpu:.1f} of its cpu_budget={budget} CPU seconds"
         return ""
 
-    def _recycle(self, member: Member[W], reason: str, actions: list[Action]) -> None:
+    def _recycle(self, member: Member[W], reason: str, effects: list[Effect]) -> None:
         """Under the lock: retire a healthy worker so that a fresh one replaces it."""
         self.recycles += 1
-        actions.append(_log(logging.INFO, f"recycled: {reason}", member.worker.pid, member.domain))
-        self._retire(member, actions)
+        effects.append(_log(logging.INFO, f"recycled: {reason}", member.worker.pid, member.domain))
+        self._retire(member, effects)
 
-    def discard(self, worker: W, reason: str, level: int = logging.WARNING) -> list[Action]:
+    def discard(self, worker: W, reason: str, level: int = logging.WARNING) -> list[Effect]:
         """Kill and retire ``worker`` in one (idempotent); a spare takes its place."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             member = self.members.get(worker)
             if member is None:
                 return self._orphan(worker)
             if reason:
-                actions.append(_log(level, reason, worker.pid, member.domain))
-            self._retire(member, actions)
-        return actions
+                effects.append(_log(level, reason, worker.pid, member.domain))
+            self._retire(member, effects)
+        return effects
 
-    def _orphan(self, worker: W) -> list[Action]:
+    def _orphan(self, worker: W) -> list[Effect]:
         """Under the lock: a worker no longer a member. Held at the supervisor's stop: its
         caller closes it; otherwise it was retired already."""
         if worker in self.held:
@@ -482,68 +534,68 @@ class PoolState(Generic[W]):
             return [Close(worker)]
         return []
 
-    def _retire(self, member: Member[W], actions: list[Action]) -> None:
+    def _retire(self, member: Member[W], effects: list[Effect]) -> None:
         """Under the lock: out of service, killed; the supervisor reaps it and starts another."""
-        was_active = member.status in (Status.IDLE, Status.BUSY)
-        if member.status is Status.IDLE:
+        was_active = member.status in (WorkerStatus.IDLE, WorkerStatus.BUSY)
+        if member.status is WorkerStatus.IDLE:
             self.idle.remove(member)
         del self.members[member.worker]
         self.retired.append(member.worker)
-        actions.append(Kill(member.worker))
-        actions.append(WakeSupervisor())
+        effects.append(Kill(member.worker))
+        effects.append(WakeSupervisor())
         if was_active:
-            self._promote_spare(actions)
+            self._promote_spare(effects)
 
-    def _promote_spare(self, actions: list[Action]) -> None:
-        """Capacity comes back now, not after an interpreter start (~60 ms); not after
-        terminate()."""
+    def _promote_spare(self, effects: list[Effect]) -> None:
+        """Capacity comes back now, not after a start (a fork of the template, a few
+        milliseconds; a re-executed interpreter, about 60 ms); not after terminate()."""
         spare = self._spare()
         if spare is not None:
-            self._hand_out(spare, actions)
+            self._hand_out(spare, effects)
 
-    def _hand_out(self, member: Member[W], actions: list[Action]) -> None:
+    def _hand_out(self, member: Member[W], effects: list[Effect]) -> None:
         """Under the lock: a fresh worker to the first caller waiting (any domain), else to
         the idle list."""
         if self.waiters:
             ticket = self.waiters.popleft()
             self._check_out(member, ticket)
-            actions.append(HandOver(ticket, member.worker))
+            effects.append(HandOver(ticket, member.worker))
             return
-        member.status = Status.IDLE
+        member.status = WorkerStatus.IDLE
         self.idle.append(member)
 
-    def _fail_waiters(self, error: Error, actions: list[Action]) -> None:
+    def _fail_waiters(self, error: Error, effects: list[Effect]) -> None:
         while self.waiters:
             ticket = self.waiters.popleft()
             ticket.error = error
-            actions.append(Wake(ticket))
+            effects.append(Wake(ticket))
 
     # -- the supervisor's transitions ---------------------------------------------------------
 
     def spawn_due(self, now: float) -> int:
         """How many workers to start now (none while backing off or once closed)."""
-        with self.lock:
+        with self._lock:
             if self.phase not in (Phase.OPEN, Phase.CLOSING) or now < self.next_spawn_at:
                 return 0
             # Spares start after the first wave: on a small machine they would slow it down.
-            spares = self.config.spares if self.initial_done() else 0
+            spares = self.config.spares if self._initial_done() else 0
             return max(0, self.size + spares - len(self.members))
 
     def started(self, worker: W, now: float) -> None:
-        with self.lock:
-            self.members[worker] = Member(worker, Status.STARTING, now)
+        with self._lock:
+            self.members[worker] = Member(worker, WorkerStatus.STARTING, now)
             if self.spawned >= self.size + self.config.spares:
                 self.respawns += 1  # beyond the first workers and spares: a replacement
             self.spawned += 1
 
-    def greeted(self, worker: W, sandbox: SandboxStatus) -> list[Action]:
+    def greeted(self, worker: W, sandbox: SandboxStatus) -> list[Effect]:
         """A worker said a valid hello: serve with it, hold it back as a spare, or refuse it
         (the sandbox is required and missing: then no worker ever will be accepted)."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             member = self.members.get(worker)
-            if member is None or member.status is not Status.STARTING:
-                return actions
+            if member is None or member.status is not WorkerStatus.STARTING:
+                return effects
             self.initial_resolved += 1
             if self.config.require_sandbox and not sandbox.enforced:
                 self.sandbox = sandbox
@@ -553,24 +605,24 @@ class PoolState(Generic[W]):
                         f"{sandbox.reason}",
                         reason=sandbox.reason,
                     ),
-                    actions,
+                    effects,
                 )
-                self._retire(member, actions)
-                return actions
+                self._retire(member, effects)
+                return effects
             self.sandbox = self.sandbox or sandbox
             self.failures_in_a_row = 0
             self.start_failure = ""
             if self._active() < self.size:
-                self._hand_out(member, actions)
+                self._hand_out(member, effects)
             else:
-                member.status = Status.SPARE
-        return actions
+                member.status = WorkerStatus.SPARE
+        return effects
 
-    def start_failed(self, worker: W | None, reason: str, now: float) -> list[Action]:
+    def start_failed(self, worker: W | None, reason: str, now: float) -> list[Effect]:
         """A worker could not start (or said so): back off, retire it, and fail the waiting
         callers while no worker is running."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             self.failures_in_a_row += 1
             delay = min(BACKOFF_FIRST * 2 ** (self.failures_in_a_row - 1), BACKOFF_MAX)
             self.next_spawn_at = now + delay
@@ -582,9 +634,9 @@ class PoolState(Generic[W]):
                 member = self.members.get(worker)
                 if member is not None:
                     pid = worker.pid
-                    self._retire(member, actions)
+                    self._retire(member, effects)
             if self.failures_in_a_row == 1 or self.failures_in_a_row % 10 == 0:
-                actions.append(
+                effects.append(
                     Log(
                         logging.WARNING,
                         "worker start-up failed: %s (attempt %d; next in %.1f s)",
@@ -594,28 +646,28 @@ class PoolState(Generic[W]):
                 )
             if not self._active():
                 message = f"worker start-up failed: {reason}"
-                self._fail_waiters(WorkerStartError(message, cause=reason), actions)
-        return actions
+                self._fail_waiters(WorkerStartError(message, cause=reason), effects)
+        return effects
 
-    def exited(self, worker: W, how: str) -> list[Action]:
+    def exited(self, worker: W, how: str) -> list[Effect]:
         """A worker's pidfd says it has exited (``how``: "killed by SIGKILL", ...). Idle, a
         spare, or killed from outside while starting: retired now. Busy: its caller sees
         the end of its channel and discards it; a spare takes its place now."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             member = self.members.get(worker)
             if member is None:
-                return actions
-            if member.status is Status.BUSY:
-                member.status = Status.DYING
-                self._promote_spare(actions)
-                return actions
-            if member.status is Status.DYING:
-                return actions
-            if member.status is Status.STARTING:
+                return effects
+            if member.status is WorkerStatus.BUSY:
+                member.status = WorkerStatus.DYING
+                self._promote_spare(effects)
+                return effects
+            if member.status is WorkerStatus.DYING:
+                return effects
+            if member.status is WorkerStatus.STARTING:
                 self.initial_resolved += 1
             self.crashes += 1
-            actions.append(
+            effects.append(
                 _log(
                     logging.WARNING,
                     f"{member.status.value} worker died ({how}); replacing it",
@@ -623,19 +675,19 @@ class PoolState(Generic[W]):
                     member.domain,
                 )
             )
-            self._retire(member, actions)
-        return actions
+            self._retire(member, effects)
+        return effects
 
-    def idle_check(self, samples: list[IdleSample]) -> list[Action]:
+    def idle_check(self, samples: list[IdleSample]) -> list[Effect]:
         """The supervisor's sample of idle workers and spares: one that wrote while idle, or
         whose CPU time grew since it came to rest, is discarded."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             for sample in samples:
                 member = self.members.get(sample.worker)
                 if member is None or member.epoch != sample.epoch:
                     continue
-                if member.status not in (Status.IDLE, Status.SPARE):
+                if member.status not in (WorkerStatus.IDLE, WorkerStatus.SPARE):
                     continue
                 if sample.wrote:
                     reason = f"{member.status.value} worker wrote to its channel while idle"
@@ -650,42 +702,48 @@ class PoolState(Generic[W]):
                 else:
                     member.cpu_at_rest = sample.cpu
                     continue
-                actions.append(_log(logging.WARNING, reason, member.worker.pid, member.domain))
-                self._retire(member, actions)
-        return actions
+                effects.append(_log(logging.WARNING, reason, member.worker.pid, member.domain))
+                self._retire(member, effects)
+        return effects
 
-    def fail(self, error: Error) -> list[Action]:
+    def fail(self, error: Error) -> list[Effect]:
         """No worker can ever be started (the supervisor failed): every caller gets ``error``."""
-        actions: list[Action] = []
-        with self.lock:
-            self._fail(error, actions)
-        return actions
+        effects: list[Effect] = []
+        with self._lock:
+            self._fail(error, effects)
+        return effects
 
-    def _fail(self, error: Error, actions: list[Action]) -> None:
+    def _fail(self, error: Error, effects: list[Effect]) -> None:
         self.failure = error
         if self.phase in (Phase.OPEN, Phase.CLOSING):
             self.phase = Phase.FAILED
-        self._fail_waiters(error, actions)
+        self._fail_waiters(error, effects)
 
     def take_retired(self) -> list[W]:
-        with self.lock:
+        with self._lock:
             retired, self.retired = self.retired, []
             return retired
 
-    def snapshot(self) -> list[tuple[W, Status, int, float]]:
+    def roster(self) -> Roster[W]:
         """Every member's worker, status, epoch and start time, for the supervisor's poll."""
-        with self.lock:
-            return [(m.worker, m.status, m.epoch, m.started_at) for m in self.members.values()]
+        with self._lock:
+            members = tuple(
+                (m.worker, m.status, m.epoch, m.started_at) for m in self.members.values()
+            )
+            return Roster(members, self.next_spawn_at)
 
-    def status_of(self, worker: W) -> Status | None:
-        with self.lock:
+    def status_of(self, worker: W) -> WorkerStatus | None:
+        with self._lock:
             member = self.members.get(worker)
             return None if member is None else member.status
 
     def initial_done(self) -> bool:
         """The constructor waits until every worker of the first wave said hello, or as many
-        start-up attempts as the pool's size ended, or the pool failed (under the lock or
-        from the supervisor thread)."""
+        start-up attempts as the pool's size ended, or the pool failed."""
+        with self._lock:
+            return self._initial_done()
+
+    def _initial_done(self) -> bool:
         return (
             self._active() >= self.size
             or self.initial_resolved >= self.size
@@ -695,25 +753,25 @@ class PoolState(Generic[W]):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def begin_close(self) -> None:
-        with self.lock:
+        with self._lock:
             if self.phase is Phase.OPEN:
                 self.phase = Phase.CLOSING
 
-    def begin_terminate(self) -> list[Action]:
+    def begin_terminate(self) -> list[Effect]:
         """Every caller waiting gets PoolClosed; every worker, busy ones too, is killed (a
         busy worker's caller sees the end of its channel)."""
-        actions: list[Action] = []
-        with self.lock:
+        effects: list[Effect] = []
+        with self._lock:
             if self.phase is not Phase.STOPPED:
                 self.phase = Phase.TERMINATED
-            self._fail_waiters(PoolClosed("the pool was terminated"), actions)
-            actions.extend(Kill(worker) for worker in self.members)
-        return actions
+            self._fail_waiters(PoolClosed("the pool was terminated"), effects)
+            effects.extend(Kill(worker) for worker in self.members)
+        return effects
 
     def supervisor_stopped(self) -> tuple[list[W], list[W]]:
         """The supervisor ends: the workers it closes now, and those it only kills (held by
         a caller, who closes them: no fd is closed under a caller's feet)."""
-        with self.lock:
+        with self._lock:
             self.phase = Phase.STOPPED
             held = [m.worker for m in self.members.values() if m.status in _HELD]
             free = [m.worker for m in self.members.values() if m.status not in _HELD]
@@ -724,29 +782,29 @@ class PoolState(Generic[W]):
             self.retired = []
             return free, held
 
-    @property
-    def terminated(self) -> bool:
-        return self.phase in (Phase.TERMINATED, Phase.STOPPED)
-
     # -- reading -----------------------------------------------------------------------------
 
     def _active(self) -> int:
-        return sum(m.status in (Status.IDLE, Status.BUSY) for m in self.members.values())
+        return sum(
+            m.status in (WorkerStatus.IDLE, WorkerStatus.BUSY) for m in self.members.values()
+        )
 
-    def has_started(self) -> bool:
-        with self.lock:
-            return self.sandbox is not None and self.failure is None and self.initial_resolved > 0
+    def view(self) -> PoolView:
+        with self._lock:
+            return PoolView(
+                self.phase, self.failure, self.start_failure, self.sandbox, self.in_flight
+            )
 
     def stats(self) -> PoolStats:
-        with self.lock:
+        with self._lock:
             states = collections.Counter(m.status for m in self.members.values())
             return PoolStats(
                 size=self.size,
-                alive=states[Status.IDLE] + states[Status.BUSY],
-                busy=states[Status.BUSY],
-                idle=states[Status.IDLE],
-                starting=states[Status.STARTING],
-                spares=states[Status.SPARE],
+                alive=states[WorkerStatus.IDLE] + states[WorkerStatus.BUSY],
+                busy=states[WorkerStatus.BUSY],
+                idle=states[WorkerStatus.IDLE],
+                starting=states[WorkerStatus.STARTING],
+                spares=states[WorkerStatus.SPARE],
                 evaluations=self.evaluations,
                 errors=dict(self.errors),
                 timeouts=self.timeouts,
@@ -759,7 +817,7 @@ class PoolState(Generic[W]):
             )
 
 
-_HELD = (Status.BUSY, Status.DYING)
+_HELD = (WorkerStatus.BUSY, WorkerStatus.DYING)
 
 
 def _log(level: int, message: str, pid: int, domain: Domain | None) -> Log:

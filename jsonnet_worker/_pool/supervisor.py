@@ -8,10 +8,10 @@ writes or burns CPU is retired; every process started is reaped and every fd clo
 Plan: one thread for the pool's whole life (PR_SET_PDEATHSIG fires when the *thread* that
 forked a worker exits, so workers must be forked from a thread that lives as long as the
 pool). It polls a wake-up pipe, the pidfd of every worker, and the channels of workers still
-starting (their hello goes through ``_connection.WorkerConnection``); callers own the
+starting (their hello goes through ``connection.WorkerConnection``); callers own the
 channels of the workers they hold, so it never reads those. Every decision is a transition
-of ``_state.PoolState``; ``perform`` carries out the actions a transition returns, for the
-supervisor and for the callers alike. See docs/DESIGN.md, "Call flow".
+of ``state.PoolState`` (the hand-over's outcome too); ``perform`` carries out the effects a
+transition returns, for the supervisor and for the callers alike. See docs/DESIGN.md, "Call flow".
 
 Weak spots: a pidfd stays readable after death, so the pidfd of a busy dead worker (DYING)
 is left out of the poll set until its caller discards it.
@@ -41,19 +41,20 @@ from .connection import (
     WorkerConnection,
 )
 from .forking import SourceStats, WorkerSource
+from .origin import WorkerOrigin
 from .processes import WorkerProcess, WorkerSettings
 from .state import (
-    Action,
     Close,
+    Effect,
     HandOver,
     IdleSample,
     Kill,
     Log,
     PoolState,
-    Status,
     Ticket,
     Wake,
     WakeSupervisor,
+    WorkerStatus,
 )
 
 logger = logging.getLogger("jsonnet_worker")
@@ -74,7 +75,7 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker pid={self.pid} {self.connection.state.value}>"
 
-    def send_request(self, request: EvalRequest, frame: bytes, sent: int = 0) -> int:
+    def send_request(self, request: EvalRequest, frame: bytes) -> int:
         """Register ``request`` with the conversation and write what the channel takes of
         ``frame`` now (the rest is the caller's to write); the bytes written."""
         self.connection.send_request(request, encoded=frame)
@@ -86,19 +87,14 @@ class Supervisor:
         self,
         state: PoolState[Worker],
         settings: WorkerSettings,
-        *,
-        command: list[str] | None = None,
-        fork_workers: bool = True,
-        template_command: list[str] | None = None,
+        origin: WorkerOrigin,
     ) -> None:
         self.state = state
         self.settings = settings
-        self.command = command
-        # New workers are forks of a template (made on this thread, in _run) unless the
-        # pool asked for re-exec workers or for its own worker command (a test harness).
-        self._fork_workers = fork_workers and command is None
+        self.origin = origin
+        # New workers are forks of the origin's source (made on this thread, in _run), if
+        # it gives one; re-executed by the origin otherwise.
         self.source: WorkerSource | None = None
-        self._template_command = template_command  # a test harness's template
         self._template_due = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_lock = threading.Lock()
@@ -150,35 +146,34 @@ class Supervisor:
 
     # -- performing actions (for every thread) -------------------------------------------
 
-    def perform(self, actions: Iterable[Action]) -> None:
+    def perform(self, effects: Iterable[Effect]) -> None:
         """Carry out what a transition asked for, outside the state's lock."""
-        for action in actions:
-            if isinstance(action, HandOver):
-                self._hand_over(action.ticket, action.worker)
-            elif isinstance(action, Kill):
-                action.worker.process.kill()
-            elif isinstance(action, WakeSupervisor):
+        for effect in effects:
+            if isinstance(effect, HandOver):
+                self._hand_over(effect.ticket, effect.worker)
+            elif isinstance(effect, Kill):
+                effect.worker.process.kill()
+            elif isinstance(effect, WakeSupervisor):
                 self.wake()
-            elif isinstance(action, Wake):
-                action.ticket.wake()
-            elif isinstance(action, Close):
-                action.worker.process.close()
-            elif isinstance(action, Log):
-                logger.log(action.level, action.message, *action.args, extra=action.extra)
+            elif isinstance(effect, Wake):
+                effect.ticket.wake()
+            elif isinstance(effect, Close):
+                effect.worker.process.close()
+            elif isinstance(effect, Log):
+                logger.log(effect.level, effect.message, *effect.args, extra=effect.extra)
 
     def _hand_over(self, ticket: Ticket, worker: Worker) -> None:
         """The giver writes the waiting caller's request, then wakes it: the worker starts
         at once instead of idling until that caller's thread or task is scheduled."""
         call = ticket.call
         try:
-            ticket.written = worker.send_request(call.request, call.frame)
+            written = worker.send_request(call.request, call.frame)
         except Error as exc:  # a conversation out of turn: our bug, but never a lost caller
             logger.exception("worker %d: hand-over failed", worker.pid)
-            self.perform(self.state.abandon(ticket))
-            ticket.error = ProtocolError(f"the worker handed to this call could not take it: {exc}")
-            ticket.wake()
+            error = ProtocolError(f"the worker handed to this call could not take it: {exc}")
+            self.perform(self.state.hand_over_failed(ticket, error))
             return
-        ticket.handed = True
+        self.state.handed_over(ticket, written)
         if not ticket.wake():  # its event loop is closed: nobody will read the answer
             self.perform(self.state.abandon(ticket))
 
@@ -189,9 +184,7 @@ class Supervisor:
         source = self.source
         if source is not None:
             return source.status()
-        reason = "re-exec workers: " + (
-            "the pool's own worker command" if self.command is not None else "forking is off"
-        )
+        reason = f"re-exec workers: {self.origin.reason}"
         return LayerStatus("template", LayerState.MISSING, reason=reason)
 
     def template_stats(self) -> SourceStats:
@@ -209,8 +202,7 @@ class Supervisor:
 
     def _run(self) -> None:
         try:
-            if self._fork_workers:
-                self.source = WorkerSource(self.settings, template_command=self._template_command)
+            self.source = self.origin.fork_source(self.settings)
             while not self._stopping:
                 self._run_requests()
                 self._tend_template()
@@ -218,9 +210,7 @@ class Supervisor:
                 self._reap_retired()
                 self._wait_and_handle()
                 self._check_idle()
-                with self.state.lock:
-                    done = self.state.initial_done()
-                if done:
+                if self.state.initial_done():
                     self.initial_done.set()
         except BaseException:
             logger.exception("jsonnet_worker supervisor failed; stopping the pool's workers")
@@ -254,7 +244,7 @@ class Supervisor:
     def _new_process(self) -> WorkerProcess:
         if self.source is not None:
             return self.source.spawn()
-        return WorkerProcess(self.settings, self.command)
+        return self.origin.start(self.settings)
 
     def _spawn_missing(self) -> None:
         for _ in range(self.state.spawn_due(time.monotonic())):
@@ -277,18 +267,18 @@ class Supervisor:
         now = time.monotonic()
         deadlines = [self._next_idle_check]
         template_pidfd = self._watch_template(poller, deadlines)
-        next_spawn = self.state.next_spawn_at
-        if next_spawn > now:
-            deadlines.append(next_spawn)
-        for worker, status, _, started_at in self.state.snapshot():
+        roster = self.state.roster()
+        if roster.next_spawn_at > now:
+            deadlines.append(roster.next_spawn_at)
+        for worker, status, _, started_at in roster.members:
             process = worker.process
-            if status is Status.STARTING:
+            if status is WorkerStatus.STARTING:
                 poller.register(process.stdout, select.POLLIN)
                 poller.register(process.stderr_fd, select.POLLIN)
                 watched[process.stdout] = ("hello", worker)
                 watched[process.stderr_fd] = ("stderr", worker)
                 deadlines.append(started_at + self.state.config.spawn_timeout)
-            if status is not Status.DYING:
+            if status is not WorkerStatus.DYING:
                 poller.register(process.pidfd, select.POLLIN)
                 watched[process.pidfd] = ("exit", worker)
         wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1)
@@ -301,7 +291,7 @@ class Supervisor:
             if now_status is None:
                 continue  # retired earlier in this batch
             status = now_status
-            if role != "exit" and status is not Status.STARTING:
+            if role != "exit" and status is not WorkerStatus.STARTING:
                 continue  # greeted earlier in this batch: a caller may hold it now
             try:
                 self._handle(role, worker, status)
@@ -327,7 +317,7 @@ class Supervisor:
         else:
             self._template_due = 0.0  # the template died: tended on the next turn
 
-    def _handle(self, role: str, worker: Worker, status: Status) -> None:
+    def _handle(self, role: str, worker: Worker, status: WorkerStatus) -> None:
         if role == "stderr":
             worker.process.drain_stderr()
         elif role == "hello":
@@ -335,7 +325,7 @@ class Supervisor:
             if data is not None:
                 worker.connection.receive_data(data)
                 self._greet(worker)
-        elif status is Status.STARTING:
+        elif status is WorkerStatus.STARTING:
             data = worker.process.read_stdout()  # a startup_failed frame may still be there
             worker.connection.receive_data(data or b"")
             if data:
@@ -348,8 +338,8 @@ class Supervisor:
     def _time_out_starts(self) -> None:
         now = time.monotonic()
         limit = self.state.config.spawn_timeout
-        for worker, status, _, started_at in self.state.snapshot():
-            if status is Status.STARTING and now - started_at > limit:
+        for worker, status, _, started_at in self.state.roster().members:
+            if status is WorkerStatus.STARTING and now - started_at > limit:
                 self._start_failed(worker, f"no hello within {limit} s")
 
     def _drain_wake(self) -> None:
@@ -421,8 +411,8 @@ class Supervisor:
         self._next_idle_check = now + IDLE_CHECK_INTERVAL
         resting = [
             (worker, epoch)
-            for worker, status, epoch, _ in self.state.snapshot()
-            if status in (Status.IDLE, Status.SPARE)
+            for worker, status, epoch, _ in self.state.roster().members
+            if status in (WorkerStatus.IDLE, WorkerStatus.SPARE)
         ]
         if not resting:
             return

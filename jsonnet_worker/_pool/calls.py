@@ -1,0 +1,319 @@
+"""The steps of one call that the blocking and asyncio paths share (``facade.WorkerPool``).
+
+Goals: the two call paths differ only in how they wait (a lock and ``poll``, or a future
+and the event loop's readers), as httpx's ``Client`` and ``AsyncClient`` do; everything
+else (checking and encoding a call, starting its exchange, reading what the worker sent,
+turning an answer, a failure, a death or the deadline into one ``Outcome``, and the outcome
+into a result or a typed error) is written once, here.
+
+Plan: a call's variables travel as one ``Variables`` value; ``prepare`` checks and encodes
+a call into a ``Call`` before any worker is involved; ``ready_for_call`` vets a worker just
+checked out; ``start``/``write_rest`` write the frame; ``read_answer`` feeds the worker's
+connection; ``death``/``timed_out`` are the other ways a call ends; ``settle`` records the
+outcome through the pool's state and returns the answer or raises. Functions, not a class:
+each takes what it reads, so the per-call path pays no extra object.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .._config import PoolConfig
+from .._errors import (
+    Error,
+    EvaluationTimeout,
+    InputTooLarge,
+    InvalidArgument,
+    InvalidType,
+    JsonnetError,
+    MemoryLimitExceeded,
+    OutputTooLarge,
+    Overloaded,
+    PoolClosed,
+    ProtocolError,
+)
+from .._wire.protocol import RETIRE_AT_MEMORY_SHARE, Action, ErrorKind, EvalRequest, encode_request
+from .connection import (
+    NEED_DATA,
+    Answer,
+    ConnectionBroken,
+    ConnectionClosed,
+    ConnectionEvent,
+    Failure,
+)
+from .state import NO_TENANT, Domain, Effect, Outcome, PoolState, Ticket
+from .supervisor import Worker
+from .variables import split_variables
+
+Perform = Callable[[Iterable[Effect]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Variables:
+    """A call's Jsonnet variables as its caller gave them (checked and encoded by
+    ``prepare``): external and top-level, as Python values or as Jsonnet code."""
+
+    ext_vars: Mapping[str, Any] | None = None
+    tla_vars: Mapping[str, Any] | None = None
+    ext_codes: Mapping[str, str] | None = None
+    tla_codes: Mapping[str, str] | None = None
+
+
+NO_VARIABLES = Variables()  # check and format take none
+
+
+@dataclass(frozen=True)
+class Call:
+    """One encoded call: the request and its frame, its timeout, the seconds encoding took
+    (they count against the timeout), and its trust domain."""
+
+    request: EvalRequest
+    frame: bytes
+    timeout: float
+    spent: float
+    domain: Domain
+
+    def time_left(self) -> float:
+        return self.timeout - self.spent
+
+
+# -- before a worker: check and encode ---------------------------------------------------
+
+
+def prepare(
+    config: PoolConfig,
+    request_id: int,
+    operation: Action,
+    snippet: str,
+    filename: str,
+    timeout: float | None,
+    tenant: str | None,
+    *,
+    variables: Variables,
+) -> Call:
+    """Check and encode a call before any worker is involved; the time encoding takes
+    (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
+    seconds = _timeout(config, timeout)
+    started = time.monotonic()
+    if not isinstance(snippet, str):
+        raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")
+    if not isinstance(filename, str):
+        raise InvalidType(f"filename must be str, not {type(filename).__name__}")
+    domain = _domain(tenant)
+    ext_strings, ext_code = split_variables("ext", variables.ext_vars, variables.ext_codes)
+    tla_strings, tla_code = split_variables("tla", variables.tla_vars, variables.tla_codes)
+    request = EvalRequest(
+        id=request_id,
+        snippet=snippet,
+        filename=filename,
+        ext_vars=ext_strings,
+        ext_codes=ext_code,
+        tla_vars=tla_strings,
+        tla_codes=tla_code,
+        max_stack=config.max_stack,
+        max_output=config.max_output,
+        max_trace=config.max_trace,
+        action=operation,
+    )
+    try:
+        frame = encode_request(request)
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "
+            f"at position {exc.start}: a lone surrogate?)"
+        ) from None
+    if len(frame) - 4 > config.max_request:
+        raise InputTooLarge(
+            f"the request is {len(frame)} bytes, over max_request={config.max_request}"
+        )
+    return Call(request, frame, seconds, time.monotonic() - started, domain)
+
+
+def _timeout(config: PoolConfig, timeout: float | None) -> float:
+    if timeout is None:
+        return config.timeout
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise InvalidType(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
+    return float(timeout)
+
+
+def _domain(tenant: str | None) -> Domain:
+    if tenant is None:
+        return NO_TENANT
+    if not isinstance(tenant, str):
+        raise InvalidType(f"tenant must be a str or None, not {type(tenant).__name__}")
+    return Domain(tenant)
+
+
+def queue_timed_out(config: PoolConfig) -> Overloaded:
+    return Overloaded(f"no worker became free within {config.queue_timeout} s")
+
+
+# -- with a worker: vet it, write, read --------------------------------------------------
+
+
+def ready_for_call(state: PoolState[Worker], perform: Perform, ticket: Ticket) -> bool:
+    """A worker just taken from the idle list: what it printed since its last call is
+    dropped (stderr never crosses calls); one that wrote to its response channel while
+    idle, or whose channel ended, is discarded (False: take another)."""
+    worker: Worker = ticket.worker
+    process = worker.process
+    stdout, stderr = process.ready()
+    if stderr:
+        process.drain_stderr(keep=False)
+    if not stdout:
+        return True
+    data = process.read_stdout()
+    if data is None:
+        return True
+    worker.connection.receive_data(data)
+    if data:
+        perform(state.reject(ticket, "wrote to its channel while idle"))
+    else:  # it died while idle (its pidfd may not have been seen yet)
+        perform(state.reject(ticket, "died while idle", died=True))
+    return False
+
+
+def start(ticket: Ticket) -> memoryview | None:
+    """Register the request with the conversation (unless the hand-over did) and write
+    what the channel takes of its frame now; the rest, if any. What the worker prints
+    from now on is this call's (stderr was drained before it came to us)."""
+    worker, call = ticket.worker, ticket.call
+    sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
+    worker.process.stderr.mark()
+    return write_rest(worker, memoryview(call.frame)[sent:])
+
+
+def write_rest(worker: Worker, data: memoryview) -> memoryview | None:
+    """Write what the channel takes now; the rest, or None when all is written (or the
+    worker is gone, which the caller learns from its response channel)."""
+    if not data:
+        return None
+    written = worker.process.send(data)
+    if written is None:
+        return None
+    rest = data[written:]
+    return rest if rest else None
+
+
+def read_answer(worker: Worker) -> Outcome | None:
+    """Feed what the response channel holds to the conversation: an outcome, or None."""
+    data = worker.process.read_stdout()
+    if data is None:
+        return None
+    worker.connection.receive_data(data)
+    return _outcome(worker, worker.connection.next_event())
+
+
+# -- how a call ended ----------------------------------------------------------------------
+
+# What a worker's error kind means, and whether the worker may serve again.
+_FAILURES: dict[ErrorKind, tuple[type[Error], bool]] = {
+    ErrorKind.JSONNET: (JsonnetError, True),
+    ErrorKind.OUTPUT_TOO_LARGE: (OutputTooLarge, True),
+    ErrorKind.MEMORY: (MemoryLimitExceeded, False),
+    ErrorKind.PROTOCOL: (ProtocolError, False),
+    ErrorKind.INTERNAL: (ProtocolError, False),
+}
+# The end of a worker's response channel: each path waits for its exit in its own way,
+# then calls ``death``.
+CLOSED = Outcome(reason="closed")
+
+
+def _retire_reason(retire: bool) -> str:
+    if not retire:
+        return ""
+    return f"it used over {RETIRE_AT_MEMORY_SHARE:.0%} of the memory headroom it started with"
+
+
+def _outcome(worker: Worker, event: ConnectionEvent) -> Outcome | None:
+    """What one event of the conversation means for the call (None: need more data)."""
+    if event is NEED_DATA:
+        return None
+    if isinstance(event, Answer):
+        return Outcome(answer=event, keep=True, recycle=_retire_reason(event.retire))
+    if isinstance(event, Failure):
+        error_type, keep = _FAILURES[event.kind]
+        message = event.message
+        if error_type is ProtocolError:
+            message = f"the worker reported {event.kind.value}: {message}"
+            return Outcome(error=ProtocolError(message), reason=f"reported {event.kind.value}")
+        if error_type is MemoryLimitExceeded:
+            return Outcome(error=MemoryLimitExceeded(message), reason="ran out of memory")
+        return Outcome(error=error_type(message), keep=keep, recycle=_retire_reason(event.retire))
+    if isinstance(event, ConnectionClosed):
+        return CLOSED
+    reason = event.reason if isinstance(event, ConnectionBroken) else type(event).__name__
+    return Outcome(
+        error=ProtocolError(f"worker {worker.pid} broke the protocol ({reason}); replaced"),
+        reason=f"broke the protocol: {reason}",
+    )
+
+
+def death(worker: Worker, call: Call, cut: bool) -> Outcome:
+    """After the end of its response channel: why it died; or, still running, that the
+    deadline came first (``cut``: the wait for its exit was cut short by the deadline),
+    or that it closed its channel in mid-call and went on, which is a lie."""
+    process = worker.process
+    if process.wait(0.0) is None:
+        process.kill()
+        if cut:
+            return timed_out(call)
+        return Outcome(
+            error=ProtocolError(
+                f"worker {worker.pid} closed its response channel during the call; replaced"
+            ),
+            reason="closed its response channel during the call",
+        )
+    error = process.death_error()
+    how = process.how_it_ended()
+    if isinstance(error, MemoryLimitExceeded):
+        return Outcome(error=error, died=True, reason=f"ran out of memory and {how}")
+    return Outcome(error=error, died=True, reason=f"{how} during a call")
+
+
+def timed_out(call: Call) -> Outcome:
+    return Outcome(
+        error=EvaluationTimeout(
+            f"the evaluation ran past its {call.timeout} s deadline; its worker was killed"
+        ),
+        reason=f"ran past its {call.timeout} s deadline; killed",
+    )
+
+
+def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: Outcome) -> Answer:
+    """Record how the call ended; check the worker in or discard it; the answer, or
+    the call's typed error."""
+    worker: Worker = ticket.worker
+    cpu = None
+    if outcome.keep:
+        outcome = _after_call(worker, outcome)
+        if state.config.cpu_budget is not None:
+            cpu = worker.process.cpu_seconds()
+    perform(state.settle(worker, outcome, cpu))
+    if outcome.error is not None:
+        if state.view().terminated:
+            raise PoolClosed("the pool was terminated during the call") from None
+        raise outcome.error
+    answer: Answer = outcome.answer
+    return answer
+
+
+def _after_call(worker: Worker, outcome: Outcome) -> Outcome:
+    """Before the worker serves again: its stderr drained and dropped; bytes after its
+    answer, or a closed stderr, mean it is not to be trusted."""
+    process = worker.process
+    stdout, stderr = process.ready()
+    if stderr:
+        process.drain_stderr(keep=False)
+    if stdout:
+        return replace(outcome, keep=False, reason="wrote to its channel after its answer")
+    if not process.stderr_open:
+        return replace(outcome, keep=False, reason="closed its stderr")
+    return outcome

@@ -1,0 +1,70 @@
+"""Where a pool's new workers come from: the one strategy a ``WorkerPool`` is given.
+
+Goals: the pool's constructor carries one private choice of how workers start, not a knob
+per test hook; the default (forks of a template, re-exec as the fallback) needs nothing;
+tests and benchmarks pick another through ``tests/seams.py``.
+
+Plan: the supervisor asks its origin once, on its own thread (PR_SET_PDEATHSIG ties a
+template, and every worker it forks, to the thread that started it), for a fork source;
+without one, every worker is a fresh interpreter from ``start``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .forking import WorkerSource
+from .processes import WorkerProcess, WorkerSettings
+
+
+class WorkerOrigin(Protocol):
+    """How new workers start (see the module docstring)."""
+
+    def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
+        """The source that forks new workers from a template, or None: every worker is
+        re-executed by ``start``."""
+        ...
+
+    def start(self, settings: WorkerSettings) -> WorkerProcess:
+        """A new worker started as a fresh interpreter (when there is no fork source)."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """Why the workers are re-executed, for the ``template`` layer of ``pool.sandbox``."""
+        ...
+
+
+class ReExecWorkers:
+    """Every worker a fresh interpreter: ``command`` (a test harness's worker), or the real
+    worker's command when None (the path a host without what the template needs takes;
+    tests and benchmarks take it to compare)."""
+
+    def __init__(self, command: list[str] | None = None) -> None:
+        self.command = command
+
+    def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
+        return None
+
+    def start(self, settings: WorkerSettings) -> WorkerProcess:
+        return WorkerProcess(settings, self.command)
+
+    @property
+    def reason(self) -> str:
+        return "the pool's own worker command" if self.command is not None else "forking is off"
+
+
+class ForkedWorkers(ReExecWorkers):
+    """New workers are forks of a template (the default): the real one, or
+    ``template_command`` (a test harness's); the source re-executes a worker itself when
+    its template cannot fork one."""
+
+    def __init__(self, template_command: list[str] | None = None) -> None:
+        super().__init__()
+        self.template_command = template_command
+
+    def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
+        return WorkerSource(settings, template_command=self.template_command)
+
+
+FORKED = ForkedWorkers()
