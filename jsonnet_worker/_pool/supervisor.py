@@ -144,7 +144,7 @@ class Supervisor:
         if threading.current_thread() is not self.thread:
             self.thread.join()
 
-    # -- performing actions (for every thread) -------------------------------------------
+    # -- performing effects (for every thread) -------------------------------------------
 
     def perform(self, effects: Iterable[Effect]) -> None:
         """Carry out what a transition asked for, outside the state's lock."""
