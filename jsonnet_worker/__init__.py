@@ -6,6 +6,7 @@
 See README.md for the pool, asyncio, the CLI and the sandbox.
 """
 
+from ._allowlist import HostAllowList
 from ._config import PoolConfig
 from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
 from ._errors import (
@@ -29,6 +30,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._host import HostSandbox, restrict_host
+from ._kratos import kratos_allow_list
 from ._pool.facade import WorkerPool
 from ._report import PoolStats, SandboxStatus, SandboxVerdict, judge_sandbox
 from ._sandbox.landlock import LandlockStatus
@@ -44,6 +46,7 @@ __all__ = [
     "PoolConfig",
     "UnsupportedPlatform",
     "EvaluationTimeout",
+    "HostAllowList",
     "HostSandbox",
     "HostSandboxError",
     "InputTooLarge",
@@ -68,6 +71,7 @@ __all__ = [
     "evaluate",
     "get_default_pool",
     "judge_sandbox",
+    "kratos_allow_list",
     "restrict_host",
     "set_default_pool",
 ]

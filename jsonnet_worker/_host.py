@@ -1,22 +1,22 @@
-"""The host's Landlock layer: an allow-list derived from the application's configuration.
+"""The host's Landlock layer: a process that hosts a pool restricts itself to an allow-list.
 
 Goals: after start-up, the process that hosts a pool may open only what it needs at run
-time (the Ory Kratos ``serve`` sandbox, for any Python application): its config files, the
-files its config names, the SQLite directory, a few system files, and exactly what a fresh
-worker loads, so that workers keep respawning. Filesystem rights only: the application keeps
-its network.
+time (the Ory Kratos ``serve`` sandbox, for any Python application): what the application
+lists (a ``HostAllowList``, or a Kratos-style config turned into one by ``_kratos``), a few
+system files, and exactly what a fresh worker loads, so that workers keep respawning.
+Filesystem rights only: the application keeps its network. Nothing here knows a
+configuration format.
 
-Plan: ``collect_allow_list`` reads the config mapping (``security.landlock``, TLS and SMTP
-files, the courier templates, every ``file://`` value, the DSN) and adds the worker's
-runtime (``_runtime_grants``): execute on the interpreter and the dynamic loader, read on the
-stdlib, the package, msgpack and engine files, list-only on the ``sys.path`` roots above
-them, and read on the shared libraries mapped in this process and in a live worker (the
-pool's, or a probe worker started for it), plus the engines' ``DT_NEEDED`` resolved through
-their RUNPATH and the directories the loader already used. ``restrict_host`` logs what it
-collected and applies one layer to the calling thread and to each given pool's supervisor
-thread (workers are started there), refusing if any other thread exists: before Landlock
-ABI 8 a layer binds only the thread that applies it and the threads and processes that
-thread starts later.
+Plan: ``restrict_host`` grants the list's paths (``_listed_grants``, with ``/dev/null`` and
+the name-resolution files) and adds the worker's runtime (``_runtime_grants``): execute on
+the interpreter and the dynamic loader, read on the stdlib, the package, msgpack and engine
+files, list-only on the ``sys.path`` roots above them, and read on the shared libraries
+mapped in this process and in a live worker (the pool's, or a probe worker started for it
+with the settings a pool would give it), plus the engines' ``DT_NEEDED`` resolved through
+their RUNPATH and the directories the loader already used. It logs what it collected and
+applies one layer to the calling thread and to each given pool's supervisor thread (workers
+are started there), refusing if any other thread exists: before Landlock ABI 8 a layer binds
+only the thread that applies it and the threads and processes that thread starts later.
 
 Weak spots: sonames are resolved without reading /etc/ld.so.cache (a library found only
 through the cache and loaded by neither this process nor the probe worker is missed; the
@@ -34,14 +34,17 @@ import stat
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.machinery import EXTENSION_SUFFIXES
 from typing import TYPE_CHECKING, Any
 
+from ._allowlist import HostAllowList
+from ._config import PoolConfig
 from ._errors import HostSandboxError, SandboxConfigError, WorkerStartError
+from ._kratos import kratos_allow_list
 from ._pool.launch import launch_and_greet
-from ._pool.processes import WorkerSettings, _package_paths
+from ._pool.processes import _package_paths, settings_for
 from ._report import log_landlock
 from ._sandbox import elf
 from ._sandbox.landlock import (
@@ -54,7 +57,6 @@ from ._sandbox.landlock import (
     SupportState,
     probe,
 )
-from ._wire.protocol import DEFAULT_MAX_FRAME
 
 if TYPE_CHECKING:
     from ._pool.facade import WorkerPool
@@ -75,18 +77,14 @@ READ_WRITE = (
     | FsAccess.REMOVE_DIR
 )
 
-FILE_URL = "file://"
 SYSTEM_FILES = ("/etc/resolv.conf", "/etc/hosts")
 # The dynamic loader reads its cache for every soname it looks up (a worker loads the
 # engine's libraries by soname) and its preload list if there is one.
 LOADER_FILES = ("/etc/ld.so.cache", "/etc/ld.so.preload")
 ENGINE_MODULES = ("_gojsonnet", "_jsonnet")
-PROBE_TIMEOUT = 10.0
-# SQLite's unix VFS takes the first of these that is a writable directory.
-SQLITE_TEMP_CANDIDATES = ("/var/tmp", "/usr/tmp", "/tmp", ".")
 RESTART_NOTE = (
-    "the host's Landlock layer is irrevocable: changes to security.landlock "
-    "(disabled, allowed_paths) take effect at the next start"
+    "the host's Landlock layer is irrevocable: a changed allow-list (security.landlock's "
+    "disabled or allowed_paths, for a Kratos config) takes effect at the next start"
 )
 
 
@@ -96,9 +94,11 @@ class HostSandbox:
 
     ``ro_paths``: read (a directory: everything beneath it); ``exec_paths``: read and
     execute (the interpreter, the dynamic loader); ``listed_dirs``: listing only (the
-    ``sys.path`` roots a worker searches); ``rw_dirs``: read-write (SQLite). ``skipped``
-    names paths that could not be granted and why. ``restart_required`` is set on the value
-    a second call returns: the first layer stays, whatever the new config says.
+    ``sys.path`` roots a worker searches); ``rw_dirs``: read-write (the list's, such as a
+    Kratos config's SQLite directories, and ``private_dirs``). ``skipped`` names paths that
+    could not be granted and why. ``disabled``: the allow-list opted out (``disabled_by``).
+    ``restart_required`` is set on the value a second call returns: the first layer stays,
+    whatever the new allow-list says.
     """
 
     ro_paths: tuple[str, ...]
@@ -121,7 +121,7 @@ class HostSandbox:
 
 
 @dataclass
-class AllowList:
+class Grants:
     """Paths and the rights each is granted; rights given twice to one path are merged."""
 
     grants: dict[str, FsAccess] = field(default_factory=dict)
@@ -155,82 +155,7 @@ class AllowList:
         return ruleset
 
 
-# -- the configuration -----------------------------------------------------------------------
-
-
-def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for key in dotted.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(key)
-    return node
-
-
-def _landlock_settings(config: Mapping[str, Any]) -> tuple[bool, list[str]]:
-    if not isinstance(config, Mapping):
-        raise SandboxConfigError(f"the config must be a mapping, not {type(config).__name__}")
-    disabled = _lookup(config, "security.landlock.disabled")
-    if disabled is not None and not isinstance(disabled, bool):
-        raise SandboxConfigError("security.landlock.disabled must be true or false")
-    allowed = _lookup(config, "security.landlock.allowed_paths")
-    if allowed is None:
-        allowed = []
-    if not isinstance(allowed, list) or not all(isinstance(p, str) and p for p in allowed):
-        raise SandboxConfigError("security.landlock.allowed_paths must be a list of paths")
-    return bool(disabled), list(allowed)
-
-
-def _walk_strings(node: Any) -> Iterator[str]:
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, Mapping):
-        for value in node.values():
-            yield from _walk_strings(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            yield from _walk_strings(value)
-
-
-def file_url_path(url: str) -> str:
-    """The local path of a ``file://`` value, as Kratos reads it: the text after the
-    scheme, without query or fragment, relative paths against the working directory."""
-    path = url[len(FILE_URL) :].split("#", 1)[0].split("?", 1)[0]
-    return os.path.abspath(path)
-
-
-def file_urls(config: Mapping[str, Any]) -> list[str]:
-    """Every ``file://`` value anywhere in the config (one walk; file bodies are not read)."""
-    return [
-        file_url_path(text)
-        for text in _walk_strings(config)
-        if text.startswith(FILE_URL) and len(text) > len(FILE_URL)
-    ]
-
-
-def sqlite_database(dsn: object) -> tuple[bool, str | None]:
-    """(is SQLite, the database file or None when in memory) for a Kratos DSN."""
-    if not isinstance(dsn, str):
-        return False, None
-    if dsn == "memory":
-        return True, None
-    scheme, separator, rest = dsn.partition("://")
-    if not separator or scheme not in ("sqlite", "sqlite3"):
-        return False, None
-    path, _, query = rest.partition("?")
-    path = path.removeprefix("file:")
-    if path in ("", ":memory:") or "mode=memory" in query:
-        return True, None
-    return True, os.path.abspath(path)
-
-
-def sqlite_temp_dir() -> str | None:
-    """The directory SQLite's unix VFS uses for temporary files."""
-    candidates = [os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR")]
-    for candidate in [*candidates, *SQLITE_TEMP_CANDIDATES]:
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return os.path.abspath(candidate)
-    return None
+# -- the allow-list --------------------------------------------------------------------------
 
 
 def private_dir(path: str | os.PathLike[str]) -> str:
@@ -255,62 +180,22 @@ def private_dir(path: str | os.PathLike[str]) -> str:
     return os.path.normpath(text)
 
 
-def _config_grants(config: Mapping[str, Any], config_files: Iterable[str]) -> AllowList:
-    allow = AllowList()
-    _, allowed_paths = _landlock_settings(config)
-    for path in allowed_paths:
-        allow.add(path, READ, "security.landlock.allowed_paths")
-    for path in config_files:
-        allow.add(os.fspath(path), READ, "config file")
-    _grant_tls_files(allow, config)
-    _grant_courier_files(allow, config)
-    for path in file_urls(config):
-        allow.add(path, READ, "file:// value")
-    _grant_sqlite_dirs(allow, config)
-    allow.add(os.devnull, DEVICE, "/dev/null")
+def _listed_grants(allow: HostAllowList) -> Grants:
+    """The list's paths with their rights, then what every host needs whatever its list:
+    /dev/null, and name resolution (the host keeps its network)."""
+    grants = Grants(skipped=list(allow.skipped))
+    for paths, access, kind in (
+        (allow.ro_paths, READ, "ro_paths"),
+        (allow.rw_dirs, READ_WRITE, "rw_dirs"),
+        (allow.exec_paths, EXECUTE, "exec_paths"),
+        (allow.listed_dirs, LIST, "listed_dirs"),
+    ):
+        for path in paths:
+            grants.add(path, access, f"the allow-list's {kind}")
+    grants.add(os.devnull, DEVICE, "/dev/null")
     for path in SYSTEM_FILES:
-        allow.add_if_exists(path, READ)
-    return allow
-
-
-def _grant_tls_files(allow: AllowList, config: Mapping[str, Any]) -> None:
-    """The listeners' certificate and key files."""
-    for listener in ("public", "admin"):
-        for part in ("cert", "key"):
-            key = f"serve.{listener}.tls.{part}.path"
-            value = _lookup(config, key)
-            if isinstance(value, str) and value:
-                allow.add(value, READ, key)
-
-
-def _grant_courier_files(allow: AllowList, config: Mapping[str, Any]) -> None:
-    """The courier's SMTP client certificates (its own and each channel's) and templates."""
-    smtp_blocks = [("courier.smtp", _lookup(config, "courier.smtp"))]
-    channels = _lookup(config, "courier.channels")
-    for index, channel in enumerate(channels if isinstance(channels, list) else []):
-        if isinstance(channel, Mapping):
-            smtp_blocks.append(
-                (f"courier.channels[{index}].smtp_config", channel.get("smtp_config"))
-            )
-    for where, block in smtp_blocks:
-        for key in ("client_cert_path", "client_key_path"):
-            value = block.get(key) if isinstance(block, Mapping) else None
-            if isinstance(value, str) and value:
-                allow.add(value, READ, f"{where}.{key}")
-    templates = _lookup(config, "courier.template_override_path")
-    if isinstance(templates, str) and templates:
-        allow.add(templates.removeprefix(FILE_URL), READ, "courier.template_override_path")
-
-
-def _grant_sqlite_dirs(allow: AllowList, config: Mapping[str, Any]) -> None:
-    """A SQLite DSN's database directory and SQLite's temp directory, read-write."""
-    is_sqlite, database = sqlite_database(config.get("dsn"))
-    if database is not None:
-        allow.add(os.path.dirname(database), READ_WRITE, "SQLite database directory")
-    if is_sqlite:
-        temp = sqlite_temp_dir()
-        if temp is not None:
-            allow.add(temp, READ_WRITE, "SQLite temp directory")
+        grants.add_if_exists(path, READ)
+    return grants
 
 
 # -- what a worker loads ---------------------------------------------------------------------
@@ -333,11 +218,11 @@ def mapped_files(pid: int | str = "self") -> set[str]:
 
 
 def _probe_worker_maps(engine: str) -> set[str]:
-    """Start one worker, wait for its hello, and read what it mapped."""
+    """Start one worker of ``engine`` (PoolConfig's defaults otherwise: what a worker maps
+    depends on its engine), wait for its hello, and read what it mapped."""
+    config = PoolConfig(engine=engine)
     try:
-        worker, _ = launch_and_greet(
-            WorkerSettings(engine, 1 << 30, DEFAULT_MAX_FRAME), timeout=PROBE_TIMEOUT
-        )
+        worker, _ = launch_and_greet(settings_for(config), timeout=config.spawn_timeout)
     except WorkerStartError as exc:
         logger.warning(
             "Landlock: the probe worker did not start (%s); its libraries are not known",
@@ -407,8 +292,8 @@ def _extension_module_dir() -> str | None:
     return None
 
 
-def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
-    allow = AllowList()
+def _runtime_grants(pools: Sequence[WorkerPool]) -> Grants:
+    allow = Grants()
     interpreter = os.path.realpath(sys.executable)
     allow.add(interpreter, EXECUTE, "the interpreter")
     loader = elf.interpreter(interpreter)
@@ -436,7 +321,7 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> AllowList:
     return allow
 
 
-def _grant_worker_modules(allow: AllowList) -> list[str]:
+def _grant_worker_modules(allow: Grants) -> list[str]:
     """Grant the modules a worker imports beyond the stdlib (msgpack, the engines); return
     their extension modules, whose shared libraries it needs too."""
     extensions = []
@@ -496,22 +381,44 @@ def _as_pools(pool: WorkerPool | Sequence[WorkerPool] | None) -> list[WorkerPool
     return [pool]
 
 
+def _allow_list(
+    allow: HostAllowList | Mapping[str, Any] | None,
+    config_files: Iterable[str | os.PathLike[str]],
+) -> HostAllowList:
+    """The allow-list ``restrict_host`` was given, or the one its Kratos config names."""
+    if allow is None:
+        allow = HostAllowList()
+    if not isinstance(allow, HostAllowList):
+        return kratos_allow_list(allow, config_files)
+    if list(config_files):
+        raise SandboxConfigError(
+            "config_files goes with a Kratos config: list the files in the HostAllowList"
+        )
+    return allow
+
+
 def restrict_host(
-    config: Mapping[str, Any],
+    allow: HostAllowList | Mapping[str, Any] | None = None,
     *,
     config_files: Iterable[str | os.PathLike[str]] = (),
     pool: WorkerPool | Sequence[WorkerPool] | None = None,
     private_dirs: Iterable[str | os.PathLike[str]] = (),
 ) -> HostSandbox:
-    """Apply a Landlock layer to this process that allows only what the config needs.
+    """Apply a Landlock layer to this process that allows only what ``allow`` lists and
+    what a new worker loads.
+
+    ``allow``: a ``HostAllowList``; or a Kratos-style config (the parsed YAML mapping),
+    turned into one by ``kratos_allow_list(allow, config_files)`` (``config_files``: the
+    files it was read from; given with a HostAllowList, SandboxConfigError); None: only what
+    every host is granted (a new worker's files, ``/dev/null``, name resolution).
 
     Call it once, after the application has loaded everything it needs, from the thread
     that will run it, before starting other threads (a pool passed as ``pool`` is the
     exception: its supervisor thread is restricted too, and so is every worker it starts
     from then on). The layer cannot be lifted: a later call returns the first result with
     ``restart_required=True`` and changes nothing. Raises ``SandboxConfigError`` for a bad
-    ``security.landlock`` section and ``HostSandboxError`` when Landlock is supported but
-    the layer cannot be applied (fail closed).
+    allow-list or ``security.landlock`` section and ``HostSandboxError`` when Landlock is
+    supported but the layer cannot be applied (fail closed).
 
     ``private_dirs``: directories this process made for its own run-time files (the
     service's Prometheus multiprocess directory), granted read-write, each exactly itself
@@ -520,19 +427,18 @@ def restrict_host(
     """
     global _applied
     pools = _as_pools(pool)
+    listed = _allow_list(allow, config_files)  # a bad list is refused, even on a later call
     with _applied_lock:
         if _applied is not None:
-            _landlock_settings(config)
             logger.warning("Landlock: %s; a restart is required.", RESTART_NOTE)
             return replace(_applied, restart_required=True)
-        disabled, _ = _landlock_settings(config)
         private = [private_dir(path) for path in private_dirs]
-        allow = _config_grants(config, [os.fspath(p) for p in config_files])
+        grants = _listed_grants(listed)
         for path in private:
-            allow.grants[path] = READ_WRITE  # exactly READ_WRITE: reported in rw_dirs
+            grants.grants[path] = READ_WRITE  # exactly READ_WRITE: reported in rw_dirs
         for path, access in _runtime_grants(pools).grants.items():
-            allow.grants[path] = allow.grants.get(path, FsAccess(0)) | access
-        ro_paths, rw_dirs = allow.ro_paths(), allow.with_access(READ_WRITE)
+            grants.grants[path] = grants.grants.get(path, FsAccess(0)) | access
+        ro_paths, rw_dirs = grants.ro_paths(), grants.with_access(READ_WRITE)
         # The lists run to kilobytes: at DEBUG, with one line at INFO that says how many.
         logger.debug(
             "Landlock: collected roPaths. %s", json.dumps(ro_paths), extra={"paths": ro_paths}
@@ -546,19 +452,19 @@ def restrict_host(
             len(ro_paths),
             len(rw_dirs),
         )
-        for note in allow.skipped:
+        for note in grants.skipped:
             logger.warning("Landlock: not granted: %s", note)
         sandbox = HostSandbox(
             ro_paths=ro_paths,
             rw_dirs=rw_dirs,
-            exec_paths=allow.with_access(EXECUTE),
-            listed_dirs=allow.with_access(LIST),
+            exec_paths=grants.with_access(EXECUTE),
+            listed_dirs=grants.with_access(LIST),
             status=LandlockStatus(enforced=False, state=SupportState.AVAILABLE),
-            skipped=tuple(allow.skipped),
-            disabled=disabled,
+            skipped=tuple(grants.skipped),
+            disabled=bool(listed.disabled_by),
         )
-        if disabled:
-            reason = "disabled by security.landlock.disabled"
+        if listed.disabled_by:
+            reason = f"disabled by {listed.disabled_by}"
             logger.warning(
                 "Landlock filesystem sandbox is not active: %s. The host process can open "
                 "any file its user can.",
@@ -566,7 +472,7 @@ def restrict_host(
             )
             _applied = replace(sandbox, status=replace(sandbox.status, reason=reason))
             return _applied
-        _applied = replace(sandbox, status=_apply(allow.ruleset(), pools))
+        _applied = replace(sandbox, status=_apply(grants.ruleset(), pools))
         log_landlock(_applied.status, "The host process runs")
         return _applied
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from jsonnet_worker import SandboxConfigError, _host, restrict_host
+from jsonnet_worker import HostAllowList, SandboxConfigError, _host, _kratos, restrict_host
+from jsonnet_worker._sandbox.landlock import probe
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -392,17 +393,72 @@ def test_file_urls_are_found_anywhere_and_bodies_are_not_read(tmp_path: Path) ->
         "legacy_path": "/srv/legacy.pem",
     }
     os.chdir(tmp_path)
-    assert _host.file_urls(config) == ["/srv/mapper.jsonnet", str(tmp_path / "rel.json")]
+    assert _kratos.file_urls(config) == ["/srv/mapper.jsonnet", str(tmp_path / "rel.json")]
 
 
 def test_sqlite_dsns_are_recognised() -> None:
-    assert _host.sqlite_database("sqlite:///var/lib/kratos/db.sqlite?_fk=true") == (
+    assert _kratos.sqlite_database("sqlite:///var/lib/kratos/db.sqlite?_fk=true") == (
         True,
         "/var/lib/kratos/db.sqlite",
     )
-    assert _host.sqlite_database("memory") == (True, None)
-    assert _host.sqlite_database("sqlite://file::memory:?cache=shared") == (True, None)
-    assert _host.sqlite_database("postgres://kratos:secret@db:5432/kratos") == (False, None)
+    assert _kratos.sqlite_database("memory") == (True, None)
+    assert _kratos.sqlite_database("sqlite://file::memory:?cache=shared") == (True, None)
+    assert _kratos.sqlite_database("postgres://kratos:secret@db:5432/kratos") == (False, None)
+
+
+def test_a_kratos_config_becomes_a_generic_allow_list(tmp_path: Path) -> None:
+    (tmp_path / "kratos.yml").write_text("{}")
+    (tmp_path / "mapper.jsonnet").write_text("{}")
+    (tmp_path / "data").mkdir()
+    config = {
+        "dsn": f"sqlite://{tmp_path}/data/db.sqlite",
+        "serve": {"public": {"tls": {"cert": {"path": str(tmp_path / "gone.pem")}}}},
+        "selfservice": {"mapper_url": f"file://{tmp_path}/mapper.jsonnet"},
+        "security": {"landlock": {"disabled": True, "allowed_paths": [str(tmp_path / "data")]}},
+    }
+    allow = _kratos.kratos_allow_list(config, [tmp_path / "kratos.yml"])
+    assert allow.ro_paths == (
+        str(tmp_path / "data"),
+        str(tmp_path / "kratos.yml"),
+        str(tmp_path / "mapper.jsonnet"),
+    )
+    assert allow.rw_dirs[0] == str(tmp_path / "data")  # and SQLite's temp directory
+    assert allow.skipped == (
+        f"{tmp_path / 'gone.pem'}: does not exist (serve.public.tls.cert.path)",
+    )
+    assert allow.disabled_by == "security.landlock.disabled"
+
+
+def test_a_host_allow_list_is_checked_when_made() -> None:
+    assert HostAllowList(ro_paths=("rel",)).ro_paths == (os.path.abspath("rel"),)
+    with pytest.raises(SandboxConfigError, match="ro_paths must be a sequence of paths"):
+        HostAllowList(ro_paths="/etc")  # type: ignore[arg-type]
+    with pytest.raises(SandboxConfigError, match="is not a path"):
+        HostAllowList(rw_dirs=("",))
+    with pytest.raises(SandboxConfigError, match="config_files goes with a Kratos config"):
+        restrict_host(HostAllowList(), config_files=["/etc/kratos.yml"])
+
+
+@pytest.mark.skipif(not probe().available, reason=f"kernel has no Landlock: {probe().state.value}")
+def test_a_generic_allow_list_is_all_the_host_may_open(tmp_path: Path) -> None:
+    """restrict_host without any configuration format: the listed file and what workers
+    need, nothing else; the pool's workers still start."""
+    allowed = tmp_path / "allowed.txt"
+    allowed.write_text("ok")
+    done = run_python(
+        "import jsonnet_worker\n"
+        "pool = jsonnet_worker.WorkerPool(1, spares=0)\n"
+        f"allow = jsonnet_worker.HostAllowList(ro_paths=({str(allowed)!r},))\n"
+        "sandbox = jsonnet_worker.restrict_host(allow, pool=pool)\n"
+        f"print(sandbox.enforced, open({str(allowed)!r}).read())\n"
+        "try:\n"
+        "    open('/etc/passwd').close()\n"
+        "except PermissionError:\n"
+        "    print('refused')\n"
+        "print(pool.evaluate('1 + 1'))\n"
+        "pool.close()\n"
+    )
+    assert done.stdout.splitlines() == ["True ok", "refused", "2"], done
 
 
 def test_a_bad_landlock_section_is_a_typed_error_and_applies_nothing() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import jsonnet_worker
 from conftest import DATA
-from jsonnet_worker import PoolConfig
+from jsonnet_worker import PoolConfig, kratos_allow_list
 from jsonnet_worker._cli import main
 from jsonnet_worker.service import ApiError, ConfigError, SnippetKind, load_config
 from jsonnet_worker.service._config import parse_config
@@ -41,7 +41,8 @@ def test_embedded_default() -> None:
     config = load_config()
     assert sorted(config.mappers) == ["github", "google"]
     assert sorted(config.templates) == ["registration-audit", "sms"]
-    assert config.pool.size is None and not config.sandbox_disabled
+    assert config.pool.size is None
+    assert kratos_allow_list(config.raw).disabled_by == ""  # the host layer is on
 
 
 def test_base64_and_relative_paths(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ never touches the filesystem after start-up (the host sandbox may forbid it by t
 bad config fails at start with a message naming the key, never on the first request.
 
 Plan: the file is parsed with PyYAML's safe loader into a plain mapping (kept as ``raw`` for
-``restrict_host``, with every ``file://`` value we read rewritten to its absolute form), then
-three Kratos places are walked for snippets:
+``kratos_allow_list``, the host sandbox's allow-list, with every ``file://`` value we read
+rewritten to its absolute form), then three Kratos places are walked for snippets:
 
 - OIDC claim mappers: ``selfservice.methods.oidc.config.providers[].mapper_url``, named by
   the provider's ``id``;
@@ -110,7 +110,8 @@ class Snippet:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Everything the service needs, validated; ``raw`` is the mapping for ``restrict_host``."""
+    """Everything the service needs, validated; ``raw`` is the mapping for
+    ``kratos_allow_list`` (the host sandbox's allow-list)."""
 
     pool: PoolConfig = field(default_factory=PoolConfig)
     mappers: Mapping[str, Snippet] = field(default_factory=dict)
@@ -124,11 +125,6 @@ class ServiceConfig:
     bearer_token: str | None = None  # serve.auth.bearer_token_file's content, read at start
     raw: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the file read (the packaged default.yaml without --config)
-
-    @property
-    def sandbox_disabled(self) -> bool:
-        landlock = _section(self.raw, "security", "landlock")
-        return landlock.get("disabled") is True
 
 
 def load_config(
@@ -307,7 +303,7 @@ def _load_snippet(
     file_path = base / uri[len("file://") :]
     source = _read_text(file_path, key)
     absolute = "file://" + str(file_path.resolve())
-    holder[field_name] = absolute  # restrict_host then sees the file we really read
+    holder[field_name] = absolute  # the host's allow-list then names the file we really read
     return Snippet(name, kind, absolute, source, key)
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import uvicorn
 
-from .. import HostSandbox, HostSandboxError, WorkerPool, restrict_host
+from .. import HostSandbox, HostSandboxError, WorkerPool, kratos_allow_list, restrict_host
 from ._app import create_app
 from ._config import ConfigError, ServiceConfig, load_config
 
@@ -60,7 +60,8 @@ def apply_host_sandbox(
     pool: WorkerPool, config: ServiceConfig, private_dirs: Sequence[str] = ()
 ) -> Mapping[str, Any]:
     """The ``restrict_host`` step, after the pool has started and before the server
-    listens; returns the host sandbox's status for /healthz.
+    listens, with what the config names (``kratos_allow_list``); returns the host
+    sandbox's status for /healthz.
 
     Runs on the event loop's thread, the one that serves every request, before any other
     thread exists but the pool's supervisor (``restrict_host`` refuses otherwise). Raises
@@ -70,9 +71,8 @@ def apply_host_sandbox(
     path this process may write (``restrict_host``'s ``private_dirs``).
     """
     config_files = [] if config.path is None else [config.path]
-    sandbox = restrict_host(
-        config.raw, config_files=config_files, pool=pool, private_dirs=private_dirs
-    )
+    allow = kratos_allow_list(config.raw, config_files)
+    sandbox = restrict_host(allow, pool=pool, private_dirs=private_dirs)
     status = host_sandbox_json(sandbox)
     if private_dirs and sandbox.enforced:
         status["outside_private_dirs"] = [probe_outside(sandbox, path) for path in private_dirs]
