@@ -37,7 +37,7 @@ Each class carries ``kind`` (a stable snake_case name, the one vocabulary used b
         |-- SuiteError              invalid_suite      400  (_testrunner: a suite unreadable)
         |-- ApiError                api_error    (its own status) (service: an HTTP answer)
         |-- StartupCheckFailed      startup_check      500  (service: a mapper fails check)
-        `-- SupervisorError         supervisor         500  (service: serve --workers N)
+        `-- ServerProcessesError    server_processes   500  (service: serve --workers N)
     (ConfigError, the service's bad config, is an InvalidArgument: kind service_config.)
 """
 

@@ -85,10 +85,10 @@ def test_two_server_processes_share_a_socket_metrics_and_a_clean_stop(tmp_path: 
         check_scrapes(scrapes)
         assert sent == {pid: count for pid, count in zip(sorted(server_pids), (3, 5), strict=True)}
         assert len(pool_workers) == 2
-        supervisor = service.process.pid
+        parent = service.process.pid
         service.stop()
         log = service.log()
-    for pid in {supervisor, *server_pids, *pool_workers}:
+    for pid in {parent, *server_pids, *pool_workers}:
         assert not pid_alive(pid), (pid, log)
     assert not metrics_dir.exists(), log
     assert log.count("pool closed, workers reaped") == 2, log
@@ -138,7 +138,7 @@ def check_scrapes(scrapes: list[str]) -> None:
 
 def test_a_server_process_that_cannot_start_stops_the_start(tmp_path: Path) -> None:
     """restrict_host refuses a bad security.landlock section in each server process: the
-    supervisor exits 3, as one process does, and leaves neither a process nor its
+    parent exits 3, as one process does, and leaves neither a process nor its
     directory behind."""
     config = write_config(tmp_path, {"security": {"landlock": {"allowed_paths": "/etc"}}})
     with pytest.raises(AssertionError, match=r"exited \(3\)") as failed:
@@ -195,8 +195,8 @@ def test_a_server_process_that_dies_stops_the_service(tmp_path: Path) -> None:
     assert not metrics_dir.exists()
 
 
-def test_server_processes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
-    """SIGKILL leaves the supervisor no time to stop anyone: its lifeline pipe ends, and
+def test_server_processes_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the parent no time to stop anyone: its lifeline pipe ends, and
     each server process stops (and reaps its pool) by itself."""
     config = write_config(tmp_path)
     with running_service(config, tmp_path, "--workers", "2") as service:
@@ -209,6 +209,6 @@ def test_server_processes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> 
             left = wait_until_gone(everything)
             log = service.log()
         finally:
-            shutil.rmtree(metrics_dir)  # what only a SIGKILLed supervisor leaves behind
+            shutil.rmtree(metrics_dir)  # what only a SIGKILLed parent leaves behind
     assert left == set(), (left, log)
-    assert log.count("the supervisor is gone: stopping") == 2, log
+    assert log.count("the parent process is gone: stopping") == 2, log

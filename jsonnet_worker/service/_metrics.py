@@ -16,7 +16,7 @@ start failures, queue depth, workers by state, and the sandbox verdict
 several apps (tests, embedding) never collide in the global one.
 
 Several server processes (``serve --workers N``): prometheus_client's multiprocess mode,
-in a private directory the supervisor makes (``multiprocess_dir``; the same path in
+in a private directory the parent process makes (``multiprocess_dir``; the same path in
 ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported, which is what selects
 its file-backed values). Every process writes its own files there and ``/metrics``, in
 whichever process answers, reads them all. A collector cannot read another process's
@@ -25,7 +25,7 @@ at every scrape it answers, and every ``REFRESH_INTERVAL`` seconds. The pool's c
 are added as deltas (a sum over every process that ever ran, as a counter should be); the
 gauges are ``livesum`` (workers, queue depth, pool size: the service's totals) and
 ``livemin`` (the sandbox gauges: 1 only when every live process has its sandbox);
-``build_info`` is ``livemax``. The supervisor marks a process dead when it ends, so its
+``build_info`` is ``livemax``. The parent marks a process dead when it ends, so its
 gauges leave the sums.
 
 Weak spots: the counters restart at zero with the service, as Prometheus expects of a

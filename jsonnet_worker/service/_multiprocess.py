@@ -1,5 +1,6 @@
-"""``jsonnet-worker serve --workers N``: a supervisor process and N server processes on one
-listening socket, with Prometheus metrics shared between them.
+"""``jsonnet-worker serve --workers N``: a parent process that starts N server processes on
+one listening socket and stops them all together, with Prometheus metrics shared between
+them.
 
 Goals: N times the request handling of one process without giving up the start order that
 makes each process's host sandbox worth having: every server process builds its own
@@ -7,28 +8,28 @@ WorkerPool in its own lifespan (never one inherited across a fork), checks the s
 applies its own ``restrict_host`` layer, and only then accepts a connection. ``/metrics``,
 in whichever process answers, counts every process's requests and pool.
 
-Plan: the supervisor (this process, which never reads a request) makes a private
+Plan: the parent (this process, which never reads a request) makes a private
 directory for prometheus_client's multiprocess mode (``tempfile.mkdtemp``: new, empty,
 mode 0700), binds and listens on the socket, and starts each server process as a fresh
 interpreter (``sys.executable -c``; no fork, so nothing of this process's state, threads
 or locks is inherited) with three descriptors: the listening socket, a pipe on which it
 says "ready" once its lifespan has started (pool up, snippets checked, host sandbox on)
-and a lifeline pipe whose end of file tells it the supervisor is gone. Its environment
+and a lifeline pipe whose end of file tells it the parent is gone. Its environment
 names the directory in ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported.
-uvicorn's own ``workers=`` supervisor does not fit: its server processes start a ping
+uvicorn's own ``workers=`` mode does not fit: its server processes start a ping
 thread before the app's lifespan, and ``restrict_host`` refuses to run beside a thread its
 layer would not bind.
 
-The supervisor waits for signals and for its children. SIGTERM or SIGINT: SIGTERM to every
+The parent waits for signals and for its children. SIGTERM or SIGINT: SIGTERM to every
 server process (each then stops as one process does: finish requests in flight, close the
 pool, reap its workers), SIGKILL to one still running after twice ``serve.shutdown_timeout``
-and a margin, then the directory is removed and the supervisor exits by re-raising the
+and a margin, then the directory is removed and the parent exits by re-raising the
 signal. A server process that fails before it is ready stops the start (exit 3, as one
 process does); one that dies while serving stops the service (exit 1): the orchestrator
 that restarts a single process restarts this one, and no process runs without the others
 noticing.
 
-Weak spots: a SIGKILLed supervisor leaves its directory in the temporary directory (its
+Weak spots: a SIGKILLed parent leaves its directory in the temporary directory (its
 server processes stop when their lifeline ends); the socket is listening from the start,
 so connections that arrive before the first server process is ready wait in its backlog
 (none is accepted before a sandbox is on). Each server process has its own pool: N
@@ -98,7 +99,7 @@ class ProcessSpec:
 class ServerProcess:
     index: int
     process: subprocess.Popen[bytes]
-    ready_fd: int  # the supervisor's end; -1 once read
+    ready_fd: int  # the parent's end; -1 once read
     ready: bool = False
 
     @property
@@ -106,17 +107,17 @@ class ServerProcess:
         return self.process.pid
 
 
-class SupervisorError(Error):
-    """The supervisor of ``serve --workers N`` could not make its directory or socket."""
+class ServerProcessesError(Error):
+    """The parent of ``serve --workers N`` could not make its directory or socket."""
 
-    kind = "supervisor"
+    kind = "server_processes"
 
 
 def make_metrics_dir() -> str:
     """A new, empty directory only this user can enter (``mkdtemp``: mode 0700)."""
     path = tempfile.mkdtemp(prefix="jsonnet-worker-metrics-")
     if os.listdir(path):  # mkdtemp made it: a file in it means someone else is in there
-        raise SupervisorError(f"the new metrics directory {path} is not empty")
+        raise ServerProcessesError(f"the new metrics directory {path} is not empty")
     return os.path.realpath(path)
 
 
@@ -128,9 +129,9 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return uvicorn.Config(app="unused:app", host=host, port=port, log_config=None).bind_socket()
 
 
-def supervise(options: ServeOptions, config: ServiceConfig, workers: int) -> int:
-    """Run ``workers`` server processes until SIGTERM or SIGINT; returns the exit status
-    (or re-raises the signal that stopped it)."""
+def run_server_processes(options: ServeOptions, config: ServiceConfig, workers: int) -> int:
+    """Run ``workers`` server processes until SIGTERM or SIGINT or until one of them ends
+    (none is restarted); returns the exit status (or re-raises the signal that stopped it)."""
     received: list[int] = []
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
@@ -160,7 +161,7 @@ def supervise(options: ServeOptions, config: ServiceConfig, workers: int) -> int
             os.close(lifeline_read)
             lifeline_read = -1
             logger.info(
-                "supervisor %d: %d server processes on one socket (pids %s), metrics in %s",
+                "parent %d: %d server processes on one socket (pids %s), metrics in %s",
                 os.getpid(),
                 workers,
                 " ".join(str(p.pid) for p in processes),
@@ -180,7 +181,7 @@ def supervise(options: ServeOptions, config: ServiceConfig, workers: int) -> int
         signal.set_wakeup_fd(previous_wakeup)
         os.close(wake_read)
         os.close(wake_write)
-    logger.info("supervisor %d: every server process stopped, %s removed", os.getpid(), metrics_dir)
+    logger.info("parent %d: every server process stopped, %s removed", os.getpid(), metrics_dir)
     if received:
         signal.raise_signal(received[0])  # exit as the signal says, as uvicorn does
     return status
@@ -259,7 +260,7 @@ def watch(processes: list[ServerProcess], received: list[int], wake_read: int) -
         if not announced and all(p.ready for p in processes):
             announced = True
             logger.info("all %d server processes are ready", len(processes))
-    logger.info("supervisor %d: %s, stopping", os.getpid(), signal.Signals(received[0]).name)
+    logger.info("parent %d: %s, stopping", os.getpid(), signal.Signals(received[0]).name)
     return 0
 
 
@@ -292,7 +293,7 @@ def _ids(process: ServerProcess) -> tuple[int, int]:
 
 
 def server_process(spec_json: str) -> int:
-    """The body of one server process (run by the supervisor as ``python -c``)."""
+    """The body of one server process (run by the parent as ``python -c``)."""
     from ._server import ServeOptions, build_server, logging_config
 
     fields = json.loads(spec_json)
@@ -315,27 +316,27 @@ def server_process(spec_json: str) -> int:
 
     import uvicorn
 
-    class SupervisedServer(uvicorn.Server):
-        """Says "ready" to the supervisor once listening, and stops when it is gone."""
+    class LifelineServer(uvicorn.Server):
+        """Says "ready" to the parent once listening, and stops when it is gone."""
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)  # a failed lifespan exits here (status 3)
             if self.should_exit:
                 return
-            asyncio.get_running_loop().add_reader(spec.lifeline_fd, self.supervisor_gone)
+            asyncio.get_running_loop().add_reader(spec.lifeline_fd, self.parent_gone)
             try:
                 os.write(spec.ready_fd, READY)
-            except BrokenPipeError:  # the supervisor died during our start: the lifeline says so
+            except BrokenPipeError:  # the parent died during our start: the lifeline says so
                 pass
             finally:
                 os.close(spec.ready_fd)
 
-        def supervisor_gone(self) -> None:
+        def parent_gone(self) -> None:
             asyncio.get_running_loop().remove_reader(spec.lifeline_fd)
             if not self.should_exit:
-                logger.warning("the supervisor is gone: stopping")
+                logger.warning("the parent process is gone: stopping")
                 self.should_exit = True
 
-    server = build_server(config, options, spec.metrics_dir, SupervisedServer)
+    server = build_server(config, options, spec.metrics_dir, LifelineServer)
     server.run(sockets=[listener])
     return 0 if server.started else EXIT_START

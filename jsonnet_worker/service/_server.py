@@ -18,7 +18,7 @@ and uvicorn's loggers, the access log included (``--no-access-log`` turns it off
 a request carries (snippets, variables, tokens) is logged; the access log has the method,
 path and status only.
 
-``--workers N`` (``serve.workers``): ``_multiprocess.py``'s supervisor runs N server
+``--workers N`` (``serve.workers``): ``_multiprocess.py``'s parent process runs N server
 processes, each built here (``build_server``) with its own pool and host sandbox and the
 shared metrics directory as its one read-write grant.
 
@@ -204,9 +204,10 @@ def serve(options: ServeOptions) -> int:
     )
     warn_if_exposed(config, options.host)
     if workers > 1:
-        from ._multiprocess import supervise  # imports nothing of the app's at the top
+        # imports nothing of the app's at the top
+        from ._multiprocess import run_server_processes
 
-        return supervise(options, config, workers)
+        return run_server_processes(options, config, workers)
     server = build_server(config, options)
     server.run()
     return 0 if server.started else EXIT_START
