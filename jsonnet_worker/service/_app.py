@@ -156,13 +156,9 @@ class Service:
     async def check_snippets(self, pool: WorkerPool) -> None:
         """Parse and statically check every configured mapper and template in the sandbox
         (without evaluating them); StartupCheckFailed naming the first that fails."""
-        check = getattr(pool, "acheck", None)
-        if check is None:  # a pool without the check call path (INTERFACES.md item 2)
-            logger.warning("this pool cannot check snippets: not checked at start")
-            return
         for snippet in [*self.config.mappers.values(), *self.config.templates.values()]:
             try:
-                await check(snippet.source, filename=snippet.filename, tenant=CONFIG_DOMAIN)
+                await pool.acheck(snippet.source, filename=snippet.filename, tenant=CONFIG_DOMAIN)
             except JsonnetError as exc:
                 raise StartupCheckFailed(
                     f"{snippet.kind.value} {snippet.name!r} ({snippet.key}: {snippet.uri}) "
