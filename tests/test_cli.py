@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from jsonnet_worker import InvalidArgument, PoolConfig, UnsupportedPlatform
-from jsonnet_worker._cli import main
+from jsonnet_worker._cli import doctor, main
 from jsonnet_worker._sandbox.landlock import probe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,7 +380,7 @@ def test_cpp_engine_without_its_extra_names_the_extra(monkeypatch: pytest.Monkey
     args = main.build_parser().parse_args(["eval", "x", "--engine", "cpp"])
     with pytest.raises(main.Failed, match=r"^ERROR: engine 'cpp' needs the C\+\+ binding"):
         main.pool_config(args, main.CLI_POOL)
-    assert main.run_doctor("cpp") == 1
+    assert doctor.run_doctor("cpp") == 1
 
 
 @pytest.mark.parametrize(
@@ -395,11 +395,11 @@ def test_cpp_engine_without_its_extra_names_the_extra(monkeypatch: pytest.Monkey
 def test_doctor_reports_a_machine_where_no_worker_can_start(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failure: Exception
 ) -> None:
-    def greet(engine: str, timeout: float = 10.0) -> Any:
+    def greet(config: PoolConfig) -> Any:
         raise failure
 
-    monkeypatch.setattr(main, "greet", greet)
-    assert main.run_doctor("go") == 1
+    monkeypatch.setattr(doctor, "greet", greet)
+    assert doctor.run_doctor("go") == 1
     out = capsys.readouterr().out
     assert f"FAILED: cannot start a worker here: {type(failure).__name__}: {failure}" in out
     assert out.endswith("sandbox: NOT fully enforced (see above)\n")

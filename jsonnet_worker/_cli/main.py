@@ -1,6 +1,7 @@
 """The ``jsonnet-worker`` command: ``eval`` a file in the sandbox (with the ``jsonnet`` CLI's
 flags), ``test`` mappers against suites, ``check`` and ``fmt`` snippets, ``doctor`` the
-sandbox, ``serve`` the HTTP service (needs the ``serve`` extra, imported only when asked for).
+sandbox (``doctor.py``), ``serve`` the HTTP service (needs the ``serve`` extra, imported only
+when asked for).
 
 Goals: ``eval`` behaves as go-jsonnet's ``jsonnet`` command does (output, messages, exit 1
 for every evaluation or input error) except where the sandbox forbids it (README: "The
@@ -20,25 +21,16 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
 from .._config import ENGINES, PoolConfig
-from .._errors import Error, JsonnetError, WorkerStartError
-from .._pool.connection import Hello, WorkerConnection
+from .._errors import Error, JsonnetError
 from .._pool.facade import WorkerPool
-from .._pool.forking import WorkerSource
-from .._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
-from .._pool.launch import await_hello
-from .._pool.processes import WorkerProcess, WorkerSettings
-from .._report import judge_sandbox
-from .._wire.layers import LayerState, LayerStatus
-from .._wire.protocol import DEFAULT_MAX_FRAME
+from . import doctor, testrunner
 from . import output as output_modes
-from . import testrunner
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -341,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return run_serve(args)
     if args.command == "doctor":
-        return run_doctor(args.engine)
+        return doctor.run_doctor(args.engine)
     runners = {"eval": run_eval, "test": run_test, "check": run_check, "fmt": run_fmt}
     try:
         return runners[args.command](args)
@@ -502,116 +494,6 @@ def run_fmt(args: argparse.Namespace) -> int:
     except Error as exc:
         raise _library_error(exc) from None
     return status
-
-
-def greet(engine: str, timeout: float = 10.0) -> tuple[Hello | str, float, int]:
-    """Start one worker, wait for its hello (or its reason for failing), stop it."""
-    started = time.monotonic()
-    identities = WorkerIdentities(DEFAULT_WORKER_USER)
-    worker = WorkerProcess(
-        WorkerSettings(engine, PoolConfig().memory_limit, DEFAULT_MAX_FRAME, identities)
-    )
-    try:
-        try:
-            hello: Hello | str = await_hello(
-                worker, WorkerConnection(PoolConfig().max_output), timeout
-            )
-        except WorkerStartError as exc:
-            hello = str(exc)
-        return hello, time.monotonic() - started, worker.pid
-    finally:
-        worker.close(grace=1.0)
-
-
-def template_report(engine: str, timeout: float = 10.0) -> LayerStatus:
-    """Whether a pool here forks its workers from a template: start one, fork a worker, read
-    its hello. The template's ``LayerStatus`` (missing: re-exec workers, and why)."""
-    identities = WorkerIdentities(DEFAULT_WORKER_USER)
-    source = WorkerSource(
-        WorkerSettings(engine, PoolConfig().memory_limit, DEFAULT_MAX_FRAME, identities)
-    )
-    try:
-        started = time.monotonic()
-        worker = source.spawn()
-        try:
-            await_hello(worker, WorkerConnection(PoolConfig().max_output), timeout)
-            elapsed = time.monotonic() - started
-        finally:
-            worker.close(grace=1.0)
-        status = source.status()
-        if status.active:
-            template = source.template
-            start = f"template start-up {template.hello.startup_ms:.1f} ms; " if template else ""
-            took = f"template start + fork to the hello {elapsed * 1000:.1f} ms"
-            status = dataclasses.replace(status, detail=f"{status.detail} ({start}{took})")
-        return status
-    except (OSError, Error) as exc:
-        return LayerStatus("template", LayerState.MISSING, reason=f"{type(exc).__name__}: {exc}")
-    finally:
-        source.close()
-
-
-def _greet_safely(engine: str) -> tuple[Hello | str, float, int]:
-    """``greet``, with a machine that cannot start a worker at all (no pidfd, not Linux)
-    reported as the reason instead of a traceback."""
-    try:
-        return greet(engine)
-    except (OSError, AttributeError, Error) as exc:
-        return f"cannot start a worker here: {type(exc).__name__}: {exc}", 0.0, 0
-
-
-def run_doctor(engine: str) -> int:
-    engines = list(ENGINES) if engine == "all" else [engine]
-    healthy = True
-    for name in engines:
-        try:
-            PoolConfig(engine=name)
-        except Error as exc:  # an engine not installed (the cpp extra)
-            print(f"engine {name}: not available: {exc}")
-            healthy = healthy and engine == "all"
-            continue
-        hello, elapsed, pid = _greet_safely(name)
-        print(f"engine {name}: worker pid {pid}")
-        if isinstance(hello, str):
-            healthy = False
-            print(f"  FAILED: {hello}")
-            continue
-        healthy = _print_hello(hello, elapsed) and healthy
-        template = template_report(name)
-        if template.active:
-            print(f"  {'template:':<16} active: {template.detail}")
-        else:  # re-exec workers: slower to start, as isolated
-            print(f"  {'template:':<16} MISSING: {template.reason}")
-    print("sandbox: OK" if healthy else "sandbox: NOT fully enforced (see above)")
-    return 0 if healthy else EXIT_ERROR
-
-
-def _print_hello(hello: Hello, elapsed: float) -> bool:
-    landlock = hello.landlock
-    print(f"  engine version:  {hello.engine_version} (Python {hello.python})")
-    print(
-        f"  worker start:    {elapsed * 1000:.1f} ms to hello "
-        f"({hello.startup_ms:.1f} ms inside the worker)"
-    )
-    if landlock.enforced:
-        print(f"  Landlock:        ABI {landlock.abi} enforced (errata {landlock.errata:#x})")
-        print(f"  filesystem:      {', '.join(landlock.handled_fs)} (all denied, no rule)")
-        print(f"  network:         {', '.join(landlock.handled_net) or 'not handled (ABI < 4)'}")
-        print(f"  scopes:          {', '.join(landlock.scoped) or 'none (ABI < 6)'}")
-        print(f"  restrict flags:  {', '.join(landlock.restrict_flags) or 'none (ABI < 7)'}")
-        if landlock.dropped:
-            print(f"  kernel lacks:    {', '.join(landlock.dropped)}")
-    else:
-        print(f"  Landlock:        NOT ENFORCED: {landlock.reason}")
-    print(f"  self-check:      {hello.self_check}")
-    sandbox = hello.sandbox()
-    for layer in sandbox.layers[1:]:
-        label = f"{layer.name}:"
-        if layer.active:
-            print(f"  {label:<16} active: {layer.detail}")
-        else:
-            print(f"  {label:<16} MISSING: {layer.reason}")
-    return judge_sandbox(sandbox).complete
 
 
 def main_entry() -> None:
