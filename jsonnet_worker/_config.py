@@ -1,16 +1,21 @@
 """``PoolConfig``: every option of a pool, its default, its check and its help text, once.
 
-Goals: ``WorkerPool``, the CLI's pool flags and the service's ``pool:`` section all derive
-from this one frozen dataclass, so an option added here is reachable everywhere and no
-default is written twice.
+Goals: ``WorkerPool``, the CLI's pool flags, the service's ``pool:`` section, ``doctor`` and
+the host probe all derive from this one frozen dataclass, so an option added here is
+reachable everywhere and they all take its default from here.
 
 Plan: each field's ``metadata`` holds its help text (and, for the CLI, its flag's value
 type). ``__post_init__`` validates; a bad value raises ``InvalidArgument``/``InvalidType``
 (also ``ValueError``/``TypeError``). ``from_mapping`` takes the service's YAML section,
 refusing unknown keys; ``replace`` derives a changed copy.
 
-Weak spots: ``worker_user`` is resolved to numbers later (``_privileges``), in the parent,
-because only a root parent can drop to it.
+Weak spots: ``worker_user`` is resolved to numbers later (``_pool.identities``), in the
+parent, because only a root parent can drop to it. A few of these numbers are written again
+where this module is not consulted: the worker's own command-line defaults (the worker side
+imports nothing of the host's), ``_pool.identities.DEFAULT_WORKER_USER`` and
+``_pool.launch``'s greeting defaults (for callers that have no PoolConfig), and the
+service's packaged ``default.yaml``, which states its pool options explicitly (its memory
+limit differs on purpose). ``max_request``'s default is the wire format's frame limit.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import InvalidArgument, InvalidType
-from ._wire.protocol import EngineKind
+from ._wire.protocol import DEFAULT_MAX_FRAME, EngineKind
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024
@@ -33,7 +38,7 @@ DEFAULT_MAX_TRACE = 20
 DEFAULT_SPAWN_TIMEOUT = 10.0
 DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_QUEUE_LIMIT = 1000
-DEFAULT_MAX_REQUEST = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST = DEFAULT_MAX_FRAME  # a request is one frame
 DEFAULT_SPARES = 1
 DEFAULT_WORKER_USER = "nobody"
 DEFAULT_CPU_BUDGET = 300.0

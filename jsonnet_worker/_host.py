@@ -350,7 +350,7 @@ def _mapped_by_workers(pools: Sequence[WorkerPool]) -> set[str]:
     for pid in worker_pids:
         libraries |= mapped_files(pid)
     if not worker_pids:
-        engine = pools[0].engine if pools else "go"
+        engine = pools[0].engine if pools else PoolConfig().engine
         libraries |= _probe_worker_maps(engine)
     return libraries
 
