@@ -83,8 +83,8 @@ SYSTEM_FILES = ("/etc/resolv.conf", "/etc/hosts")
 LOADER_FILES = ("/etc/ld.so.cache", "/etc/ld.so.preload")
 ENGINE_MODULES = ("_gojsonnet", "_jsonnet")
 RESTART_NOTE = (
-    "the host's Landlock layer is irrevocable: a changed allow-list (security.landlock's "
-    "disabled or allowed_paths, for a Kratos config) takes effect at the next start"
+    "the host's Landlock layer is irrevocable: a changed allow-list (or opt-out) takes "
+    "effect at the next start"
 )
 
 

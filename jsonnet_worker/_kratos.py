@@ -57,7 +57,7 @@ def kratos_allow_list(
     ``config_files`` (the files it was read from, re-read on reload) and every file it names
     (docs/SANDBOX.md, "Allowed automatically"). ``SandboxConfigError`` for a bad
     ``security.landlock`` section."""
-    disabled, allowed_paths = landlock_settings(config)
+    disabled, allowed_paths = _landlock_settings(config)
     found = _Collected()
     for path in allowed_paths:
         found.add(path, "security.landlock.allowed_paths")
@@ -85,7 +85,7 @@ def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def landlock_settings(config: Mapping[str, Any]) -> tuple[bool, list[str]]:
+def _landlock_settings(config: Mapping[str, Any]) -> tuple[bool, list[str]]:
     """(``security.landlock.disabled``, ``security.landlock.allowed_paths``), checked."""
     if not isinstance(config, Mapping):
         raise SandboxConfigError(f"the config must be a mapping, not {type(config).__name__}")
