@@ -48,9 +48,8 @@ from .._errors import (
     WorkerStartError,
 )
 from .._report import PoolStats, SandboxStatus
+from .backoff import backoff_delay
 
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
 # CPU seconds an idle worker or spare may use between two samples (a Go runtime's idle
 # housekeeping uses well under a millisecond a second; a worker still evaluating after its
 # answer uses most of a CPU).
@@ -624,7 +623,7 @@ class PoolState(Generic[W]):
         effects: list[Effect] = []
         with self._lock:
             self.failures_in_a_row += 1
-            delay = min(BACKOFF_FIRST * 2 ** (self.failures_in_a_row - 1), BACKOFF_MAX)
+            delay = backoff_delay(self.failures_in_a_row)
             self.next_spawn_at = now + delay
             self.start_failures += 1
             self.start_failure = reason
