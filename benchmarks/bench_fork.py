@@ -3,7 +3,7 @@
     python benchmarks/bench_fork.py [--rounds N] [--calls N] [--alive N]
 
 Per round, one cold start (``WorkerProcess``: an interpreter re-exec to its hello) and one
-fork (``TemplateProcess.fork_worker``: a fork of the template to its hello), each followed by
+fork (``ForkServerProcess.fork_worker``: a fork of the template to its hello), each followed by
 its first call on the reference light workload (the OIDC mapper, as bench_latency.py) and
 closed; interleaved, so drift on a noisy machine hits both alike. Reported, as p50 / p95:
   * to hello, and to the first answer (start + hello + first call): what a call pays when it
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 from bench_latency import find_workload, percentile
 
 from jsonnet_worker import Error, WorkerPool
-from jsonnet_worker._pool.forking import TemplateProcess
+from jsonnet_worker._pool.forking import ForkServerProcess
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
@@ -273,7 +273,7 @@ def main() -> None:
     )
     caller = Caller(*find_workload(None))
     template_started = time.perf_counter()
-    template = TemplateProcess(settings)
+    template = ForkServerProcess(settings)
     template_start = time.perf_counter() - template_started
     try:
 

@@ -26,7 +26,7 @@ Each class carries ``kind`` (a stable snake_case name, the one vocabulary used b
     |   |-- ProtocolError           protocol_error     502  (a worker lied; it was replaced)
     |   |-- ConnectionMisuse        internal           500  (a bug of ours: _connection)
     |   `-- WorkerStartError        unavailable        503
-    |       `-- TemplateUnavailable template_unavailable 503  (_forking: re-exec instead)
+    |       `-- ForkServerUnavailable fork_server_unavailable 503  (_pool.forking: re-exec)
     |
     |-- the sandbox's: where isolation is required but cannot be applied, nothing runs
     |   |-- SandboxUnavailable      sandbox_unavailable 503

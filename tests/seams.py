@@ -49,10 +49,10 @@ def forked() -> WorkerOrigin:
     return FORKED
 
 
-def forked_from(template_command: list[str]) -> WorkerOrigin:
-    """Workers for ``pool_of``: forks of the template ``template_command`` runs (a
-    harness's template, tests/harness)."""
-    return ForkedWorkers(template_command)
+def forked_from(fork_server_command: list[str]) -> WorkerOrigin:
+    """Workers for ``pool_of``: forks of the fork server ``fork_server_command`` runs (a
+    harness's, tests/harness)."""
+    return ForkedWorkers(fork_server_command)
 
 
 def pool_of(origin: WorkerOrigin, size: int | None = None, **options: Any) -> WorkerPool:

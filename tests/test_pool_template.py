@@ -18,7 +18,8 @@ import pytest
 import seams
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._config import PoolConfig
-from jsonnet_worker._pool.forking import ForkedWorker, WorkerSource, template_command
+from jsonnet_worker._pool.forking import ForkedWorker, WorkerSource, fork_server_command
+from jsonnet_worker._pool.forkserver_policy import CHECK_INTERVAL
 from jsonnet_worker._pool.processes import settings_for
 from jsonnet_worker._sandbox.landlock import probe
 from jsonnet_worker._wire.layers import LayerState
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def harness(mode: str) -> list[str]:
-    real = template_command(settings_for(PoolConfig(size=1)))
+    real = fork_server_command(settings_for(PoolConfig(size=1)))
     assert real[3] == "-c" and real[5] == "_template"
     return [sys.executable, "-I", str(HARNESS), mode, *real[6:]]
 
@@ -226,13 +227,15 @@ def test_every_thread_of_a_pools_forked_worker_is_in_its_own_domain() -> None:
 
 def test_a_template_near_its_cpu_limit_is_replaced_and_its_workers_serve_on() -> None:
     """The share is made tiny so that the first tending finds the template due (a real
-    template needs hundreds of forks to use half a second of CPU)."""
+    template needs hundreds of forks to use half a second of CPU); the source's clock is
+    moved on to that tending."""
     settings = settings_for(PoolConfig(size=1, cpu_budget=1.0))
-    source = WorkerSource(settings, cpu_share=1e-9)
+    now = [1000.0]
+    source = WorkerSource(settings, cpu_share=1e-9, clock=lambda: now[0])
     try:
         worker = source.spawn()
         try:
-            first = source.template
+            first = source.fork_server
             assert isinstance(worker, ForkedWorker) and first is not None
             pid = first.pid
             spent = first.cpu_at_hello
@@ -241,8 +244,9 @@ def test_a_template_near_its_cpu_limit_is_replaced_and_its_workers_serve_on() ->
                 if used is not None and used > spent:
                     break
                 source.spawn().close()
+            now[0] += CHECK_INTERVAL
             source.maintain()
-            assert source.template is not None and source.template.pid != pid
+            assert source.fork_server is not None and source.fork_server.pid != pid
             assert source.stats().template_starts == 2
             assert worker.exited() is False  # the old template's worker lives on
         finally:

@@ -22,14 +22,14 @@ from jsonnet_worker._errors import MemoryLimitExceeded
 from jsonnet_worker._pool.forking import (
     ORPHAN_WAIT,
     ForkedWorker,
-    ForkState,
+    ForkServerProcess,
+    ForkServerUnavailable,
     TemplateHello,
-    TemplateProcess,
-    TemplateUnavailable,
     WorkerSource,
+    fork_server_command,
     isolation_problem,
-    template_command,
 )
+from jsonnet_worker._pool.forkserver_policy import ForkServerState
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._sandbox.landlock import probe
@@ -57,7 +57,7 @@ def settings(engine: str = "go") -> WorkerSettings:
 
 
 def harness(mode: str, engine: str = "go") -> list[str]:
-    real = template_command(settings(engine))
+    real = fork_server_command(settings(engine))
     assert real[3] == "-c" and real[5] == "_template"
     return [sys.executable, "-I", str(HARNESS), mode, *real[6:]]
 
@@ -135,15 +135,15 @@ class Talk:
 
 
 @pytest.fixture
-def template() -> Iterator[TemplateProcess]:
-    process = TemplateProcess(settings())
+def template() -> Iterator[ForkServerProcess]:
+    process = ForkServerProcess(settings())
     yield process
     process.close()
 
 
 @pytest.fixture
-def python_template() -> Iterator[TemplateProcess]:
-    process = TemplateProcess(settings(), harness("python"))
+def python_template() -> Iterator[ForkServerProcess]:
+    process = ForkServerProcess(settings(), harness("python"))
     yield process
     process.close()
 
@@ -156,7 +156,7 @@ def workers() -> Iterator[list[WorkerProcess]]:
         worker.close()
 
 
-def fork(template: TemplateProcess, workers: list[WorkerProcess]) -> Talk:
+def fork(template: ForkServerProcess, workers: list[WorkerProcess]) -> Talk:
     worker = template.fork_worker()
     workers.append(worker)
     return Talk(worker)
@@ -175,7 +175,7 @@ def test_a_forked_worker_evaluates_like_the_engine_in_process(
     engine: str, workers: list[WorkerProcess]
 ) -> None:
     module = pytest.importorskip("_gojsonnet" if engine == "go" else "_jsonnet")
-    template = TemplateProcess(settings(engine))
+    template = ForkServerProcess(settings(engine))
     try:
         talk = fork(template, workers)
         assert talk.hello.payload["engine"] == engine
@@ -198,7 +198,7 @@ def test_a_forked_worker_evaluates_like_the_engine_in_process(
 
 
 def test_the_hello_is_a_workers_and_the_pool_is_the_parent(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     talk = fork(template, workers)
     hello = talk.hello.payload
@@ -218,7 +218,7 @@ def test_the_hello_is_a_workers_and_the_pool_is_the_parent(
 
 
 def test_a_forked_worker_is_reaped_here_with_its_real_status(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     killed = fork(template, workers).process
     killed.kill()
@@ -243,7 +243,7 @@ result = {{str(tid): tgkill({pid}, tid) for tid in {tids}}}
 
 
 def test_every_thread_has_both_filters_and_none_is_reachable_from_a_sibling(
-    python_template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     if os.uname().machine != "x86_64":
         pytest.skip("the probe uses the x86_64 tgkill number")
@@ -276,7 +276,7 @@ def test_every_thread_of_a_forked_worker_is_in_its_own_domain_not_the_templates(
     right after the worker's layer): a domain may signal only itself and the domains nested
     in it, so a thread left in the template's domain (an engine loaded before the layer)
     would answer EPERM."""
-    template = TemplateProcess(settings(), harness("domain-probe"))
+    template = ForkServerProcess(settings(), harness("domain-probe"))
     try:
         first, second = fork(template, workers), fork(template, workers)
         first.python("result = 1")
@@ -320,7 +320,7 @@ result = {{
 
 
 def test_a_forked_worker_cannot_signal_ptrace_or_fork(
-    python_template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     first, second = fork(python_template, workers), fork(python_template, workers)
     result = first.python(
@@ -355,7 +355,7 @@ result = [pid, ctypes.get_errno()]
 
 
 def test_the_templates_fork_form_is_refused_to_its_workers(
-    python_template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     if os.uname().machine != "x86_64":
         pytest.skip("the probe uses the x86_64 clone number")
@@ -364,7 +364,7 @@ def test_the_templates_fork_form_is_refused_to_its_workers(
 
 
 def test_a_forked_worker_cannot_prlimit_its_template_or_a_sibling(
-    python_template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     first, second = fork(python_template, workers), fork(python_template, workers)
     result = first.python(
@@ -394,7 +394,7 @@ result = kinds
 
 
 def test_a_forked_worker_holds_nothing_of_the_template_or_its_siblings(
-    python_template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     first = fork(python_template, workers)
     second = fork(python_template, workers)
@@ -408,7 +408,7 @@ def test_a_forked_worker_holds_nothing_of_the_template_or_its_siblings(
 
 
 def test_the_template_never_evaluates(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     talk = fork(template, workers)
     assert talk.request("{a: 1}")["t"] == "result"
@@ -426,13 +426,13 @@ def test_the_template_never_evaluates(
     assert Talk(template.fork_worker()).request("1 + 1")["json"].strip() == "2"
 
 
-def test_a_fork_request_without_its_channels_is_refused(template: TemplateProcess) -> None:
+def test_a_fork_request_without_its_channels_is_refused(template: ForkServerProcess) -> None:
     reply = control_exchange(template, {"t": "fork", "id": 7})
     assert reply["t"] == "fork_failed" and reply["reason"] == "a fork needs 3 channels, got 0"
     assert isinstance(template.fork_worker(), ForkedWorker)
 
 
-def control_exchange(template: TemplateProcess, message: dict[str, Any]) -> dict[str, Any]:
+def control_exchange(template: ForkServerProcess, message: dict[str, Any]) -> dict[str, Any]:
     """Send one control message as the pool would, and read the template's reply."""
     template.control.send(encode_control(message))
     template.control.settimeout(10.0)
@@ -473,7 +473,7 @@ def _is_socket(fd):
 
 
 def test_killing_the_template_keeps_its_workers_and_their_calls(
-    python_template: TemplateProcess, workers: list[WorkerProcess]
+    python_template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     busy, idle = fork(python_template, workers), fork(python_template, workers)
     request_id = busy.send("import os, stat\n" + IS_SOCKET + HOLD_UNTIL_RELEASED)
@@ -490,14 +490,14 @@ def test_killing_the_template_keeps_its_workers_and_their_calls(
     assert answer.payload == {"t": "result", "id": request_id, "json": '"released"'}
     assert busy.python("result = 6 * 7") == 42
     assert idle.python("result = 'idle, alive'") == "idle, alive"
-    with pytest.raises(TemplateUnavailable) as refused:
+    with pytest.raises(ForkServerUnavailable) as refused:
         python_template.fork_worker()
     assert refused.value.permanent is False
     assert "killed by SIGKILL" in refused.value.reason
 
 
 def test_a_forked_worker_survives_its_templates_death_mid_evaluation(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     talk = fork(template, workers)
     request_id = talk.send(HEAVY_GO)
@@ -512,7 +512,7 @@ def test_a_forked_worker_survives_its_templates_death_mid_evaluation(
 def test_a_worker_cloned_just_before_its_template_died_is_adopted_not_left_a_zombie(
     workers: list[WorkerProcess],
 ) -> None:
-    template = TemplateProcess(settings(), harness("die-after-clone"))
+    template = ForkServerProcess(settings(), harness("die-after-clone"))
     try:
         worker = template.fork_worker()  # no pidfd came: the worker is found by its hello
         workers.append(worker)
@@ -524,17 +524,17 @@ def test_a_worker_cloned_just_before_its_template_died_is_adopted_not_left_a_zom
         pid = worker.pid
         worker.close()
         assert not os.path.exists(f"/proc/{pid}"), "the adopted worker was not reaped"
-        with pytest.raises(TemplateUnavailable):
+        with pytest.raises(ForkServerUnavailable):
             template.fork_worker()
     finally:
         template.close()
 
 
 def test_a_template_dead_before_its_clone_is_an_error_at_once() -> None:
-    template = TemplateProcess(settings(), harness("die-before-clone"))
+    template = ForkServerProcess(settings(), harness("die-before-clone"))
     try:
         began = time.monotonic()
-        with pytest.raises(TemplateUnavailable) as refused:
+        with pytest.raises(ForkServerUnavailable) as refused:
             template.fork_worker()
         # The end of the new worker's channel says no worker exists: no wait for a hello.
         assert time.monotonic() - began < ORPHAN_WAIT
@@ -546,12 +546,12 @@ def test_a_template_dead_before_its_clone_is_an_error_at_once() -> None:
 
 
 def test_closing_the_template_keeps_its_workers(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     talk = fork(template, workers)
     assert template.close() == 0  # it exits by itself at the end of its control socket
     assert talk.request("[1, 2]")["t"] == "result"
-    with pytest.raises(TemplateUnavailable, match="closed"):
+    with pytest.raises(ForkServerUnavailable, match="closed"):
         template.fork_worker()
 
 
@@ -559,29 +559,29 @@ def test_closing_the_template_keeps_its_workers(
 
 
 def test_a_refused_clone_is_a_permanent_fallback_with_the_reason() -> None:
-    template = TemplateProcess(settings(), harness("clone-refused"))
+    template = ForkServerProcess(settings(), harness("clone-refused"))
     try:
-        with pytest.raises(TemplateUnavailable) as refused:
+        with pytest.raises(ForkServerUnavailable) as refused:
             template.fork_worker()
         assert refused.value.permanent is True
         assert "CLONE_PARENT" in refused.value.reason
         assert "Operation not permitted" in refused.value.reason
-        assert refused.value.kind == "template_unavailable"
+        assert refused.value.kind == "fork_server_unavailable"
     finally:
         template.close()
 
 
 def test_a_template_without_landlock_is_refused_with_the_reason() -> None:
-    with pytest.raises(TemplateUnavailable) as refused:
-        TemplateProcess(settings(), harness("landlock-enosys"))
+    with pytest.raises(ForkServerUnavailable) as refused:
+        ForkServerProcess(settings(), harness("landlock-enosys"))
     assert refused.value.permanent is True
     assert "no Landlock layer" in refused.value.reason
     assert "not built in" in refused.value.reason
 
 
 def test_a_template_that_cannot_start_says_why() -> None:
-    with pytest.raises(TemplateUnavailable) as refused:
-        TemplateProcess(settings(), harness("broken-engine"))
+    with pytest.raises(ForkServerUnavailable) as refused:
+        ForkServerProcess(settings(), harness("broken-engine"))
     assert refused.value.permanent is True
     assert "_no_such_jsonnet_engine" in refused.value.reason
 
@@ -658,7 +658,7 @@ def test_a_worker_source_forks_and_says_so(workers: list[WorkerProcess]) -> None
         assert isinstance(worker, ForkedWorker)
         assert Talk(worker).request("{a: 1}")["t"] == "result"
         layer = source.status()
-        assert source.state is ForkState.FORKING and layer.state is LayerState.ACTIVE
+        assert source.policy.state is ForkServerState.FORKING and layer.state is LayerState.ACTIVE
         assert layer.name == "template" and "1 forked" in layer.detail
     finally:
         source.close()
@@ -667,14 +667,14 @@ def test_a_worker_source_forks_and_says_so(workers: list[WorkerProcess]) -> None
 def test_a_refusing_host_gets_re_exec_workers_for_good_with_the_reason(
     workers: list[WorkerProcess],
 ) -> None:
-    source = WorkerSource(settings(), template_command=harness("clone-refused"))
+    source = WorkerSource(settings(), fork_server_command=harness("clone-refused"))
     try:
         for _ in range(2):
             worker = source.spawn()
             workers.append(worker)
             assert not isinstance(worker, ForkedWorker)
             assert Talk(worker).request("{a: 1}")["t"] == "result"
-            assert source.state is ForkState.REFUSED and source.template is None
+            assert source.policy.state is ForkServerState.REFUSED and source.fork_server is None
         layer = source.status()
         assert layer.state is LayerState.MISSING
         assert layer.reason.startswith("re-exec workers: the template cannot fork: clone(")
@@ -691,21 +691,23 @@ def test_a_dead_template_is_started_again_after_its_back_off(
     try:
         first = source.spawn()
         workers.append(first)
-        assert source.template is not None
-        dead_pid = source.template.pid
-        source.template.kill()
-        source.template.wait(10.0)
+        assert source.fork_server is not None
+        dead_pid = source.fork_server.pid
+        source.fork_server.kill()
+        source.fork_server.wait(10.0)
         interim = source.spawn()  # meanwhile: a re-exec worker, and the reason
         workers.append(interim)
-        assert not isinstance(interim, ForkedWorker) and source.state is ForkState.WAITING
-        assert f"the template (pid {dead_pid}) exited with -9" in source.status().reason
+        assert (
+            not isinstance(interim, ForkedWorker) and source.policy.state is ForkServerState.WAITING
+        )
+        assert f"the fork server (pid {dead_pid}) killed by SIGKILL" in source.status().reason
         also_interim = source.spawn()  # the back-off has not passed: no new template yet
         workers.append(also_interim)
-        assert not isinstance(also_interim, ForkedWorker) and source.template is None
+        assert not isinstance(also_interim, ForkedWorker) and source.fork_server is None
         clock.now += 0.2
         again = source.spawn()
         workers.append(again)
-        assert isinstance(again, ForkedWorker) and again.template_pid != dead_pid
+        assert isinstance(again, ForkedWorker) and again.fork_server_pid != dead_pid
         assert Talk(first).request("[1]")["t"] == "result"  # the old template's worker lives on
         assert Talk(again).request("[2]")["t"] == "result"
     finally:
@@ -713,7 +715,7 @@ def test_a_dead_template_is_started_again_after_its_back_off(
 
 
 def test_a_forked_workers_stderr_is_its_own(
-    template: TemplateProcess, workers: list[WorkerProcess]
+    template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     talk = fork(template, workers)
     payload = talk.request("std.trace('said by the worker', 1)")
@@ -728,7 +730,7 @@ def test_a_forked_worker_keeps_the_memory_limit_and_its_death_is_classified(
     workers: list[WorkerProcess],
 ) -> None:
     limit = 256 << 20
-    template = TemplateProcess(
+    template = ForkServerProcess(
         WorkerSettings("go", limit, DEFAULT_MAX_FRAME, WorkerIdentities(DEFAULT_WORKER_USER))
     )
     try:

@@ -65,7 +65,7 @@ def template_report(config: PoolConfig) -> LayerStatus:
             worker.close(grace=1.0)
         status = source.status()
         if status.active:
-            template = source.template
+            template = source.fork_server
             start = f"template start-up {template.hello.startup_ms:.1f} ms; " if template else ""
             took = f"template start + fork to the hello {elapsed * 1000:.1f} ms"
             status = dataclasses.replace(status, detail=f"{status.detail} ({start}{took})")

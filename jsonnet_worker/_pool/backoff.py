@@ -15,4 +15,4 @@ BACKOFF_MAX = 5.0
 
 def backoff_delay(failures_in_a_row: int) -> float:
     """Seconds to wait after the ``failures_in_a_row``-th failure in a row (1 or more)."""
-    return min(BACKOFF_FIRST * 2 ** (failures_in_a_row - 1), BACKOFF_MAX)
+    return min(BACKOFF_FIRST * 2.0 ** (failures_in_a_row - 1), BACKOFF_MAX)

@@ -1,41 +1,42 @@
-"""Forked workers, parent side: start a template (``_template``), ask it for workers.
+"""Forked workers, parent side: start the fork server (``_worker.forkserver``), ask it for
+workers.
 
 Goals: the mechanism the supervisor needs to get a never-used worker for the cost of a fork,
 with the same surface as a re-exec ``WorkerProcess`` (channels, pidfd, kill, wait/reap,
-close), and one typed error, ``TemplateUnavailable``, whenever the template cannot give one,
-saying why and whether the re-exec path should be used from now on (``permanent``).
+close), and one typed error, ``ForkServerUnavailable``, whenever the fork server cannot give
+one, saying why and whether the re-exec path should be used from now on (``permanent``).
 
-Plan (docs/DESIGN.md, "Forked workers"): ``TemplateProcess`` re-executes the interpreter in
-the hidden ``_template`` mode with a SOCK_SEQPACKET control pair as its fd 0 and reads its
-hello. ``fork_worker()`` makes the three channels of a new worker here (so the template holds
-them only for the fork), sends them to the template over SCM_RIGHTS, and receives the
-worker's pidfd back. The template forks with CLONE_PARENT, so the worker is a child of *this*
-process: ``ForkedWorker`` reaps it with ``waitid(P_PIDFD)`` and gets its real exit status, a
-pid-reuse race is impossible (a pidfd names one process, and an unreaped child keeps its pid),
-and the worker outlives its template: killing the template loses no in-flight call.
-``WorkerSource`` is the supervisor's one call: a fork while the template can give one, a
-re-exec ``WorkerProcess`` otherwise, the template restarted after a back-off, the reason kept.
+Plan (docs/DESIGN.md, "Forked workers"): ``ForkServerProcess`` is a ``processes.ChildProcess``
+(the one mechanism that spawns, kills, reaps and describes workers and the fork server): it
+re-executes the interpreter in the hidden fork server mode with a SOCK_SEQPACKET control pair
+as its fd 0 and reads its hello. ``fork_worker()`` makes the three channels of a new worker
+here (so the fork server holds them only for the fork), sends them to the fork server over
+SCM_RIGHTS, and receives the worker's pidfd back. The fork server forks with CLONE_PARENT, so
+the worker is a child of *this* process: ``ForkedWorker`` reaps it with ``waitid(P_PIDFD)``
+and gets its real exit status, a pid-reuse race is impossible (a pidfd names one process, and
+an unreaped child keeps its pid), and the worker outlives its fork server: killing the fork
+server loses no in-flight call. ``WorkerSource`` is the supervisor's one call, a thin driver
+of ``forkserver_policy``: it reports to the policy what happened (started, forked, failed,
+died, CPU used) and carries out what the policy decides (a fork or a re-exec
+``WorkerProcess``, a fork server started or closed, a log line).
 
-Weak spots: the template runs as the pool's ``WorkerSettings.identity``, and its workers share
-that uid. If the template dies in the middle of a fork after cloning, before it sends the
-pidfd, the child is still ours: ``fork_worker`` reads its pid from its hello without consuming
-it and adopts it (a child that dies before its hello is never known: it stays a zombie until
-this process exits). An application that sets SIGCHLD to SIG_IGN makes the kernel
-reap every child itself: the exit status is then unknown and reported as 0 (as
-``subprocess`` does).
+Weak spots: the fork server runs as one of the pool's ``WorkerSettings.identities``, and its
+workers share that uid. If the fork server dies in the middle of a fork after cloning, before
+it sends the pidfd, the child is still ours: ``fork_worker`` reads its pid from its hello
+without consuming it and adopts it (a child that dies before its hello is never known: it
+stays a zombie until this process exits). An application that sets SIGCHLD to SIG_IGN makes
+the kernel reap every child itself: the exit status is then unknown and reported as 0 (as
+``subprocess`` does). The messages of the conversation with the fork server (its hello, the
+fork's answers) still call it "template": they are renamed with the wire format.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
-import math
 import os
 import select
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ from .._wire.control import (
     decode_control,
     encode_control,
 )
-from .._wire.layers import EXTRA_LAYERS, LayerState, LayerStatus
+from .._wire.layers import EXTRA_LAYERS, LayerStatus
 from .._wire.protocol import (
     FORK_SERVER_COMMAND,
     HEADER_SIZE,
@@ -63,40 +64,44 @@ from .._wire.protocol import (
     FrameReader,
     Message,
 )
+from .forkserver_policy import (
+    CPU_SHARE,
+    Action,
+    CloseForkServer,
+    ForkServerPolicy,
+    Log,
+    Next,
+    SourceStats,
+    StartForkServer,
+)
 from .processes import (
-    StderrCapture,
+    Channels,
+    ChildProcess,
     WorkerProcess,
     WorkerSettings,
-    exits_within,
-    kill_through,
     one_way_channel,
-    process_cpu_seconds,
     worker_command,
-    worker_environment,
 )
 
 logger = logging.getLogger("jsonnet_worker")
 
 START_TIMEOUT = 20.0
-BACKOFF_FIRST = 0.1  # seconds before a failed template is started again, doubling
-BACKOFF_MAX = 5.0
 FORK_TIMEOUT = 5.0
 # How long a fork whose template died looks for the hello of a child it may have cloned (a
 # fork's hello takes about 7 ms; an end of the channel says at once that there is none).
 ORPHAN_WAIT = 5.0
 ORPHAN_HELLO_MAX = 64 * 1024  # a hello is about 2 KB
-READ_SIZE = 64 * 1024
 # How a kernel or a container's seccomp profile refuses clone(CLONE_PARENT | CLONE_PIDFD):
 # it will refuse every later fork the same way.
 _REFUSALS = frozenset({errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOSYS})
 
 
-class TemplateUnavailable(WorkerStartError):
-    """The template cannot give a worker. ``permanent``: this host refuses what forking
-    needs (use re-exec workers for the pool's life); otherwise the template died or failed
+class ForkServerUnavailable(WorkerStartError):
+    """The fork server cannot give a worker. ``permanent``: this host refuses what forking
+    needs (use re-exec workers for the pool's life); otherwise the fork server died or failed
     once (respawn it with back-off)."""
 
-    kind = "template_unavailable"
+    kind = "fork_server_unavailable"
 
     def __init__(self, reason: str, *, permanent: bool) -> None:
         super().__init__(reason)
@@ -171,19 +176,21 @@ def isolation_problem(hello: TemplateHello) -> str | None:
     return None
 
 
-def template_command(settings: WorkerSettings, identity: WorkerIdentity | None = None) -> list[str]:
-    """The worker command in the template mode: the same bootstrap and arguments."""
+def fork_server_command(
+    settings: WorkerSettings, identity: WorkerIdentity | None = None
+) -> list[str]:
+    """The worker command in the fork server mode: the same bootstrap and arguments."""
     command = worker_command(settings, identity)
     command[command.index(WORKER_COMMAND)] = FORK_SERVER_COMMAND
     return command
 
 
 class ForkedWorker(WorkerProcess):
-    """A worker forked by a template: a child of this process (CLONE_PARENT), adopted by
+    """A worker forked by the fork server: a child of this process (CLONE_PARENT), adopted by
     ``WorkerProcess.adopt`` and reaped through its pidfd. Everything else is a re-exec
-    worker's mechanism; it holds no identity (its template holds the one it runs as)."""
+    worker's mechanism; it holds no identity (its fork server holds the one it runs as)."""
 
-    template_pid: int
+    fork_server_pid: int
 
     @classmethod
     def forked(
@@ -192,14 +199,14 @@ class ForkedWorker(WorkerProcess):
         pid: int,
         pidfd: int,
         channels: tuple[int, int, int],
-        template_pid: int,
+        fork_server_pid: int,
     ) -> ForkedWorker:
         worker = cls.adopt(settings, pid, pidfd, channels)
-        worker.template_pid = template_pid
+        worker.fork_server_pid = fork_server_pid
         return worker
 
     def __repr__(self) -> str:
-        return f"<ForkedWorker pid={self.pid} template={self.template_pid}>"
+        return f"<ForkedWorker pid={self.pid} fork_server={self.fork_server_pid}>"
 
 
 def _peek_hello_pid(fd: int, deadline: float) -> int | None:
@@ -238,11 +245,25 @@ def _peek_hello_pid(fd: int, deadline: float) -> int | None:
         channel.close()
 
 
-class TemplateProcess:
-    """One template: started, greeted, asked for workers; killed and reaped through it only.
+def _fork_server_channels() -> Channels:
+    """The fork server's stdio: a SOCK_SEQPACKET control pair's end as its fd 0 (fds travel
+    over it), one stderr channel as its fds 1 and 2; our ends: (control, stderr)."""
+    control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        child_stderr, stderr = one_way_channel(child_reads=False)
+    except BaseException:
+        control.close()
+        child_control.close()
+        raise
+    return (child_control.detach(), child_stderr, child_stderr), (control.detach(), stderr)
+
+
+class ForkServerProcess(ChildProcess):
+    """One fork server: started, greeted, asked for workers; killed and reaped through it only
+    (``ChildProcess``: the same mechanism as a worker's).
 
     ``fork_worker`` may be called from any thread (one fork at a time). Raises
-    ``TemplateUnavailable`` from the constructor and from ``fork_worker``."""
+    ``ForkServerUnavailable`` from the constructor and from ``fork_worker``."""
 
     def __init__(
         self,
@@ -252,48 +273,16 @@ class TemplateProcess:
         timeout: float = START_TIMEOUT,
         require_isolation: bool = True,
     ) -> None:
-        self.settings = settings
-        self.stderr = StderrCapture()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one fork at a time, and no close in the middle of one
         self._next_id = 0
-        self._closed = False
-        # One identity for the template's life, shared by every worker it forks (which
-        # neither acquire nor release one); released once the template is reaped.
-        self.identity = settings.identities.acquire()
-        try:
-            control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except BaseException:
-            settings.identities.release(self.identity)
-            raise
-        try:
-            child_stderr, self.stderr_fd = one_way_channel(child_reads=False)
-        except BaseException:
-            control.close()
-            child_control.close()
-            settings.identities.release(self.identity)
-            raise
-        try:
-            self._popen = subprocess.Popen(
-                command or template_command(settings, self.identity),
-                stdin=child_control.fileno(),
-                stdout=child_stderr,
-                stderr=child_stderr,
-                env=worker_environment(settings),
-                close_fds=True,
-                start_new_session=True,
-            )
-        except BaseException:
-            control.close()
-            os.close(self.stderr_fd)
-            settings.identities.release(self.identity)
-            raise
-        finally:
-            child_control.close()
-            os.close(child_stderr)
-        self.control = control
-        os.set_blocking(self.stderr_fd, False)
-        self.pid = self._popen.pid
-        self.pidfd = os.pidfd_open(self.pid)
+        # One identity for the fork server's life, shared by every worker it forks (which
+        # neither acquire nor release one); released once the fork server is reaped.
+        control, _ = self._spawn(
+            settings,
+            lambda identity: command or fork_server_command(settings, identity),
+            _fork_server_channels,
+        )
+        self.control = socket.socket(fileno=control)
         try:
             self.hello = self._greet(timeout, require_isolation)
         except BaseException:
@@ -302,7 +291,7 @@ class TemplateProcess:
         self.cpu_at_hello = self.cpu_seconds() or 0.0
 
     def __repr__(self) -> str:
-        return f"<TemplateProcess pid={self.pid}{' closed' if self._closed else ''}>"
+        return f"<ForkServerProcess pid={self.pid}{' closed' if self.closed else ''}>"
 
     # -- the conversation ----------------------------------------------------------------
 
@@ -312,30 +301,32 @@ class TemplateProcess:
             os.close(fd)
         if message["t"] == "startup_failed":
             # The same start-up would fail the same way again: use re-exec workers.
-            raise TemplateUnavailable(
+            raise ForkServerUnavailable(
                 f"the template could not start: {str(message.get('reason'))[:1000]}",
                 permanent=True,
             )
         if message["t"] != "template_hello":
-            raise TemplateUnavailable(
+            raise ForkServerUnavailable(
                 f"the template sent {message['t']!r} instead of its hello", permanent=True
             )
         try:
             hello = TemplateHello.from_message(message)
         except (TypeError, ValueError) as exc:
-            raise TemplateUnavailable(f"malformed template hello: {exc}", permanent=True) from None
+            raise ForkServerUnavailable(
+                f"malformed template hello: {exc}", permanent=True
+            ) from None
         if hello.fork_flags != FORK_FLAGS:
-            raise TemplateUnavailable(
+            raise ForkServerUnavailable(
                 f"the template forks with flags {hello.fork_flags:#x}, expected {FORK_FLAGS:#x}",
                 permanent=True,
             )
         problem = isolation_problem(hello)
         if problem is not None and require_isolation:
-            raise TemplateUnavailable(f"forked workers refused: {problem}", permanent=True)
+            raise ForkServerUnavailable(f"forked workers refused: {problem}", permanent=True)
         return hello
 
     def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
-        """The template's next control message; TemplateUnavailable if it dies, goes
+        """The template's next control message; ForkServerUnavailable if it dies, goes
         silent past ``deadline`` or sends something that is not a control message."""
         poller = select.poll()
         poller.register(self.control, select.POLLIN)
@@ -347,7 +338,7 @@ class TemplateProcess:
                 raise self._gone("the template did not answer in time")
             for fd, _ in poller.poll(left * 1000):
                 if fd == self.stderr_fd:
-                    if not self._drain_stderr():
+                    if not self.drain_stderr():
                         poller.unregister(self.stderr_fd)
                     continue
                 try:
@@ -368,40 +359,22 @@ class TemplateProcess:
                     for received in fds:
                         os.close(received)
                     self.kill()
-                    raise TemplateUnavailable(f"template: {exc}", permanent=False) from None
+                    raise ForkServerUnavailable(f"template: {exc}", permanent=False) from None
 
-    def _drain_stderr(self) -> bool:
-        while True:
-            try:
-                data = os.read(self.stderr_fd, READ_SIZE)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not data:
-                return False
-            self.stderr.add(data)
-
-    def _gone(self, what: str) -> TemplateUnavailable:
-        """The error for a template that stopped answering: says how it ended."""
-        self._drain_stderr()
-        returncode = self.wait(1.0)
-        if returncode is None:
-            how = "still running"
-        elif returncode < 0:
-            how = f"killed by {signal.Signals(-returncode).name}"
-        else:
-            how = f"exited with status {returncode}"
+    def _gone(self, what: str) -> ForkServerUnavailable:
+        """The error for a fork server that stopped answering: says how it ended."""
+        self.drain_stderr()
+        self.wait(1.0)
         tail = self.stderr.text().strip()
         detail = f": {tail.splitlines()[-1][:300]}" if tail else ""
-        return TemplateUnavailable(f"{what} ({how}){detail}", permanent=False)
+        return ForkServerUnavailable(f"{what} ({self.how_it_ended()}){detail}", permanent=False)
 
     def fork_worker(self, timeout: float = FORK_TIMEOUT) -> ForkedWorker:
         """A new, never-used worker forked from the template (its hello still to be read
         from its response channel, as with a re-exec worker)."""
         with self._lock:
-            if self._closed:
-                raise TemplateUnavailable("the template is closed", permanent=False)
+            if self.closed:
+                raise ForkServerUnavailable("the template is closed", permanent=False)
             self._next_id += 1
             request_id = self._next_id
             child_ends: list[int] = []
@@ -422,7 +395,7 @@ class TemplateProcess:
                         os.close(fd)
                 try:
                     message, fds = self._receive(time.monotonic() + timeout)
-                except TemplateUnavailable:
+                except ForkServerUnavailable:
                     orphan = self._adopt_orphan(parent_ends)
                     if orphan is None:
                         raise
@@ -449,11 +422,11 @@ class TemplateProcess:
         if message["t"] == "fork_failed" and answered:
             err = message.get("errno")
             reason = str(message.get("reason"))[:1000]
-            raise TemplateUnavailable(
+            raise ForkServerUnavailable(
                 f"the template cannot fork: {reason}", permanent=err in _REFUSALS
             )
         self.kill()
-        raise TemplateUnavailable(
+        raise ForkServerUnavailable(
             f"the template answered a fork with {message['t']!r} (id {message.get('id')!r})",
             permanent=False,
         )
@@ -485,229 +458,147 @@ class TemplateProcess:
         stdin, stdout, stderr = channels
         return ForkedWorker.forked(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
 
-    # -- life and death ------------------------------------------------------------------
+    # -- life and death: ChildProcess's, with the control socket as the input ------------
 
-    def kill(self) -> None:
-        if self._closed:
-            return
-        kill_through(self.pidfd)
+    def end_input(self) -> None:
+        """Close the control socket: the fork server exits at its end. Idempotent."""
+        self.control.close()
 
-    def exited(self) -> bool:
-        return self._popen.poll() is not None
-
-    def cpu_seconds(self) -> float | None:
-        """CPU time the template has used (RLIMIT_CPU counts it); None once it is gone."""
-        return process_cpu_seconds(self.pid)
-
-    def wait(self, timeout: float | None) -> int | None:
-        """Reap the template; None if it is still running after ``timeout`` seconds."""
-        unreaped = self._popen.returncode is None and not self._closed
-        if unreaped and timeout is not None and not exits_within(self.pidfd, timeout):
-            return None
-        return self._popen.wait()
+    def _channel_fds(self) -> tuple[int, ...]:
+        return ()
 
     def close(self, grace: float = 1.0) -> int | None:
-        """Stop the template (it exits at the end of its control socket; killed after
+        """Stop the fork server (it exits at the end of its control socket; killed after
         ``grace``), reap it, close every fd. The workers it forked live on. Idempotent."""
         with self._lock:
-            if self._closed:
-                return self._popen.returncode
-            self.control.close()
-            if grace <= 0 or self.wait(grace) is None:
-                self.kill()
-            returncode = self.wait(None)
-            self._drain_stderr()
-            self._closed = True
-            os.close(self.stderr_fd)
-            os.close(self.pidfd)
-            self.settings.identities.release(self.identity)
-            return returncode
-
-
-class ForkState(enum.Enum):
-    FORKING = "forking"  # a template is up: new workers are its forks
-    WAITING = "waiting"  # it died or failed once: re-exec until the back-off has passed
-    REFUSED = "refused"  # this host refuses what forking needs: re-exec for good
-
-
-@dataclass(frozen=True)
-class SourceStats:
-    """The template's part of ``PoolStats``."""
-
-    template_pid: int | None  # None: no template is up (re-exec workers meanwhile)
-    forks: int  # workers forked from a template
-    fallbacks: int  # workers re-executed because no template could give one
-    template_starts: int  # templates started (the first, respawns, replacements)
-
-
-# A template that has used this share of its CPU limit (beyond its start-up) is replaced:
-# it never evaluates, only its forks count (about a millisecond each).
-CPU_SHARE = 0.5
+            return super().close(grace)
 
 
 class WorkerSource:
-    """Where a pool's new workers come from: a fork of its template while the template can
-    give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox``/``doctor``.
+    """Where a pool's new workers come from: a fork of its fork server while the fork server
+    can give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox`` and
+    ``doctor``. A thin driver: every decision is ``ForkServerPolicy``'s; this carries out its
+    actions and reports what happened.
 
-    The template is started on the first ``spawn`` and again after a failure, with a
-    back-off of 0.1 s doubling to 5 s; a permanent refusal stops the attempts for good.
-    ``maintain`` notices a dead template at once, restarts it once the back-off has passed,
-    and replaces it before its RLIMIT_CPU runs out (each fork costs it about a millisecond).
-    Call it from the supervisor thread only: PR_SET_PDEATHSIG ties the template, and every
-    worker it forks, to the thread that started the template."""
+    The fork server is started on the first ``spawn`` (or ``maintain``) and again after a
+    failure, after the pool's back-off; a permanent refusal stops the attempts for good.
+    ``maintain`` notices a dead fork server, restarts it once the back-off has passed, and
+    replaces it before its RLIMIT_CPU runs out (each fork costs it about a millisecond). Call
+    it from the supervisor thread only: PR_SET_PDEATHSIG ties the fork server, and every
+    worker it forks, to the thread that started the fork server."""
 
     def __init__(
         self,
         settings: WorkerSettings,
         *,
-        template_command: list[str] | None = None,
+        fork_server_command: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         cpu_share: float = CPU_SHARE,
     ) -> None:
         self.settings = settings
-        self.template_command = template_command
+        self.fork_server_command = fork_server_command
         self.clock = clock
-        self.cpu_share = cpu_share
-        self.template: TemplateProcess | None = None
-        self.state = ForkState.WAITING
-        self.reason = "no template started yet"
-        self.forked = 0
-        self.fallbacks = 0
-        self.starts = 0
-        self._retry_at = 0.0
-        self._delay = BACKOFF_FIRST
-        if settings.identities.uids is not None:
-            # A worker_user range promises a uid per worker; a template has one uid.
-            self.state = ForkState.REFUSED
-            self.reason = (
-                "worker_user is a uid range (one uid per worker): a template's forked "
-                "workers would share its uid"
-            )
+        self.fork_server: ForkServerProcess | None = None
+        self.policy = ForkServerPolicy(
+            cpu_budget=settings.cpu_budget,
+            cpu_share=cpu_share,
+            uid_range=settings.identities.uids is not None,
+        )
 
     def spawn(self) -> WorkerProcess:
-        """A new worker: forked if the template can, re-executed otherwise. Raises only
+        """A new worker: forked if the fork server can, re-executed otherwise. Raises only
         what ``WorkerProcess`` raises."""
-        template = self._usable_template()
-        if template is not None:
+        self._notice_death()
+        step = self.policy.next_worker(self.clock())
+        if step is Next.START:
+            self._start()
+            step = self.policy.next_worker(self.clock())
+        if step is Next.FORK:
+            server = self.fork_server
+            assert server is not None  # FORKING: the policy's fork server is ours
             try:
-                worker = template.fork_worker()
-            except TemplateUnavailable as exc:
-                self._failed(exc)
+                worker = server.fork_worker()
+            except ForkServerUnavailable as exc:
+                self._perform(
+                    self.policy.fork_failed(server.pid, exc.reason, exc.permanent, self.clock())
+                )
             else:
-                self.forked += 1
+                self.policy.forked()
                 return worker
         re_exec = WorkerProcess(self.settings)
-        self.fallbacks += 1
+        self.policy.re_executed()
         return re_exec
 
-    def maintain(self) -> float | None:
-        """Between spawns: a dead template is noticed (and logged), a missing one started
-        once its back-off has passed, one near its CPU budget replaced. Returns when to call
-        again (a back-off running out), or None."""
-        budget = self.settings.cpu_budget
-        template = self.template
-        if template is not None and not template.exited() and budget is not None:
-            limit = max(1, math.ceil(budget))  # RLIMIT_CPU as the start-up sets it
-            used = template.cpu_seconds()
-            # Its start-up's own CPU time is not counted against the share (no churn).
-            due = template.cpu_at_hello + (limit - template.cpu_at_hello) * self.cpu_share
-            if used is not None and used >= due:
-                logger.info(
-                    "jsonnet_worker template %d used %.2f s of its %d s CPU limit; replacing it",
-                    template.pid,
-                    used,
-                    limit,
-                )
-                self.replace()
-        self._usable_template()
-        if self.template is None and self.state is ForkState.WAITING:
-            return self._retry_at
-        return None
+    def maintain(self) -> None:
+        """Between spawns, once the policy's ``check_at`` has come: a dead fork server is
+        reported, a live one's CPU time sampled, and what the policy asks done (a fork
+        server started once its back-off has passed, one near its CPU limit replaced)."""
+        now = self.clock()
+        if now < self.policy.check_at:
+            return
+        self._notice_death()
+        server = self.fork_server
+        if server is not None:
+            self._perform(self.policy.cpu_used(server.pid, server.cpu_seconds(), now))
+        self._perform(self.policy.tend(self.clock()))
+
+    @property
+    def check_at(self) -> float:
+        """When ``maintain`` has something to do (the supervisor's next tending time)."""
+        return self.policy.check_at
+
+    def look_soon(self) -> None:
+        """The fork server's pidfd turned readable: ``maintain`` looks on the next turn."""
+        self.policy.look_soon()
 
     def replace(self) -> None:
-        """Start a new template now (the old one is closed; the workers it forked live on)."""
-        if self.state is ForkState.REFUSED:
-            return
-        if self.template is not None:
-            self.template.close()
-            self.template = None
-        self.state, self._retry_at, self._delay = ForkState.WAITING, 0.0, BACKOFF_FIRST
-        self._usable_template()
+        """Start a new fork server now (the old one is closed; the workers it forked live on)."""
+        self._perform(self.policy.replace(self.clock()))
 
     @property
     def pidfd(self) -> int | None:
-        """The template's pidfd, to watch for its death (None without a template)."""
-        return self.template.pidfd if self.template is not None else None
-
-    def _usable_template(self) -> TemplateProcess | None:
-        if self.template is not None and self.template.exited():
-            self._failed(self.template_death())
-        if self.template is not None:
-            return self.template
-        if self.state is ForkState.REFUSED or self.clock() < self._retry_at:
-            return None
-        self.starts += 1
-        try:
-            self.template = TemplateProcess(self.settings, self.template_command)
-        except TemplateUnavailable as exc:
-            self._failed(exc)
-            return None
-        except OSError as exc:  # no fds, no processes left: try again later
-            self._failed(TemplateUnavailable(f"cannot start the template: {exc}", permanent=False))
-            return None
-        self.state, self.reason, self._delay = ForkState.FORKING, "", BACKOFF_FIRST
-        return self.template
-
-    def template_death(self) -> TemplateUnavailable:
-        assert self.template is not None
-        returncode = self.template.wait(0)
-        return TemplateUnavailable(
-            f"the template (pid {self.template.pid}) exited with {returncode}", permanent=False
-        )
-
-    def _failed(self, exc: TemplateUnavailable) -> None:
-        if self.template is not None:
-            self.template.close(grace=0)
-            self.template = None
-        self.reason = exc.reason
-        if exc.permanent:
-            self.state = ForkState.REFUSED
-            logger.warning(
-                "jsonnet_worker: forked workers are unavailable on this host (%s); new "
-                "workers are re-executed interpreters (slower to start, as isolated)",
-                exc.reason,
-            )
-            return
-        self.state = ForkState.WAITING
-        self._retry_at = self.clock() + self._delay
-        logger.warning(
-            "jsonnet_worker: the worker template failed (%s); re-exec workers until it is "
-            "started again in %.1f s",
-            exc.reason,
-            self._delay,
-        )
-        self._delay = min(self._delay * 2, BACKOFF_MAX)
+        """The fork server's pidfd, to watch for its death (None without a fork server)."""
+        return self.fork_server.pidfd if self.fork_server is not None else None
 
     def status(self) -> LayerStatus:
-        """The ``template`` layer of ``pool.sandbox`` and ``doctor``."""
-        template = self.template
-        if template is not None:
-            return LayerStatus(
-                "template",
-                LayerState.ACTIVE,
-                f"template pid {template.pid}: new workers are its forks (CLONE_PARENT), "
-                f"each in its own nested Landlock domain; {self.forked} forked",
-            )
-        return LayerStatus("template", LayerState.MISSING, reason=f"re-exec workers: {self.reason}")
+        """The fork server's layer (named ``template``) of ``pool.sandbox`` and ``doctor``."""
+        return self.policy.status()
 
     def stats(self) -> SourceStats:
-        template = self.template
-        return SourceStats(
-            template.pid if template is not None else None, self.forked, self.fallbacks, self.starts
-        )
+        return self.policy.stats()
 
     def close(self) -> None:
-        """Stop the template; the workers it forked live on (their owners close them)."""
-        if self.template is not None:
-            self.template.close()
-            self.template = None
+        """Stop the fork server; the workers it forked live on (their owners close them)."""
+        self._perform(self.policy.stop())
+
+    # -- carrying out ----------------------------------------------------------------------
+
+    def _notice_death(self) -> None:
+        server = self.fork_server
+        if server is not None and server.exited():
+            self._perform(self.policy.died(server.pid, server.how_it_ended(), self.clock()))
+
+    def _start(self) -> None:
+        try:
+            server = ForkServerProcess(self.settings, self.fork_server_command)
+        except ForkServerUnavailable as exc:  # it closed itself
+            self._perform(self.policy.start_failed(exc.reason, exc.permanent, self.clock()))
+            return
+        except OSError as exc:  # no fds, no processes left: try again later
+            reason = f"cannot start the fork server: {exc}"
+            self._perform(self.policy.start_failed(reason, False, self.clock()))
+            return
+        self.fork_server = server
+        self.policy.started(server.pid, server.cpu_at_hello, self.clock())
+
+    def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, CloseForkServer):
+                server = self.fork_server
+                if server is not None and server.pid == action.pid:
+                    self.fork_server = None
+                    server.close(action.grace)
+            elif isinstance(action, StartForkServer):
+                self._start()
+            elif isinstance(action, Log):
+                logger.log(action.level, action.message, *action.args)

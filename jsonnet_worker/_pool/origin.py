@@ -55,16 +55,16 @@ class ReExecWorkers:
 
 
 class ForkedWorkers(ReExecWorkers):
-    """New workers are forks of a template (the default): the real one, or
-    ``template_command`` (a test harness's); the source re-executes a worker itself when
-    its template cannot fork one."""
+    """New workers are forks of a fork server (the default): the real one, or
+    ``fork_server_command`` (a test harness's); the source re-executes a worker itself when
+    its fork server cannot fork one."""
 
-    def __init__(self, template_command: list[str] | None = None) -> None:
+    def __init__(self, fork_server_command: list[str] | None = None) -> None:
         super().__init__()
-        self.template_command = template_command
+        self.fork_server_command = fork_server_command
 
     def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
-        return WorkerSource(settings, template_command=self.template_command)
+        return WorkerSource(settings, fork_server_command=self.fork_server_command)
 
 
 FORKED = ForkedWorkers()

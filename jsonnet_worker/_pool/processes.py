@@ -1,29 +1,39 @@
-"""One worker process, owned by exactly one ``WorkerProcess`` that kills and reaps it.
+"""Child processes, owned each by exactly one object that kills and reaps it (trio's rule).
 
-Goals: pure mechanism. Start the worker by re-executing this interpreter in the hidden
-worker mode; hold its three channels and its pidfd; read, write, signal, reap, read its CPU
-time; say how it died. Nothing here decides policy (how many workers, when to recycle: that
-is ``_state``'s) or what the bytes mean (``_connection``'s). See docs/DESIGN.md, "Call flow".
+Goals: pure mechanism. Start a worker or the fork server by re-executing this interpreter in
+a hidden mode, or adopt a worker the fork server cloned; hold its channels and its pidfd;
+read, write, signal, reap, read its CPU time; say how it ended, in one wording. Nothing here
+decides policy (how many workers, when to recycle: ``state``'s; when to start the fork
+server: ``forkserver_policy``'s) or what the bytes mean (``connection``'s, ``forking``'s).
+See docs/DESIGN.md, "Call flow".
 
-Plan: the channels are non-blocking on our side, so a stuck or dead worker can never block a
+Plan: ``ChildProcess`` is the one owner of a child, for workers (``WorkerProcess``) and the
+fork server (``forking.ForkServerProcess``) alike: spawned (Popen, then a pidfd) or adopted (a
+CLONE_PARENT fork's pidfd, reaped through ``waitid(P_PIDFD)`` by ``PidfdChild``); its stderr
+captured; killed through its pidfd under the fd lock; waited and reaped; its fds closed once.
+It is the only code of the pool that signals or reaps a child (the fork server's orphan
+adoption only asks, with ``WNOWAIT``, whether a pid is our child).
+
+The channels are non-blocking on our side, so a stuck or dead worker can never block a
 caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is drained into a
 ``StderrCapture`` that keeps the head and the tail of what a call printed, bounded, so a
 ``std.trace`` flood never fills the channel and a Go crash dump keeps its first line ("fatal
 error: runtime: out of memory"). The pidfd lets the supervisor see a death without touching
 the channels a caller reads, and lets us signal without a pid-reuse race.
 
-The three channels are unix socket pairs, not pipes, each shut down in the direction it does
-not carry. Landlock does not mediate pipefs, so a worker could reopen a pipe it holds through
-``/proc/self/fd/N`` (``importstr "/proc/self/fd/1"`` without the import barrier read the
-worker's own stderr pipe and hung; fd 3 would steal the request stream). A socket cannot be
-opened through ``/proc`` at all (ENXIO), so the kernel refuses that too.
+A worker's three channels are unix socket pairs, not pipes, each shut down in the direction
+it does not carry. Landlock does not mediate pipefs, so a worker could reopen a pipe it holds
+through ``/proc/self/fd/N`` (``importstr "/proc/self/fd/1"`` without the import barrier read
+the worker's own stderr pipe and hung; fd 3 would steal the request stream). A socket cannot
+be opened through ``/proc`` at all (ENXIO), so the kernel refuses that too.
 
-A worker forked by a template (``_forking``) is a child of this process that ``subprocess``
-did not start: ``WorkerProcess.adopt`` owns it the same way and reaps it through
-``waitid(P_PIDFD)`` (``PidfdChild``); it holds no identity of its own.
+A worker forked by the fork server (``forking``) is a child of this process that
+``subprocess`` did not start: ``WorkerProcess.adopt`` owns it the same way; it holds no
+identity of its own.
 
-Weak spots: a re-exec worker is reaped by ``subprocess.Popen`` (thread-safe); the pidfd only
-observes it.
+Weak spots: a spawned child is reaped by ``subprocess.Popen`` (thread-safe); the pidfd only
+observes it. ``kill`` may come from any thread (the fd lock keeps the pidfd's number alive),
+but ``wait`` and ``close`` only from the owner's holder.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -240,8 +251,8 @@ def one_way_channel(child_reads: bool) -> tuple[int, int]:
 
 
 class _Child(Protocol):
-    """How a worker is reaped: ``subprocess.Popen`` for a re-exec worker, ``PidfdChild`` for
-    an adopted one."""
+    """How a child is reaped: ``subprocess.Popen`` for a spawned one, ``PidfdChild`` for an
+    adopted one."""
 
     @property
     def returncode(self) -> int | None: ...
@@ -290,129 +301,91 @@ class PidfdChild:
             self._lock.release()
 
 
-@dataclass(frozen=True)
-class AdoptedChild:
-    """A worker started elsewhere, to be owned by a ``WorkerProcess``: its pid, its pidfd,
-    and the parent ends of its (requests, responses, stderr) channels."""
-
-    pid: int
-    pidfd: int
-    channels: tuple[int, int, int]
+# What a spawned child's channels are made of: its (stdin, stdout, stderr) fds, and our ends
+# of them, our end of its stderr last.
+Channels = tuple[tuple[int, int, int], tuple[int, ...]]
 
 
-_Process = TypeVar("_Process", bound="WorkerProcess")
+class ChildProcess:
+    """One child process of this process, a worker or the fork server, owned by this object
+    alone: the only one that signals it (``kill``, under the fd lock, so that its pidfd's
+    number is never closed and reused meanwhile), reaps it (``wait``), says how it ended
+    (``how_it_ended``) and closes its fds (``close``).
 
+    Spawned (``_spawn``: ``subprocess.Popen``, reaped by Popen, observed through a pidfd) or
+    adopted (``_own`` with a ``PidfdChild``: a CLONE_PARENT fork, reaped through its pidfd).
+    Its stderr is drained into a ``StderrCapture``. A subclass adds its other channels:
+    ``end_input`` closes the one whose end tells the child to exit, ``_channel_fds`` lists
+    the rest, closed with the stderr channel and the pidfd once the child is reaped."""
 
-class WorkerProcess:
-    """A started worker: its channels and pidfd. Killed, reaped and closed through it only.
-
-    Pure mechanism: which state the pool gives it, and what its bytes mean, live in
-    ``_state`` and ``_connection``."""
-
-    def __init__(
+    def _spawn(
         self,
         settings: WorkerSettings,
-        command: list[str] | None = None,
-        *,
-        adopted: AdoptedChild | None = None,
-    ) -> None:
-        if adopted is not None:
-            self._attach(
-                settings,
-                PidfdChild(adopted.pidfd),
-                adopted.pid,
-                adopted.pidfd,
-                adopted.channels,
-                None,
-                held=False,
-            )
-            return
-        # Held until the process is reaped (close()): a uid from a range is this worker's.
+        command: Callable[[WorkerIdentity | None], list[str]],
+        channels: Callable[[], Channels],
+    ) -> tuple[int, ...]:
+        """Start the child: ``command`` is its command line for the identity it drops to
+        (held until it is reaped), ``channels`` makes its stdio and our ends. Returns our
+        ends; on any failure, everything acquired is given back."""
         identity = settings.identities.acquire()
-        child_ends: list[int] = []
-        parent_ends: list[int] = []
         try:
-            for child_reads in (True, False, False):  # requests, responses, stderr
-                child_end, parent_end = one_way_channel(child_reads)
-                child_ends.append(child_end)
-                parent_ends.append(parent_end)
+            child_stdio, ours = channels()
+        except BaseException:
+            settings.identities.release(identity)
+            raise
+        try:
             popen = subprocess.Popen(
-                command or worker_command(settings, identity),
-                stdin=child_ends[0],
-                stdout=child_ends[1],
-                stderr=child_ends[2],
+                command(identity),
+                stdin=child_stdio[0],
+                stdout=child_stdio[1],
+                stderr=child_stdio[2],
                 env=worker_environment(settings),
                 close_fds=True,
                 start_new_session=True,
             )
+            try:
+                pidfd = os.pidfd_open(popen.pid)
+            except BaseException:
+                popen.kill()
+                popen.wait()
+                raise
         except BaseException:
-            for fd in parent_ends:
+            for fd in ours:
                 os.close(fd)
             settings.identities.release(identity)
             raise
         finally:
-            for fd in child_ends:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        try:
-            pidfd = os.pidfd_open(popen.pid)
-        except BaseException:
-            popen.kill()
-            popen.wait()
-            for fd in parent_ends:
+            for fd in dict.fromkeys(child_stdio):  # the fork server's stdout is its stderr
                 os.close(fd)
-            settings.identities.release(identity)
-            raise
-        stdin, stdout, stderr = parent_ends
-        self._attach(settings, popen, popen.pid, pidfd, (stdin, stdout, stderr), identity)
+        self._own(settings, popen, popen.pid, pidfd, ours[-1], identity, held=True)
+        return ours
 
-    @classmethod
-    def adopt(
-        cls: type[_Process],
-        settings: WorkerSettings,
-        pid: int,
-        pidfd: int,
-        channels: tuple[int, int, int],
-    ) -> _Process:
-        """Own a worker started elsewhere: a child of this process (a template's
-        CLONE_PARENT fork) given as its pidfd and the parent ends of its three channels,
-        reaped through ``waitid(P_PIDFD)``. It holds no identity of its own: it runs as its
-        template's, which the template holds for its life."""
-        return cls(settings, adopted=AdoptedChild(pid, pidfd, channels))
-
-    def _attach(
+    def _own(
         self,
         settings: WorkerSettings,
         child: _Child,
         pid: int,
         pidfd: int,
-        channels: tuple[int, int, int],
+        stderr_fd: int,
         identity: WorkerIdentity | None,
         *,
-        held: bool = True,
+        held: bool,
     ) -> None:
+        """Take ownership of a started child (``held``: its identity is released once it
+        is reaped; an adopted fork runs as its fork server's, which holds that one)."""
         self.settings = settings
+        self.pid = pid
+        self.pidfd = pidfd
+        self.stderr_fd = stderr_fd
+        os.set_blocking(stderr_fd, False)
         self.stderr = StderrCapture()
+        self.stderr_open = True
         self.started_at = time.monotonic()
-        self._fd_lock = threading.Lock()
         self.identity = identity
         self._identity_held = held
         self._child = child
-        self.stdin, self.stdout, self.stderr_fd = channels
-        for fd in channels:
-            os.set_blocking(fd, False)
-        self.pid = pid
-        self.pidfd = pidfd
-        # Reused by whichever caller holds the worker: registering fds per call costs
-        # more syscalls than the answer's wait.
-        self.poller = select.poll()
-        self.poller.register(self.stdout, select.POLLIN)
-        self.poller.register(self.stderr_fd, select.POLLIN)
-        self._input_open = True
+        self._fd_lock = threading.Lock()
         self._fds_open = True
-        self.stderr_open = True
         self._cpu_at_exit: float | None = None
 
     @property
@@ -420,19 +393,9 @@ class WorkerProcess:
         """Its exit status once reaped (negative: the signal that killed it)."""
         return self._child.returncode
 
-    def __repr__(self) -> str:
-        return f"<WorkerProcess pid={self.pid}>"
-
-    # -- reading -------------------------------------------------------------------------
-
-    def read_stdout(self) -> bytes | None:
-        """What stdout holds now: bytes, ``b""`` at end of stream, None if nothing yet."""
-        try:
-            return os.read(self.stdout, READ_SIZE)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
+    @property
+    def closed(self) -> bool:
+        return not self._fds_open
 
     def drain_stderr(self, keep: bool = True) -> bool:
         """Move what stderr holds into the capture (or, ``keep=False``, into nothing);
@@ -449,16 +412,6 @@ class WorkerProcess:
                 return False
             if keep:
                 self.stderr.add(data)
-
-    def ready(self) -> tuple[bool, bool]:
-        """Without blocking: whether (stdout, stderr) have bytes or have ended."""
-        stdout = stderr = False
-        for fd, _ in self.poller.poll(0):
-            if fd == self.stdout:
-                stdout = True
-            else:
-                stderr = True
-        return stdout, stderr
 
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.pid)
@@ -483,6 +436,154 @@ class WorkerProcess:
             self._cpu_at_exit = self.cpu_seconds()  # a zombie's clock still reads
         return self._child.wait()
 
+    def how_it_ended(self) -> str:
+        """ "killed by SIGSEGV", "exited with status 3", or "still running" (not reaped)."""
+        returncode = self._child.returncode
+        if returncode is None:
+            return "still running"
+        if returncode < 0:
+            try:
+                return f"killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                return f"killed by signal {-returncode}"
+        return f"exited with status {returncode}"
+
+    def end_input(self) -> None:
+        """Close the channel whose end tells the child to exit. Idempotent."""
+        raise NotImplementedError
+
+    def _channel_fds(self) -> tuple[int, ...]:
+        """Our ends of its channels other than stderr and the input, closed by ``close``."""
+        raise NotImplementedError
+
+    def close(self, grace: float = 0.0) -> int | None:
+        """Stop the process (after ``grace`` seconds for an orderly exit at the end of its
+        input), reap it, keep what it printed last, close every fd. Idempotent."""
+        self.end_input()
+        if grace <= 0 or self.wait(grace) is None:
+            self.kill()
+        returncode = self.wait(None)
+        self._release_identity()
+        with self._fd_lock:
+            if self._fds_open:
+                self._fds_open = False
+                self.drain_stderr()
+                for fd in (*self._channel_fds(), self.stderr_fd, self.pidfd):
+                    os.close(fd)
+        return returncode
+
+    def _release_identity(self) -> None:
+        """Once the process is reaped (or never started): its uid may go to a new one."""
+        with self._fd_lock:
+            held, self._identity_held = self._identity_held, False
+        if held:
+            self.settings.identities.release(self.identity)
+
+
+def _worker_channels() -> Channels:
+    """A worker's three one-way channels: requests, responses, stderr."""
+    child_ends: list[int] = []
+    parent_ends: list[int] = []
+    try:
+        for child_reads in (True, False, False):
+            child_end, parent_end = one_way_channel(child_reads)
+            child_ends.append(child_end)
+            parent_ends.append(parent_end)
+    except BaseException:
+        for fd in child_ends + parent_ends:
+            os.close(fd)
+        raise
+    stdin, stdout, stderr = child_ends
+    return (stdin, stdout, stderr), tuple(parent_ends)
+
+
+@dataclass(frozen=True)
+class AdoptedChild:
+    """A worker started elsewhere, to be owned by a ``WorkerProcess``: its pid, its pidfd,
+    and the parent ends of its (requests, responses, stderr) channels."""
+
+    pid: int
+    pidfd: int
+    channels: tuple[int, int, int]
+
+
+_Process = TypeVar("_Process", bound="WorkerProcess")
+
+
+class WorkerProcess(ChildProcess):
+    """A started worker: its channels and pidfd. Killed, reaped and closed through it only.
+
+    Pure mechanism: which state the pool gives it, and what its bytes mean, live in
+    ``_state`` and ``_connection``."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        command: list[str] | None = None,
+        *,
+        adopted: AdoptedChild | None = None,
+    ) -> None:
+        if adopted is not None:
+            child = PidfdChild(adopted.pidfd)
+            channels = adopted.channels
+            self._own(settings, child, adopted.pid, adopted.pidfd, channels[2], None, held=False)
+        else:
+            stdin, stdout, stderr = self._spawn(
+                settings,
+                lambda identity: command or worker_command(settings, identity),
+                _worker_channels,
+            )
+            channels = (stdin, stdout, stderr)
+        self.stdin, self.stdout, _ = channels
+        os.set_blocking(self.stdin, False)
+        os.set_blocking(self.stdout, False)
+        # Reused by whichever caller holds the worker: registering fds per call costs
+        # more syscalls than the answer's wait.
+        self.poller = select.poll()
+        self.poller.register(self.stdout, select.POLLIN)
+        self.poller.register(self.stderr_fd, select.POLLIN)
+        self._input_open = True
+
+    @classmethod
+    def adopt(
+        cls: type[_Process],
+        settings: WorkerSettings,
+        pid: int,
+        pidfd: int,
+        channels: tuple[int, int, int],
+    ) -> _Process:
+        """Own a worker started elsewhere: a child of this process (a fork server's
+        CLONE_PARENT fork) given as its pidfd and the parent ends of its three channels,
+        reaped through ``waitid(P_PIDFD)``. It holds no identity of its own: it runs as its
+        fork server's, which the fork server holds for its life."""
+        return cls(settings, adopted=AdoptedChild(pid, pidfd, channels))
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess pid={self.pid}>"
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read_stdout(self) -> bytes | None:
+        """What stdout holds now: bytes, ``b""`` at end of stream, None if nothing yet."""
+        try:
+            return os.read(self.stdout, READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def ready(self) -> tuple[bool, bool]:
+        """Without blocking: whether (stdout, stderr) have bytes or have ended."""
+        stdout = stderr = False
+        for fd, _ in self.poller.poll(0):
+            if fd == self.stdout:
+                stdout = True
+            else:
+                stderr = True
+        return stdout, stderr
+
+    # -- how it died ---------------------------------------------------------------------
+
     def _ran_out_of_cpu(self, returncode: int | None) -> bool:
         """RLIMIT_CPU ended it: SIGXCPU at the budget, or SIGKILL a second later (a worker
         that ignores SIGXCPU), told apart from other kills by the CPU time it had used when
@@ -494,16 +595,6 @@ class WorkerProcess:
             return True
         cpu = self._cpu_at_exit
         return returncode == -signal.SIGKILL and cpu is not None and cpu >= budget
-
-    def how_it_ended(self) -> str:
-        """ "killed by SIGSEGV" or "exited with status 3" (after it has been reaped)."""
-        returncode = self._child.returncode
-        if returncode is not None and returncode < 0:
-            try:
-                return f"killed by {signal.Signals(-returncode).name}"
-            except ValueError:
-                return f"killed by signal {-returncode}"
-        return f"exited with status {returncode}"
 
     def death_error(self) -> MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout:
         """After it has exited (reaped): why it died, with what it printed during this call."""
@@ -552,24 +643,5 @@ class WorkerProcess:
                 self._input_open = False
                 os.close(self.stdin)
 
-    def close(self, grace: float = 0.0) -> int | None:
-        """Stop the process (after ``grace`` seconds for an orderly exit), reap it, close
-        every fd. Idempotent."""
-        self.end_input()
-        if grace <= 0 or self.wait(grace) is None:
-            self.kill()
-        returncode = self.wait(None)
-        self._release_identity()
-        with self._fd_lock:
-            if self._fds_open:
-                self._fds_open = False
-                for fd in (self.stdout, self.stderr_fd, self.pidfd):
-                    os.close(fd)
-        return returncode
-
-    def _release_identity(self) -> None:
-        """Once the process is reaped (or never started): its uid may go to a new worker."""
-        with self._fd_lock:
-            held, self._identity_held = self._identity_held, False
-        if held:
-            self.settings.identities.release(self.identity)
+    def _channel_fds(self) -> tuple[int, ...]:
+        return (self.stdout,)

@@ -40,7 +40,8 @@ from .connection import (
     StartupFailed,
     WorkerConnection,
 )
-from .forking import SourceStats, WorkerSource
+from .forking import WorkerSource
+from .forkserver_policy import SourceStats
 from .origin import WorkerOrigin
 from .processes import WorkerProcess, WorkerSettings
 from .state import (
@@ -95,7 +96,6 @@ class Supervisor:
         # New workers are forks of the origin's source (made on this thread, in _run), if
         # it gives one; re-executed by the origin otherwise.
         self.source: WorkerSource | None = None
-        self._template_due = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_lock = threading.Lock()
         self._wake_open = True
@@ -192,20 +192,19 @@ class Supervisor:
         return source.stats() if source is not None else SourceStats(None, 0, 0, 0)
 
     def replace_template(self) -> None:
-        """Start a new template now (on this thread); the old one's workers live on."""
-        self.run_on_thread(self._replace_template)
+        """Start a new fork server now (on this thread); the old one's workers live on."""
+        self.run_on_thread(self._replace_fork_server)
 
-    def _replace_template(self) -> None:
-        if self.source is not None:
+    def _replace_fork_server(self) -> None:
+        if self.source is not None:  # made on this thread: after a request made at start
             self.source.replace()
-            self._template_due = 0.0
 
     def _run(self) -> None:
         try:
             self.source = self.origin.fork_source(self.settings)
             while not self._stopping:
                 self._run_requests()
-                self._tend_template()
+                self._tend_fork_server()
                 self._spawn_missing()  # first: a replacement starts before the dead are reaped
                 self._reap_retired()
                 self._wait_and_handle()
@@ -231,15 +230,12 @@ class Supervisor:
         for worker in self.state.take_retired():
             worker.process.close()
 
-    def _tend_template(self) -> None:
-        """Notice a dead template, restart it after its back-off, replace it before its CPU
-        budget runs out: at its death (its pidfd), at the back-off's end, and every
-        IDLE_CHECK_INTERVAL otherwise."""
-        source, now = self.source, time.monotonic()
-        if source is None or now < self._template_due:
-            return
-        retry_at = source.maintain()
-        self._template_due = retry_at if retry_at is not None else now + IDLE_CHECK_INTERVAL
+    def _tend_fork_server(self) -> None:
+        """Notice a dead fork server, restart it after its back-off, replace it before its
+        CPU budget runs out: when its policy says (``WorkerSource.check_at``: at its death,
+        seen through its pidfd, at the back-off's end, and every half second otherwise)."""
+        if self.source is not None:
+            self.source.maintain()
 
     def _new_process(self) -> WorkerProcess:
         if self.source is not None:
@@ -266,7 +262,7 @@ class Supervisor:
         watched: dict[int, tuple[str, Worker]] = {}
         now = time.monotonic()
         deadlines = [self._next_idle_check]
-        template_pidfd = self._watch_template(poller, deadlines)
+        fork_server_pidfd = self._watch_fork_server(poller, deadlines)
         roster = self.state.roster()
         if roster.next_spawn_at > now:
             deadlines.append(roster.next_spawn_at)
@@ -283,7 +279,7 @@ class Supervisor:
                 watched[process.pidfd] = ("exit", worker)
         wait_ms = max(0, int((min(deadlines) - now) * 1000) + 1)
         for fd, _ in poller.poll(wait_ms):
-            if fd in (self._wake_r, template_pidfd):
+            if fd in (self._wake_r, fork_server_pidfd):
                 self._woken(fd)
                 continue
             role, worker = watched[fd]
@@ -300,12 +296,12 @@ class Supervisor:
                 self._start_failed(worker, f"unexpected failure while starting it: {exc!r}")
         self._time_out_starts()
 
-    def _watch_template(self, poller: select.poll, deadlines: list[float]) -> int:
-        """Watch the template's pidfd and its next tending time; the pidfd, or -1."""
+    def _watch_fork_server(self, poller: select.poll, deadlines: list[float]) -> int:
+        """Watch the fork server's pidfd and its next tending time; the pidfd, or -1."""
         source = self.source
         pidfd = source.pidfd if source is not None else None
         if source is not None:
-            deadlines.append(self._template_due)
+            deadlines.append(source.check_at)
         if pidfd is None:
             return -1
         poller.register(pidfd, select.POLLIN)
@@ -314,8 +310,8 @@ class Supervisor:
     def _woken(self, fd: int) -> None:
         if fd == self._wake_r:
             self._drain_wake()
-        else:
-            self._template_due = 0.0  # the template died: tended on the next turn
+        elif self.source is not None:
+            self.source.look_soon()  # the fork server died: tended on the next turn
 
     def _handle(self, role: str, worker: Worker, status: WorkerStatus) -> None:
         if role == "stderr":
