@@ -245,7 +245,7 @@ class WorkerPool:
         sandbox = self._state.view().sandbox
         if sandbox is None:
             return None
-        return dataclasses.replace(sandbox, template=self._supervisor.template_status())
+        return dataclasses.replace(sandbox, template=self._supervisor.fork_server_status())
 
     @property
     def closed(self) -> bool:
@@ -254,7 +254,7 @@ class WorkerPool:
 
     def stats(self) -> PoolStats:
         self._check_fork()
-        source = self._supervisor.template_stats()
+        source = self._supervisor.fork_server_stats()
         return dataclasses.replace(
             self._state.stats(),
             template_pid=source.template_pid,
@@ -267,7 +267,7 @@ class WorkerPool:
         """Start a new worker template now; the workers the old one forked serve on. A pool
         that re-executes its workers (no template on this host) does nothing."""
         self._check_fork()
-        self._supervisor.replace_template()
+        self._supervisor.replace_fork_server()
 
     @property
     def supervisor_thread_id(self) -> int | None:

@@ -41,7 +41,7 @@ from .connection import (
     WorkerConnection,
 )
 from .forking import WorkerSource
-from .forkserver_policy import SourceStats
+from .forkserver_policy import LAYER, SourceStats
 from .origin import WorkerOrigin
 from .processes import WorkerProcess, WorkerSettings
 from .state import (
@@ -179,19 +179,20 @@ class Supervisor:
 
     # -- the loop ------------------------------------------------------------------------
 
-    def template_status(self) -> LayerStatus:
-        """The ``template`` layer: forked workers, or re-exec ones and why."""
+    def fork_server_status(self) -> LayerStatus:
+        """The fork server's layer (named ``template``): forked workers, or re-exec ones
+        and why."""
         source = self.source
         if source is not None:
             return source.status()
         reason = f"re-exec workers: {self.origin.reason}"
-        return LayerStatus("template", LayerState.MISSING, reason=reason)
+        return LayerStatus(LAYER, LayerState.MISSING, reason=reason)
 
-    def template_stats(self) -> SourceStats:
+    def fork_server_stats(self) -> SourceStats:
         source = self.source
         return source.stats() if source is not None else SourceStats(None, 0, 0, 0)
 
-    def replace_template(self) -> None:
+    def replace_fork_server(self) -> None:
         """Start a new fork server now (on this thread); the old one's workers live on."""
         self.run_on_thread(self._replace_fork_server)
 
