@@ -142,7 +142,7 @@ def test_a_failed_start_backs_off_doubling_to_the_cap_with_re_exec_workers_meanw
         driver.now = driver.policy.retry_at
     assert delays(driver.logs) == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     assert driver.spawn() == "fork"  # the ninth start succeeds
-    assert driver.policy.stats().template_starts == 9 and driver.policy.fallbacks == 8
+    assert driver.policy.stats().fork_server_starts == 9 and driver.policy.fallbacks == 8
     driver.dies(driver.servers[0])
     assert driver.policy.retry_at == pytest.approx(driver.now + BACKOFF_FIRST)  # reset
 
@@ -289,7 +289,7 @@ def test_a_fork_server_near_its_cpu_limit_is_replaced_its_start_up_not_counted()
     log = actions[0]
     assert isinstance(log, Log) and log.level == logging.INFO and log.args == (201, 0.65, 1)
     assert actions[1:] == [CloseForkServer(201, RETIRE_GRACE), StartForkServer()]
-    assert driver.policy.pid == 202 and driver.policy.stats().template_starts == 2
+    assert driver.policy.pid == 202 and driver.policy.stats().fork_server_starts == 2
 
 
 def test_without_a_cpu_budget_a_fork_server_is_never_replaced_for_its_cpu() -> None:

@@ -247,7 +247,7 @@ def test_a_template_near_its_cpu_limit_is_replaced_and_its_workers_serve_on() ->
             now[0] += CHECK_INTERVAL
             source.maintain()
             assert source.fork_server is not None and source.fork_server.pid != pid
-            assert source.stats().template_starts == 2
+            assert source.stats().fork_server_starts == 2
             assert worker.exited() is False  # the old template's worker lives on
         finally:
             worker.close()

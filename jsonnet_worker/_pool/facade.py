@@ -257,10 +257,10 @@ class WorkerPool:
         source = self._supervisor.fork_server_stats()
         return dataclasses.replace(
             self._state.stats(),
-            template_pid=source.template_pid,
+            template_pid=source.fork_server_pid,
             forks=source.forks,
             fork_fallbacks=source.fallbacks,
-            template_starts=source.template_starts,
+            template_starts=source.fork_server_starts,
         )
 
     def replace_template(self) -> None:

@@ -98,10 +98,10 @@ Action = StartForkServer | CloseForkServer | Log
 class SourceStats:
     """The fork server's part of ``PoolStats``."""
 
-    template_pid: int | None  # None: no fork server is up (re-exec workers meanwhile)
+    fork_server_pid: int | None  # None: no fork server is up (re-exec workers meanwhile)
     forks: int  # workers forked from a fork server
     fallbacks: int  # workers re-executed because no fork server could give one
-    template_starts: int  # fork servers started (the first, restarts, replacements)
+    fork_server_starts: int  # fork servers started (the first, restarts, replacements)
 
 
 class ForkServerPolicy:

@@ -514,7 +514,7 @@ class WorkerProcess(ChildProcess):
     """A started worker: its channels and pidfd. Killed, reaped and closed through it only.
 
     Pure mechanism: which state the pool gives it, and what its bytes mean, live in
-    ``_state`` and ``_connection``."""
+    ``state`` and ``connection``."""
 
     def __init__(
         self,
