@@ -27,7 +27,7 @@ from pathlib import Path
 
 import _gojsonnet
 
-from benchmarks import bench_bounds, workloads
+from benchmarks import bench_bounds, bench_tenants, workloads
 from benchmarks.bench_latency import percentile as pct
 from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
@@ -544,6 +544,7 @@ def main() -> None:
     report.notes.append(floor)
     scaling(report, args.quick)
     lifecycle(report, args.quick)
+    bench_tenants.run(report, args.quick)  # issue 21: a victim tenant beside floods
     service, per_round = service_ratio(args.quick, not args.no_write)
     report.notes.append(f"service / unsafe in-process app under wrk, per round: {per_round}")
     targets(report, latency, rates, service)
@@ -570,7 +571,7 @@ def main() -> None:
                 service_section = current[start:] if end == -1 else current[start:end]
         RESULTS.write_text(
             "# Benchmark results\n\n"
-            "Regenerate with `python -m benchmarks.run` (about eight minutes; it runs "
+            "Regenerate with `python -m benchmarks.run` (about eleven minutes; it runs "
             "`python -m benchmarks.bench_service` too, which writes the service section "
             "below). Ratios are against in-process `_gojsonnet` measured in the same run, "
             "contenders interleaved in rounds. On these 2-CPU VMs absolute figures move a "
