@@ -47,7 +47,7 @@ from jsonnet_worker import Error, WorkerPool
 from jsonnet_worker._pool.forking import ForkServerProcess
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, FrameReader, Message, encode
 from tests import seams
 
 _READERS: dict[int, FrameReader] = {}  # each worker's frames, by pid

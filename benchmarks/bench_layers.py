@@ -33,7 +33,7 @@ from jsonnet_worker import WorkerPool
 from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._pool.launch import launch_and_greet
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
 from tests import seams
 
 HARNESS = Path(__file__).resolve().parent.parent / "tests" / "harness" / "worker_harness.py"

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import InvalidArgument, InvalidType
-from ._wire.protocol import DEFAULT_MAX_FRAME, EngineKind
+from ._wire.framing import DEFAULT_MAX_FRAME
+from ._wire.messages import EngineKind
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024

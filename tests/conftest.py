@@ -13,7 +13,7 @@ import pytest
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
 from jsonnet_worker._sandbox.privileges import WorkerIdentity
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
 
 TESTS = Path(__file__).parent
 DATA = TESTS / "data"

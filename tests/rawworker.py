@@ -16,10 +16,11 @@ import select
 import time
 from typing import Any
 
-from jsonnet_worker._pool.connection import NEED_DATA, Answer, Failure, Hello, WorkerConnection
+from jsonnet_worker._pool.connection import NEED_DATA, Answer, Failure, WorkerConnection
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, EvalRequest, Event, FrameReader
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, Event, FrameReader
+from jsonnet_worker._wire.messages import EvalRequest, Result, WorkerHello
 
 MAX_OUTPUT = 1 << 20
 
@@ -39,7 +40,7 @@ class RawWorker:
         self.frames = FrameReader(DEFAULT_MAX_FRAME)
         self.next_id = 1
         try:
-            self.hello: Hello = await_hello(self.process, self.connection, timeout=20.0)
+            self.hello: WorkerHello = await_hello(self.process, self.connection, timeout=20.0)
         except BaseException:
             self.process.close()
             raise
@@ -90,8 +91,9 @@ class RawWorker:
         return event
 
     def request(self, snippet: str, **fields: Any) -> dict[str, Any]:
-        """Evaluate through the pool's conversation; the answer as the worker's message
-        (``t`` result with ``json``, or ``t`` error with ``kind`` and ``message``)."""
+        """Evaluate through the pool's conversation; the answer, once the pool has validated
+        it, as the worker's message (``t`` result with ``json``, or ``t`` error with ``kind``
+        and ``message``), for tests that compare answers whole."""
         fields.setdefault("filename", "test.jsonnet")
         fields.setdefault("max_output", MAX_OUTPUT)
         request = EvalRequest(self.next_id, snippet, **fields)
@@ -101,12 +103,7 @@ class RawWorker:
         while (event := self.connection.next_event()) is NEED_DATA:
             self.connection.receive_data(self._read(deadline - time.monotonic()))
         if isinstance(event, Answer):
-            return {"t": "result", "id": event.request_id, "json": event.json_text}
+            return Result(event.request_id, event.json_text, event.retire).to_message()
         if isinstance(event, Failure):
-            return {
-                "t": "error",
-                "id": event.request_id,
-                "kind": event.kind.value,
-                "message": event.message,
-            }
+            return event.to_message()
         raise AssertionError(f"the worker's answer was refused: {event}")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
 from rawworker import RawWorker
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jsonnet_worker"

@@ -39,15 +39,8 @@ from jsonnet_worker._pool.processes import WorkerSettings
 from jsonnet_worker._report import SandboxStatus
 from jsonnet_worker._sandbox.landlock import SupportState
 from jsonnet_worker._wire.layers import EXTRA_LAYERS, LayerState
-from jsonnet_worker._wire.protocol import (
-    DEFAULT_MAX_FRAME,
-    MAX_MESSAGE_CHARS,
-    Action,
-    ErrorKind,
-    EvalRequest,
-    encode,
-    parse_request,
-)
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, encode
+from jsonnet_worker._wire.messages import ErrorKind, EvalRequest, MAX_MESSAGE_CHARS, Operation, parse_request
 
 MAX_OUTPUT = 1000
 IDLE = ConnectionState.IDLE

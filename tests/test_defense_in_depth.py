@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ENGINES, harness_command
 from jsonnet_worker._sandbox.landlock import probe
-from jsonnet_worker._wire.protocol import EngineKind
+from jsonnet_worker._wire.messages import EngineKind
 from rawworker import RawWorker
 
 pytestmark = pytest.mark.skipif(

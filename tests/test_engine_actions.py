@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ENGINES
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
-from jsonnet_worker._wire.protocol import Action, EngineKind
+from jsonnet_worker._wire.messages import EngineKind, Operation
 from rawworker import RawWorker
 
 # name -> (engine, extra worker arguments)
@@ -48,7 +48,7 @@ def worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
 
 
 def _ask(worker: RawWorker, snippet: str, action: str, **fields: Any) -> dict[str, Any]:
-    return worker.request(snippet, action=Action(action), **fields)
+    return worker.request(snippet, operation=Operation(action), **fields)
 
 
 def test_hello_says_which_api(worker: RawWorker, request: pytest.FixtureRequest) -> None:
@@ -131,7 +131,7 @@ def test_without_the_c_api_the_binding_is_used_and_the_hello_says_why() -> None:
     old gojsonnet) or not loaded at all gives the binding path and a reason."""
     import types
 
-    from jsonnet_worker._wire.protocol import Action, EvalRequest
+    from jsonnet_worker._wire.messages import EvalRequest, Operation
     from jsonnet_worker._worker import capi, engines
 
     with pytest.raises(capi.CapiUnavailable, match="symbols are missing: jsonnet_make"):
@@ -146,5 +146,5 @@ def test_without_the_c_api_the_binding_is_used_and_the_hello_says_why() -> None:
     assert engine.api.startswith("binding: the C API symbols are missing: jsonnet_make")
     assert engine.run(EvalRequest(id=1, snippet="{a: 1 + 1}")) == '{\n   "a": 2\n}\n'
     with pytest.raises(engines.EvaluationFailed, match="action 'fmt' is not available"):
-        engine.run(EvalRequest(id=2, snippet="{a: 1}", action=Action.FMT))
+        engine.run(EvalRequest(id=2, snippet="{a: 1}", operation=Operation.FMT))
     assert engines.Engine(EngineKind.GO, gojsonnet).api == "capi"

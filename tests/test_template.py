@@ -41,7 +41,7 @@ from jsonnet_worker._wire.control import (
     encode_control,
 )
 from jsonnet_worker._wire.layers import LayerState
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, FrameReader, Message, encode
 
 HARNESS = Path(__file__).parent / "harness" / "template_harness.py"
 LANDLOCK = probe()

@@ -15,7 +15,7 @@ from jsonnet_worker._pool.connection import WorkerConnection
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._sandbox.landlock import probe
-from jsonnet_worker._wire.protocol import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, Message, encode
 from rawworker import RawWorker
 
 needs_landlock = pytest.mark.skipif(

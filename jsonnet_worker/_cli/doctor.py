@@ -23,24 +23,25 @@ import time
 
 from .._config import ENGINES, PoolConfig
 from .._errors import Error, WorkerStartError
-from .._pool.connection import Hello, WorkerConnection
+from .._pool.connection import WorkerConnection, sandbox_status
 from .._pool.forking import WorkerSource
 from .._pool.launch import await_hello
 from .._pool.processes import WorkerProcess, settings_for
 from .._report import SandboxStatus, judge_sandbox
 from .._wire.layers import LayerState, LayerStatus
+from .._wire.messages import WorkerHello
 
 EXIT_UNHEALTHY = 1
 
 
-def greet(config: PoolConfig) -> tuple[Hello | str, float, int]:
+def greet(config: PoolConfig) -> tuple[WorkerHello | str, float, int]:
     """Start one worker of a pool with ``config``, wait for its hello (or its reason for
     failing, within ``spawn_timeout``), stop it."""
     started = time.monotonic()
     worker = WorkerProcess(settings_for(config))
     try:
         try:
-            hello: Hello | str = await_hello(
+            hello: WorkerHello | str = await_hello(
                 worker, WorkerConnection(config.max_output), config.spawn_timeout
             )
         except WorkerStartError as exc:
@@ -76,7 +77,7 @@ def template_report(config: PoolConfig) -> LayerStatus:
         source.close()
 
 
-def _greet_safely(config: PoolConfig) -> tuple[Hello | str, float, int]:
+def _greet_safely(config: PoolConfig) -> tuple[WorkerHello | str, float, int]:
     """``greet``, with a machine that cannot start a worker at all (no pidfd, not Linux)
     reported as the reason instead of a traceback."""
     try:
@@ -114,7 +115,7 @@ def run_doctor(engine: str) -> int:
     return 0 if healthy else EXIT_UNHEALTHY
 
 
-def _print_hello(hello: Hello, elapsed: float) -> SandboxStatus:
+def _print_hello(hello: WorkerHello, elapsed: float) -> SandboxStatus:
     """Print what the worker said of itself and each layer; return its sandbox report."""
     landlock = hello.landlock
     print(f"  engine version:  {hello.engine_version} (Python {hello.python})")
@@ -133,7 +134,7 @@ def _print_hello(hello: Hello, elapsed: float) -> SandboxStatus:
     else:
         print(f"  Landlock:        NOT ENFORCED: {landlock.reason}")
     print(f"  self-check:      {hello.self_check}")
-    sandbox = hello.sandbox()
+    sandbox = sandbox_status(hello)
     for layer in sandbox.layers[1:]:
         label = f"{layer.name}:"
         if layer.active:

@@ -36,7 +36,7 @@ from .._errors import (
     PoolClosed,
     ProtocolError,
 )
-from .._wire.protocol import RETIRE_AT_MEMORY_SHARE, Action, ErrorKind, EvalRequest, encode_request
+from .._wire.messages import RETIRE_AT_MEMORY_SHARE, ErrorKind, EvalRequest, Operation
 from .connection import (
     NEED_DATA,
     Answer,
@@ -87,7 +87,7 @@ class Call:
 def prepare(
     config: PoolConfig,
     request_id: int,
-    operation: Action,
+    operation: Operation,
     snippet: str,
     filename: str,
     timeout: float | None,
@@ -117,10 +117,10 @@ def prepare(
         max_stack=config.max_stack,
         max_output=config.max_output,
         max_trace=config.max_trace,
-        action=operation,
+        operation=operation,
     )
     try:
-        frame = encode_request(request)
+        frame = request.encode()
     except UnicodeEncodeError as exc:
         raise InvalidArgument(
             f"the snippet, its file name or a variable is not valid Unicode ({exc.reason} "

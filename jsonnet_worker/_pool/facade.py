@@ -57,7 +57,7 @@ from .._errors import (
     WorkerStartError,
 )
 from .._report import PoolStats, SandboxStatus
-from .._wire.protocol import Action
+from .._wire.messages import Operation
 from . import calls
 from .calls import CLOSED, NO_VARIABLES, Call, Variables
 from .connection import Answer
@@ -297,7 +297,9 @@ class WorkerPool:
         """Evaluate ``snippet`` in a worker and return the decoded JSON value. A worker that
         served one ``tenant`` never serves another (None: the calls without a tenant)."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
+        call = self._prepare(
+            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+        )
         return self._call(call).value
 
     def evaluate_json(
@@ -314,7 +316,9 @@ class WorkerPool:
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
+        call = self._prepare(
+            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+        )
         return self._call(call).json_text
 
     def check(
@@ -327,7 +331,7 @@ class WorkerPool:
     ) -> None:
         """Parse and statically check ``snippet`` without evaluating it; raises JsonnetError
         with the engine's message (``file:line:col``) if it is not valid Jsonnet."""
-        call = self._prepare(Action.CHECK, snippet, filename, timeout, tenant)
+        call = self._prepare(Operation.CHECK, snippet, filename, timeout, tenant)
         self._call(call)
 
     def format(
@@ -339,7 +343,7 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> str:
         """``snippet`` formatted by go-jsonnet's formatter (``jsonnet fmt``)."""
-        call = self._prepare(Action.FMT, snippet, filename, timeout, tenant)
+        call = self._prepare(Operation.FMT, snippet, filename, timeout, tenant)
         formatted: str = self._call(call).value
         return formatted
 
@@ -357,7 +361,9 @@ class WorkerPool:
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
+        call = self._prepare(
+            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+        )
         return (await self._acall(call)).value
 
     async def aevaluate_json(
@@ -374,7 +380,9 @@ class WorkerPool:
     ) -> str:
         """``evaluate_json`` for asyncio."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(Action.EVAL, snippet, filename, timeout, tenant, variables=variables)
+        call = self._prepare(
+            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+        )
         return (await self._acall(call)).json_text
 
     async def acheck(
@@ -386,7 +394,7 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> None:
         """``check`` for asyncio."""
-        call = self._prepare(Action.CHECK, snippet, filename, timeout, tenant)
+        call = self._prepare(Operation.CHECK, snippet, filename, timeout, tenant)
         await self._acall(call)
 
     async def aformat(
@@ -398,7 +406,7 @@ class WorkerPool:
         tenant: str | None = None,
     ) -> str:
         """``format`` for asyncio."""
-        call = self._prepare(Action.FMT, snippet, filename, timeout, tenant)
+        call = self._prepare(Operation.FMT, snippet, filename, timeout, tenant)
         formatted: str = (await self._acall(call)).value
         return formatted
 
@@ -640,7 +648,7 @@ class WorkerPool:
 
     def _prepare(
         self,
-        operation: Action,
+        operation: Operation,
         snippet: str,
         filename: str,
         timeout: float | None,

@@ -40,12 +40,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .._errors import WorkerStartError
-from .._report import SandboxStatus
-from .._sandbox.landlock import LandlockStatus, Scope
+from .._sandbox.landlock import Scope
 from .._sandbox.privileges import WorkerIdentity
 from .._wire.control import (
     CHANNELS,
@@ -55,15 +53,20 @@ from .._wire.control import (
     decode_control,
     encode_control,
 )
-from .._wire.layers import EXTRA_LAYERS, LayerStatus
-from .._wire.protocol import (
+from .._wire.framing import HEADER_SIZE, ProtocolViolation
+from .._wire.layers import LayerStatus
+from .._wire.messages import (
     FORK_SERVER_COMMAND,
-    HEADER_SIZE,
-    PROTOCOL_VERSION,
     WORKER_COMMAND,
-    FrameReader,
-    Message,
+    Forked,
+    ForkRequest,
+    ForkServerHello,
+    StartupFailure,
+    WorkerHello,
+    read_fork_answer,
+    read_greeting,
 )
+from .connection import NEED_DATA, WorkerConnection
 from .forkserver_policy import (
     CPU_SHARE,
     Action,
@@ -109,61 +112,7 @@ class ForkServerUnavailable(WorkerStartError):
         self.permanent = permanent
 
 
-@dataclass(frozen=True)
-class TemplateHello:
-    """What the template reports once its start-up is over (validated)."""
-
-    pid: int
-    engine: str
-    python: str
-    landlock: LandlockStatus
-    self_check: str
-    startup_ms: float
-    layers: tuple[LayerStatus, ...]
-    fork_flags: int
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> TemplateHello:
-        """Raises ValueError (or TypeError) on any missing or ill-typed field."""
-        if message.get("protocol") != PROTOCOL_VERSION:
-            raise ValueError(f"protocol {message.get('protocol')!r}, expected {PROTOCOL_VERSION}")
-        sandbox, layers = message.get("sandbox"), message.get("layers")
-        if not isinstance(sandbox, dict) or not isinstance(layers, dict):
-            raise ValueError("sandbox and layers must be maps")
-        fields = {"pid": int, "engine": str, "python": str, "self_check": str}
-        for name, kind in fields.items():
-            if not isinstance(message.get(name), kind):
-                raise ValueError(f"field {name!r} must be {kind.__name__}")
-        startup_ms, fork_flags = message.get("startup_ms"), message.get("fork_flags")
-        if not isinstance(startup_ms, int | float) or not isinstance(fork_flags, int):
-            raise ValueError("startup_ms and fork_flags must be numbers")
-        return cls(
-            pid=message["pid"],
-            engine=message["engine"],
-            python=message["python"],
-            landlock=LandlockStatus.from_dict(sandbox),
-            self_check=message["self_check"],
-            startup_ms=float(startup_ms),
-            layers=tuple(LayerStatus.from_dict(name, layers.get(name)) for name in EXTRA_LAYERS),
-            fork_flags=fork_flags,
-        )
-
-    def sandbox(self) -> SandboxStatus:
-        extra = {layer.name: layer for layer in self.layers}
-
-        def layer(name: str) -> LayerStatus:
-            return extra.get(name) or LayerStatus.unreported(name)
-
-        return SandboxStatus(
-            self.landlock,
-            self.self_check,
-            limits=layer("limits"),
-            privileges=layer("privileges"),
-            seccomp=layer("seccomp"),
-        )
-
-
-def isolation_problem(hello: TemplateHello) -> str | None:
+def isolation_problem(hello: ForkServerHello) -> str | None:
     """Why workers forked from this template would be less isolated from each other and
     from the template than re-exec workers are, or None."""
     if not hello.landlock.enforced:
@@ -230,16 +179,15 @@ def _peek_hello_pid(fd: int, deadline: float) -> int | None:
                 return None
             if not data:
                 return None  # the end of the channel: no process holds its other end
-            reader = FrameReader(ORPHAN_HELLO_MAX)  # each peek sees the frame from its start
-            reader.feed(data)
-            event = reader.next_event()
-            if event is None:  # the rest is on its way: poll says "readable" meanwhile
+            # Read by the one conversation parser, as every worker's hello; each peek sees
+            # the frame from its start. (A hello fills no answer: max_output is moot.)
+            connection = WorkerConnection(max_output=1, max_frame_hello=ORPHAN_HELLO_MAX)
+            connection.receive_data(data)
+            event = connection.next_event()
+            if event is NEED_DATA:  # the rest is on its way: poll says "readable" meanwhile
                 time.sleep(0.001)
                 continue
-            if not isinstance(event, Message) or event.payload.get("t") != "hello":
-                return None  # an oversized or malformed frame too
-            pid = event.payload.get("pid")
-            return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+            return event.pid if isinstance(event, WorkerHello) else None
         return None
     finally:
         channel.close()
@@ -295,26 +243,21 @@ class ForkServerProcess(ChildProcess):
 
     # -- the conversation ----------------------------------------------------------------
 
-    def _greet(self, timeout: float, require_isolation: bool) -> TemplateHello:
+    def _greet(self, timeout: float, require_isolation: bool) -> ForkServerHello:
         message, fds = self._receive(time.monotonic() + timeout)
         for fd in fds:
             os.close(fd)
-        if message["t"] == "startup_failed":
-            # The same start-up would fail the same way again: use re-exec workers.
-            raise ForkServerUnavailable(
-                f"the template could not start: {str(message.get('reason'))[:1000]}",
-                permanent=True,
-            )
-        if message["t"] != "template_hello":
-            raise ForkServerUnavailable(
-                f"the template sent {message['t']!r} instead of its hello", permanent=True
-            )
         try:
-            hello = TemplateHello.from_message(message)
-        except (TypeError, ValueError) as exc:
+            hello = read_greeting(message, ForkServerHello)
+        except ProtocolViolation as exc:
             raise ForkServerUnavailable(
                 f"malformed template hello: {exc}", permanent=True
             ) from None
+        if isinstance(hello, StartupFailure):
+            # The same start-up would fail the same way again: use re-exec workers.
+            raise ForkServerUnavailable(
+                f"the template could not start: {hello.reason}", permanent=True
+            )
         if hello.fork_flags != FORK_FLAGS:
             raise ForkServerUnavailable(
                 f"the template forks with flags {hello.fork_flags:#x}, expected {FORK_FLAGS:#x}",
@@ -385,9 +328,8 @@ class ForkServerProcess(ChildProcess):
                     child_ends.append(child_end)
                     parent_ends.append(parent_end)
                 try:
-                    socket.send_fds(
-                        self.control, [encode_control({"t": "fork", "id": request_id})], child_ends
-                    )
+                    request = encode_control(ForkRequest(request_id).to_message())
+                    socket.send_fds(self.control, [request], child_ends)
                 except OSError as exc:
                     raise self._gone(f"cannot reach the template ({exc})") from None
                 finally:
@@ -412,23 +354,29 @@ class ForkServerProcess(ChildProcess):
         pidfd, extra = (fds[0], fds[1:]) if fds else (-1, [])
         for fd in extra:
             os.close(fd)
-        pid = message.get("pid")
-        answered = message.get("id") == request_id
-        if message["t"] == "forked" and answered and pidfd >= 0 and isinstance(pid, int):
+        try:
+            answer = read_fork_answer(message)
+            if answer.request_id != request_id:
+                raise ProtocolViolation(
+                    f"the answer to fork {request_id} has id {answer.request_id}"
+                )
+            if isinstance(answer, Forked) and pidfd < 0:
+                raise ProtocolViolation(f"fork {request_id} answered without a pidfd")
+        except ProtocolViolation as exc:
+            if pidfd >= 0:
+                os.close(pidfd)
+            self.kill()
+            reason = f"the template broke the protocol: {exc}"
+            raise ForkServerUnavailable(reason, permanent=False) from None
+        if isinstance(answer, Forked):
             stdin, stdout, stderr = channels
-            return ForkedWorker.forked(self.settings, pid, pidfd, (stdin, stdout, stderr), self.pid)
+            return ForkedWorker.forked(
+                self.settings, answer.pid, pidfd, (stdin, stdout, stderr), self.pid
+            )
         if pidfd >= 0:
             os.close(pidfd)
-        if message["t"] == "fork_failed" and answered:
-            err = message.get("errno")
-            reason = str(message.get("reason"))[:1000]
-            raise ForkServerUnavailable(
-                f"the template cannot fork: {reason}", permanent=err in _REFUSALS
-            )
-        self.kill()
         raise ForkServerUnavailable(
-            f"the template answered a fork with {message['t']!r} (id {message.get('id')!r})",
-            permanent=False,
+            f"the template cannot fork: {answer.reason}", permanent=answer.errno in _REFUSALS
         )
 
     def _adopt_orphan(self, channels: list[int]) -> ForkedWorker | None:

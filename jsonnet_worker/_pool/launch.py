@@ -2,7 +2,7 @@
 benchmarks (the pool's supervisor greets its workers on its own event loop instead).
 
 Goals: one copy of "launch and read the hello", on the one conversation parser
-(``_connection.WorkerConnection``), with one typed failure (``WorkerStartError``) whatever
+(``connection.WorkerConnection``), with one typed failure (``WorkerStartError``) whatever
 went wrong: the worker said why it could not start, died, lied, or said nothing in time.
 
 Plan: poll the worker's response and stderr channels until the connection yields its hello;
@@ -16,14 +16,12 @@ import select
 import time
 
 from .._errors import WorkerStartError
+from .._wire.messages import StartupFailure, WorkerHello, escape_controls
 from .connection import (
     NEED_DATA,
     ConnectionBroken,
     ConnectionClosed,
-    Hello,
-    StartupFailed,
     WorkerConnection,
-    escape_controls,
 )
 from .processes import WorkerProcess, WorkerSettings
 
@@ -43,7 +41,7 @@ def await_hello(
     worker: WorkerProcess,
     connection: WorkerConnection,
     timeout: float = DEFAULT_GREET_TIMEOUT,
-) -> Hello:
+) -> WorkerHello:
     """Read ``worker``'s response channel into ``connection`` until its hello; raise
     WorkerStartError otherwise. The worker is left as it is: the caller closes it."""
     deadline = time.monotonic() + timeout
@@ -52,9 +50,9 @@ def await_hello(
     poller.register(worker.stderr_fd, select.POLLIN)
     while True:
         event = connection.next_event()
-        if isinstance(event, Hello):
+        if isinstance(event, WorkerHello):
             return event
-        if isinstance(event, StartupFailed):
+        if isinstance(event, StartupFailure):
             raise WorkerStartError(f"worker start-up failed: {event.reason}", cause=event.reason)
         if isinstance(event, ConnectionBroken):
             raise WorkerStartError(f"worker sent an invalid hello: {event.reason}", event.reason)
@@ -84,7 +82,7 @@ def launch_and_greet(
     timeout: float = DEFAULT_GREET_TIMEOUT,
     *,
     connection: WorkerConnection | None = None,
-) -> tuple[WorkerProcess, Hello]:
+) -> tuple[WorkerProcess, WorkerHello]:
     """Start a worker and wait for its hello. Raises WorkerStartError (the worker is closed
     then). Pass ``connection`` to go on talking to the worker through it (it is IDLE after
     the hello); the caller closes the worker."""

@@ -53,8 +53,7 @@ from typing import Protocol, TypeVar
 from .._config import PoolConfig
 from .._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
 from .._sandbox.privileges import WorkerIdentity
-from .._wire.protocol import WORKER_COMMAND
-from .connection import escape_controls
+from .._wire.messages import WORKER_COMMAND, escape_controls
 from .identities import WorkerIdentities
 
 STDERR_HEAD = 4096

@@ -31,14 +31,13 @@ from concurrent.futures import Future
 from .._errors import Error, ProtocolError, WorkerStartError
 from .._report import SandboxStatus, log_landlock
 from .._wire.layers import LayerState, LayerStatus
-from .._wire.protocol import EvalRequest
+from .._wire.messages import EvalRequest, StartupFailure, WorkerHello
 from .connection import (
     NEED_DATA,
     ConnectionBroken,
     ConnectionClosed,
-    Hello,
-    StartupFailed,
     WorkerConnection,
+    sandbox_status,
 )
 from .forking import WorkerSource
 from .forkserver_policy import LAYER, SourceStats
@@ -352,9 +351,9 @@ class Supervisor:
         event = worker.connection.next_event()
         if event is NEED_DATA:
             return
-        if isinstance(event, Hello):
+        if isinstance(event, WorkerHello):
             self._accept(worker, event)
-        elif isinstance(event, StartupFailed):
+        elif isinstance(event, StartupFailure):
             self._start_failed(worker, event.reason)
         elif isinstance(event, ConnectionBroken):
             self._start_failed(worker, f"sent an invalid hello: {event.reason}")
@@ -363,8 +362,8 @@ class Supervisor:
         else:
             self._start_failed(worker, f"sent {type(event).__name__} before its hello")
 
-    def _accept(self, worker: Worker, hello: Hello) -> None:
-        sandbox = hello.sandbox()
+    def _accept(self, worker: Worker, hello: WorkerHello) -> None:
+        sandbox = sandbox_status(hello)
         self.perform(self.state.greeted(worker, sandbox))
         self._log_sandbox(sandbox)
 

@@ -26,6 +26,10 @@ import struct
 import sys
 from dataclasses import dataclass, field
 
+# What a restriction achieved, as a hello carries it: defined with the other reported layers.
+from .._wire.layers import LandlockStatus as LandlockStatus
+from .._wire.layers import SupportState as SupportState
+
 SYS_CREATE_RULESET = 444
 SYS_ADD_RULE = 445
 SYS_RESTRICT_SELF = 446
@@ -128,14 +132,6 @@ def rights_for_abi(abi: int) -> AbiRights:
     return ABI_RIGHTS[min(abi, KNOWN_ABI)]
 
 
-class SupportState(enum.Enum):
-    AVAILABLE = "available"
-    NOT_BUILT_IN = "not built in"  # ENOSYS: kernel < 5.13, not compiled in, or gVisor
-    DISABLED_AT_BOOT = "disabled at boot"  # EOPNOTSUPP: not in the lsm= list
-    BLOCKED_BY_SECCOMP = "blocked by a seccomp profile"  # EPERM: Landlock never says this
-    NOT_LINUX = "not Linux"
-
-
 @dataclass(frozen=True)
 class LandlockSupport:
     """What the running kernel offers, as found by ``probe()``."""
@@ -148,68 +144,6 @@ class LandlockSupport:
     @property
     def available(self) -> bool:
         return self.state is SupportState.AVAILABLE
-
-
-@dataclass(frozen=True)
-class LandlockStatus:
-    """What a restriction achieved: one typed value for logs, hellos and ``doctor``."""
-
-    enforced: bool
-    state: SupportState
-    abi: int = 0
-    errata: int = 0
-    handled_fs: tuple[str, ...] = ()
-    handled_net: tuple[str, ...] = ()
-    scoped: tuple[str, ...] = ()
-    restrict_flags: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = ()
-    reason: str = ""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "enforced": self.enforced,
-            "state": self.state.value,
-            "abi": self.abi,
-            "errata": self.errata,
-            "handled_fs": list(self.handled_fs),
-            "handled_net": list(self.handled_net),
-            "scoped": list(self.scoped),
-            "restrict_flags": list(self.restrict_flags),
-            "dropped": list(self.dropped),
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> LandlockStatus:
-        def names(key: str) -> tuple[str, ...]:
-            value = data.get(key, [])
-            return tuple(str(item) for item in value) if isinstance(value, list) else ()
-
-        abi, errata = data.get("abi", 0), data.get("errata", 0)
-        return cls(
-            enforced=bool(data.get("enforced", False)),
-            state=SupportState(str(data.get("state", SupportState.NOT_BUILT_IN.value))),
-            abi=abi if isinstance(abi, int) else 0,
-            errata=errata if isinstance(errata, int) else 0,
-            handled_fs=names("handled_fs"),
-            handled_net=names("handled_net"),
-            scoped=names("scoped"),
-            restrict_flags=names("restrict_flags"),
-            dropped=names("dropped"),
-            reason=str(data.get("reason", "")),
-        )
-
-    def summary(self) -> str:
-        if not self.enforced:
-            return f"Landlock not enforced: {self.reason or self.state.value}"
-        parts = [f"Landlock ABI {self.abi} enforced", f"fs rights: {len(self.handled_fs)}"]
-        if self.handled_net:
-            parts.append("net: " + ", ".join(self.handled_net))
-        if self.scoped:
-            parts.append("scoped: " + ", ".join(self.scoped))
-        if self.dropped:
-            parts.append("dropped (kernel lacks): " + ", ".join(self.dropped))
-        return "; ".join(parts)
 
 
 class LandlockError(OSError):

@@ -1,6 +1,7 @@
 """The fork server's control channel, spoken by the fork server (``_worker.forkserver``) and
 the pool (``_pool.forking``): the clone flags both check, how many channels a fork carries, and
-the codec of its messages (a msgpack map with a string ``t``, at most ``CONTROL_MAX`` bytes).
+the codec of its datagrams (a msgpack map with a string ``t``, at most ``CONTROL_MAX`` bytes).
+What the maps say, and their parsing, are ``messages``' (``ForkRequest``, ``Forked``, ...).
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from typing import Any
 
 import msgpack
 
+from .framing import ProtocolViolation
+from .messages import MAX_MESSAGE_CHARS, MAX_NOTE_CHARS
+
 CLONE_PIDFD = 0x00001000
 CLONE_PARENT = 0x00008000
-# The one flag word the template's filter lets ``clone`` make a process with: the child is
-# the template's sibling (the pool's child), its pidfd is returned, it signals SIGCHLD.
+# The one flag word the fork server's filter lets ``clone`` make a process with: the child
+# is the fork server's sibling (the pool's child), its pidfd is returned, it signals SIGCHLD.
 FORK_FLAGS = CLONE_PARENT | CLONE_PIDFD | signal.SIGCHLD
 CHANNELS = 3  # requests, responses, stderr
-CONTROL_MAX = 64 * 1024
+# A datagram's largest size: room for a start-up reason or refusal of the longest a message
+# may be (4 bytes a character at worst) and the map around it.
+CONTROL_MAX = (MAX_MESSAGE_CHARS + MAX_NOTE_CHARS) * 4 + 4096
 
 
-class ControlError(Exception):
-    """A control message that is not a map with a string ``t``."""
+class ControlError(ProtocolViolation):
+    """A control datagram that is not a map with a string ``t``, or too long to send."""
 
 
 def encode_control(message: dict[str, Any]) -> bytes:

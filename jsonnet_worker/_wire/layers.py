@@ -1,10 +1,63 @@
-"""The sandbox layers a worker reports in its hello: each active with what it does, or
-missing and why. Both processes use these values: the worker builds them, the pool reads them."""
+"""The sandbox layers a worker reports in its hello: Landlock (``LandlockStatus``, which
+``_sandbox.landlock`` makes) and each layer beyond it (``LayerStatus``), active with what it
+does or missing and why. Both processes use these values: the worker builds them, the pool
+reads them (``messages`` turns them into a hello's fields and back)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+
+class SupportState(enum.Enum):
+    AVAILABLE = "available"
+    NOT_BUILT_IN = "not built in"  # ENOSYS: kernel < 5.13, not compiled in, or gVisor
+    DISABLED_AT_BOOT = "disabled at boot"  # EOPNOTSUPP: not in the lsm= list
+    BLOCKED_BY_SECCOMP = "blocked by a seccomp profile"  # EPERM: Landlock never says this
+    NOT_LINUX = "not Linux"
+
+
+@dataclass(frozen=True)
+class LandlockStatus:
+    """What a Landlock restriction achieved (``_sandbox.landlock``): one typed value for logs,
+    hellos and ``doctor``."""
+
+    enforced: bool
+    state: SupportState
+    abi: int = 0
+    errata: int = 0
+    handled_fs: tuple[str, ...] = ()
+    handled_net: tuple[str, ...] = ()
+    scoped: tuple[str, ...] = ()
+    restrict_flags: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "enforced": self.enforced,
+            "state": self.state.value,
+            "abi": self.abi,
+            "errata": self.errata,
+            "handled_fs": list(self.handled_fs),
+            "handled_net": list(self.handled_net),
+            "scoped": list(self.scoped),
+            "restrict_flags": list(self.restrict_flags),
+            "dropped": list(self.dropped),
+            "reason": self.reason,
+        }
+
+    def summary(self) -> str:
+        if not self.enforced:
+            return f"Landlock not enforced: {self.reason or self.state.value}"
+        parts = [f"Landlock ABI {self.abi} enforced", f"fs rights: {len(self.handled_fs)}"]
+        if self.handled_net:
+            parts.append("net: " + ", ".join(self.handled_net))
+        if self.scoped:
+            parts.append("scoped: " + ", ".join(self.scoped))
+        if self.dropped:
+            parts.append("dropped (kernel lacks): " + ", ".join(self.dropped))
+        return "; ".join(parts)
 
 
 class LayerState(enum.Enum):
@@ -42,16 +95,6 @@ class LayerStatus:
             "detail": self.detail,
             "reason": self.reason,
         }
-
-    @classmethod
-    def from_dict(cls, name: str, data: object) -> LayerStatus:
-        if not isinstance(data, dict):
-            return cls.unreported(name)
-        try:
-            state = LayerState(str(data.get("state")))
-        except ValueError:
-            return cls(name, LayerState.MISSING, reason=f"unknown state {data.get('state')!r}")
-        return cls(name, state, str(data.get("detail", "")), str(data.get("reason", "")))
 
     def summary(self) -> str:
         if self.active:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .._wire.protocol import FORK_SERVER_COMMAND
+from .._wire.messages import FORK_SERVER_COMMAND
 from . import forkserver, startup
 
 

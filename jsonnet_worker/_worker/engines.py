@@ -30,13 +30,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._sandbox.elf import elf_needed
-from .._wire.protocol import Action, EngineKind, ErrorKind, EvalRequest
+from .._wire.messages import EngineKind, ErrorKind, EvalRequest, Operation, bound_text
 from . import capi
 
 _T = TypeVar("_T")
 
 MFD_EXEC = 0x10  # Linux 6.3+: ask for an executable memfd whatever vm.memfd_noexec says
-MAX_ERROR_CHARS = 16 * 1024
 IMPORT_REFUSED = "import not available"
 
 # What the Python bindings of jsonnet 0.22 link against, used if the ELF cannot be read.
@@ -122,13 +121,6 @@ def load(prepared: PreparedEngine) -> types.ModuleType:
     finally:
         os.close(prepared.memfd)
     return module
-
-
-def bound_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """Valid UTF-8 (lone surrogates replaced), at most ``limit`` characters plus a marker."""
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text) - limit} more characters truncated)"
-    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class _ImportBarrier:
@@ -251,10 +243,10 @@ class Engine:
     def run(self, request: EvalRequest) -> str:
         _refuse_nul(request)
         try:
-            if request.action is Action.CHECK:
+            if request.operation is Operation.CHECK:
                 self._check(request)
                 return "null"
-            if request.action is Action.FMT:
+            if request.operation is Operation.FMT:
                 formatted = json.dumps(self._format(request), ensure_ascii=False)
                 return _output_checked(formatted, request.max_output)
             return _output_checked(self._evaluate(request), request.max_output)

@@ -1,56 +1,50 @@
-"""The template process: a worker's start-up up to the engine, kept, and forked on request.
+"""The fork server: a worker's start-up up to the engine, kept, and forked on request.
 
 Goals: a never-used worker for the cost of a fork (a few ms) instead of an interpreter
 re-exec (~90 ms), without weakening anything a re-exec worker has: every Go thread born
 inside the worker's own Landlock domain, the worker's seccomp filter on every thread, no fd
-or channel of the template or of a sibling, no way to signal or trace the template or a
-sibling. The template itself never evaluates and never reads untrusted input: the only
+or channel of the fork server or of a sibling, no way to signal or trace the fork server or
+a sibling. The fork server itself never evaluates and never reads untrusted input: the only
 bytes it reads are the pool's control messages.
 
-Plan (docs/DESIGN.md, "Forked workers"). The template is started like a worker (the same
-bootstrap, mode ``_template``), and:
+Plan (docs/DESIGN.md, "Forked workers"). The fork server is started like a worker (the same
+bootstrap, mode ``FORK_SERVER_COMMAND``), and (``FORK_SERVER``, in order):
   1. ties its life to the parent, moves the control socket (a SOCK_SEQPACKET pair made by
      the pool, given as fd 0) to a private fd, keeps a /dev/null fd for its workers' fd 0;
-  2. runs ``startup.start_restricted``: warm-up, the engine copied into a memfd with its
-     libraries loaded, limits, privilege drop, the empty Landlock layer, the self-check, all
-     while it has one thread (it never starts another);
+  2. runs ``startup.RESTRICT``: warm-up, the engine copied into a memfd with its libraries
+     loaded, limits, privilege drop, the empty Landlock layer, the self-check, all while it
+     has one thread (it never starts another);
   3. applies its own seccomp filter: the worker's deny-list, except that ``clone`` with
      exactly ``FORK_FLAGS`` may make a process (every other process-making clone is still
      refused). A filter is inherited by the children, and a worker needs everything the
-     worker's filter allows, so the template's cannot be narrower than the worker's; it is
-     the worker's plus this one flag word, and each child stacks the worker's own on top;
-  4. sends its hello on the control socket, then serves ``fork`` messages, each carrying the
-     new worker's three channels (made by the pool) as SCM_RIGHTS: it clones with
-     ``CLONE_PARENT | CLONE_PIDFD`` (the worker is the *pool's* child, so the pool reaps it
-     and gets its exit status; the pidfd goes back to the pool over SCM_RIGHTS), then closes
-     every fd of that worker. Between two forks it holds no live worker's fd.
-The forked child (``run_forked_worker``), before its hello:
+     worker's filter allows, so the fork server's cannot be narrower than the worker's; it
+     is the worker's plus this one flag word, and each child stacks the worker's own on top;
+  4. sends its ``ForkServerHello`` on the control socket, then serves each ``ForkRequest``,
+     which carries the new worker's three channels (made by the pool) as SCM_RIGHTS: it
+     clones with ``CLONE_PARENT | CLONE_PIDFD`` (the worker is the *pool's* child, so the
+     pool reaps it and gets its exit status; the pidfd goes back to the pool in ``Forked``
+     over SCM_RIGHTS), then closes every fd of that worker. Between two forks it holds no
+     live worker's fd. A request it cannot serve gets a ``ForkRefused`` saying why.
+The forked child (``run_forked_worker``), before its hello (``FORKED``, in order):
   1. re-arms PR_SET_PDEATHSIG (cleared by fork; its parent is now the pool's thread that
-     started the template), leaves the template's session, puts its channels on fds 0-2 and
-     two private fds, and closes every other fd (the control socket included);
+     started the fork server), leaves the fork server's session, puts its channels on fds 0-2
+     and two private fds, and closes every other fd (the control socket included);
   2. adds a nested empty Landlock layer: its own domain, so the signal and abstract-socket
-     scopes keep it from the template and from its siblings; checks the layer holds;
-  3. loads the engine from the memfd (its Go threads are born in the nested domain), applies
-     the worker's seccomp filter with TSYNC (no fork from here on), and runs the normal
-     hello and evaluation loop (``startup.finish_start`` and ``startup.serve``).
-
-Control messages (msgpack maps, one per SEQPACKET datagram, key ``t``):
-  pool -> template  ``fork``            id; SCM_RIGHTS: requests, responses, stderr
-  template -> pool  ``template_hello``  protocol, pid, engine, python, sandbox, layers,
-                                        self_check, startup_ms, fork_flags
-                    ``startup_failed``  reason (the template then exits)
-                    ``forked``          id, pid; SCM_RIGHTS: the worker's pidfd
-                    ``fork_failed``     id, reason, errno
+     scopes keep it from the fork server and from its siblings; checks the layer holds;
+  3. runs ``startup.FINISH`` (loads the engine from the memfd, its Go threads born in the
+     nested domain; the worker's seccomp filter with TSYNC: no fork from here on), then the
+     normal hello and evaluation loop (``loop.serve``).
+The control messages are ``messages``' (one msgpack map per SEQPACKET datagram, ``control``).
 
 Weak spots: the clone is a raw syscall (CPython has no ``os.clone``, and ``os.fork`` cannot
 pass CLONE_PARENT), bracketed by CPython's public ``PyOS_BeforeFork``/``PyOS_AfterFork_*``
 so the interpreter's own after-fork work runs; glibc's fork handling does not, which is
-sound only because the template is single-threaded (no lock can be held by another thread,
-no stack cache to reclaim) and registers no pthread_atfork handler; glibc's cached tid of
-the child's main thread still holds the template's (used only by recursive/error-checking
-and PI mutexes, which neither CPython nor the Go runtime uses on that thread). Forked
-workers share the template's uid: a uid per worker (a root parent's uid range) is given
-per template, not per worker.
+sound only because the fork server is single-threaded (no lock can be held by another
+thread, no stack cache to reclaim) and registers no pthread_atfork handler; glibc's cached
+tid of the child's main thread still holds the fork server's (used only by
+recursive/error-checking and PI mutexes, which neither CPython nor the Go runtime uses on
+that thread). Forked workers share the fork server's uid: a uid per worker (a root parent's
+uid range) is given per fork server, not per worker.
 """
 
 from __future__ import annotations
@@ -65,23 +59,23 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from .._sandbox import landlock, seccomp
-from .._wire.control import (
-    CHANNELS,
-    CONTROL_MAX,
-    FORK_FLAGS,
-    ControlError,
-    decode_control,
-    encode_control,
-)
+from .._wire.control import CHANNELS, CONTROL_MAX, FORK_FLAGS, decode_control, encode_control
+from .._wire.framing import ProtocolViolation
 from .._wire.layers import LayerState, LayerStatus
-from .._wire.protocol import PROTOCOL_VERSION
-from . import engines, startup
+from .._wire.messages import (
+    Forked,
+    ForkRefused,
+    ForkRequest,
+    ForkServerHello,
+    StartupFailure,
+)
+from . import loop, startup
 
 EXIT_STARTUP_FAILED = startup.EXIT_STARTUP_FAILED
-EXIT_PROTOCOL = startup.EXIT_PROTOCOL
+EXIT_PROTOCOL = loop.EXIT_PROTOCOL
 
 
 class Cloner:
@@ -94,7 +88,7 @@ class Cloner:
     def __init__(self, machine: str | None = None) -> None:
         table = seccomp.table_for_machine(machine)
         if table is None:
-            raise startup.StartupFailed(
+            raise startup.StartupError(
                 f"no clone syscall number for architecture {machine or os.uname().machine}"
             )
         self.number = table.number("clone")
@@ -104,7 +98,7 @@ class Cloner:
         self.api = ctypes.pythonapi
 
     def __call__(self) -> tuple[int, int]:
-        """(pid, pidfd) in the template, (0, -1) in the child; raises OSError if refused."""
+        """(pid, pidfd) in the fork server, (0, -1) in the child; raises OSError if refused."""
         pidfd = ctypes.c_int(-1)
         self.api.PyOS_BeforeFork()
         ctypes.set_errno(0)
@@ -136,14 +130,14 @@ def seccomp_layer(result: seccomp.SeccompResult) -> LayerStatus:
     return LayerStatus(
         "seccomp",
         LayerState.ACTIVE,
-        f"{result.arch}, {result.denied} calls refused, threads and the template's one "
+        f"{result.arch}, {result.denied} calls refused, threads and the fork server's one "
         "fork form only, TSYNC",
     )
 
 
-class ForkedStreams(startup.ProtocolStreams):
+class ForkedStreams(loop.ProtocolStreams):
     """A forked worker's protocol channels, already on private fds (``ProtocolStreams``
-    moves fds 0 and 1, and opens /dev/null, which the template's layer now refuses)."""
+    moves fds 0 and 1, and opens /dev/null, which the fork server's layer now refuses)."""
 
     def __init__(self, requests: int, responses: int) -> None:
         self.requests = requests
@@ -162,24 +156,26 @@ def close_all_but(keep: set[int]) -> None:
 
 
 @dataclasses.dataclass
-class Template:
-    """The template's state: what it forks, and the channel it is asked on."""
+class ForkServer:
+    """The fork server's state: what it forks (its start-up up to the engine), and the
+    channel it is asked on."""
 
-    options: startup.WorkerOptions
-    restricted: startup.Restricted
+    restricted: startup.StartUp
     control: socket.socket
     null_fd: int
     clone: Cloner
 
-    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        socket.send_fds(self.control, [encode_control(message)], fds or [])
+    def send(
+        self, message: ForkServerHello | Forked | ForkRefused, fds: list[int] | None = None
+    ) -> None:
+        socket.send_fds(self.control, [encode_control(message.to_message())], fds or [])
 
     def serve(self) -> int:
         """Fork on request until the pool closes the control socket."""
-        # Everything the template made so far lives for good: out of the collector's reach,
-        # a child's full collections do not write to (and so copy) the pages it shares with
-        # the template. (No difference measured at a worker's first call; it bounds what a
-        # long-lived worker's collections copy.)
+        # Everything the fork server made so far lives for good: out of the collector's
+        # reach, a child's full collections do not write to (and so copy) the pages it
+        # shares with the fork server. (No difference measured at a worker's first call; it
+        # bounds what a long-lived worker's collections copy.)
         gc.freeze()
         while True:
             data, fds, flags, _ = socket.recv_fds(self.control, CONTROL_MAX, CHANNELS)
@@ -188,50 +184,47 @@ class Template:
                     os.close(fd)
                 return 0
             try:
-                message = decode_control(data)
-            except ControlError as exc:
-                for fd in fds:
-                    os.close(fd)
-                print(f"template: {exc}", file=sys.stderr, flush=True)
+                self.answer(data, fds, flags)
+            except ProtocolViolation as exc:  # not even a map with a type: not the pool's
+                print(f"fork server: {exc}", file=sys.stderr, flush=True)
                 return EXIT_PROTOCOL  # the pool is the only peer: a garbled message is a bug
-            self.answer(message, fds, flags)
-
-    def answer(self, message: dict[str, Any], fds: list[int], flags: int) -> None:
-        request_id = message.get("id")
-        try:
-            if message["t"] != "fork":
-                self.refuse(request_id, f"unknown control message {message['t']!r}")
-                return
-            if len(fds) != CHANNELS or flags & socket.MSG_CTRUNC:
-                self.refuse(request_id, f"a fork needs {CHANNELS} channels, got {len(fds)}")
-                return
-            if threading.active_count() != 1:  # a fork would copy another thread's locks
-                self.refuse(request_id, f"the template has {threading.active_count()} threads")
-                return
-            try:
-                pid, pidfd = self.clone()
-            except OSError as exc:
-                self.refuse(request_id, exc.strerror or str(exc), exc.errno or 0)
-                return
-            if pid == 0:
-                run_forked_worker(self, fds)
-            try:
-                self.send({"t": "forked", "id": request_id, "pid": pid}, [pidfd])
             finally:
-                os.close(pidfd)
+                for fd in fds:  # the worker's channels: never kept past its fork
+                    os.close(fd)
+
+    def answer(self, data: bytes, fds: list[int], flags: int) -> None:
+        message = decode_control(data)
+        try:
+            request = ForkRequest.from_message(message)
+        except ProtocolViolation as exc:
+            self.send(ForkRefused(exc.request_id, exc.reason))
+            return
+        if len(fds) != CHANNELS or flags & socket.MSG_CTRUNC:
+            reason = f"a fork needs {CHANNELS} channels, got {len(fds)}"
+            self.send(ForkRefused(request.request_id, reason))
+            return
+        if threading.active_count() != 1:  # a fork would copy another thread's locks
+            reason = f"the fork server has {threading.active_count()} threads"
+            self.send(ForkRefused(request.request_id, reason))
+            return
+        try:
+            pid, pidfd = self.clone()
+        except OSError as exc:
+            self.send(ForkRefused(request.request_id, exc.strerror or str(exc), exc.errno or 0))
+            return
+        if pid == 0:
+            run_forked_worker(self, fds)
+        try:
+            self.send(Forked(request.request_id, pid), [pidfd])
         finally:
-            for fd in fds:  # the worker's channels: never kept past its fork
-                os.close(fd)
-
-    def refuse(self, request_id: object, reason: str, err: int = 0) -> None:
-        self.send({"t": "fork_failed", "id": request_id, "reason": reason, "errno": err})
+            os.close(pidfd)
 
 
-def run_forked_worker(template: Template, channels: list[int]) -> NoReturn:
-    """The child of a fork: never returns into the template's loop."""
+def run_forked_worker(server: ForkServer, channels: list[int]) -> NoReturn:
+    """The child of a fork: never returns into the fork server's loop."""
     code = EXIT_STARTUP_FAILED
     try:
-        code = forked_worker_main(template, channels)
+        code = forked_worker_main(server, channels)
     except BaseException as exc:  # before the streams exist: say it on the stderr channel
         try:
             os.write(2, f"forked worker start-up failed: {exc!r}\n".encode())
@@ -245,80 +238,100 @@ def run_forked_worker(template: Template, channels: list[int]) -> NoReturn:
             os._exit(code)
 
 
-# Made once, at the template's start, before it dropped privileges: a forked worker has its
-# template's, not one of its own.
-PER_TEMPLATE_LAYERS = ("ipc_namespace", "uid")
+# Made once, at the fork server's start, before it dropped privileges: a forked worker has
+# its fork server's, not one of its own.
+PER_FORK_SERVER_LAYERS = ("ipc_namespace", "uid")
 
 
-def per_template(layers: list[LayerStatus]) -> list[LayerStatus]:
-    """A forked worker's report of the layers it shares with its template's other workers
-    (an IPC namespace and a uid per template, not per worker; its seccomp filter refuses
+def per_fork_server(layers: dict[str, LayerStatus]) -> dict[str, LayerStatus]:
+    """A forked worker's report of the layers it shares with its fork server's other workers
+    (an IPC namespace and a uid per fork server, not per worker; its seccomp filter refuses
     SysV IPC and mq_* whatever the namespace)."""
-    return [
-        dataclasses.replace(
-            layer, detail=f"{layer.detail}; one per template, shared by its forked workers"
+    return {
+        name: dataclasses.replace(
+            layer, detail=f"{layer.detail}; one per fork server, shared by its forked workers"
         )
-        if layer.name in PER_TEMPLATE_LAYERS and layer.active
+        if name in PER_FORK_SERVER_LAYERS and layer.active
         else layer
-        for layer in layers
-    ]
+        for name, layer in layers.items()
+    }
 
 
-def forked_worker_main(template: Template, channels: list[int]) -> int:
+def nested_landlock_layer(s: startup.StartUp) -> None:
+    s.landlock = landlock.restrict_self_empty()
+
+
+# A forked worker's own start-up, after it has taken its channels (step 1 of the child).
+FORKED: tuple[startup.Step, ...] = (
+    nested_landlock_layer,  # its own domain: the scopes keep it from the fork server
+    startup.check_the_layer,  # on the file the fork server's self-check opened
+    *startup.FINISH,  # the engine, then the worker's seccomp filter
+)
+
+
+def forked_worker_main(server: ForkServer, channels: list[int]) -> int:
     started = time.monotonic()
-    options, restricted = template.options, template.restricted
+    restricted = server.restricted
+    options = restricted.options
     requests, responses, errors = channels
-    # The parent is now the pool's thread that started the template (CLONE_PARENT).
+    # The parent is now the pool's thread that started the fork server (CLONE_PARENT).
     startup.tie_to_parent(options.parent_pid)
-    os.setsid()  # out of the template's session and process group
-    os.dup2(template.null_fd, 0)
+    os.setsid()  # out of the fork server's session and process group
+    os.dup2(server.null_fd, 0)
     os.dup2(errors, 2)
     os.dup2(errors, 1)  # a stray write lands in the diagnostics, never inside a frame
     streams = ForkedStreams(requests, responses)
-    template.control.detach()  # its fd is closed below; the object must not close it again
+    server.control.detach()  # its fd is closed below; the object must not close it again
+    assert restricted.prepared is not None
     close_all_but({0, 1, 2, requests, responses, restricted.prepared.memfd})
+    own = dataclasses.replace(
+        restricted, started=started, layers=per_fork_server(restricted.layers)
+    )
     try:
-        status = landlock.restrict_self_empty()
-        check = startup.self_check(status, restricted.check_target)
-        own = dataclasses.replace(
-            restricted,
-            started=started,
-            landlock=status,
-            self_check=check,
-            layers=per_template(restricted.layers),
-        )
-        engine, hello = startup.finish_start(options, own)
-    except (startup.StartupFailed, OSError, ValueError) as exc:
+        startup.run_steps(own, FORKED)
+    except startup.STARTUP_ERRORS as exc:
         reason = f"forked worker start-up failed: {exc}"
         print(reason, file=sys.stderr, flush=True)
-        streams.send({"t": "startup_failed", "reason": engines.bound_text(reason)})
+        streams.send(StartupFailure(reason))
         return EXIT_STARTUP_FAILED
-    return startup.serve(streams, engine, hello, options)
+    assert own.engine is not None
+    return loop.serve(streams, own.engine, own.hello(), options.max_frame, options.memory_limit)
 
 
-def start_template(
-    options: startup.WorkerOptions, control: socket.socket, null_fd: int
-) -> tuple[Template, dict[str, Any]]:
-    """Steps 2-3 of the plan; returns the template and its hello."""
-    clone = Cloner()
-    restricted = startup.start_restricted(options)
+def fork_server_seccomp(s: startup.StartUp) -> None:
     try:
-        seccomp_status = seccomp_layer(seccomp.install(process_clone=FORK_FLAGS))
+        s.layers["seccomp"] = seccomp_layer(seccomp.install(process_clone=FORK_FLAGS))
     except OSError as exc:
-        raise startup.StartupFailed(f"cannot apply the template's seccomp filter: {exc}") from exc
-    hello = {
-        "t": "template_hello",
-        "protocol": PROTOCOL_VERSION,
-        "pid": os.getpid(),
-        "engine": options.engine.value,
-        "python": sys.version.split()[0],
-        "sandbox": restricted.landlock.to_dict(),
-        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp_status)},
-        "self_check": restricted.self_check,
-        "startup_ms": round((time.monotonic() - restricted.started) * 1000, 3),
-        "fork_flags": FORK_FLAGS,
-    }
-    return Template(options, restricted, control, null_fd, clone), hello
+        raise startup.StartupError(f"cannot apply the fork server's seccomp filter: {exc}") from exc
+
+
+# Steps 2-3 of the plan, after the control socket is taken: no engine is loaded here.
+FORK_SERVER: tuple[startup.Step, ...] = (
+    *startup.RESTRICT,  # the worker's start-up up to the engine
+    fork_server_seccomp,  # the worker's filter plus the one clone flag word
+)
+
+
+def start_fork_server(
+    options: startup.WorkerOptions, control: socket.socket, null_fd: int
+) -> tuple[ForkServer, ForkServerHello]:
+    """Steps 2-3 of the plan; returns the fork server and its hello."""
+    clone = Cloner()  # bound before restriction
+    restricted = startup.run_steps(startup.StartUp(options), FORK_SERVER)
+    assert restricted.landlock is not None
+    hello = ForkServerHello(
+        pid=os.getpid(),
+        engine=options.engine.value,
+        python=sys.version.split()[0],
+        landlock=restricted.landlock,
+        layers=tuple(restricted.layers.values()),
+        self_check=restricted.self_check,
+        startup_ms=round((time.monotonic() - restricted.started) * 1000, 3),
+        fork_flags=FORK_FLAGS,
+    )
+    # A fork's layers are its own: the fork server's seccomp layer is not theirs.
+    del restricted.layers["seccomp"]
+    return ForkServer(restricted, control, null_fd, clone), hello
 
 
 def main(argv: list[str]) -> int:
@@ -329,26 +342,22 @@ def main(argv: list[str]) -> int:
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     os.dup2(null_fd, 0)
     os.dup2(2, 1)
-
-    def fail(reason: str) -> int:
+    try:
+        server, hello = start_fork_server(options, control, null_fd)
+    except startup.STARTUP_ERRORS as exc:
+        reason = f"fork server start-up failed: {exc}"
         print(reason, file=sys.stderr, flush=True)
-        message = {"t": "startup_failed", "reason": engines.bound_text(reason, 4096)}
         try:
-            socket.send_fds(control, [encode_control(message)], [])
+            socket.send_fds(control, [encode_control(StartupFailure(reason).to_message())], [])
         except OSError:
             pass
         return EXIT_STARTUP_FAILED
-
     try:
-        template, hello = start_template(options, control, null_fd)
-    except (startup.StartupFailed, OSError, ValueError) as exc:
-        return fail(f"template start-up failed: {exc}")
-    try:
-        template.send(hello)
+        server.send(hello)
     except OSError:
         return EXIT_PROTOCOL
     try:
-        return template.serve()
+        return server.serve()
     except OSError as exc:
         if exc.errno in (errno.EPIPE, errno.ECONNRESET):
             return 0  # the pool went away

@@ -1,34 +1,44 @@
-"""The worker process: start-up under an empty Landlock layer, then the evaluation loop.
+"""The worker's start-up: one ordered list of steps, one line per layer, under which the
+evaluation loop (``loop``) then runs.
 
 Goals: a process that evaluates untrusted Jsonnet and can read no file, reach no TCP port
 and signal no process outside itself, on a kernel that offers Landlock; that never evaluates if
 the sandbox is supported but cannot be applied; and whose every thread is born inside the
 Landlock domain.
 
-Plan (the order is the point):
-  1. tie our life to the parent (PR_SET_PDEATHSIG), move the protocol pipes off fds 0 and 1
-     so nothing else can read the request stream or write into the response stream;
-  2. import and warm everything the loop will ever need, and prepare the engine (a memfd
-     copy of the extension, its shared libraries loaded) without starting it;
-  3. the resource limits (memory, core, file size, locked memory, real-time and nice
-     priority, message queues, stack, the CPU budget, then tasks and fds); when started by
-     root, a new IPC namespace, then the drop to the worker user (``_privileges``; a uid of
-     its own where the pool has a uid range) and PR_SET_PDEATHSIG re-armed, which the kernel
-     clears on a credential change;
-  4. while the process has exactly one thread: no_new_privs and the empty layer;
-  5. check from inside that the layer holds (opening our own interpreter must fail);
-  6. load the engine (its Go threads are born restricted), then the seccomp filter on every
-     thread at once (``_seccomp``: the Go threads exist by now, and memfd_create is refused
-     from here on), start the loop thread (born restricted, and off the main thread, where
-     cgo's stack probing re-reads /proc/self/maps on every call and now fails), measure the
-     memory headroom the limit leaves (``MemoryHeadroom``), and send the hello, which reports
-     every layer.
-Any failure in 2-6 sends a ``startup_failed`` frame and exits non-zero. Steps 2-5 are
-``start_restricted``, step 6 ``finish_start`` and ``serve``: a template (``_template``) runs
-the first half once and forks children that each run the second.
+Plan (the order is the point; ``main`` and the tuples below are the order, nsjail's
+``contain.cc`` style, so a reader sees it at a glance):
+  1. tie our life to the parent (PR_SET_PDEATHSIG);
+  2. move the protocol pipes off fds 0 and 1 (``loop.ProtocolStreams``), so nothing else can
+     read the request stream or write into the response stream;
+  then ``RESTRICT``, in order:
+  3. import and warm everything the loop will ever need;
+  4. prepare the engine (a memfd copy of the extension, its shared libraries loaded) without
+     starting it;
+  5. the resource limits (memory, core, file size, locked memory, real-time and nice
+     priority, message queues, stack, the CPU budget), after the memfd is written;
+  6. when started by root, a new IPC namespace (it needs root: before the drop);
+  7. the task and file limits, for the uid the worker will run as;
+  8. the drop to the worker user (``_sandbox.privileges``; a uid of its own where the pool
+     has a uid range) and PR_SET_PDEATHSIG re-armed, which the kernel clears on a credential
+     change;
+  9. while the process has exactly one thread: no_new_privs and the empty Landlock layer;
+  10. check from inside that the layer holds (opening a file we could open before must fail);
+  then ``FINISH``:
+  11. load the engine (its Go threads are born restricted);
+  12. the seccomp filter on every thread at once (``_sandbox.seccomp``: the Go threads exist
+      by now, and memfd_create is refused from here on);
+  13. the loop thread (``loop.serve``: born restricted, and off the main thread, where cgo's
+      stack probing re-reads /proc/self/maps on every call and now fails), which measures
+      the memory headroom the limit leaves and sends the hello, which reports every layer.
+Any failure in 3-12 sends a ``StartupFailure`` and exits non-zero (fail closed). A fork
+server (``forkserver``) runs 1-10 once, with its own seccomp filter, and forks children that
+each add a nested Landlock layer, check it, and run ``FINISH`` and the loop.
 
 Weak spots: where the kernel has no Landlock the worker still runs, reports why in its
-hello, and the pool decides (``require_sandbox``).
+hello, and the pool decides (``require_sandbox``). A step that cannot apply a
+defence-in-depth layer (the IPC namespace, a limit the kernel refuses) reports it missing
+rather than failing.
 """
 
 from __future__ import annotations
@@ -38,50 +48,29 @@ import ctypes
 import dataclasses
 import errno
 import math
-import mmap
 import os
 import resource
-import select
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .._sandbox import landlock, privileges, seccomp
-from .._wire.layers import LayerStatus
-from .._wire.protocol import (
-    DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
-    RETIRE_AT_MEMORY_SHARE,
+from .._wire.framing import DEFAULT_MAX_FRAME, encode
+from .._wire.layers import LandlockStatus, LayerStatus
+from .._wire.messages import (
     WORKER_COMMAND,
     EngineKind,
     ErrorKind,
-    FrameReader,
-    FrameTooLarge,
-    MalformedFrame,
-    ProtocolViolation,
-    encode,
-    error_message,
-    parse_request,
-    result_message,
+    Failure,
+    StartupFailure,
+    WorkerHello,
 )
-from . import engines
+from . import engines, loop
 
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 70
-EXIT_PROTOCOL = 71
-READ_SIZE = 256 * 1024
-# A sequential caller's next request follows an answer within tens of microseconds on an idle
-# machine; interleaved A/B runs on the busy 2-CPU machine (issue 13): a 60 us window, spun only
-# while it pays, beat both a fixed 300 us spin (p50 1.09x vs 3.0-3.9x in-process) and none.
-SPIN_FOR_REQUEST = 0.00006
-# The memory headroom is probed (a few microseconds) after an evaluation that took at least
-# this long, and after every MEMORY_PROBE_EVERY answers: mapping hundreds of megabytes takes
-# an honest engine far longer than this, so the fast calls skip the probe.
-MEMORY_PROBE_AFTER = 0.001
-MEMORY_PROBE_EVERY = 256
 
 
 @dataclass(frozen=True)
@@ -95,8 +84,12 @@ class WorkerOptions:
     engine_api: str = "auto"
 
 
-class StartupFailed(Exception):
-    pass
+class StartupError(Exception):
+    """A start-up step that cannot be done: the worker says why and exits (fail closed)."""
+
+
+# What a failed step raises: its own StartupError, or what a system call or a value gave.
+STARTUP_ERRORS = (StartupError, OSError, ValueError)
 
 
 def parse_args(argv: list[str]) -> WorkerOptions:
@@ -129,37 +122,9 @@ def parse_args(argv: list[str]) -> WorkerOptions:
     )
 
 
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class ProtocolStreams:
-    """The request and response pipes, moved to private fds at start-up.
-
-    fd 0 becomes /dev/null (so ``/dev/stdin`` is not the request stream even without
-    Landlock) and fd 1 a copy of stderr (so a stray write by the engine or by Python lands in
-    the diagnostics, never inside a frame).
-    """
-
-    def __init__(self) -> None:
-        self.requests = os.dup(0)
-        self.responses = os.dup(1)
-        os.set_inheritable(self.requests, False)
-        os.set_inheritable(self.responses, False)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        os.dup2(2, 1)
-
-    def send(self, message: dict[str, Any]) -> None:
-        write_all(self.responses, encode(message))
-
-
 def tie_to_parent(parent_pid: int) -> None:
     if landlock.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise StartupFailed("PR_SET_PDEATHSIG failed")
+        raise StartupError("PR_SET_PDEATHSIG failed")
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(EXIT_STARTUP_FAILED)
 
@@ -233,7 +198,7 @@ def thread_count() -> int:
                     return int(line.split()[1])
     except PermissionError:
         return 1 if _alone_in_thread_group() else 2
-    raise StartupFailed("no Threads: line in /proc/self/status")
+    raise StartupError("no Threads: line in /proc/self/status")
 
 
 def _alone_in_thread_group() -> bool:
@@ -244,7 +209,7 @@ def _alone_in_thread_group() -> bool:
     err = ctypes.get_errno()
     if err == errno.EINVAL:
         return False
-    raise StartupFailed(
+    raise StartupError(
         f"cannot count threads: /proc/self/status is refused and unshare(CLONE_THREAD) "
         f"failed: {os.strerror(err)}"
     )
@@ -255,7 +220,7 @@ def warm_up() -> None:
     "é".encode("utf-8", "replace").decode("utf-8", "replace")
     b"\xff".decode("utf-8", "replace")
     "\ud800".encode("utf-8", "replace")
-    encode(error_message(0, ErrorKind.INTERNAL, "warm-up"))
+    encode(Failure(0, ErrorKind.INTERNAL, "warm-up").to_message())
     try:
         raise MemoryError
     except MemoryError:
@@ -273,10 +238,10 @@ def self_check_target() -> str:
                 return path
         except OSError:
             continue
-    raise StartupFailed("no file to run the Landlock self-check on")
+    raise StartupError("no file to run the Landlock self-check on")
 
 
-def self_check(status: landlock.LandlockStatus, target: str) -> str:
+def self_check(status: LandlockStatus, target: str) -> str:
     """Try to open a file we could read before restriction; it must be refused."""
     try:
         with open(target, "rb"):
@@ -288,247 +253,159 @@ def self_check(status: landlock.LandlockStatus, target: str) -> str:
             return f"refused: open({target!r}) -> {errno.errorcode.get(exc.errno or 0, exc.errno)}"
         raise
     if status.enforced:
-        raise StartupFailed(f"Landlock reported enforced, but opening {target} succeeded")
+        raise StartupError(f"Landlock reported enforced, but opening {target} succeeded")
     return f"allowed: open({target!r}) succeeded (no Landlock on this kernel)"
 
 
-def can_map(size: int) -> bool:
-    """Whether RLIMIT_DATA (and the kernel's overcommit policy) would let this process map
-    ``size`` more bytes of private writable memory now: mapped and unmapped untouched, so
-    it costs no page. No /proc: under the empty layer a forked worker cannot open its own."""
-    try:
-        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).close()
-    except OSError:
-        return False
-    return True
-
-
-class MemoryHeadroom:
-    """Whether this worker has used over RETIRE_AT_MEMORY_SHARE of the headroom it started
-    with. Measured at the start (a bisection of ``can_map``, to 1 MiB), then probed."""
-
-    def __init__(self, memory_limit: int) -> None:
-        can, cannot = 0, memory_limit + 1
-        while cannot - can > 1 << 20:
-            size = (can + cannot) // 2
-            can, cannot = (size, cannot) if can_map(size) else (can, size)
-        self.reserve = max(1, int(can * (1 - RETIRE_AT_MEMORY_SHARE)))
-        self.unprobed = 0
-
-    def spent(self, evaluation_seconds: float) -> bool:
-        self.unprobed += 1
-        if evaluation_seconds < MEMORY_PROBE_AFTER and self.unprobed < MEMORY_PROBE_EVERY:
-            return False
-        self.unprobed = 0
-        return not can_map(self.reserve)
-
-
-class EvaluationLoop:
-    def __init__(
-        self, streams: ProtocolStreams, engine: engines.Engine, max_frame: int, memory_limit: int
-    ) -> None:
-        self.streams = streams
-        self.engine = engine
-        self.reader = FrameReader(max_frame)
-        self.headroom = MemoryHeadroom(memory_limit)
-        os.set_blocking(streams.requests, False)
-        self.wait_readable = select.poll()
-        self.wait_readable.register(streams.requests, select.POLLIN)
-        self.spin_pays = True
-
-    def run(self) -> int:
-        reader = self.reader
-        while True:
-            data = self.receive()
-            if not data:
-                return 0  # the pool closed our stdin: an orderly stop
-            reader.feed(data)
-            while (event := reader.next_event()) is not None:
-                if isinstance(event, FrameTooLarge):
-                    self.streams.send(
-                        error_message(
-                            None,
-                            ErrorKind.PROTOCOL,
-                            f"frame of {event.size} bytes is over the limit of {event.limit}",
-                        )
-                    )
-                    return EXIT_PROTOCOL
-                if isinstance(event, MalformedFrame):
-                    self.streams.send(error_message(None, ErrorKind.PROTOCOL, event.reason))
-                    continue
-                started = time.monotonic()
-                message = self.answer(event.payload)
-                if self.headroom.spent(time.monotonic() - started):
-                    message["retire"] = True
-                self.streams.send(message)
-
-    def receive(self) -> bytes:
-        """The next bytes of the request stream; b"" at EOF.
-
-        Right after an answer a sequential caller often sends the next request within tens
-        of microseconds, and waking a blocked reader costs an inter-processor interrupt,
-        about 30 us on the virtual machines measured: so we may first poll without blocking
-        for up to ``SPIN_FOR_REQUEST``. Only while it pays: after a wait longer than that
-        window (the caller is slow, or the machine busy: then a spin only takes CPU from the
-        caller and the other workers) the next wait blocks at once, until a request comes
-        within the window again."""
-        requests = self.streams.requests
-        try:
-            return os.read(requests, READ_SIZE)  # a hand-over: the next request is here
-        except BlockingIOError:
-            pass
-        started = time.monotonic()
-        if self.spin_pays:
-            spin_until = started + SPIN_FOR_REQUEST
-            while time.monotonic() < spin_until:
-                os.sched_yield()  # spinning must not starve what else runs on this CPU
-                try:
-                    return os.read(requests, READ_SIZE)
-                except BlockingIOError:
-                    continue
-        while True:
-            self.wait_readable.poll()
-            try:
-                data = os.read(requests, READ_SIZE)
-            except BlockingIOError:
-                continue
-            self.spin_pays = time.monotonic() - started < SPIN_FOR_REQUEST
-            return data
-
-    def answer(self, payload: dict[str, Any]) -> dict[str, Any]:
-        try:
-            request = parse_request(payload)
-        except ProtocolViolation as exc:
-            return error_message(exc.request_id, ErrorKind.PROTOCOL, exc.reason)
-        try:
-            return result_message(request.id, self.engine.run(request))
-        except engines.EvaluationFailed as exc:
-            return error_message(request.id, exc.kind, exc.message)
-        except MemoryError:
-            return error_message(request.id, ErrorKind.MEMORY, "the worker ran out of memory")
-        except Exception as exc:  # never lose a request to a bug: say what happened
-            return error_message(
-                request.id, ErrorKind.INTERNAL, engines.bound_text(f"{type(exc).__name__}: {exc}")
-            )
-
-
 @dataclass
-class Restricted:
-    """What start-up achieved up to, not including, loading the engine (steps 2-5): the
-    state a template keeps and forks (``_template``)."""
+class StartUp:
+    """What start-up has achieved so far: each step fills in its part, in order. A fork
+    server keeps the one ``RESTRICT`` left it, and each fork goes on from a copy."""
 
-    started: float
-    prepared: engines.PreparedEngine
-    landlock: landlock.LandlockStatus
-    self_check: str
-    check_target: str  # what the self-check opened: a forked worker checks its layer on it
-    layers: list[LayerStatus]  # limits, privileges; seccomp is added by ``finish_start``
+    options: WorkerOptions
+    started: float = field(default_factory=time.monotonic)
+    prepared: engines.PreparedEngine | None = None
+    resource_limits: str = ""  # what ``set_limits`` set, for the limits layer's detail
+    layers: dict[str, LayerStatus] = field(default_factory=dict)  # beyond Landlock, by name
+    check_target: str = ""  # what the self-check opens: a forked worker checks its layer on it
+    landlock: LandlockStatus | None = None
+    self_check: str = ""
+    engine: engines.Engine | None = None
+
+    def hello(self) -> WorkerHello:
+        """The worker's hello, once ``FINISH`` is done."""
+        assert self.engine is not None and self.landlock is not None
+        return WorkerHello(
+            pid=os.getpid(),
+            engine=self.options.engine.value,
+            engine_version=self.engine.version,
+            engine_api=self.engine.api,
+            python=sys.version.split()[0],
+            landlock=self.landlock,
+            layers=tuple(self.layers.values()),
+            self_check=self.self_check,
+            startup_ms=round((time.monotonic() - self.started) * 1000, 3),
+        )
 
 
-def start_restricted(options: WorkerOptions) -> Restricted:
-    """Steps 2-5 of the plan."""
-    started = time.monotonic()
+Step = Callable[[StartUp], None]
+
+
+def warm_up_step(s: StartUp) -> None:
     warm_up()
+
+
+def prepare_engine(s: StartUp) -> None:
     try:
-        prepared = engines.prepare(options.engine)
+        s.prepared = engines.prepare(s.options.engine)
     except engines.EngineLoadError as exc:
-        raise StartupFailed(str(exc)) from exc
-    applied = set_limits(options.memory_limit, options.cpu_budget)
-    ipc_namespace = privileges.new_ipc_namespace()  # needs root: before the drop
-    identity = options.identity
+        raise StartupError(str(exc)) from exc
+
+
+def limit_resources(s: StartUp) -> None:
+    s.resource_limits = set_limits(s.options.memory_limit, s.options.cpu_budget)
+
+
+def ipc_namespace(s: StartUp) -> None:
+    s.layers["ipc_namespace"] = privileges.new_ipc_namespace()
+
+
+def limit_tasks_and_files(s: StartUp) -> None:
+    identity = s.options.identity
     limits = privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
-    limits = dataclasses.replace(limits, detail=f"{limits.detail}, {applied}".strip(", "))
+    detail = f"{limits.detail}, {s.resource_limits}".strip(", ")
+    s.layers["limits"] = dataclasses.replace(limits, detail=detail)
+
+
+def drop_privileges(s: StartUp) -> None:
+    identity = s.options.identity
     if identity is not None:
         privileges.drop_to(identity)
-        tie_to_parent(options.parent_pid)
-    privileges_layer = privileges.privilege_status(identity)
-    uid = privileges.uid_status(identity)
-    check_target = self_check_target()
+        tie_to_parent(s.options.parent_pid)  # a credential change cleared PR_SET_PDEATHSIG
+    s.layers["privileges"] = privileges.privilege_status(identity)
+    s.layers["uid"] = privileges.uid_status(identity)
+
+
+def landlock_layer(s: StartUp) -> None:
+    s.check_target = self_check_target()  # before restriction: a file we can open now
     threads = thread_count()
     if threads != 1:
-        raise StartupFailed(
+        raise StartupError(
             f"{threads} threads exist before restriction; each must be born inside the domain"
         )
     try:
-        status = landlock.restrict_self_empty()
-        if not status.enforced:
+        s.landlock = landlock.restrict_self_empty()
+        if not s.landlock.enforced:
             landlock.set_no_new_privs()
     except OSError as exc:
-        raise StartupFailed(f"cannot apply the Landlock layer: {exc}") from exc
-    check = self_check(status, check_target)
-    layers = [ipc_namespace, limits, privileges_layer, uid]
-    return Restricted(started, prepared, status, check, check_target, layers)
+        raise StartupError(f"cannot apply the Landlock layer: {exc}") from exc
 
 
-def finish_start(
-    options: WorkerOptions, restricted: Restricted
-) -> tuple[engines.Engine, dict[str, Any]]:
-    """Step 6 up to the hello: load the engine, apply the seccomp filter; returns the engine
-    and the hello to send."""
+def check_the_layer(s: StartUp) -> None:
+    assert s.landlock is not None
+    s.self_check = self_check(s.landlock, s.check_target)
+
+
+def load_engine(s: StartUp) -> None:
+    assert s.prepared is not None
     try:
-        engine = engines.Engine(
-            options.engine,
-            engines.load(restricted.prepared),
-            prefer_capi=options.engine_api != "binding",
+        s.engine = engines.Engine(
+            s.options.engine,
+            engines.load(s.prepared),
+            prefer_capi=s.options.engine_api != "binding",
         )
     except engines.EngineLoadError as exc:
-        raise StartupFailed(str(exc)) from exc
+        raise StartupError(str(exc)) from exc
+
+
+def seccomp_filter(s: StartUp) -> None:
     try:
-        seccomp_layer = seccomp.layer_status(seccomp.install())
+        s.layers["seccomp"] = seccomp.layer_status(seccomp.install())
     except OSError as exc:
-        raise StartupFailed(f"cannot apply the seccomp filter: {exc}") from exc
-    hello = {
-        "t": "hello",
-        "protocol": PROTOCOL_VERSION,
-        "pid": os.getpid(),
-        "engine": options.engine.value,
-        "engine_version": engine.version,
-        "engine_api": engine.api,
-        "python": sys.version.split()[0],
-        "sandbox": restricted.landlock.to_dict(),
-        "layers": {layer.name: layer.to_dict() for layer in (*restricted.layers, seccomp_layer)},
-        "self_check": restricted.self_check,
-        "startup_ms": round((time.monotonic() - restricted.started) * 1000, 3),
-    }
-    return engine, hello
+        raise StartupError(f"cannot apply the seccomp filter: {exc}") from exc
 
 
-def start(
-    options: WorkerOptions, streams: ProtocolStreams
-) -> tuple[engines.Engine, dict[str, Any]]:
-    """Steps 2-6 up to the hello; returns the engine and the hello to send."""
-    return finish_start(options, start_restricted(options))
+# Steps 3-10 of the plan: up to the engine, what a fork server runs once for all its forks.
+RESTRICT: tuple[Step, ...] = (
+    warm_up_step,  # import and exercise what is used once no file can be opened
+    prepare_engine,  # the engine's memfd and libraries, not started
+    limit_resources,  # memory, core, file size, ...: after the memfd (FSIZE applies to it)
+    ipc_namespace,  # needs root: before the drop
+    limit_tasks_and_files,  # RLIMIT_NPROC and NOFILE, for the uid the worker runs as
+    drop_privileges,  # the worker user; PR_SET_PDEATHSIG re-armed
+    landlock_layer,  # one thread, no_new_privs, the empty layer
+    check_the_layer,  # opening a file we could open before must fail now
+)
+# Steps 11-12: what each worker runs for itself (a fork of a fork server too).
+FINISH: tuple[Step, ...] = (
+    load_engine,  # its Go threads are born inside every layer above
+    seccomp_filter,  # on every thread at once; no memfd_create from here on
+)
+
+
+def run_steps(s: StartUp, steps: tuple[Step, ...]) -> StartUp:
+    for step in steps:
+        step(s)
+    return s
+
+
+def start(options: WorkerOptions) -> StartUp:
+    """Steps 3-12; raises one of STARTUP_ERRORS."""
+    return run_steps(StartUp(options), (*RESTRICT, *FINISH))
 
 
 def main(argv: list[str]) -> int:
     options = parse_args(argv)
-    tie_to_parent(options.parent_pid)
-    streams = ProtocolStreams()
+    tie_to_parent(options.parent_pid)  # 1
+    streams = loop.ProtocolStreams()  # 2
     try:
-        engine, hello = start(options, streams)
-    except (StartupFailed, OSError, ValueError) as exc:
+        started = start(options)  # 3-12
+    except STARTUP_ERRORS as exc:
         reason = f"worker start-up failed: {exc}"
         print(reason, file=sys.stderr, flush=True)
-        streams.send({"t": "startup_failed", "reason": engines.bound_text(reason)})
+        streams.send(StartupFailure(reason))
         return EXIT_STARTUP_FAILED
-    return serve(streams, engine, hello, options)
-
-
-def serve(
-    streams: ProtocolStreams,
-    engine: engines.Engine,
-    hello: dict[str, Any],
-    options: WorkerOptions,
-) -> int:
-    """The rest of step 6: the hello and the loop, on a thread born restricted."""
-    outcome: list[int] = []
-
-    def run_loop() -> None:
-        loop = EvaluationLoop(streams, engine, options.max_frame, options.memory_limit)
-        streams.send(hello)
-        outcome.append(loop.run())
-
-    loop_thread = threading.Thread(target=run_loop, name="jsonnet-worker-loop")
-    loop_thread.start()
-    loop_thread.join()
-    return outcome[0] if outcome else EXIT_PROTOCOL
+    assert started.engine is not None
+    return loop.serve(  # 13
+        streams, started.engine, started.hello(), options.max_frame, options.memory_limit
+    )

@@ -19,13 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ENGINES
-from jsonnet_worker._wire.protocol import (
-    Message,
-    ProtocolViolation,
-    decode_body,
-    encode,
-    parse_request,
-)
+from jsonnet_worker._wire.framing import Message, ProtocolViolation, decode_body, encode
+from jsonnet_worker._wire.messages import parse_request
 from jsonnet_worker._worker.startup import EXIT_PROTOCOL
 from rawworker import RawWorker
 

@@ -35,7 +35,7 @@ import worker_harness  # tests/harness, put on sys.path above
 
 from jsonnet_worker._sandbox import landlock
 from jsonnet_worker._wire import control
-from jsonnet_worker._wire.protocol import EngineKind, EvalRequest
+from jsonnet_worker._wire.messages import EngineKind, EvalRequest
 from jsonnet_worker._worker import engines, forkserver
 
 CLONE_NR = {"x86_64": 56, "aarch64": 220}

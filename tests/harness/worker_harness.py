@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from jsonnet_worker._sandbox import landlock, privileges, seccomp
 from jsonnet_worker._wire.layers import LayerState, LayerStatus
-from jsonnet_worker._wire.protocol import EngineKind, EvalRequest
+from jsonnet_worker._wire.messages import EngineKind, EvalRequest
 from jsonnet_worker._worker import engines, startup
 
 LAYERS = ("seccomp", "limits", "landlock-net-scopes", "ipc_namespace", "issue-12")
