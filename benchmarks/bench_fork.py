@@ -44,36 +44,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 from bench_latency import find_workload, percentile
 
 from jsonnet_worker import Error, WorkerPool
+from jsonnet_worker._pool.connection import NEED_DATA, Answer, ConnectionEvent, WorkerConnection
 from jsonnet_worker._pool.forking import ForkServerProcess
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
+from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
-from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
+from jsonnet_worker._wire.messages import EvalRequest
 from tests import seams
 
-_READERS: dict[int, FrameReader] = {}  # each worker's frames, by pid
+_CONNECTIONS: dict[int, WorkerConnection] = {}  # each greeted worker's conversation, by pid
 
 
-def next_message(worker: WorkerProcess, timeout: float = 20.0) -> Message:
+def greet(worker: WorkerProcess) -> None:
+    """Read the worker's hello through the pool's own conversation, kept for its calls."""
+    connection = WorkerConnection(1 << 20)
+    await_hello(worker, connection, timeout=20.0)
+    _CONNECTIONS[worker.pid] = connection
+
+
+def next_event(worker: WorkerProcess, timeout: float = 20.0) -> ConnectionEvent:
+    connection = _CONNECTIONS[worker.pid]
     deadline = time.monotonic() + timeout
-    reader = _READERS.setdefault(worker.pid, FrameReader(worker.settings.max_frame))
-    while True:
-        event = reader.next_event()
-        if event is not None:
-            assert isinstance(event, Message), event
-            return event
+    while (event := connection.next_event()) is NEED_DATA:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("no frame from the worker")
         ready = select.select([worker.stdout, worker.stderr_fd], [], [], left)[0]
         if worker.stderr_fd in ready:
             worker.drain_stderr()
-        if worker.stdout in ready:
-            data = worker.read_stdout()
-            if data == b"":
-                _READERS.pop(worker.pid, None)
-                raise RuntimeError(f"worker exited: {worker.stderr.text()[:300]}")
-            if data:
-                reader.feed(data)
+        if worker.stdout in ready and (data := worker.read_stdout()) is not None:
+            connection.receive_data(data)
+    return event
 
 
 class Caller:
@@ -85,27 +87,19 @@ class Caller:
 
     def call(self, worker: WorkerProcess) -> None:
         self.next_id += 1
-        frame = encode(
-            {
-                "t": "eval",
-                "id": self.next_id,
-                "snippet": self.snippet,
-                "filename": "mapper.jsonnet",
-                "ext_vars": {},
-                "ext_codes": {"claims": self.claims},
-                "tla_vars": {},
-                "tla_codes": {},
-                "max_stack": 500,
-                "max_output": 1 << 20,
-            }
+        request = EvalRequest(
+            self.next_id, self.snippet, "mapper.jsonnet", ext_codes={"claims": self.claims}
         )
-        view = memoryview(frame)
+        view = memoryview(_CONNECTIONS[worker.pid].send_request(request))
         while view:
             written = worker.send(view)
             assert written is not None
             view = view[written:]
-        answer = next_message(worker).payload
-        assert answer["t"] == "result" and answer["id"] == self.next_id, answer
+        answer = next_event(worker)
+        assert isinstance(answer, Answer) and answer.request_id == self.next_id, (
+            answer,
+            worker.stderr.text()[:300],
+        )
 
 
 def one_start(start: Callable[[], WorkerProcess], caller: Caller) -> tuple[float, float, float]:
@@ -113,12 +107,12 @@ def one_start(start: Callable[[], WorkerProcess], caller: Caller) -> tuple[float
     began = time.perf_counter()
     worker = start()
     try:
-        hello = next_message(worker).payload
-        assert hello["t"] == "hello", hello
+        greet(worker)
         greeted = time.perf_counter()
         caller.call(worker)
         answered = time.perf_counter()
     finally:
+        _CONNECTIONS.pop(worker.pid, None)
         worker.close()
     return greeted - began, answered - began, answered - greeted
 
@@ -143,11 +137,12 @@ def alive_memory(start: Callable[[], WorkerProcess], caller: Caller, count: int)
     workers = [start() for _ in range(count)]
     try:
         for worker in workers:
-            next_message(worker)
+            greet(worker)
             caller.call(worker)
         samples = [memory(worker.pid) for worker in workers]
     finally:
         for worker in workers:
+            _CONNECTIONS.pop(worker.pid, None)
             worker.close()
     return {key: int(statistics.median(sample[key] for sample in samples)) for key in samples[0]}
 
@@ -155,7 +150,7 @@ def alive_memory(start: Callable[[], WorkerProcess], caller: Caller, count: int)
 def steady(start: Callable[[], WorkerProcess], caller: Caller, calls: int) -> list[float]:
     worker = start()
     try:
-        next_message(worker)
+        greet(worker)
         for _ in range(50):  # warm-up
             caller.call(worker)
         samples = []
@@ -165,6 +160,7 @@ def steady(start: Callable[[], WorkerProcess], caller: Caller, calls: int) -> li
             samples.append(time.perf_counter() - began)
         return samples
     finally:
+        _CONNECTIONS.pop(worker.pid, None)
         worker.close()
 
 

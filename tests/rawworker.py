@@ -4,8 +4,9 @@
 typed ``Hello`` the pool sees) and then offers two views of the same response channel:
 ``request()`` talks through the pool's own ``WorkerConnection`` (a real worker's answers
 must pass the pool's validation), while ``send_bytes()``/``receive()`` are raw, for tests
-that send the worker garbage and read its raw frames back (errors with no id, several
-frames, the end of the stream), which the pool's conversation would rightly refuse.
+that send the worker garbage and read its answers back frame by frame (errors with no id,
+several frames, the end of the stream), which the pool's conversation would rightly refuse;
+each answer is still parsed by ``messages.read_answer``.
 Use one view at a time: each request's answer must be read before the next request.
 """
 
@@ -19,8 +20,8 @@ from typing import Any
 from jsonnet_worker._pool.connection import NEED_DATA, Answer, Failure, WorkerConnection
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
-from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, Event, FrameReader
-from jsonnet_worker._wire.messages import EvalRequest, Result, WorkerHello
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, FrameReader, Message
+from jsonnet_worker._wire.messages import EvalRequest, Result, WorkerHello, read_answer
 
 MAX_OUTPUT = 1 << 20
 
@@ -80,15 +81,17 @@ class RawWorker:
                 if data is not None:
                     return data
 
-    def receive(self, timeout: float = 20.0) -> Event | None:
-        """The next raw frame event, or None at EOF."""
+    def receive(self, timeout: float = 20.0) -> Result | Failure | None:
+        """The worker's next answer frame, whatever came before it (any id, several in a row,
+        an error with no id), parsed by the one parser of answers; None at EOF."""
         deadline = time.monotonic() + timeout
         while (event := self.frames.next_event()) is None:
             data = self._read(deadline - time.monotonic())
             if not data:
                 return None
             self.frames.feed(data)
-        return event
+        assert isinstance(event, Message), event
+        return read_answer(event.payload)
 
     def request(self, snippet: str, **fields: Any) -> dict[str, Any]:
         """Evaluate through the pool's conversation; the answer, once the pool has validated

@@ -28,25 +28,31 @@ from jsonnet_worker._pool.connection import (
     ConnectionMisuse,
     ConnectionState,
     Failure,
-    Hello,
     NeedData,
-    StartupFailed,
     WorkerConnection,
-    escape_controls,
+    sandbox_status,
 )
 from jsonnet_worker._pool.launch import launch_and_greet
 from jsonnet_worker._pool.processes import WorkerSettings
 from jsonnet_worker._report import SandboxStatus
 from jsonnet_worker._sandbox.landlock import SupportState
-from jsonnet_worker._wire.layers import EXTRA_LAYERS, LayerState
 from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, encode
-from jsonnet_worker._wire.messages import ErrorKind, EvalRequest, MAX_MESSAGE_CHARS, Operation, parse_request
+from jsonnet_worker._wire.layers import EXTRA_LAYERS, LayerState
+from jsonnet_worker._wire.messages import (
+    MAX_MESSAGE_CHARS,
+    ErrorKind,
+    EvalRequest,
+    Operation,
+    StartupFailure,
+    WorkerHello,
+    escape_controls,
+)
 
 MAX_OUTPUT = 1000
 IDLE = ConnectionState.IDLE
 EVENT_TYPES = (
-    Hello,
-    StartupFailed,
+    WorkerHello,
+    StartupFailure,
     Answer,
     Failure,
     NeedData,
@@ -92,15 +98,15 @@ def hello_frame(**changes: Any) -> bytes:
 def greeted(max_output: int = MAX_OUTPUT) -> WorkerConnection:
     connection = WorkerConnection(max_output)
     connection.receive_data(hello_frame())
-    assert isinstance(connection.next_event(), Hello)
+    assert isinstance(connection.next_event(), WorkerHello)
     return connection
 
 
 def in_flight(
-    request_id: int = 1, action: Action = Action.EVAL, max_output: int = MAX_OUTPUT
+    request_id: int = 1, operation: Operation = Operation.EVAL, max_output: int = MAX_OUTPUT
 ) -> WorkerConnection:
     connection = greeted(max_output)
-    connection.send_request(EvalRequest(request_id, "{}", action=action))
+    connection.send_request(EvalRequest(request_id, "{}", operation=operation))
     return connection
 
 
@@ -120,7 +126,7 @@ def events(connection: WorkerConnection) -> list[ConnectionEvent]:
         if event is NEED_DATA:
             return found
         found.append(event)
-        if isinstance(event, ConnectionClosed | ConnectionBroken | StartupFailed):
+        if isinstance(event, ConnectionClosed | ConnectionBroken | StartupFailure):
             return found
     raise AssertionError("next_event() never asked for data")
 
@@ -148,7 +154,7 @@ def test_a_valid_hello_is_parsed_into_typed_fields() -> None:
     assert connection.next_event() is NEED_DATA
     connection.receive_data(hello_frame(engine_api="capi"))
     hello = connection.next_event()
-    assert isinstance(hello, Hello)
+    assert isinstance(hello, WorkerHello)
     assert connection.hello == hello
     assert (hello.pid, hello.engine, hello.engine_version, hello.python) == (
         4242,
@@ -174,8 +180,8 @@ def test_hello_sandbox_gives_the_status_the_pool_reports() -> None:
     connection = WorkerConnection(MAX_OUTPUT)
     connection.receive_data(hello_frame())
     hello = connection.next_event()
-    assert isinstance(hello, Hello)
-    sandbox = hello.sandbox()
+    assert isinstance(hello, WorkerHello)
+    sandbox = sandbox_status(hello)
     assert isinstance(sandbox, SandboxStatus)
     assert sandbox.enforced and sandbox.self_check.startswith("refused")
     assert [layer.name for layer in sandbox.missing] == ["privileges"]
@@ -190,7 +196,7 @@ def test_missing_optional_hello_fields_take_their_defaults() -> None:
     connection = WorkerConnection(MAX_OUTPUT)
     connection.receive_data(encode(payload))
     hello = connection.next_event()
-    assert isinstance(hello, Hello)
+    assert isinstance(hello, WorkerHello)
     assert hello.engine_api == "" and hello.landlock.abi == 0 and hello.landlock.handled_fs == ()
     assert all(layer.reason == "not reported by the worker" for layer in hello.layers)
 
@@ -203,7 +209,7 @@ def test_a_hello_dribbled_one_byte_at_a_time_arrives_once() -> None:
         assert connection.next_event() is NEED_DATA
     assert connection.pending == len(data) - 1
     connection.receive_data(data[-1:])
-    assert isinstance(connection.next_event(), Hello)
+    assert isinstance(connection.next_event(), WorkerHello)
     assert connection.pending == 0
 
 
@@ -270,7 +276,7 @@ def test_control_characters_in_hello_texts_are_escaped() -> None:
     connection = WorkerConnection(MAX_OUTPUT)
     connection.receive_data(hello_frame(engine_version="v1\x1b[2J\r", self_check="ok\u202eevil"))
     hello = connection.next_event()
-    assert isinstance(hello, Hello)
+    assert isinstance(hello, WorkerHello)
     assert hello.engine_version == "v1\\x1b[2J\\x0d"
     assert hello.self_check == "ok\\u202eevil"
 
@@ -278,7 +284,7 @@ def test_control_characters_in_hello_texts_are_escaped() -> None:
 def test_startup_failed_gives_the_reason_then_the_stream_is_closed() -> None:
     connection = WorkerConnection(MAX_OUTPUT)
     connection.receive_data(encode({"t": "startup_failed", "reason": "no memfd\x07"}))
-    assert connection.next_event() == StartupFailed("no memfd\\x07")
+    assert connection.next_event() == StartupFailure("no memfd\\x07")
     assert state(connection) is ConnectionState.CLOSED
     connection.receive_data(hello_frame())  # a worker that goes on is not read
     assert isinstance(connection.next_event(), ConnectionClosed)
@@ -306,7 +312,7 @@ def test_an_oversized_hello_frame_breaks_at_its_header() -> None:
 def test_a_hello_fills_its_frame_cap_and_not_more() -> None:
     connection = WorkerConnection(MAX_OUTPUT, max_frame_hello=1024)
     connection.receive_data(hello_frame(self_check="x" * 500))
-    assert isinstance(connection.next_event(), Hello)
+    assert isinstance(connection.next_event(), WorkerHello)
     connection = WorkerConnection(MAX_OUTPUT, max_frame_hello=1024)
     connection.receive_data(hello_frame(self_check="x" * 1000))
     broken(connection, "limit of 1024")
@@ -340,7 +346,7 @@ def test_a_whole_hello_then_the_end_of_the_stream_gives_both() -> None:
     connection = WorkerConnection(MAX_OUTPUT)
     connection.receive_data(hello_frame())
     connection.receive_data(b"")
-    assert isinstance(connection.next_event(), Hello)
+    assert isinstance(connection.next_event(), WorkerHello)
     assert connection.next_event() == ConnectionClosed(ConnectionState.IDLE, 0)
 
 
@@ -351,7 +357,7 @@ def test_send_request_gives_the_frame_and_expects_its_id() -> None:
     connection = greeted()
     request = EvalRequest(7, "1 + 1", max_output=MAX_OUTPUT)
     frame = connection.send_request(request)
-    assert parse_request(msgpack.unpackb(frame[4:])) == request
+    assert EvalRequest.from_message(msgpack.unpackb(frame[4:])) == request
     assert state(connection) is ConnectionState.AWAITING_ANSWER
     assert connection.expected_id == 7
     assert connection.next_event() is NEED_DATA
@@ -404,14 +410,14 @@ def test_an_answer_dribbled_one_byte_at_a_time_arrives_once() -> None:
 def test_an_answer_with_the_wrong_id_breaks_the_connection(wrong: Any) -> None:
     connection = in_flight(request_id=1)
     connection.receive_data(result(wrong))
-    broken(connection, "expected 1")
+    broken(connection, "with id")  # the id named
 
 
 @pytest.mark.parametrize("wrong", [2, True, "1", 1.0])
 def test_an_error_with_the_wrong_id_breaks_the_connection(wrong: Any) -> None:
     connection = in_flight(request_id=1)
     connection.receive_data(error(wrong))
-    broken(connection, "expected 1")
+    broken(connection, "with id")  # the id named
 
 
 def test_an_error_for_a_frame_the_worker_could_not_read_needs_no_id() -> None:
@@ -420,7 +426,7 @@ def test_an_error_for_a_frame_the_worker_could_not_read_needs_no_id() -> None:
     assert connection.next_event() == Failure(None, ErrorKind.PROTOCOL, "invalid msgpack")
     connection = in_flight(request_id=1)
     connection.receive_data(error(None, "jsonnet", "forged"))
-    broken(connection, "expected 1")
+    broken(connection, "with id")  # the id named
 
 
 @pytest.mark.parametrize("kind", list(ErrorKind))
@@ -641,24 +647,29 @@ def test_a_malformed_frame_breaks_the_connection(body: bytes) -> None:
 
 
 def test_check_answers_null_and_format_answers_a_string() -> None:
-    connection = in_flight(action=Action.CHECK)
+    connection = in_flight(operation=Operation.CHECK)
     connection.receive_data(result(1, "null"))
     assert connection.next_event() == Answer(1, "null", None)
-    connection = in_flight(action=Action.FMT)
+    connection = in_flight(operation=Operation.FMT)
     connection.receive_data(result(1, json.dumps("{ a: 1 }\n")))
     assert connection.next_event() == Answer(1, '"{ a: 1 }\\n"', "{ a: 1 }\n")
 
 
 @pytest.mark.parametrize(
-    ("action", "text"),
-    [(Action.CHECK, "{}"), (Action.CHECK, "0"), (Action.FMT, "null"), (Action.FMT, "[]")],
+    ("operation", "text"),
+    [
+        (Operation.CHECK, "{}"),
+        (Operation.CHECK, "0"),
+        (Operation.FMT, "null"),
+        (Operation.FMT, "[]"),
+    ],
 )
-def test_an_answer_of_the_wrong_type_for_its_action_breaks_the_connection(
-    action: Action, text: str
+def test_an_answer_of_the_wrong_type_for_its_operation_breaks_the_connection(
+    operation: Operation, text: str
 ) -> None:
-    connection = in_flight(action=action)
+    connection = in_flight(operation=operation)
     connection.receive_data(result(1, text))
-    broken(connection, action.value)
+    broken(connection, operation.value)
 
 
 def test_the_end_of_the_stream_during_a_call_is_closed_with_its_state() -> None:
@@ -752,7 +763,7 @@ def test_a_pool_whose_workers_lie_in_their_hello_fails_typed_and_cleanly() -> No
 
 def drive(connection: WorkerConnection, chunks: list[bytes], end: bool) -> list[ConnectionEvent]:
     """Feed ``chunks`` (then the end, if ``end``), sending a request whenever the connection
-    is idle, and check what any worker's bytes may give: only events, a Hello only first, an
+    is idle, and check what any worker's bytes may give: only events, a WorkerHello only first, an
     answer only for the id in flight and within the limits, nothing after a final event."""
     seen: list[ConnectionEvent] = []
     owed = connection.expected_id
@@ -761,7 +772,7 @@ def drive(connection: WorkerConnection, chunks: list[bytes], end: bool) -> list[
         connection.receive_data(chunk)
         while (event := connection.next_event()) is not NEED_DATA:
             assert isinstance(event, EVENT_TYPES)
-            if isinstance(event, Hello):
+            if isinstance(event, WorkerHello):
                 assert not seen and connection.hello is event
             if isinstance(event, Answer):
                 assert event.request_id == owed and len(event.json_text) <= MAX_OUTPUT
@@ -769,7 +780,7 @@ def drive(connection: WorkerConnection, chunks: list[bytes], end: bool) -> list[
                 assert event.request_id in (owed, None)
                 assert len(event.message) <= 4 * (MAX_MESSAGE_CHARS + 64)
             seen.append(event)
-            if isinstance(event, ConnectionClosed | ConnectionBroken | StartupFailed):
+            if isinstance(event, ConnectionClosed | ConnectionBroken | StartupFailure):
                 assert connection.state in (ConnectionState.CLOSED, ConnectionState.BROKEN)
                 assert connection.next_event() is not NEED_DATA  # final: it stays
                 return seen
@@ -849,4 +860,4 @@ def test_a_hello_is_a_hello_or_broken_never_an_exception(changes: dict[str, Any]
     connection = WorkerConnection(MAX_OUTPUT)
     connection.receive_data(encode({**copy.deepcopy(HELLO), **changes}))
     event = connection.next_event()
-    assert isinstance(event, Hello | ConnectionBroken | StartupFailed), event
+    assert isinstance(event, WorkerHello | ConnectionBroken | StartupFailure), event

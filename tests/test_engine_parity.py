@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jsonnet_worker._pool.connection import escape_controls
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
+from jsonnet_worker._wire.messages import escape_controls
 from rawworker import RawWorker
 
 gojsonnet = pytest.importorskip("_gojsonnet")

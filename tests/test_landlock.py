@@ -8,6 +8,7 @@ import sys
 
 from jsonnet_worker._sandbox import landlock
 from jsonnet_worker._sandbox.landlock import FsAccess, NetAccess, Scope, SupportState
+from jsonnet_worker._wire.messages import ForkServerHello
 
 
 def test_rights_table_grows_with_the_abi() -> None:
@@ -34,7 +35,7 @@ def test_probe_reports_this_kernel() -> None:
         assert support.abi >= 1
 
 
-def test_status_round_trips_through_a_dict() -> None:
+def test_status_round_trips_through_a_hello() -> None:
     status = landlock.LandlockStatus(
         enforced=True,
         state=SupportState.AVAILABLE,
@@ -46,7 +47,8 @@ def test_status_round_trips_through_a_dict() -> None:
         restrict_flags=("LOG_SAME_EXEC_OFF",),
         dropped=("RESOLVE_UNIX",),
     )
-    assert landlock.LandlockStatus.from_dict(status.to_dict()) == status
+    hello = ForkServerHello(1, "go", "3.11", status, "refused", 1.0, (), fork_flags=0)
+    assert ForkServerHello.from_message(hello.to_message()).landlock == status
     assert "dropped" in status.summary() and "RESOLVE_UNIX" in status.summary()
 
 

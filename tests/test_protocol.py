@@ -156,7 +156,7 @@ LANDLOCK = LandlockStatus(
     scoped=("SIGNAL",),
 )
 LAYERS = tuple(LayerStatus(name, LayerState.ACTIVE, f"{name} on") for name in EXTRA_LAYERS)
-MESSAGES = [
+MESSAGES: list[Any] = [
     EvalRequest(id=3, snippet="1", operation=Operation.CHECK, max_trace=0),
     Result(3, "[1]"),
     Result(3, "[1]", retire=True),

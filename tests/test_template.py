@@ -19,18 +19,26 @@ import msgpack
 import pytest
 
 from jsonnet_worker._errors import MemoryLimitExceeded
+from jsonnet_worker._pool.connection import (
+    NEED_DATA,
+    Answer,
+    ConnectionClosed,
+    Failure,
+    WorkerConnection,
+    sandbox_status,
+)
 from jsonnet_worker._pool.forking import (
     ORPHAN_WAIT,
     ForkedWorker,
     ForkServerProcess,
     ForkServerUnavailable,
-    TemplateHello,
     WorkerSource,
     fork_server_command,
     isolation_problem,
 )
 from jsonnet_worker._pool.forkserver_policy import ForkServerState
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
+from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._sandbox.landlock import probe
 from jsonnet_worker._wire.control import (
@@ -40,8 +48,15 @@ from jsonnet_worker._wire.control import (
     decode_control,
     encode_control,
 )
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, ProtocolViolation
 from jsonnet_worker._wire.layers import LayerState
-from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, FrameReader, Message, encode
+from jsonnet_worker._wire.messages import (
+    EvalRequest,
+    ForkRefused,
+    ForkServerHello,
+    Result,
+    read_fork_answer,
+)
 
 HARNESS = Path(__file__).parent / "harness" / "template_harness.py"
 LANDLOCK = probe()
@@ -63,55 +78,41 @@ def harness(mode: str, engine: str = "go") -> list[str]:
 
 
 class Talk:
-    """A forked worker driven frame by frame."""
+    """A forked worker driven through the pool's own conversation: its hello and its answers
+    are validated as any worker's."""
 
     def __init__(self, process: WorkerProcess) -> None:
         self.process = process
-        self.reader = FrameReader(process.settings.max_frame)
+        self.connection = WorkerConnection(1 << 20)
         self.next_id = 1
-        hello = self.receive()
-        assert isinstance(hello, Message), process.stderr.text()
-        assert hello.payload["t"] == "hello", hello.payload
-        self.hello = hello
+        self.hello = await_hello(process, self.connection, timeout=20.0)
 
-    def receive(self, timeout: float = 20.0) -> Message | None:
+    def receive(self, timeout: float = 20.0) -> dict[str, Any] | None:
+        """The answer to the request in flight, as the worker's message; None if the worker's
+        stream ended instead."""
         process = self.process
         deadline = time.monotonic() + timeout
-        while True:
-            event = self.reader.next_event()
-            if event is not None:
-                assert isinstance(event, Message), event
-                return event
+        while (event := self.connection.next_event()) is NEED_DATA:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no frame from the worker")
             ready = select.select([process.stdout, process.stderr_fd], [], [], left)[0]
             if process.stderr_fd in ready:
                 process.drain_stderr()
-            if process.stdout in ready:
-                data = process.read_stdout()
-                if data == b"":
-                    return None
-                if data:
-                    self.reader.feed(data)
+            if process.stdout in ready and (data := process.read_stdout()) is not None:
+                self.connection.receive_data(data)
+        if isinstance(event, Answer):
+            return Result(event.request_id, event.json_text, event.retire).to_message()
+        if isinstance(event, Failure):
+            return event.to_message()
+        assert isinstance(event, ConnectionClosed), (event, process.stderr.text())
+        return None
 
     def send(self, snippet: str, **fields: Any) -> int:
         request_id = self.next_id
         self.next_id += 1
-        message = {
-            "t": "eval",
-            "id": request_id,
-            "snippet": snippet,
-            "filename": "test.jsonnet",
-            "ext_vars": {},
-            "ext_codes": {},
-            "tla_vars": {},
-            "tla_codes": {},
-            "max_stack": 500,
-            "max_output": 1 << 20,
-            **fields,
-        }
-        data = memoryview(encode(message))
+        request = EvalRequest(request_id, snippet, filename="test.jsonnet", **fields)
+        data = memoryview(self.connection.send_request(request))
         while data:
             written = self.process.send(data)
             assert written is not None, "the worker's request channel is closed"
@@ -124,8 +125,8 @@ class Talk:
         request_id = self.send(snippet, **fields)
         answer = self.receive()
         assert answer is not None, self.process.stderr.text()
-        assert answer.payload.get("id") == request_id, answer.payload
-        return answer.payload
+        assert answer["id"] == request_id, answer
+        return answer
 
     def python(self, source: str) -> Any:
         """Run ``source`` in a ``python``-mode worker; its ``result`` variable."""
@@ -178,7 +179,7 @@ def test_a_forked_worker_evaluates_like_the_engine_in_process(
     template = ForkServerProcess(settings(engine))
     try:
         talk = fork(template, workers)
-        assert talk.hello.payload["engine"] == engine
+        assert talk.hello.engine == engine
         cases: list[tuple[str, dict[str, Any]]] = [
             ("{a: 1 + 1, b: std.extVar('x')}", {"ext_vars": {"x": "y"}}),
             ("function(n) [i * i for i in std.range(1, n)]", {"tla_codes": {"n": "5"}}),
@@ -201,20 +202,21 @@ def test_the_hello_is_a_workers_and_the_pool_is_the_parent(
     template: ForkServerProcess, workers: list[WorkerProcess]
 ) -> None:
     talk = fork(template, workers)
-    hello = talk.hello.payload
+    hello = talk.hello
     worker = talk.process
-    assert hello["pid"] == worker.pid != template.pid
-    assert hello["sandbox"]["enforced"] is True
-    assert "SIGNAL" in hello["sandbox"]["scoped"]
-    assert hello["self_check"].startswith("refused:")
-    assert hello["layers"]["seccomp"]["state"] == "active"
-    assert "checked, TSYNC" in hello["layers"]["seccomp"]["detail"]
+    assert hello.pid == worker.pid != template.pid
+    assert hello.landlock.enforced is True
+    assert "SIGNAL" in hello.landlock.scoped
+    assert hello.self_check.startswith("refused:")
+    seccomp = sandbox_status(hello).seccomp
+    assert seccomp.state is LayerState.ACTIVE
+    assert "checked, TSYNC" in seccomp.detail
     # CLONE_PARENT: our child, not the template's, in a session of its own.
     worker_status = status_of(f"/proc/{worker.pid}/status")
     assert int(worker_status["PPid"]) == os.getpid()
     assert os.getsid(worker.pid) == worker.pid != os.getsid(template.pid)
     assert worker_status["Uid"] == status_of(f"/proc/{template.pid}/status")["Uid"]
-    assert template.hello.sandbox().landlock.enforced
+    assert sandbox_status(template.hello).landlock.enforced
 
 
 def test_a_forked_worker_is_reaped_here_with_its_real_status(
@@ -417,27 +419,24 @@ def test_the_template_never_evaluates(
     with open(f"/proc/{template.pid}/maps") as maps:
         assert "_gojsonnet" not in maps.read()  # the engine is in a memfd, never mapped
     # It answers nothing but forks: an evaluation request is refused, and it forks on.
-    assert control_exchange(template, {"t": "eval", "id": 99, "snippet": "{}"}) == {
-        "t": "fork_failed",
-        "id": 99,
-        "reason": "unknown control message 'eval'",
-        "errno": 0,
-    }
+    refused = control_exchange(template, {"t": "eval", "id": 99, "snippet": "{}"})
+    assert refused == ForkRefused(99, "unknown control message 'eval'", 0)
     assert Talk(template.fork_worker()).request("1 + 1")["json"].strip() == "2"
 
 
 def test_a_fork_request_without_its_channels_is_refused(template: ForkServerProcess) -> None:
     reply = control_exchange(template, {"t": "fork", "id": 7})
-    assert reply["t"] == "fork_failed" and reply["reason"] == "a fork needs 3 channels, got 0"
+    assert reply == ForkRefused(7, "a fork needs 3 channels, got 0")
     assert isinstance(template.fork_worker(), ForkedWorker)
 
 
-def control_exchange(template: ForkServerProcess, message: dict[str, Any]) -> dict[str, Any]:
-    """Send one control message as the pool would, and read the template's reply."""
+def control_exchange(template: ForkServerProcess, message: dict[str, Any]) -> object:
+    """Send one control message (a map, so that a test can send what the pool never would),
+    and read the fork server's reply as the pool does."""
     template.control.send(encode_control(message))
     template.control.settimeout(10.0)
     try:
-        return decode_control(template.control.recv(CONTROL_MAX))
+        return read_fork_answer(decode_control(template.control.recv(CONTROL_MAX)))
     finally:
         template.control.settimeout(None)
 
@@ -485,9 +484,7 @@ def test_killing_the_template_keeps_its_workers_and_their_calls(
     python_template.kill()
     assert python_template.wait(10.0) == -signal.SIGKILL
     assert busy.process.send(b"!") == 1  # the call has been in flight all along: release it
-    answer = busy.receive()
-    assert answer is not None
-    assert answer.payload == {"t": "result", "id": request_id, "json": '"released"'}
+    assert busy.receive() == {"t": "result", "id": request_id, "json": '"released"'}
     assert busy.python("result = 6 * 7") == 42
     assert idle.python("result = 'idle, alive'") == "idle, alive"
     with pytest.raises(ForkServerUnavailable) as refused:
@@ -505,7 +502,7 @@ def test_a_forked_worker_survives_its_templates_death_mid_evaluation(
     assert template.wait(10.0) == -signal.SIGKILL
     answer = talk.receive()
     assert answer is not None
-    answered = {key: answer.payload[key] for key in ("t", "id", "json")}
+    answered = {key: answer[key] for key in ("t", "id", "json")}  # and "retire", if it asks
     assert answered == {"t": "result", "id": request_id, "json": "2000001000000\n"}
 
 
@@ -518,7 +515,7 @@ def test_a_worker_cloned_just_before_its_template_died_is_adopted_not_left_a_zom
         workers.append(worker)
         assert template.wait(10.0) == 9
         talk = Talk(worker)
-        assert talk.hello.payload["pid"] == worker.pid
+        assert talk.hello.pid == worker.pid
         assert status_of(f"/proc/{worker.pid}/status")["PPid"] == str(os.getpid())
         assert talk.request("[1, 2]")["json"] == "[\n   1,\n   2\n]\n"
         pid = worker.pid
@@ -607,7 +604,7 @@ def hello_message(**changes: Any) -> dict[str, Any]:
 
 
 def test_a_template_hello_is_validated_field_by_field() -> None:
-    hello = TemplateHello.from_message(hello_message())
+    hello = ForkServerHello.from_message(hello_message())
     assert hello.pid == 1234 and hello.landlock.enforced and hello.fork_flags == FORK_FLAGS
     assert isolation_problem(hello) is None
     bad_fields: list[dict[str, Any]] = [
@@ -617,16 +614,16 @@ def test_a_template_hello_is_validated_field_by_field() -> None:
         {"protocol": 2},
     ]
     for bad in bad_fields:
-        with pytest.raises((TypeError, ValueError)):
-            TemplateHello.from_message(hello_message(**bad))
+        with pytest.raises(ProtocolViolation):
+            ForkServerHello.from_message(hello_message(**bad))
 
 
 def test_forking_is_refused_where_siblings_could_signal_each_other() -> None:
     unscoped = {"enforced": True, "state": "available", "abi": 5, "scoped": []}
-    problem = isolation_problem(TemplateHello.from_message(hello_message(sandbox=unscoped)))
+    problem = isolation_problem(ForkServerHello.from_message(hello_message(sandbox=unscoped)))
     assert problem is not None and "no signal scope" in problem
     missing = {"enforced": False, "state": "not built in", "reason": "Landlock not built in"}
-    problem = isolation_problem(TemplateHello.from_message(hello_message(sandbox=missing)))
+    problem = isolation_problem(ForkServerHello.from_message(hello_message(sandbox=missing)))
     assert problem == "no Landlock layer (Landlock not built in)"
 
 

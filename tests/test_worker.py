@@ -15,7 +15,8 @@ from jsonnet_worker._pool.connection import WorkerConnection
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._sandbox.landlock import probe
-from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, Message, encode
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, encode
+from jsonnet_worker._wire.messages import ErrorKind, Failure
 from rawworker import RawWorker
 
 needs_landlock = pytest.mark.skipif(
@@ -139,19 +140,19 @@ def test_output_limit(worker: RawWorker) -> None:
 def test_malformed_frames_get_protocol_errors(worker: RawWorker) -> None:
     worker.send_bytes(struct.pack(">I", 3) + b"\xc1\xc1\xc1")  # 0xc1 is never valid
     event = worker.receive()
-    assert isinstance(event, Message) and event.payload["kind"] == "protocol"
+    assert isinstance(event, Failure) and event.kind is ErrorKind.PROTOCOL
     worker.send_bytes(encode({"t": "eval", "id": 5}))  # no snippet
     event = worker.receive()
-    assert isinstance(event, Message)
-    assert event.payload["kind"] == "protocol" and event.payload["id"] == 5
-    assert "snippet" in event.payload["message"]
+    assert isinstance(event, Failure)
+    assert event.kind is ErrorKind.PROTOCOL and event.request_id == 5
+    assert "snippet" in event.message
     body = msgpack.packb([1, 2, 3])
     worker.send_bytes(struct.pack(">I", len(body)) + body)
     event = worker.receive()
-    assert isinstance(event, Message) and "not a map" in event.payload["message"]
+    assert isinstance(event, Failure) and "not a map" in event.message
     worker.send_bytes(struct.pack(">I", 0))
     event = worker.receive()
-    assert isinstance(event, Message) and event.payload["kind"] == "protocol"
+    assert isinstance(event, Failure) and event.kind is ErrorKind.PROTOCOL
     assert json.loads(worker.request("1 + 1")["json"]) == 2
 
 
@@ -160,8 +161,8 @@ def test_oversized_frame_is_refused_and_the_worker_exits() -> None:
     with RawWorker("go", max_frame=4096) as raw:
         raw.send_bytes(struct.pack(">I", 1 << 30) + b"x" * 100)
         event = raw.receive()
-        assert isinstance(event, Message)
-        assert event.payload["kind"] == "protocol" and "over the limit" in event.payload["message"]
+        assert isinstance(event, Failure)
+        assert event.kind is ErrorKind.PROTOCOL and "over the limit" in event.message
         assert raw.receive() is None  # EOF: it exits rather than resynchronise
         assert raw.process.wait(5) == 71
 

@@ -418,21 +418,6 @@ class StartupFailure:
         return cls(_bounded(payload, "reason", "startup_failed"))
 
 
-def _landlock_to_message(status: LandlockStatus) -> dict[str, Any]:
-    return {
-        "enforced": status.enforced,
-        "state": status.state.value,
-        "abi": status.abi,
-        "errata": status.errata,
-        "handled_fs": list(status.handled_fs),
-        "handled_net": list(status.handled_net),
-        "scoped": list(status.scoped),
-        "restrict_flags": list(status.restrict_flags),
-        "dropped": list(status.dropped),
-        "reason": status.reason,
-    }
-
-
 def _landlock_from_message(data: object) -> LandlockStatus:
     where = "sandbox"
     if not isinstance(data, dict):
@@ -456,10 +441,7 @@ def _landlock_from_message(data: object) -> LandlockStatus:
 
 
 def _layers_to_message(layers: tuple[LayerStatus, ...]) -> dict[str, Any]:
-    return {
-        layer.name: {"state": layer.state.value, "detail": layer.detail, "reason": layer.reason}
-        for layer in layers
-    }
+    return {layer.name: layer.to_dict() for layer in layers}
 
 
 def _layer_from_message(name: str, data: object) -> LayerStatus:
@@ -523,7 +505,7 @@ class WorkerHello:
             "engine_version": self.engine_version,
             "engine_api": self.engine_api,
             "python": self.python,
-            "sandbox": _landlock_to_message(self.landlock),
+            "sandbox": self.landlock.to_dict(),
             "layers": _layers_to_message(self.layers),
             "self_check": self.self_check,
             "startup_ms": self.startup_ms,
@@ -562,7 +544,7 @@ class ForkServerHello:
             "pid": self.pid,
             "engine": self.engine,
             "python": self.python,
-            "sandbox": _landlock_to_message(self.landlock),
+            "sandbox": self.landlock.to_dict(),
             "layers": _layers_to_message(self.layers),
             "self_check": self.self_check,
             "startup_ms": self.startup_ms,

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from conftest import ENGINES
 from jsonnet_worker._wire.framing import Message, ProtocolViolation, decode_body, encode
-from jsonnet_worker._wire.messages import parse_request
-from jsonnet_worker._worker.startup import EXIT_PROTOCOL
+from jsonnet_worker._wire.messages import EvalRequest
+from jsonnet_worker._worker.loop import EXIT_PROTOCOL
 from rawworker import RawWorker
 
 from .conftest import Tier
@@ -60,7 +60,7 @@ def framed(body: bytes) -> Chunk:
     event = decode_body(body)
     if isinstance(event, Message):
         try:
-            parse_request(event.payload)
+            EvalRequest.from_message(event.payload)
         except ProtocolViolation:
             pass
         else:
@@ -106,9 +106,9 @@ endings = st.one_of(
 
 
 def next_answer(raw: RawWorker) -> dict[str, Any]:
-    event = raw.receive(ANSWER_TIMEOUT)
-    assert isinstance(event, Message), event
-    return event.payload
+    answer = raw.receive(ANSWER_TIMEOUT)
+    assert answer is not None, "the worker's stream ended"
+    return answer.to_message()
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -1,4 +1,4 @@
-"""Test harness: the real template start-up (``forkserver.main``), with one thing changed.
+"""Test harness: the real fork server start-up (``forkserver.main``), with one thing changed.
 
 Run as ``python -I template_harness.py MODE [template args...]``. Modes:
   full            the product's template unchanged
@@ -35,7 +35,13 @@ import worker_harness  # tests/harness, put on sys.path above
 
 from jsonnet_worker._sandbox import landlock
 from jsonnet_worker._wire import control
-from jsonnet_worker._wire.messages import EngineKind, EvalRequest
+from jsonnet_worker._wire.messages import (
+    EngineKind,
+    EvalRequest,
+    Forked,
+    ForkRefused,
+    ForkServerHello,
+)
 from jsonnet_worker._worker import engines, forkserver
 
 CLONE_NR = {"x86_64": 56, "aarch64": 220}
@@ -133,25 +139,25 @@ def run_python_snippets(scope_extra: dict[str, object] | None = None) -> None:
 
 
 def die_after_clone() -> None:
-    send = forkserver.Template.send
+    send = forkserver.ForkServer.send
 
     def send_or_die(
-        self: forkserver.Template, message: dict[str, object], fds: list[int] | None = None
+        self: forkserver.ForkServer,
+        message: ForkServerHello | Forked | ForkRefused,
+        fds: list[int] | None = None,
     ) -> None:
-        if message.get("t") == "forked":
+        if isinstance(message, Forked):
             os._exit(DIED_IN_FORK)
         send(self, message, fds)
 
-    forkserver.Template.send = send_or_die  # type: ignore[method-assign]
+    forkserver.ForkServer.send = send_or_die  # type: ignore[method-assign]
 
 
 def die_before_clone() -> None:
-    def exit_at_once(
-        self: forkserver.Template, message: dict[str, object], fds: list[int], flags: int
-    ) -> None:
+    def exit_at_once(self: forkserver.ForkServer, data: bytes, fds: list[int], flags: int) -> None:
         os._exit(DIED_IN_FORK)
 
-    forkserver.Template.answer = exit_at_once  # type: ignore[method-assign]
+    forkserver.ForkServer.answer = exit_at_once  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -178,14 +178,14 @@ def become_parent_uid(uid: int) -> None:
     clears it)."""
     start = startup.start
 
-    def start_as_parent_uid(options: startup.WorkerOptions, streams: object) -> object:
+    def start_as_parent_uid(options: startup.WorkerOptions) -> startup.StartUp:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
         startup.tie_to_parent(options.parent_pid)
-        return start(options, streams)  # type: ignore[arg-type]
+        return start(options)
 
-    startup.start = start_as_parent_uid  # type: ignore[assignment]
+    startup.start = start_as_parent_uid
 
 
 def install_filter(bpf: list[tuple[int, int, int, int]]) -> None:
@@ -240,19 +240,19 @@ def python_engine() -> None:
     main_thread: dict[str, object] = {}
     start = startup.start
 
-    def start_and_record(*args: object) -> object:
+    def start_and_record(options: startup.WorkerOptions) -> startup.StartUp:
         with open("/proc/self/maps") as maps:  # before restriction: the main stack
             for line in maps:
                 if line.rstrip().endswith("[stack]"):
                     low, high = line.split()[0].split("-")
                     main_thread["stack"] = [int(low, 16), int(high, 16)]
-        started = start(*args)  # type: ignore[arg-type]
+        started = start(options)
         pdeathsig = ctypes.c_int(-1)
         ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
         main_thread["pdeathsig"] = pdeathsig.value
         return started
 
-    startup.start = start_and_record  # type: ignore[assignment]
+    startup.start = start_and_record
 
     def run_python(self: engines.Engine, request: EvalRequest) -> str:
         scope: dict[str, object] = {"main_thread": main_thread}
