@@ -475,7 +475,7 @@ def test_each_worker_has_an_ipc_namespace_of_its_own(pool: WorkerPool) -> None:
     if stats.template_pid is not None and stats.fork_fallbacks == 0:
         assert namespaces == {os.readlink(f"/proc/{stats.template_pid}/ns/ipc")}
         assert pool.sandbox is not None
-        assert "one per template" in pool.sandbox.ipc_namespace.detail, pool.sandbox.summary()
+        assert "one per fork server" in pool.sandbox.ipc_namespace.detail, pool.sandbox.summary()
     with seams.pool_of(seams.re_exec(), 2, spares=0) as re_exec:
         pids = re_exec.stats().worker_pids
         own = {os.readlink(f"/proc/{pid}/ns/ipc") for pid in pids}
