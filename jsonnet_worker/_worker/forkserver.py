@@ -257,8 +257,8 @@ def per_fork_server(layers: dict[str, LayerStatus]) -> dict[str, LayerStatus]:
     }
 
 
-def nested_landlock_layer(s: startup.StartUp) -> None:
-    s.landlock = landlock.restrict_self_empty()
+def nested_landlock_layer(progress: startup.StartUp) -> None:
+    progress.landlock = landlock.restrict_self_empty()
 
 
 # A forked worker's own start-up, after it has taken its channels (step 1 of the child).
@@ -298,9 +298,9 @@ def forked_worker_main(server: ForkServer, channels: list[int]) -> int:
     return loop.serve(streams, own.engine, own.hello(), options.max_frame, options.memory_limit)
 
 
-def fork_server_seccomp(s: startup.StartUp) -> None:
+def fork_server_seccomp(progress: startup.StartUp) -> None:
     try:
-        s.layers["seccomp"] = seccomp_layer(seccomp.install(process_clone=FORK_FLAGS))
+        progress.layers["seccomp"] = seccomp_layer(seccomp.install(process_clone=FORK_FLAGS))
     except OSError as exc:
         raise startup.StartupError(f"cannot apply the fork server's seccomp filter: {exc}") from exc
 

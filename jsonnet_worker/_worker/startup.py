@@ -215,7 +215,7 @@ def _alone_in_thread_group() -> bool:
     )
 
 
-def warm_up() -> None:
+def warm_up(progress: StartUp) -> None:
     """Load lazily-imported code now: after restriction no module file can be opened."""
     "é".encode("utf-8", "replace").decode("utf-8", "replace")
     b"\xff".decode("utf-8", "replace")
@@ -291,83 +291,81 @@ class StartUp:
 Step = Callable[[StartUp], None]
 
 
-def warm_up_step(s: StartUp) -> None:
-    warm_up()
-
-
-def prepare_engine(s: StartUp) -> None:
+def prepare_engine(progress: StartUp) -> None:
     try:
-        s.prepared = engines.prepare(s.options.engine)
+        progress.prepared = engines.prepare(progress.options.engine)
     except engines.EngineLoadError as exc:
         raise StartupError(str(exc)) from exc
 
 
-def limit_resources(s: StartUp) -> None:
-    s.resource_limits = set_limits(s.options.memory_limit, s.options.cpu_budget)
+def limit_resources(progress: StartUp) -> None:
+    progress.resource_limits = set_limits(
+        progress.options.memory_limit, progress.options.cpu_budget
+    )
 
 
-def ipc_namespace(s: StartUp) -> None:
-    s.layers["ipc_namespace"] = privileges.new_ipc_namespace()
+def ipc_namespace(progress: StartUp) -> None:
+    progress.layers["ipc_namespace"] = privileges.new_ipc_namespace()
 
 
-def limit_tasks_and_files(s: StartUp) -> None:
-    identity = s.options.identity
+def limit_tasks_and_files(progress: StartUp) -> None:
+    identity = progress.options.identity
     limits = privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
-    detail = f"{limits.detail}, {s.resource_limits}".strip(", ")
-    s.layers["limits"] = dataclasses.replace(limits, detail=detail)
+    detail = f"{limits.detail}, {progress.resource_limits}".strip(", ")
+    progress.layers["limits"] = dataclasses.replace(limits, detail=detail)
 
 
-def drop_privileges(s: StartUp) -> None:
-    identity = s.options.identity
+def drop_privileges(progress: StartUp) -> None:
+    identity = progress.options.identity
     if identity is not None:
         privileges.drop_to(identity)
-        tie_to_parent(s.options.parent_pid)  # a credential change cleared PR_SET_PDEATHSIG
-    s.layers["privileges"] = privileges.privilege_status(identity)
-    s.layers["uid"] = privileges.uid_status(identity)
+        tie_to_parent(progress.options.parent_pid)  # a credential change cleared PR_SET_PDEATHSIG
+    progress.layers["privileges"] = privileges.privilege_status(identity)
+    progress.layers["uid"] = privileges.uid_status(identity)
 
 
-def landlock_layer(s: StartUp) -> None:
-    s.check_target = self_check_target()  # before restriction: a file we can open now
+def landlock_layer(progress: StartUp) -> None:
+    progress.check_target = self_check_target()  # before restriction: a file we can open now
     threads = thread_count()
     if threads != 1:
         raise StartupError(
             f"{threads} threads exist before restriction; each must be born inside the domain"
         )
     try:
-        s.landlock = landlock.restrict_self_empty()
-        if not s.landlock.enforced:
+        progress.landlock = landlock.restrict_self_empty()
+        if not progress.landlock.enforced:
             landlock.set_no_new_privs()
     except OSError as exc:
         raise StartupError(f"cannot apply the Landlock layer: {exc}") from exc
 
 
-def check_the_layer(s: StartUp) -> None:
-    assert s.landlock is not None
-    s.self_check = self_check(s.landlock, s.check_target)
+def check_the_layer(progress: StartUp) -> None:
+    assert progress.landlock is not None
+    progress.self_check = self_check(progress.landlock, progress.check_target)
 
 
-def load_engine(s: StartUp) -> None:
-    assert s.prepared is not None
+def load_engine(progress: StartUp) -> None:
+    assert progress.prepared is not None
     try:
-        s.engine = engines.Engine(
-            s.options.engine,
-            engines.load(s.prepared),
-            prefer_capi=s.options.engine_api != "binding",
+        progress.engine = engines.Engine(
+            progress.options.engine,
+            engines.load(progress.prepared),
+            prefer_capi=progress.options.engine_api != "binding",
         )
     except engines.EngineLoadError as exc:
         raise StartupError(str(exc)) from exc
 
 
-def seccomp_filter(s: StartUp) -> None:
+def seccomp_filter(progress: StartUp) -> None:
     try:
-        s.layers["seccomp"] = seccomp.layer_status(seccomp.install())
+        progress.layers["seccomp"] = seccomp.layer_status(seccomp.install())
     except OSError as exc:
         raise StartupError(f"cannot apply the seccomp filter: {exc}") from exc
 
 
 # Steps 3-10 of the plan: up to the engine, what a fork server runs once for all its forks.
 RESTRICT: tuple[Step, ...] = (
-    warm_up_step,  # import and exercise what is used once no file can be opened
+    warm_up,  # import and exercise what is used once no file can be opened
     prepare_engine,  # the engine's memfd and libraries, not started
     limit_resources,  # memory, core, file size, ...: after the memfd (FSIZE applies to it)
     ipc_namespace,  # needs root: before the drop
@@ -383,10 +381,11 @@ FINISH: tuple[Step, ...] = (
 )
 
 
-def run_steps(s: StartUp, steps: tuple[Step, ...]) -> StartUp:
+def run_steps(progress: StartUp, steps: tuple[Step, ...]) -> StartUp:
+    """Each step in order; the first that fails raises one of STARTUP_ERRORS and ends it."""
     for step in steps:
-        step(s)
-    return s
+        step(progress)
+    return progress
 
 
 def start(options: WorkerOptions) -> StartUp:
