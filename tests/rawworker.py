@@ -1,7 +1,7 @@
 """A worker driven frame by frame, for tests of the worker and its protocol.
 
 ``RawWorker`` starts a worker through ``_launch.await_hello`` (so ``hello`` is the validated,
-typed ``Hello`` the pool sees) and then offers two views of the same response channel:
+typed ``WorkerHello`` the pool sees) and then offers two views of the same response channel:
 ``request()`` talks through the pool's own ``WorkerConnection`` (a real worker's answers
 must pass the pool's validation), while ``send_bytes()``/``receive()`` are raw, for tests
 that send the worker garbage and read its answers back frame by frame (errors with no id,

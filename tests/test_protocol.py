@@ -87,7 +87,7 @@ def test_nul_inside_strings_is_just_data() -> None:
     assert list(reader.events()) == [Message(message)]
 
 
-def test_parse_request_names_what_is_wrong() -> None:
+def test_a_request_parse_names_what_is_wrong() -> None:
     assert EvalRequest.from_message(REQUEST).id == 7
     for broken, needle in [
         ({**REQUEST, "snippet": 3}, "snippet"),
