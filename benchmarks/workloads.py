@@ -28,7 +28,7 @@ class Workload:
         return result
 
     def evaluate_capi(self, capi: CapiEngine, ext_codes: dict[str, str] | None = None) -> str:
-        """Through the workers' C API path (``_capi``), in this process: no sandbox, no IPC;
+        """Through the workers' C API path (``_worker.capi``), in this process: no sandbox, no IPC;
         ``ext_codes`` in place of the workload's (a fresh text per call defeats no cache)."""
         return capi.evaluate_snippet(
             self.filename,

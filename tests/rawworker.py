@@ -1,6 +1,6 @@
 """A worker driven frame by frame, for tests of the worker and its protocol.
 
-``RawWorker`` starts a worker through ``_launch.await_hello`` (so ``hello`` is the validated,
+``RawWorker`` starts a worker through ``_pool.launch.await_hello`` (so ``hello`` is the validated,
 typed ``WorkerHello`` the pool sees) and then offers two views of the same response channel:
 ``request()`` talks through the pool's own ``WorkerConnection`` (a real worker's answers
 must pass the pool's validation), while ``send_bytes()``/``receive()`` are raw, for tests

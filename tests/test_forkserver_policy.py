@@ -3,7 +3,7 @@ transition, the back-off, refusals and the races, with no process started.
 
 Each test plays one story as ``forking.WorkerSource`` would drive the policy (``Driver``: it
 starts fake fork servers when asked and closes the ones named), then checks the state, the
-actions and that every fork server started is closed exactly once.
+effects and that every fork server started is closed exactly once.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from jsonnet_worker._pool.backoff import BACKOFF_FIRST, BACKOFF_MAX, backoff_del
 from jsonnet_worker._pool.forkserver_policy import (
     CHECK_INTERVAL,
     RETIRE_GRACE,
-    Action,
     CloseForkServer,
+    Effect,
     ForkServerPolicy,
     ForkServerState,
     Log,
@@ -39,7 +39,7 @@ class FakeForkServer:
 
 
 class Driver:
-    """A policy and the fake fork servers its actions start and close, at a fake time.
+    """A policy and the fake fork servers its effects start and close, at a fake time.
     ``start_fails`` makes the next starts fail: (reason, permanent) each."""
 
     def __init__(self, cpu_budget: float | None = None, uid_range: bool = False) -> None:
@@ -56,17 +56,17 @@ class Driver:
         assert len(live) <= 1, "two fork servers up at once"
         return live[0] if live else None
 
-    def perform(self, actions: list[Action]) -> list[Action]:
-        for action in actions:
-            if isinstance(action, StartForkServer):
+    def perform(self, effects: list[Effect]) -> list[Effect]:
+        for effect in effects:
+            if isinstance(effect, StartForkServer):
                 self.start()
-            elif isinstance(action, CloseForkServer):
-                (server,) = [s for s in self.servers if s.pid == action.pid]
+            elif isinstance(effect, CloseForkServer):
+                (server,) = [s for s in self.servers if s.pid == effect.pid]
                 server.closes += 1
-                server.closed_with = action.grace
+                server.closed_with = effect.grace
             else:
-                self.logs.append(action)
-        return actions
+                self.logs.append(effect)
+        return effects
 
     def start(self) -> None:
         if self.start_fails:
@@ -90,12 +90,12 @@ class Driver:
         self.policy.re_executed()
         return "re-exec"
 
-    def fork_fails(self, reason: str, permanent: bool) -> list[Action]:
+    def fork_fails(self, reason: str, permanent: bool) -> list[Effect]:
         server = self.up
         assert server is not None
         return self.perform(self.policy.fork_failed(server.pid, reason, permanent, self.now))
 
-    def dies(self, server: FakeForkServer, how: str = "killed by SIGKILL") -> list[Action]:
+    def dies(self, server: FakeForkServer, how: str = "killed by SIGKILL") -> list[Effect]:
         return self.perform(self.policy.died(server.pid, how, self.now))
 
     def every_server_closed_once(self) -> bool:
@@ -186,9 +186,9 @@ def test_a_clone_refused_by_the_kernel_falls_back_to_re_exec_for_good_with_the_r
     driver.spawn()
     server = driver.up
     assert server is not None
-    reason = "the template cannot fork: clone(CLONE_PARENT|CLONE_PIDFD): Operation not permitted"
-    actions = driver.fork_fails(reason, permanent=True)
-    assert actions[0] == CloseForkServer(server.pid, 0.0)
+    reason = "the fork server cannot fork: clone(CLONE_PARENT|CLONE_PIDFD): Operation not permitted"
+    effects = driver.fork_fails(reason, permanent=True)
+    assert effects[0] == CloseForkServer(server.pid, 0.0)
     assert driver.policy.state is ForkServerState.REFUSED and driver.policy.pid is None
     assert driver.policy.status().reason == f"re-exec workers: {reason}"
     assert driver.logs[-1].level == logging.WARNING
@@ -201,7 +201,7 @@ def test_a_fork_that_fails_once_closes_the_fork_server_and_backs_off() -> None:
     driver.spawn()
     server = driver.up
     assert server is not None
-    driver.fork_fails("the template exited (killed by SIGKILL)", permanent=False)
+    driver.fork_fails("the fork server exited (killed by SIGKILL)", permanent=False)
     assert server.closed_with == 0.0 and driver.policy.state is ForkServerState.WAITING
     assert driver.spawn() == "re-exec"
     driver.now += BACKOFF_FIRST
@@ -229,7 +229,7 @@ def test_death_while_forking_is_handled_once_whichever_report_comes_first() -> N
         server = driver.up
         assert server is not None
         if first == "fork":
-            driver.fork_fails("the template exited", permanent=False)
+            driver.fork_fails("the fork server exited", permanent=False)
             assert driver.dies(server) == []
         else:
             driver.dies(server)
@@ -285,10 +285,10 @@ def test_a_fork_server_near_its_cpu_limit_is_replaced_its_start_up_not_counted()
     driver.servers.append(FakeForkServer(201, 0.3))
     assert driver.policy.cpu_used(201, 0.64, driver.now) == []  # due at 0.3 + 0.7 / 2
     assert driver.policy.cpu_used(201, None, driver.now) == []  # gone: its death will say
-    actions = driver.perform(driver.policy.cpu_used(201, 0.65, driver.now))
-    log = actions[0]
+    effects = driver.perform(driver.policy.cpu_used(201, 0.65, driver.now))
+    log = effects[0]
     assert isinstance(log, Log) and log.level == logging.INFO and log.args == (201, 0.65, 1)
-    assert actions[1:] == [CloseForkServer(201, RETIRE_GRACE), StartForkServer()]
+    assert effects[1:] == [CloseForkServer(201, RETIRE_GRACE), StartForkServer()]
     assert driver.policy.pid == 202 and driver.policy.stats().fork_server_starts == 2
 
 

@@ -674,7 +674,7 @@ def test_a_refusing_host_gets_re_exec_workers_for_good_with_the_reason(
             assert source.policy.state is ForkServerState.REFUSED and source.fork_server is None
         layer = source.status()
         assert layer.state is LayerState.MISSING
-        assert layer.reason.startswith("re-exec workers: the template cannot fork: clone(")
+        assert layer.reason.startswith("re-exec workers: the fork server cannot fork: clone(")
         assert "Operation not permitted" in layer.reason
     finally:
         source.close()

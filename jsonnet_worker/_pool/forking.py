@@ -26,8 +26,9 @@ it sends the pidfd, the child is still ours: ``fork_worker`` reads its pid from 
 without consuming it and adopts it (a child that dies before its hello is never known: it
 stays a zombie until this process exits). An application that sets SIGCHLD to SIG_IGN makes
 the kernel reap every child itself: the exit status is then unknown and reported as 0 (as
-``subprocess`` does). The messages of the conversation with the fork server (its hello, the
-fork's answers) still call it "template": they are renamed with the wire format.
+``subprocess`` does). On the wire the fork server's hello
+keeps its historical type name (``template_hello``), as does the public ``template`` layer
+of ``pool.sandbox`` and ``PoolStats.template_pid``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ from .._wire.messages import (
 from .connection import NEED_DATA, WorkerConnection
 from .forkserver_policy import (
     CPU_SHARE,
-    Action,
     CloseForkServer,
+    Effect,
     ForkServerPolicy,
     Log,
     Next,
@@ -90,7 +91,7 @@ logger = logging.getLogger("jsonnet_worker")
 
 START_TIMEOUT = 20.0
 FORK_TIMEOUT = 5.0
-# How long a fork whose template died looks for the hello of a child it may have cloned (a
+# How long a fork whose fork server died looks for the hello of a child it may have cloned (a
 # fork's hello takes about 7 ms; an end of the channel says at once that there is none).
 ORPHAN_WAIT = 5.0
 ORPHAN_HELLO_MAX = 64 * 1024  # a hello is about 2 KB
@@ -113,14 +114,14 @@ class ForkServerUnavailable(WorkerStartError):
 
 
 def isolation_problem(hello: ForkServerHello) -> str | None:
-    """Why workers forked from this template would be less isolated from each other and
-    from the template than re-exec workers are, or None."""
+    """Why workers forked from this fork server would be less isolated from each other and
+    from the fork server than re-exec workers are, or None."""
     if not hello.landlock.enforced:
         return f"no Landlock layer ({hello.landlock.reason or hello.landlock.state.value})"
     if Scope.SIGNAL.name not in hello.landlock.scoped:
         return (
             f"Landlock ABI {hello.landlock.abi} has no signal scope (ABI 6, Linux 6.12): "
-            "a forked worker could signal its template and its siblings"
+            "a forked worker could signal its fork server and its siblings"
         )
     return None
 
@@ -251,16 +252,16 @@ class ForkServerProcess(ChildProcess):
             hello = read_greeting(message, ForkServerHello)
         except ProtocolViolation as exc:
             raise ForkServerUnavailable(
-                f"malformed template hello: {exc}", permanent=True
+                f"malformed fork server hello: {exc}", permanent=True
             ) from None
         if isinstance(hello, StartupFailure):
             # The same start-up would fail the same way again: use re-exec workers.
             raise ForkServerUnavailable(
-                f"the template could not start: {hello.reason}", permanent=True
+                f"the fork server could not start: {hello.reason}", permanent=True
             )
         if hello.fork_flags != FORK_FLAGS:
             raise ForkServerUnavailable(
-                f"the template forks with flags {hello.fork_flags:#x}, expected {FORK_FLAGS:#x}",
+                f"the fork server forks with flags {hello.fork_flags:#x}, expected {FORK_FLAGS:#x}",
                 permanent=True,
             )
         problem = isolation_problem(hello)
@@ -269,7 +270,7 @@ class ForkServerProcess(ChildProcess):
         return hello
 
     def _receive(self, deadline: float) -> tuple[dict[str, Any], list[int]]:
-        """The template's next control message; ForkServerUnavailable if it dies, goes
+        """The fork server's next control message; ForkServerUnavailable if it dies, goes
         silent past ``deadline`` or sends something that is not a control message."""
         poller = select.poll()
         poller.register(self.control, select.POLLIN)
@@ -278,7 +279,7 @@ class ForkServerProcess(ChildProcess):
             left = deadline - time.monotonic()
             if left <= 0:
                 self.kill()
-                raise self._gone("the template did not answer in time")
+                raise self._gone("the fork server did not answer in time")
             for fd, _ in poller.poll(left * 1000):
                 if fd == self.stderr_fd:
                     if not self.drain_stderr():
@@ -291,9 +292,9 @@ class ForkServerProcess(ChildProcess):
                 except BlockingIOError:
                     continue
                 except OSError as exc:
-                    raise self._gone(f"the template's control socket failed: {exc}") from None
+                    raise self._gone(f"the fork server's control socket failed: {exc}") from None
                 if not data:
-                    raise self._gone("the template exited")
+                    raise self._gone("the fork server exited")
                 try:
                     if flags & socket.MSG_CTRUNC:
                         raise ControlError("more fds than any control message carries")
@@ -302,7 +303,7 @@ class ForkServerProcess(ChildProcess):
                     for received in fds:
                         os.close(received)
                     self.kill()
-                    raise ForkServerUnavailable(f"template: {exc}", permanent=False) from None
+                    raise ForkServerUnavailable(f"fork server: {exc}", permanent=False) from None
 
     def _gone(self, what: str) -> ForkServerUnavailable:
         """The error for a fork server that stopped answering: says how it ended."""
@@ -313,11 +314,11 @@ class ForkServerProcess(ChildProcess):
         return ForkServerUnavailable(f"{what} ({self.how_it_ended()}){detail}", permanent=False)
 
     def fork_worker(self, timeout: float = FORK_TIMEOUT) -> ForkedWorker:
-        """A new, never-used worker forked from the template (its hello still to be read
+        """A new, never-used worker forked from the fork server (its hello still to be read
         from its response channel, as with a re-exec worker)."""
         with self._lock:
             if self.closed:
-                raise ForkServerUnavailable("the template is closed", permanent=False)
+                raise ForkServerUnavailable("the fork server is closed", permanent=False)
             self._next_id += 1
             request_id = self._next_id
             child_ends: list[int] = []
@@ -331,7 +332,7 @@ class ForkServerProcess(ChildProcess):
                     request = encode_control(ForkRequest(request_id).to_message())
                     socket.send_fds(self.control, [request], child_ends)
                 except OSError as exc:
-                    raise self._gone(f"cannot reach the template ({exc})") from None
+                    raise self._gone(f"cannot reach the fork server ({exc})") from None
                 finally:
                     for fd in child_ends:
                         os.close(fd)
@@ -366,7 +367,7 @@ class ForkServerProcess(ChildProcess):
             if pidfd >= 0:
                 os.close(pidfd)
             self.kill()
-            reason = f"the template broke the protocol: {exc}"
+            reason = f"the fork server broke the protocol: {exc}"
             raise ForkServerUnavailable(reason, permanent=False) from None
         if isinstance(answer, Forked):
             stdin, stdout, stderr = channels
@@ -376,15 +377,15 @@ class ForkServerProcess(ChildProcess):
         if pidfd >= 0:
             os.close(pidfd)
         raise ForkServerUnavailable(
-            f"the template cannot fork: {answer.reason}", permanent=answer.errno in _REFUSALS
+            f"the fork server cannot fork: {answer.reason}", permanent=answer.errno in _REFUSALS
         )
 
     def _adopt_orphan(self, channels: list[int]) -> ForkedWorker | None:
-        """The template died (or was killed) before it answered a fork: had it cloned the
+        """The fork server died (or was killed) before it answered a fork: had it cloned the
         worker, that worker is our child (CLONE_PARENT) and nobody else would reap it. Its
         hello names its pid; a pidfd on a child of ours that is not reaped names that child
         and no other, and ``waitid`` on it refuses any process that is not our child. So it
-        is adopted as any forked worker. None: no worker came (the template died before the
+        is adopted as any forked worker. None: no worker came (the fork server died before the
         clone, or the worker before its hello)."""
         pid = _peek_hello_pid(channels[1], time.monotonic() + ORPHAN_WAIT)
         if pid is None:
@@ -399,7 +400,8 @@ class ForkServerProcess(ChildProcess):
             os.close(pidfd)
             return None
         logger.info(
-            "jsonnet_worker: template %d died before it answered a fork; its worker %d is adopted",
+            "jsonnet_worker: fork server %d died before it answered a fork; "
+            "its worker %d is adopted",
             self.pid,
             pid,
         )
@@ -426,7 +428,7 @@ class WorkerSource:
     """Where a pool's new workers come from: a fork of its fork server while the fork server
     can give one, a re-exec start otherwise, with the reason kept for ``pool.sandbox`` and
     ``doctor``. A thin driver: every decision is ``ForkServerPolicy``'s; this carries out its
-    actions and reports what happened.
+    effects and reports what happened.
 
     The fork server is started on the first ``spawn`` (or ``maintain``) and again after a
     failure, after the pool's back-off; a permanent refusal stops the attempts for good.
@@ -539,14 +541,14 @@ class WorkerSource:
         self.fork_server = server
         self.policy.started(server.pid, server.cpu_at_hello, self.clock())
 
-    def _perform(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, CloseForkServer):
+    def _perform(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, CloseForkServer):
                 server = self.fork_server
-                if server is not None and server.pid == action.pid:
+                if server is not None and server.pid == effect.pid:
                     self.fork_server = None
-                    server.close(action.grace)
-            elif isinstance(action, StartForkServer):
+                    server.close(effect.grace)
+            elif isinstance(effect, StartForkServer):
                 self._start()
-            elif isinstance(action, Log):
-                logger.log(action.level, action.message, *action.args)
+            elif isinstance(effect, Log):
+                logger.log(effect.level, effect.message, *effect.args)

@@ -5,7 +5,7 @@ no process (tests/test_forkserver_policy.py): what the next worker is (a fork, o
 worker and why), when to start a fork server, how long to back off after a failure (the
 pool's one rule, ``backoff``), when a refusal is for good, when to replace a fork server
 before its CPU limit runs out, and when to look at it again. No I/O, no threads, no clock
-reads: every event carries the time, and a transition returns the ``Action``s (start, close,
+reads: every event carries the time, and a transition returns the ``Effect``s (start, close,
 log) for its driver, ``forking.WorkerSource`` on the supervisor thread, to carry out.
 
 Plan: ``ForkServerPolicy`` holds the ``ForkServerState``, the pid of the fork server it takes
@@ -67,7 +67,7 @@ class Next(enum.Enum):
     RE_EXEC = "re_exec"  # re-execute the interpreter
 
 
-# -- actions: what a transition asks its driver to do -----------------------------------------
+# -- effects: what a transition asks its driver to do -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Log:
     args: tuple[Any, ...] = ()
 
 
-Action = StartForkServer | CloseForkServer | Log
+Effect = StartForkServer | CloseForkServer | Log
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class ForkServerPolicy:
             None if limit is None else cpu_at_hello + (limit - cpu_at_hello) * self._cpu_share
         )
 
-    def start_failed(self, reason: str, permanent: bool, now: float) -> list[Action]:
+    def start_failed(self, reason: str, permanent: bool, now: float) -> list[Effect]:
         """A fork server could not start (it closed itself): back off, or refuse for good."""
         self.starts += 1
         return self._failed(None, reason, permanent, now)
@@ -200,21 +200,21 @@ class ForkServerPolicy:
     def re_executed(self) -> None:
         self.fallbacks += 1
 
-    def fork_failed(self, pid: int, reason: str, permanent: bool, now: float) -> list[Action]:
+    def fork_failed(self, pid: int, reason: str, permanent: bool, now: float) -> list[Effect]:
         """Fork server ``pid`` could not give a worker (it refused the clone, died in the
         middle of the fork without a child to adopt, or answered out of turn)."""
         if pid != self.pid:
             return []  # given up already
         return self._failed(pid, reason, permanent, now)
 
-    def died(self, pid: int, how: str, now: float) -> list[Action]:
+    def died(self, pid: int, how: str, now: float) -> list[Effect]:
         """Fork server ``pid`` has exited (``how``: "killed by SIGKILL", ...); the workers it
         forked live on."""
         if pid != self.pid:
             return []  # given up already: this is the end of one closed after a failure
         return self._failed(pid, f"the fork server (pid {pid}) {how}", False, now)
 
-    def cpu_used(self, pid: int, seconds: float | None, now: float) -> list[Action]:
+    def cpu_used(self, pid: int, seconds: float | None, now: float) -> list[Effect]:
         """A sample of fork server ``pid``'s CPU time (None: it is gone, its death is on its
         way): replaced once it has used its share of its limit."""
         due = self._cpu_due
@@ -227,21 +227,21 @@ class ForkServerPolicy:
         )
         return [log, *self.replace(now)]
 
-    def replace(self, now: float) -> list[Action]:
+    def replace(self, now: float) -> list[Effect]:
         """Start a new fork server now (``WorkerPool.replace_template``, or the CPU rule):
         the one up is retired (the workers it forked live on), the back-off forgotten."""
         if self.state in (ForkServerState.REFUSED, ForkServerState.STOPPED):
             return []
-        actions: list[Action] = []
+        effects: list[Effect] = []
         if self.pid is not None:
-            actions.append(CloseForkServer(self.pid, RETIRE_GRACE))
+            effects.append(CloseForkServer(self.pid, RETIRE_GRACE))
         self.state, self.pid, self._cpu_due = ForkServerState.WAITING, None, None
         self.reason = "the fork server is being replaced"
         self.failures_in_a_row, self.retry_at = 0, now
-        actions.append(StartForkServer())
-        return actions
+        effects.append(StartForkServer())
+        return effects
 
-    def tend(self, now: float) -> list[Action]:
+    def tend(self, now: float) -> list[Effect]:
         """The driver has looked (a death reported, a CPU sample given): a fork server is
         started if none is up and its back-off has passed; the next look is set."""
         self._next_look = now + CHECK_INTERVAL
@@ -253,25 +253,25 @@ class ForkServerPolicy:
         """The fork server's pidfd turned readable (it died): look on the next turn."""
         self._next_look = 0.0
 
-    def stop(self) -> list[Action]:
+    def stop(self) -> list[Effect]:
         """The pool is closing: the fork server up is retired, none is started again."""
-        actions: list[Action] = []
+        effects: list[Effect] = []
         if self.pid is not None:
-            actions.append(CloseForkServer(self.pid, RETIRE_GRACE))
+            effects.append(CloseForkServer(self.pid, RETIRE_GRACE))
         self.state, self.pid, self._cpu_due = ForkServerState.STOPPED, None, None
         self.reason = "the pool is closed"
-        return actions
+        return effects
 
-    def _failed(self, pid: int | None, reason: str, permanent: bool, now: float) -> list[Action]:
-        actions: list[Action] = []
+    def _failed(self, pid: int | None, reason: str, permanent: bool, now: float) -> list[Effect]:
+        effects: list[Effect] = []
         if pid is not None:
-            actions.append(CloseForkServer(pid, 0.0))
+            effects.append(CloseForkServer(pid, 0.0))
         self.pid, self._cpu_due, self.reason = None, None, reason
         if self.state is ForkServerState.STOPPED:
-            return actions
+            return effects
         if permanent:
             self.state = ForkServerState.REFUSED
-            actions.append(
+            effects.append(
                 Log(
                     logging.WARNING,
                     "jsonnet_worker: forked workers are unavailable on this host (%s); new "
@@ -279,11 +279,11 @@ class ForkServerPolicy:
                     (reason,),
                 )
             )
-            return actions
+            return effects
         self.failures_in_a_row += 1
         delay = backoff_delay(self.failures_in_a_row)
         self.state, self.retry_at = ForkServerState.WAITING, now + delay
-        actions.append(
+        effects.append(
             Log(
                 logging.WARNING,
                 "jsonnet_worker: the fork server failed (%s); re-exec workers until it is "
@@ -291,4 +291,4 @@ class ForkServerPolicy:
                 (reason, delay),
             )
         )
-        return actions
+        return effects

@@ -467,7 +467,7 @@ def _check_block(rule: Rule, own_pid: int | None, process_clone: int | None) -> 
         ]
     if rule is Rule.THREAD_ONLY:
         # ``process_clone``: the one exact flag word that may make a process (the template's
-        # fork, ``_template.FORK_FLAGS``); every other process-making clone is refused.
+        # fork, ``_wire.control.FORK_FLAGS``); every other process-making clone is refused.
         exact = [] if process_clone is None else [(_JEQ_K, process_clone, "allow", "next")]
         return [
             (_LD_W_ABS, _arg_low(0), None, None),  # flags

@@ -194,7 +194,7 @@ def _refuse_nul(request: EvalRequest) -> None:
 
 
 # What ``max_stack`` 0 makes each engine report once the snippet has been parsed and statically
-# checked, before any of it is evaluated (see ``_capi``: the go engine fails at the standard
+# checked, before any of it is evaluated (see ``capi``: the go engine fails at the standard
 # library's first frame, the C++ one at the snippet's).
 _CHECK_PASSED = {
     EngineKind.GO: capi.CHECK_PASSED,
@@ -218,7 +218,7 @@ def _output_checked(result: str, max_output: int) -> str:
 class Engine:
     """One loaded engine; ``run`` answers a request with JSON text or raises EvaluationFailed.
 
-    For the go engine the C API path (``_capi``) is used where the extension offers it, else
+    For the go engine the C API path (``capi``) is used where the extension offers it, else
     the binding; ``api`` says which, and why ("capi" or "binding: <reason>")."""
 
     def __init__(
