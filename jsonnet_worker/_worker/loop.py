@@ -45,8 +45,9 @@ from . import engines
 EXIT_PROTOCOL = 71
 READ_SIZE = 256 * 1024
 # A sequential caller's next request follows an answer within tens of microseconds on an idle
-# machine; interleaved A/B runs on the busy 2-CPU machine (issue 13): a 60 us window, spun only
-# while it pays, beat both a fixed 300 us spin (p50 1.09x vs 3.0-3.9x in-process) and none.
+# machine; interleaved A/B runs on the busy 2-CPU machine (docs/DESIGN.md): a 60 us window,
+# spun only while it pays, beat both a fixed 300 us spin (p50 1.09x vs 3.0-3.9x in-process)
+# and none.
 SPIN_FOR_REQUEST = 0.00006
 # The memory headroom is probed (a few microseconds) after an evaluation that took at least
 # this long, and after every MEMORY_PROBE_EVERY answers: mapping hundreds of megabytes takes
