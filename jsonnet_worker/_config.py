@@ -39,6 +39,10 @@ DEFAULT_MAX_TRACE = 20
 DEFAULT_SPAWN_TIMEOUT = 10.0
 DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_QUEUE_LIMIT = 1000
+# queue_limit_total's default, as a multiple of queue_limit: a few tenants may each fill
+# their own queue, while a flood of many tenant names stays bounded in memory (each waiting
+# call holds its encoded request).
+QUEUE_LIMIT_TOTAL_FACTOR = 4
 DEFAULT_MAX_REQUEST = DEFAULT_MAX_FRAME  # a request is one frame
 DEFAULT_SPARES = 1
 DEFAULT_WORKER_USER = "nobody"
@@ -65,7 +69,14 @@ class PoolConfig:
     max_trace: int = _option(
         DEFAULT_MAX_TRACE, "stack frames shown in an error's trace (0: all, as jsonnet)"
     )
-    queue_limit: int = _option(DEFAULT_QUEUE_LIMIT, "calls that may wait for a busy pool")
+    queue_limit: int = _option(
+        DEFAULT_QUEUE_LIMIT, "calls of one tenant that may wait for a busy pool (per tenant)"
+    )
+    queue_limit_total: int | None = _option(
+        None,
+        "calls of all tenants that may wait (default: 4 x queue_limit); when full, the "
+        "tenant with the most waiting loses its newest call",
+    )
     queue_timeout: float = _option(DEFAULT_QUEUE_TIMEOUT, "seconds a call may wait for a worker")
     spawn_timeout: float = _option(DEFAULT_SPAWN_TIMEOUT, "seconds a worker may take to start")
     max_request: int = _option(DEFAULT_MAX_REQUEST, "bytes of one encoded request")
@@ -79,6 +90,16 @@ class PoolConfig:
     )
     max_calls_per_worker: int | None = _option(
         None, "calls one worker process serves before it is recycled (default: no bound)"
+    )
+    tenant_share: float | None = _option(
+        None,
+        "share of the workers (0-1] one tenant may hold while another waits "
+        "(default: all but one; at least one); alone, a tenant may use every worker",
+    )
+    max_workers: int | None = _option(
+        None,
+        "workers, burst ones included, when every worker is held by a demoted long call "
+        "and another tenant waits (default: 2 x size)",
     )
     cpu_budget: float | None = _option(
         DEFAULT_CPU_BUDGET,
@@ -103,6 +124,13 @@ class PoolConfig:
             _check_int(self, name, minimum=1)
         _check_int(self, "max_trace", minimum=0)
         _check_int(self, "queue_limit", minimum=0)
+        _check_int(self, "queue_limit_total", minimum=0, optional=True)
+        _check_share(self)
+        _check_int(self, "max_workers", minimum=1, optional=True)
+        if self.size is not None and self.max_workers is not None and self.max_workers < self.size:
+            raise InvalidArgument(
+                f"max_workers must be at least size={self.size}, not {self.max_workers}"
+            )
         _check_int(self, "spares", minimum=0)
         _check_int(self, "max_calls_per_worker", minimum=1, optional=True)
         if not isinstance(self.require_sandbox, bool):
@@ -124,6 +152,22 @@ class PoolConfig:
         except (InvalidArgument, InvalidType) as exc:
             raise type(exc)(f"{where}.{exc}") from None
 
+    def total_queue_limit(self) -> int:
+        """Calls of all tenants that may wait: bounds the memory of a many-tenant flood."""
+        if self.queue_limit_total is not None:
+            return self.queue_limit_total
+        return QUEUE_LIMIT_TOTAL_FACTOR * self.queue_limit
+
+    def tenant_workers(self, size: int) -> int:
+        """Workers one tenant may hold while another waits, in a pool of ``size``."""
+        if self.tenant_share is None:
+            return max(1, size - 1)
+        return max(1, math.floor(self.tenant_share * size + 1e-9))
+
+    def burst_limit(self, size: int) -> int:
+        """Workers at most, burst ones included."""
+        return max(size, 2 * size if self.max_workers is None else self.max_workers)
+
     def replace(self, **changes: Any) -> PoolConfig:
         return dataclasses.replace(self, **changes)
 
@@ -141,6 +185,16 @@ def _check_int(config: PoolConfig, name: str, *, minimum: int, optional: bool = 
         raise InvalidType(f"{name} must be an int, not {type(value).__name__}")
     if value < minimum:
         raise InvalidArgument(f"{name} must be at least {minimum}, not {value}")
+
+
+def _check_share(config: PoolConfig) -> None:
+    value = config.tenant_share
+    if value is None:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidType(f"tenant_share must be a number, not {type(value).__name__}")
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise InvalidArgument(f"tenant_share must be in (0, 1], not {value}")
 
 
 def _check_seconds(config: PoolConfig, name: str, *, optional: bool = False) -> None:

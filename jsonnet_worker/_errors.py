@@ -19,7 +19,8 @@ Each class carries ``kind`` (a stable snake_case name, the one vocabulary used b
     |   `-- InvalidType             invalid_type       400  (also TypeError)
     |
     |-- the pool's: capacity and lifecycle
-    |   |-- Overloaded              overloaded         503
+    |   |-- Overloaded              overloaded         503  (no worker within queue_timeout)
+    |   |   `-- TenantOverloaded    tenant_overloaded  429  (this tenant's queue is full)
     |   |-- PoolClosed              unavailable        503
     |   |-- ForkedPool              forked_pool        500
     |   |-- WorkerCrashed           worker_crashed     502  (the snippet may have caused it)
@@ -122,10 +123,24 @@ class SandboxConfigError(InvalidArgument):
 
 
 class Overloaded(Error):
-    """No worker became free in time, or the queue of waiting calls is full."""
+    """No worker became free in time (``queue_timeout``); ``TenantOverloaded`` when the
+    caller's tenant's queue is full."""
 
     kind = "overloaded"
     http_status = 503
+
+
+class TenantOverloaded(Overloaded):
+    """The caller's own tenant has as many calls waiting as it may (``queue_limit`` per
+    tenant, or its part of ``queue_limit_total``): only that tenant is refused, others are
+    served. ``tenant`` names it (None: the calls without a tenant)."""
+
+    kind = "tenant_overloaded"
+    http_status = 429
+
+    def __init__(self, message: str, tenant: str | None = None) -> None:
+        super().__init__(message)
+        self.tenant = tenant
 
 
 class PoolClosed(Error):

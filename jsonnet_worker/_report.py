@@ -121,6 +121,7 @@ class PoolStats:
     queue_depth: int = 0
     worker_pids: tuple[int, ...] = ()
     recycles: int = 0  # healthy workers replaced (call or CPU budget spent, another tenant)
+    burst: int = 0  # workers alive beyond ``size`` (every worker was held by a demoted call)
     template_pid: int | None = None  # the template new workers are forked from; None: re-exec
     forks: int = 0  # workers forked from a template
     fork_fallbacks: int = 0  # workers re-executed because no template could give one

@@ -312,7 +312,7 @@ def test_start_failures_back_off_and_fail_waiters_while_nothing_runs() -> None:
     waiter = FakeTicket()
     worker = FakeWorker(1)
     state.started(worker, 0.0)
-    state.waiters.append(waiter)  # a call that queued while the first worker started
+    state.queue.push(waiter, 0.0)  # a call that queued while the first worker started
     actions = state.start_failed(worker, "engine not installed", now=10.0)
     assert isinstance(waiter.error, WorkerStartError)
     assert kinds(actions) == ["Kill", "WakeSupervisor", "Log", "Wake"]
@@ -406,13 +406,20 @@ def test_a_worker_returned_while_only_other_domains_wait_is_recycled() -> None:
     assert pool.greet(fresh) == [HandOver(bob, fresh)]
 
 
-def test_a_waiter_of_the_same_domain_is_served_first_among_other_domains() -> None:
+def test_a_worker_given_back_goes_to_the_domain_in_turn_not_to_its_own() -> None:
+    """Issue 21: a domain with a steady queue used to keep its workers; now bob, waiting
+    first and having used no CPU, gets the fresh worker, and alice the one after."""
     pool = Pool(size=1, spares=0)
     alice = pool.take(Domain("alice"))
     bob, alice_again = FakeTicket(Domain("bob")), FakeTicket(Domain("alice"))
     pool.state.take_or_wait(bob)
     pool.state.take_or_wait(alice_again)
-    assert pool.state.settle(alice.worker, ANSWER) == [HandOver(alice_again, alice.worker)]
+    assert kills(pool.state.settle(alice.worker, ANSWER)) == [alice.worker]
+    fresh = pool.start()
+    assert pool.greet(fresh) == [HandOver(bob, fresh)]
+    second = pool.start()
+    pool.state.settle(fresh, ANSWER)
+    assert pool.greet(second) == [HandOver(alice_again, second)]
 
 
 def test_max_calls_per_worker_recycles() -> None:

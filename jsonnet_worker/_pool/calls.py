@@ -45,7 +45,7 @@ from .connection import (
     ConnectionEvent,
     Failure,
 )
-from .state import NO_TENANT, Domain, Effect, Outcome, PoolState, Ticket
+from .state import CPU_HEADROOM_TIMEOUTS, NO_TENANT, Domain, Effect, Outcome, PoolState, Ticket
 from .supervisor import Worker
 from .variables import split_variables
 
@@ -98,6 +98,14 @@ def prepare(
     """Check and encode a call before any worker is involved; the time encoding takes
     (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
     seconds = _timeout(config, timeout)
+    budget = config.cpu_budget
+    if budget is not None and CPU_HEADROOM_TIMEOUTS * seconds >= budget:
+        # No worker, even a fresh one, could be trusted to finish it before RLIMIT_CPU.
+        raise InvalidArgument(
+            f"timeout={seconds:g} s cannot fit a worker's cpu_budget={budget:g} CPU seconds "
+            f"(a call needs {CPU_HEADROOM_TIMEOUTS:g} x its timeout of CPU left): give a "
+            f"timeout under {budget / CPU_HEADROOM_TIMEOUTS:g} s or a larger cpu_budget"
+        )
     started = time.monotonic()
     if not isinstance(snippet, str):
         raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")

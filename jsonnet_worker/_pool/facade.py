@@ -457,7 +457,7 @@ class WorkerPool:
 
     def _call(self, call: Call) -> Answer:
         self._check_fork()
-        ticket = ThreadTicket(call, call.domain)
+        ticket = ThreadTicket(call, call.domain, call.timeout)
         try:
             self._state.admit(ticket)
             try:
@@ -547,7 +547,7 @@ class WorkerPool:
 
     async def _acall(self, call: Call) -> Answer:
         self._check_fork()
-        ticket = AsyncTicket(call, call.domain)
+        ticket = AsyncTicket(call, call.domain, call.timeout)
         try:
             self._state.admit(ticket)
             try:

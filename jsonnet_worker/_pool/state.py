@@ -12,19 +12,41 @@ pool's policy testable with fake workers (tests/test_state.py) and keeps the han
 
 Plan: ``PoolState`` holds the lifecycle ``Phase`` (one enum for what were four flags), one
 ``Member`` record per worker process (its ``WorkerStatus``, trust domain, calls served, CPU
-seen at rest), the idle list, the FIFO of waiting ``Ticket``s, the start-up back-off and the
-counters. Workers are opaque here: anything with a ``pid``.
+seen at rest and at check-out, whether it was demoted), the idle list, the waiting
+``Ticket``s in a ``fairness.FairQueue`` (one FIFO per domain, served in turn), how many
+workers each domain holds, the start-up back-off and the counters. Workers are opaque here:
+anything with a ``pid``. Time comes from the ``clock`` given (a fake one in tests).
 
 Trust domains: a worker that has served one tenant never serves another; calls without a
 tenant form a domain of their own. A check-out takes, in this order: an idle worker of the
 caller's domain, an idle worker that never served anyone, a spare in place of an idle worker
 of another domain (which is recycled), or, without a spare, it recycles that worker and waits
-for the fresh replacement. A worker given back while only callers of other domains wait is
-recycled, so that they get a fresh one and nobody starves.
+for the fresh replacement.
+
+Tenants in time (issue 21, docs/ISOLATION.md "Tenants in time"): every place that hands out
+a worker while calls wait (a check-in, a spare promoted, a fresh worker greeted) asks the
+``FairQueue`` whose turn it is: the waiting domain with the least worker CPU used recently,
+among those holding fewer than their share (``tenant_workers``) while another waits. A
+worker given back goes to its own domain's next caller only if that domain's turn it is;
+otherwise it is recycled and the fresh worker (or the spare, at once) goes to the domain in
+turn. The CPU a call used (the worker's CPU at settle minus at check-out; the time it was
+held when that is unknown, as for a call killed at its deadline) is charged to its domain.
+Queue limits are per domain (``TenantOverloaded``), the total bounded too: when it is full,
+the domain with the most waiters loses its newest call. Burst capacity: when every worker
+is held by a demoted call (``demoted``, SCHED_IDLE after its interactive budget) and a
+domain without such a call waits, the spare is handed out at once and the supervisor starts
+extra workers up to ``burst_limit``; a demoted worker is recycled after its call (its
+priority cannot be raised back), and a worker beyond ``size`` is retired when it comes back
+with nobody waiting. A used worker whose CPU budget left cannot fit a call's own timeout
+(``CPU_HEADROOM_TIMEOUTS`` of it) is recycled at check-out rather than killed by SIGXCPU
+mid-call.
 
 Weak spots: the idle-CPU and idle-bytes checks are samples (the supervisor's, every
 ``IDLE_CHECK_INTERVAL``, and every check-out's and check-in's), so a worker that burns CPU
-between two samples is retired at the next one, not at once.
+between two samples is retired at the next one, not at once. A domain's share is enforced
+when workers are handed out, never by taking one back: a flood that holds every worker
+before anyone else arrives keeps them until its calls end or are demoted. Turns cost a
+recycle (a fork) each time the domain changes, the price of never sharing a worker.
 """
 
 from __future__ import annotations
@@ -33,7 +55,8 @@ import collections
 import enum
 import logging
 import threading
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -41,14 +64,15 @@ from .._config import PoolConfig
 from .._errors import (
     Error,
     EvaluationTimeout,
-    Overloaded,
     PoolClosed,
     SandboxUnavailable,
+    TenantOverloaded,
     WorkerCrashed,
     WorkerStartError,
 )
 from .._report import PoolStats, SandboxStatus
 from .backoff import backoff_delay
+from .fairness import FairQueue
 
 # CPU seconds an idle worker or spare may use between two samples (a Go runtime's idle
 # housekeeping uses well under a millisecond a second; a worker still evaluating after its
@@ -109,6 +133,10 @@ class Member(Generic[W]):
     calls: int = 0
     epoch: int = 0  # changes at every check-out and check-in: samples of another epoch are stale
     cpu_at_rest: float | None = None
+    # While checked out: the CPU it had and the time (the call's cost is charged to its domain).
+    cpu_at_check_out: float | None = None
+    checked_out_at: float | None = None  # None: not held by a caller
+    demoted: bool = False  # its call was moved to SCHED_IDLE: recycled after it
 
 
 class Ticket:
@@ -122,11 +150,22 @@ class Ticket:
     Every field but ``call`` is set by ``PoolState`` transitions only; subclasses say how a
     caller is woken."""
 
-    __slots__ = ("admitted", "call", "domain", "error", "handed", "queued", "worker", "written")
+    __slots__ = (
+        "admitted",
+        "call",
+        "domain",
+        "error",
+        "handed",
+        "queued",
+        "timeout",
+        "worker",
+        "written",
+    )
 
-    def __init__(self, call: Any, domain: Domain) -> None:
+    def __init__(self, call: Any, domain: Domain, timeout: float | None = None) -> None:
         self.call = call
         self.domain = domain
+        self.timeout = timeout  # the call's own (None: the pool's): its worker must fit it
         self.worker: Any = None
         self.error: Error | None = None
         self.written = 0
@@ -244,9 +283,13 @@ class Roster(Generic[W]):
 class PoolState(Generic[W]):
     """Every field of the pool's state, and every transition. See the module docstring."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, clock: Callable[[], float] = time.monotonic) -> None:
         assert config.size is not None
         self.config = config
+        self._clock = clock
+        self._share = config.tenant_workers(config.size)
+        self._max_workers = config.burst_limit(config.size)
+        self._queue_limit_total = config.total_queue_limit()
         # Private: a transition takes it, performs nothing under it, and returns its effects.
         self._lock = threading.Lock()
         # close() waits on it for the last call in flight to leave (``leave`` notifies).
@@ -255,7 +298,8 @@ class PoolState(Generic[W]):
         self.failure: Error | None = None
         self.members: dict[W, Member[W]] = {}
         self.idle: list[Member[W]] = []
-        self.waiters: collections.deque[Ticket] = collections.deque()
+        self.queue: FairQueue[Domain, Ticket] = FairQueue(clock())
+        self.holding: collections.Counter[Domain] = collections.Counter()  # busy workers by domain
         self.retired: list[W] = []  # killed, for the supervisor to reap and close
         self.held: set[W] = set()  # busy when the supervisor stopped: their callers close them
         self.in_flight = 0
@@ -314,10 +358,16 @@ class PoolState(Generic[W]):
     # -- check out ---------------------------------------------------------------------------
 
     def take(self, ticket: Ticket) -> bool:
-        """The hot path: an idle worker of the ticket's domain (or a fresh one) at once."""
+        """The hot path: an idle worker of the ticket's domain (or a fresh one) at once, if
+        the domain may hold one more and the worker's CPU budget fits the call."""
         with self._lock:
+            if self.queue and not self._may_hold_more(ticket.domain):
+                return False
             member = self._idle_for(ticket.domain)
             if member is None:
+                return False
+            if self._unfit(member, ticket):
+                self.idle.append(member)  # ``take_or_wait`` recycles it
                 return False
             self._check_out(member, ticket)
             return True
@@ -325,30 +375,57 @@ class PoolState(Generic[W]):
     def take_or_wait(self, ticket: Ticket) -> list[Effect]:
         """A worker at once (the ticket holds it), or the ticket queued (``ticket.queued``:
         its caller waits for the wake-up). Raises when the pool cannot serve it (failed, no
-        worker can start, the queue is full)."""
+        worker can start, its domain's queue is full)."""
         effects: list[Effect] = []
         with self._lock:
-            member = self._idle_for(ticket.domain)
-            if member is not None:
-                self._check_out(member, ticket)
-                return effects
+            domain = ticket.domain
+            may_take = not self.queue or self._may_hold_more(domain)
+            while may_take and (member := self._idle_for(domain)) is not None:
+                unfit = self._unfit(member, ticket)
+                if not unfit:
+                    self._check_out(member, ticket)
+                    return effects
+                self.idle.append(member)  # ``_recycle`` takes it off the idle list
+                self._recycle(member, unfit, effects)  # a spare may take its place: loop
             self._raise_if_hopeless()
-            if self.idle:
+            if may_take and self.idle:
                 # Only workers of other domains are idle: recycle the longest idle one.
                 victim = self.idle[0]
-                self._recycle(victim, f"the next caller is of {ticket.domain.describe()}", effects)
-                member = self._idle_for(ticket.domain)  # the spare promoted in its place
+                self._recycle(victim, f"the next caller is of {domain.describe()}", effects)
+                member = self._idle_for(domain)  # the spare promoted in its place
                 if member is not None:
                     self._check_out(member, ticket)
                     return effects
-            if len(self.waiters) >= self.config.queue_limit:
-                raise Overloaded(
-                    f"all {self.size} workers are busy and {len(self.waiters)} calls are "
-                    f"already waiting (queue_limit={self.config.queue_limit})"
-                )
-            self.waiters.append(ticket)
+            self._enqueue(ticket, effects)
             ticket.queued = True
+            self._burst_if_due(effects)
         return effects
+
+    def _enqueue(self, ticket: Ticket, effects: list[Effect]) -> None:
+        """Under the lock: ``ticket`` waits in its domain's queue, if the domain's limit and
+        the total allow; a full total pushes out the newest call of the domain with the
+        most waiting, unless that is the caller's own (a flood refuses only the flooder)."""
+        domain = ticket.domain
+        waiting = self.queue.waiting(domain)
+        limit = self.config.queue_limit
+        if waiting >= limit:
+            raise _queue_full(domain, f"{waiting} of its calls are waiting (queue_limit={limit})")
+        if len(self.queue) >= self._queue_limit_total:
+            longest = self.queue.longest()
+            if longest == domain or self.queue.waiting(longest) <= waiting + 1:
+                raise _queue_full(
+                    domain,
+                    f"{len(self.queue)} calls of {self.queue.domains()} tenants are waiting "
+                    f"(queue_limit_total={self._queue_limit_total}) and it has its part",
+                )
+            pushed = self.queue.pop_newest(longest)
+            pushed.error = _queue_full(
+                longest,
+                f"its newest waiting call was pushed out of the full queue "
+                f"(queue_limit_total={self._queue_limit_total}) for another tenant's",
+            )
+            effects.append(Wake(pushed))
+        self.queue.push(ticket, self._clock())
 
     def give_up(self, ticket: Ticket) -> bool:
         """The caller stops waiting (its queue timeout): True if it was still queued; False
@@ -357,10 +434,7 @@ class PoolState(Generic[W]):
         with self._lock:
             if ticket.worker is not None:
                 return False
-            try:
-                self.waiters.remove(ticket)
-            except ValueError:
-                pass
+            self.queue.remove(ticket)
             return True
 
     def abandon(self, ticket: Ticket) -> list[Effect]:
@@ -369,10 +443,7 @@ class PoolState(Generic[W]):
         nobody will read the answer) discarded."""
         with self._lock:
             if ticket.worker is None:
-                try:
-                    self.waiters.remove(ticket)
-                except ValueError:
-                    pass
+                self.queue.remove(ticket)
                 return []
         return self.discard(ticket.worker, "its caller gave up during the call", logging.INFO)
 
@@ -417,13 +488,53 @@ class PoolState(Generic[W]):
             return None
         return next((m for m in self.members.values() if m.status is WorkerStatus.SPARE), None)
 
+    def _may_hold_more(self, domain: Domain) -> bool:
+        """Under the lock: ``domain`` holds fewer workers than its share, or nobody else waits."""
+        return self.holding[domain] < self._share or not self.queue.others_wait(domain)
+
+    def _unfit(self, member: Member[W], ticket: Ticket) -> str:
+        """Under the lock: why a used worker cannot take ``ticket``'s call: its CPU budget
+        left would not fit the call's own timeout ("" if it fits). A worker that served no
+        call is never unfit: ``calls.prepare`` refuses a timeout no fresh worker fits."""
+        budget = self.config.cpu_budget
+        cpu = member.cpu_at_rest
+        if budget is None or cpu is None or member.calls == 0:
+            return ""
+        timeout = self.config.timeout if ticket.timeout is None else ticket.timeout
+        if cpu + CPU_HEADROOM_TIMEOUTS * timeout < budget:
+            return ""
+        return (
+            f"it used {cpu:.1f} of its cpu_budget={budget} CPU seconds: too few left "
+            f"for a call of timeout={timeout:g}"
+        )
+
     def _check_out(self, member: Member[W], ticket: Ticket) -> None:
         """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
         member.status = WorkerStatus.BUSY
         member.domain = ticket.domain
         member.calls += 1
         member.epoch += 1
+        member.cpu_at_check_out = member.cpu_at_rest
+        member.checked_out_at = self._clock()
+        self.holding[ticket.domain] += 1
         ticket.worker = member.worker
+
+    def _release(self, member: Member[W], cpu: float | None) -> None:
+        """Under the lock: a caller no longer holds ``member`` (checked in or retired): the
+        CPU its call used is charged to its domain: the worker's CPU now less at check-out,
+        or, unknown (killed at its deadline, or no budget read), the time it was held."""
+        if member.checked_out_at is None or member.domain is None:
+            return
+        now = self._clock()
+        before = member.cpu_at_check_out
+        used = now - member.checked_out_at if cpu is None or before is None else cpu - before
+        self.queue.charge(member.domain, used, now)
+        member.checked_out_at = None
+        held = self.holding[member.domain] - 1
+        if held > 0:
+            self.holding[member.domain] = held
+        else:
+            del self.holding[member.domain]  # bounded: only domains holding workers stay
 
     def _raise_if_hopeless(self) -> None:
         if self.failure is not None:
@@ -450,7 +561,9 @@ class PoolState(Generic[W]):
                 effects.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
             if member is None:
                 effects += self._orphan(worker)
-            elif outcome.keep:
+                return effects
+            self._release(member, cpu)
+            if outcome.keep:
                 self._check_in(member, cpu, effects, outcome.recycle)
             else:
                 self._retire(member, effects)
@@ -468,10 +581,11 @@ class PoolState(Generic[W]):
     def _check_in(
         self, member: Member[W], cpu: float | None, effects: list[Effect], recycle: str = ""
     ) -> None:
-        """Under the lock: a caller is done with ``member``: straight to the next waiter of
-        its domain (with that waiter's request written first, outside the lock), else to
-        the idle list; or recycled (its call budget or CPU budget is spent, it asked to be,
-        or only other domains wait)."""
+        """Under the lock: a caller is done with ``member`` (released): straight to the next
+        waiter of its domain if it is that domain's turn (with that waiter's request written
+        first, outside the lock), else to the idle list; or recycled (its call budget or CPU
+        budget is spent, it asked to be, it was demoted, or another domain's turn it is), or
+        retired (a burst worker nobody waits for)."""
         if member.status is WorkerStatus.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
             self._retire(member, effects)
             return
@@ -481,20 +595,37 @@ class PoolState(Generic[W]):
             return
         member.epoch += 1
         member.cpu_at_rest = cpu
-        if self.waiters:
-            ticket = next((t for t in self.waiters if t.domain == member.domain), None)
-            if ticket is None:
-                first = self.waiters[0]
-                self._recycle(member, f"the next caller is of {first.domain.describe()}", effects)
+        if self.queue:
+            domain = self._next_domain()
+            if domain is not None:
+                ticket = self.queue.peek(domain)
+                if domain != member.domain:
+                    reason = f"the next caller in turn is of {domain.describe()}"
+                else:
+                    reason = self._unfit(member, ticket)
+                if reason:
+                    self._recycle(member, reason, effects)  # a fresh one goes to ``domain``
+                    return
+                self.queue.pop(domain)
+                self._check_out(member, ticket)
+                effects.append(HandOver(ticket, member.worker))
                 return
-            self.waiters.remove(ticket)
-            self._check_out(member, ticket)
-            effects.append(HandOver(ticket, member.worker))
+        if len(self.members) > self.size and self._active() > self.size:
+            effects.append(
+                _log(logging.DEBUG, "burst worker retired: nobody waits", member.worker.pid, None)
+            )
+            self._retire(member, effects)
             return
         member.status = WorkerStatus.IDLE
         self.idle.append(member)
 
+    def _next_domain(self) -> Domain | None:
+        """Under the lock: whose turn the next worker handed out is (None: nobody waits)."""
+        return self.queue.next_domain(self.holding, self._share, self._clock())
+
     def _recycle_reason(self, member: Member[W], cpu: float | None) -> str:
+        if member.demoted:
+            return "its call was demoted (SCHED_IDLE cannot be undone)"
         limit = self.config.max_calls_per_worker
         if limit is not None and member.calls >= limit:
             return f"it served max_calls_per_worker={limit} calls"
@@ -536,6 +667,7 @@ class PoolState(Generic[W]):
     def _retire(self, member: Member[W], effects: list[Effect]) -> None:
         """Under the lock: out of service, killed; the supervisor reaps it and starts another."""
         was_active = member.status in (WorkerStatus.IDLE, WorkerStatus.BUSY)
+        self._release(member, None)  # a no-op for a worker settled already
         if member.status is WorkerStatus.IDLE:
             self.idle.remove(member)
         del self.members[member.worker]
@@ -547,16 +679,20 @@ class PoolState(Generic[W]):
 
     def _promote_spare(self, effects: list[Effect]) -> None:
         """Capacity comes back now, not after a start (a fork of the template, a few
-        milliseconds; a re-executed interpreter, about 60 ms); not after terminate()."""
+        milliseconds; a re-executed interpreter, about 60 ms); not after terminate(), and
+        not beyond ``size`` unless a burst is due."""
+        if self._active() >= self.size and not self._burst_due():
+            return
         spare = self._spare()
         if spare is not None:
             self._hand_out(spare, effects)
 
     def _hand_out(self, member: Member[W], effects: list[Effect]) -> None:
-        """Under the lock: a fresh worker to the first caller waiting (any domain), else to
-        the idle list."""
-        if self.waiters:
-            ticket = self.waiters.popleft()
+        """Under the lock: a fresh worker to the first caller of the domain in turn, else
+        to the idle list."""
+        domain = self._next_domain()
+        if domain is not None:
+            ticket = self.queue.pop(domain)
             self._check_out(member, ticket)
             effects.append(HandOver(ticket, member.worker))
             return
@@ -564,10 +700,55 @@ class PoolState(Generic[W]):
         self.idle.append(member)
 
     def _fail_waiters(self, error: Error, effects: list[Effect]) -> None:
-        while self.waiters:
-            ticket = self.waiters.popleft()
+        for ticket in self.queue.drain():
             ticket.error = error
             effects.append(Wake(ticket))
+
+    # -- burst capacity ------------------------------------------------------------------------
+
+    def demoted(self, worker: W) -> list[Effect]:
+        """``worker``'s call ran past its interactive budget and was moved to SCHED_IDLE: it
+        is recycled after that call. If now every worker is held by a demoted call while a
+        domain without one waits, the spare serves it at once and a burst worker is due
+        (``WakeSupervisor``: ``spawn_due`` counts it)."""
+        effects: list[Effect] = []
+        with self._lock:
+            member = self.members.get(worker)
+            if member is None or member.status is not WorkerStatus.BUSY or member.demoted:
+                return effects
+            member.demoted = True
+            self._burst_if_due(effects)
+        return effects
+
+    def _burst_if_due(self, effects: list[Effect]) -> None:
+        """Under the lock: if a burst is due, the spare is handed out and the supervisor
+        woken to start what ``spawn_due`` now counts."""
+        if self._burst_due():
+            self._promote_spare(effects)
+            effects.append(WakeSupervisor())
+
+    def _burst_due(self) -> bool:
+        """Under the lock: a worker beyond ``size`` is wanted now: calls wait, no worker is
+        starting, every active worker is held by a demoted call, a waiting domain holds none
+        of them, and the pool is under ``max_workers``."""
+        if not self.queue or self.phase not in (Phase.OPEN, Phase.CLOSING):
+            return False
+        active = 0
+        demoted: set[Domain | None] = set()
+        for member in self.members.values():
+            if member.status is WorkerStatus.STARTING:
+                return False
+            if member.status is WorkerStatus.IDLE:
+                return False
+            if member.status is WorkerStatus.BUSY:
+                if not member.demoted:
+                    return False
+                active += 1
+                demoted.add(member.domain)
+        if active >= self._max_workers:
+            return False
+        # Some waiting domain is not one of the demoted calls' (not the flood's own queue).
+        return self.queue.domains() > sum(self.queue.waiting(d) > 0 for d in demoted if d)
 
     # -- the supervisor's transitions ---------------------------------------------------------
 
@@ -578,7 +759,9 @@ class PoolState(Generic[W]):
                 return 0
             # Spares start after the first wave: on a small machine they would slow it down.
             spares = self.config.spares if self._initial_done() else 0
-            return max(0, self.size + spares - len(self.members))
+            # Burst workers alive stay counted; one more while a burst is due.
+            active = max(self.size, self._active()) + int(self._burst_due())
+            return max(0, min(active, self._max_workers) + spares - len(self.members))
 
     def started(self, worker: W, now: float) -> None:
         with self._lock:
@@ -611,10 +794,9 @@ class PoolState(Generic[W]):
             self.sandbox = self.sandbox or sandbox
             self.failures_in_a_row = 0
             self.start_failure = ""
-            if self._active() < self.size:
+            member.status = WorkerStatus.SPARE  # not starting: ``_burst_due`` may count it
+            if self._active() < self.size or self._burst_due():
                 self._hand_out(member, effects)
-            else:
-                member.status = WorkerStatus.SPARE
         return effects
 
     def start_failed(self, worker: W | None, reason: str, now: float) -> list[Effect]:
@@ -776,6 +958,7 @@ class PoolState(Generic[W]):
             free = [m.worker for m in self.members.values() if m.status not in _HELD]
             free += self.retired
             self.held.update(held)
+            self.holding.clear()
             self.members.clear()
             self.idle.clear()
             self.retired = []
@@ -797,9 +980,10 @@ class PoolState(Generic[W]):
     def stats(self) -> PoolStats:
         with self._lock:
             states = collections.Counter(m.status for m in self.members.values())
+            active = states[WorkerStatus.IDLE] + states[WorkerStatus.BUSY]
             return PoolStats(
                 size=self.size,
-                alive=states[WorkerStatus.IDLE] + states[WorkerStatus.BUSY],
+                alive=active,
                 busy=states[WorkerStatus.BUSY],
                 idle=states[WorkerStatus.IDLE],
                 starting=states[WorkerStatus.STARTING],
@@ -810,13 +994,20 @@ class PoolState(Generic[W]):
                 crashes=self.crashes,
                 respawns=self.respawns,
                 start_failures=self.start_failures,
-                queue_depth=len(self.waiters),
+                queue_depth=len(self.queue),
                 worker_pids=tuple(sorted(m.worker.pid for m in self.members.values())),
                 recycles=self.recycles,
+                burst=max(0, active - self.size),
             )
 
 
 _HELD = (WorkerStatus.BUSY, WorkerStatus.DYING)
+
+
+def _queue_full(domain: Domain, why: str) -> TenantOverloaded:
+    return TenantOverloaded(
+        f"{domain.describe()} has as many calls waiting as it may: {why}", tenant=domain.tenant
+    )
 
 
 def _log(level: int, message: str, pid: int, domain: Domain | None) -> Log:
