@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError, dataclass, replace
 from typing import Any
 
@@ -66,9 +67,15 @@ class FakeTicket(Ticket):
 class Pool:
     """A PoolState and its fake workers, started and greeted as the supervisor would."""
 
-    def __init__(self, size: int = 2, spares: int = 1, **options: Any) -> None:
+    def __init__(
+        self,
+        size: int = 2,
+        spares: int = 1,
+        clock: Callable[[], float] = lambda: 0.0,
+        **options: Any,
+    ) -> None:
         self.state: PoolState[FakeWorker] = PoolState(
-            PoolConfig(size=size, spares=spares, **options)
+            PoolConfig(size=size, spares=spares, **options), clock
         )
         self.next_pid = 100
         for _ in range(size):
