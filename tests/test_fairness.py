@@ -338,3 +338,14 @@ def test_a_used_worker_is_recycled_at_check_out_when_the_calls_timeout_does_not_
     short.timeout = 0.1
     fair.state.settle(spare, ANSWER, cpu=3.0)
     assert fair.state.take(short) and short.worker is spare  # a short call still fits
+
+
+def test_no_burst_while_the_pool_is_only_short_of_a_replacement() -> None:
+    """A worker discarded while calls wait (nothing demoted) brings its replacement only."""
+    fair = Fair(size=1)
+    held = fair.call(FLOOD)
+    fair.call(VICTIM)
+    fair.state.abandon(held)
+    assert fair.state.spawn_due(fair.clock.now) == 1
+    fair.pool.start()
+    assert fair.state.spawn_due(fair.clock.now) == 0

@@ -31,6 +31,7 @@ from conftest import (
 )
 from jsonnet_worker import (
     EvaluationTimeout,
+    InvalidArgument,
     JsonnetError,
     MemoryLimitExceeded,
     OutputTooLarge,
@@ -751,25 +752,46 @@ def test_max_calls_per_worker_recycles_the_worker() -> None:
         assert pool.stats().recycles == 3
 
 
+def _burn(seconds: float) -> str:
+    """A python-harness snippet that uses ``seconds`` of CPU."""
+    return (
+        "import time\nstart = time.process_time()\n"
+        f"while time.process_time() - start < {seconds}: pass\nresult = 1"
+    )
+
+
 def test_a_worker_is_recycled_before_its_cpu_budget_runs_out() -> None:
-    """Recycled once less than two call timeouts of CPU are left of its budget, so RLIMIT_CPU
-    never ends a call that keeps to its timeout."""
-
-    def burn(seconds: float) -> str:
-        return (
-            "import time\nstart = time.process_time()\n"
-            f"while time.process_time() - start < {seconds}: pass\nresult = 1"
-        )
-
+    """Kept while two of the pool's timeouts fit its budget left; recycled at check-out when
+    two of the call's own timeouts do not; a timeout no fresh worker fits is refused."""
     with seams.pool_of(
         seams.re_exec(harness_command("python")), 1, spares=0, timeout=1.0, cpu_budget=4.0
     ) as pool:
         (pid,) = pool.stats().worker_pids
-        pool.evaluate(burn(0.3), timeout=10)
+        pool.evaluate(_burn(0.3), timeout=1.9)
         assert pool.stats().worker_pids == (pid,) and pool.stats().recycles == 0
-        pool.evaluate(burn(1.9), timeout=10)  # now within 2 timeouts of the budget
+        pool.evaluate(_burn(0.01), timeout=1.9)  # 0.3 + 2 x 1.9 does not fit 4.0
         wait_until(lambda: full(pool) and pid not in pool.stats().worker_pids)
         assert pool.stats().recycles == 1
+        with pytest.raises(InvalidArgument, match="cpu_budget=4"):
+            pool.evaluate("1", timeout=2.0)
+
+
+def test_the_cpu_budget_is_checked_against_the_calls_own_timeout() -> None:
+    """Issue 21, item 5: the check used the pool's timeout (0.05 s here), so a worker near
+    its budget was kept for calls of a longer timeout and RLIMIT_CPU ended one mid-call
+    (``EvaluationTimeout``: 'used up its CPU budget'). Bounded: 8 calls of ~0.8 CPU s.
+    Under heavy load a call may still meet its own wall-clock deadline: that is not what
+    this test is about, so only budget deaths count."""
+    burn = HEAVY_GO.replace("1000000", "1300")
+    outcomes: list[object] = []
+    with WorkerPool(1, engine="go", spares=0, timeout=0.05, cpu_budget=5.0) as pool:
+        for _ in range(8):
+            try:
+                outcomes.append(pool.evaluate(burn, timeout=2.45))
+            except EvaluationTimeout as exc:
+                outcomes.append(str(exc))
+    assert not [o for o in outcomes if "CPU budget" in str(o)], outcomes
+    assert any(isinstance(o, int) for o in outcomes), outcomes
 
 
 # -- operational logging -------------------------------------------------------------------

@@ -308,7 +308,7 @@ def test_openapi_describes_every_route_and_error(
         "/openapi.json",
     }
     evaluate = document["paths"]["/v1/evaluate"]["post"]["responses"]
-    assert {"200", "400", "403", "413", "422", "502", "503", "504"} <= set(evaluate)
+    assert {"200", "400", "403", "413", "422", "429", "502", "503", "504"} <= set(evaluate)
     mapper = document["paths"]["/v1/mappers/{name}"]["post"]
     assert "404" in mapper["responses"] and mapper["requestBody"]["content"]["application/json"]
 
@@ -375,7 +375,9 @@ def test_start_order_pool_then_sandbox_then_listen(service: ServiceProcess) -> N
     assert order == sorted(order), log
 
 
-def test_overloaded_is_503_with_retry_after(limited: ServiceProcess) -> None:
+def test_overloaded_is_503_and_a_full_tenant_queue_429_with_retry_after(
+    limited: ServiceProcess,
+) -> None:
     url = f"{limited.base_url}/v1/mappers/slow"
     with concurrent.futures.ThreadPoolExecutor(4) as threads:
         slow = threads.submit(httpx.post, url, json={"claims": {"n": SLOW_N * 2}}, timeout=30)
@@ -385,11 +387,17 @@ def test_overloaded_is_503_with_retry_after(limited: ServiceProcess) -> None:
         ]
         answers = [future.result() for future in quick]
         assert slow.result().status_code == 200
-    overloaded = [answer for answer in answers if answer.status_code == 503]
-    assert overloaded, [answer.text for answer in answers]
-    for answer in overloaded:
-        error_of(answer, 503, "overloaded")
+    # queue_limit=1: one quick call waits (503 at its queue timeout, or served), the others
+    # find their tenant's queue full (429).
+    full_queue = [answer for answer in answers if answer.status_code == 429]
+    assert full_queue, [answer.text for answer in answers]
+    for answer in full_queue:
+        assert "queue_limit=1" in error_of(answer, 429, "tenant_overloaded")
         assert answer.headers["retry-after"] == "1"
+    for answer in answers:
+        if answer.status_code == 503:
+            error_of(answer, 503, "overloaded")
+            assert answer.headers["retry-after"] == "1"
     assert httpx.post(url, json={"claims": {"n": 3}}).json() == {"n": 6}
 
 

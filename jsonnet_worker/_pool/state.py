@@ -729,8 +729,8 @@ class PoolState(Generic[W]):
 
     def _burst_due(self) -> bool:
         """Under the lock: a worker beyond ``size`` is wanted now: calls wait, no worker is
-        starting, every active worker is held by a demoted call, a waiting domain holds none
-        of them, and the pool is under ``max_workers``."""
+        starting, at least ``size`` workers are active and every one is held by a demoted
+        call, a waiting domain holds none of them, and the pool is under ``max_workers``."""
         if not self.queue or self.phase not in (Phase.OPEN, Phase.CLOSING):
             return False
         active = 0
@@ -745,8 +745,8 @@ class PoolState(Generic[W]):
                     return False
                 active += 1
                 demoted.add(member.domain)
-        if active >= self._max_workers:
-            return False
+        if not self.size <= active < self._max_workers:
+            return False  # under ``size``: a plain replacement is due, not a burst
         # Some waiting domain is not one of the demoted calls' (not the flood's own queue).
         return self.queue.domains() > sum(self.queue.waiting(d) > 0 for d in demoted if d)
 

@@ -11,7 +11,9 @@ The service's own kinds: ``bad_request`` (400: not JSON, a wrong type, an unknow
 bad timeout), ``unauthorized`` (401), ``evaluate_disabled`` (403), ``unknown_mapper``,
 ``unknown_template``, ``not_found`` (404), ``method_not_allowed`` (405), ``too_large``
 (413, also the library's ``InputTooLarge``), ``internal`` (500: a bug; the detail goes to
-the log only). A 503 carries ``Retry-After``.
+the log only). A 503 and a 429 carry ``Retry-After``: 429 is the library's
+``TenantOverloaded`` (the caller's tenant has as many calls waiting as it may; other tenants
+are served), 503 ``overloaded`` a queue timeout or ``unavailable``.
 
 Weak spots: 502 is a judgement call: a snippet that crashes its engine on purpose gets 502,
 not 422, because a crash can also come from outside (the OOM killer, an operator's kill).
@@ -26,6 +28,7 @@ from starlette.responses import JSONResponse
 from .. import Error, JsonnetError
 
 RETRY_AFTER_SECONDS = 1
+_RETRY_LATER = (429, 503)  # statuses that carry Retry-After
 
 
 class ApiError(Error):
@@ -40,7 +43,8 @@ class ApiError(Error):
         self.message = message
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if self.status == 503 else None
+        retry = self.status in _RETRY_LATER
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else None
         body: dict[str, Any] = {
             "error": {"kind": self.kind, "message": self.message, "status": self.status}
         }

@@ -32,8 +32,11 @@ _ERROR_STATUSES = {
     "413": "The body is over serve.max_body_bytes (or the request over the frame limit).",
     "422": "The snippet failed: jsonnet_error (the engine's message), output_too_large, "
     "memory_limit.",
+    "429": "tenant_overloaded: this tenant has as many calls waiting as pool.queue_limit "
+    "allows (or its part of pool.queue_limit_total); other tenants are served. See "
+    "Retry-After.",
     "502": "The worker crashed or broke the protocol during the call; it was replaced.",
-    "503": "overloaded (every worker busy and the queue full or too slow; see Retry-After), "
+    "503": "overloaded (no worker became free within pool.queue_timeout; see Retry-After), "
     "or unavailable.",
     "504": "The evaluation ran past its timeout; its worker was killed and replaced.",
 }
@@ -59,7 +62,7 @@ def _evaluation(summary: str, body_schema: dict[str, Any], *extra: str) -> dict[
             },
             "responses": {
                 "200": {"description": "The result.", "content": {"application/json": {}}},
-                **_errors("400", "401", *extra, "413", "422", "502", "503", "504"),
+                **_errors("400", "401", *extra, "413", "422", "429", "502", "503", "504"),
             },
         }
     }
