@@ -354,13 +354,21 @@ CPU_BOUND = (
 )
 
 
-def test_a_worker_past_its_cpu_budget_ends_the_call_typed_and_is_replaced() -> None:
-    with WorkerPool(1, cpu_budget=1, timeout=30, spares=0) as pool:
+def test_a_worker_past_its_cpu_budget_dies_typed_and_a_pool_refuses_a_call_it_cannot_fit() -> None:
+    """RLIMIT_CPU ends a worker with SIGXCPU, classified as EvaluationTimeout. The pool
+    never lets a call that keeps to its timeout get there (issue 21): a timeout whose CPU
+    headroom no fresh worker's budget fits is refused before any worker sees it."""
+    with python_worker(cpu_budget=1) as raw:
+        with pytest.raises(AssertionError):  # no answer: the worker dies mid-call
+            raw.request("while True:\n    pass\n")
+        assert raw.process.wait(10) is not None, "the worker outlived its CPU budget"
+        error = raw.process.death_error()
+    assert isinstance(error, EvaluationTimeout), error
+    assert "CPU budget of 1 s" in str(error) and "SIGXCPU" in str(error)
+    with WorkerPool(1, cpu_budget=1, timeout=0.4, spares=0) as pool:
         assert pool.sandbox is not None and "RLIMIT_CPU 1/2" in pool.sandbox.limits.detail
-        with pytest.raises(EvaluationTimeout, match="CPU budget of 1 s") as caught:
-            pool.evaluate(CPU_BOUND)
-        assert "SIGXCPU" in str(caught.value)
-        wait_until(lambda: full(pool), timeout=20)
+        with pytest.raises(InvalidArgument, match="cpu_budget=1"):
+            pool.evaluate(CPU_BOUND, timeout=30)
         assert pool.evaluate("1 + 1") == 2
 
 

@@ -136,6 +136,9 @@ def test_every_pool_option_is_a_pool_key_with_its_default(tmp_path: Path) -> Non
         "worker_user": "70000-70009",
         "max_calls_per_worker": 10,
         "cpu_budget": 60.0,
+        "queue_limit_total": 20,
+        "tenant_share": 0.5,
+        "max_workers": 5,
     }
     names = {option.name for option in dataclasses.fields(PoolConfig)}
     assert names - set(values) == {"require_sandbox"}  # from security.require_sandbox
