@@ -47,6 +47,7 @@ DEFAULT_MAX_REQUEST = DEFAULT_MAX_FRAME  # a request is one frame
 DEFAULT_SPARES = 1
 DEFAULT_WORKER_USER = "nobody"
 DEFAULT_CPU_BUDGET = 300.0
+DEFAULT_INTERACTIVE_BUDGET = 0.05
 ENGINES = tuple(kind.value for kind in EngineKind)
 
 
@@ -105,6 +106,12 @@ class PoolConfig:
         DEFAULT_CPU_BUDGET,
         "CPU seconds one worker process may use in its life (RLIMIT_CPU); recycled before",
     )
+    interactive_budget: float | None = _option(
+        DEFAULT_INTERACTIVE_BUDGET,
+        "seconds a call may run before its worker is moved to SCHED_IDLE (nice 19 where "
+        "that is refused), so that it runs only when no other call wants the CPU; a demoted "
+        "worker is recycled after its call (None: never demoted)",
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "size", minimum=1, optional=True)
@@ -120,6 +127,7 @@ class PoolConfig:
         for name in ("timeout", "queue_timeout", "spawn_timeout"):
             _check_seconds(self, name)
         _check_seconds(self, "cpu_budget", optional=True)
+        _check_seconds(self, "interactive_budget", optional=True)
         for name in ("memory_limit", "max_output", "max_stack", "max_request"):
             _check_int(self, name, minimum=1)
         _check_int(self, "max_trace", minimum=0)

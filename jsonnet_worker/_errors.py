@@ -83,10 +83,16 @@ class MemoryLimitExceeded(Error):
 
 class EvaluationTimeout(Error, TimeoutError):
     """The evaluation ran past its deadline (or its worker's CPU budget); its worker was
-    killed and replaced."""
+    killed and replaced. ``clock`` says which clock ran out: ``"wall"`` (the call's
+    deadline) or ``"cpu"`` (the worker's CPU budget: RLIMIT_CPU, SIGXCPU); the message
+    says so too."""
 
     kind = "timeout"
     http_status = 504
+
+    def __init__(self, message: str, *, clock: str = "wall") -> None:
+        super().__init__(message)
+        self.clock = clock
 
 
 # -- the caller's ----------------------------------------------------------------------------

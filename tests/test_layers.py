@@ -365,6 +365,7 @@ def test_a_worker_past_its_cpu_budget_dies_typed_and_a_pool_refuses_a_call_it_ca
         error = raw.process.death_error()
     assert isinstance(error, EvaluationTimeout), error
     assert "CPU budget of 1 s" in str(error) and "SIGXCPU" in str(error)
+    assert "CPU clock" in str(error) and error.clock == "cpu"
     with WorkerPool(1, cpu_budget=1, timeout=0.4, spares=0) as pool:
         assert pool.sandbox is not None and "RLIMIT_CPU 1/2" in pool.sandbox.limits.detail
         with pytest.raises(InvalidArgument, match="cpu_budget=1"):
@@ -388,6 +389,7 @@ while True:
         error = raw.process.death_error()
     assert isinstance(error, EvaluationTimeout), error
     assert "CPU budget of 1 s" in str(error) and "SIGKILL" in str(error)
+    assert error.clock == "cpu"
 
 
 def test_without_a_budget_a_kill_is_a_crash() -> None:

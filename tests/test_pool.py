@@ -193,9 +193,10 @@ def test_timeout_kills_and_replaces(engine: str, snippet: str) -> None:
         wait_until(lambda: full(pool))
         pids = set(pool.stats().worker_pids)
         started = time.monotonic()
-        with pytest.raises(EvaluationTimeout):
+        with pytest.raises(EvaluationTimeout, match=r"0\.3 s deadline \(wall clock\)") as caught:
             pool.evaluate(snippet)
         assert time.monotonic() - started < 0.3 + 1.0
+        assert caught.value.clock == "wall"
         wait_until(lambda: full(pool))
         stats = pool.stats()
         assert stats.timeouts == 1 and stats.respawns == 1
@@ -764,7 +765,12 @@ def test_a_worker_is_recycled_before_its_cpu_budget_runs_out() -> None:
     """Kept while two of the pool's timeouts fit its budget left; recycled at check-out when
     two of the call's own timeouts do not; a timeout no fresh worker fits is refused."""
     with seams.pool_of(
-        seams.re_exec(harness_command("python")), 1, spares=0, timeout=1.0, cpu_budget=4.0
+        seams.re_exec(harness_command("python")),
+        1,
+        spares=0,
+        timeout=1.0,
+        cpu_budget=4.0,
+        interactive_budget=None,  # its calls are long on purpose: no recycle for that
     ) as pool:
         (pid,) = pool.stats().worker_pids
         pool.evaluate(_burn(0.3), timeout=1.9)

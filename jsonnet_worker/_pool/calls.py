@@ -289,9 +289,11 @@ def death(worker: Worker, call: Call, cut: bool) -> Outcome:
 def timed_out(call: Call) -> Outcome:
     return Outcome(
         error=EvaluationTimeout(
-            f"the evaluation ran past its {call.timeout} s deadline; its worker was killed"
+            f"the evaluation ran past its {call.timeout} s deadline (wall clock); its worker "
+            "was killed",
+            clock="wall",
         ),
-        reason=f"ran past its {call.timeout} s deadline; killed",
+        reason=f"ran past its {call.timeout} s deadline (wall clock); killed",
     )
 
 

@@ -36,6 +36,7 @@ import dataclasses
 import errno
 import itertools
 import logging
+import math
 import os
 import select
 import sys
@@ -63,6 +64,7 @@ from .calls import CLOSED, NO_VARIABLES, Call, Variables
 from .connection import Answer
 from .origin import FORKED, WorkerOrigin
 from .processes import WorkerProcess, settings_for
+from .scheduling import Demoter
 from .state import Outcome, Phase, PoolState, Ticket
 from .supervisor import Supervisor, Worker
 
@@ -187,6 +189,11 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._state: PoolState[Worker] = PoolState(config)
+        # Seconds into a call at which its worker is demoted (inf: never), added to the
+        # call's start once per call: the hot path pays one float addition and comparison.
+        budget = config.interactive_budget
+        self._interactive_budget = math.inf if budget is None else budget
+        self._demoter = Demoter()
         # _origin: where workers come from (forks of a template by default); tests and
         # benchmarks pass another through tests/seams.py.
         self._supervisor = Supervisor(self._state, settings_for(config), _origin)
@@ -499,28 +506,34 @@ class WorkerPool:
         """Write the frame (after what a caller handing the worker over already wrote),
         then read the answer until the deadline."""
         worker, call = ticket.worker, ticket.call
-        deadline = time.monotonic() + call.time_left()
+        now = time.monotonic()
+        deadline = now + call.time_left()
+        demote_at = now + self._interactive_budget
         pending = calls.start(ticket)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller").
-        outcome = self._poll_for_answer(worker, pending, deadline)
+        outcome = self._poll_for_answer(worker, pending, deadline, demote_at)
         if outcome is None:
             return calls.timed_out(call)
         return self._died(worker, call, deadline) if outcome is CLOSED else outcome
 
     def _poll_for_answer(
-        self, worker: Worker, pending: memoryview | None, deadline: float
+        self, worker: Worker, pending: memoryview | None, deadline: float, demote_at: float
     ) -> Outcome | None:
         """Poll the worker's channels (writing the rest of the frame) until an outcome or
-        the deadline (None)."""
+        the deadline (None); at ``demote_at``, if it comes first, the worker is demoted."""
         process = worker.process
         poller = process.poller
         if pending is not None:
             poller.register(process.stdin, select.POLLOUT)
         try:
-            while (left := deadline - time.monotonic()) > 0:
-                for fd, _ in poller.poll(left * 1000.0 + 1):
+            while (now := time.monotonic()) < deadline:
+                if now >= demote_at:
+                    self._demote(worker)
+                    demote_at = math.inf
+                wake = demote_at if demote_at < deadline else deadline
+                for fd, _ in poller.poll((wake - now) * 1000.0 + 1):
                     if fd == process.stdout:
                         outcome = calls.read_answer(worker)
                         if outcome is not None:
@@ -597,7 +610,9 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         worker, call = ticket.worker, ticket.call
         process = worker.process
-        deadline = time.monotonic() + call.time_left()
+        now = time.monotonic()
+        deadline = now + call.time_left()
+        demote_at = now + self._interactive_budget
         pending: list[memoryview | None] = [calls.start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
@@ -636,15 +651,54 @@ class WorkerPool:
         if pending[0] is not None:
             loop.add_writer(process.stdin, on_stdin)
             watched.writer = True
-        timers.append(
-            loop.call_later(max(call.time_left(), 0.0), lambda: settle(calls.timed_out(call)))
-        )
+        self._arm(loop, timers, worker, demote_at, deadline, lambda: settle(calls.timed_out(call)))
         try:
             return await done
         finally:
             _unwatch(loop, process, timers, watched)
 
+    def _arm(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timers: list[asyncio.TimerHandle],
+        worker: Worker,
+        demote_at: float,
+        deadline: float,
+        expire: Callable[[], None],
+    ) -> None:
+        """``_aexchange``'s one timer, as ``_poll_for_answer`` has one poll timeout: at the
+        demotion time if it comes first (the worker is demoted, then the timer armed again
+        for the deadline), else at the deadline (``expire``). Cancelled with ``timers``."""
+        now = time.monotonic()
+        if demote_at < deadline:
+            args = (loop, timers, worker, math.inf, deadline, expire)
+            timers.append(loop.call_later(demote_at - now, self._demote_and_arm, *args))
+        else:
+            timers.append(loop.call_later(max(deadline - now, 0.0), expire))
+
+    def _demote_and_arm(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timers: list[asyncio.TimerHandle],
+        worker: Worker,
+        demote_at: float,
+        deadline: float,
+        expire: Callable[[], None],
+    ) -> None:
+        self._demote(worker)
+        self._arm(loop, timers, worker, demote_at, deadline, expire)
+
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
+
+    def _demote(self, worker: Worker) -> None:
+        """The call has run past ``interactive_budget``: every thread of its worker to
+        SCHED_IDLE (nice 19 where refused), outside the state's lock like every effect, and
+        the state told, so that the worker is recycled after the call: nothing unprivileged
+        can move it back. A worker nothing could be applied to stays as it is (the
+        ``Demoter`` logs why). On an asyncio path this runs on the event loop: a /proc
+        listing and a syscall per thread, tens of microseconds."""
+        if self._demoter.demote(worker.pid).applied:
+            self._perform(self._state.demoted(worker))
 
     def _prepare(
         self,

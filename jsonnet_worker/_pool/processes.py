@@ -604,7 +604,8 @@ class WorkerProcess(ChildProcess):
         if self._ran_out_of_cpu(returncode):
             return EvaluationTimeout(
                 f"the worker used up its CPU budget of {self.settings.cpu_budget:g} s "
-                f"(RLIMIT_CPU) and was {how}; it is replaced"
+                f"(CPU clock: RLIMIT_CPU, SIGXCPU) and was {how}; it is replaced",
+                clock="cpu",
             )
         if any(marker in tail for marker in _MEMORY_MARKERS):
             return MemoryLimitExceeded(

@@ -1,0 +1,209 @@
+"""Demotion: every thread of a worker moved to ``SCHED_IDLE`` (or nice 19), from outside.
+
+Goals: a call that runs past the pool's ``interactive_budget`` yields the CPU to every call
+that has not: the kernel runs a ``SCHED_IDLE`` thread only when no normal thread wants the
+CPU (measured here, docs/SANDBOX.md: a light call's p99 beside four CPU burners went from
+8.0 ms to 1.6 ms once they were idle). Pure mechanism: when to demote, and that a demoted
+worker is recycled after its call, are the facade's and ``state``'s.
+
+Plan: ``demote(pid)`` lists ``/proc/<pid>/task`` and moves each thread with
+``sched_setscheduler(tid, SCHED_IDLE)``; where that is refused (EPERM, EACCES: a kernel or
+a security module that says no), ``setpriority(PRIO_PROCESS, tid, 19)``. It lists again
+until no new thread appears (at most ``MAX_ROUNDS``): a thread born of a demoted thread is
+born demoted, but one born of a thread not yet reached is not. A thread that vanished on
+the way (ESRCH) is fine. Where ``/proc`` cannot be read (a host under ``restrict_host``:
+its Landlock layer allows no ``/proc``), every thread gets nice 19 at once through its
+process group (``setpriority(PRIO_PGRP)``: each worker leads a process group of its own,
+``start_new_session`` or the fork server's ``setsid``, and it cannot fork). The result, a
+``Demotion``, says what was applied and why not more; ``Demoter`` logs the first shortfall
+of a pool once, at WARNING, and the rest at DEBUG: never silently.
+
+Why the worker cannot undo it: it runs as an unprivileged uid (``nobody``, or a non-root
+parent's uid) without CAP_SYS_NICE, with RLIMIT_NICE 0 (hard, so it cannot raise it), and
+the kernel lets such a thread leave ``SCHED_IDLE`` or lower its nice value only within
+RLIMIT_NICE: ``sched_setscheduler(0, SCHED_OTHER)`` and ``setpriority(PRIO_PROCESS, 0, 0)``
+answer EPERM (tests/test_scheduling.py tries both from inside a compromised worker).
+Seccomp lets those calls through only for the worker itself, so it cannot reach the
+parent's or another worker's scheduling either. ``SCHED_RESET_ON_FORK`` resets only
+real-time policies and negative nice values, so new threads stay demoted.
+
+Why the right process: the pid is a worker of the pool, a child of this process, held by
+the caller that demotes it; a child is reaped only by its ``ChildProcess`` owner (through
+its caller, or the supervisor once the caller gives it up), so while it is demoted its pid
+cannot be reused. Its thread ids are in its own ``/proc/<pid>/task``, which lists only its
+threads.
+
+What a non-root parent can do: move its workers (its own uid) to ``SCHED_IDLE`` and raise
+their nice value, but not move them back (only root, CAP_SYS_NICE or RLIMIT_NICE can). That
+is why a demoted worker is recycled after its call rather than promoted.
+
+Weak spots: a worker that creates threads faster than we list them could keep a thread at
+normal priority past ``MAX_ROUNDS`` (RLIMIT_NPROC bounds how many; the shortfall is logged);
+the nice fallback still leaves the worker a share of the CPU (about 1.5% of a nice-0
+thread's per thread), where ``SCHED_IDLE`` leaves it almost none; the listing and the calls
+take tens of microseconds per thread, on the caller's thread (or event loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+logger = logging.getLogger("jsonnet_worker")
+
+__all__ = ["MAX_ROUNDS", "Demoter", "Demotion", "ThreadPolicy", "demote", "thread_policies"]
+
+LOWEST_NICE = 19
+# Listings of /proc/<pid>/task before we give up on threads that keep appearing.
+MAX_ROUNDS = 8
+_REFUSED = (errno.EPERM, errno.EACCES)
+
+
+@dataclass(frozen=True, slots=True)
+class Demotion:
+    """What ``demote`` applied: threads moved to ``SCHED_IDLE`` (``idle``), given nice 19
+    where that was refused (``niced``; ``group``: the whole process group at once, /proc
+    being unreadable), and ``shortfall``: why some or all threads were not demoted (empty
+    when every thread was)."""
+
+    idle: int = 0
+    niced: int = 0
+    group: bool = False
+    shortfall: str = ""
+
+    @property
+    def applied(self) -> bool:
+        """Some thread was demoted: the worker must not serve another call at full priority."""
+        return bool(self.idle or self.niced or self.group)
+
+    def describe(self) -> str:
+        parts = []
+        if self.idle:
+            parts.append(f"{self.idle} thread(s) to SCHED_IDLE")
+        if self.niced:
+            parts.append(f"{self.niced} thread(s) to nice {LOWEST_NICE}")
+        if self.group:
+            parts.append(f"its process group to nice {LOWEST_NICE}")
+        return ", ".join(parts) or "nothing"
+
+
+def demote(pid: int) -> Demotion:
+    """Move every thread of process ``pid`` (a child of ours, unreaped) to ``SCHED_IDLE``,
+    or to nice 19 where that is refused. See the module docstring."""
+    seen: set[int] = set()
+    idle = niced = 0
+    refused: list[str] = []
+    for _ in range(MAX_ROUNDS):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:  # it has exited: nothing of it runs any more
+            return Demotion(idle, niced, shortfall="; ".join(refused))
+        except OSError as exc:
+            if seen:
+                return Demotion(idle, niced, shortfall=f"/proc/{pid}/task: {exc.strerror}")
+            return _demote_group(pid, f"/proc/{pid}/task is unreadable ({exc.strerror})")
+        new = [tid for tid in map(int, tids) if tid not in seen]
+        if not new:
+            return Demotion(idle, niced, shortfall="; ".join(refused))
+        for tid in new:
+            seen.add(tid)
+            how = _demote_thread(tid)
+            if how == "idle":
+                idle += 1
+            elif how == "nice":
+                niced += 1
+            elif how:
+                refused.append(how)
+    refused.append(f"new threads kept appearing after {MAX_ROUNDS} listings")
+    return Demotion(idle, niced, shortfall="; ".join(refused))
+
+
+def _demote_thread(tid: int) -> str:
+    """One thread: "idle", "nice", "" (it vanished), or why neither was applied."""
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return "idle"
+    except ProcessLookupError:
+        return ""
+    except OSError as exc:
+        if exc.errno not in _REFUSED:
+            return f"thread {tid}: SCHED_IDLE: {exc.strerror}"
+        idle_refused = exc.strerror
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, LOWEST_NICE)
+        return "nice"
+    except ProcessLookupError:
+        return ""
+    except OSError as exc:
+        return f"thread {tid}: SCHED_IDLE: {idle_refused}; nice {LOWEST_NICE}: {exc.strerror}"
+
+
+def _demote_group(pid: int, why: str) -> Demotion:
+    """Without /proc: nice 19 for every thread of the process group ``pid`` leads (the
+    kernel walks its threads); not SCHED_IDLE, which takes one thread id at a time."""
+    try:
+        if os.getpgid(pid) != pid:  # not a group leader: its group holds other processes
+            return Demotion(shortfall=f"{why}; it leads no process group of its own")
+        os.setpriority(os.PRIO_PGRP, pid, LOWEST_NICE)
+    except ProcessLookupError:
+        return Demotion()
+    except OSError as exc:
+        return Demotion(shortfall=f"{why}; nice {LOWEST_NICE} for its group: {exc.strerror}")
+    return Demotion(group=True, shortfall=f"{why}: nice {LOWEST_NICE}, not SCHED_IDLE")
+
+
+class Demoter:
+    """``demote`` for one pool, logging its first shortfall at WARNING (a host whose /proc
+    is refused would otherwise log one per long call) and the rest at DEBUG."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def demote(self, pid: int) -> Demotion:
+        demotion = demote(pid)
+        if demotion.shortfall:
+            with self._lock:
+                level = logging.DEBUG if self._warned else logging.WARNING
+                self._warned = True
+            logger.log(
+                level,
+                "worker %d: a long call's demotion fell short (%s): %s",
+                pid,
+                demotion.describe(),
+                demotion.shortfall,
+                extra={"worker_pid": pid},
+            )
+        return demotion
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPolicy:
+    """One thread's scheduling as anyone may read it from outside: its policy
+    (``os.SCHED_*``) and nice value."""
+
+    tid: int
+    policy: int
+    nice: int
+
+    @property
+    def demoted(self) -> bool:
+        return self.policy == os.SCHED_IDLE or self.nice == LOWEST_NICE
+
+
+def thread_policies(pid: int) -> list[ThreadPolicy]:
+    """Every thread of ``pid`` now (``sched_getscheduler`` and ``getpriority`` per tid: no
+    permission needed); threads that vanish meanwhile are left out. For tests."""
+    policies = []
+    for name in os.listdir(f"/proc/{pid}/task"):
+        tid = int(name)
+        try:
+            policies.append(
+                ThreadPolicy(tid, os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            )
+        except ProcessLookupError:
+            continue
+    return policies

@@ -1,0 +1,329 @@
+"""Long calls yield the CPU (issue 21, item 3): a call past ``interactive_budget`` has every
+thread of its worker moved to SCHED_IDLE (nice 19 where that is refused), read from outside
+with ``sched_getscheduler``/``getpriority`` per tid; the worker is recycled after its call;
+a compromised worker cannot undo it; a non-root parent demotes its same-uid workers too.
+
+No timed assertions: each test waits (generously) for a state and then checks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import seams
+from conftest import harness_command, wait_until
+from jsonnet_worker import EvaluationTimeout, WorkerPool
+from jsonnet_worker._pool import scheduling
+from jsonnet_worker._pool.identities import resolve_identity
+
+ROOT = os.geteuid() == 0
+NOBODY = 65534
+# CPU only, a flat heap: seconds of work (HEAVY_GO), a few hundred milliseconds (MEDIUM_GO).
+HEAVY_GO = (
+    "local depth(i) = if i == 0 then 0 else 1 + depth(i - 1); "
+    "std.foldl(function(a, b) a + depth(400), std.range(1, 1000000), 0)"
+)
+MEDIUM_GO = (
+    "local depth(i) = if i == 0 then 0 else 1 + depth(i - 1); "
+    "std.foldl(function(a, b) a + depth(40), std.range(1, 40000), 0)"
+)
+
+
+def all_threads(pid: int, predicate: Callable[[scheduling.ThreadPolicy], bool]) -> bool:
+    policies = scheduling.thread_policies(pid)
+    return bool(policies) and all(predicate(p) for p in policies)
+
+
+def idle(policy: scheduling.ThreadPolicy) -> bool:
+    return policy.policy == os.SCHED_IDLE
+
+
+class Running:
+    """One call on a thread of its own (``aevaluate`` on an event loop there if ``use_async``),
+    with the pid of the worker that runs it."""
+
+    def __init__(
+        self, pool: WorkerPool, snippet: str, timeout: float, use_async: bool = False
+    ) -> None:
+        self.outcome: dict[str, Any] = {}
+        busy_before = set(seams.worker_pids(pool, "busy"))
+
+        def run() -> None:
+            try:
+                if use_async:
+                    value = asyncio.run(pool.aevaluate(snippet, timeout=timeout))
+                else:
+                    value = pool.evaluate(snippet, timeout=timeout)
+                self.outcome["value"] = value
+            except Exception as exc:
+                self.outcome["error"] = exc
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        wait_until(lambda: bool(set(seams.worker_pids(pool, "busy")) - busy_before))
+        (self.pid,) = set(seams.worker_pids(pool, "busy")) - busy_before
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self) -> dict[str, Any]:
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return self.outcome
+
+
+@pytest.fixture
+def pool() -> Iterator[WorkerPool]:
+    with WorkerPool(2, spares=0, interactive_budget=0.05) as shared:
+        yield shared
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["blocking", "asyncio"])
+def test_a_long_call_has_every_thread_of_its_worker_at_sched_idle(
+    pool: WorkerPool, use_async: bool
+) -> None:
+    call = Running(pool, HEAVY_GO, timeout=8.0, use_async=use_async)
+    wait_until(lambda: all_threads(call.pid, idle))
+    assert call.running  # demoted mid-call, not after
+    assert len(scheduling.thread_policies(call.pid)) > 1  # the Go runtime's threads too
+    os.kill(call.pid, signal.SIGKILL)  # no need to wait for its deadline
+    call.join()
+    wait_until(lambda: call.pid not in pool.stats().worker_pids)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["blocking", "asyncio"])
+def test_a_demoted_worker_is_recycled_after_its_call(use_async: bool) -> None:
+    with WorkerPool(1, spares=0, interactive_budget=0.01) as pool:
+        (pid,) = pool.stats().worker_pids
+        call = Running(pool, MEDIUM_GO, timeout=20.0, use_async=use_async)
+        assert call.pid == pid
+        assert "value" in call.join()
+        assert pool.stats().recycles == 1
+        assert pid not in pool.stats().worker_pids
+        wait_until(lambda: len(pool.stats().worker_pids) == 1)
+        assert pool.evaluate("1 + 1") == 2
+
+
+def test_a_light_calls_worker_is_never_demoted() -> None:
+    # A budget no light call comes near on a loaded machine, so that the test says what
+    # it means: calls that answer within the budget leave their worker alone.
+    with WorkerPool(1, spares=0, interactive_budget=0.5) as pool:
+        (pid,) = pool.stats().worker_pids
+        for _ in range(20):
+            assert pool.evaluate("{a: [x * 2 for x in std.range(1, 100)]}")["a"][0] == 2
+            assert all_threads(pid, lambda p: p.policy == os.SCHED_OTHER and p.nice == 0)
+        asyncio.run(pool.aevaluate("1"))
+        assert pool.stats().worker_pids == (pid,)
+        assert pool.stats().recycles == 0
+        assert all_threads(pid, lambda p: p.policy == os.SCHED_OTHER and p.nice == 0)
+
+
+def test_without_a_budget_nothing_is_demoted() -> None:
+    with WorkerPool(1, spares=0, interactive_budget=None) as pool:
+        call = Running(pool, HEAVY_GO, timeout=1.0)
+        seen: list[scheduling.ThreadPolicy] = []
+        while call.running:
+            try:
+                seen += scheduling.thread_policies(call.pid)
+            except FileNotFoundError:  # killed at its deadline
+                break
+        assert isinstance(call.join()["error"], EvaluationTimeout)
+        assert seen and not any(p.demoted for p in seen)
+
+
+def test_where_sched_idle_is_refused_every_thread_gets_nice_19(
+    pool: WorkerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(tid: int, policy: int, param: os.sched_param) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    call = Running(pool, HEAVY_GO, timeout=8.0)
+    wait_until(lambda: all_threads(call.pid, lambda p: p.nice == scheduling.LOWEST_NICE))
+    assert call.running
+    assert all_threads(call.pid, lambda p: p.policy == os.SCHED_OTHER)
+    os.kill(call.pid, signal.SIGKILL)
+    call.join()
+
+
+def test_a_demotion_that_falls_short_says_why_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As under ``restrict_host`` (no /proc): the whole process group gets nice 19, and the
+    shortfall is logged at WARNING once, then at DEBUG."""
+    listdir = os.listdir
+
+    def no_proc(path: str) -> list[str]:
+        if str(path).startswith("/proc/"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return listdir(path)
+
+    with WorkerPool(1, spares=0, interactive_budget=0.01) as pool:
+        caplog.set_level("DEBUG", logger="jsonnet_worker")
+        monkeypatch.setattr(os, "listdir", no_proc)
+        for _ in range(2):
+            call = Running(pool, MEDIUM_GO, timeout=20.0)
+            assert "value" in call.join()
+        monkeypatch.undo()
+        shortfalls = [r for r in caplog.records if "demotion fell short" in r.getMessage()]
+        assert [r.levelname for r in shortfalls] == ["WARNING", "DEBUG"]
+        assert "unreadable" in shortfalls[0].getMessage()
+        assert "process group to nice 19" in shortfalls[0].getMessage()
+        assert pool.stats().recycles == 2  # demoted (nice 19) all the same
+
+
+def test_demote_leaves_alone_what_is_gone() -> None:
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert scheduling.demote(child) == scheduling.Demotion()
+
+
+# -- the threat model: who can undo it --------------------------------------------------------
+
+UNDO = """
+import os, resource, time
+deadline = time.monotonic() + 20
+while os.sched_getscheduler(0) != os.SCHED_IDLE and time.monotonic() < deadline:
+    pass
+result = {"demoted": os.sched_getscheduler(0) == os.SCHED_IDLE, "nice": os.getpriority(0, 0)}
+
+def attempt(name, function, *args):
+    try:
+        function(*args)
+        result[name] = "done"
+    except OSError as exc:
+        result[name] = exc.errno
+    except ValueError as exc:
+        result[name] = str(exc)
+
+attempt("this thread", os.sched_setscheduler, 0, os.SCHED_OTHER, os.sched_param(0))
+attempt("main thread", os.sched_setscheduler, os.getpid(), os.SCHED_OTHER, os.sched_param(0))
+attempt("nice 0", os.setpriority, os.PRIO_PROCESS, 0, 0)
+attempt("RLIMIT_NICE", resource.setrlimit, resource.RLIMIT_NICE, (40, 40))
+attempt("parent", os.sched_setscheduler, os.getppid(), os.SCHED_IDLE, os.sched_param(0))
+result["after"] = [os.sched_getscheduler(0), os.getpriority(0, 0)]
+spin = time.monotonic() + 0.5  # a moment for the test to look from outside
+while time.monotonic() < spin:
+    pass
+"""
+
+
+def compromised_pool(**options: Any) -> WorkerPool:
+    """Workers whose engine runs a request's Python after the full start-up (the harness's
+    model of a compromised engine), as a root parent's (dropped to nobody) or, run
+    unprivileged (.ci/isolation-as-user), a non-root parent's."""
+    identity = resolve_identity("nobody") if ROOT else None
+    command = harness_command("python", identity=identity)
+    return seams.pool_of(seams.re_exec(command), 1, spares=0, **options)
+
+
+def test_a_compromised_worker_cannot_undo_its_demotion() -> None:
+    with compromised_pool(interactive_budget=0.05, timeout=30.0) as pool:
+        call = Running(pool, UNDO, timeout=30.0)
+        wait_until(lambda: all_threads(call.pid, idle), timeout=20)
+        while call.running:  # and it stays so, seen from outside, until the call ends
+            try:
+                policies = scheduling.thread_policies(call.pid)
+            except FileNotFoundError:
+                break
+            assert all(idle(p) for p in policies), policies
+        result = call.join()["value"]
+    assert result["demoted"] and result["nice"] == 0
+    assert result["this thread"] == errno.EPERM  # RLIMIT_NICE 0, no CAP_SYS_NICE
+    assert result["main thread"] == errno.EPERM
+    assert result["nice 0"] == "done"  # nice 0 is no raise: it stays SCHED_IDLE
+    assert result["RLIMIT_NICE"] != "done"  # its hard limit is 0
+    assert result["parent"] == errno.EPERM  # seccomp: only the worker itself
+    assert result["after"] == [os.SCHED_IDLE, 0]
+
+
+def test_a_compromised_worker_at_nice_19_cannot_lower_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(tid: int, policy: int, param: os.sched_param) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    snippet = UNDO.replace(
+        "os.sched_getscheduler(0) != os.SCHED_IDLE", "os.getpriority(0, 0) != 19"
+    ).replace('"demoted": os.sched_getscheduler(0) == os.SCHED_IDLE', '"demoted": True')
+    with compromised_pool(interactive_budget=0.05, timeout=30.0) as pool:
+        monkeypatch.setattr(os, "sched_setscheduler", refused)
+        call = Running(pool, snippet, timeout=30.0)
+        result = call.join()["value"]
+    assert result["nice"] == scheduling.LOWEST_NICE
+    assert result["nice 0"] == errno.EACCES  # lowering a nice value takes RLIMIT_NICE
+    assert result["after"] == [os.SCHED_OTHER, scheduling.LOWEST_NICE]
+
+
+# -- a non-root parent ------------------------------------------------------------------------
+
+
+def _as_nobody() -> None:
+    if ROOT:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+
+
+def _burner() -> int:
+    """A child that burns CPU on three threads as nobody (or as us, unprivileged)."""
+    child = os.fork()
+    if child == 0:
+        try:
+            _as_nobody()
+
+            def spin() -> None:
+                while True:
+                    pass
+
+            for _ in range(2):
+                threading.Thread(target=spin, daemon=True).start()
+            spin()
+        finally:
+            os._exit(1)
+    return child
+
+
+def test_a_non_root_parent_demotes_its_same_uid_worker_but_cannot_promote_it() -> None:
+    """The mechanism with a real non-root caller: a process of the worker's uid (nobody,
+    or this unprivileged user) demotes every thread of it, and is refused the way back;
+    which is why a demoted worker is recycled, not promoted. (Under
+    .ci/isolation-as-user the pool tests above run with a non-root parent for real.)"""
+    burner = _burner()
+    read, write = os.pipe()
+    try:
+        wait_until(lambda: len(scheduling.thread_policies(burner)) == 3)
+        parent = os.fork()
+        if parent == 0:
+            try:
+                _as_nobody()
+                demotion = scheduling.demote(burner)
+                report: dict[str, Any] = {"idle": demotion.idle, "shortfall": demotion.shortfall}
+                tid = scheduling.thread_policies(burner)[-1].tid
+                try:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                    report["promote"] = "done"
+                except OSError as exc:
+                    report["promote"] = exc.errno
+                os.write(write, json.dumps(report).encode())
+            finally:
+                os._exit(0)
+        os.waitpid(parent, 0)
+        report = json.loads(os.read(read, 4096))
+        assert report == {"idle": 3, "shortfall": "", "promote": errno.EPERM}
+        assert all_threads(burner, idle)
+    finally:
+        os.kill(burner, signal.SIGKILL)
+        os.waitpid(burner, 0)
+        os.close(read)
+        os.close(write)
