@@ -88,10 +88,12 @@ SCRIPT = textwrap.dedent(
     check(explicit.evaluate, "after", 200)  # the parent's pools still work
     check(jsonnet_worker.evaluate, "after", 200)
     report["parent_errors"] = errors
-    report["same_workers"] = (
-        set(explicit.stats().worker_pids) == pids_before[0]
-        and set(default.stats().worker_pids) == pids_before[1]
+    # A worker may have been recycled on purpose meanwhile (a call slowed past the
+    # interactive budget by this load is demoted, then recycled): every new pid is one.
+    report["replaced"] = len(set(explicit.stats().worker_pids) - pids_before[0]) + len(
+        set(default.stats().worker_pids) - pids_before[1]
     )
+    report["recycles"] = explicit.stats().recycles + default.stats().recycles
     report["crashes"] = explicit.stats().crashes + default.stats().crashes
     report["parent_stats"] = [repr(explicit.stats()), repr(default.stats())]
     report["parent_pids"] = sorted(pids_before[0] | pids_before[1])
@@ -113,5 +115,6 @@ def test_fork_with_both_pools_busy() -> None:
     assert report["fresh_default"] is True
     assert not set(report["child_pids"]) & set(report["parent_pids"])
     assert report["parent_errors"] == []
-    # Nothing of the parent's was signalled or closed: the same workers, none crashed.
-    assert report["same_workers"] is True and report["crashes"] == 0, report
+    # Nothing of the parent's was signalled or closed: the same workers but those the pools
+    # recycled, none crashed.
+    assert report["replaced"] <= report["recycles"] and report["crashes"] == 0, report

@@ -54,7 +54,15 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("jsonnet_worker")
 
-__all__ = ["MAX_ROUNDS", "Demoter", "Demotion", "ThreadPolicy", "demote", "thread_policies"]
+__all__ = [
+    "LOWEST_NICE",
+    "MAX_ROUNDS",
+    "Demoter",
+    "Demotion",
+    "ThreadPolicy",
+    "demote",
+    "thread_policies",
+]
 
 LOWEST_NICE = 19
 # Listings of /proc/<pid>/task before we give up on threads that keep appearing.
