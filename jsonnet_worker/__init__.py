@@ -33,13 +33,22 @@ from ._errors import (
 from ._host import HostSandbox, restrict_host
 from ._kratos import kratos_allow_list
 from ._pool.facade import WorkerPool
-from ._report import PoolStats, SandboxStatus, SandboxVerdict, judge_sandbox
+from ._pool.tracing import last_call
+from ._report import (
+    CallInfo,
+    PoolStats,
+    SandboxStatus,
+    SandboxVerdict,
+    TenantStats,
+    judge_sandbox,
+)
 from ._sandbox.landlock import LandlockStatus
 from ._wire.layers import LayerState, LayerStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CallInfo",
     "Error",
     "ForkedPool",
     "InvalidArgument",
@@ -66,6 +75,7 @@ __all__ = [
     "SandboxUnavailable",
     "SandboxVerdict",
     "TenantOverloaded",
+    "TenantStats",
     "WorkerCrashed",
     "WorkerPool",
     "WorkerStartError",
@@ -74,6 +84,7 @@ __all__ = [
     "get_default_pool",
     "judge_sandbox",
     "kratos_allow_list",
+    "last_call",
     "restrict_host",
     "set_default_pool",
 ]

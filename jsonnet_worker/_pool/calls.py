@@ -10,8 +10,20 @@ Plan: a call's variables travel as one ``Variables`` value; ``prepare`` checks a
 a call into a ``Call`` before any worker is involved; ``ready_for_call`` vets a worker just
 checked out; ``start``/``write_rest`` write the frame; ``read_answer`` feeds the worker's
 connection; ``death``/``timed_out`` are the other ways a call ends; ``settle`` records the
-outcome through the pool's state and returns the answer or raises. Functions, not a class:
-each takes what it reads, so the per-call path pays no extra object.
+outcome through the pool's state and returns the answer or raises; ``abandon`` is the end of
+a call its caller left. Functions, not a class: each takes what it reads, so the per-call
+path pays no extra object.
+
+Measurement, for per-tenant accounting and ``last_call()``: ``settle`` and ``abandon`` (every
+call that was admitted ends in one of them) put each call in ``state.accounting`` and
+``tracing.publish`` it. Its queue wait runs from ``Call.ready_at`` (encoded: admission
+follows at once) to ``Worker.sent_at`` (its request written, by the caller or by the giver
+of a hand-over); its run time from there to settle; its CPU is the worker's CPU clock read
+once at settle (the read ``cpu_budget`` needs, now made on every call: one
+``clock_gettime``) minus the worker's ``cpu_mark`` (that clock at its previous settle or its
+hello). So the CPU a worker spends idle between two calls (a Go runtime's housekeeping, far
+under ``IDLE_CPU_ALLOWANCE``) is charged to its next call. Everything is read before the
+settle's effects are performed: a hand-over there writes the next caller's request.
 """
 
 from __future__ import annotations
@@ -36,7 +48,10 @@ from .._errors import (
     PoolClosed,
     ProtocolError,
 )
+from .._report import CallInfo
 from .._wire.messages import RETIRE_AT_MEMORY_SHARE, ErrorKind, EvalRequest, Operation
+from . import tracing
+from .accounting import CANCELLED
 from .connection import (
     NEED_DATA,
     Answer,
@@ -69,13 +84,15 @@ NO_VARIABLES = Variables()  # check and format take none
 @dataclass(frozen=True)
 class Call:
     """One encoded call: the request and its frame, its timeout, the seconds encoding took
-    (they count against the timeout), and its trust domain."""
+    (they count against the timeout), its trust domain, and when it was ready (its
+    ``time.monotonic()``: where its queue wait starts)."""
 
     request: EvalRequest
     frame: bytes
     timeout: float
     spent: float
     domain: Domain
+    ready_at: float
 
     def time_left(self) -> float:
         return self.timeout - self.spent
@@ -138,7 +155,8 @@ def prepare(
         raise InputTooLarge(
             f"the request is {len(frame)} bytes, over max_request={config.max_request}"
         )
-    return Call(request, frame, seconds, time.monotonic() - started, domain)
+    ready_at = time.monotonic()
+    return Call(request, frame, seconds, ready_at - started, domain, ready_at)
 
 
 def _timeout(config: PoolConfig, timeout: float | None) -> float:
@@ -298,21 +316,77 @@ def timed_out(call: Call) -> Outcome:
 
 
 def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: Outcome) -> Answer:
-    """Record how the call ended; check the worker in or discard it; the answer, or
-    the call's typed error."""
+    """Record how the call ended (the pool's counters, the tenant's accounting); check the
+    worker in or discard it; the answer, or the call's typed error."""
     worker: Worker = ticket.worker
-    cpu = None
+    call: Call = ticket.call
     if outcome.keep:
         outcome = _after_call(worker, outcome)
-        if state.config.cpu_budget is not None:
-            cpu = worker.process.cpu_seconds()
-    perform(state.settle(worker, outcome, cpu))
-    if outcome.error is not None:
-        if state.view().terminated:
-            raise PoolClosed("the pool was terminated during the call") from None
-        raise outcome.error
+    # Before perform: a hand-over there writes the next caller's request to this worker.
+    cpu = _cpu_now(worker)
+    used = _cpu_used(worker, cpu)
+    sent_at, now = worker.sent_at, time.monotonic()
+    budget_cpu = cpu if outcome.keep and state.config.cpu_budget is not None else None
+    perform(state.settle(worker, outcome, budget_cpu))
+    error = outcome.error
+    if error is not None and state.view().terminated:
+        error = PoolClosed("the pool was terminated during the call")
+    kind = None if error is None else error.kind
+    _record(state, call, worker.pid, sent_at - call.ready_at, now - sent_at, used, kind)
+    if error is not None:
+        raise error
     answer: Answer = outcome.answer
     return answer
+
+
+def abandon(state: PoolState[Worker], perform: Perform, ticket: Ticket, exc: BaseException) -> None:
+    """The caller left its call (``exc``: an error before or during the exchange, a
+    cancellation, an interrupt): the state's ``abandon`` (out of the queue, its worker
+    discarded), and the call accounted, its worker's CPU read before the kill."""
+    call: Call = ticket.call
+    worker: Worker | None = ticket.worker
+    now = time.monotonic()
+    pid, wait, run, used = None, now - call.ready_at, None, 0.0
+    if worker is not None:
+        pid, used = worker.pid, _cpu_used(worker, _cpu_now(worker))
+        if worker.sent_id == call.request.id:  # its request went out: it ran
+            wait, run = worker.sent_at - call.ready_at, now - worker.sent_at
+    perform(state.abandon(ticket))
+    kind = exc.kind if isinstance(exc, Error) else CANCELLED
+    _record(state, call, pid, wait, run, used, kind)
+
+
+def _cpu_now(worker: Worker) -> float | None:
+    """The worker's CPU clock; for one that died and was reaped, as read before the reap."""
+    process = worker.process
+    cpu = process.cpu_seconds()
+    return process.cpu_at_exit if cpu is None else cpu
+
+
+def _cpu_used(worker: Worker, cpu: float | None) -> float:
+    """The CPU seconds since the worker's mark, which moves to ``cpu`` (None: unreadable,
+    nothing is charged)."""
+    if cpu is None:
+        return 0.0
+    used = max(0.0, cpu - worker.cpu_mark)
+    worker.cpu_mark = cpu
+    return used
+
+
+def _record(
+    state: PoolState[Worker],
+    call: Call,
+    pid: int | None,
+    wait: float,
+    run: float | None,
+    used: float,
+    kind: str | None,
+) -> None:
+    """One ended call into the tenant's accounting and to its caller (``run`` None: it
+    never reached a worker, so its wait is no sample of the wait for one)."""
+    tenant = call.domain.tenant
+    state.accounting.record(tenant, kind, used, None if run is None else wait, run)
+    tracing.publish(CallInfo(tenant, pid, wait, run or 0.0, used, kind))
 
 
 def _after_call(worker: Worker, outcome: Outcome) -> Outcome:

@@ -268,6 +268,7 @@ class WorkerPool:
             forks=source.forks,
             fork_fallbacks=source.fallbacks,
             template_starts=source.fork_server_starts,
+            tenants=self._state.accounting.snapshot(),
         )
 
     def replace_template(self) -> None:
@@ -470,8 +471,8 @@ class WorkerPool:
             try:
                 self._check_out(ticket)
                 outcome = self._exchange(ticket)
-            except BaseException:
-                self._perform(self._state.abandon(ticket))
+            except BaseException as exc:
+                calls.abandon(self._state, self._perform, ticket, exc)
                 raise
             return calls.settle(self._state, self._perform, ticket, outcome)
         except Error as exc:
@@ -566,8 +567,8 @@ class WorkerPool:
             try:
                 await self._acheck_out(ticket)
                 outcome = await self._aexchange(ticket)
-            except BaseException:
-                self._perform(self._state.abandon(ticket))
+            except BaseException as exc:
+                calls.abandon(self._state, self._perform, ticket, exc)
                 raise
             return calls.settle(self._state, self._perform, ticket, outcome)
         except Error as exc:

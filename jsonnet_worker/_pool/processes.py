@@ -415,6 +415,12 @@ class ChildProcess:
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.pid)
 
+    @property
+    def cpu_at_exit(self) -> float | None:
+        """Its CPU time as ``wait`` read it just before reaping it (None: not reaped that
+        way): once reaped its clock no longer reads."""
+        return self._cpu_at_exit
+
     # -- life and death ------------------------------------------------------------------
 
     def kill(self) -> None:

@@ -71,6 +71,7 @@ from .._errors import (
     WorkerStartError,
 )
 from .._report import PoolStats, SandboxStatus
+from .accounting import Accounting
 from .backoff import backoff_delay
 from .fairness import FairQueue
 
@@ -294,6 +295,8 @@ class PoolState(Generic[W]):
         self._lock = threading.Lock()
         # close() waits on it for the last call in flight to leave (``leave`` notifies).
         self._calls_done = threading.Condition(self._lock)
+        # What each tenant's calls cost: its own lock, never taken under this one.
+        self.accounting = Accounting()
         self.phase = Phase.OPEN
         self.failure: Error | None = None
         self.members: dict[W, Member[W]] = {}

@@ -65,12 +65,18 @@ IDLE_CHECK_INTERVAL = 0.5
 class Worker:
     """One worker as the pool uses it: its process (the mechanism) and its conversation."""
 
-    __slots__ = ("connection", "pid", "process")
+    __slots__ = ("connection", "cpu_mark", "pid", "process", "sent_at", "sent_id")
 
     def __init__(self, process: WorkerProcess, connection: WorkerConnection) -> None:
         self.process = process
         self.connection = connection
         self.pid = process.pid
+        # For accounting (``calls.settle``): its CPU clock when its last call settled (at
+        # its hello before any), so a call's CPU is one clock read at settle minus this;
+        # and when, and for which request id, its last request was written.
+        self.cpu_mark = 0.0
+        self.sent_at = 0.0
+        self.sent_id = 0
 
     def __repr__(self) -> str:
         return f"<Worker pid={self.pid} {self.connection.state.value}>"
@@ -79,6 +85,7 @@ class Worker:
         """Register ``request`` with the conversation and write what the channel takes of
         ``frame`` now (the rest is the caller's to write); the bytes written."""
         self.connection.send_request(request, encoded=frame)
+        self.sent_at, self.sent_id = time.monotonic(), request.id
         return self.process.send(frame) or 0
 
 
@@ -364,6 +371,8 @@ class Supervisor:
 
     def _accept(self, worker: Worker, hello: WorkerHello) -> None:
         sandbox = sandbox_status(hello)
+        # Its start-up CPU is nobody's call: read here, on the supervisor's thread.
+        worker.cpu_mark = worker.process.cpu_seconds() or 0.0
         self.perform(self.state.greeted(worker, sandbox))
         self._log_sandbox(sandbox)
 

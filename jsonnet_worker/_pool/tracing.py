@@ -1,0 +1,67 @@
+"""Each call's measurements for its caller: ``last_call()``, and OpenTelemetry span attributes.
+
+Goals: a caller can put the queue wait, worker CPU time and worker pid of the call it just
+made on its trace (Ory Kratos puts the worker's CPU time and run-queue wait on its span),
+on both call paths, without a change to any return type, and without the pool paying for
+tracing nobody does.
+
+Plan: ``publish`` (from ``calls``, as a call ends, success or error) sets a
+``contextvars.ContextVar`` that ``last_call()`` reads. A context variable, not a pool
+attribute or a callback: it is per thread and per asyncio task by construction, so two
+callers never see each other's call, and reading it costs the caller nothing it did not ask
+for (a callback would run the caller's code on the call path, inside the pool's error
+handling). With ``opentelemetry-api`` installed (the ``otel`` extra), it also sets
+``jsonnet_worker.*`` attributes on the caller's current span, if that span records (no SDK,
+or no span: one ``get_current_span`` and nothing else). The import is tried once, here.
+
+Weak spots: ``last_call()`` sees the calls made in its own thread or task: not those of
+``submit()`` (an executor thread) nor those of a task the caller created and awaited (its
+context is a copy). The span is whatever is current in the caller's context: a caller that
+wants one span per evaluation starts it around the call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+from .._report import CallInfo
+
+_otel_trace: Any  # the opentelemetry.trace module, or None without the ``otel`` extra
+try:
+    from opentelemetry import trace as _otel_trace
+except ImportError:  # the otel extra is not installed: no span attributes
+    _otel_trace = None
+
+_last_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
+    "jsonnet_worker_last_call", default=None
+)
+
+
+def last_call() -> CallInfo | None:
+    """The measurements of the last call this thread or asyncio task made on any pool
+    (None before its first): tenant, worker pid, queue wait, run time, worker CPU seconds,
+    error kind. Set when the call returns or raises, so read it right after."""
+    return _last_call.get()
+
+
+def publish(info: CallInfo) -> None:
+    """A call ended: its measurements for ``last_call()`` and the caller's current span."""
+    _last_call.set(info)
+    if _otel_trace is None:
+        return
+    span = _otel_trace.get_current_span()
+    if not span.is_recording():
+        return
+    attributes: dict[str, str | int | float] = {
+        "jsonnet_worker.queue_wait_ms": info.queue_wait * 1000.0,
+        "jsonnet_worker.run_time_ms": info.run_time * 1000.0,
+        "jsonnet_worker.worker_cpu_ms": info.worker_cpu * 1000.0,
+    }
+    if info.tenant is not None:  # OpenTelemetry attributes have no None
+        attributes["jsonnet_worker.tenant"] = info.tenant
+    if info.worker_pid is not None:
+        attributes["jsonnet_worker.worker_pid"] = info.worker_pid
+    if info.error is not None:
+        attributes["jsonnet_worker.error"] = info.error
+    span.set_attributes(attributes)
