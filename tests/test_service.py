@@ -292,6 +292,29 @@ def test_metrics_count_what_happened(client: httpx.Client) -> None:
     assert ("jsonnet_worker_workers", (("state", "idle"),)) in after
 
 
+def test_metrics_per_tenant_with_bounded_cardinality(client: httpx.Client) -> None:
+    """Per-tenant series for the pool's tracked tenants and "other": 40 tenant names make
+    at most 32 + 1 label values, and the newest tenant is one of them."""
+    for index in range(40):
+        client.post("/v1/evaluate", json={"snippet": "1", "tenant": f"t{index}"})
+    client.post("/v1/evaluate", json={"snippet": "error 'x'", "tenant": "t39"})
+    after = metric_values(client)
+    labels = {
+        dict(labels)["tenant"]
+        for name, labels in after
+        if name.startswith("jsonnet_worker_tenant_")
+    }
+    assert len(labels) <= 33 and "other" in labels
+    newest = (("tenant", "adhoc:t39"),)
+    assert after["jsonnet_worker_tenant_calls_total", newest] == 2
+    errors = (("kind", "jsonnet_error"), ("tenant", "adhoc:t39"))
+    assert after["jsonnet_worker_tenant_errors_total", errors] == 1
+    assert ("jsonnet_worker_tenant_cpu_seconds_total", newest) in after
+    assert after["jsonnet_worker_tenant_run_time_seconds_count", newest] == 2
+    quantile = (("quantile", "0.99"), ("tenant", "adhoc:t39"))
+    assert after["jsonnet_worker_tenant_queue_wait_seconds", quantile] >= 0.0
+
+
 def test_openapi_describes_every_route_and_error(
     service: ServiceProcess, client: httpx.Client
 ) -> None:

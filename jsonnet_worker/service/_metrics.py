@@ -12,7 +12,13 @@ start failures, queue depth, workers by state, and the sandbox verdict
 (``sandbox_enforced``, ``sandbox_complete``). The service counts every request outcome in
 ``evaluations_total{endpoint,outcome}`` (``ok`` or the error's kind: a 400 for bad JSON is
 ``bad_request``) and ``http_requests_total{endpoint,status}``, times it, and exports
-``build_info{version,python,engine}``. Each app gets its own ``CollectorRegistry``, so
+``build_info{version,python,engine}``. Per tenant, from ``PoolStats.tenants``:
+``tenant_calls_total``, ``tenant_errors_total{kind}``, ``tenant_cpu_seconds_total`` and the
+summaries ``tenant_queue_wait_seconds`` and ``tenant_run_time_seconds`` (p50, p90, p99, sum,
+count), each labelled ``tenant``: the pool's own bound (its top tenants by CPU, then
+``other``) bounds their cardinality, however many tenant names requests carry. A service
+tenant is always ``config:...`` or ``adhoc:...`` (or those words alone), so ``other`` names
+no tenant. Each app gets its own ``CollectorRegistry``, so
 several apps (tests, embedding) never collide in the global one.
 
 Several server processes (``serve --workers N``): prometheus_client's multiprocess mode,
@@ -29,9 +35,11 @@ gauges are ``livesum`` (workers, queue depth, pool size: the service's totals) a
 gauges leave the sums.
 
 Weak spots: the counters restart at zero with the service, as Prometheus expects of a
-counter; with several processes another process's pool gauges are up to
-``REFRESH_INTERVAL`` old, and ``_created`` samples are not exported (prometheus_client's
-multiprocess mode has none).
+counter, and a tenant's series restart at zero when it comes back after being folded into
+``other``; the per-tenant series are not exported in multiprocess mode (its file-backed
+values keep every label set ever written, so the bound would not hold there); with several
+processes another process's pool gauges are up to ``REFRESH_INTERVAL`` old, and
+``_created`` samples are not exported (prometheus_client's multiprocess mode has none).
 """
 
 from __future__ import annotations
@@ -41,11 +49,24 @@ import platform
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .. import Error, InvalidArgument, PoolStats, SandboxStatus, __version__, judge_sandbox
+from .. import (
+    Error,
+    InvalidArgument,
+    PoolStats,
+    SandboxStatus,
+    TenantStats,
+    __version__,
+    judge_sandbox,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "jsonnet_worker"
@@ -74,6 +95,7 @@ ERRORS_HELP = "The pool's failed calls by error kind."
 QUEUE_HELP = "Calls waiting for a free worker."
 WORKERS_HELP = "Worker processes by state."
 POOL_SIZE_HELP = "Configured pool size."
+OTHER_TENANTS = "other"  # the label of the tenants the pool does not tally one by one
 
 
 def errors_by_kind(stats: PoolStats) -> dict[str, int]:
@@ -83,6 +105,62 @@ def errors_by_kind(stats: PoolStats) -> dict[str, int]:
         kind = _KIND_OF_CLASS.get(key, key)  # stats keyed by class name (older pools)
         by_kind[kind] = by_kind.get(kind, 0) + count
     return by_kind
+
+
+def tenant_label(tenant: TenantStats) -> str:
+    if tenant.other:
+        return OTHER_TENANTS
+    return "" if tenant.tenant is None else tenant.tenant
+
+
+def tenant_families(stats: PoolStats) -> Iterator[Metric]:
+    """The per-tenant series: as many label values as ``stats.tenants`` has entries."""
+    calls = CounterMetricFamily(
+        f"{PREFIX}_tenant_calls", "Calls that ended, by tenant.", labels=["tenant"]
+    )
+    errors = CounterMetricFamily(
+        f"{PREFIX}_tenant_errors",
+        "Failed calls by tenant and error kind (cancelled: the caller left).",
+        labels=["tenant", "kind"],
+    )
+    cpu = CounterMetricFamily(
+        f"{PREFIX}_tenant_cpu_seconds",
+        "Worker CPU seconds the tenant's calls used.",
+        labels=["tenant"],
+    )
+    waits = SummaryMetricFamily(
+        f"{PREFIX}_tenant_queue_wait_seconds",
+        "Seconds from admission to holding a worker, by tenant (since first seen).",
+        labels=["tenant"],
+    )
+    runs = SummaryMetricFamily(
+        f"{PREFIX}_tenant_run_time_seconds",
+        "Seconds from request written to answer, by tenant (since first seen).",
+        labels=["tenant"],
+    )
+    for tenant in stats.tenants:
+        label = tenant_label(tenant)
+        calls.add_metric([label], tenant.calls)
+        cpu.add_metric([label], tenant.cpu_seconds)
+        for kind, count in sorted(tenant.errors.items()):
+            errors.add_metric([label, kind], count)
+        summaries = (
+            (
+                waits,
+                tenant.queue_wait_sum,
+                (tenant.queue_wait_p50, tenant.queue_wait_p90, tenant.queue_wait_p99),
+            ),
+            (
+                runs,
+                tenant.run_time_sum,
+                (tenant.run_time_p50, tenant.run_time_p90, tenant.run_time_p99),
+            ),
+        )
+        for family, total, values in summaries:
+            for quantile, value in zip(("0.5", "0.9", "0.99"), values, strict=True):
+                family.add_sample(family.name, {"tenant": label, "quantile": quantile}, value)
+            family.add_metric([label], tenant.ran, total)
+    yield from (calls, errors, cpu, waits, runs)
 
 
 def worker_states(stats: PoolStats) -> tuple[tuple[str, int], ...]:
@@ -124,6 +202,7 @@ class PoolCollector(Collector):
             workers.add_metric([state], count)
         yield workers
         yield GaugeMetricFamily(f"{PREFIX}_pool_size", POOL_SIZE_HELP, value=stats.size)
+        yield from tenant_families(stats)
 
 
 class PoolFigures:

@@ -1,0 +1,125 @@
+"""Per-tenant accounting alone (``_pool/accounting.py``), with made-up measurements: the
+counters, the percentiles read from the log-scale buckets, the bound on tracked domains
+and the fold into "other", and the memory that stays constant under made-up names."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jsonnet_worker import TenantStats
+from jsonnet_worker._pool.accounting import CANCELLED, Accounting, LogHistogram
+
+
+def by_tenant(stats: tuple[TenantStats, ...]) -> dict[str | None, TenantStats]:
+    return {s.tenant: s for s in stats if not s.other}
+
+
+def test_counts_errors_cpu_and_sums_per_domain() -> None:
+    accounting = Accounting()
+    accounting.record("a", None, 0.25, 0.001, 0.01)
+    accounting.record("a", "timeout", 1.0, 0.002, 1.0)
+    accounting.record("a", "overloaded", 0.0, None, None)  # never reached a worker
+    accounting.record(None, CANCELLED, 0.5, 0.003, 0.2)
+    stats = by_tenant(accounting.snapshot())
+    a, untenanted = stats["a"], stats[None]
+    assert (a.calls, a.ran, a.cpu_seconds) == (3, 2, 1.25)
+    assert a.errors == {"timeout": 1, "overloaded": 1}
+    assert a.queue_wait_sum == pytest.approx(0.003)
+    assert a.run_time_sum == pytest.approx(1.01)
+    assert (untenanted.calls, untenanted.errors, untenanted.other) == (1, {CANCELLED: 1}, False)
+    assert [s.tenant for s in accounting.snapshot()] == ["a", None]  # most CPU first
+
+
+def test_percentiles_are_within_a_bucket_of_the_truth() -> None:
+    rng = random.Random(7)
+    samples = sorted(rng.lognormvariate(-6.0, 1.5) for _ in range(20_000))
+    histogram = LogHistogram()
+    for value in samples:
+        histogram.add(value)
+    for q in (0.5, 0.9, 0.99):
+        truth = samples[int(q * len(samples))]
+        assert histogram.quantile(q) == pytest.approx(truth, rel=0.25)
+    assert histogram.count == len(samples)
+    assert histogram.total == pytest.approx(sum(samples))
+
+
+def test_percentiles_at_the_edges() -> None:
+    histogram = LogHistogram()
+    assert histogram.quantile(0.5) == 0.0  # no samples
+    histogram.add(0.0)
+    histogram.add(1e-9)  # below the first octave: the first bucket, under 1 µs
+    assert histogram.quantile(0.99) < 1e-6
+    huge = LogHistogram()
+    huge.add(1e6)  # past the last octave: reported as its lower bound, 256 s
+    assert huge.quantile(0.5) == 256.0
+    one = LogHistogram()
+    one.add(0.010)
+    assert one.quantile(0.5) == pytest.approx(0.010, rel=0.25)
+
+
+def test_a_domain_reports_its_percentiles() -> None:
+    accounting = Accounting()
+    for _ in range(99):
+        accounting.record("t", None, 0.001, 0.0001, 0.002)
+    accounting.record("t", None, 0.001, 0.5, 2.0)
+    (stats,) = accounting.snapshot()
+    assert stats.queue_wait_p50 == pytest.approx(0.0001, rel=0.25)
+    assert stats.run_time_p50 == pytest.approx(0.002, rel=0.25)
+    assert stats.run_time_p90 == pytest.approx(0.002, rel=0.25)
+    assert stats.queue_wait_p99 <= stats.queue_wait_sum
+
+
+def test_over_the_bound_the_lightest_domain_is_folded_into_other() -> None:
+    accounting = Accounting(limit=3)
+    accounting.record("heavy", None, 10.0, 0.001, 1.0)
+    accounting.record("middle", "jsonnet_error", 5.0, 0.001, 1.0)
+    accounting.record("light", "timeout", 1.0, 0.002, 1.0)
+    accounting.record("new", None, 0.5, 0.003, 1.0)  # "light" goes to other
+    stats = accounting.snapshot()
+    assert [(s.tenant, s.other) for s in stats] == [
+        ("heavy", False),
+        ("middle", False),
+        ("new", False),
+        (None, True),
+    ]
+    other = stats[-1]
+    assert (other.calls, other.cpu_seconds, other.errors, other.ran) == (1, 1.0, {"timeout": 1}, 1)
+    accounting.record("light", None, 0.1, 0.001, 0.1)  # back: from zero; "new" folds
+    again = by_tenant(accounting.snapshot())
+    assert again["light"].calls == 1
+    assert "new" not in again
+    folded = accounting.snapshot()[-1]
+    assert (folded.other, folded.calls, folded.cpu_seconds) == (True, 2, 1.5)
+
+
+def test_totals_survive_any_churn_and_memory_stays_bounded() -> None:
+    """Made-up names, one call each, interleaved with two steady tenants: at most ``limit``
+    domains plus "other" are kept, the steady heavy ones stay, and no call or CPU second
+    is lost in the folds."""
+    accounting = Accounting(limit=4)
+    calls = 0
+    cpu = 0.0
+    for index in range(5_000):
+        accounting.record(f"attacker-{index}", "jsonnet_error", 0.01, 0.001, 0.01)
+        accounting.record("steady-a", None, 0.02, 0.001, 0.02)
+        accounting.record("steady-b", None, 0.03, 0.001, 0.03)
+        calls += 3
+        cpu += 0.06
+        assert len(accounting.snapshot()) <= 5
+    stats = accounting.snapshot()
+    assert {"steady-a", "steady-b"} <= set(by_tenant(stats))
+    assert sum(s.calls for s in stats) == calls
+    assert sum(s.cpu_seconds for s in stats) == pytest.approx(cpu)
+    assert sum(s.errors.get("jsonnet_error", 0) for s in stats) == 5_000
+    assert stats[-1].other
+
+
+def test_no_other_entry_before_a_fold_and_a_limit_of_at_least_one() -> None:
+    accounting = Accounting(limit=1)
+    assert accounting.snapshot() == ()
+    accounting.record("a", None, 0.0, 0.0, 0.0)
+    assert [s.other for s in accounting.snapshot()] == [False]
+    with pytest.raises(ValueError):
+        Accounting(limit=0)
