@@ -108,9 +108,10 @@ class PoolConfig:
     )
     interactive_budget: float | None = _option(
         DEFAULT_INTERACTIVE_BUDGET,
-        "seconds a call may run before its worker is moved to SCHED_IDLE (nice 19 where "
-        "that is refused), so that it runs only when no other call wants the CPU; a demoted "
-        "worker is recycled after its call (None: never demoted)",
+        "worker CPU seconds a call may use before its worker is moved to SCHED_IDLE (nice 19 "
+        "where that is refused), so that it runs only when no other call wants the CPU; "
+        "looked at once the call has run that long, so a call a busy machine only slowed "
+        "down is not demoted; a demoted worker is recycled after its call (None: never)",
     )
 
     def __post_init__(self) -> None:

@@ -128,6 +128,32 @@ def test_a_light_calls_worker_is_never_demoted() -> None:
         assert all_threads(pid, lambda p: p.policy == os.SCHED_OTHER and p.nice == 0)
 
 
+@pytest.mark.parametrize("use_async", [False, True], ids=["blocking", "asyncio"])
+def test_a_call_slowed_down_but_not_using_cpu_is_not_demoted(use_async: bool) -> None:
+    """The budget is the call's CPU: a worker that cannot run (stopped here, as a worker
+    waiting for a CPU on a busy machine is) for many budgets' worth of wall time, then
+    answers a light call, keeps its priority and its place in the pool."""
+    with WorkerPool(1, spares=0, interactive_budget=0.02) as pool:
+        assert pool.evaluate("1") == 1  # warm: the engine and its snippet cache
+        (pid,) = pool.stats().worker_pids
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(0.3, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            snippet = "{a: [x * 2 for x in std.range(1, 100)]}"
+            if use_async:
+                value = asyncio.run(pool.aevaluate(snippet, timeout=10.0))
+            else:
+                value = pool.evaluate(snippet, timeout=10.0)
+        finally:
+            resume.join()
+            os.kill(pid, signal.SIGCONT)
+        assert value["a"][0] == 2
+        assert all_threads(pid, lambda p: p.policy == os.SCHED_OTHER and p.nice == 0)
+        assert pool.stats().worker_pids == (pid,)
+        assert pool.stats().recycles == 0
+
+
 def test_without_a_budget_nothing_is_demoted() -> None:
     with WorkerPool(1, spares=0, interactive_budget=None) as pool:
         call = Running(pool, HEAVY_GO, timeout=1.0)

@@ -76,6 +76,9 @@ DEATH_GRACE = (
     1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
 )
 HANDOVER_GRACE = 1.0  # how long a hand-over already under way may take to wake its caller
+# A call past its interactive budget in wall time but not yet in CPU time (a busy machine
+# slowed it) is looked at again when it could have used the rest, but not sooner than this.
+DEMOTION_RECHECK = 0.005
 
 
 def _cpus() -> int:
@@ -523,7 +526,8 @@ class WorkerPool:
         self, worker: Worker, pending: memoryview | None, deadline: float, demote_at: float
     ) -> Outcome | None:
         """Poll the worker's channels (writing the rest of the frame) until an outcome or
-        the deadline (None); at ``demote_at``, if it comes first, the worker is demoted."""
+        the deadline (None); at ``demote_at``, if it comes first, the worker is demoted (or
+        looked at again later: ``_demote``)."""
         process = worker.process
         poller = process.poller
         if pending is not None:
@@ -531,8 +535,7 @@ class WorkerPool:
         try:
             while (now := time.monotonic()) < deadline:
                 if now >= demote_at:
-                    self._demote(worker)
-                    demote_at = math.inf
+                    demote_at = self._demote(worker, now)
                 wake = demote_at if demote_at < deadline else deadline
                 for fd, _ in poller.poll((wake - now) * 1000.0 + 1):
                     if fd == process.stdout:
@@ -668,11 +671,12 @@ class WorkerPool:
         expire: Callable[[], None],
     ) -> None:
         """``_aexchange``'s one timer, as ``_poll_for_answer`` has one poll timeout: at the
-        demotion time if it comes first (the worker is demoted, then the timer armed again
-        for the deadline), else at the deadline (``expire``). Cancelled with ``timers``."""
+        demotion time if it comes first (the worker is demoted, or looked at again later,
+        then the timer armed again), else at the deadline (``expire``). Cancelled with
+        ``timers``."""
         now = time.monotonic()
         if demote_at < deadline:
-            args = (loop, timers, worker, math.inf, deadline, expire)
+            args = (loop, timers, worker, deadline, expire)
             timers.append(loop.call_later(demote_at - now, self._demote_and_arm, *args))
         else:
             timers.append(loop.call_later(max(deadline - now, 0.0), expire))
@@ -682,24 +686,35 @@ class WorkerPool:
         loop: asyncio.AbstractEventLoop,
         timers: list[asyncio.TimerHandle],
         worker: Worker,
-        demote_at: float,
         deadline: float,
         expire: Callable[[], None],
     ) -> None:
-        self._demote(worker)
+        demote_at = self._demote(worker, time.monotonic())
         self._arm(loop, timers, worker, demote_at, deadline, expire)
 
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
 
-    def _demote(self, worker: Worker) -> None:
-        """The call has run past ``interactive_budget``: every thread of its worker to
-        SCHED_IDLE (nice 19 where refused), outside the state's lock like every effect, and
-        the state told, so that the worker is recycled after the call: nothing unprivileged
-        can move it back. A worker nothing could be applied to stays as it is (the
-        ``Demoter`` logs why). On an asyncio path this runs on the event loop: a /proc
-        listing and a syscall per thread, tens of microseconds."""
+    def _demote(self, worker: Worker, now: float) -> float:
+        """The call has run ``interactive_budget`` seconds: if its worker has used that much
+        CPU for it, every thread of the worker goes to SCHED_IDLE (nice 19 where refused),
+        outside the state's lock like every effect, and the state is told, so that the
+        worker is recycled after the call: nothing unprivileged can move it back. The budget
+        is the call's CPU, not its wall time: a call that a busy machine merely slowed down
+        (it waited for a CPU) is looked at again once it could have used the rest, and is
+        never demoted, and so recycled, for waiting its turn. One read of the worker's CPU
+        clock per look (``cpu_mark`` is that clock at its previous call's end, or at its
+        hello); where it cannot be read, the wall time decides. A worker nothing could be
+        applied to stays as it is (the ``Demoter`` logs why). On an asyncio path this runs on
+        the event loop: a /proc listing and a syscall per thread, tens of microseconds.
+        Returns when to look again (``math.inf``: not again)."""
+        cpu = worker.process.cpu_seconds()
+        if cpu is not None:
+            left = self._interactive_budget - (cpu - worker.cpu_mark)
+            if left > 0:
+                return now + max(left, DEMOTION_RECHECK)
         if self._demoter.demote(worker.pid).applied:
             self._perform(self._state.demoted(worker))
+        return math.inf
 
     def _prepare(
         self,
