@@ -385,14 +385,16 @@ def test_certificate_renewal_leaf_grant_refused_directory_grant_survives(host: H
 # -- the config walk, in this process (nothing is applied) ---------------------------------
 
 
-def test_file_urls_are_found_anywhere_and_bodies_are_not_read(tmp_path: Path) -> None:
+def test_file_urls_are_found_anywhere_and_bodies_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = {
         "a": {"b": [{"c": "file:///srv/mapper.jsonnet"}, "file://./rel.json#/defs"]},
         "d": "https://example.test/x",
         "e": "base64://e30=",
         "legacy_path": "/srv/legacy.pem",
     }
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # undone after the test: later tests run from the checkout
     assert _kratos.file_urls(config) == ["/srv/mapper.jsonnet", str(tmp_path / "rel.json")]
 
 

@@ -33,7 +33,9 @@ LOOP = (  # seconds of CPU, a flat heap (tests/test_pool.py's HEAVY_GO)
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[WorkerPool]:
-    with WorkerPool(2, engine="go", timeout=5.0) as shared:
+    # No interactive budget: these tests read the worker that served a call afterwards, and
+    # a call past the budget has its worker demoted and then recycled.
+    with WorkerPool(2, engine="go", timeout=5.0, interactive_budget=None) as shared:
         yield shared
 
 
