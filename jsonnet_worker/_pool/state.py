@@ -58,7 +58,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from .._config import PoolConfig
 from .._errors import (
@@ -112,9 +112,12 @@ class WorkerStatus(enum.Enum):
     DYING = "dying"  # died while a caller holds it; the caller discards it
 
 
-@dataclass(frozen=True)
-class Domain:
-    """A trust domain: the calls of one tenant, or (``tenant=None``) the calls without one."""
+class Domain(NamedTuple):
+    """A trust domain: the calls of one tenant, or (``tenant=None``) the calls without one.
+
+    A named tuple, not a dataclass: it is a key of several dicts on every call (the queue,
+    the workers each domain holds, the accounting), and a tuple's hash and equality run in C,
+    where a frozen dataclass's generated ``__hash__``/``__eq__`` cost microseconds a call."""
 
     tenant: str | None
 
