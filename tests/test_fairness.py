@@ -16,6 +16,7 @@ from test_state import ANSWER, FakeTicket, FakeWorker, Pool, kills
 from jsonnet_worker import InvalidArgument, Overloaded, TenantOverloaded
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._pool import fairness
+from jsonnet_worker._pool import state as state_module
 from jsonnet_worker._pool.fairness import FairQueue
 from jsonnet_worker._pool.state import (
     NO_TENANT,
@@ -165,6 +166,69 @@ def test_no_domain_keeps_its_workers_while_another_waits() -> None:
         # While the victim waits, the flood never holds both workers.
         assert fair.state.holding[FLOOD] <= 1
     assert served[VICTIM] > 10 * served[FLOOD] > 0
+
+
+def test_a_light_domains_worker_stays_warm_while_the_flood_holds_its_share() -> None:
+    """The victim calls now and then beside a flood with a steady queue: the flood holds its
+    share (size - 1) of the workers, and the victim's worker, given back while only the flood
+    waits, stays idle for the victim instead of going to the flood: the victim's next call
+    takes it at once (no queue, no new worker), and the flood's callers do not take it."""
+    fair = Fair(size=2)
+    flood_running = fair.call(FLOOD)
+    victim = fair.call(VICTIM)
+    assert flood_running.worker is not None and victim.worker is not None
+    waiting = [fair.call(FLOOD) for _ in range(10)]
+    assert all(t.queued for t in waiting)
+    for _ in range(5):
+        effects = fair.end(victim.worker, 0.001)
+        assert handed(effects) == [] and kills(effects) == []  # kept for the victim
+        newcomer = fair.call(FLOOD)  # the flood's new caller does not take it either
+        assert newcomer.queued
+        victim = fair.call(VICTIM)
+        assert not victim.queued and victim.worker is not None  # warm, at once
+    assert fair.state.holding[FLOOD] == 1 and fair.state.recycles == 0
+
+
+def test_a_worker_kept_warm_goes_to_the_flood_once_its_domain_stays_away() -> None:
+    """The reservation lapses: a flood alone gets every worker back within RESERVE_WINDOW
+    and the supervisor's next idle check."""
+    fair = Fair(size=2)
+    flood_running = fair.call(FLOOD)
+    victim = fair.call(VICTIM)
+    waiting = [fair.call(FLOOD) for _ in range(3)]
+    fair.end(victim.worker, 0.001)
+    assert fair.state.idle_check([]) == []  # within the window: still the victim's
+    fair.clock.now += state_module.RESERVE_WINDOW + 0.01
+    effects = fair.state.idle_check([])
+    assert len(kills(effects)) == 1 and fair.state.recycles == 1
+    handed_now = handed(effects + fair.refill())
+    assert handed_now == [(FLOOD, waiting[0].worker)]
+    assert fair.state.holding[FLOOD] == 2  # alone: every worker
+    assert flood_running.worker is not None
+    # A flood's new caller may also claim a lapsed worker itself.
+    fair2 = Fair(size=2)
+    fair2.call(FLOOD)
+    victim2 = fair2.call(VICTIM)
+    fair2.call(FLOOD)
+    fair2.end(victim2.worker, 0.001)
+    fair2.clock.now += state_module.RESERVE_WINDOW + 0.01
+    late = fair2.call(FLOOD)
+    assert fair2.state.recycles == 1 and (late.queued or late.worker is not None)
+
+
+def test_a_domain_short_of_its_share_gets_a_given_back_worker_at_once() -> None:
+    """The reservation never holds a worker from a domain owed one: with a share of 2 of 3
+    workers, a flood holding 1 gets the victim's worker given back (recycled for it)."""
+    fair = Fair(size=3)
+    fair.call(FLOOD)
+    victim = fair.call(VICTIM)
+    other = fair.call(Domain("other"))
+    assert other.worker is not None
+    queued = fair.call(FLOOD)
+    assert queued.queued  # no idle worker: the victim's and other's are busy
+    effects = fair.end(victim.worker, 0.001)
+    assert len(kills(effects)) == 1  # recycled for the flood, which is owed a second
+    assert handed(effects) == [(FLOOD, queued.worker)]
 
 
 def test_turns_are_weighted_by_recent_cpu() -> None:

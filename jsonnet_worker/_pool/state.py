@@ -29,8 +29,12 @@ a worker while calls wait (a check-in, a spare promoted, a fresh worker greeted)
 among those holding fewer than their share (``tenant_workers``) while another waits. A
 worker given back goes to its own domain's next caller only if that domain's turn it is;
 otherwise it is recycled and the fresh worker (or the spare, at once) goes to the domain in
-turn. The CPU a call used (the worker's CPU at settle minus at check-out; the time it was
-held when that is unknown, as for a call killed at its deadline) is charged to its domain.
+turn, unless that domain already holds its share: then the worker stays warm (idle) for its
+own domain for ``RESERVE_WINDOW``, so that a light tenant calling again beside a flood takes
+it at once; a lapsed reservation goes to the domain in turn (its next caller, or the
+supervisor's idle check). The CPU a call used (the worker's CPU at settle minus at
+check-out; the time it was held when that is unknown, as for a call killed at its deadline)
+is charged to its domain.
 Queue limits are per domain (``TenantOverloaded``), the total bounded too: when it is full,
 the domain with the most waiters loses its newest call. Burst capacity: when every worker
 is held by a demoted call (``demoted``, SCHED_IDLE after its interactive budget) and a
@@ -82,6 +86,10 @@ IDLE_CPU_ALLOWANCE = 0.05
 # A worker is recycled once fewer CPU seconds than this many call timeouts are left of its
 # budget (a Go worker evaluates on up to two threads, GOMAXPROCS=2).
 CPU_HEADROOM_TIMEOUTS = 2.0
+# A worker given back while only a domain that already holds its share waits stays idle for
+# its own domain this long (a warm worker for that domain's next call, which is how a light
+# tenant's calls keep their in-process latency beside a flood); then the flood may have it.
+RESERVE_WINDOW = 1.0
 
 
 class _Worker(Hashable, Protocol):
@@ -141,6 +149,7 @@ class Member(Generic[W]):
     cpu_at_check_out: float | None = None
     checked_out_at: float | None = None  # None: not held by a caller
     demoted: bool = False  # its call was moved to SCHED_IDLE: recycled after it
+    idle_since: float = 0.0  # when it last went idle (``RESERVE_WINDOW``)
 
 
 class Ticket:
@@ -394,9 +403,10 @@ class PoolState(Generic[W]):
                 self.idle.append(member)  # ``_recycle`` takes it off the idle list
                 self._recycle(member, unfit, effects)  # a spare may take its place: loop
             self._raise_if_hopeless()
-            if may_take and self.idle:
-                # Only workers of other domains are idle: recycle the longest idle one.
-                victim = self.idle[0]
+            victim = self._claimable(domain) if may_take else None
+            if victim is not None:
+                # Only workers of other domains are idle: recycle the longest idle one that
+                # is not kept for its own domain.
                 self._recycle(victim, f"the next caller is of {domain.describe()}", effects)
                 member = self._idle_for(domain)  # the spare promoted in its place
                 if member is not None:
@@ -603,6 +613,8 @@ class PoolState(Generic[W]):
         member.cpu_at_rest = cpu
         if self.queue:
             domain = self._next_domain()
+            if domain is not None and domain != member.domain and not self._owed(domain):
+                domain = None  # it has its share: this worker stays warm for its own domain
             if domain is not None:
                 ticket = self.queue.peek(domain)
                 if domain != member.domain:
@@ -623,7 +635,24 @@ class PoolState(Generic[W]):
             self._retire(member, effects)
             return
         member.status = WorkerStatus.IDLE
+        member.idle_since = self._clock()
         self.idle.append(member)
+
+    def _owed(self, domain: Domain) -> bool:
+        """Under the lock: ``domain`` holds fewer workers than its share, so a worker of
+        another domain given back goes to it (recycled) rather than staying warm."""
+        return self.holding[domain] < self._share
+
+    def _claimable(self, domain: Domain) -> Member[W] | None:
+        """Under the lock: the longest idle worker (of another domain) that a caller of
+        ``domain`` may have recycled: any, if ``domain`` is owed a worker; else one idle for
+        ``RESERVE_WINDOW`` already (its own domain has not come back for it)."""
+        if not self.idle:
+            return None
+        if self._owed(domain):
+            return self.idle[0]
+        lapsed = self._clock() - RESERVE_WINDOW
+        return next((m for m in self.idle if m.idle_since <= lapsed), None)
 
     def _next_domain(self) -> Domain | None:
         """Under the lock: whose turn the next worker handed out is (None: nobody waits)."""
@@ -703,6 +732,7 @@ class PoolState(Generic[W]):
             effects.append(HandOver(ticket, member.worker))
             return
         member.status = WorkerStatus.IDLE
+        member.idle_since = self._clock()
         self.idle.append(member)
 
     def _fail_waiters(self, error: Error, effects: list[Effect]) -> None:
@@ -891,7 +921,24 @@ class PoolState(Generic[W]):
                     continue
                 effects.append(_log(logging.WARNING, reason, member.worker.pid, member.domain))
                 self._retire(member, effects)
+            self._end_lapsed_reservations(effects)
         return effects
+
+    def _end_lapsed_reservations(self, effects: list[Effect]) -> None:
+        """Under the lock: a worker kept warm for its domain (``RESERVE_WINDOW``) that its
+        domain has not come back for goes to the domain in turn while calls wait: recycled,
+        so that a fresh worker (the spare at once) serves that domain; no more of them than
+        there are waiting calls no starting worker will serve."""
+        starting = sum(m.status is WorkerStatus.STARTING for m in self.members.values())
+        for _ in range(len(self.queue) - starting):
+            domain = self._next_domain()
+            if domain is None:
+                return
+            member = self._claimable(domain)
+            if member is None:
+                return
+            reason = f"kept idle for {RESERVE_WINDOW:g} s while {domain.describe()} waits"
+            self._recycle(member, reason, effects)
 
     def fail(self, error: Error) -> list[Effect]:
         """No worker can ever be started (the supervisor failed): every caller gets ``error``."""
