@@ -216,6 +216,25 @@ def test_a_worker_kept_warm_goes_to_the_flood_once_its_domain_stays_away() -> No
     assert fair2.state.recycles == 1 and (late.queued or late.worker is not None)
 
 
+def test_a_warm_worker_is_not_recycled_for_a_domain_whose_replacement_is_starting() -> None:
+    """The flood's call hits its deadline while the victim's call runs: the flood is short
+    of its share, but its replacement is being forked (milliseconds); the victim's worker,
+    given back now, stays warm for the victim, and the replacement serves the flood."""
+    fair = Fair(size=2)
+    flood_running = fair.call(FLOOD)
+    victim = fair.call(VICTIM)
+    waiting = fair.call(FLOOD)
+    assert waiting.queued
+    fair.state.settle(flood_running.worker, TIMED_OUT)  # killed at its deadline
+    assert fair.state.spawn_due(fair.clock.now) == 1
+    replacement = fair.pool.start()  # starting: not greeted yet
+    effects = fair.state.settle(victim.worker, ANSWER)
+    assert kills(effects) == [] and handed(effects) == []  # the victim's stays warm
+    assert handed(fair.pool.greet(replacement)) == [(FLOOD, replacement)]
+    again = fair.call(VICTIM)
+    assert not again.queued and again.worker is victim.worker
+
+
 def test_a_domain_short_of_its_share_gets_a_given_back_worker_at_once() -> None:
     """The reservation never holds a worker from a domain owed one: with a share of 2 of 3
     workers, a flood holding 1 gets the victim's worker given back (recycled for it)."""

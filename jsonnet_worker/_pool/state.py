@@ -639,9 +639,17 @@ class PoolState(Generic[W]):
         self.idle.append(member)
 
     def _owed(self, domain: Domain) -> bool:
-        """Under the lock: ``domain`` holds fewer workers than its share, so a worker of
-        another domain given back goes to it (recycled) rather than staying warm."""
-        return self.holding[domain] < self._share
+        """Under the lock: ``domain`` holds fewer workers than its share and no worker being
+        started will serve it, so a worker of another domain given back goes to it
+        (recycled) rather than staying warm. A worker that is starting (a replacement for
+        one of its own that ended, a fork: milliseconds) while the pool is short of
+        ``size`` is handed to the domain in turn when it says hello, so a warm worker is not
+        recycled for a wait that short."""
+        if self.holding[domain] >= self._share:
+            return False
+        if self._active() >= self.size:
+            return True  # a starting worker would only be a spare: nothing else comes
+        return not any(m.status is WorkerStatus.STARTING for m in self.members.values())
 
     def _claimable(self, domain: Domain) -> Member[W] | None:
         """Under the lock: the longest idle worker (of another domain) that a caller of
