@@ -634,9 +634,17 @@ class PoolState(Generic[W]):
             )
             self._retire(member, effects)
             return
+        self._rest(member)
+
+    def _rest(self, member: Member[W]) -> None:
+        """Under the lock: ``member`` goes idle now (``idle_since``: its warm reservation)."""
         member.status = WorkerStatus.IDLE
         member.idle_since = self._clock()
         self.idle.append(member)
+
+    def _starting(self) -> int:
+        """Under the lock: how many workers are starting (not yet greeted)."""
+        return sum(m.status is WorkerStatus.STARTING for m in self.members.values())
 
     def _owed(self, domain: Domain) -> bool:
         """Under the lock: ``domain`` holds fewer workers than its share and no worker being
@@ -649,7 +657,7 @@ class PoolState(Generic[W]):
             return False
         if self._active() >= self.size:
             return True  # a starting worker would only be a spare: nothing else comes
-        return not any(m.status is WorkerStatus.STARTING for m in self.members.values())
+        return self._starting() == 0
 
     def _claimable(self, domain: Domain) -> Member[W] | None:
         """Under the lock: the longest idle worker (of another domain) that a caller of
@@ -739,9 +747,7 @@ class PoolState(Generic[W]):
             self._check_out(member, ticket)
             effects.append(HandOver(ticket, member.worker))
             return
-        member.status = WorkerStatus.IDLE
-        member.idle_since = self._clock()
-        self.idle.append(member)
+        self._rest(member)
 
     def _fail_waiters(self, error: Error, effects: list[Effect]) -> None:
         for ticket in self.queue.drain():
@@ -937,8 +943,7 @@ class PoolState(Generic[W]):
         domain has not come back for goes to the domain in turn while calls wait: recycled,
         so that a fresh worker (the spare at once) serves that domain; no more of them than
         there are waiting calls no starting worker will serve."""
-        starting = sum(m.status is WorkerStatus.STARTING for m in self.members.values())
-        for _ in range(len(self.queue) - starting):
+        for _ in range(len(self.queue) - self._starting()):
             domain = self._next_domain()
             if domain is None:
                 return
