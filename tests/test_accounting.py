@@ -5,11 +5,12 @@ and the fold into "other", and the memory that stays constant under made-up name
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 
 from jsonnet_worker import TenantStats
-from jsonnet_worker._pool.accounting import CANCELLED, Accounting, LogHistogram
+from jsonnet_worker._pool.accounting import CANCELLED, FOLD_AT, Accounting, LogHistogram
 
 
 def by_tenant(stats: tuple[TenantStats, ...]) -> dict[str | None, TenantStats]:
@@ -123,3 +124,30 @@ def test_no_other_entry_before_a_fold_and_a_limit_of_at_least_one() -> None:
     assert [s.other for s in accounting.snapshot()] == [False]
     with pytest.raises(ValueError):
         Accounting(limit=0)
+
+
+def test_samples_from_many_threads_are_each_counted_once_and_pending_stays_bounded() -> None:
+    """``record`` only appends; folds run from ``snapshot`` and from the caller that finds
+    ``FOLD_AT`` samples pending, on any thread, while others append: no call is lost or
+    counted twice, and at most about ``FOLD_AT`` samples wait unfolded."""
+    accounting = Accounting()
+    threads, per_thread = 4, 3 * FOLD_AT + 7
+    largest_backlog = 0
+
+    def caller(name: str) -> None:
+        nonlocal largest_backlog
+        for _ in range(per_thread):
+            accounting.record(name, None, 0.001, 0.0001, 0.001)
+            largest_backlog = max(largest_backlog, accounting.pending())
+            if random.random() < 0.01:
+                accounting.snapshot()
+
+    workers = [threading.Thread(target=caller, args=(f"t{i % 2}",)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30.0)
+    stats = by_tenant(accounting.snapshot())
+    assert stats["t0"].calls + stats["t1"].calls == threads * per_thread
+    assert stats["t0"].ran == stats["t0"].calls
+    assert largest_backlog <= FOLD_AT + threads

@@ -48,7 +48,6 @@ from .._errors import (
     PoolClosed,
     ProtocolError,
 )
-from .._report import CallInfo
 from .._wire.messages import RETIRE_AT_MEMORY_SHARE, ErrorKind, EvalRequest, Operation
 from . import tracing
 from .accounting import CANCELLED
@@ -386,7 +385,7 @@ def _record(
     never reached a worker, so its wait is no sample of the wait for one)."""
     tenant = call.domain.tenant
     state.accounting.record(tenant, kind, used, None if run is None else wait, run)
-    tracing.publish(CallInfo(tenant, pid, wait, run or 0.0, used, kind))
+    tracing.publish(tenant, pid, wait, run or 0.0, used, kind)
 
 
 def _after_call(worker: Worker, outcome: Outcome) -> Outcome:

@@ -33,7 +33,11 @@ try:
 except ImportError:  # the otel extra is not installed: no span attributes
     _otel_trace = None
 
-_last_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
+# The last call's measurements as ``publish`` got them: a plain tuple, turned into a
+# ``CallInfo`` only when ``last_call()`` asks (most callers never do; building a frozen
+# dataclass on every call costs the hot path more than the tuple).
+_Measured = tuple[str | None, int | None, float, float, float, str | None]
+_last_call: contextvars.ContextVar[_Measured | None] = contextvars.ContextVar(
     "jsonnet_worker_last_call", default=None
 )
 
@@ -42,26 +46,35 @@ def last_call() -> CallInfo | None:
     """The measurements of the last call this thread or asyncio task made on any pool
     (None before its first): tenant, worker pid, queue wait, run time, worker CPU seconds,
     error kind. Set when the call returns or raises, so read it right after."""
-    return _last_call.get()
+    measured = _last_call.get()
+    return None if measured is None else CallInfo(*measured)
 
 
-def publish(info: CallInfo) -> None:
-    """A call ended: its measurements for ``last_call()`` and the caller's current span."""
-    _last_call.set(info)
+def publish(
+    tenant: str | None,
+    worker_pid: int | None,
+    queue_wait: float,
+    run_time: float,
+    worker_cpu: float,
+    error: str | None,
+) -> None:
+    """A call ended: its measurements (``CallInfo``'s fields, in its order) for
+    ``last_call()`` and the caller's current span."""
+    _last_call.set((tenant, worker_pid, queue_wait, run_time, worker_cpu, error))
     if _otel_trace is None:
         return
     span = _otel_trace.get_current_span()
     if not span.is_recording():
         return
     attributes: dict[str, str | int | float] = {
-        "jsonnet_worker.queue_wait_ms": info.queue_wait * 1000.0,
-        "jsonnet_worker.run_time_ms": info.run_time * 1000.0,
-        "jsonnet_worker.worker_cpu_ms": info.worker_cpu * 1000.0,
+        "jsonnet_worker.queue_wait_ms": queue_wait * 1000.0,
+        "jsonnet_worker.run_time_ms": run_time * 1000.0,
+        "jsonnet_worker.worker_cpu_ms": worker_cpu * 1000.0,
     }
-    if info.tenant is not None:  # OpenTelemetry attributes have no None
-        attributes["jsonnet_worker.tenant"] = info.tenant
-    if info.worker_pid is not None:
-        attributes["jsonnet_worker.worker_pid"] = info.worker_pid
-    if info.error is not None:
-        attributes["jsonnet_worker.error"] = info.error
+    if tenant is not None:  # OpenTelemetry attributes have no None
+        attributes["jsonnet_worker.tenant"] = tenant
+    if worker_pid is not None:
+        attributes["jsonnet_worker.worker_pid"] = worker_pid
+    if error is not None:
+        attributes["jsonnet_worker.error"] = error
     span.set_attributes(attributes)
