@@ -192,10 +192,6 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._state: PoolState[Worker] = PoolState(config)
-        # Seconds into a call at which its worker is demoted (inf: never), added to the
-        # call's start once per call: the hot path pays one float addition and comparison.
-        budget = config.interactive_budget
-        self._interactive_budget = math.inf if budget is None else budget
         self._demoter = Demoter()
         # _origin: where workers come from (forks of a template by default); tests and
         # benchmarks pass another through tests/seams.py.
@@ -512,22 +508,28 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         now = time.monotonic()
         deadline = now + call.time_left()
-        demote_at = now + self._interactive_budget
+        budget = self._state.interactive_budget(call.domain, now)
+        demote_at = now + budget
         pending = calls.start(ticket)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller").
-        outcome = self._poll_for_answer(worker, pending, deadline, demote_at)
+        outcome = self._poll_for_answer(worker, pending, deadline, demote_at, budget)
         if outcome is None:
             return calls.timed_out(call)
         return self._died(worker, call, deadline) if outcome is CLOSED else outcome
 
     def _poll_for_answer(
-        self, worker: Worker, pending: memoryview | None, deadline: float, demote_at: float
+        self,
+        worker: Worker,
+        pending: memoryview | None,
+        deadline: float,
+        demote_at: float,
+        budget: float,
     ) -> Outcome | None:
         """Poll the worker's channels (writing the rest of the frame) until an outcome or
-        the deadline (None); at ``demote_at``, if it comes first, the worker is demoted (or
-        looked at again later: ``_demote``)."""
+        the deadline (None); at ``demote_at``, if it comes first, the worker is demoted once
+        its call has used ``budget`` CPU seconds (or looked at again later: ``_demote``)."""
         process = worker.process
         poller = process.poller
         if pending is not None:
@@ -535,7 +537,7 @@ class WorkerPool:
         try:
             while (now := time.monotonic()) < deadline:
                 if now >= demote_at:
-                    demote_at = self._demote(worker, now)
+                    demote_at = self._demote(worker, now, budget)
                 wake = demote_at if demote_at < deadline else deadline
                 for fd, _ in poller.poll((wake - now) * 1000.0 + 1):
                     if fd == process.stdout:
@@ -616,7 +618,8 @@ class WorkerPool:
         process = worker.process
         now = time.monotonic()
         deadline = now + call.time_left()
-        demote_at = now + self._interactive_budget
+        budget = self._state.interactive_budget(call.domain, now)
+        demote_at = now + budget
         pending: list[memoryview | None] = [calls.start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
@@ -655,7 +658,7 @@ class WorkerPool:
         if pending[0] is not None:
             loop.add_writer(process.stdin, on_stdin)
             watched.writer = True
-        self._arm(loop, timers, worker, demote_at, deadline, lambda: settle(calls.timed_out(call)))
+        self._arm(loop, timers, worker, demote_at, budget, deadline, _expiry(settle, call))
         try:
             return await done
         finally:
@@ -667,6 +670,7 @@ class WorkerPool:
         timers: list[asyncio.TimerHandle],
         worker: Worker,
         demote_at: float,
+        budget: float,
         deadline: float,
         expire: Callable[[], None],
     ) -> None:
@@ -676,7 +680,7 @@ class WorkerPool:
         ``timers``."""
         now = time.monotonic()
         if demote_at < deadline:
-            args = (loop, timers, worker, deadline, expire)
+            args = (loop, timers, worker, budget, deadline, expire)
             timers.append(loop.call_later(demote_at - now, self._demote_and_arm, *args))
         else:
             timers.append(loop.call_later(max(deadline - now, 0.0), expire))
@@ -686,16 +690,18 @@ class WorkerPool:
         loop: asyncio.AbstractEventLoop,
         timers: list[asyncio.TimerHandle],
         worker: Worker,
+        budget: float,
         deadline: float,
         expire: Callable[[], None],
     ) -> None:
-        demote_at = self._demote(worker, time.monotonic())
-        self._arm(loop, timers, worker, demote_at, deadline, expire)
+        demote_at = self._demote(worker, time.monotonic(), budget)
+        self._arm(loop, timers, worker, demote_at, budget, deadline, expire)
 
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
 
-    def _demote(self, worker: Worker, now: float) -> float:
-        """The call has run ``interactive_budget`` seconds: if its worker has used that much
+    def _demote(self, worker: Worker, now: float, budget: float) -> float:
+        """The call has run ``budget`` seconds (its domain's interactive budget:
+        ``PoolState.interactive_budget``): if its worker has used that much
         CPU for it, every thread of the worker goes to SCHED_IDLE (nice 19 where refused),
         outside the state's lock like every effect, and the state is told, so that the
         worker is recycled after the call: nothing unprivileged can move it back. The budget
@@ -709,7 +715,7 @@ class WorkerPool:
         Returns when to look again (``math.inf``: not again)."""
         cpu = worker.process.cpu_seconds()
         if cpu is not None:
-            left = self._interactive_budget - (cpu - worker.cpu_mark)
+            left = budget - (cpu - worker.cpu_mark)
             if left > 0:
                 return now + max(left, DEMOTION_RECHECK)
         if self._demoter.demote(worker.pid).applied:
@@ -780,6 +786,11 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:  # a thread without a running loop (the supervisor, a sync caller)
         return None
+
+
+def _expiry(settle: Callable[[Outcome], None], call: Call) -> Callable[[], None]:
+    """What ``_aexchange``'s deadline timer does: settle the call as timed out."""
+    return lambda: settle(calls.timed_out(call))
 
 
 def _unwatch(
