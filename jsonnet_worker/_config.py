@@ -49,6 +49,8 @@ DEFAULT_WORKER_USER = "nobody"
 DEFAULT_CPU_BUDGET = 300.0
 DEFAULT_INTERACTIVE_BUDGET = 0.05
 ENGINES = tuple(kind.value for kind in EngineKind)
+# What a call's timeout may count: the caller's wall clock, or the worker's CPU for the call.
+TIMEOUT_CLOCKS = ("wall", "cpu")
 
 
 def _option(default: Any, help: str, **metadata: Any) -> Any:
@@ -113,6 +115,12 @@ class PoolConfig:
         "looked at once the call has run that long, so a call a busy machine only slowed "
         "down is not demoted; a demoted worker is recycled after its call (None: never)",
     )
+    timeout_clock: str = _option(
+        "wall",
+        "what a call's timeout counts: 'wall' (seconds from its request) or 'cpu' (the "
+        "worker's CPU seconds for the call, with a wall-clock backstop at 4 x the timeout), "
+        "so that a call a busy machine slowed down is not killed as a slow snippet",
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "size", minimum=1, optional=True)
@@ -142,6 +150,10 @@ class PoolConfig:
             )
         _check_int(self, "spares", minimum=0)
         _check_int(self, "max_calls_per_worker", minimum=1, optional=True)
+        if self.timeout_clock not in TIMEOUT_CLOCKS:
+            raise InvalidArgument(
+                f"timeout_clock must be one of {', '.join(TIMEOUT_CLOCKS)}: {self.timeout_clock!r}"
+            )
         if not isinstance(self.require_sandbox, bool):
             raise InvalidType("require_sandbox must be a bool")
         if self.worker_user is not None and not isinstance(self.worker_user, str | range):

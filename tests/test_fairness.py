@@ -8,7 +8,6 @@ fake clock's time held when no CPU is given, as for a call killed at its deadlin
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -368,41 +367,6 @@ def test_every_worker_demoted_and_another_domain_waiting_brings_a_burst_worker()
     # A demoted worker is recycled after its call (SCHED_IDLE cannot be undone).
     effects = fair.end(held[0].worker, 0.5)
     assert kills(effects) == [held[0].worker]
-
-
-def test_a_domain_with_a_demoted_call_gets_a_tenth_of_the_budget_for_a_while() -> None:
-    """A flood of looping calls runs at normal priority for a tenth of the interactive
-    budget per call once one of its calls was demoted, for DEMOTED_MEMORY seconds; other
-    domains keep the whole budget."""
-    fair = Fair(size=2, interactive_budget=0.05)
-    budget = fair.state.interactive_budget
-    assert budget(FLOOD, fair.clock.now) == budget(VICTIM, fair.clock.now) == 0.05
-    fair.state.demoted(fair.call(FLOOD).worker)
-    assert budget(FLOOD, fair.clock.now) == pytest.approx(0.005)
-    assert budget(VICTIM, fair.clock.now) == 0.05
-    fair.clock.now += state_module.DEMOTED_MEMORY - 0.01
-    assert budget(FLOOD, fair.clock.now) == pytest.approx(0.005)
-    fair.clock.now += 0.02
-    assert budget(FLOOD, fair.clock.now) == 0.05
-    assert Fair(interactive_budget=None).state.interactive_budget(FLOOD, 0.0) == math.inf
-
-
-def test_the_domains_remembered_as_demoted_stay_bounded() -> None:
-    """Attacker-chosen tenant names, each with a demoted call: at most DEMOTED_REMEMBERED
-    are kept, the latest first."""
-    fair = Fair(size=1, interactive_budget=0.05)
-    limit = state_module.DEMOTED_REMEMBERED
-    for index in range(limit + 50):
-        ticket = fair.call(Domain(f"made-up-{index}"))
-        fair.state.demoted(ticket.worker)
-        fair.end(ticket.worker, 0.0)
-    tight = [
-        index
-        for index in range(limit + 50)
-        if fair.state.interactive_budget(Domain(f"made-up-{index}"), fair.clock.now) < 0.05
-    ]
-    assert len(tight) <= limit
-    assert tight[-1] == limit + 49 and 0 not in tight
 
 
 def test_the_flood_waiting_behind_its_own_demoted_calls_gets_no_burst() -> None:

@@ -59,6 +59,7 @@ from .connection import (
     ConnectionEvent,
     Failure,
 )
+from .deadlines import CPU_CLOCK_BACKSTOP
 from .state import CPU_HEADROOM_TIMEOUTS, NO_TENANT, Domain, Effect, Outcome, PoolState, Ticket
 from .supervisor import Worker
 from .variables import split_variables
@@ -303,14 +304,23 @@ def death(worker: Worker, call: Call, cut: bool) -> Outcome:
     return Outcome(error=error, died=True, reason=f"{how} during a call")
 
 
-def timed_out(call: Call) -> Outcome:
+def timed_out(call: Call, expired: str = "wall", counted: str = "wall") -> Outcome:
+    """The call's deadline came: on the clock ``expired`` ("wall" or "cpu"), its timeout
+    being ``counted`` on that clock (``timeout_clock``): on the CPU clock, a wall-clock
+    expiry is the backstop's (``deadlines.CPU_CLOCK_BACKSTOP``)."""
+    if expired == "cpu":
+        what = f"used its {call.timeout} s of CPU (CPU clock)"
+    elif counted == "cpu":
+        backstop = CPU_CLOCK_BACKSTOP * call.timeout
+        what = (
+            f"ran past the {backstop:g} s wall-clock backstop of its {call.timeout} s "
+            "CPU-clock timeout"
+        )
+    else:
+        what = f"ran past its {call.timeout} s deadline (wall clock)"
     return Outcome(
-        error=EvaluationTimeout(
-            f"the evaluation ran past its {call.timeout} s deadline (wall clock); its worker "
-            "was killed",
-            clock="wall",
-        ),
-        reason=f"ran past its {call.timeout} s deadline (wall clock); killed",
+        error=EvaluationTimeout(f"the evaluation {what}; its worker was killed", clock=expired),
+        reason=f"{what}; killed",
     )
 
 

@@ -62,6 +62,7 @@ from .._wire.messages import Operation
 from . import calls
 from .calls import CLOSED, NO_VARIABLES, Call, Variables
 from .connection import Answer
+from .deadlines import CallClock, Due
 from .origin import FORKED, WorkerOrigin
 from .processes import WorkerProcess, settings_for
 from .scheduling import Demoter
@@ -76,9 +77,6 @@ DEATH_GRACE = (
     1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
 )
 HANDOVER_GRACE = 1.0  # how long a hand-over already under way may take to wake its caller
-# A call past its interactive budget in wall time but not yet in CPU time (a busy machine
-# slowed it) is looked at again when it could have used the rest, but not sooner than this.
-DEMOTION_RECHECK = 0.005
 
 
 def _cpus() -> int:
@@ -192,6 +190,9 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._state: PoolState[Worker] = PoolState(config)
+        # CPU seconds into a call at which its worker is demoted (inf: never).
+        budget = config.interactive_budget
+        self._interactive_budget = math.inf if budget is None else budget
         self._demoter = Demoter()
         # _origin: where workers come from (forks of a template by default); tests and
         # benchmarks pass another through tests/seams.py.
@@ -506,40 +507,29 @@ class WorkerPool:
         """Write the frame (after what a caller handing the worker over already wrote),
         then read the answer until the deadline."""
         worker, call = ticket.worker, ticket.call
-        now = time.monotonic()
-        deadline = now + call.time_left()
-        budget = self._state.interactive_budget(call.domain, now)
-        demote_at = now + budget
+        clock = self._clock_for(call)
         pending = calls.start(ticket)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller").
-        outcome = self._poll_for_answer(worker, pending, deadline, demote_at, budget)
+        outcome = self._poll_for_answer(worker, pending, clock)
         if outcome is None:
-            return calls.timed_out(call)
-        return self._died(worker, call, deadline) if outcome is CLOSED else outcome
+            return calls.timed_out(call, clock.expired_clock, clock.clock)
+        return self._died(worker, call, clock.wall_deadline) if outcome is CLOSED else outcome
 
     def _poll_for_answer(
-        self,
-        worker: Worker,
-        pending: memoryview | None,
-        deadline: float,
-        demote_at: float,
-        budget: float,
+        self, worker: Worker, pending: memoryview | None, clock: CallClock
     ) -> Outcome | None:
         """Poll the worker's channels (writing the rest of the frame) until an outcome or
-        the deadline (None); at ``demote_at``, if it comes first, the worker is demoted once
-        its call has used ``budget`` CPU seconds (or looked at again later: ``_demote``)."""
+        the deadline (None); the poll's timeout is the call's next look (``_look``: its
+        demotion, its deadline on the CPU clock)."""
         process = worker.process
         poller = process.poller
         if pending is not None:
             poller.register(process.stdin, select.POLLOUT)
         try:
-            while (now := time.monotonic()) < deadline:
-                if now >= demote_at:
-                    demote_at = self._demote(worker, now, budget)
-                wake = demote_at if demote_at < deadline else deadline
-                for fd, _ in poller.poll((wake - now) * 1000.0 + 1):
+            while (wait_ms := self._until_next_look(worker, clock)) is not None:
+                for fd, _ in poller.poll(wait_ms):
                     if fd == process.stdout:
                         outcome = calls.read_answer(worker)
                         if outcome is not None:
@@ -555,6 +545,14 @@ class WorkerPool:
         finally:
             if pending is not None:
                 poller.unregister(process.stdin)
+
+    def _until_next_look(self, worker: Worker, clock: CallClock) -> float | None:
+        """Milliseconds until the call's next look, after the look due now, if any (None:
+        its deadline has come)."""
+        now = time.monotonic()
+        if now >= clock.next_look() and self._look(worker, clock, now) is Due.EXPIRED:
+            return None
+        return (clock.next_look() - now) * 1000.0 + 1
 
     def _died(self, worker: Worker, call: Call, deadline: float) -> Outcome:
         """The response channel ended: wait for the exit, within the deadline."""
@@ -616,10 +614,8 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         worker, call = ticket.worker, ticket.call
         process = worker.process
-        now = time.monotonic()
-        deadline = now + call.time_left()
-        budget = self._state.interactive_budget(call.domain, now)
-        demote_at = now + budget
+        clock = self._clock_for(call)
+        deadline = clock.wall_deadline
         pending: list[memoryview | None] = [calls.start(ticket)]
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
@@ -658,7 +654,7 @@ class WorkerPool:
         if pending[0] is not None:
             loop.add_writer(process.stdin, on_stdin)
             watched.writer = True
-        self._arm(loop, timers, worker, demote_at, budget, deadline, _expiry(settle, call))
+        self._arm(loop, timers, worker, clock, settle, call)
         try:
             return await done
         finally:
@@ -669,58 +665,55 @@ class WorkerPool:
         loop: asyncio.AbstractEventLoop,
         timers: list[asyncio.TimerHandle],
         worker: Worker,
-        demote_at: float,
-        budget: float,
-        deadline: float,
-        expire: Callable[[], None],
+        clock: CallClock,
+        settle: Callable[[Outcome], None],
+        call: Call,
     ) -> None:
         """``_aexchange``'s one timer, as ``_poll_for_answer`` has one poll timeout: at the
-        demotion time if it comes first (the worker is demoted, or looked at again later,
-        then the timer armed again), else at the deadline (``expire``). Cancelled with
-        ``timers``."""
-        now = time.monotonic()
-        if demote_at < deadline:
-            args = (loop, timers, worker, budget, deadline, expire)
-            timers.append(loop.call_later(demote_at - now, self._demote_and_arm, *args))
-        else:
-            timers.append(loop.call_later(max(deadline - now, 0.0), expire))
+        call's next look (``_look``), then armed again, until its deadline settles it as
+        timed out. Cancelled with ``timers``."""
+        delay = max(clock.next_look() - time.monotonic(), 0.0)
+        args = (loop, timers, worker, clock, settle, call)
+        timers.append(loop.call_later(delay, self._look_and_arm, *args))
 
-    def _demote_and_arm(
+    def _look_and_arm(
         self,
         loop: asyncio.AbstractEventLoop,
         timers: list[asyncio.TimerHandle],
         worker: Worker,
-        budget: float,
-        deadline: float,
-        expire: Callable[[], None],
+        clock: CallClock,
+        settle: Callable[[Outcome], None],
+        call: Call,
     ) -> None:
-        demote_at = self._demote(worker, time.monotonic(), budget)
-        self._arm(loop, timers, worker, demote_at, budget, deadline, expire)
+        if self._look(worker, clock, time.monotonic()) is Due.EXPIRED:
+            settle(calls.timed_out(call, clock.expired_clock, clock.clock))
+        else:
+            self._arm(loop, timers, worker, clock, settle, call)
 
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
 
-    def _demote(self, worker: Worker, now: float, budget: float) -> float:
-        """The call has run ``budget`` seconds (its domain's interactive budget:
-        ``PoolState.interactive_budget``): if its worker has used that much
-        CPU for it, every thread of the worker goes to SCHED_IDLE (nice 19 where refused),
-        outside the state's lock like every effect, and the state is told, so that the
-        worker is recycled after the call: nothing unprivileged can move it back. The budget
-        is the call's CPU, not its wall time: a call that a busy machine merely slowed down
-        (it waited for a CPU) is looked at again once it could have used the rest, and is
-        never demoted, and so recycled, for waiting its turn. One read of the worker's CPU
-        clock per look (``cpu_mark`` is that clock at its previous call's end, or at its
-        hello); where it cannot be read, the wall time decides. A worker nothing could be
-        applied to stays as it is (the ``Demoter`` logs why). On an asyncio path this runs on
-        the event loop: a /proc listing and a syscall per thread, tens of microseconds.
-        Returns when to look again (``math.inf``: not again)."""
+    def _clock_for(self, call: Call) -> CallClock:
+        """The call's demotion and deadline, from now (its request goes out): the pool's
+        interactive budget and what is left of its timeout on the pool's
+        ``timeout_clock``."""
+        return CallClock.start(
+            time.monotonic(), call.time_left(), self._interactive_budget, self.config.timeout_clock
+        )
+
+    def _look(self, worker: Worker, clock: CallClock, now: float) -> Due:
+        """A look at a running call (``deadlines``): one read of its worker's CPU clock
+        (``cpu_mark`` is that clock at its previous call's end, or at its hello; None where
+        it cannot be read); if its demotion is due, every thread of the worker goes to
+        SCHED_IDLE (nice 19 where refused), outside the state's lock like every effect, and
+        the state is told, so that the worker is recycled after the call: nothing
+        unprivileged can move it back. A worker nothing could be applied to stays as it is
+        (the ``Demoter`` logs why). On an asyncio path this runs on the event loop: a /proc
+        listing and a syscall per thread, tens of microseconds."""
         cpu = worker.process.cpu_seconds()
-        if cpu is not None:
-            left = budget - (cpu - worker.cpu_mark)
-            if left > 0:
-                return now + max(left, DEMOTION_RECHECK)
-        if self._demoter.demote(worker.pid).applied:
+        due = clock.look(now, None if cpu is None else cpu - worker.cpu_mark)
+        if due is Due.DEMOTE and self._demoter.demote(worker.pid).applied:
             self._perform(self._state.demoted(worker))
-        return math.inf
+        return due
 
     def _prepare(
         self,
@@ -786,11 +779,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:  # a thread without a running loop (the supervisor, a sync caller)
         return None
-
-
-def _expiry(settle: Callable[[Outcome], None], call: Call) -> Callable[[], None]:
-    """What ``_aexchange``'s deadline timer does: settle the call as timed out."""
-    return lambda: settle(calls.timed_out(call))
 
 
 def _unwatch(

@@ -58,7 +58,6 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -91,16 +90,6 @@ CPU_HEADROOM_TIMEOUTS = 2.0
 # its own domain this long (a warm worker for that domain's next call, which is how a light
 # tenant's calls keep their in-process latency beside a flood); then the flood may have it.
 RESERVE_WINDOW = 1.0
-# A domain whose call was demoted within DEMOTED_MEMORY seconds has its next calls demoted
-# after DEMOTED_BUDGET_SHARE of the interactive budget: a flood of looping calls then runs at
-# normal priority for a few milliseconds per call, not the whole budget (measured in
-# docs/ISOLATION.md: those windows were the victim's p99 tail under looping floods). Only
-# the flooding domain pays: its calls past the shorter budget have their worker recycled.
-DEMOTED_MEMORY = 5.0
-DEMOTED_BUDGET_SHARE = 0.1
-# Domains remembered as demoted at most (the names may be attacker-chosen); past it the
-# oldest entries are forgotten first.
-DEMOTED_REMEMBERED = 1024
 
 
 class _Worker(Hashable, Protocol):
@@ -326,9 +315,6 @@ class PoolState(Generic[W]):
         self.idle: list[Member[W]] = []
         self.queue: FairQueue[Domain, Ticket] = FairQueue(clock())
         self.holding: collections.Counter[Domain] = collections.Counter()  # busy workers by domain
-        # When each domain last had a call demoted (insertion order: oldest first). Written
-        # under the lock; ``interactive_budget`` reads it without (one dict lookup).
-        self._demoted_at: dict[Domain, float] = {}
         self.retired: list[W] = []  # killed, for the supervisor to reap and close
         self.held: set[W] = set()  # busy when the supervisor stopped: their callers close them
         self.in_flight = 0
@@ -781,40 +767,8 @@ class PoolState(Generic[W]):
             if member is None or member.status is not WorkerStatus.BUSY or member.demoted:
                 return effects
             member.demoted = True
-            if member.domain is not None:
-                self._remember_demotion(member.domain)
             self._burst_if_due(effects)
         return effects
-
-    def _remember_demotion(self, domain: Domain) -> None:
-        """Under the lock: ``domain`` had a call demoted now (moved to the back of the
-        insertion order); entries past ``DEMOTED_MEMORY`` are dropped when the map is full,
-        then the oldest, so it never holds more than ``DEMOTED_REMEMBERED``."""
-        now = self._clock()
-        demoted_at = self._demoted_at
-        demoted_at.pop(domain, None)
-        if len(demoted_at) >= DEMOTED_REMEMBERED:
-            forgotten = now - DEMOTED_MEMORY
-            self._demoted_at = demoted_at = {
-                d: at for d, at in demoted_at.items() if at > forgotten
-            }
-            while len(demoted_at) >= DEMOTED_REMEMBERED:
-                del demoted_at[next(iter(demoted_at))]
-        demoted_at[domain] = now
-
-    def interactive_budget(self, domain: Domain, now: float) -> float:
-        """Seconds of CPU a call of ``domain`` may use before its worker is demoted
-        (``math.inf``: never): the pool's ``interactive_budget``, or a tenth of it while
-        ``domain`` had a call demoted within ``DEMOTED_MEMORY``. Read on every call without
-        the lock: one lookup in a dict that transitions replace or update in place, which
-        is atomic under the GIL; a stale read costs one call the other budget."""
-        budget = self.config.interactive_budget
-        if budget is None:
-            return math.inf
-        demoted_at = self._demoted_at.get(domain)
-        if demoted_at is not None and now - demoted_at < DEMOTED_MEMORY:
-            return budget * DEMOTED_BUDGET_SHARE
-        return budget
 
     def _burst_if_due(self, effects: list[Effect]) -> None:
         """Under the lock: if a burst is due, the spare is handed out and the supervisor

@@ -1,0 +1,116 @@
+"""When a running call is looked at, and what is due then: its demotion and its deadline.
+
+Goals: one rule, for both call paths, for the two things that happen to a call while its
+caller waits for the answer: its worker is demoted once the call has used its interactive
+budget of CPU (``scheduling``), and the call ends at its deadline, counted on the clock the
+pool's ``timeout_clock`` names. Sans-I/O: the caller reads the worker's CPU clock and
+performs what a look returns, so the rule is tested alone with made-up times
+(tests/test_deadlines.py), as ``state`` is.
+
+Plan: ``CallClock.start`` is made when the call's request goes out. ``next_look()`` is when
+the caller must look again (the blocking path's ``poll`` timeout, the asyncio path's one
+timer); ``look(now, used)``, with ``used`` the CPU seconds the worker has spent on this call
+(None: its clock cannot be read), returns what is due: ``Due.EXPIRED`` (``expired_clock``
+says which clock ran out), ``Due.DEMOTE`` (once), or ``Due.NOTHING``.
+
+- **Demotion** counts CPU, not wall time: a call that a busy machine only slowed down (it
+  waited for a CPU) is looked at again once it could have used the rest of its budget, so
+  load alone never demotes, and so recycles, a light call's worker. Where the CPU clock
+  cannot be read, the wall time decides.
+- **The deadline on the wall clock** (``timeout_clock="wall"``, the default): ``timeout``
+  seconds after the request went out, whatever the worker did.
+- **The deadline on the CPU clock** (``timeout_clock="cpu"``): the call ends once the worker
+  has used ``timeout`` CPU seconds for it, so a call that a busy machine slowed down is not
+  killed as a slow snippet. It is looked at when it could have used the rest at two CPUs'
+  rate (the engine's threads run in parallel: a call may use more CPU than wall time), so it
+  overruns by at most ``RECHECK`` of CPU. The wall clock stays a backstop at
+  ``CPU_CLOCK_BACKSTOP`` times the timeout: a worker that sleeps, or waits on a stopped
+  machine, still ends. Where the CPU clock cannot be read, the wall clock at ``timeout``
+  decides.
+
+Weak spots: a look costs one read of the worker's CPU clock (``clock_gettime``), at most
+every ``RECHECK``; between looks a call runs on. The CPU clock counts every thread of the
+worker, the runtime's housekeeping included (a Go collector's threads are the call's work).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from .._config import TIMEOUT_CLOCKS
+
+__all__ = ["CPU_CLOCK_BACKSTOP", "RECHECK", "CallClock", "Due"]
+
+# On the CPU clock, the wall-clock backstop, in timeouts.
+CPU_CLOCK_BACKSTOP = 4.0
+# A call is looked at again no sooner than this (a demotion or a CPU deadline not yet due).
+RECHECK = 0.005
+# The CPU a call can use per second of wall time, at most, for the CPU deadline's looks: a
+# worker's engine threads in parallel on two CPUs (more CPUs only make the overrun larger
+# by RECHECK each).
+_CPU_RATE = 2.0
+
+
+class Due(enum.Enum):
+    """What a look at a running call finds due."""
+
+    NOTHING = "nothing"
+    DEMOTE = "demote"  # its worker is to be demoted (at most once per call)
+    EXPIRED = "expired"  # its deadline has come: ``CallClock.expired_clock`` says which
+
+
+@dataclass(slots=True)
+class CallClock:
+    """One running call's demotion and deadline (see the module docstring). Times are
+    ``time.monotonic()`` seconds; ``math.inf`` means never."""
+
+    timeout: float  # what is left of the call's timeout when its request went out
+    clock: str  # "wall" or "cpu": what the timeout counts
+    budget: float  # the interactive budget, CPU seconds (inf: never demoted)
+    started: float
+    wall_deadline: float
+    demote_at: float
+    cpu_check_at: float
+    expired_clock: str = ""
+
+    @classmethod
+    def start(cls, now: float, timeout: float, budget: float, clock: str) -> CallClock:
+        """The clock of a call whose request goes out ``now``, with ``timeout`` seconds left
+        on ``clock`` and ``budget`` CPU seconds before its worker is demoted."""
+        if clock not in TIMEOUT_CLOCKS:
+            raise ValueError(f"timeout clock must be one of {TIMEOUT_CLOCKS}: {clock!r}")
+        on_cpu = clock == "cpu"
+        wall = now + (CPU_CLOCK_BACKSTOP * timeout if on_cpu else timeout)
+        cpu_check_at = now + timeout / _CPU_RATE if on_cpu else math.inf
+        return cls(timeout, clock, budget, now, wall, now + budget, cpu_check_at)
+
+    def next_look(self) -> float:
+        """When the caller must look at the call again (at the latest)."""
+        return min(self.wall_deadline, self.demote_at, self.cpu_check_at)
+
+    def look(self, now: float, used: float | None) -> Due:
+        """What is due at ``now``, the worker having used ``used`` CPU seconds for the call
+        (None: its CPU clock cannot be read). Moves the next looks on."""
+        if now >= self.wall_deadline:
+            self.expired_clock = "wall"
+            return Due.EXPIRED
+        if now >= self.cpu_check_at:
+            if used is None:  # no CPU clock: the wall clock at the timeout decides
+                if now - self.started >= self.timeout:
+                    self.expired_clock = "wall"
+                    return Due.EXPIRED
+                self.cpu_check_at = self.started + self.timeout
+            elif used >= self.timeout:
+                self.expired_clock = "cpu"
+                return Due.EXPIRED
+            else:
+                self.cpu_check_at = now + max((self.timeout - used) / _CPU_RATE, RECHECK)
+        if now >= self.demote_at:
+            if used is not None and used < self.budget:
+                self.demote_at = now + max(self.budget - used, RECHECK)
+            else:
+                self.demote_at = math.inf
+                return Due.DEMOTE
+        return Due.NOTHING
