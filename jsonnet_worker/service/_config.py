@@ -3,11 +3,18 @@
 Goals: one place that turns a YAML file into typed, validated values (pool settings, limits,
 the named mappers and templates with their source already read), so the rest of the service
 never touches the filesystem after start-up (the host sandbox may forbid it by then), and a
-bad config fails at start with a message naming the key, never on the first request.
+bad config fails at start with a message naming the file, the line and the key, never on the
+first request. Strict: an unknown key, a key written twice in one mapping (at any depth:
+YAML would keep the last silently) or a wrong type is a ConfigError, so that a misspelt
+security key (``bearer_token_fil``, ``require_sandbx``) is never ignored. What is known is
+the key table of ``_schema.py`` (which also generates the published ``config.schema.json``);
+it says how strictness applies to Kratos' own keys.
 
-Plan: the file is parsed with PyYAML's safe loader into a plain mapping (kept as ``raw`` for
+Plan: the file is composed with PyYAML's safe loader (``Source``: each key's line, and a
+duplicate key refused), constructed into a plain mapping (kept as ``raw`` for
 ``kratos_allow_list``, the host sandbox's allow-list, with every ``file://`` value we read
-rewritten to its absolute form), then three Kratos places are walked for snippets:
+rewritten to its absolute form), the environment's overrides applied, the result checked
+against the key table, then three Kratos places are walked for snippets:
 
 - OIDC claim mappers: ``selfservice.methods.oidc.config.providers[].mapper_url``, named by
   the provider's ``id``;
@@ -37,7 +44,6 @@ import base64
 import binascii
 import copy
 import dataclasses
-import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +55,7 @@ from typing import Any
 import yaml
 
 from .. import InvalidArgument, PoolConfig
+from ._schema import KeyPath, dotted, problems
 
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_REQUEST_TIMEOUT = 10.0
@@ -71,6 +78,7 @@ ENV_KEYS: tuple[tuple[str, ...], ...] = (
     ("serve", "workers"),
     ("serve", "evaluate", "enabled"),
     ("serve", "auth", "bearer_token_file"),
+    ("serve", "auth", "metrics_token_file"),
     ("security", "require_sandbox"),
     ("security", "landlock", "disabled"),
 )
@@ -123,6 +131,7 @@ class ServiceConfig:
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
     workers: int = 1  # server processes on one socket, each with its own pool
     bearer_token: str | None = None  # serve.auth.bearer_token_file's content, read at start
+    metrics_token: str | None = None  # serve.auth.metrics_token_file's, for /metrics only
     raw: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the file read (the packaged default.yaml without --config)
 
@@ -147,9 +156,11 @@ def _env_name(key: tuple[str, ...]) -> str:
     return ENV_PREFIX + "_".join(key).upper()
 
 
-def apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Set each key a ``JSONNET_WORKER_*`` variable names (ConfigError for an unknown one)."""
+def apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> dict[KeyPath, str]:
+    """Set each key a ``JSONNET_WORKER_*`` variable names (ConfigError for an unknown one);
+    returns the keys set, with the variable that set each."""
     known = {_env_name(key): key for key in ENV_KEYS}
+    overridden: dict[KeyPath, str] = {}
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX):
             continue
@@ -162,11 +173,15 @@ def apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> N
             raise ConfigError(f"environment: {name} is not a YAML scalar") from None
         holder = document
         for part in key[:-1]:
-            nested = holder.setdefault(part, {})
+            nested = holder.get(part)
+            if nested is None:  # absent, or written empty (``serve:``)
+                nested = holder[part] = {}
             if not isinstance(nested, dict):
-                raise ConfigError(f"{'.'.join(key[:-1])} must be a mapping")
+                raise ConfigError(f"environment {name}: {'.'.join(key[:-1])} must be a mapping")
             holder = nested
         holder[key[-1]] = value
+        overridden[key] = name
+    return overridden
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -182,22 +197,27 @@ def _read_text(path: Path, what: str) -> str:
 def parse_config(
     text: str, path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> ServiceConfig:
-    """Validate YAML ``text`` (with ``environ``'s ``JSONNET_WORKER_*`` overrides); relative
-    ``file://`` URIs are resolved against ``path``'s directory (the working directory when
-    ``path`` is None)."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"the config is not valid YAML: {exc}") from None
+    """Validate YAML ``text`` (with ``environ``'s ``JSONNET_WORKER_*`` overrides) by the key
+    table (``_schema.py``); relative ``file://`` URIs are resolved against ``path``'s
+    directory (the working directory when ``path`` is None)."""
+    source = Source(path)
+    document = source.read(text)
     if document is None:
         document = {}
     if not isinstance(document, dict):
-        raise ConfigError("the config must be a mapping at the top level")
+        raise ConfigError(f"{source.name}: the config must be a mapping at the top level")
     raw: dict[str, Any] = copy.deepcopy(document)
-    apply_environment(raw, environ or {})
+    source.overridden = apply_environment(raw, environ or {})
+    found = list(problems(raw))
+    if found:
+        first = found[0]
+        more = f" ({len(found) - 1} more problem(s))" if len(found) > 1 else ""
+        raise ConfigError(
+            f"{source.where(first.path)}: {dotted(first.path)}: {first.message}{more}"
+        )
     base = path.parent.resolve() if path is not None else Path.cwd()
     serve = _section(raw, "serve")
-    evaluate = _section(serve, "evaluate", where="serve")
+    auth = _section(serve, "auth")
     mappers: dict[str, Snippet] = {}
     templates: dict[str, Snippet] = {}
     for name, key, holder, field_name in _mapper_places(raw):
@@ -206,24 +226,91 @@ def parse_config(
         _add(templates, _load_snippet(name, SnippetKind.TEMPLATE, key, holder, field_name, base))
     return ServiceConfig(
         pool=_pool_config(raw),
-        bearer_token=_bearer_token(_section(serve, "auth", where="serve"), base),
+        bearer_token=_token(auth, "bearer_token_file", base),
+        metrics_token=_token(auth, "metrics_token_file", base),
         mappers=mappers,
         templates=templates,
-        evaluate_enabled=_typed(evaluate, "enabled", bool, True, "serve.evaluate"),
-        max_body=_positive(serve, "max_body_bytes", int, DEFAULT_MAX_BODY, "serve"),
-        max_request_timeout=_positive(
-            serve, "max_request_timeout", float, DEFAULT_MAX_REQUEST_TIMEOUT, "serve"
-        ),
-        shutdown_timeout=_positive(
-            serve, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT, "serve"
-        ),
-        keep_alive_timeout=_positive(
-            serve, "keep_alive_timeout", float, DEFAULT_KEEP_ALIVE_TIMEOUT, "serve"
-        ),
-        workers=_positive(serve, "workers", int, 1, "serve"),
+        evaluate_enabled=bool(_section(serve, "evaluate").get("enabled", True)),
+        max_body=int(serve.get("max_body_bytes", DEFAULT_MAX_BODY)),
+        max_request_timeout=float(serve.get("max_request_timeout", DEFAULT_MAX_REQUEST_TIMEOUT)),
+        shutdown_timeout=float(serve.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)),
+        keep_alive_timeout=float(serve.get("keep_alive_timeout", DEFAULT_KEEP_ALIVE_TIMEOUT)),
+        workers=int(serve.get("workers", 1)),
         raw=raw,
         path=path,
     )
+
+
+@dataclass
+class Source:
+    """Where each key of a config came from, for messages: the file and line of each key
+    path, or the environment variable that set it."""
+
+    path: Path | None
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    overridden: dict[KeyPath, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "the config" if self.path is None else str(self.path)
+
+    def read(self, text: str) -> Any:
+        """The document; ConfigError (naming the file and line) for a YAML error or a key
+        written twice in one mapping, at any depth."""
+        loader = yaml.SafeLoader(text)
+        loader.name = self.name  # PyYAML says "<unicode string>" otherwise
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            self._index(node, (), set())
+            return loader.construct_document(node)
+        except yaml.MarkedYAMLError as exc:  # one line: where, then what
+            mark = exc.problem_mark or exc.context_mark
+            at = "" if mark is None else f":{mark.line + 1}:{mark.column + 1}"
+            what = " ".join(part for part in (exc.context, exc.problem) if part)
+            raise ConfigError(f"{self.name}{at}: not valid YAML: {what}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.name}: not valid YAML: {exc}") from None
+        finally:
+            loader.dispose()
+
+    def _index(self, node: yaml.Node, path: KeyPath, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: indexed once (and a recursive one ends here)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self.lines.setdefault((*path, index), item.start_mark.line + 1)
+                self._index(item, (*path, index), seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # << keeps YAML's own rules
+                    continue
+                line = key_node.start_mark.line + 1
+                key = (key_node.tag, str(key_node.value))
+                child = (*path, str(key_node.value))
+                if key in first:
+                    raise ConfigError(
+                        f"{self.name}:{line}: {dotted(child)}: duplicate key (first on line "
+                        f"{first[key]}); YAML would silently keep the last one"
+                    )
+                first[key] = line
+                self.lines.setdefault(child, line)
+                self._index(value_node, child, seen)
+
+    def where(self, path: KeyPath) -> str:
+        """``FILE:LINE`` of the key (or of its nearest parent that is in the file), or the
+        environment variable that set it."""
+        for length in range(len(path), 0, -1):
+            variable = self.overridden.get(path[:length])
+            if variable is not None:
+                return f"environment {variable}"
+            line = self.lines.get(path[:length])
+            if line is not None:
+                return f"{self.name}:{line}"
+        return self.name
 
 
 # -- where Kratos keeps its snippets ------------------------------------------------------
@@ -325,7 +412,7 @@ def _pool_config(raw: Mapping[str, Any]) -> PoolConfig:
     ``security.require_sandbox`` (default true: fail closed)."""
     pool = dict(_section(raw, "pool"))
     security = _section(raw, "security")
-    required = _typed(security, "require_sandbox", bool, True, "security")
+    required = bool(security.get("require_sandbox", True))
     if pool.get("require_sandbox", required) != required:
         raise ConfigError(
             "pool.require_sandbox and security.require_sandbox differ; set security's only"
@@ -344,16 +431,18 @@ def _pool_config(raw: Mapping[str, Any]) -> PoolConfig:
         raise ConfigError(str(exc)) from None
 
 
-def _bearer_token(auth: Mapping[str, Any], base: Path) -> str | None:
-    path = auth.get("bearer_token_file")
+def _token(auth: Mapping[str, Any], key: str, base: Path) -> str | None:
+    """The content of the token file ``serve.auth.<key>`` names (None when unset)."""
+    path = auth.get(key)
     if path is None:
         return None
-    if not isinstance(path, str) or not path:
-        raise ConfigError("serve.auth.bearer_token_file must be a path")
-    token = _read_text(base / path, "serve.auth.bearer_token_file").strip()
+    where = f"serve.auth.{key}"
+    if not path:
+        raise ConfigError(f"{where} must be a path")
+    token = _read_text(base / path, where).strip()
     if not token:
-        raise ConfigError(f"serve.auth.bearer_token_file: {base / path} is empty")
-    return token
+        raise ConfigError(f"{where}: {base / path} is empty")
+    return str(token)
 
 
 def _section(mapping: Mapping[str, Any], *keys: str, where: str = "") -> dict[str, Any]:
@@ -384,30 +473,3 @@ def _name(mapping: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}.{key} must be a non-empty string")
     return value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _typed(mapping: Mapping[str, Any], key: str, kind: type[Any], default: Any, where: str) -> Any:
-    value = mapping.get(key, default)
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{where}.{key} must be a {kind.__name__}")
-
-
-def _positive(
-    mapping: Mapping[str, Any], key: str, kind: type[int] | type[float], default: Any, where: str
-) -> Any:
-    value = mapping.get(key, default)
-    number_ok = (
-        _is_int(value)
-        if kind is int
-        else ((_is_int(value) or isinstance(value, float)) and math.isfinite(value))
-    )
-    if not number_ok or value <= 0:
-        raise ConfigError(f"{where}.{key} must be a positive {kind.__name__}")
-    return kind(value)
