@@ -174,3 +174,23 @@ def test_environment_overrides_keys(tmp_path: Path) -> None:
 def test_config_errors_are_library_errors() -> None:
     assert issubclass(ConfigError, jsonnet_worker.InvalidArgument)
     assert issubclass(ApiError, jsonnet_worker.Error)
+
+
+def test_check_config_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = DATA / "service" / "config.yaml"
+    assert main.main(["serve", "--check-config", str(good)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{good}: OK (6 mappers, 5 templates)\n" and err == ""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  auth:\n    bearer_token_fil: token\n")
+    assert main.main(["serve", "--check-config", str(bad)]) == main.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"jsonnet-worker serve: {bad}:3: serve.auth.bearer_token_fil: unknown key; "
+        "known here: bearer_token_file, metrics_token_file\n"
+    )
+    bad.write_text("pool: {size: [1}\n")
+    assert main.main(["serve", "--check-config", str(bad)]) == main.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"jsonnet-worker serve: {bad}:1:") and err.count("\n") == 1

@@ -270,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--engine", choices=[*ENGINES, "all"], default="all")
     serve = commands.add_parser("serve", help="run the HTTP service (extra: serve)")
     serve.add_argument("--config", help="Kratos-style YAML config (default: the embedded one)")
+    serve.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="only load and validate FILE (with the JSONNET_WORKER_* overrides): exit 0 and "
+        "one OK line, or the error and exit 2",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=4455, help="port to listen on")
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
@@ -355,6 +361,8 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.check_config is not None:
+        return _server.check_config(args.check_config)
     options = _server.ServeOptions(
         config_path=args.config,
         host=args.host,

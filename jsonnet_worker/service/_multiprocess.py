@@ -52,12 +52,11 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from .. import Error
-from ._config import ConfigError, ServiceConfig, load_config
+from ._config import ServiceConfig
 from ._metrics import MULTIPROC_ENV
 
 if TYPE_CHECKING:
@@ -294,7 +293,7 @@ def _ids(process: ServerProcess) -> tuple[int, int]:
 
 def server_process(spec_json: str) -> int:
     """The body of one server process (run by the parent as ``python -c``)."""
-    from ._server import ServeOptions, build_server, logging_config
+    from ._server import ServeOptions, build_server, load_or_report, logging_config
 
     fields = json.loads(spec_json)
     spec = ProcessSpec(**fields)
@@ -307,10 +306,8 @@ def server_process(spec_json: str) -> int:
         log_level=spec.log_level,
         access_log=spec.access_log,
     )
-    try:
-        config = load_config(None if spec.config_path is None else Path(spec.config_path))
-    except ConfigError as exc:
-        print(f"jsonnet-worker serve: {exc}", file=sys.stderr)
+    config = load_or_report(spec.config_path)
+    if config is None:
         return EXIT_CONFIG
     listener = socket.socket(fileno=spec.listener_fd)
 

@@ -183,14 +183,33 @@ def warn_if_exposed(config: ServiceConfig, host: str) -> None:
         )
 
 
+def load_or_report(path: str | Path | None) -> ServiceConfig | None:
+    """The config (``JSONNET_WORKER_*`` overrides applied), or None once its error is on
+    stderr in one line (the file, the line, the key)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"jsonnet-worker serve: {exc}", file=sys.stderr)
+        return None
+
+
+def check_config(path: str) -> int:
+    """``serve --check-config FILE``: load FILE as ``serve`` would (the environment's
+    overrides, every snippet and token file read; no pool started, so a snippet's syntax is
+    not checked); one line on stdout and 0, or the error on stderr and EXIT_CONFIG."""
+    config = load_or_report(path)
+    if config is None:
+        return EXIT_CONFIG
+    print(f"{path}: OK ({len(config.mappers)} mappers, {len(config.templates)} templates)")
+    return 0
+
+
 def serve(options: ServeOptions) -> int:
     """Run the service until SIGTERM or SIGINT; returns the exit status."""
     log_config = logging_config(options.log_format, options.log_level)
     logging.config.dictConfig(log_config)
-    try:
-        config = load_config(options.config_path)
-    except ConfigError as exc:
-        print(f"jsonnet-worker serve: {exc}", file=sys.stderr)
+    config = load_or_report(options.config_path)
+    if config is None:
         return EXIT_CONFIG
     workers = config.workers if options.workers is None else options.workers
     if workers < 1:
