@@ -23,6 +23,7 @@ from servicekit import GITHUB_CLAIMS, GITHUB_EXPECT, ServiceProcess, pid_alive, 
 
 CONFIG = DATA / "service" / "config.yaml"
 MAX_BODY = 262144
+JSON = {"content-type": "application/json"}  # what httpx's json= sends; content= sends none
 # About half a second of go-jsonnet work, and little memory: a request that is "in flight".
 SLOW = "std.foldl(function(a, b) a + b, std.range(1, {n}), 0)"
 SLOW_N = 400000
@@ -169,9 +170,9 @@ def test_bad_input_is_400_and_costs_no_worker(
 ) -> None:
     before = service.health()["pool"]
     for body in BAD_BODIES:
-        error_of(client.post("/v1/evaluate", content=body), 400, "bad_request")
+        error_of(client.post("/v1/evaluate", content=body, headers=JSON), 400, "bad_request")
     for body in REFUSED_BY_THE_POOL:  # the library's InvalidArgument: its own kind
-        error_of(client.post("/v1/evaluate", content=body), 400, "invalid_argument")
+        error_of(client.post("/v1/evaluate", content=body, headers=JSON), 400, "invalid_argument")
     after = service.health()["pool"]
     assert after["worker_pids"] == before["worker_pids"]
     assert after["respawns"] == before["respawns"]
@@ -180,7 +181,9 @@ def test_bad_input_is_400_and_costs_no_worker(
 
 def test_body_size_limit_is_413(client: httpx.Client) -> None:
     big = json.dumps({"snippet": "'" + "x" * MAX_BODY + "'"}).encode()
-    assert "262144" in error_of(client.post("/v1/evaluate", content=big), 413, "too_large")
+    assert "262144" in error_of(
+        client.post("/v1/evaluate", content=big, headers=JSON), 413, "too_large"
+    )
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
         yield b'{"snippet": "\''
@@ -188,11 +191,11 @@ def test_body_size_limit_is_413(client: httpx.Client) -> None:
             yield b"x" * 4096
         yield b"'\"}"
 
-    error_of(client.post("/v1/evaluate", content=chunks()), 413, "too_large")
+    error_of(client.post("/v1/evaluate", content=chunks(), headers=JSON), 413, "too_large")
     # Just under the limit is fine.
     fits = json.dumps({"snippet": "std.length('" + "x" * (MAX_BODY - 100) + "')"}).encode()
     assert len(fits) <= MAX_BODY
-    assert client.post("/v1/evaluate", content=fits).json() == MAX_BODY - 100
+    assert client.post("/v1/evaluate", content=fits, headers=JSON).json() == MAX_BODY - 100
 
 
 def test_timeout_is_504_and_the_next_call_succeeds(
@@ -265,7 +268,7 @@ def test_metrics_count_what_happened(client: httpx.Client) -> None:
     client.post(
         "/v1/evaluate", json={"snippet": "local f(n) = f(n + 1) tailstrict; f(0)", "timeout": 0.1}
     )
-    client.post("/v1/evaluate", content=b"{not json", headers={"content-type": "application/json"})
+    client.post("/v1/evaluate", content=b"{not json", headers=JSON)
     after = metric_values(client)
     # one vocabulary: the library's Error.kind in every label, every outcome counted
     assert delta("jsonnet_worker_evaluations_total", endpoint="mapper", outcome="ok") == 1
@@ -331,7 +334,8 @@ def test_openapi_describes_every_route_and_error(
         "/openapi.json",
     }
     evaluate = document["paths"]["/v1/evaluate"]["post"]["responses"]
-    assert {"200", "400", "403", "413", "422", "429", "502", "503", "504"} <= set(evaluate)
+    assert {"200", "400", "403", "413", "415", "422", "429", "502", "503", "504"} <= set(evaluate)
+    assert "401" in document["paths"]["/metrics"]["get"]["responses"]
     mapper = document["paths"]["/v1/mappers/{name}"]["post"]
     assert "404" in mapper["responses"] and mapper["requestBody"]["content"]["application/json"]
 

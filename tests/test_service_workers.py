@@ -137,19 +137,32 @@ def check_scrapes(scrapes: list[str]) -> None:
 
 
 def test_a_server_process_that_cannot_start_stops_the_start(tmp_path: Path) -> None:
-    """restrict_host refuses a bad security.landlock section in each server process: the
+    """Each server process's start-up check refuses a mapper that does not parse: the
     parent exits 3, as one process does, and leaves neither a process nor its
     directory behind."""
-    config = write_config(tmp_path, {"security": {"landlock": {"allowed_paths": "/etc"}}})
+    config = write_config(tmp_path)
+    (tmp_path / "mapper.jsonnet").write_text("{\n  a: ,\n}\n")
     with pytest.raises(AssertionError, match=r"exited \(3\)") as failed:
         with running_service(config, tmp_path, "--workers", "2"):
             pass
     log = str(failed.value)
     server_pids, metrics_dir = server_pids_and_dir(log)
     assert "before it was ready: stopping" in log
-    assert "allowed_paths" in log
+    assert "mapper 'm'" in log and "does not check" in log
     assert not metrics_dir.exists()
     assert not any(pid_alive(pid) for pid in server_pids)
+
+
+def test_a_bad_config_stops_the_parent_before_any_server_process(tmp_path: Path) -> None:
+    """The config is as strict with --workers N: the parent refuses it (exit 2) before it
+    binds or starts anything."""
+    config = write_config(tmp_path, {"serve": {"auth": {"bearer_token_fil": "token"}}})
+    with pytest.raises(AssertionError, match=r"exited \(2\)") as failed:
+        with running_service(config, tmp_path, "--workers", "2"):
+            pass
+    log = str(failed.value)
+    assert "serve.auth.bearer_token_fil: unknown key" in log
+    assert "server processes on one socket" not in log
 
 
 def test_workers_is_a_config_key_and_an_environment_override(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ Plan::
     GET  /readyz               200 once the pool serves (503 before, and while the sandbox is
                                required but not enforced)
     GET  /healthz              pool state and the sandbox verdict ("ok" or "degraded" with
-                               reasons; 503 while not serving)
-    GET  /metrics              Prometheus text format
+                               reasons; 503 while not serving); with a token configured,
+                               only {"status"} without it
+    GET  /metrics              Prometheus text format (behind the token, when configured)
     GET  /openapi.json         the OpenAPI description
 
 Trust domains: a request's optional ``tenant`` is passed to the pool in one of two
@@ -25,7 +26,19 @@ namespaces, ``config:<tenant>`` for the configured mappers and templates and
 ``adhoc:<tenant>`` for ``/v1/evaluate``, so an ad-hoc snippet never runs in a worker that
 serves a configured mapper (a compromised worker could read later callers' claims). With
 ``serve.auth.bearer_token_file`` set, every ``/v1/*`` request needs ``Authorization: Bearer
-<token>`` (compared in constant time; 401 otherwise).
+<token>`` (compared in constant time; 401 otherwise), and so do ``/metrics`` and the detail
+of ``/healthz`` (worker pids, mapper names, the sandbox layers: a map for an attacker);
+``serve.auth.metrics_token_file`` adds a token good for those two only (a scraper's). Without
+it ``/healthz`` answers its status alone; ``/livez`` and ``/readyz`` stay open for
+orchestrators.
+
+Only JSON: a ``/v1/*`` request whose ``Content-Type`` is not ``application/json`` (or
+``application/<x>+json``; parameters such as ``charset`` allowed) gets 415 before anything
+else is done, the bearer token's check included: a browser may send a cross-site "simple"
+POST (``text/plain``, no preflight) to a service on localhost, and it must not run (nor
+learn anything by timing the token's check). The answer says only what
+``/openapi.json`` publishes anyway. No CORS header is ever sent, so a browser lets no other
+origin read an answer, and a preflight (OPTIONS) gets 405.
 
 A body over ``serve.max_body_bytes`` is refused with 413 before any JSON parsing: by its
 Content-Length (then read in one piece), or, chunked, as soon as the chunks pass it. The
@@ -45,6 +58,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -56,7 +70,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import (
     Error,
@@ -71,6 +84,7 @@ from ._config import ServiceConfig, Snippet
 from ._errors import ApiError, from_pool_error
 from ._metrics import CONTENT_TYPE, REFRESH_INTERVAL, ServiceMetrics
 from ._openapi import openapi_document
+from ._requests import RequestContext, install_filter
 
 logger = logging.getLogger("jsonnet_worker.service")
 
@@ -80,6 +94,8 @@ AfterStart = Callable[[WorkerPool, ServiceConfig], Mapping[str, Any]]
 CONFIG_DOMAIN = "config"
 ADHOC_DOMAIN = "adhoc"
 MAX_TENANT = 200
+# application/json or application/<anything>+json, parameters (charset) after a ";"
+JSON_MEDIA_TYPE = re.compile(r"application/(?:[a-z0-9!#$&^_.+-]+\+)?json")
 
 
 class StartupCheckFailed(Error):
@@ -239,6 +255,13 @@ class Service:
         return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
 
     async def healthz(self, request: Request) -> Response:
+        status, code, body = self.health()
+        if not self.may_see_detail(request):
+            return JSONResponse({"status": status}, status_code=code)
+        return JSONResponse(body, status_code=code)
+
+    def health(self) -> tuple[str, int, dict[str, Any]]:
+        """(status, HTTP status, the whole /healthz answer)."""
         stats = self.stats()
         sandbox = None if self.pool is None else self.pool.sandbox
         verdict = judge_sandbox(sandbox)
@@ -271,9 +294,11 @@ class Service:
             "evaluate_enabled": self.config.evaluate_enabled,
             "server": {"pid": os.getpid()},  # which process answered (serve --workers N)
         }
-        return JSONResponse(body, status_code=code)
+        return status, code, body
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if not self.may_see_detail(request):
+            raise unauthorized()
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
@@ -348,6 +373,7 @@ class Service:
         async def counted_handler(request: Request) -> Response:
             started = time.perf_counter()
             try:
+                require_json(request)
                 self.authorize(request)
                 response = await handler(request)
             except ApiError as exc:
@@ -360,14 +386,16 @@ class Service:
         return counted_handler
 
     def authorize(self, request: Request) -> None:
+        """/v1/*: the bearer token, when configured (401 otherwise)."""
         token = self.config.bearer_token
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        if token is not None and not _bearer_matches(request, [token]):
+            raise unauthorized()
+
+    def may_see_detail(self, request: Request) -> bool:
+        """/metrics and /healthz's detail: open without tokens, else the bearer token or
+        the metrics token."""
+        tokens = [t for t in (self.config.bearer_token, self.config.metrics_token) if t]
+        return not tokens or _bearer_matches(request, tokens)
 
     def request_timeout(self, body: Mapping[str, Any]) -> float | None:
         timeout = body.get("timeout")
@@ -384,6 +412,30 @@ class Service:
                 400, "bad_request", f"'timeout' must be a number of seconds in (0, {ceiling}]"
             )
         return float(timeout)
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized", "a valid bearer token is required")
+
+
+def _bearer_matches(request: Request, tokens: list[str]) -> bool:
+    """Whether the request's bearer token is one of ``tokens`` (each compared in constant
+    time, all of them every time)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    matches = [hmac.compare_digest(given.strip().encode(), token.encode()) for token in tokens]
+    return scheme.lower() == "bearer" and any(matches)
+
+
+def require_json(request: Request) -> None:
+    """415 unless the request has one ``Content-Type``, a JSON one."""
+    given = request.headers.getlist("content-type")
+    media_type = given[0].partition(";")[0].strip().lower() if len(given) == 1 else ""
+    if not JSON_MEDIA_TYPE.fullmatch(media_type):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "the body must be JSON, sent with Content-Type: application/json",
+        )
 
 
 def _tenant(body: Mapping[str, Any], domain: str) -> str:
@@ -453,12 +505,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # The detail goes to the log, never to the client.
-    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, "internal", "internal error").response()
-
-
 def create_app(
     config: ServiceConfig,
     *,
@@ -472,6 +518,7 @@ def create_app(
     (``PROMETHEUS_MULTIPROC_DIR`` must name it before prometheus_client is imported);
     ``/metrics`` then answers for all of them."""
     service = Service(config, pool, after_start, metrics_dir)
+    install_filter()
     routes = [
         Route("/v1/evaluate", service.counted("evaluate", service.evaluate), methods=["POST"]),
         Route("/v1/mappers/{name}", service.counted("mapper", service.mapper), methods=["POST"]),
@@ -489,44 +536,12 @@ def create_app(
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         ApiError: _api_error,
         HTTPException: _http_error,
-        Exception: _internal_error,
-    }
+    }  # an internal error (500) is RequestContext's, with the request id
     app = Starlette(
         routes=routes,
         exception_handlers=handlers,
         lifespan=service.lifespan,
-        middleware=[Middleware(CancelledAnswer)],
+        middleware=[Middleware(RequestContext)],
     )
     app.state.service = service
     return app
-
-
-class CancelledAnswer:
-    """A request cancelled before it answered (uvicorn cancels what is still running once
-    ``serve.shutdown_timeout`` is overrun) gets the JSON error envelope (503), not a
-    text/plain 500 and a CancelledError traceback in the log."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except asyncio.CancelledError:
-            if started:
-                raise
-            logger.warning(
-                "%s %s cancelled at shutdown before it answered", scope["method"], scope["path"]
-            )
-            error = ApiError(503, "unavailable", "the service is shutting down")
-            await error.response()(scope, receive, send)

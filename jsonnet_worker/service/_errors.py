@@ -8,10 +8,11 @@ pool error is the library's ``Error.kind`` and its status ``Error.http_status``
 ``{"error": {"kind": ..., "message": ..., "status": ...}}``.
 
 The service's own kinds: ``bad_request`` (400: not JSON, a wrong type, an unknown field, a
-bad timeout), ``unauthorized`` (401), ``evaluate_disabled`` (403), ``unknown_mapper``,
-``unknown_template``, ``not_found`` (404), ``method_not_allowed`` (405), ``too_large``
-(413, also the library's ``InputTooLarge``), ``internal`` (500: a bug; the detail goes to
-the log only). A 503 and a 429 carry ``Retry-After``: 429 is the library's
+bad timeout), ``unauthorized`` (401, with ``WWW-Authenticate: Bearer``),
+``evaluate_disabled`` (403), ``unknown_mapper``, ``unknown_template``, ``not_found`` (404),
+``method_not_allowed`` (405), ``too_large`` (413, also the library's ``InputTooLarge``),
+``unsupported_media_type`` (415: a body not sent as JSON), ``internal`` (500: a bug; the
+detail goes to the log only). A 503 and a 429 carry ``Retry-After``: 429 is the library's
 ``TenantOverloaded`` (the caller's tenant has as many calls waiting as it may; other tenants
 are served), 503 ``overloaded`` a queue timeout or ``unavailable``.
 
@@ -43,8 +44,11 @@ class ApiError(Error):
         self.message = message
 
     def response(self) -> JSONResponse:
-        retry = self.status in _RETRY_LATER
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if retry else None
+        headers: dict[str, str] = {}
+        if self.status in _RETRY_LATER:
+            headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         body: dict[str, Any] = {
             "error": {"kind": self.kind, "message": self.message, "status": self.status}
         }

@@ -30,6 +30,8 @@ _ERROR_STATUSES = {
     "401": "serve.auth.bearer_token_file is set and the bearer token is missing or wrong.",
     "404": "No mapper or template of that name.",
     "413": "The body is over serve.max_body_bytes (or the request over the frame limit).",
+    "415": "The request's Content-Type is not application/json (or application/*+json); "
+    "checked before anything else.",
     "422": "The snippet failed: jsonnet_error (the engine's message), output_too_large, "
     "memory_limit.",
     "429": "tenant_overloaded: this tenant has as many calls waiting as pool.queue_limit "
@@ -62,7 +64,7 @@ def _evaluation(summary: str, body_schema: dict[str, Any], *extra: str) -> dict[
             },
             "responses": {
                 "200": {"description": "The result.", "content": {"application/json": {}}},
-                **_errors("400", "401", *extra, "413", "422", "429", "502", "503", "504"),
+                **_errors("400", "401", *extra, "413", "415", "422", "429", "502", "503", "504"),
             },
         }
     }
@@ -157,7 +159,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/healthz": {
                 "get": {
-                    "summary": "Pool state and the sandbox verdict.",
+                    "summary": "Pool state and the sandbox verdict; with a token configured "
+                    "(serve.auth), only {status} unless the request has it.",
                     "responses": {
                         "200": {
                             "description": "Serving: status ok, or degraded with the "
@@ -175,7 +178,12 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Prometheus metrics (text format), of every server process.",
                     "responses": {
-                        "200": {"description": "Metrics.", "content": {"text/plain": {}}}
+                        "200": {"description": "Metrics.", "content": {"text/plain": {}}},
+                        "401": {
+                            "description": "A token is configured (serve.auth) and the "
+                            "request does not have it.",
+                            "content": {"application/json": {"schema": _ERROR}},
+                        },
                     },
                 }
             },

@@ -16,7 +16,9 @@ Logging: ``--log-format text`` (timestamp, level, logger, message) or ``json`` (
 line with ``time``, ``level``, ``logger``, ``message``), one configuration for this process
 and uvicorn's loggers, the access log included (``--no-access-log`` turns it off). Nothing
 a request carries (snippets, variables, tokens) is logged; the access log has the method,
-path and status only.
+path and status only, and, as every record a request causes (the pool's about its call
+too), the request's id (``request_id``: a JSON field, or `` request_id=...`` at the end of a
+text line; ``_requests.py``).
 
 ``--workers N`` (``serve.workers``): ``_multiprocess.py``'s parent process runs N server
 processes, each built here (``build_server``) with its own pool and host sandbox and the
@@ -131,8 +133,9 @@ class ServeOptions:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: timestamp (UTC, ISO 8601), level, logger, message, and the
-    exception's text when there is one."""
+    """One JSON object per line: timestamp (UTC, ISO 8601), level, logger, message, the
+    request's id on a record a request caused (``_requests.py``), and the exception's text
+    when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -142,6 +145,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
@@ -150,11 +156,21 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, then `` request_id=...`` on a record a request caused."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)  # the exception's text follows, if any
+        request_id = getattr(record, "request_id", None)
+        return text if request_id is None else f"{text} request_id={request_id}"
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any]:
     """The ``logging.config`` dictionary for this process and uvicorn's loggers alike."""
-    formatter: dict[str, Any] = (
-        {"()": JsonFormatter} if log_format == "json" else {"format": TEXT_FORMAT}
-    )
+    formatter: dict[str, Any] = {"()": JsonFormatter if log_format == "json" else TextFormatter}
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "service",
