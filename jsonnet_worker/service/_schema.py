@@ -126,11 +126,11 @@ SERVE = Section(
         "auth": Section(
             {
                 "bearer_token_file": Value(
-                    (STRING,),
+                    (STRING, NULL),
                     "a file holding the token /v1/*, /metrics and /healthz's detail need",
                 ),
                 "metrics_token_file": Value(
-                    (STRING,),
+                    (STRING, NULL),
                     "a file holding a token for /metrics and /healthz's detail only",
                 ),
             },
