@@ -35,9 +35,9 @@ orchestrators.
 Only JSON: a ``/v1/*`` request whose ``Content-Type`` is not ``application/json`` (or
 ``application/<x>+json``; parameters such as ``charset`` allowed) gets 415 before anything
 else is done, the bearer token's check included: a browser may send a cross-site "simple"
-POST (``text/plain``, no preflight) to a service on localhost, and it must not run (nor
-learn anything by timing the token's check). The answer says only what
-``/openapi.json`` publishes anyway. No CORS header is ever sent, so a browser lets no other
+POST (``text/plain``, no preflight) to a service on localhost, and it must not run. 415
+first because the refusal costs nothing and says only what ``/openapi.json`` publishes
+anyway. No CORS header is ever sent, so a browser lets no other
 origin read an answer, and a preflight (OPTIONS) gets 405.
 
 A body over ``serve.max_body_bytes`` is refused with 413 before any JSON parsing: by its
