@@ -36,6 +36,7 @@ Each class carries ``kind`` (a stable snake_case name, the one vocabulary used b
     |
     `-- the tools' (defined beside their code, same contract)
         |-- SuiteError              invalid_suite      400  (_testrunner: a suite unreadable)
+        |   `-- SuiteNotUpdated     suite_not_updated  500  (test --update left a suite as it was)
         |-- ApiError                api_error    (its own status) (service: an HTTP answer)
         |-- StartupCheckFailed      startup_check      500  (service: a mapper fails check)
         `-- ServerProcessesError    server_processes   500  (service: serve --workers N)

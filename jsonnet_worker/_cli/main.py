@@ -324,10 +324,26 @@ def _add_test(commands: Any) -> None:
         "test",
         help="run mapper/template test suites (YAML or JSON) in the sandbox",
         description="Run each suite's cases; exit 0 when all pass, 1 when any fails, 2 when a "
-        "suite cannot be read. Suite format: README, 'Testing mappers'.",
+        "suite cannot be read or updated, 5 when -k selects no case. Suite format: README, "
+        "'Testing mappers'.",
     )
     test.add_argument("suites", nargs="+", metavar="SUITE", help="suite files")
     test.add_argument("--junit-xml", metavar="FILE", help="also write a JUnit XML report")
+    test.add_argument(
+        "-k",
+        dest="keywords",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run only the cases whose name contains PATTERN (case-insensitive); "
+        "given again, the cases matching any",
+    )
+    test.add_argument(
+        "--update",
+        action="store_true",
+        help="write the results of the cases that failed on their expect/expect_subset back "
+        "into the suite files (errors are never written; the rest of each file is kept)",
+    )
     add_pool_flags(test, CLI_POOL)
 
 
@@ -440,20 +456,21 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     config = pool_config(args, CLI_POOL)
-    suites, unreadable = testrunner.load_suites(args.suites)
-    for problem in unreadable:
+    suites, problems = testrunner.load_suites(args.suites)
+    selection = testrunner.Selection(tuple(args.keywords))
+    for problem in problems:
         print(problem, file=sys.stderr)
     try:
         with WorkerPool(config=config) as pool:
-            reports = [testrunner.run_suite(pool, suite, sys.stdout) for suite in suites]
+            reports = [testrunner.run_suite(pool, suite, sys.stdout, selection) for suite in suites]
     except Error as exc:
         raise _library_error(exc) from None
-    print(testrunner.summary(reports))
+    if args.update:
+        problems += testrunner.update_suites(reports, sys.stdout, sys.stderr)
+    print(testrunner.summary(reports, selection))
     if args.junit_xml:
         testrunner.write_junit(reports, args.junit_xml)
-    if unreadable:
-        return EXIT_USAGE
-    return 0 if all(report.passed for report in reports) else EXIT_ERROR
+    return testrunner.exit_status(reports, bool(problems))
 
 
 def run_check(args: argparse.Namespace) -> int:
