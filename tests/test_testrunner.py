@@ -381,6 +381,12 @@ def test_update_places_each_value_where_it_parses_back(
     )
 
 
+def test_update_quotes_a_string_as_a_flow_collection_needs(tmp_path: Path) -> None:
+    text = "source: '1'\ncases: [{name: a, expect: 1}]\n"
+    written = updated_text(tmp_path, text, "a", "x, [y]")
+    assert written == "source: '1'\ncases: [{name: a, expect: 'x, [y]'}]\n"
+
+
 def test_update_keeps_crlf_line_endings(tmp_path: Path) -> None:
     text = "source: '1'\r\ncases:\r\n  - name: a\r\n    expect:\r\n      b: 1\r\n# end\r\n"
     suite = write_suite(tmp_path, "")
