@@ -33,9 +33,10 @@ empty ``expect``, run with ``--update``, review the diff in version control).
 Plan: ``--update`` is a text-level rewrite with PyYAML's node positions, not a round trip
 through a comment-keeping YAML library (no new dependency, and nothing outside the rewritten
 values can move): each value's span is found with ``yaml.compose``, replaced by the new value
-(one line in flow style where the old one was inline, block style at the old indentation
-where it was a block), and the new text must parse to the old document with exactly the new
-values before it replaces the file (a temporary file in the same directory, then a rename).
+(one line in flow style where the old one was inline and the line fits in 100 columns,
+block style at the old indentation otherwise), and the new text must parse to the old
+document with exactly the new values before it replaces the file (a temporary file in the
+same directory, then a rename).
 Anything the rewrite cannot place for sure (an anchor, an alias, an ``expect`` that comes from
 a merge key) is refused with its reason, and the file is left as it was.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import enum
+import functools
 import json
 import os
 import stat
@@ -671,6 +673,7 @@ def _indented(block: str, indent: int, newline: str) -> str:
     return newline.join(" " * indent + line for line in block.splitlines())
 
 
+@functools.cache
 def _dumper() -> Any:
     import yaml
 
