@@ -334,6 +334,20 @@ def test_update_rewrites_only_the_failed_expectations_and_keeps_the_rest(tmp_pat
     assert [path.name for path in tmp_path.iterdir()] == sorted(["mapper.jsonnet", "suite.yaml"])
 
 
+def test_update_leaves_passing_suites_untouched(tmp_path: Path) -> None:
+    copies = []
+    for example in sorted(EXAMPLES.glob("*")):
+        copy = tmp_path / example.name
+        copy.write_bytes(example.read_bytes())
+        copies.append(copy)
+    suites = [copy for copy in copies if copy.name.endswith(".test.yaml")]
+    before = {copy: (copy.stat().st_ino, copy.read_bytes()) for copy in suites}
+    done = run(*map(str, suites), "--update")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "UPDATED" not in done.stdout
+    assert {copy: (copy.stat().st_ino, copy.read_bytes()) for copy in suites} == before
+
+
 def test_update_that_fixes_every_failure_exits_0(tmp_path: Path) -> None:
     suite = write_suite(tmp_path, SUITE.split("  - name: expected error")[0])
     done = run(str(suite), "--update")
