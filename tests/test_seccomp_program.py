@@ -25,6 +25,7 @@ from jsonnet_worker._sandbox.seccomp import (
     SyscallTable,
     build_program,
 )
+from jsonnet_worker._wire.control import FORK_FLAGS
 
 OWN_PID = 4321
 OTHER_PID = 4322
@@ -154,6 +155,26 @@ def test_clone_makes_threads_only_and_clone3_does_not_exist(table: SyscallTable)
     assert decide(table, "clone", 0x11) == REFUSE  # fork(): SIGCHLD only
     assert decide(table, "clone", thread | 0x08000000) == REFUSE  # + CLONE_NEWIPC
     assert decide(table, "clone3", 0) == ENOSYS
+
+
+def test_fcntl_passes_but_for_its_lock_commands(table: SyscallTable) -> None:
+    # What the runtimes use (strace, both engines): descriptor flags, status flags, dup.
+    for command in (0, 1, 2, 3, 4, 1030):  # F_DUPFD, F_GETFD/SETFD, F_GETFL/SETFL, CLOEXEC
+        assert decide(table, "fcntl", 3, command, 0) == ALLOW, command
+    for command in (5, 6, 7, 12, 13, 14, 36, 37, 38):  # F_*LK, F_*LK64, F_OFD_*LK
+        assert decide(table, "fcntl", 0, command, 0x7FFF0000) == REFUSE, command
+    # The kernel reads an unsigned int: only the low 32 bits count, and only they are checked.
+    assert decide(table, "fcntl", 0, (1 << 32) | 6, 0) == REFUSE
+
+
+def test_a_channel_gets_no_name_or_peer_and_no_file_is_locked(table: SyscallTable) -> None:
+    for name in ("bind", "listen", "accept", "accept4", "connect", "flock"):
+        assert decide(table, name, 2, 0, 0) == REFUSE, name
+    # The fork server's filter (no pid of its own, one clone form) refuses them too.
+    program = build_program(table, None, process_clone=FORK_FLAGS)
+    for name in ("bind", "listen", "accept", "accept4", "connect", "flock"):
+        assert run(program, table.audit_arch, table.number(name), (2, 0, 0)) == REFUSE, name
+    assert run(program, table.audit_arch, table.number("fcntl"), (0, 6, 0)) == REFUSE
 
 
 def test_every_rule_names_a_call_of_each_table(table: SyscallTable) -> None:

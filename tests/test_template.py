@@ -390,7 +390,7 @@ for fd in range(1024):
         mode = os.fstat(fd).st_mode
     except OSError:
         continue
-    kinds[fd] = "socket" if stat.S_ISSOCK(mode) else "char" if stat.S_ISCHR(mode) else oct(mode)
+    kinds[fd] = "socket" if stat.S_ISSOCK(mode) else "fifo" if stat.S_ISFIFO(mode) else oct(mode)
 result = kinds
 """
 
@@ -402,10 +402,10 @@ def test_a_forked_worker_holds_nothing_of_the_template_or_its_siblings(
     second = fork(python_template, workers)
     fds = {int(fd): kind for fd, kind in second.python(FD_PROBE).items()}
     sockets = {fd for fd, kind in fds.items() if kind == "socket"}
-    # fd 0 is /dev/null; 1 and 2 its stderr channel; two more: its requests and responses.
-    # No control socket, no memfd, no channel of the first worker.
-    assert fds[0] == "char" and {1, 2} <= sockets and len(sockets) == 4, fds
-    assert all(kind in ("socket", "char") for kind in fds.values()), fds
+    # fd 0 is a pipe of its own; 1 and 2 its stderr channel; two more: its requests and
+    # responses. No control socket, no memfd, no channel of the first worker.
+    assert fds[0] == "fifo" and {1, 2} <= sockets and len(sockets) == 4, fds
+    assert all(kind in ("socket", "fifo") for kind in fds.values()), fds
     assert first.python("result = 'still here'") == "still here"
 
 

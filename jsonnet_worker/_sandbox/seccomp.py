@@ -2,7 +2,12 @@
 
 Goals: close what Landlock leaves open to a fully compromised engine: running an ELF
 (``execve``/``execveat``, even of a memfd), making sockets of any family (``socket``,
-``socketpair``), reading, writing or steering other processes (``ptrace``,
+``socketpair``) or giving the channels it holds a name or a peer (``bind``: an abstract
+unix name held host-wide; ``listen``, ``accept``, ``accept4``, ``connect``), file locks,
+which live on a file the whole host shares, not in the worker (``flock``, and ``fcntl``'s
+record-lock commands, POSIX and open file description ones: a lock on /dev/null holds
+host-wide and ``F_GETLK`` reads another process's back), reading, writing or steering
+other processes (``ptrace``,
 ``process_vm_*``, pidfds, ``kcmp``, ``process_madvise``, ``migrate_pages``...), and the
 calls a same-uid process can aim at another pid (``prlimit64``, ``sched_set*``,
 ``setpriority``, ``ioprio_set``, ``kill`` and the other signal calls): those pass only when
@@ -130,11 +135,29 @@ MAP_ANONYMOUS = 0x20
 MAP_GROWSDOWN = 0x0100
 PRIO_PROCESS = 0
 IOPRIO_WHO_PROCESS = 1
+# fcntl's record-lock commands (asm-generic/fcntl.h, the same on x86_64 and aarch64): the
+# POSIX ones, the open file description ones, and the flock64 names, which a 64-bit kernel
+# answers EINVAL (measured) and are refused anyway so the filter does not rest on that.
+F_GETLK, F_SETLK, F_SETLKW = 5, 6, 7
+F_GETLK64, F_SETLK64, F_SETLKW64 = 12, 13, 14
+F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW = 36, 37, 38
+LOCK_COMMANDS = (
+    F_GETLK,
+    F_SETLK,
+    F_SETLKW,
+    F_GETLK64,
+    F_SETLK64,
+    F_SETLKW64,
+    F_OFD_GETLK,
+    F_OFD_SETLK,
+    F_OFD_SETLKW,
+)
 
 
 class Rule(enum.Enum):
     """An argument check: the call passes only when aimed at the worker itself (or, for
-    ``mmap``, when it maps memory ``RLIMIT_DATA`` counts)."""
+    ``mmap``, when it maps memory ``RLIMIT_DATA`` counts; for ``fcntl``, when it takes,
+    drops or reads no lock)."""
 
     OWN_PID = "first argument is 0 or the worker's pid"
     PRIO_SELF = "PRIO_PROCESS, 0"
@@ -142,6 +165,7 @@ class Rule(enum.Enum):
     COUNTED_MAPPING = "no MAP_GROWSDOWN, no shared anonymous memory"
     NO_GROWTH = "new size at most the old size"
     THREAD_ONLY = "CLONE_THREAD and no namespace flag"
+    NO_LOCKS = "no record-lock command"
     NO_SUCH_CALL = "answers ENOSYS"
 
 
@@ -163,6 +187,11 @@ ARGUMENT_RULES: dict[str, Rule] = {
     "mremap": Rule.NO_GROWTH,
     "clone": Rule.THREAD_ONLY,
     "clone3": Rule.NO_SUCH_CALL,
+    # Record locks live on the inode (POSIX) or the open file (OFD), not in the worker: one
+    # taken on /dev/null holds host-wide, and F_GETLK reads other processes' locks back (a
+    # covert channel between two workers). The runtimes use only F_GETFD/F_SETFD,
+    # F_GETFL/F_SETFL and F_DUPFD_CLOEXEC (measured with strace, both engines).
+    "fcntl": Rule.NO_LOCKS,
 }
 
 # Calls refused with EPERM, by family. Names follow the kernel's syscall tables; a name an
@@ -171,6 +200,13 @@ DENIED_FAMILIES: dict[str, tuple[str, ...]] = {
     "exec": ("execve", "execveat"),
     "fork": ("fork", "vfork"),
     "sockets": ("socket", "socketpair"),
+    # A worker only reads and writes the connected channels its parent made. bind() would
+    # give one an abstract unix name, held host-wide (the network namespace's) for the
+    # worker's life: Landlock's abstract-socket scope covers connect and send, not bind.
+    # listen/accept/connect have no use on a connected stream socket: refused all the same.
+    "socket endpoints": ("bind", "listen", "accept", "accept4", "connect"),
+    # An exclusive flock on a file the worker holds (/dev/null) holds host-wide.
+    "file locks": ("flock",),
     "other processes": (
         "ptrace",
         "process_vm_readv",
@@ -337,13 +373,14 @@ _UNIFIED_NUMBERS = {
 # fmt: off
 _X86_64_NUMBERS = {
     "mmap": 9, "mremap": 25, "shmget": 29, "shmat": 30, "shmctl": 31, "socket": 41,
-    "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "kill": 62,
-    "semget": 64, "semop": 65, "semctl": 66, "shmdt": 67, "msgget": 68, "msgsnd": 69,
-    "msgrcv": 70, "msgctl": 71, "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93,
-    "lchown": 94, "ptrace": 101, "syslog": 103, "rt_sigqueueinfo": 129, "utime": 132,
-    "personality": 135, "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144,
-    "vhangup": 153, "modify_ldt": 154, "pivot_root": 155, "adjtimex": 159, "chroot": 161,
-    "sync": 162, "acct": 163, "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167,
+    "connect": 42, "accept": 43, "bind": 49, "listen": 50, "socketpair": 53, "clone": 56,
+    "fork": 57, "vfork": 58, "execve": 59, "kill": 62, "semget": 64, "semop": 65, "semctl": 66,
+    "shmdt": 67, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "fcntl": 72,
+    "flock": 73, "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94,
+    "ptrace": 101, "syslog": 103, "rt_sigqueueinfo": 129, "utime": 132, "personality": 135,
+    "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144, "vhangup": 153,
+    "modify_ldt": 154, "pivot_root": 155, "adjtimex": 159, "chroot": 161, "sync": 162,
+    "acct": 163, "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167,
     "swapoff": 168, "reboot": 169, "sethostname": 170, "setdomainname": 171, "iopl": 172,
     "ioperm": 173, "init_module": 175, "delete_module": 176, "quotactl": 179, "setxattr": 188,
     "lsetxattr": 189, "fsetxattr": 190, "getxattr": 191, "lgetxattr": 192, "fgetxattr": 193,
@@ -355,7 +392,7 @@ _X86_64_NUMBERS = {
     "add_key": 248, "request_key": 249, "keyctl": 250, "ioprio_set": 251, "inotify_init": 253,
     "inotify_add_watch": 254, "inotify_rm_watch": 255, "migrate_pages": 256, "fchownat": 260,
     "futimesat": 261, "fchmodat": 268, "unshare": 272, "move_pages": 279, "utimensat": 280,
-    "inotify_init1": 294, "rt_tgsigqueueinfo": 297, "perf_event_open": 298,
+    "accept4": 288, "inotify_init1": 294, "rt_tgsigqueueinfo": 297, "perf_event_open": 298,
     "fanotify_init": 300, "fanotify_mark": 301, "prlimit64": 302, "name_to_handle_at": 303,
     "open_by_handle_at": 304, "clock_adjtime": 305, "syncfs": 306, "setns": 308,
     "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
@@ -372,26 +409,28 @@ X86_64 = SyscallTable(audit_arch=0xC000003E, numbers=_X86_64_NUMBERS, x32_bit=Tr
 _GENERIC_NUMBERS = {
     "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "getxattr": 8, "lgetxattr": 9,
     "fgetxattr": 10, "listxattr": 11, "llistxattr": 12, "flistxattr": 13, "removexattr": 14,
-    "lremovexattr": 15, "fremovexattr": 16, "inotify_init1": 26, "inotify_add_watch": 27,
-    "inotify_rm_watch": 28, "ioprio_set": 30, "umount2": 39, "mount": 40, "pivot_root": 41,
-    "chroot": 51, "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "vhangup": 58,
-    "quotactl": 60, "sync": 81, "utimensat": 88, "acct": 89, "personality": 92, "unshare": 97,
-    "kexec_load": 104, "init_module": 105, "delete_module": 106, "clock_settime": 112,
-    "syslog": 116, "ptrace": 117, "sched_setparam": 118, "sched_setscheduler": 119,
-    "sched_setaffinity": 122, "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138,
-    "setpriority": 140, "reboot": 142, "sethostname": 161, "setdomainname": 162,
-    "settimeofday": 170, "adjtimex": 171, "mq_open": 180, "mq_unlink": 181,
-    "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184, "mq_getsetattr": 185,
-    "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189, "semget": 190, "semctl": 191,
-    "semtimedop": 192, "semop": 193, "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197,
-    "socket": 198, "socketpair": 199, "mremap": 216, "add_key": 217, "request_key": 218,
-    "keyctl": 219, "clone": 220, "execve": 221, "mmap": 222, "swapon": 224, "swapoff": 225,
-    "remap_file_pages": 234, "migrate_pages": 238, "move_pages": 239, "rt_tgsigqueueinfo": 240,
-    "perf_event_open": 241, "prlimit64": 261, "fanotify_init": 262, "fanotify_mark": 263,
-    "name_to_handle_at": 264, "open_by_handle_at": 265, "clock_adjtime": 266, "syncfs": 267,
-    "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272,
-    "finit_module": 273, "sched_setattr": 274, "seccomp": 277, "memfd_create": 279, "bpf": 280,
-    "execveat": 281, "userfaultfd": 282, "kexec_file_load": 294, **_UNIFIED_NUMBERS,
+    "lremovexattr": 15, "fremovexattr": 16, "fcntl": 25, "inotify_init1": 26,
+    "inotify_add_watch": 27, "inotify_rm_watch": 28, "ioprio_set": 30, "flock": 32, "umount2": 39,
+    "mount": 40, "pivot_root": 41, "chroot": 51, "fchmod": 52, "fchmodat": 53, "fchownat": 54,
+    "fchown": 55, "vhangup": 58, "quotactl": 60, "sync": 81, "utimensat": 88, "acct": 89,
+    "personality": 92, "unshare": 97, "kexec_load": 104, "init_module": 105,
+    "delete_module": 106, "clock_settime": 112, "syslog": 116, "ptrace": 117,
+    "sched_setparam": 118, "sched_setscheduler": 119, "sched_setaffinity": 122, "kill": 129,
+    "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "setpriority": 140, "reboot": 142,
+    "sethostname": 161, "setdomainname": 162, "settimeofday": 170, "adjtimex": 171,
+    "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183,
+    "mq_notify": 184, "mq_getsetattr": 185, "msgget": 186, "msgctl": 187, "msgrcv": 188,
+    "msgsnd": 189, "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193, "shmget": 194,
+    "shmctl": 195, "shmat": 196, "shmdt": 197, "socket": 198, "socketpair": 199, "bind": 200,
+    "listen": 201, "accept": 202, "connect": 203, "mremap": 216, "add_key": 217,
+    "request_key": 218, "keyctl": 219, "clone": 220, "execve": 221, "mmap": 222, "swapon": 224,
+    "swapoff": 225, "remap_file_pages": 234, "migrate_pages": 238, "move_pages": 239,
+    "rt_tgsigqueueinfo": 240, "perf_event_open": 241, "accept4": 242, "prlimit64": 261,
+    "fanotify_init": 262, "fanotify_mark": 263, "name_to_handle_at": 264,
+    "open_by_handle_at": 265, "clock_adjtime": 266, "syncfs": 267, "setns": 268,
+    "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "finit_module": 273,
+    "sched_setattr": 274, "seccomp": 277, "memfd_create": 279, "bpf": 280, "execveat": 281,
+    "userfaultfd": 282, "kexec_file_load": 294, **_UNIFIED_NUMBERS,
 }
 # fmt: on
 AARCH64 = SyscallTable(audit_arch=0xC00000B7, numbers=_GENERIC_NUMBERS)
@@ -464,6 +503,12 @@ def _check_block(rule: Rule, own_pid: int | None, process_clone: int | None) -> 
             (_TAX, 0, None, None),
             (_LD_W_ABS, _arg_low(2), None, None),
             (_JGT_X, 0, "refuse", "allow"),
+        ]
+    if rule is Rule.NO_LOCKS:  # fcntl(fd, cmd, ...): cmd is an unsigned int
+        return [
+            (_LD_W_ABS, _arg_low(1), None, None),
+            *((_JEQ_K, command, "refuse", "next") for command in LOCK_COMMANDS),
+            (_JA, 0, "allow", None),
         ]
     if rule is Rule.THREAD_ONLY:
         # ``process_clone``: the one exact flag word that may make a process (the template's

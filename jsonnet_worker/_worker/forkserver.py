@@ -10,7 +10,8 @@ bytes it reads are the pool's control messages.
 Plan (docs/DESIGN.md, "Forked workers"). The fork server is started like a worker (the same
 bootstrap, mode ``FORK_SERVER_COMMAND``), and (``FORK_SERVER``, in order):
   1. ties its life to the parent, moves the control socket (a SOCK_SEQPACKET pair made by
-     the pool, given as fd 0) to a private fd, keeps a /dev/null fd for its workers' fd 0;
+     the pool, given as fd 0) to a private fd, puts /dev/null on fd 0 (its own: no fork
+     keeps it);
   2. runs ``startup.RESTRICT``: warm-up, the engine copied into a memfd with its libraries
      loaded, limits, privilege drop, the empty Landlock layer, the self-check, all while it
      has one thread (it never starts another);
@@ -27,8 +28,11 @@ bootstrap, mode ``FORK_SERVER_COMMAND``), and (``FORK_SERVER``, in order):
      live worker's fd. A request it cannot serve gets a ``ForkRefused`` saying why.
 The forked child (``run_forked_worker``), before its hello (``FORKED``, in order):
   1. re-arms PR_SET_PDEATHSIG (cleared by fork; its parent is now the pool's thread that
-     started the fork server), leaves the fork server's session, puts its channels on fds 0-2
-     and two private fds, and closes every other fd (the control socket included);
+     started the fork server), leaves the fork server's session, puts a pipe of its own on
+     fd 0 (``private_stdin``), its stderr channel on fds 1 and 2, its two other channels on
+     private fds, and closes every other fd (the control socket included): no open file
+     description it holds is held by the fork server or a sibling (a shared one carries
+     locks, ``O_NONBLOCK`` and offsets from one process to another);
   2. adds a nested empty Landlock layer: its own domain, so the signal and abstract-socket
      scopes keep it from the fork server and from its siblings; checks the layer holds;
   3. runs ``startup.FINISH`` (loads the engine from the memfd, its Go threads born in the
@@ -162,7 +166,6 @@ class ForkServer:
 
     restricted: startup.StartUp
     control: socket.socket
-    null_fd: int
     clone: Cloner
 
     def send(
@@ -218,6 +221,23 @@ class ForkServer:
             self.send(Forked(request.request_id, pid), [pidfd])
         finally:
             os.close(pidfd)
+
+
+def private_stdin() -> None:
+    """A forked worker's fd 0: the read end of a pipe made here, whose write end is closed.
+
+    It reads as /dev/null did (end of file at once) and, read-only, refuses writes as the
+    read-only /dev/null did; no other process holds it. Not the fork server's /dev/null: one
+    open file description shared by every fork and the fork server, it carried an exclusive
+    ``flock`` host-wide and past the worker's life, record locks between workers that share
+    nothing else, and ``O_NONBLOCK`` set by one fork to the others (issue 22). Not a fresh
+    /dev/null: the fork server's Landlock layer refuses the open. Not closed: the next fd the
+    engine or its runtime opens would become fd 0, Python's ``sys.stdin`` and Go's
+    ``os.Stdin``."""
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    os.dup2(read_end, 0)
+    os.close(read_end)
 
 
 def run_forked_worker(server: ForkServer, channels: list[int]) -> NoReturn:
@@ -277,7 +297,7 @@ def forked_worker_main(server: ForkServer, channels: list[int]) -> int:
     # The parent is now the pool's thread that started the fork server (CLONE_PARENT).
     startup.tie_to_parent(options.parent_pid)
     os.setsid()  # out of the fork server's session and process group
-    os.dup2(server.null_fd, 0)
+    private_stdin()
     os.dup2(errors, 2)
     os.dup2(errors, 1)  # a stray write lands in the diagnostics, never inside a frame
     streams = ForkedStreams(requests, responses)
@@ -313,7 +333,7 @@ FORK_SERVER: tuple[startup.Step, ...] = (
 
 
 def start_fork_server(
-    options: startup.WorkerOptions, control: socket.socket, null_fd: int
+    options: startup.WorkerOptions, control: socket.socket
 ) -> tuple[ForkServer, ForkServerHello]:
     """Steps 2-3 of the plan; returns the fork server and its hello."""
     clone = Cloner()  # bound before restriction
@@ -331,7 +351,7 @@ def start_fork_server(
     )
     # A fork's layers are its own: the fork server's seccomp layer is not theirs.
     del restricted.layers["seccomp"]
-    return ForkServer(restricted, control, null_fd, clone), hello
+    return ForkServer(restricted, control, clone), hello
 
 
 def main(argv: list[str]) -> int:
@@ -339,11 +359,12 @@ def main(argv: list[str]) -> int:
     options = startup.parse_args(argv)
     startup.tie_to_parent(options.parent_pid)
     control = socket.socket(fileno=os.dup(0))
-    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    os.dup2(null_fd, 0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     os.dup2(2, 1)
     try:
-        server, hello = start_fork_server(options, control, null_fd)
+        server, hello = start_fork_server(options, control)
     except startup.STARTUP_ERRORS as exc:
         reason = f"fork server start-up failed: {exc}"
         print(reason, file=sys.stderr, flush=True)
