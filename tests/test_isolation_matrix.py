@@ -25,12 +25,20 @@ away: Landlock refuses the same way without seccomp; the privilege drop and the 
 refuse what the worker without them is allowed; RLIMIT_DATA refuses in every column.
 Probes aimed at "another process" aim at a victim of the worker's own uid (another
 ``nobody`` process for ``full``, the host application for ``nonroot``).
+
+A probe that would leave something host-wide (an abstract unix name bound, a lock on
+/dev/null) is also looked at from outside (``LOOKS``): this unsandboxed process must find
+what an "allowed" cell's worker took taken, and what a refused one tried free (it binds the
+name, takes the flock, queries the byte). The ``shared-open-file`` row is that look alone:
+kcmp(KCMP_FILE) of every fd of the worker against every fd of this process and of the other
+columns' workers ("private": none is the same open file description).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -39,13 +47,14 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import harness_command
+from fdview import shared_open_files
 from jsonnet_worker._pool.identities import NOBODY_ID, resolve_identity
 from jsonnet_worker._sandbox.landlock import probe
 from rawworker import RawWorker
@@ -70,7 +79,7 @@ TWO_GIB = 2 << 30  # past every worker's 1 GiB memory limit
 
 # What every probe starts with. ``outcome`` turns an action into "allowed" or an errno name.
 PRELUDE = """
-import ctypes, errno, os, socket, threading
+import ctypes, errno, os, socket, struct, threading
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
@@ -98,6 +107,15 @@ def outcome(action):
     except OSError as exc:
         return errno.errorcode.get(exc.errno, str(exc.errno))
     return "allowed"
+def same_outcome(*actions):
+    outcomes = [outcome(action) for action in actions]
+    return outcomes[0] if len(set(outcomes)) == 1 else "/".join(outcomes)
+def lock_stdin(command, kind, start):
+    # fcntl(0, command, struct flock {l_type, l_whence, l_start, l_len = 1, l_pid = 0}) on
+    # fd 0 (/dev/null): the l_type the kernel wrote back
+    request = ctypes.create_string_buffer(struct.pack("hhqqi", kind, 0, start, 1, 0), 32)
+    check(libc.fcntl(0, command, request))
+    return struct.unpack("hhqqi", request.raw[:28])[0]
 """
 
 # A 64-bit x86 ELF that calls exit(42): header, one PT_LOAD, 12 bytes of code.
@@ -172,6 +190,49 @@ def connect():
         s.connect({unix_abstract!r})
 result = outcome(connect)
 """,
+    "abstract-bind": """
+def squat():
+    channel = socket.socket(fileno=os.dup(2))  # its stderr channel, a connected socket
+    try:
+        channel.bind({squat_name!r})
+    finally:
+        channel.close()  # the dup only: the channel stays open, and bound if it was
+result = outcome(squat)
+""",
+    "listen-accept": """
+channel = socket.socket(fileno=os.dup(2))
+result = same_outcome(
+    lambda: channel.listen(1),
+    lambda: check(libc.accept(2, None, None)),
+    lambda: check(libc.accept4(2, None, None, 0)),
+)
+channel.close()
+""",
+    "channel-connect": """
+def connect():
+    with socket.socket(fileno=os.dup(2)) as channel:
+        channel.connect({unix_abstract!r})
+result = outcome(connect)
+""",
+    "flock": "result = outcome(lambda: check(libc.flock(0, 2 | 4)))  # LOCK_EX|LOCK_NB, fd 0",
+    "posix-lock": """
+result = same_outcome(  # F_SETLK, F_SETLKW: a read lock on one byte of /dev/null
+    lambda: lock_stdin(6, 0, {lock_start}), lambda: lock_stdin(7, 0, {lock_start})
+)
+""",
+    "ofd-lock": """
+result = same_outcome(  # F_OFD_SETLK, F_OFD_SETLKW: a read lock on one byte of /dev/null
+    lambda: lock_stdin(37, 0, {lock_start}), lambda: lock_stdin(38, 0, {lock_start})
+)
+""",
+    "lock-test": """
+def seen(command):  # F_GETLK / F_OFD_GETLK: would a write lock on that byte conflict?
+    if lock_stdin(command, 1, {held_start}) == 2:  # F_UNLCK: the test's lock not seen
+        raise OSError(errno.ENOENT, "no lock seen")
+result = same_outcome(lambda: seen(5), lambda: seen(36))
+""",
+    # O_NONBLOCK on fd 0: a bit every process sharing its open file description would see
+    "shared-open-file": "result = outcome(lambda: os.set_blocking(0, False))",
     "kill-parent": "result = outcome(lambda: os.kill(os.getppid(), 0))",
     "ptrace-parent": """
 libc.ptrace.restype = ctypes.c_long
@@ -403,6 +464,9 @@ class Targets:
             "mq_name": mq_name(column),
             "victim_pid": self.victims[column.removesuffix("-marked").removesuffix("-landlock")],
             "two_gib": TWO_GIB,
+            "squat_name": squat_name(column),
+            "lock_start": lock_start(column),
+            "held_start": HELD_LOCK_START,
             "ioprio_get": 252 if x86 else 31,
             "ioprio_set": 251 if x86 else 30,
             "kcmp": 312 if x86 else 272,
@@ -412,6 +476,21 @@ class Targets:
 
 def mq_name(column: str) -> str:
     return f"/jsonnet-worker-probe-{os.getpid()}-{column}"
+
+
+def squat_name(column: str) -> str:
+    """The abstract unix name a column's worker tries to bind its stderr channel to."""
+    return f"\0jsonnet-worker-squat-{os.getpid()}-{column}"
+
+
+# Record locks on /dev/null: the byte the test holds an OFD write lock on (for the worker to
+# read back), and one byte per column for the worker's own (each column's is looked for).
+HELD_LOCK_START = 10
+ALL_COLUMNS = (*COLUMNS, *MARKED.values(), *WITHOUT_SECCOMP.values())
+
+
+def lock_start(column: str) -> int:
+    return 100 + ALL_COLUMNS.index(column)
 
 
 def column_uid(column: str) -> int:
@@ -443,7 +522,7 @@ class HostIpc:
         self.libc.shmctl(self.shm, self.IPC_RMID, None)
         self.libc.semctl(self.sem, 0, self.IPC_RMID)
         self.libc.msgctl(self.msg, self.IPC_RMID, None)
-        for column in (*COLUMNS, *MARKED.values(), *WITHOUT_SECCOMP.values()):
+        for column in ALL_COLUMNS:
             self.libc.mq_unlink(mq_name(column).encode())
 
 
@@ -476,6 +555,8 @@ def targets() -> Iterator[Targets]:
     abstract.bind(abstract_name)
     abstract.listen(64)
     ipc = HostIpc()
+    held = os.open(os.devnull, os.O_RDWR)  # an OFD lock: closing another fd keeps it
+    fcntl.fcntl(held, fcntl.F_OFD_SETLK, flock_struct(fcntl.F_WRLCK, HELD_LOCK_START))
     victims: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for column in COLUMNS:
@@ -497,6 +578,7 @@ def targets() -> Iterator[Targets]:
             victim.kill()
             victim.wait()
         ipc.remove()
+        os.close(held)
         for listener in (tcp, udp, unix, abstract):
             listener.close()
         shutil.rmtree(open_dir, ignore_errors=True)
@@ -542,12 +624,107 @@ def workers() -> Iterator[dict[str, RawWorker]]:
 
 
 def run_probe(workers: dict[str, RawWorker], column: str, name: str, targets: Targets) -> str:
-    code = PRELUDE + PROBES[name].format(**targets.fields(column))
-    worker = workers[column]
-    answer = worker.request(code)
+    return run_code(workers[column], PROBES[name].format(**targets.fields(column)))
+
+
+def run_code(worker: RawWorker, code: str) -> str:
+    answer = worker.request(PRELUDE + code)
     assert answer["t"] == "result", answer
-    outcome = answer["json"].strip('"')
+    outcome: str = answer["json"].strip('"')
     return outcome
+
+
+# -- what some probes leave behind, looked for from outside ---------------------------------
+#
+# A probe that would hold something host-wide (a name, a lock) is also looked at from this
+# process, unsandboxed: what an "allowed" cell's worker took must be seen taken, and what a
+# refused one tried must be free. ``measure`` turns a disagreement into an outcome no cell
+# names, so the row fails.
+
+
+def flock_struct(kind: int, start: int) -> bytes:
+    """struct flock {l_type, l_whence = SEEK_SET, l_start, l_len = 1, l_pid = 0}."""
+    return struct.pack("hhqqi", kind, 0, start, 1, 0).ljust(32, b"\0")
+
+
+def name_squatted(targets: Targets, column: str, workers: dict[str, RawWorker]) -> str | None:
+    with socket.socket(socket.AF_UNIX) as other:
+        try:
+            other.bind(squat_name(column))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            return "the name is taken: another process's bind gets EADDRINUSE"
+    return None
+
+
+def null_flocked(targets: Targets, column: str, workers: dict[str, RawWorker]) -> str | None:
+    other = os.open(os.devnull, os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "/dev/null is flocked: another process's LOCK_EX would wait"
+    finally:
+        os.close(other)  # and its lock, if it took one
+    return None
+
+
+def null_byte_locked(targets: Targets, column: str, workers: dict[str, RawWorker]) -> str | None:
+    other = os.open(os.devnull, os.O_RDWR)
+    try:  # an OFD query: this process's own OFD lock (HELD_LOCK_START) is elsewhere
+        found = fcntl.fcntl(
+            other, fcntl.F_OFD_GETLK, flock_struct(fcntl.F_WRLCK, lock_start(column))
+        )
+    finally:
+        os.close(other)
+    if struct.unpack("hhqqi", found[:28])[0] == fcntl.F_UNLCK:
+        return None
+    return f"byte {lock_start(column)} of /dev/null is locked: a write lock there would wait"
+
+
+def open_file_shared(targets: Targets, column: str, workers: dict[str, RawWorker]) -> str | None:
+    """kcmp(KCMP_FILE) from outside: is any fd of the column's worker one open file
+    description with an fd of this process or of another column's worker?"""
+    pids = {name: worker.process.pid for name, worker in workers.items()}
+    return "; ".join(shared_open_files({**pids, "the test": os.getpid()}, column)) or None
+
+
+@dataclass(frozen=True)
+class Look:
+    """How to see a probe's trace from outside (a description of it, or None), and what
+    undoes it in the worker once seen (the columns share /dev/null)."""
+
+    trace: Callable[[Targets, str, dict[str, RawWorker]], str | None]
+    release: str = ""
+
+
+LOOKS: dict[str, Look] = {
+    "abstract-bind": Look(name_squatted),  # a name per column; it lives as long as the worker
+    "flock": Look(null_flocked, "check(libc.flock(0, 8))  # LOCK_UN"),
+    "posix-lock": Look(null_byte_locked, "lock_stdin(6, 2, {lock_start})  # F_UNLCK"),
+    "ofd-lock": Look(null_byte_locked, "lock_stdin(37, 2, {lock_start})  # F_UNLCK"),
+    "shared-open-file": Look(open_file_shared),
+}
+# Rows whose outcome is the outside view alone: "allowed" if the trace is there, else
+# "private" (the worker's own part, O_NONBLOCK on its fd 0, is allowed everywhere).
+SEEN_FROM_OUTSIDE_ONLY = {"shared-open-file"}
+
+
+def measure(workers: dict[str, RawWorker], column: str, name: str, targets: Targets) -> str:
+    """The probe's outcome in ``column``, checked against what is seen from outside."""
+    inside = run_probe(workers, column, name, targets)
+    look = LOOKS.get(name)
+    if look is None:
+        return inside
+    trace = look.trace(targets, column, workers)
+    if look.release and inside == "allowed":
+        run_code(workers[column], look.release.format(**targets.fields(column)))
+        assert look.trace(targets, column, workers) is None, (column, name, "not released")
+    if name in SEEN_FROM_OUTSIDE_ONLY and inside == "allowed":
+        return "private" if trace is None else f"allowed ({trace})"
+    if (inside == "allowed") == (trace is not None):
+        return inside
+    return f"{inside}, but seen from outside: {trace or 'nothing'}"
 
 
 @dataclass(frozen=True)
@@ -577,9 +754,11 @@ def matrix_rows() -> list[Row]:
 
 
 def expected_outcome(cell: str) -> str:
-    """``allowed`` or the errno name in the cell's brackets, e.g. ``seccomp (EPERM)``."""
-    if cell.startswith("allowed"):
-        return "allowed"
+    """``allowed``, ``private`` (nothing shared, seen from outside) or the errno name in the
+    cell's brackets, e.g. ``seccomp (EPERM)``."""
+    for word in ("allowed", "private"):
+        if cell.startswith(word):
+            return word
     match = re.search(r"\((E[A-Z]+)\)", cell)
     assert match, f"cell {cell!r} names no errno"
     return match[1]
@@ -597,7 +776,7 @@ LIMIT_LAYERS = ("RLIMIT_NPROC", "RLIMIT_NOFILE")
 
 @pytest.mark.parametrize("row", matrix_rows(), ids=lambda row: row.probe)
 def test_matrix_row(row: Row, workers: dict[str, RawWorker], targets: Targets) -> None:
-    measured = {column: run_probe(workers, column, row.probe, targets) for column in workers}
+    measured = {column: measure(workers, column, row.probe, targets) for column in workers}
     for column in COLUMNS:
         if column in measured:
             assert measured[column] == expected_outcome(row.cells[column]), (column, measured)
@@ -613,8 +792,8 @@ def check_layer(row: Row, column: str, measured: dict[str, str]) -> None:
     marked, plain = measured[MARKED[column]], measured[WITHOUT_SECCOMP[column]]
     if layer == "seccomp":
         assert marked == errno.errorcode[SECCOMP_MARKER], (column, measured)
-    elif layer == "allowed":
-        assert marked == "allowed", (column, measured)
+    elif layer in ("allowed", "private"):
+        assert marked == layer, (column, measured)
     else:
         assert marked == measured[column], f"{column}: seccomp refused first: {measured}"
         if layer in ("Landlock", "RLIMIT_DATA"):  # every column has the memory limit too

@@ -12,105 +12,27 @@ here, or the workers' own uid: a process in no Landlock domain may inspect one i
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import itertools
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
+from fdview import held_elsewhere, open_files, shared_open_files
 from jsonnet_worker._pool.connection import WorkerConnection
 from jsonnet_worker._pool.forking import ForkServerProcess
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
-from jsonnet_worker._sandbox import seccomp
 from jsonnet_worker._sandbox.landlock import probe
 from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
 
 LANDLOCK = probe()
-KCMP_FILE = 0
-_TABLE = seccomp.table_for_machine()
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.syscall.restype = ctypes.c_long
 
 
-@dataclass(frozen=True)
-class OpenFile:
-    """One fd of a process, as /proc shows it: what it points to and its status flags."""
-
-    fd: int
-    target: str  # the /proc/PID/fd link: "/dev/null", "socket:[N]", "pipe:[N]", ...
-    flags: int  # fdinfo's "flags:" (octal in /proc), O_CLOEXEC included
-
-    @property
-    def access(self) -> int:
-        return self.flags & os.O_ACCMODE
-
-
-def open_files(pid: int) -> dict[int, OpenFile]:
-    files = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-            with open(f"/proc/{pid}/fdinfo/{name}") as info:
-                fields = dict(line.split(":", 1) for line in info if ":" in line)
-        except FileNotFoundError:  # closed meanwhile (this process's own listing fd)
-            continue
-        files[int(name)] = OpenFile(int(name), target, int(fields["flags"].strip(), 8))
-    return files
-
-
-def same_open_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool | None:
-    """kcmp(KCMP_FILE): whether the two fds are one open file description (None: one of
-    them is closed by now)."""
-    assert _TABLE is not None
-    ctypes.set_errno(0)
-    answer = _LIBC.syscall(
-        ctypes.c_long(_TABLE.number("kcmp")),
-        ctypes.c_long(pid1),
-        ctypes.c_long(pid2),
-        ctypes.c_long(KCMP_FILE),
-        ctypes.c_long(fd1),
-        ctypes.c_long(fd2),
-    )
-    if answer < 0:
-        err = ctypes.get_errno()
-        if err == errno.EBADF:
-            return None
-        raise OSError(err, f"kcmp({pid1}, {pid2}, KCMP_FILE, {fd1}, {fd2})")
-    return bool(answer == 0)
-
-
-def shared_open_files(pids: dict[str, int]) -> list[str]:
-    """Every pair of fds of two different processes that is one open file description."""
-    files = {name: open_files(pid) for name, pid in pids.items()}
-    shared = []
-    for (first, pid1), (second, pid2) in itertools.combinations(pids.items(), 2):
-        for fd1, fd2 in itertools.product(files[first], files[second]):
-            if same_open_file(pid1, fd1, pid2, fd2):
-                target = files[first][fd1].target
-                shared.append(f"{first} fd {fd1} is {second} fd {fd2} ({target})")
-    return shared
-
-
-def held_elsewhere(target: str, pid: int, others: list[int]) -> list[str]:
-    """Where else ``target`` (an inode such as "pipe:[N]") is open, among ``others``."""
-    return [
-        f"pid {other} fd {file.fd}"
-        for other in others
-        if other != pid
-        for file in open_files(other).values()
-        if file.target == target
-    ]
-
-
-def described(pid: int, channels: int) -> dict[int, str]:
-    """Each fd of a worker, named: fd 0 (what it is), its stderr channel on fds 1 and 2,
-    then its ``channels`` other sockets; anything else is named by its /proc link."""
+def described(pid: int) -> dict[int, str]:
+    """Each fd of a process, named: fd 0 (what it is, its access mode), its stderr channel
+    on fds 1 and 2, its other channels (sockets); anything else by its /proc link."""
     files = open_files(pid)
     names: dict[int, str] = {}
     stderr = files[1].target if 1 in files else None
@@ -179,7 +101,7 @@ def test_a_fresh_fork_holds_its_own_stdin_and_its_three_channels_only(
 ) -> None:
     server, first, second = forks(engine, owned)
     for worker in (first, second):
-        names = described(worker.pid, channels=2)
+        names = described(worker.pid)
         # fd 0: a pipe of its own, read-only; 1 and 2: its stderr channel; two more: its
         # requests and responses. No control socket, no memfd, nothing of the fork server.
         assert sorted(names.values()) == sorted(
@@ -198,7 +120,7 @@ def test_the_fork_server_holds_its_own_null_its_control_and_the_engine(
 ) -> None:
     server, _, _ = forks(engine, owned)
     files = open_files(server.pid)
-    names = described(server.pid, channels=1)
+    names = described(server.pid)
     memfds = [fd for fd, file in files.items() if file.target.startswith("/memfd:")]
     assert names[0] == "stdin /dev/null, access 0" and len(memfds) == 1, names
     assert sorted(name for fd, name in names.items() if fd not in (0, *memfds)) == sorted(
@@ -214,7 +136,7 @@ def test_re_exec_workers_share_no_open_file_with_each_other_or_the_pool(
     pids = {"first": workers[0].pid, "second": workers[1].pid, "pool": os.getpid()}
     assert shared_open_files(pids) == []
     for worker in workers:
-        names = described(worker.pid, channels=2)
+        names = described(worker.pid)
         # fd 0: /dev/null, opened by the worker itself (an open file description of its own;
         # its seccomp filter refuses flock and record locks on it).
         assert sorted(names.values()) == sorted(
