@@ -33,10 +33,13 @@ class RawWorker:
         command: list[str] | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         cpu_budget: float | None = None,
+        process: WorkerProcess | None = None,
     ) -> None:
+        """Start a worker (``command``: the pool's unless given), or drive ``process``, one
+        started elsewhere (a fork) whose hello is still to be read."""
         self.engine = engine
         settings = WorkerSettings(engine, 1 << 30, max_frame, cpu_budget=cpu_budget)
-        self.process = WorkerProcess(settings, command)
+        self.process = process or WorkerProcess(settings, command)
         self.connection = WorkerConnection(MAX_OUTPUT)
         self.frames = FrameReader(DEFAULT_MAX_FRAME)
         self.next_id = 1

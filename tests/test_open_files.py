@@ -12,22 +12,28 @@ here, or the workers' own uid: a process in no Landlock domain may inspect one i
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fdview import held_elsewhere, open_files, shared_open_files
 from jsonnet_worker._pool.connection import WorkerConnection
-from jsonnet_worker._pool.forking import ForkServerProcess
+from jsonnet_worker._pool.forking import ForkServerProcess, fork_server_command
 from jsonnet_worker._pool.identities import DEFAULT_WORKER_USER, WorkerIdentities
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
 from jsonnet_worker._sandbox.landlock import probe
 from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
+from rawworker import RawWorker
 
 LANDLOCK = probe()
+TEMPLATE_HARNESS = Path(__file__).parent / "harness" / "template_harness.py"
 
 
 def described(pid: int) -> dict[int, str]:
@@ -78,6 +84,13 @@ def forks(
     first, second = server.fork_worker(), server.fork_worker()
     owned.extend((first, second))
     return server, greeted(first), greeted(second)
+
+
+def python_harness() -> list[str]:
+    """The fork server's command with tests/harness/template_harness.py in ``python`` mode:
+    its forks run each request's snippet as Python, a fully compromised engine."""
+    command = fork_server_command(settings("go"))
+    return [sys.executable, "-I", str(TEMPLATE_HARNESS), "python", *command[6:]]
 
 
 needs_forks = pytest.mark.skipif(
@@ -143,3 +156,57 @@ def test_re_exec_workers_share_no_open_file_with_each_other_or_the_pool(
             ["stdin /dev/null, access 0", "stderr channel", "stderr channel", "channel", "channel"]
         ), names
         assert stat.S_ISCHR(os.stat(f"/proc/{worker.pid}/fd/0").st_mode)
+
+
+# Run in a compromised fork: each call issue 22 found open, on what the fork holds (its
+# stderr channel, a connected socket; fd 0), and O_NONBLOCK on fd 0, for its sibling to see.
+COMPROMISED_FORK = """
+import ctypes, errno, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(call):
+    ctypes.set_errno(0)
+    try:
+        failed = call() == -1
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return errno.errorcode[ctypes.get_errno()] if failed else "allowed"
+def lock(command):
+    request = ctypes.create_string_buffer(struct.pack("hhqqi", 0, 0, 0, 1, 0), 32)
+    return libc.fcntl(0, command, request)  # F_RDLCK on byte 0 of fd 0
+channel = socket.socket(fileno=os.dup(2))
+result = {
+    "bind": attempt(lambda: channel.bind(NAME)),
+    "listen": attempt(lambda: channel.listen(1)),
+    "accept": attempt(lambda: libc.accept(2, None, None)),
+    "accept4": attempt(lambda: libc.accept4(2, None, None, 0)),
+    "connect": attempt(lambda: channel.connect(NAME)),
+    "flock": attempt(lambda: libc.flock(0, 2 | 4)),
+    **{f"fcntl {command}": attempt(lambda command=command: lock(command))
+       for command in (5, 6, 7, 36, 37, 38)},
+    "O_NONBLOCK on fd 0": attempt(lambda: os.set_blocking(0, False)),
+}
+channel.close()
+"""
+
+
+@needs_forks
+def test_a_compromised_fork_can_squat_lock_or_signal_nothing(
+    owned: list[WorkerProcess | ForkServerProcess],
+) -> None:
+    """From inside: each call refused (EPERM: Landlock refuses none of them, so the filter
+    did; the matrix's marked twin shows it for re-exec workers). From outside: the name is
+    free, and the sibling's fd 0 never saw the bit."""
+    server = ForkServerProcess(settings("go"), python_harness())
+    owned.append(server)
+    attacker, sibling = (RawWorker(process=server.fork_worker()) for _ in range(2))
+    owned.extend((attacker.process, sibling.process))
+    name = f"\0jsonnet-worker-fork-squat-{os.getpid()}"
+    answer = attacker.request(COMPROMISED_FORK.replace("NAME", repr(name)))
+    assert answer["t"] == "result", answer
+    refused = json.loads(answer["json"])
+    bit = refused.pop("O_NONBLOCK on fd 0")
+    assert bit == "allowed" and set(refused.values()) == {"EPERM"}, refused
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(name)  # not squatted
+    answer = sibling.request("import os\nresult = os.get_blocking(0)")
+    assert json.loads(answer["json"]) is True  # its own fd 0: the attacker's bit is not there
