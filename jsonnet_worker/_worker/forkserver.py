@@ -30,7 +30,8 @@ The forked child (``run_forked_worker``), before its hello (``FORKED``, in order
   1. re-arms PR_SET_PDEATHSIG (cleared by fork; its parent is now the pool's thread that
      started the fork server), leaves the fork server's session, puts a pipe of its own on
      fd 0 (``private_stdin``), its stderr channel on fds 1 and 2, its two other channels on
-     private fds, and closes every other fd (the control socket included): no open file
+     private fds, and closes every other fd (the control socket included) but the engine's
+     memfd, which step 3 closes once the engine is loaded: from its hello on, no open file
      description it holds is held by the fork server or a sibling (a shared one carries
      locks, ``O_NONBLOCK`` and offsets from one process to another);
   2. adds a nested empty Landlock layer: its own domain, so the signal and abstract-socket
