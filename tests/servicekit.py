@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -288,3 +290,54 @@ def run_load(
     return asyncio.run(
         asyncio.wait_for(_load(base_url, total, concurrency, hostile_every, max_body), time_limit)
     )
+
+
+# -- serve --workers N: its log, its server processes, their metrics --------------------
+
+READY_TIMEOUT = 60.0
+MAX_CONNECTIONS = 200  # fresh connections tried before giving up on reaching every process
+
+
+def wait_for_log(service: ServiceProcess, text: str) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while text not in (log := service.log()):
+        assert service.process.poll() is None, f"the service exited:\n{log}"
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
+def server_pids_and_dir(log: str) -> tuple[set[int], Path]:
+    found = re.search(r"server processes on one socket \(pids ([\d ]+)\), metrics in (\S+)", log)
+    assert found, log
+    return {int(pid) for pid in found.group(1).split()}, Path(found.group(2))
+
+
+@contextmanager
+def pinned_clients(base_url: str, wanted: set[int]) -> Iterator[dict[int, httpx.Client]]:
+    """One keep-alive connection to each server process: a connection stays with the process
+    that accepted it, so what is sent on it is served there (its /healthz says which)."""
+    found: dict[int, httpx.Client] = {}
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            client = httpx.Client(base_url=base_url, limits=httpx.Limits(max_connections=1))
+            pid = client.get("/healthz").json()["server"]["pid"]
+            if pid in found:
+                client.close()
+            else:
+                found[pid] = client
+            if set(found) == wanted:
+                break
+        assert set(found) == wanted, f"reached {sorted(found)} of {sorted(wanted)}"
+        yield found
+    finally:
+        for client in found.values():
+            client.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

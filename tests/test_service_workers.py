@@ -4,69 +4,27 @@ pool and host sandbox, and one /metrics that counts what every process served.""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from jsonnet_worker.service import ConfigError, load_config
-from servicekit import ServiceProcess, pid_alive, running_service, write_config
-
-READY_TIMEOUT = 60.0
-MAX_CONNECTIONS = 200  # fresh connections tried before giving up on reaching every process
-
-
-def wait_for_log(service: ServiceProcess, text: str) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while text not in (log := service.log()):
-        assert service.process.poll() is None, f"the service exited:\n{log}"
-        assert time.monotonic() < deadline, f"never logged {text!r}:\n{log}"
-        time.sleep(0.05)
-    return log
-
-
-def server_pids_and_dir(log: str) -> tuple[set[int], Path]:
-    found = re.search(r"server processes on one socket \(pids ([\d ]+)\), metrics in (\S+)", log)
-    assert found, log
-    return {int(pid) for pid in found.group(1).split()}, Path(found.group(2))
-
-
-@contextmanager
-def pinned_clients(base_url: str, wanted: set[int]) -> Iterator[dict[int, httpx.Client]]:
-    """One keep-alive connection to each server process: a connection stays with the process
-    that accepted it, so what is sent on it is served there (its /healthz says which)."""
-    found: dict[int, httpx.Client] = {}
-    try:
-        for _ in range(MAX_CONNECTIONS):
-            client = httpx.Client(base_url=base_url, limits=httpx.Limits(max_connections=1))
-            pid = client.get("/healthz").json()["server"]["pid"]
-            if pid in found:
-                client.close()
-            else:
-                found[pid] = client
-            if set(found) == wanted:
-                break
-        assert set(found) == wanted, f"reached {sorted(found)} of {sorted(wanted)}"
-        yield found
-    finally:
-        for client in found.values():
-            client.close()
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+from servicekit import (
+    READY_TIMEOUT,
+    ServiceProcess,
+    pid_alive,
+    pinned_clients,
+    running_service,
+    samples,
+    server_pids_and_dir,
+    wait_for_log,
+    write_config,
+)
 
 
 def test_two_server_processes_share_a_socket_metrics_and_a_clean_stop(tmp_path: Path) -> None:

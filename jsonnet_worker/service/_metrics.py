@@ -32,21 +32,31 @@ are added as deltas (a sum over every process that ever ran, as a counter should
 gauges are ``livesum`` (workers, queue depth, pool size: the service's totals) and
 ``livemin`` (the sandbox gauges: 1 only when every live process has its sandbox);
 ``build_info`` is ``livemax``. The parent marks a process dead when it ends, so its
-gauges leave the sums.
+gauges leave the sums. The per-tenant series cannot be file-backed metrics (those keep
+every label set ever written, so the bound would not hold): each process writes its pool's
+tenant tallies to a file of its own in the same directory (``tenants-<pid>.json``, replaced
+whole at each copy), and the process that answers a scrape merges every file (the files of
+processes that ended included: counters never go down), sums by tenant, and exports the
+``MERGED_TENANTS`` tenants with the most CPU one by one and the rest as ``other``. Quantiles
+cannot be merged from quantiles, so there the two summaries have their sum and count only.
 
 Weak spots: the counters restart at zero with the service, as Prometheus expects of a
 counter, and a tenant's series restart at zero when it comes back after being folded into
-``other``; the per-tenant series are not exported in multiprocess mode (its file-backed
-values keep every label set ever written, so the bound would not hold there); with several
-processes another process's pool gauges are up to ``REFRESH_INTERVAL`` old, and
+``other`` (with several processes, also when the merge's top tenants change: a tenant's
+counts then move between its series and ``other``); with several processes another
+process's pool gauges and tenants are up to ``REFRESH_INTERVAL`` old, and
 ``_created`` samples are not exported (prometheus_client's multiprocess mode has none).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import json
 import os
 import platform
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -96,6 +106,10 @@ QUEUE_HELP = "Calls waiting for a free worker."
 WORKERS_HELP = "Worker processes by state."
 POOL_SIZE_HELP = "Configured pool size."
 OTHER_TENANTS = "other"  # the label of the tenants the pool does not tally one by one
+# Multiprocess mode: tenants exported one by one after merging every process's (the pool's
+# own default bound), and the files each process writes its tenants to.
+MERGED_TENANTS = 32
+TENANT_FILES = "tenants-*.json"
 
 
 def errors_by_kind(stats: PoolStats) -> dict[str, int]:
@@ -113,8 +127,49 @@ def tenant_label(tenant: TenantStats) -> str:
     return "" if tenant.tenant is None else tenant.tenant
 
 
-def tenant_families(stats: PoolStats) -> Iterator[Metric]:
-    """The per-tenant series: as many label values as ``stats.tenants`` has entries."""
+@dataclasses.dataclass
+class TenantRow:
+    """One tenant's series: what ``TenantStats`` gives, or the merge of several processes'
+    (``quantiles`` None: they cannot be merged)."""
+
+    label: str
+    calls: int
+    errors: dict[str, int]
+    cpu_seconds: float
+    ran: int
+    queue_wait_sum: float
+    run_time_sum: float
+    quantiles: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+
+    @classmethod
+    def of(cls, tenant: TenantStats) -> TenantRow:
+        return cls(
+            tenant_label(tenant),
+            tenant.calls,
+            dict(tenant.errors),
+            tenant.cpu_seconds,
+            tenant.ran,
+            tenant.queue_wait_sum,
+            tenant.run_time_sum,
+            (
+                (tenant.queue_wait_p50, tenant.queue_wait_p90, tenant.queue_wait_p99),
+                (tenant.run_time_p50, tenant.run_time_p90, tenant.run_time_p99),
+            ),
+        )
+
+    def absorb(self, other: TenantRow) -> None:
+        self.calls += other.calls
+        self.cpu_seconds += other.cpu_seconds
+        self.ran += other.ran
+        self.queue_wait_sum += other.queue_wait_sum
+        self.run_time_sum += other.run_time_sum
+        for kind, count in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + count
+        self.quantiles = None
+
+
+def tenant_families(rows: Iterable[TenantRow]) -> Iterator[Metric]:
+    """The per-tenant series: as many label values as ``rows`` has entries."""
     calls = CounterMetricFamily(
         f"{PREFIX}_tenant_calls", "Calls that ended, by tenant.", labels=["tenant"]
     )
@@ -138,29 +193,83 @@ def tenant_families(stats: PoolStats) -> Iterator[Metric]:
         "Seconds from request written to answer, by tenant (since first seen).",
         labels=["tenant"],
     )
-    for tenant in stats.tenants:
-        label = tenant_label(tenant)
-        calls.add_metric([label], tenant.calls)
-        cpu.add_metric([label], tenant.cpu_seconds)
-        for kind, count in sorted(tenant.errors.items()):
+    for row in rows:
+        label = row.label
+        calls.add_metric([label], row.calls)
+        cpu.add_metric([label], row.cpu_seconds)
+        for kind, count in sorted(row.errors.items()):
             errors.add_metric([label, kind], count)
-        summaries = (
-            (
-                waits,
-                tenant.queue_wait_sum,
-                (tenant.queue_wait_p50, tenant.queue_wait_p90, tenant.queue_wait_p99),
-            ),
-            (
-                runs,
-                tenant.run_time_sum,
-                (tenant.run_time_p50, tenant.run_time_p90, tenant.run_time_p99),
-            ),
-        )
-        for family, total, values in summaries:
-            for quantile, value in zip(("0.5", "0.9", "0.99"), values, strict=True):
-                family.add_sample(family.name, {"tenant": label, "quantile": quantile}, value)
-            family.add_metric([label], tenant.ran, total)
+        summaries = ((waits, row.queue_wait_sum), (runs, row.run_time_sum))
+        for index, (family, total) in enumerate(summaries):
+            if row.quantiles is not None:
+                values = row.quantiles[index]
+                for quantile, value in zip(("0.5", "0.9", "0.99"), values, strict=True):
+                    family.add_sample(family.name, {"tenant": label, "quantile": quantile}, value)
+            family.add_metric([label], row.ran, total)
     yield from (calls, errors, cpu, waits, runs)
+
+
+def merged_tenants(
+    files: Iterable[list[TenantRow]], limit: int = MERGED_TENANTS
+) -> list[TenantRow]:
+    """Every process's tenant rows summed by label; the ``limit`` with the most CPU one by
+    one, most first, the rest folded into ``other`` (last, when it counted a call)."""
+    by_label: dict[str, TenantRow] = {}
+    for rows in files:
+        for row in rows:
+            mine = by_label.get(row.label)
+            if mine is None:
+                by_label[row.label] = dataclasses.replace(
+                    row, errors=dict(row.errors), quantiles=None
+                )
+            else:
+                mine.absorb(row)
+    other = by_label.pop(OTHER_TENANTS, None)
+    ranked = sorted(by_label.values(), key=lambda row: row.cpu_seconds, reverse=True)
+    for row in ranked[limit:]:
+        if other is None:
+            other = dataclasses.replace(row, label=OTHER_TENANTS, errors=dict(row.errors))
+        else:
+            other.absorb(row)
+    return ranked[:limit] + ([other] if other is not None and other.calls else [])
+
+
+def write_tenant_file(directory: str, pid: int, stats: PoolStats) -> None:
+    """This process's tenant rows to its own file, replaced whole (a reader never sees a
+    half-written one)."""
+    rows = [dataclasses.asdict(TenantRow.of(tenant)) for tenant in stats.tenants]
+    for row in rows:
+        row["quantiles"] = None  # not mergeable: not written
+    fd, temporary = tempfile.mkstemp(prefix=".tenants-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(rows, file)
+        os.replace(temporary, os.path.join(directory, f"tenants-{pid}.json"))
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def read_tenant_files(directory: str) -> Iterator[list[TenantRow]]:
+    """Every process's tenant rows. A file that cannot be read or parsed is skipped: it is
+    written whole by one of ours, so that is a disk failure or a stranger's file."""
+    for path in sorted(glob.glob(os.path.join(directory, TENANT_FILES))):
+        try:
+            with open(path) as file:
+                rows = json.load(file)
+            yield [TenantRow(**row) for row in rows]
+        except (OSError, ValueError, TypeError):
+            continue
+
+
+class TenantFilesCollector(Collector):
+    """Multiprocess mode: the merged per-tenant series of every process's tenant file."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        yield from tenant_families(merged_tenants(read_tenant_files(self.directory)))
 
 
 def worker_states(stats: PoolStats) -> tuple[tuple[str, int], ...]:
@@ -202,7 +311,7 @@ class PoolCollector(Collector):
             workers.add_metric([state], count)
         yield workers
         yield GaugeMetricFamily(f"{PREFIX}_pool_size", POOL_SIZE_HELP, value=stats.size)
-        yield from tenant_families(stats)
+        yield from tenant_families(TenantRow.of(tenant) for tenant in stats.tenants)
 
 
 class PoolFigures:
@@ -215,9 +324,11 @@ class PoolFigures:
         read_stats: Callable[[], PoolStats | None],
         read_sandbox: Callable[[], SandboxStatus | None],
         registry: CollectorRegistry,
+        directory: str,
     ) -> None:
         self.read_stats = read_stats
         self.read_sandbox = read_sandbox
+        self.directory = directory
         self.sandbox = {
             name: Gauge(
                 f"{PREFIX}_sandbox_{name}",
@@ -264,6 +375,7 @@ class PoolFigures:
         for state, count in worker_states(stats):
             self.workers.labels(state).set(count)
         self.pool_size.set(stats.size)
+        write_tenant_file(self.directory, os.getpid(), stats)
 
     def _add(self, counter: Counter, key: tuple[str, str], value: int) -> None:
         """Add what the pool counted since the last copy (a counter only goes up)."""
@@ -296,7 +408,9 @@ class ServiceMetrics:
                     f"multiprocess metrics in {multiprocess_dir} need {MULTIPROC_ENV} set to "
                     "it before prometheus_client is imported"
                 )
-            self.pool_figures = PoolFigures(read_stats, read_sandbox, self.registry)
+            self.pool_figures = PoolFigures(
+                read_stats, read_sandbox, self.registry, multiprocess_dir
+            )
         build = Gauge(
             f"{PREFIX}_build_info",
             "The running version (always 1).",
@@ -355,4 +469,5 @@ class ServiceMetrics:
         # A registry per scrape, holding only the reader of every process's files.
         every_process = CollectorRegistry()
         MultiProcessCollector(every_process, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        every_process.register(TenantFilesCollector(self.multiprocess_dir))
         return generate_latest(every_process)
