@@ -7,6 +7,7 @@ The merge alone with made-up rows, then real server processes.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import httpx
@@ -100,12 +101,16 @@ def test_two_server_processes_export_their_tenants_merged(tmp_path: Path) -> Non
             # Each process copies its tenants to its file every REFRESH_INTERVAL (and when
             # it answers a scrape): wait for both copies, on either process.
             for client in clients.values():
-                wait_until(lambda c=client: merged_calls(c.get("/metrics").text) == EXPECTED)
+                wait_until(functools.partial(scraped_both, client))
         assert merged_calls(httpx.get(f"{service.base_url}/metrics").text) == EXPECTED
         assert len(list(read_tenant_files(str(metrics_dir)))) == 2  # one per server process
 
 
 EXPECTED = {"alpha": 4.0, "beta": 6.0}
+
+
+def scraped_both(client: httpx.Client) -> bool:
+    return merged_calls(client.get("/metrics").text) == EXPECTED
 
 
 def merged_calls(text: str) -> dict[str, float]:
