@@ -48,6 +48,12 @@ DEFAULT_SPARES = 1
 DEFAULT_WORKER_USER = "nobody"
 DEFAULT_CPU_BUDGET = 300.0
 DEFAULT_INTERACTIVE_BUDGET = 0.05
+# Threads and processes per worker (a cgroup pids.max each, _pool/tasklimit.py). Measured as
+# each worker cgroup's pids.peak under load (benchmarks' light and heavy mappers, both
+# engines): a go worker peaks at 8 (the interpreter's two, the Go runtime's with
+# GOMAXPROCS=2), a cpp one at 2. Four times the go figure; and 256 / 32 = 8 workers bombing
+# at once before their uid's RLIMIT_NPROC headroom (TASK_HEADROOM) is gone.
+DEFAULT_TASK_LIMIT = 32
 ENGINES = tuple(kind.value for kind in EngineKind)
 # What a call's timeout may count: the caller's wall clock, or the worker's CPU for the call.
 TIMEOUT_CLOCKS = ("wall", "cpu")
@@ -121,6 +127,12 @@ class PoolConfig:
         "worker's CPU seconds for the call, with a wall-clock backstop at 4 x the timeout), "
         "so that a call a busy machine slowed down is not killed as a slow snippet",
     )
+    task_limit: int | None = _option(
+        DEFAULT_TASK_LIMIT,
+        "threads and processes one worker may have at once (a cgroup pids.max of its own; "
+        "where no pids cgroup is writable, or None: RLIMIT_NPROC alone, shared by the "
+        "workers of one uid)",
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "size", minimum=1, optional=True)
@@ -154,6 +166,7 @@ class PoolConfig:
             raise InvalidArgument(
                 f"timeout_clock must be one of {', '.join(TIMEOUT_CLOCKS)}: {self.timeout_clock!r}"
             )
+        _check_int(self, "task_limit", minimum=1, optional=True)
         if not isinstance(self.require_sandbox, bool):
             raise InvalidType("require_sandbox must be a bool")
         if self.worker_user is not None and not isinstance(self.worker_user, str | range):

@@ -61,6 +61,12 @@ class SandboxStatus:
     # isolation layer of the workers (a forked worker is as isolated as a re-exec one), so
     # it is in neither ``layers`` nor ``missing``. None: not a pool's status (one worker's).
     template: LayerStatus | None = None
+    # How the pool bounds each worker's tasks (threads and processes): a cgroup pids.max of
+    # its own, or missing and why (RLIMIT_NPROC, shared by the uid's workers, is then the
+    # only bound; docs/SANDBOX.md, "Task limits"). The parent's doing, not a worker's layer:
+    # like ``template`` in neither ``layers`` nor ``missing``, and logged once when missing.
+    # None: not a pool's status.
+    tasks: LayerStatus | None = None
 
     @property
     def enforced(self) -> bool:
@@ -98,8 +104,10 @@ class SandboxStatus:
 
     def summary(self) -> str:
         extra = "; ".join(layer.summary() for layer in self.extra_layers)
-        template = f"; {self.template.summary()}" if self.template is not None else ""
-        return f"{self.landlock.summary()}; {extra}{template}"
+        pool = "".join(
+            f"; {layer.summary()}" for layer in (self.template, self.tasks) if layer is not None
+        )
+        return f"{self.landlock.summary()}; {extra}{pool}"
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,7 @@ def test_every_pool_option_is_a_pool_key_with_its_default(tmp_path: Path) -> Non
         "max_workers": 5,
         "interactive_budget": 0.2,
         "timeout_clock": "cpu",
+        "task_limit": 64,
     }
     names = {option.name for option in dataclasses.fields(PoolConfig)}
     assert names - set(values) == {"require_sandbox"}  # from security.require_sandbox

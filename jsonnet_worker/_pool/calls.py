@@ -297,11 +297,8 @@ def death(worker: Worker, call: Call, cut: bool) -> Outcome:
             ),
             reason="closed its response channel during the call",
         )
-    error = process.death_error()
-    how = process.how_it_ended()
-    if isinstance(error, MemoryLimitExceeded):
-        return Outcome(error=error, died=True, reason=f"ran out of memory and {how}")
-    return Outcome(error=error, died=True, reason=f"{how} during a call")
+    error, reason = worker.why_it_died()
+    return Outcome(error=error, died=True, reason=reason)
 
 
 def timed_out(call: Call, expired: str = "wall", counted: str = "wall") -> Outcome:

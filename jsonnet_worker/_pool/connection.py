@@ -107,10 +107,13 @@ class ConnectionMisuse(Error, RuntimeError):
     kind = "internal"
 
 
-def sandbox_status(hello: WorkerHello | ForkServerHello) -> SandboxStatus:
+def sandbox_status(
+    hello: WorkerHello | ForkServerHello, tasks: LayerStatus | None = None
+) -> SandboxStatus:
     """What a worker's or a fork server's hello says of its sandbox: the one reading of a
     hello's layers (``messages`` parsed one per ``EXTRA_LAYERS`` name, a missing one as
-    unreported)."""
+    unreported). ``tasks``: how the pool bounds each worker's tasks (``tasklimit``), which no
+    hello can tell (None: one worker's status, outside a pool)."""
     layers: dict[str, LayerStatus] = {layer.name: layer for layer in hello.layers}
 
     def layer(name: str) -> LayerStatus:
@@ -124,6 +127,7 @@ def sandbox_status(hello: WorkerHello | ForkServerHello) -> SandboxStatus:
         seccomp=layer("seccomp"),
         uid=layer("uid"),
         ipc_namespace=layer("ipc_namespace"),
+        tasks=tasks,
     )
 
 

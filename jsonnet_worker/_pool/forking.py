@@ -86,6 +86,7 @@ from .processes import (
     one_way_channel,
     worker_command,
 )
+from .tasklimit import TaskCgroup, TaskLimits
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -444,11 +445,16 @@ class WorkerSource:
         fork_server_command: list[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         cpu_share: float = CPU_SHARE,
+        tasks: TaskLimits | None = None,
     ) -> None:
         self.settings = settings
         self.fork_server_command = fork_server_command
         self.clock = clock
         self.fork_server: ForkServerProcess | None = None
+        # The pool's task cgroups (None: not placed): each fork server gets one, so that a
+        # worker is born in a bounded cgroup and moved from there to its own by the pool.
+        self.tasks = tasks
+        self._fork_server_cgroup: TaskCgroup | None = None
         self.policy = ForkServerPolicy(
             cpu_budget=settings.cpu_budget,
             cpu_share=cpu_share,
@@ -538,6 +544,14 @@ class WorkerSource:
             reason = f"cannot start the fork server: {exc}"
             self._perform(self.policy.start_failed(reason, False, self.clock()))
             return
+        if self.tasks is not None:
+            try:
+                self._fork_server_cgroup = self.tasks.place(server.pid, fork_server=True)
+            except OSError as exc:  # fail closed: no fork server whose forks are unbounded
+                server.close()
+                reason = f"cannot put the fork server in a task cgroup: {exc}"
+                self._perform(self.policy.start_failed(reason, False, self.clock()))
+                return
         self.fork_server = server
         self.policy.started(server.pid, server.cpu_at_hello, self.clock())
 
@@ -548,7 +562,16 @@ class WorkerSource:
                 if server is not None and server.pid == effect.pid:
                     self.fork_server = None
                     server.close(effect.grace)
+                    self._remove_cgroup()
             elif isinstance(effect, StartForkServer):
                 self._start()
             elif isinstance(effect, Log):
                 logger.log(effect.level, effect.message, *effect.args)
+
+    def _remove_cgroup(self) -> None:
+        """The closed (reaped) fork server's cgroup; a worker forked into it was moved out
+        before the fork server was asked for the next one (an orphan adopted after its fork
+        server's death too: the supervisor places it before it tends the dead fork server)."""
+        cgroup, self._fork_server_cgroup = self._fork_server_cgroup, None
+        if cgroup is not None:
+            cgroup.remove()

@@ -15,14 +15,18 @@ from typing import Protocol
 
 from .forking import WorkerSource
 from .processes import WorkerProcess, WorkerSettings
+from .tasklimit import TaskLimits
 
 
 class WorkerOrigin(Protocol):
     """How new workers start (see the module docstring)."""
 
-    def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
+    def fork_source(
+        self, settings: WorkerSettings, tasks: TaskLimits | None = None
+    ) -> WorkerSource | None:
         """The source that forks new workers from a template, or None: every worker is
-        re-executed by ``start``."""
+        re-executed by ``start``. ``tasks``: the pool's task cgroups, where the source puts
+        each fork server it starts (the supervisor puts the workers)."""
         ...
 
     def start(self, settings: WorkerSettings) -> WorkerProcess:
@@ -43,7 +47,9 @@ class ReExecWorkers:
     def __init__(self, command: list[str] | None = None) -> None:
         self.command = command
 
-    def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
+    def fork_source(
+        self, settings: WorkerSettings, tasks: TaskLimits | None = None
+    ) -> WorkerSource | None:
         return None
 
     def start(self, settings: WorkerSettings) -> WorkerProcess:
@@ -63,8 +69,10 @@ class ForkedWorkers(ReExecWorkers):
         super().__init__()
         self.fork_server_command = fork_server_command
 
-    def fork_source(self, settings: WorkerSettings) -> WorkerSource | None:
-        return WorkerSource(settings, fork_server_command=self.fork_server_command)
+    def fork_source(
+        self, settings: WorkerSettings, tasks: TaskLimits | None = None
+    ) -> WorkerSource | None:
+        return WorkerSource(settings, fork_server_command=self.fork_server_command, tasks=tasks)
 
 
 FORKED = ForkedWorkers()

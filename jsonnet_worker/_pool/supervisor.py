@@ -28,10 +28,17 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-from .._errors import Error, ProtocolError, WorkerStartError
+from .._errors import (
+    Error,
+    EvaluationTimeout,
+    MemoryLimitExceeded,
+    ProtocolError,
+    WorkerCrashed,
+    WorkerStartError,
+)
 from .._report import SandboxStatus, log_landlock
 from .._wire.layers import LayerState, LayerStatus
-from .._wire.messages import EvalRequest, StartupFailure, WorkerHello
+from .._wire.messages import EvalRequest, StartupFailure, WorkerHello, escape_controls
 from .connection import (
     NEED_DATA,
     ConnectionBroken,
@@ -56,6 +63,7 @@ from .state import (
     WakeSupervisor,
     WorkerStatus,
 )
+from .tasklimit import TaskCgroup, TaskLimits
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -63,13 +71,20 @@ IDLE_CHECK_INTERVAL = 0.5
 
 
 class Worker:
-    """One worker as the pool uses it: its process (the mechanism) and its conversation."""
+    """One worker as the pool uses it: its process (the mechanism), its conversation, and
+    the cgroup that bounds its tasks (None where the pool has none: ``tasklimit``)."""
 
-    __slots__ = ("connection", "cpu_mark", "pid", "process", "sent_at", "sent_id")
+    __slots__ = ("connection", "cpu_mark", "pid", "process", "sent_at", "sent_id", "tasks")
 
-    def __init__(self, process: WorkerProcess, connection: WorkerConnection) -> None:
+    def __init__(
+        self,
+        process: WorkerProcess,
+        connection: WorkerConnection,
+        tasks: TaskCgroup | None = None,
+    ) -> None:
         self.process = process
         self.connection = connection
+        self.tasks = tasks
         self.pid = process.pid
         # For accounting (``calls.settle``): its CPU clock when its last call settled (at
         # its hello before any), so a call's CPU is one clock read at settle minus this;
@@ -88,6 +103,32 @@ class Worker:
         self.sent_at, self.sent_id = time.monotonic(), request.id
         return self.process.send(frame) or 0
 
+    def why_it_died(self) -> tuple[MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout, str]:
+        """After it has exited (reaped) during a call: the call's error, and the reason the
+        pool logs. A worker whose cgroup refused a task at its limit died of that (the Go
+        runtime aborts with "pthread_create failed", which would otherwise read as memory)."""
+        how = self.process.how_it_ended()
+        error = self.process.death_error()  # drains what it printed
+        if self.tasks is not None and self.tasks.limit_reached():
+            limit = self.tasks.limit
+            crashed = WorkerCrashed(
+                f"worker {self.pid} reached its task limit ({limit} threads and processes, "
+                f"its cgroup's pids.max) and {how} during the evaluation; it is replaced",
+                returncode=self.process.returncode,
+                stderr_tail=escape_controls(self.process.stderr.text()),
+            )
+            return crashed, f"reached its task limit of {limit} (pids.max) and {how} during a call"
+        if isinstance(error, MemoryLimitExceeded):
+            return error, f"ran out of memory and {how}"
+        return error, f"{how} during a call"
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop, reap and close the process, then remove its cgroup (a cgroup can be removed
+        only once its tasks are gone). Idempotent."""
+        self.process.close(grace)
+        if self.tasks is not None:
+            self.tasks.remove()
+
 
 class Supervisor:
     def __init__(
@@ -102,6 +143,8 @@ class Supervisor:
         # New workers are forks of the origin's source (made on this thread, in _run), if
         # it gives one; re-executed by the origin otherwise.
         self.source: WorkerSource | None = None
+        # Each worker's and fork server's task cgroup (made on this thread, in _run).
+        self.tasks: TaskLimits | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_lock = threading.Lock()
         self._wake_open = True
@@ -164,7 +207,7 @@ class Supervisor:
             elif isinstance(effect, Wake):
                 effect.ticket.wake()
             elif isinstance(effect, Close):
-                effect.worker.process.close()
+                effect.worker.close()
             elif isinstance(effect, Log):
                 logger.log(effect.level, effect.message, *effect.args, extra=effect.extra)
 
@@ -208,7 +251,8 @@ class Supervisor:
 
     def _run(self) -> None:
         try:
-            self.source = self.origin.fork_source(self.settings)
+            self.tasks = self._task_limits()
+            self.source = self.origin.fork_source(self.settings, self.tasks)
             while not self._stopping:
                 self._run_requests()
                 self._tend_fork_server()
@@ -233,9 +277,18 @@ class Supervisor:
             except BaseException as exc:
                 future.set_exception(exc)
 
+    def _task_limits(self) -> TaskLimits:
+        """The pool's task cgroups, made on this thread; where the host has none, the
+        fallback is said once."""
+        tasks = TaskLimits(self.state.config.task_limit)
+        if not tasks.active:
+            level = logging.INFO if tasks.limit is None else logging.WARNING
+            logger.log(level, "Worker task limit missing: %s", tasks.status.reason)
+        return tasks
+
     def _reap_retired(self) -> None:
         for worker in self.state.take_retired():
-            worker.process.close()
+            worker.close()
 
     def _tend_fork_server(self) -> None:
         """Notice a dead fork server, restart it after its back-off, replace it before its
@@ -257,7 +310,18 @@ class Supervisor:
                 reason = f"cannot start a worker process: {exc}"
                 self.perform(self.state.start_failed(None, reason, time.monotonic()))
                 return
-            worker = Worker(process, WorkerConnection(self._max_output()))
+            # Into its own task cgroup now, before it enters the pool's state: untrusted
+            # code runs in a worker only once a caller writes a request to it, and that
+            # needs it greeted, then IDLE and checked out (forked and re-exec workers
+            # alike). Fail closed: a worker that cannot be bounded is not used.
+            try:
+                tasks = self.tasks.place(process.pid) if self.tasks is not None else None
+            except OSError as exc:
+                process.close()
+                reason = f"cannot put a new worker in its task cgroup: {exc}"
+                self.perform(self.state.start_failed(None, reason, time.monotonic()))
+                return
+            worker = Worker(process, WorkerConnection(self._max_output()), tasks)
             self.state.started(worker, process.started_at)
 
     def _max_output(self) -> int:
@@ -370,7 +434,7 @@ class Supervisor:
             self._start_failed(worker, f"sent {type(event).__name__} before its hello")
 
     def _accept(self, worker: Worker, hello: WorkerHello) -> None:
-        sandbox = sandbox_status(hello)
+        sandbox = sandbox_status(hello, self.tasks.status if self.tasks is not None else None)
         # Its start-up CPU is nobody's call: read here, on the supervisor's thread.
         worker.cpu_mark = worker.process.cpu_seconds() or 0.0
         self.perform(self.state.greeted(worker, sandbox))
@@ -445,9 +509,11 @@ class Supervisor:
             worker.process.end_input()
         deadline = time.monotonic() + self._grace
         for worker in free:
-            worker.process.close(grace=max(0.0, deadline - time.monotonic()))
+            worker.close(grace=max(0.0, deadline - time.monotonic()))
         if self.source is not None:
             self.source.close()  # the workers it forked were closed above
+        if self.tasks is not None:
+            self.tasks.close()  # now, or once the held workers' callers have closed them
         with self._wake_lock:
             self._wake_open = False
             for fd in (self._wake_r, self._wake_w):

@@ -1,0 +1,406 @@
+"""Each worker's tasks bounded on its own: a cgroup per worker whose ``pids.max`` caps the
+threads and processes it may have at once (issue 22).
+
+Goals: one worker's thread bomb ends in that worker, never in its neighbours' or its fork
+server's next fork. ``RLIMIT_NPROC`` cannot give that: it counts every task of a *real uid*,
+and forked workers share their fork server's uid (``nobody`` by default), so a worker that
+fills its uid's headroom makes the fork server's next ``clone`` fail with ``EAGAIN`` and the
+pool falls back to slow re-exec workers for every tenant. A cgroup's ``pids.max`` counts the
+tasks in that cgroup whatever their uid: one cgroup per worker is a per-worker bound under a
+shared uid. Every cgroup the pool makes is owned by one object that removes it, nothing is
+left behind after ``close``, and leftovers of a crashed pool never break a new one. Where no
+pids controller is writable, the pool says so (the ``tasks`` entry of ``pool.sandbox``,
+logged once as a WARNING) and keeps ``RLIMIT_NPROC`` alone, as before: never silently.
+
+Plan: ``find_hierarchy`` reads ``/proc/self/mountinfo`` and ``/proc/self/cgroup``: cgroup v2
+where its ``pids`` controller is available in this process's cgroup and may be enabled for
+the children (a delegated subtree: the root's, or one whose own processes live in a leaf),
+else the cgroup v1 ``pids`` hierarchy. Under this process's own cgroup of that hierarchy,
+``TaskLimits`` (one per pool, made and used on the supervisor thread) makes
+``jsonnet-worker/<pool-pid>-<n>/`` and, per worker, a leaf ``w<k>`` with ``pids.max`` =
+``task_limit``, into which it moves the worker's whole thread group (``cgroup.procs``) once
+the fork server's (or Popen's) answer has given the pid. That is before any untrusted code
+runs: a worker evaluates only once the pool writes a request to it, and the supervisor
+places each new worker before it enters the pool's state (docs/DESIGN.md, "Call flow"). The
+pid cannot be reused meanwhile: the worker is an unreaped child of this process. Threads the
+worker started before the move (the Go runtime's, ~7) move with it. Each fork server gets a
+leaf ``f<k>`` too, with ``task_limit + 1``: a forked worker is born in its fork server's
+cgroup and stays there until the pool moves it (one fork at a time), so that cgroup holds the
+fork server, one child and what that child starts before the move, and never the untrusted
+code. ``TaskCgroup.remove`` removes a worker's cgroup after the worker is reaped (a cgroup
+can be removed only once its tasks are gone); ``TaskLimits.close`` removes the pool's
+directory once its last cgroup is gone, and at start a pool removes the directories of pools
+whose process is gone (crashed: their workers died with them, PR_SET_PDEATHSIG).
+``TaskCgroup.limit_reached`` reads ``pids.events``: a worker that died after a fork or thread
+creation was refused at its limit (the Go runtime aborts: "pthread_create failed") ended of
+its task limit, which the pool reports as such (``WorkerCrashed``, not a memory error).
+
+Weak spots: the per-worker bound is not a bound on the pool: several workers bombing at once
+each take up to ``task_limit`` tasks of their uid's ``RLIMIT_NPROC`` headroom (256 above what
+the uid had when the fork server started), so more than 256 / ``task_limit`` workers bombing
+together can still make a fork fail (the pool then re-executes until the fork server is back,
+as before); a uid range (``worker_user="FIRST-LAST"``) removes that. On cgroup v1 a process in
+the pools' tree is not stopped from moving itself out (only root, or a writer of another
+cgroup's ``cgroup.procs``, can; a worker is neither and the Landlock layer denies every path).
+A worker whose placement fails (a cgroup cannot be made at the pool's life, e.g. the
+controller's cgroup count is exhausted) is refused like any start failure: fail closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+from .._wire.layers import LayerState, LayerStatus
+
+logger = logging.getLogger("jsonnet_worker")
+
+# The layer's name in ``pool.sandbox``.
+LAYER = "tasks"
+POOLS_DIR = "jsonnet-worker"
+_POOL_NAME = re.compile(r"^(\d+)-(\d+)$")
+# Names tried for a pool's directory before giving up (a name is taken only by a stale
+# directory of a process that had this pid before).
+_NAME_TRIES = 64
+_pool_numbers = itertools.count(1)
+FALLBACK = (
+    "each worker is bounded by RLIMIT_NPROC only, which every worker of its uid shares: a "
+    "thread bomb in one can make the fork server's next fork fail (re-exec workers until "
+    "it is back); a uid range as worker_user gives each worker its own"
+)
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Where a pool's task cgroups go: under ``base`` (``<this process's cgroup>/jsonnet-worker``)
+    of a cgroup ``version`` 1 or 2 hierarchy with the pids controller."""
+
+    version: int
+    base: str
+
+
+def find_hierarchy(mountinfo: str, cgroups: str) -> Hierarchy | str:
+    """The pids hierarchy a pool can use, from the text of ``/proc/self/mountinfo`` and
+    ``/proc/self/cgroup``; or why there is none. cgroup v2 first, where this process's cgroup
+    has the ``pids`` controller; else the v1 ``pids`` hierarchy. Reads the v2 cgroup's
+    ``cgroup.controllers``; writes nothing."""
+    v2_mount, v1_mount = _mounts(mountinfo)
+    v2_path, v1_path = _own_cgroups(cgroups)
+    reasons = []
+    if v2_mount is not None and v2_path is not None:
+        own = _inside(v2_mount, v2_path)
+        if own is None:
+            reasons.append(f"cgroup v2: this process's cgroup {v2_path} is outside the mount")
+        elif "pids" in _read_words(os.path.join(own, "cgroup.controllers")):
+            return Hierarchy(2, os.path.join(own, POOLS_DIR))
+        else:
+            reasons.append(f"cgroup v2: the pids controller is not enabled for {own}")
+    if v1_mount is not None and v1_path is not None:
+        own = _inside(v1_mount, v1_path)
+        if own is not None:
+            return Hierarchy(1, os.path.join(own, POOLS_DIR))
+        reasons.append(f"cgroup v1: this process's pids cgroup {v1_path} is outside the mount")
+    elif not reasons:
+        reasons.append("no cgroup hierarchy with the pids controller is mounted")
+    return "; ".join(reasons)
+
+
+Mount = tuple[str, str]  # (the root of the hierarchy it shows, where it is mounted)
+
+
+def _mounts(mountinfo: str) -> tuple[Mount | None, Mount | None]:
+    """The first cgroup2 mount and the first cgroup v1 mount with the pids controller."""
+    v2_mount = v1_mount = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields or len(fields) < 5:
+            continue
+        tail = fields[fields.index("-") + 1 :]  # fs type, source, super options
+        if len(tail) < 3:
+            continue
+        mount = (fields[3], _unescape(fields[4]))
+        if tail[0] == "cgroup2" and v2_mount is None:
+            v2_mount = mount
+        elif tail[0] == "cgroup" and "pids" in tail[2].split(",") and v1_mount is None:
+            v1_mount = mount
+    return v2_mount, v1_mount
+
+
+def _own_cgroups(cgroups: str) -> tuple[str | None, str | None]:
+    """This process's cgroup v2 path and its v1 pids cgroup path (``/proc/self/cgroup``)."""
+    v2_path = v1_path = None
+    for line in cgroups.splitlines():
+        hierarchy_id, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if hierarchy_id == "0" and controllers == "":
+            v2_path = path
+        elif "pids" in controllers.split(","):
+            v1_path = path
+    return v2_path, v1_path
+
+
+def _unescape(path: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), path)
+
+
+def _inside(mount: Mount, path: str) -> str | None:
+    """The directory of cgroup ``path`` in a hierarchy mounted as ``mount`` (its root, its
+    mount point); None if the mount does not show it (another cgroup namespace's)."""
+    root, point = mount
+    if root != "/" and path != root and not path.startswith(root.rstrip("/") + "/"):
+        return None
+    relative = path[len(root) :] if root != "/" else path
+    return os.path.join(point, relative.lstrip("/")).rstrip("/") or "/"
+
+
+def _read_words(path: str) -> list[str]:
+    try:
+        with open(path) as file:
+            return file.read().split()
+    except OSError:
+        return []
+
+
+def _write(path: str, text: str) -> None:
+    """One write(2) of a control file (a kernfs file takes its value in one write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: str) -> bool:
+    """Remove a cgroup directory and the cgroups below it, deepest first (each only once its
+    tasks are gone: rmdir refuses a populated cgroup with EBUSY). Whether it is gone."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    gone = all(_remove_tree(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False))
+    if not gone:
+        return False
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
+
+
+class TaskCgroup:
+    """One worker's (or one fork server's) cgroup: made and owned by ``TaskLimits.place``,
+    removed by ``remove`` once the process in it is reaped."""
+
+    def __init__(self, owner: TaskLimits, path: str, limit: int) -> None:
+        self.owner = owner
+        self.path = path
+        self.limit = limit
+        self._removed = False
+
+    def __repr__(self) -> str:
+        return f"<TaskCgroup {self.path} pids.max={self.limit}>"
+
+    def limit_reached(self) -> bool:
+        """Whether a fork or a thread in it was refused at its ``pids.max`` (``pids.events``
+        ``max``, counted by the kernel). Read before ``remove``."""
+        try:
+            with open(os.path.join(self.path, "pids.events")) as events:
+                for line in events:
+                    name, _, count = line.partition(" ")
+                    if name == "max":
+                        return int(count) > 0
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def remove(self) -> None:
+        """Remove the cgroup: call once its process is reaped (its tasks are gone then). A
+        cgroup that cannot be removed yet stays for ``TaskLimits.close``. Idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        self.owner.release(self)
+
+
+class TaskLimits:
+    """One pool's task cgroups (see the module docstring): its directory, a ``TaskCgroup``
+    per worker and per fork server, and the ``tasks`` entry of ``pool.sandbox``.
+
+    ``place`` is called from the supervisor thread; ``TaskCgroup.remove`` and ``close`` from
+    any thread (a caller closes the worker it holds)."""
+
+    def __init__(self, limit: int | None, hierarchy: Hierarchy | str | None = None) -> None:
+        self.limit = limit
+        self.directory: str | None = None
+        self._owner_pid = os.getpid()  # a fork of the application removes nothing of ours
+        self._lock = threading.Lock()
+        self._live = 0
+        self._closed = False
+        self._names = itertools.count(1)
+        if limit is None:
+            self.status = LayerStatus(
+                LAYER, LayerState.MISSING, reason=f"task_limit=None: {FALLBACK}"
+            )
+            return
+        if hierarchy is None:
+            hierarchy = host_hierarchy()
+        if isinstance(hierarchy, str):
+            self.status = self._missing(hierarchy)
+            return
+        try:
+            self.directory = self._make_directory(hierarchy)
+        except OSError as exc:
+            self.status = self._missing(
+                f"cannot make cgroups under {hierarchy.base} ({exc.strerror or exc}; a "
+                "non-root parent needs a delegated cgroup v2 subtree with the pids controller)"
+            )
+            return
+        self.status = LayerStatus(
+            LAYER,
+            LayerState.ACTIVE,
+            detail=(
+                f"cgroup v{hierarchy.version} pids.max {limit} per worker, under {self.directory}"
+            ),
+        )
+        self._version = hierarchy.version
+
+    @property
+    def active(self) -> bool:
+        return self.directory is not None
+
+    @staticmethod
+    def _missing(reason: str) -> LayerStatus:
+        return LayerStatus(LAYER, LayerState.MISSING, reason=f"{reason}: {FALLBACK}")
+
+    def _make_directory(self, hierarchy: Hierarchy) -> str:
+        """Make this pool's directory (and the pools' directory), cleaning up those of pools
+        whose process is gone; on cgroup v2 enable the pids controller below each level."""
+        parent = os.path.dirname(hierarchy.base)
+        if hierarchy.version == 2:
+            _enable_pids(parent)
+        os.makedirs(hierarchy.base, exist_ok=True)
+        if hierarchy.version == 2:
+            _enable_pids(hierarchy.base)
+        _clean_stale(hierarchy.base)
+        me = os.getpid()
+        for _ in range(_NAME_TRIES):
+            path = os.path.join(hierarchy.base, f"{me}-{next(_pool_numbers)}")
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                _remove_tree(path)  # a process with our pid before us left it: never ours
+                continue
+            try:
+                if hierarchy.version == 2:
+                    _enable_pids(path)
+                if not os.path.exists(os.path.join(path, "pids.max")):
+                    raise OSError(errno.ENOTSUP, f"{path} is not a pids cgroup")
+            except OSError:
+                os.rmdir(path)
+                raise
+            return path
+        raise OSError(errno.EEXIST, f"{_NAME_TRIES} names taken under {hierarchy.base}")
+
+    def place(self, pid: int, *, fork_server: bool = False) -> TaskCgroup | None:
+        """Put process ``pid`` (a new worker, or a fork server: ``task_limit + 1``, see the
+        module docstring), every thread of it, in a new cgroup of its own. None when the
+        limits are not active; raises OSError (nothing is left made) when a cgroup cannot be
+        made or the process moved."""
+        if self.directory is None or self.limit is None:
+            return None
+        limit = self.limit + 1 if fork_server else self.limit
+        path = os.path.join(self.directory, f"{'f' if fork_server else 'w'}{next(self._names)}")
+        os.mkdir(path)
+        try:
+            _write(os.path.join(path, "pids.max"), str(limit))
+            # The whole thread group, with the threads it has already started.
+            _write(os.path.join(path, "cgroup.procs"), str(pid))
+        except BaseException:
+            _remove_tree(path)
+            raise
+        with self._lock:
+            self._live += 1
+        return TaskCgroup(self, path, limit)
+
+    def release(self, cgroup: TaskCgroup) -> None:
+        """``cgroup.remove``: its process is reaped; remove it (and the pool's directory
+        after the last one, once the pool is closing)."""
+        if os.getpid() != self._owner_pid:
+            return
+        if not _remove_tree(cgroup.path):
+            logger.debug("jsonnet_worker: cgroup %s not removed yet (tasks left)", cgroup.path)
+        with self._lock:
+            self._live -= 1
+            last = self._closed and self._live == 0
+        if last:
+            self._remove_directory()
+
+    def close(self) -> None:
+        """The pool is closing: its directory is removed now if its cgroups are gone, else
+        with the last one (a worker a caller still holds). Idempotent."""
+        with self._lock:
+            self._closed = True
+            last = self._live == 0
+        if last:
+            self._remove_directory()
+
+    def _remove_directory(self) -> None:
+        directory = self.directory
+        if directory is None or os.getpid() != self._owner_pid:
+            return
+        if not _remove_tree(directory):
+            logger.warning(
+                "jsonnet_worker: the pool's task cgroups %s could not all be removed; the next "
+                "pool removes them once their processes are gone",
+                directory,
+            )
+
+
+def _enable_pids(directory: str) -> None:
+    """cgroup v2: the pids controller for the children of ``directory`` (refused with EBUSY
+    where processes live in it: the no-internal-process rule; delegate a subtree)."""
+    if "pids" not in _read_words(os.path.join(directory, "cgroup.subtree_control")):
+        _write(os.path.join(directory, "cgroup.subtree_control"), "+pids")
+
+
+def _clean_stale(base: str) -> None:
+    """Remove the directories of pools whose process is gone (a crash, a SIGKILL): their
+    workers died with them (PR_SET_PDEATHSIG); one still exiting is left for the next pool."""
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        match = _POOL_NAME.match(entry.name)
+        gone = match is not None and not _alive(int(match[1]))
+        if gone and entry.is_dir(follow_symlinks=False) and _remove_tree(entry.path):
+            logger.info("jsonnet_worker: removed the task cgroups of a gone pool %s", entry.path)
+
+
+def host_hierarchy() -> Hierarchy | str:
+    """This process's pids hierarchy (``find_hierarchy`` on its own /proc files), or why
+    there is none."""
+    try:
+        with open("/proc/self/mountinfo") as mountinfo, open("/proc/self/cgroup") as cgroups:
+            return find_hierarchy(mountinfo.read(), cgroups.read())
+    except OSError as exc:
+        return f"cannot read this process's cgroups ({exc.strerror or exc})"
