@@ -278,11 +278,14 @@ class Supervisor:
                 future.set_exception(exc)
 
     def _task_limits(self) -> TaskLimits:
-        """The pool's task cgroups, made on this thread; where the host has none, the
-        fallback is said once."""
+        """The pool's task cgroups, made on this thread; without them, the fallback is said
+        once: a WARNING where a root parent could have had them (the host lacks them), INFO
+        where they were turned off or a non-root parent has no delegated cgroup (as usual:
+        like the uid and IPC namespace layers, a root parent's, or a delegation's, to add)."""
         tasks = TaskLimits(self.state.config.task_limit)
         if not tasks.active:
-            level = logging.INFO if tasks.limit is None else logging.WARNING
+            expected = tasks.limit is None or os.geteuid() != 0
+            level = logging.INFO if expected else logging.WARNING
             logger.log(level, "Worker task limit missing: %s", tasks.status.reason)
         return tasks
 
