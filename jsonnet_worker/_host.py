@@ -66,6 +66,7 @@ logger = logging.getLogger("jsonnet_worker")
 READ = FsAccess.READ_FILE | FsAccess.READ_DIR
 EXECUTE = FsAccess.READ_FILE | FsAccess.EXECUTE
 LIST = FsAccess.READ_DIR
+TASK_CGROUPS = READ | FsAccess.WRITE_FILE | FsAccess.MAKE_DIR | FsAccess.REMOVE_DIR
 DEVICE = FsAccess.READ_FILE | FsAccess.WRITE_FILE
 READ_WRITE = (
     READ
@@ -313,6 +314,9 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> Grants:
     extensions = _grant_worker_modules(allow)
     for path in LOADER_FILES:
         allow.add_if_exists(path, FsAccess.READ_FILE)
+    for pool in pools:  # each worker's cgroup is made, written, read and removed there
+        if pool.task_cgroups is not None:
+            allow.add(pool.task_cgroups, TASK_CGROUPS, "the pool's task cgroups")
     libraries = _mapped_by_workers(pools)
     libraries |= _resolve_needed([interpreter, *extensions], _library_search_dirs(libraries))
     for path in sorted(libraries):

@@ -21,7 +21,7 @@ import pytest
 
 import seams
 from conftest import wait_until
-from jsonnet_worker import WorkerCrashed, WorkerPool
+from jsonnet_worker import WorkerCrashed, WorkerPool, WorkerStartError
 from jsonnet_worker._config import DEFAULT_TASK_LIMIT, PoolConfig
 from jsonnet_worker._pool import tasklimit
 from jsonnet_worker._pool.forking import fork_server_command
@@ -378,3 +378,38 @@ def test_a_container_mount_and_no_mount() -> None:
     assert isinstance(outside, str) and "outside the mount" in outside
     none = find_hierarchy("31 23 0:28 / /sys rw - sysfs sysfs rw\n", "0::/\n")
     assert none == "no cgroup hierarchy with the pids controller is mounted"
+
+
+@needs_cgroups
+def test_a_worker_that_cannot_be_placed_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail closed: a worker whose cgroup cannot be made is refused like a start-up
+    failure (back-off, WARNING), and the next one, placed, serves."""
+    place = TaskLimits.place
+    placed: list[int] = []
+
+    def refuse_the_second_worker(
+        self: TaskLimits, pid: int, *, fork_server: bool = False
+    ) -> tasklimit.TaskCgroup | None:
+        if not fork_server:
+            placed.append(pid)
+            if len(placed) == 2:
+                raise OSError(28, "No space left on device")
+        return place(self, pid, fork_server=fork_server)
+
+    monkeypatch.setattr(TaskLimits, "place", refuse_the_second_worker)
+    caplog.set_level(logging.WARNING, logger="jsonnet_worker")
+    with WorkerPool(1, spares=0) as pool:
+        assert pool.evaluate("6", tenant="a") == 6
+        with pytest.raises(WorkerStartError, match="cannot put it in its task cgroup"):
+            pool.evaluate("7", tenant="b")  # its fresh worker, the second, was refused
+        wait_until(lambda: pool.stats().idle == 1)  # the third, after the back-off
+        assert pool.evaluate("7", tenant="b") == 7
+        directory = pool_directory(pool)
+        (pid,) = pool.stats().worker_pids
+        assert len(placed) == 3 and pid == placed[2], placed
+        assert os.path.basename(os.path.dirname(pids_cgroup(pid))) == os.path.basename(directory)
+        assert pool.stats().start_failures == 1
+    assert not os.path.exists(f"/proc/{placed[1]}")  # killed and reaped
+    assert any("cannot put it in its task cgroup" in r.getMessage() for r in caplog.records)

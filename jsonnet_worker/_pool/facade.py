@@ -283,6 +283,12 @@ class WorkerPool:
         binds it too, and counts it as a thread it may leave running)."""
         return self._supervisor.thread.native_id
 
+    @property
+    def task_cgroups(self) -> str | None:
+        """The directory of this pool's task cgroups (one per worker, ``tasklimit``), None
+        without them (``restrict_host`` lets the supervisor thread make and remove them)."""
+        return self._supervisor.tasks.directory
+
     def run_on_supervisor(self, function: Callable[[], object], timeout: float = 10.0) -> object:
         """Run ``function`` on the thread that starts this pool's workers and return its
         result (its exception is raised here). ``restrict_host`` applies the host's Landlock

@@ -143,8 +143,9 @@ class Supervisor:
         # New workers are forks of the origin's source (made on this thread, in _run), if
         # it gives one; re-executed by the origin otherwise.
         self.source: WorkerSource | None = None
-        # Each worker's and fork server's task cgroup (made on this thread, in _run).
-        self.tasks: TaskLimits | None = None
+        # Each worker's and fork server's task cgroup, under the pool's directory (made
+        # now: ``restrict_host`` grants that directory to the host's layer).
+        self.tasks = self._task_limits()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wake_lock = threading.Lock()
         self._wake_open = True
@@ -251,7 +252,6 @@ class Supervisor:
 
     def _run(self) -> None:
         try:
-            self.tasks = self._task_limits()
             self.source = self.origin.fork_source(self.settings, self.tasks)
             while not self._stopping:
                 self._run_requests()
@@ -313,19 +313,17 @@ class Supervisor:
                 reason = f"cannot start a worker process: {exc}"
                 self.perform(self.state.start_failed(None, reason, time.monotonic()))
                 return
-            # Into its own task cgroup now, before it enters the pool's state: untrusted
-            # code runs in a worker only once a caller writes a request to it, and that
-            # needs it greeted, then IDLE and checked out (forked and re-exec workers
-            # alike). Fail closed: a worker that cannot be bounded is not used.
-            try:
-                tasks = self.tasks.place(process.pid) if self.tasks is not None else None
-            except OSError as exc:
-                process.close()
-                reason = f"cannot put a new worker in its task cgroup: {exc}"
-                self.perform(self.state.start_failed(None, reason, time.monotonic()))
-                return
-            worker = Worker(process, WorkerConnection(self._max_output()), tasks)
+            worker = Worker(process, WorkerConnection(self._max_output()))
             self.state.started(worker, process.started_at)
+            # Into its own task cgroup now, before this thread reads its hello: untrusted
+            # code runs in a worker only once a caller writes a request to it, and that
+            # needs it greeted (here, later), then IDLE and checked out (forked and re-exec
+            # workers alike). Fail closed: a worker that cannot be bounded is not used.
+            try:
+                worker.tasks = self.tasks.place(process.pid)
+            except OSError as exc:
+                self._start_failed(worker, f"cannot put it in its task cgroup: {exc}")
+                return
 
     def _max_output(self) -> int:
         return self.state.config.max_output
@@ -437,7 +435,7 @@ class Supervisor:
             self._start_failed(worker, f"sent {type(event).__name__} before its hello")
 
     def _accept(self, worker: Worker, hello: WorkerHello) -> None:
-        sandbox = sandbox_status(hello, self.tasks.status if self.tasks is not None else None)
+        sandbox = sandbox_status(hello, self.tasks.status)
         # Its start-up CPU is nobody's call: read here, on the supervisor's thread.
         worker.cpu_mark = worker.process.cpu_seconds() or 0.0
         self.perform(self.state.greeted(worker, sandbox))
@@ -515,8 +513,7 @@ class Supervisor:
             worker.close(grace=max(0.0, deadline - time.monotonic()))
         if self.source is not None:
             self.source.close()  # the workers it forked were closed above
-        if self.tasks is not None:
-            self.tasks.close()  # now, or once the held workers' callers have closed them
+        self.tasks.close()  # now, or once the held workers' callers have closed them
         with self._wake_lock:
             self._wake_open = False
             for fd in (self._wake_r, self._wake_w):
