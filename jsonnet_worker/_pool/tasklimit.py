@@ -9,41 +9,49 @@ pool falls back to slow re-exec workers for every tenant. A cgroup's ``pids.max`
 tasks in that cgroup whatever their uid: one cgroup per worker is a per-worker bound under a
 shared uid. Every cgroup the pool makes is owned by one object that removes it, nothing is
 left behind after ``close``, and leftovers of a crashed pool never break a new one. Where no
-pids controller is writable, the pool says so (the ``tasks`` entry of ``pool.sandbox``,
-logged once as a WARNING) and keeps ``RLIMIT_NPROC`` alone, as before: never silently.
+pids controller is writable, the pool says so (the ``tasks`` entry of ``pool.sandbox``, and
+one log line: a WARNING where a root parent could have had it) and keeps ``RLIMIT_NPROC``
+alone, as before: never silently.
 
 Plan: ``find_hierarchy`` reads ``/proc/self/mountinfo`` and ``/proc/self/cgroup``: cgroup v2
-where its ``pids`` controller is available in this process's cgroup and may be enabled for
-the children (a delegated subtree: the root's, or one whose own processes live in a leaf),
-else the cgroup v1 ``pids`` hierarchy. Under this process's own cgroup of that hierarchy,
-``TaskLimits`` (one per pool, made and used on the supervisor thread) makes
-``jsonnet-worker/<pool-pid>-<n>/`` and, per worker, a leaf ``w<k>`` with ``pids.max`` =
-``task_limit``, into which it moves the worker's whole thread group (``cgroup.procs``) once
-the fork server's (or Popen's) answer has given the pid. That is before any untrusted code
-runs: a worker evaluates only once the pool writes a request to it, and the supervisor
-places each new worker before it enters the pool's state (docs/DESIGN.md, "Call flow"). The
-pid cannot be reused meanwhile: the worker is an unreaped child of this process. Threads the
-worker started before the move (the Go runtime's, ~7) move with it. Each fork server gets a
-leaf ``f<k>`` too, with ``task_limit + 1``: a forked worker is born in its fork server's
-cgroup and stays there until the pool moves it (one fork at a time), so that cgroup holds the
-fork server, one child and what that child starts before the move, and never the untrusted
-code. ``TaskCgroup.remove`` removes a worker's cgroup after the worker is reaped (a cgroup
-can be removed only once its tasks are gone); ``TaskLimits.close`` removes the pool's
-directory once its last cgroup is gone, and at start a pool removes the directories of pools
-whose process is gone (crashed: their workers died with them, PR_SET_PDEATHSIG).
-``TaskCgroup.limit_reached`` reads ``pids.events``: a worker that died after a fork or thread
-creation was refused at its limit (the Go runtime aborts: "pthread_create failed") ended of
-its task limit, which the pool reports as such (``WorkerCrashed``, not a memory error).
+where this process's cgroup has the ``pids`` controller available (it must be enabled for
+the children too: a delegated subtree, whose own processes live in a leaf), else the cgroup
+v1 ``pids`` hierarchy. ``TaskLimits`` (one per pool, made with its supervisor) makes
+``jsonnet-worker/<pool-pid>-<n>/`` under this process's own cgroup of that hierarchy and
+checks it is a pids cgroup; ``place`` then makes, per worker, a leaf ``w<k>`` with
+``pids.max`` = ``task_limit`` and moves the worker's whole thread group into it
+(``cgroup.procs``: the threads it has started, the Go runtime's ~7, move with it). The
+supervisor places a new worker, forked or re-executed, right after the fork server's (or
+Popen's) answer gave its pid and before it reads the worker's hello: that is before any
+untrusted code runs, since a worker evaluates only once a caller writes a request to it, which
+needs it greeted, IDLE and checked out (docs/DESIGN.md, "Call flow"). The pid cannot be reused
+meanwhile: the worker is an unreaped child of this process. Each fork server gets a leaf
+``f<k>`` too, with ``task_limit + 1``: a forked worker is born in its fork server's cgroup and
+stays there until the pool moves it (one fork at a time), so that cgroup holds the fork server,
+one child and what that child starts before the move (measured: 8 tasks), never untrusted
+code; and the fork server is bounded like its workers. ``TaskCgroup.remove`` removes a
+worker's cgroup once the worker is reaped (a cgroup can be removed only once its tasks are
+gone); ``TaskLimits.close`` removes the pool's directory once its last cgroup is gone (a
+worker a caller still holds at ``terminate()``: with that one), and a new pool removes the
+directories of pools whose process is gone (a crash: their workers died with them,
+PR_SET_PDEATHSIG). ``restrict_host`` grants the pool's directory (what is beneath it) to the
+host's Landlock layer. ``TaskCgroup.limit_reached`` reads ``pids.events``: a worker that died
+after its cgroup refused it a task (the Go runtime then aborts: "pthread_create failed")
+ended of its task limit, which the pool reports as such (``WorkerCrashed``, not a memory
+error). Measured here (cgroup v1): mkdir, the two writes and the rmdir cost ~0.2-0.3 ms per
+worker, 5-10% of the fork server's answer to a fork (~3 ms), ~4% of a fork to its hello.
 
 Weak spots: the per-worker bound is not a bound on the pool: several workers bombing at once
 each take up to ``task_limit`` tasks of their uid's ``RLIMIT_NPROC`` headroom (256 above what
 the uid had when the fork server started), so more than 256 / ``task_limit`` workers bombing
 together can still make a fork fail (the pool then re-executes until the fork server is back,
-as before); a uid range (``worker_user="FIRST-LAST"``) removes that. On cgroup v1 a process in
-the pools' tree is not stopped from moving itself out (only root, or a writer of another
-cgroup's ``cgroup.procs``, can; a worker is neither and the Landlock layer denies every path).
-A worker whose placement fails (a cgroup cannot be made at the pool's life, e.g. the
-controller's cgroup count is exhausted) is refused like any start failure: fail closed.
+as before); a uid range (``worker_user="FIRST-LAST"``) removes that. cgroup v2 was exercised
+only through ``find_hierarchy`` here (this machine's pids controller is on v1). A worker whose
+placement fails (no cgroup can be made, e.g. the controller's cgroup count is exhausted) is
+refused like any start-up failure: fail closed. Under ``restrict_host`` the pool's own
+(empty) directory cannot be removed at close (its layer grants what is beneath it): the next
+pool started after this process has gone removes it. The ``jsonnet-worker`` directory itself
+is shared by every pool of the host and stays.
 """
 
 from __future__ import annotations
