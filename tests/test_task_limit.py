@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,28 @@ def holding_bomb(pool: WorkerPool) -> int:
     return found[0]
 
 
+def call_in_background(pool: WorkerPool, snippet: str, **options: object) -> Background:
+    """``pool.evaluate(snippet, **options)`` on a thread of its own; its value or error
+    lands in ``Background.ended``."""
+    ended: list[object] = []
+
+    def call() -> None:
+        try:
+            ended.append(pool.evaluate(snippet, **options))  # type: ignore[arg-type]
+        except Exception as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return Background(thread, ended)
+
+
+@dataclass
+class Background:
+    thread: threading.Thread
+    ended: list[object]
+
+
 @pytest.fixture
 def harness_pool() -> Iterator[WorkerPool]:
     origin = seams.forked_from(template_harness())
@@ -155,16 +178,7 @@ def test_a_thread_bomb_leaves_the_fork_server_its_forks(harness_pool: WorkerPool
     are served by forked workers: each call recycles its worker (max_calls_per_worker=1), so
     each asks the fork server for a fork, and none falls back to a re-exec worker."""
     pool = harness_pool
-    bomb_result: list[object] = []
-
-    def bomb() -> None:
-        try:
-            bomb_result.append(pool.evaluate(BOMB.format(then=HOLD), tenant="evil"))
-        except WorkerCrashed as exc:
-            bomb_result.append(exc)
-
-    thread = threading.Thread(target=bomb)
-    thread.start()
+    bomb = call_in_background(pool, BOMB.format(then=HOLD), tenant="evil")
     try:
         bomber = holding_bomb(pool)
         with open(f"/proc/{bomber}/status") as status:
@@ -181,8 +195,8 @@ def test_a_thread_bomb_leaves_the_fork_server_its_forks(harness_pool: WorkerPool
     finally:
         for pid in seams.pids_in_call(pool):  # the bomb: the test's own doing
             os.kill(pid, signal.SIGKILL)
-        thread.join(30)
-    assert len(bomb_result) == 1 and isinstance(bomb_result[0], WorkerCrashed), bomb_result
+        bomb.thread.join(30)
+    assert len(bomb.ended) == 1 and isinstance(bomb.ended[0], WorkerCrashed), bomb.ended
 
 
 @needs_cgroups
@@ -254,20 +268,11 @@ def test_a_terminated_pool_with_a_busy_worker_leaves_nothing() -> None:
     pool = WorkerPool(1, spares=0, timeout=30)
     pool.evaluate("1")
     directory = pool_directory(pool)
-    errors: list[BaseException] = []
-
-    def hold() -> None:
-        try:
-            pool.evaluate(LONG_CALL)
-        except BaseException as exc:
-            errors.append(exc)
-
-    caller = threading.Thread(target=hold)
-    caller.start()
+    caller = call_in_background(pool, LONG_CALL)
     wait_until(lambda: bool(seams.pids_in_call(pool)))
     pool.terminate()
-    caller.join(30)
-    assert len(errors) == 1
+    caller.thread.join(30)
+    assert len(caller.ended) == 1 and isinstance(caller.ended[0], Exception), caller.ended
     assert not os.path.exists(directory)
 
 
