@@ -18,7 +18,8 @@ an unreaped child keeps its pid), and the worker outlives its fork server: killi
 server loses no in-flight call. ``WorkerSource`` is the supervisor's one call, a thin driver
 of ``forkserver_policy``: it reports to the policy what happened (started, forked, failed,
 died, CPU used) and carries out what the policy decides (a fork or a re-exec
-``WorkerProcess``, a fork server started or closed, a log line).
+``WorkerProcess``, a fork server started or closed, a log line); each fork server it starts
+goes into a task cgroup of its own (``tasklimit``), removed once it is reaped.
 
 Weak spots: the fork server runs as one of the pool's ``WorkerSettings.identities``, and its
 workers share that uid. If the fork server dies in the middle of a fork after cloning, before

@@ -9,7 +9,9 @@ Plan: one thread for the pool's whole life (PR_SET_PDEATHSIG fires when the *thr
 forked a worker exits, so workers must be forked from a thread that lives as long as the
 pool). It polls a wake-up pipe, the pidfd of every worker, and the channels of workers still
 starting (their hello goes through ``connection.WorkerConnection``); callers own the
-channels of the workers they hold, so it never reads those. Every decision is a transition
+channels of the workers they hold, so it never reads those. Each new worker goes into a task
+cgroup of its own (``tasklimit``) before its hello is read, and ``Worker.close`` removes
+that cgroup once the worker is reaped. Every decision is a transition
 of ``state.PoolState`` (the hand-over's outcome too); ``perform`` carries out the effects a
 transition returns, for the supervisor and for the callers alike. See docs/DESIGN.md, "Call flow".
 
