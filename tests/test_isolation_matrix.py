@@ -55,7 +55,9 @@ import pytest
 
 from conftest import harness_command
 from fdview import shared_open_files
+from jsonnet_worker._config import DEFAULT_TASK_LIMIT
 from jsonnet_worker._pool.identities import NOBODY_ID, resolve_identity
+from jsonnet_worker._pool.tasklimit import TaskLimits
 from jsonnet_worker._sandbox.landlock import probe
 from rawworker import RawWorker
 
@@ -75,6 +77,8 @@ PARENT_UID = 54321
 # seccomp and the new limits (Landlock alone behind).
 MARKED = {"full": "full-marked", "nonroot": "nonroot-marked"}
 WITHOUT_SECCOMP = {"full": "landlock", "nonroot": "nonroot-landlock"}
+# The columns whose worker a pool would put in a pids cgroup of its own (a root parent's).
+PLACED = ("full", "full-marked")
 TWO_GIB = 2 << 30  # past every worker's 1 GiB memory limit
 
 # What every probe starts with. ``outcome`` turns an action into "allowed" or an errno name.
@@ -129,6 +133,32 @@ _ELF = (
     + struct.pack("<IIQQQQQQ", 1, 5, 0, 0x400000, 0x400000, 120 + 12, 120 + 12, 0x1000)
     + _CODE
 )  # fmt: skip
+
+
+def _held_threads(count: int) -> str:
+    """A probe that starts ``count`` threads and holds them all until the last has started
+    (or one is refused), then lets them go."""
+    return f"""
+def bomb():
+    release = threading.Event()
+    started = []
+    threading.stack_size(65536)  # small stacks: RLIMIT_DATA alone would allow thousands
+    try:
+        for _ in range({count}):
+            thread = threading.Thread(target=release.wait)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't start new thread": pthread_create said EAGAIN
+                raise OSError(errno.EAGAIN, "thread") from None
+            started.append(thread)
+    finally:
+        threading.stack_size(0)
+        release.set()
+        for thread in started:
+            thread.join()
+result = outcome(bomb)
+"""
+
 
 # Each probe: Python run inside the worker after start-up, setting ``result``. Names in
 # braces are filled from the ``Targets`` the test opened.
@@ -273,26 +303,8 @@ def bomb():
         os.waitpid(pid, 0)
 result = outcome(bomb)
 """,
-    "thread-bomb": """
-def bomb():
-    release = threading.Event()
-    started = []
-    threading.stack_size(65536)  # small stacks: RLIMIT_DATA alone would allow thousands
-    try:
-        for _ in range(1000):
-            thread = threading.Thread(target=release.wait)
-            try:
-                thread.start()
-            except RuntimeError:  # "can't start new thread": pthread_create said EAGAIN
-                raise OSError(errno.EAGAIN, "thread") from None
-            started.append(thread)
-    finally:
-        threading.stack_size(0)
-        release.set()
-        for thread in started:
-            thread.join()
-result = outcome(bomb)
-""",
+    "thread-bomb": _held_threads(1000),
+    "task-limit": _held_threads(100),
     "shm-attach": """
 def attach():
     shmid = check(libc.shmget({shm_key}, 0, 0))
@@ -612,15 +624,27 @@ def _commands() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def workers() -> Iterator[dict[str, RawWorker]]:
     started: dict[str, RawWorker] = {}
+    # A root parent's pool puts each worker in a pids cgroup of its own (_pool/tasklimit.py)
+    # before its first request: so are the root columns' project workers here. A non-root
+    # parent cannot make one (no delegated cgroup v2 subtree here): its columns are not.
+    limits = TaskLimits(DEFAULT_TASK_LIMIT)
+    assert limits.active or not ROOT, limits.status
+    cgroups = []
     try:
         for column, command in _commands().items():
             started[column] = RawWorker("go", command=command)
             hello = started[column].hello
             assert hello.pid == started[column].process.pid, hello
+            if column in PLACED:
+                cgroups.append(limits.place(hello.pid))
         yield started
     finally:
         for worker in started.values():
             worker.__exit__()
+        for cgroup in cgroups:
+            if cgroup is not None:
+                cgroup.remove()
+        limits.close()
 
 
 def run_probe(workers: dict[str, RawWorker], column: str, name: str, targets: Targets) -> str:
@@ -771,7 +795,7 @@ def test_every_probe_is_in_the_document() -> None:
 
 
 # The layers a cell may name first, and how the test checks each (see the module docstring).
-LIMIT_LAYERS = ("RLIMIT_NPROC", "RLIMIT_NOFILE")
+LIMIT_LAYERS = ("RLIMIT_NPROC", "RLIMIT_NOFILE", "pids")
 
 
 @pytest.mark.parametrize("row", matrix_rows(), ids=lambda row: row.probe)
