@@ -570,11 +570,16 @@ class PoolState(Generic[W]):
         it, under one lock. ``cpu`` is the worker's CPU time now, read outside the lock."""
         effects: list[Effect] = []
         with self._lock:
-            self._record(outcome)
+            # terminate() killed every worker: a call's worker that ended then ended by our
+            # hand, which is no death to count or to warn of (its caller gets PoolClosed).
+            ours = outcome.died and self.phase in (Phase.TERMINATED, Phase.STOPPED)
+            if not ours:
+                self._record(outcome)
             member = self.members.get(worker)
             if outcome.reason:
                 domain = member.domain if member is not None else None
-                effects.append(_log(logging.WARNING, outcome.reason, worker.pid, domain))
+                level = logging.DEBUG if ours else logging.WARNING
+                effects.append(_log(level, outcome.reason, worker.pid, domain))
             if member is None:
                 effects += self._orphan(worker)
                 return effects
@@ -883,7 +888,9 @@ class PoolState(Generic[W]):
     def exited(self, worker: W, how: str) -> list[Effect]:
         """A worker's pidfd says it has exited (``how``: "killed by SIGKILL", ...). Idle, a
         spare, or killed from outside while starting: retired now. Busy: its caller sees
-        the end of its channel and discards it; a spare takes its place now."""
+        the end of its channel and discards it; a spare takes its place now. After
+        ``terminate()`` (which killed every worker) an exit is the pool's own doing: logged
+        at DEBUG, not counted as a crash, and nothing replaces it."""
         effects: list[Effect] = []
         with self._lock:
             member = self.members.get(worker)
@@ -897,15 +904,13 @@ class PoolState(Generic[W]):
                 return effects
             if member.status is WorkerStatus.STARTING:
                 self.initial_resolved += 1
-            self.crashes += 1
-            effects.append(
-                _log(
-                    logging.WARNING,
-                    f"{member.status.value} worker died ({how}); replacing it",
-                    worker.pid,
-                    member.domain,
-                )
-            )
+            if self.phase in (Phase.TERMINATED, Phase.STOPPED):
+                message = f"{member.status.value} worker ended ({how}): the pool was terminated"
+                effects.append(_log(logging.DEBUG, message, worker.pid, member.domain))
+            else:
+                self.crashes += 1
+                message = f"{member.status.value} worker died ({how}); replacing it"
+                effects.append(_log(logging.WARNING, message, worker.pid, member.domain))
             self._retire(member, effects)
         return effects
 
