@@ -1,12 +1,18 @@
 """What a pool reports about itself: its sandbox (``SandboxStatus``, from the workers' hellos),
 its counters (``PoolStats``) and the one verdict on its sandbox (``judge_sandbox``).
 
-The one sandbox verdict: ``doctor``, the service's ``/healthz`` and ``/readyz`` and its
-start-up log all judge what the workers reported with :func:`judge_sandbox`, so "healthy" means the
-same thing everywhere.
+The one sandbox verdict: ``doctor``, the service's ``/healthz`` and ``/readyz``, the pool's
+and the service's start-up logs all judge what the workers reported with
+:func:`judge_sandbox`, so "ok" means the same thing everywhere:
 
-``enforced`` is what ``require_sandbox`` demands (the workers' Landlock layer); ``complete``
-adds every other layer and the worker's self-check; ``reasons`` says what is missing.
+- ``ok``: every layer is active, but those the configuration turned off (``LayerState.OFF``:
+  one ``worker_user`` shared by every worker, ``task_limit=None``), which are listed as off
+  with the option that turns them on;
+- ``degraded``: Landlock is enforced (what ``require_sandbox`` demands, so a fail-closed
+  pool serves), but a layer the configuration asks for is missing on this host (a uid drop
+  or an IPC namespace under a non-root parent, seccomp on another architecture, no
+  writable pids cgroup), or the worker's self-check did not refuse; ``reasons`` says which;
+- ``unprotected``: Landlock is not enforced (a fail-closed pool refuses to evaluate).
 """
 
 from __future__ import annotations
@@ -98,9 +104,20 @@ class SandboxStatus:
 
     @property
     def missing_in_depth(self) -> tuple[LayerStatus, ...]:
-        """The defence-in-depth layers that are not active (``uid`` under the default shared
-        ``nobody``; both under a non-root parent), each with its reason."""
-        return tuple(layer for layer in self.layers if not layer.active and not layer.required)
+        """The defence-in-depth layers that are missing (both under a non-root parent), each
+        with its reason; not those the configuration turned off (``off``)."""
+        return tuple(
+            layer
+            for layer in self.layers
+            if not layer.active and not layer.off and not layer.required
+        )
+
+    @property
+    def off(self) -> tuple[LayerStatus, ...]:
+        """The layers the configuration turned off (the worker's and the pool's), each with
+        the option that turns it on."""
+        pool = tuple(layer for layer in (self.tasks,) if layer is not None)
+        return tuple(layer for layer in (*self.layers, *pool) if layer.off)
 
     def summary(self) -> str:
         extra = "; ".join(layer.summary() for layer in self.extra_layers)
@@ -187,21 +204,41 @@ class CallInfo:
 
 @dataclass(frozen=True)
 class SandboxVerdict:
+    """The one verdict (see the module docstring): ``enforced`` (Landlock: what
+    ``require_sandbox`` demands), ``complete`` (every layer the configuration asks for is
+    active), ``reasons`` (what is missing, empty when complete) and ``off`` (the layers the
+    configuration turned off, with the option that turns each on)."""
+
     enforced: bool
     complete: bool
     reasons: tuple[str, ...]
+    off: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        """``ok``, ``degraded`` or ``unprotected``."""
+        if not self.enforced:
+            return "unprotected"
+        return "ok" if self.complete else "degraded"
 
     def summary(self) -> str:
+        off = f" (off by configuration: {'; '.join(self.off)})" if self.off else ""
         if self.complete:
-            return "sandbox: every layer active"
-        return "sandbox: degraded: " + "; ".join(self.reasons)
+            return f"sandbox: every layer active{off}"
+        return f"sandbox: {self.state}: " + "; ".join(self.reasons) + off
 
 
 def judge_sandbox(sandbox: SandboxStatus | None) -> SandboxVerdict:
-    """The verdict on what the workers reported (None: no worker has reported yet)."""
+    """The verdict on what the workers reported (None: no worker has reported yet). Every
+    layer counts, the defence-in-depth ones and the pool's task limit included; a layer the
+    configuration turned off does not, and is listed as off."""
     if sandbox is None:
         return SandboxVerdict(False, False, ("no worker has reported its sandbox yet",))
-    reasons = [f"{layer.name} missing: {layer.reason}" for layer in sandbox.missing]
+    wanted = [
+        layer for layer in (*sandbox.layers, sandbox.tasks) if layer is not None and not layer.off
+    ]
+    reasons = [f"{layer.name} missing: {layer.reason}" for layer in wanted if not layer.active]
     if not sandbox.self_check.startswith("refused"):
         reasons.append(f"self-check: {sandbox.self_check or 'not reported'}")
-    return SandboxVerdict(sandbox.enforced, not reasons, tuple(reasons))
+    off = tuple(f"{layer.name}: {layer.reason}" for layer in sandbox.off)
+    return SandboxVerdict(sandbox.enforced, not reasons, tuple(reasons), off)

@@ -27,6 +27,7 @@ from jsonnet_worker import (
     SandboxStatus,
     WorkerPool,
     WorkerStartError,
+    judge_sandbox,
 )
 from jsonnet_worker._cli import main
 from jsonnet_worker._pool.identities import WorkerIdentities, parse_worker_user, resolve_identity
@@ -49,8 +50,10 @@ def status_fields(pid: int) -> list[dict[str, str]]:
     return threads
 
 
-# The defence-in-depth layers a default pool lacks, and why.
-DEFAULT_MISSING = ["uid"] if ROOT else ["uid", "ipc_namespace"]
+# The defence-in-depth layers a default pool lacks on this host (a non-root parent can give
+# neither), and those its configuration turns off (one worker_user shared by every worker).
+DEFAULT_MISSING = [] if ROOT else ["uid", "ipc_namespace"]
+DEFAULT_OFF = ["uid"] if ROOT else []
 
 
 def test_pool_reports_every_layer(pool: WorkerPool) -> None:
@@ -67,6 +70,15 @@ def test_pool_reports_every_layer(pool: WorkerPool) -> None:
     assert sandbox.missing == (), sandbox.summary()
     assert [layer.name for layer in sandbox.missing_in_depth] == DEFAULT_MISSING
     assert all(not layer.required for layer in sandbox.missing_in_depth)
+    assert [layer.name for layer in sandbox.off] == DEFAULT_OFF
+    # One verdict: ok where every layer the configuration asks for is active, degraded
+    # (with each missing layer) where the host cannot give one, the off ones listed.
+    verdict = judge_sandbox(sandbox)
+    assert verdict.state == ("ok" if ROOT else "degraded"), verdict
+    assert [reason.split(" missing")[0] for reason in verdict.reasons] == DEFAULT_MISSING + (
+        [] if ROOT else ["tasks"]
+    )
+    assert [entry.split(":")[0] for entry in verdict.off] == DEFAULT_OFF
     limits = sandbox.limits.detail
     assert limits.endswith("; 0: FSIZE, CORE, MEMLOCK, RTPRIO, NICE, MSGQUEUE"), limits
     assert "RLIMIT_NPROC" in limits and "RLIMIT_NOFILE" in limits and "RLIMIT_STACK" in limits
@@ -135,8 +147,9 @@ def test_a_missing_layer_is_reported_and_logged(caplog: pytest.LogCaptureFixture
         assert [layer.name for layer in sandbox.missing] == ["seccomp"]
         assert pool.evaluate("1 + 1") == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["Worker isolation layers missing: seccomp: MISSING (left out by the "
-                        "test harness)"]  # fmt: skip
+    verdicts = [message for message in warnings if message.startswith("sandbox: degraded: ")]
+    assert len(verdicts) == 1, warnings
+    assert "seccomp missing: left out by the test harness" in verdicts[0]
 
 
 def test_a_filter_the_kernel_refuses_stops_the_worker() -> None:
@@ -186,23 +199,28 @@ def test_keeping_root_is_reported_missing(caplog: pytest.LogCaptureFixture) -> N
         missing = {layer.name: layer.reason for layer in pool.sandbox.missing}
         assert set(missing) == {"privileges", "limits"}
         assert [layer.name for layer in pool.sandbox.missing_in_depth] == ["uid"]
+        assert judge_sandbox(pool.sandbox).state == "degraded"
         assert "worker_user=None" in missing["privileges"]
         assert "RLIMIT_NPROC" in missing["limits"]
-    assert any("privileges: MISSING" in r.getMessage() for r in caplog.records)
+    assert any("privileges missing: " in r.getMessage() for r in caplog.records)
 
 
 def test_doctor_lists_every_layer(capsys: pytest.CaptureFixture[str]) -> None:
-    """The defence-in-depth layers are listed, missing with the reason, and the doctor still
-    calls the sandbox enforced."""
-    assert main.main(["doctor", "--engine", "go"]) == 0
+    """Every layer is listed, the defence-in-depth ones too: off (the configuration's choice)
+    or missing with the reason; the verdict line and the exit status follow the one rule:
+    0 only when every layer the configuration asks for is active (a root parent here; a
+    non-root one cannot drop the uid or make an IPC namespace: degraded, 1)."""
+    assert main.main(["doctor", "--engine", "go"]) == (0 if ROOT else 1)
     out = capsys.readouterr().out
     for layer in ("limits:", "privileges:", "seccomp:"):
         assert f"  {layer:<16} active:" in out, out
     for layer in ("uid:", "ipc_namespace:"):
         assert f"  {layer:<16}" in out, out
-    assert "  uid:             MISSING: " in out
+    assert ("  uid:             off: " in out) == ROOT
+    assert ("  uid:             MISSING: " in out) == (not ROOT)
     assert ("  ipc_namespace:   active: " in out) == ROOT
-    assert "sandbox: OK" in out
+    verdict = "engine go: sandbox: every layer active" if ROOT else "engine go: sandbox: degraded: "
+    assert verdict in out, out
 
 
 @needs_root

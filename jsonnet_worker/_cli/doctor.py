@@ -87,10 +87,13 @@ def _greet_safely(config: PoolConfig) -> tuple[WorkerHello | str, float, int]:
 
 
 def run_doctor(engine: str) -> int:
-    """The command: ``engine`` is one of ``ENGINES`` or ``all``; 0 when every worker started
-    has every layer (``judge_sandbox``), else 1."""
+    """The command: ``engine`` is one of ``ENGINES`` or ``all``. Each engine's worker gets
+    the one verdict (``judge_sandbox``: ok, degraded or unprotected), then the last line
+    sums them up: 0 only when every worker started and is ok, else 1."""
     engines = list(ENGINES) if engine == "all" else [engine]
     healthy = True
+    unprotected = False
+    verdicts: list[str] = []
     for name in engines:
         try:
             config = PoolConfig(engine=name)
@@ -101,17 +104,25 @@ def run_doctor(engine: str) -> int:
         hello, elapsed, pid = _greet_safely(config)
         print(f"engine {name}: worker pid {pid}")
         if isinstance(hello, str):
-            healthy = False
+            healthy, unprotected = False, True
             print(f"  FAILED: {hello}")
             continue
         sandbox = _print_hello(hello, elapsed)
-        healthy = judge_sandbox(sandbox).complete and healthy
+        verdict = judge_sandbox(sandbox)
+        healthy = verdict.complete and healthy
+        unprotected = unprotected or not verdict.enforced
+        verdicts.append(f"engine {name}: {verdict.summary()}")
         template = template_report(config)
         if template.active:
             print(f"  {'template:':<16} active: {template.detail}")
         else:  # re-exec workers: slower to start, as isolated
             print(f"  {'template:':<16} MISSING: {template.reason}")
-    print("sandbox: OK" if healthy else "sandbox: NOT fully enforced (see above)")
+    for line in verdicts:
+        print(line)
+    if healthy:
+        print("sandbox: ok")
+    else:
+        print(f"sandbox: {'unprotected' if unprotected else 'degraded'} (see above)")
     return 0 if healthy else EXIT_UNHEALTHY
 
 
@@ -139,6 +150,8 @@ def _print_hello(hello: WorkerHello, elapsed: float) -> SandboxStatus:
         label = f"{layer.name}:"
         if layer.active:
             print(f"  {label:<16} active: {layer.detail}")
+        elif layer.off:
+            print(f"  {label:<16} off: {layer.reason}")
         else:
             print(f"  {label:<16} MISSING: {layer.reason}")
     return sandbox

@@ -38,7 +38,7 @@ from .._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from .._report import SandboxStatus, log_landlock
+from .._report import SandboxStatus, judge_sandbox, log_landlock
 from .._wire.layers import LayerState, LayerStatus
 from .._wire.messages import EvalRequest, StartupFailure, WorkerHello, escape_controls
 from .connection import (
@@ -469,8 +469,9 @@ class Supervisor:
         if not sandbox.enforced and others:
             unprotected += f" (also missing: {others})"
         log_landlock(sandbox.landlock, unprotected)
-        if sandbox.enforced and others:
-            logger.warning("Worker isolation layers missing: %s", others)
+        verdict = judge_sandbox(sandbox)
+        if sandbox.enforced and not verdict.complete:
+            logger.warning("%s", verdict.summary(), extra={"sandbox_state": verdict.state})
 
     # -- the idle --------------------------------------------------------------------------
 

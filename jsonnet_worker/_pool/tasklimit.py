@@ -265,9 +265,7 @@ class TaskLimits:
         self._closed = False
         self._names = itertools.count(1)
         if limit is None:
-            self.status = LayerStatus(
-                LAYER, LayerState.MISSING, reason=f"task_limit=None: {FALLBACK}"
-            )
+            self.status = LayerStatus(LAYER, LayerState.OFF, reason=f"task_limit=None: {FALLBACK}")
             return
         if hierarchy is None:
             hierarchy = host_hierarchy()

@@ -184,12 +184,12 @@ def uid_status(identity: WorkerIdentity | None) -> LayerStatus:
     uid = os.getuid()
     if identity is not None and identity.own_uid and uid == identity.uid:
         return LayerStatus("uid", LayerState.ACTIVE, f"uid {uid}, this worker's alone")
-    if identity is not None:
+    if identity is not None:  # worker_user names one user: the configuration's choice
         return LayerStatus(
             "uid",
-            LayerState.MISSING,
-            reason=f"uid {uid} ({identity.user}) is shared by every worker; a uid range "
-            "as worker_user gives each its own",
+            LayerState.OFF,
+            reason=f"worker_user {identity.user!r}: uid {uid} is shared by every worker; a "
+            "uid range as worker_user gives each its own",
         )
     if os.geteuid() == 0:
         return LayerStatus("uid", LayerState.MISSING, reason="root parent and worker_user=None")

@@ -62,7 +62,8 @@ class LandlockStatus:
 
 class LayerState(enum.Enum):
     ACTIVE = "active"
-    MISSING = "missing"  # the kernel, the architecture or the configuration lacks it
+    MISSING = "missing"  # wanted, but the kernel, the architecture or the parent lacks it
+    OFF = "off"  # the configuration chose to go without it (the reason says which option)
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,16 @@ class LayerStatus:
             "reason": self.reason,
         }
 
+    @property
+    def off(self) -> bool:
+        """The configuration turned it off: not active, and not a shortfall of the host."""
+        return self.state is LayerState.OFF
+
     def summary(self) -> str:
         if self.active:
             return f"{self.name}: active ({self.detail})" if self.detail else f"{self.name}: active"
+        if self.off:
+            return f"{self.name}: off ({self.reason})"
         return f"{self.name}: MISSING ({self.reason})"
 
 
