@@ -32,6 +32,7 @@ from ._errors import (
 )
 from ._host import HostSandbox, restrict_host
 from ._kratos import kratos_allow_list
+from ._options import PoolOptions
 from ._pool.facade import WorkerPool
 from ._pool.tracing import last_call
 from ._report import (
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidType",
     "PoolConfig",
+    "PoolOptions",
     "UnsupportedPlatform",
     "EvaluationTimeout",
     "HostAllowList",

@@ -718,7 +718,7 @@ def test_options_come_from_one_pool_config() -> None:
     with pytest.raises(jsonnet_worker.InvalidArgument, match="spares"):
         WorkerPool(1, spares=-1)
     with pytest.raises(TypeError):
-        WorkerPool(1, no_such_option=1)
+        WorkerPool(1, no_such_option=1)  # type: ignore[call-arg]
     with WorkerPool(1, spares=0, queue_limit=None) as pool:  # the old signature's default
         assert pool.queue_limit == jsonnet_worker.PoolConfig().queue_limit
         with pytest.raises(ValueError, match="timeout"):

@@ -45,7 +45,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 from .._config import PoolConfig
 from .._errors import (
@@ -57,6 +57,7 @@ from .._errors import (
     UnsupportedPlatform,
     WorkerStartError,
 )
+from .._options import PoolOptions
 from .._report import PoolStats, SandboxStatus
 from .._wire.messages import Operation
 from . import calls
@@ -158,7 +159,9 @@ class WorkerPool:
     """A pool of sandboxed worker processes that evaluate Jsonnet.
 
     ``WorkerPool(size, **options)`` or ``WorkerPool(config=PoolConfig(...))`` (options given
-    too override the config's); see ``PoolConfig`` for every option. Safe to share between
+    too override the config's); see ``PoolConfig`` for every option. The options are typed
+    (``PoolOptions``): a type checker reports a misspelled or mistyped one, and at run time
+    it raises ``InvalidType``/``InvalidArgument``. Safe to share between
     threads and asyncio tasks. Use it as a context manager, or call ``close()``; at
     interpreter exit a pool still open is terminated. A pool belongs to the process that
     created it: after ``fork()`` create a new one in the child (README: prefork servers).
@@ -170,16 +173,17 @@ class WorkerPool:
         *,
         config: PoolConfig | None = None,
         _origin: WorkerOrigin = FORKED,
-        **options: Any,
+        **options: Unpack[PoolOptions],
     ) -> None:
         check_platform()
-        if options.get("queue_limit", 0) is None:
-            del options["queue_limit"]  # the signature before PoolConfig took None: the default
+        changes: dict[str, Any] = dict(options)
+        if changes.get("queue_limit", 0) is None:
+            del changes["queue_limit"]  # the signature before PoolConfig took None: the default
         if size is not None:
-            options["size"] = size
+            changes["size"] = size
         base = config or PoolConfig()
         try:
-            config = base.replace(**options) if options else base
+            config = base.replace(**changes) if changes else base
         except TypeError as exc:
             raise InvalidType(f"WorkerPool: {exc}") from None
         if config.size is None:
