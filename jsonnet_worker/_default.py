@@ -1,9 +1,27 @@
 """The module-level ``evaluate``/``aevaluate``: a default pool, created on first use.
 
-The default pool belongs to the process that created it: in a forked child (gunicorn
-``--preload``, Celery, ``multiprocessing`` with fork) the first call starts a fresh pool and
-never touches the parent's (its workers, channels and supervisor thread stay the parent's).
-See docs/DESIGN.md ("Fork") and README.md ("Prefork servers").
+Goals: one call needs no set-up, and a process that forks (gunicorn ``--preload``, Celery's
+prefork parent, ``multiprocessing`` with fork) neither shares its pool with its children nor
+keeps an idle one alive for its whole life after it has forked them.
+
+Plan: the default pool belongs to the process that created it: in a forked child the first
+call starts a fresh pool and never touches the parent's (its workers, channels and
+supervisor thread stay the parent's). Just before ``os.fork()`` (``os.register_at_fork``'s
+``before=``, in the forking thread) the default pool this module started is terminated if
+nothing can be using it: no call on it running or queued, and no thread in the process but
+the forking one and pools' supervisor threads (none of which calls it). Then the child
+inherits no fd of it and the parent keeps no idle workers; the parent's next call, if any,
+starts a new pool (about 0.1-0.2 s). See docs/DESIGN.md ("Fork") and README.md ("Prefork
+servers").
+
+Weak spots: the pool is kept (and the reason logged at INFO) when another thread exists,
+since that thread could be starting a call on it in this very instant, and killing its
+workers under it would fail that call; a multi-threaded process that forks keeps its pool,
+as before (Python 3.12 warns against such forks). A pool given with ``set_default_pool`` is
+the caller's and is never closed here. Terminating an idle pool delays the fork by the time
+it takes to kill and reap its processes (a few milliseconds, measured in
+benchmarks/bench_prefork.py); ``multiprocessing`` with fork, forking again and again
+between calls, pays a pool start per call after each fork.
 """
 
 from __future__ import annotations
@@ -21,6 +39,49 @@ logger = logging.getLogger("jsonnet_worker")
 _lock = threading.Lock()
 _pool: WorkerPool | None = None
 _owner = os.getpid()  # the process _pool was created in
+_started_here = False  # _pool was started by get_default_pool (not given to set_default_pool)
+# Threads that never call the default pool: every pool's supervisor (facade names them so).
+_SUPERVISOR_THREAD = "jsonnet-worker-supervisor"
+
+
+def _why_kept_at_fork(pool: WorkerPool) -> str | None:
+    """Why ``pool`` may be in use at a fork (None: it cannot be, and may be terminated)."""
+    here = threading.current_thread()
+    others = [t.name for t in threading.enumerate() if t is not here]
+    others = [name for name in others if name != _SUPERVISOR_THREAD]
+    if others:
+        return f"other threads run ({', '.join(sorted(others)[:5])}) and could call it"
+    stats = pool.stats()
+    if stats.busy or stats.queue_depth:
+        return f"calls are in flight ({stats.busy} running, {stats.queue_depth} queued)"
+    return None
+
+
+def _before_fork() -> None:
+    """In the parent, just before ``os.fork()``: terminate the idle default pool started here,
+    so that the child inherits none of it and the parent keeps no idle workers. Never
+    blocks on another thread: if one holds the lock, the pool is kept."""
+    global _pool
+    if not _lock.acquire(blocking=False):
+        logger.info("fork: the default pool is kept: another thread is using it")
+        return
+    try:
+        pool = _pool
+        if pool is None or not _started_here or _owner != os.getpid() or pool.closed:
+            return
+        reason = _why_kept_at_fork(pool)
+        if reason is not None:
+            logger.info("fork: process %d keeps its default pool: %s", os.getpid(), reason)
+            return
+        _pool = None
+        pool.terminate()
+        logger.info(
+            "fork: process %d terminated its idle default pool before forking (a child starts "
+            "its own; this process starts a new one on its next call)",
+            os.getpid(),
+        )
+    finally:
+        _lock.release()
 
 
 def _after_fork_in_child() -> None:
@@ -30,12 +91,12 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):  # POSIX; elsewhere no pool can start anyway
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def get_default_pool() -> WorkerPool:
     """The default pool, started on first use with default settings (in each process)."""
-    global _pool, _owner
+    global _pool, _owner, _started_here
     with _lock:
         if _pool is not None and _owner != os.getpid():
             logger.info(
@@ -48,7 +109,7 @@ def get_default_pool() -> WorkerPool:
             _pool = None
         if _pool is None or _pool.closed:
             _pool = WorkerPool()
-            _owner = os.getpid()
+            _owner, _started_here = os.getpid(), True
         return _pool
 
 
@@ -57,10 +118,10 @@ def set_default_pool(pool: WorkerPool | None) -> WorkerPool | None:
 
     Returns the previous pool, which the caller now owns and should close (None if it
     belongs to a parent process)."""
-    global _pool, _owner
+    global _pool, _owner, _started_here
     with _lock:
         previous = _pool if _owner == os.getpid() else None
-        _pool, _owner = pool, os.getpid()
+        _pool, _owner, _started_here = pool, os.getpid(), False
         return previous
 
 

@@ -1,6 +1,17 @@
-"""A real prefork server: ``gunicorn --preload`` with 3 workers, the app evaluating at import
-in the master. Every request gets its own answer, served by the worker processes' own
-default pools; a pool created before the fork raises ForkedPool there. 127.0.0.1 only."""
+"""Forks after a default pool exists, for real.
+
+A real prefork server: ``gunicorn --preload`` with 3 workers and the README's hooks
+(``post_fork``, ``worker_exit``), the app evaluating at import in the master. Every request
+gets its own answer, served by the worker processes' own pools; a pool created before the
+fork raises ForkedPool there; the master's idle default pool is gone once it has forked
+(only its explicit pool's processes remain its children), and no process outlives the
+server. 127.0.0.1 only.
+
+A process that forks (tests/forking_parent.py): an idle default pool is terminated just
+before the fork (the child inherits none of its fds, its processes are reaped); it is kept
+while another thread runs, while a call is in flight (that call ends well), or when it was
+given with ``set_default_pool``. Each child starts its own pool.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,20 +45,61 @@ def get(url: str) -> dict[str, object]:
         return body
 
 
-def test_gunicorn_preload_with_three_workers() -> None:
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (children of any of its threads, recursively)."""
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as listing:
+                    kids = {int(kid) for kid in listing.read().split()}
+            except FileNotFoundError:
+                continue
+            pending += sorted(kids - found)
+            found |= kids
+    return found
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            found |= {int(kid) for kid in listing.read().split()}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_gunicorn_preload_with_three_workers(tmp_path: Path) -> None:
     pytest.importorskip("gunicorn")
     port = free_port()
+    explicit_pids = tmp_path / "explicit-pool-pids.json"
     server = subprocess.Popen(
         [
             sys.executable, "-m", "gunicorn", "--preload", "--workers", "3",
             "--bind", f"127.0.0.1:{port}", "--chdir", str(TESTS), "--timeout", "60",
-            "prefork_app:app",
+            "-c", str(TESTS / "prefork_gunicorn_conf.py"), "prefork_app:app",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(TESTS.parent)},
+        env={
+            **os.environ, "PYTHONPATH": str(TESTS.parent), "PREFORK_MASTER_PIDS": str(explicit_pids)
+        },
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    below: set[int] = set()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -67,6 +120,19 @@ def test_gunicorn_preload_with_three_workers() -> None:
             served_by = set(executor.map(one, range(REQUESTS)))
         assert server.pid not in served_by and len(served_by) >= 2
         assert get(f"{base}/explicit") == {"error": "forked_pool"}
+        # The README's post_fork gave each worker a pool of cpus // workers (at least 1).
+        assert get(f"{base}/pool")["size"] == max(1, (os.cpu_count() or 1) // 3)
+        # The master's children: its 3 workers (forks of it, its own command line) and its
+        # explicit pool's processes; its default pool was terminated before the first fork.
+        with open(f"/proc/{server.pid}/cmdline", "rb") as master:
+            command = master.read()
+        not_workers = set()
+        for kid in children(server.pid):
+            with open(f"/proc/{kid}/cmdline", "rb") as kid_command:
+                if kid_command.read() != command:
+                    not_workers.add(kid)
+        assert not_workers == set(json.loads(explicit_pids.read_text()))
+        below = descendants(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -76,3 +142,52 @@ def test_gunicorn_preload_with_three_workers() -> None:
             _, stderr = server.communicate()
     assert server.returncode == 0, stderr.decode()[-3000:]
     assert b"Traceback" not in stderr, stderr.decode()[-3000:]
+    for _ in range(100):  # at most ~10 s for the last orphans to be reaped
+        if not any(alive(pid) for pid in below):
+            break
+        time.sleep(0.1)
+    assert not [pid for pid in below if alive(pid)], "processes outlived the server"
+
+
+def run_forking_parent(scenario: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "forking_parent.py"), scenario],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(TESTS.parent)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    child = report["child"]
+    assert "error" not in child, child
+    # The child's own pool: new processes, and a call answered.
+    assert child["value"] == 4 and not set(child["pool_pids"]) & set(report["pool_pids"])
+    assert report["value_after"] == 6
+    return report
+
+
+def test_an_idle_default_pool_is_terminated_before_a_fork() -> None:
+    report = run_forking_parent("idle")
+    child = report["child"]
+    assert child["fds"] == child["baseline_fds"]  # none of the pool's channels or pidfds
+    assert report["alive_after_fork"] == []  # killed and reaped in the parent, before the fork
+    assert not report["same_pool"]  # the parent's next call started a new one
+    assert not set(report["children"]) & set(report["pool_pids"])
+
+
+def test_the_default_pool_is_kept_at_a_fork_beside_another_thread() -> None:
+    report = run_forking_parent("thread")
+    assert report["alive_after_fork"] == report["pool_pids"] and report["same_pool"]
+
+
+def test_a_call_in_flight_at_a_fork_keeps_the_default_pool_and_ends_well() -> None:
+    report = run_forking_parent("in_flight")
+    assert report["busy_at_fork"] == 1
+    assert report["call"] == sum(range(1, 400001))
+    assert report["alive_after_fork"] == report["pool_pids"] and report["same_pool"]
+
+
+def test_a_default_pool_given_with_set_default_pool_is_kept_at_a_fork() -> None:
+    report = run_forking_parent("given")
+    assert report["alive_after_fork"] == report["pool_pids"] and report["same_pool"]
