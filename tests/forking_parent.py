@@ -50,13 +50,13 @@ def alive(pid: int) -> bool:
     return True
 
 
-def children() -> list[int]:
-    """This process's children, whichever of its threads started them."""
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{task}/children") as listing:
-            found += [int(pid) for pid in listing.read().split()]
-    return sorted(found)
+def children(pid: int) -> set[int]:
+    """The children of process ``pid``, whichever of its threads started them."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            found |= {int(kid) for kid in listing.read().split()}
+    return found
 
 
 def fork_and_report(baseline: list[str], parent_pids: list[int]) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def scenario(name: str) -> dict[str, Any]:
         raise SystemExit(f"unknown scenario {name}")
     report["same_pool"] = jsonnet_worker.get_default_pool() is pool
     report["value_after"] = jsonnet_worker.evaluate("3 + 3")
-    report["children"] = children()
+    report["children"] = sorted(children(os.getpid()))
     return report
 
 

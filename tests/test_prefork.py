@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from forking_parent import alive, children
+
 TESTS = Path(__file__).parent
 REQUESTS = 300
 
@@ -64,22 +66,6 @@ def descendants(pid: int) -> set[int]:
             pending += sorted(kids - found)
             found |= kids
     return found
-
-
-def children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as listing:
-            found |= {int(kid) for kid in listing.read().split()}
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_gunicorn_preload_with_three_workers(tmp_path: Path) -> None:
