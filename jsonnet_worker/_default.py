@@ -44,8 +44,9 @@ _started_here = False  # _pool was started by get_default_pool (not given to set
 _SUPERVISOR_THREAD = "jsonnet-worker-supervisor"
 
 
-def _why_kept_at_fork(pool: WorkerPool) -> str | None:
-    """Why ``pool`` may be in use at a fork (None: it cannot be, and may be terminated)."""
+def why_kept_at_fork(pool: WorkerPool) -> str | None:
+    """Why ``pool`` may be in use at a fork (None: it cannot be, and may be terminated).
+    For the pools the library starts itself: this module's and ``compat``'s."""
     here = threading.current_thread()
     others = [t.name for t in threading.enumerate() if t is not here]
     others = [name for name in others if name != _SUPERVISOR_THREAD]
@@ -69,7 +70,7 @@ def _before_fork() -> None:
         pool = _pool
         if pool is None or not _started_here or _owner != os.getpid() or pool.closed:
             return
-        reason = _why_kept_at_fork(pool)
+        reason = why_kept_at_fork(pool)
         if reason is not None:
             logger.info("fork: process %d keeps its default pool: %s", os.getpid(), reason)
             return

@@ -6,7 +6,9 @@ keep the call sites.
 JSON text out; ``RuntimeError`` with the engine's message on any failure, as the binding
 does. The evaluation runs in the default pool's sandboxed workers; a call that asks for its
 own ``max_stack`` or ``max_trace`` runs in a pool with those settings (one per distinct
-pair, started on first use and kept, as the default pool is). ``import_callback`` and
+pair, started on first use and kept, as the default pool is, and like it terminated just
+before a fork when nothing can be using it, and started afresh in a forked child: see
+``_default``). ``import_callback`` and
 ``native_callbacks`` cannot cross into the sandbox and raise TypeError; ``jpathdir`` is
 refused because no import is allowed. Every remaining difference from ``_jsonnet`` is listed
 in README.md ("Migrating from the C++ binding").
@@ -14,19 +16,54 @@ in README.md ("Migrating from the C++ binding").
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from typing import Any
 
 from ._config import PoolConfig
-from ._default import get_default_pool
+from ._default import get_default_pool, why_kept_at_fork
 from ._errors import Error, JsonnetError
 from ._pool.facade import WorkerPool
 
 _UNSUPPORTED = ("import_callback", "native_callbacks", "jpathdir")
 _IGNORED = ("gc_min_objects", "gc_growth_trigger")  # the engines' own GC tuning
 
+logger = logging.getLogger("jsonnet_worker")
+
 _lock = threading.Lock()
 _pools: dict[tuple[int, int], WorkerPool] = {}
+
+
+def _before_fork() -> None:
+    """In the parent, just before ``os.fork()``: the pools started here are the library's, as
+    the default pool is, and are terminated as it is when nothing can be using them."""
+    if not _lock.acquire(blocking=False):
+        return  # another thread is starting one: it is in use
+    try:
+        for key, pool in list(_pools.items()):
+            reason = why_kept_at_fork(pool)
+            if reason is not None:
+                logger.info(
+                    "fork: compat's pool for max_stack, max_trace=%s is kept: %s", key, reason
+                )
+                continue
+            del _pools[key]
+            pool.terminate()
+    finally:
+        _lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's pools are not the child's to use (ForkedPool) or close; its lock may have
+    # been held by a thread that does not exist here.
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere no pool can start anyway
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _pool_for(max_stack: int | None, max_trace: int | None) -> WorkerPool:

@@ -4,7 +4,8 @@ parent and in the forked child.
 
 Scenarios: ``idle`` (the pool is idle and no other thread runs), ``thread`` (another thread
 is alive), ``in_flight`` (an asyncio call is running on the forking thread's own loop),
-``given`` (the default pool was given with ``set_default_pool``).
+``given`` (the default pool was given with ``set_default_pool``), ``compat`` (the default
+pool is gone and ``compat``'s pool for a ``max_stack``, idle, is the one at the fork).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from typing import Any
 
 import jsonnet_worker
+from jsonnet_worker import compat
 
 LONG_CALL = "std.foldl(function(a, b) a + b, std.range(1, 400000), 0)"  # CPU, ~0.3 s
 LONG_CALL_TIMEOUT = 60.0
@@ -59,9 +61,12 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def fork_and_report(baseline: list[str], parent_pids: list[int]) -> dict[str, Any]:
+def fork_and_report(
+    baseline: list[str], parent_pids: list[int], use_compat: bool = False
+) -> dict[str, Any]:
     """Fork; the child reports its fds (before any call of its own), then one call's value
-    and its own pool's pids; the parent, which of ``parent_pids`` live right after."""
+    and its own pool's pids (and a compat call's value); the parent, which of
+    ``parent_pids`` live right after."""
     read_end, write_end = os.pipe()
     started = time.monotonic()
     pid = os.fork()
@@ -74,10 +79,14 @@ def fork_and_report(baseline: list[str], parent_pids: list[int]) -> dict[str, An
             }
             report["pool_pids"] = pool_pids(jsonnet_worker.get_default_pool())
             report["baseline_fds"] = baseline
-            jsonnet_worker.get_default_pool().terminate()  # os._exit runs no exit hook
+            if use_compat:
+                report["compat"] = compat.evaluate_snippet("c", "5", max_stack=100)
         except BaseException as exc:
             report = {"error": repr(exc)}
         os.write(write_end, json.dumps(report).encode())
+        if use_compat:  # no event loop here: the exit hook terminates the child's pools
+            sys.exit(0)
+        jsonnet_worker.get_default_pool().terminate()  # os._exit runs no exit hook
         os._exit(0)
     fork_seconds = time.monotonic() - started
     os.close(write_end)
@@ -95,9 +104,16 @@ def scenario(name: str) -> dict[str, Any]:
     assert jsonnet_worker.evaluate("1 + 1") == 2
     pool = jsonnet_worker.get_default_pool()
     before = pool_pids(pool)
+    if name == "compat":  # only compat's pool at the fork: its processes are our children
+        previous = jsonnet_worker.set_default_pool(None)
+        assert previous is not None
+        previous.terminate()
+        assert compat.evaluate_snippet("c", "4", max_stack=100) == "4\n"
+        time.sleep(1.0)  # its spare started (the pids compared are those alive now)
+        before = sorted(children(os.getpid()))
     report: dict[str, Any] = {"pool_pids": before}
-    if name in ("idle", "given"):
-        report |= fork_and_report(baseline, before)
+    if name in ("idle", "given", "compat"):
+        report |= fork_and_report(baseline, before, use_compat=name == "compat")
     elif name == "thread":
         stop = threading.Event()
         other = threading.Thread(target=stop.wait, name="application-thread")

@@ -10,7 +10,8 @@ server. 127.0.0.1 only.
 A process that forks (tests/forking_parent.py): an idle default pool is terminated just
 before the fork (the child inherits none of its fds, its processes are reaped); it is kept
 while another thread runs, while a call is in flight (that call ends well), or when it was
-given with ``set_default_pool``. Each child starts its own pool.
+given with ``set_default_pool``. Each child starts its own pool. ``compat``'s pools (one per
+``max_stack``/``max_trace``) are treated as the default pool is.
 """
 
 from __future__ import annotations
@@ -177,3 +178,11 @@ def test_a_call_in_flight_at_a_fork_keeps_the_default_pool_and_ends_well() -> No
 def test_a_default_pool_given_with_set_default_pool_is_kept_at_a_fork() -> None:
     report = run_forking_parent("given")
     assert report["alive_after_fork"] == report["pool_pids"] and report["same_pool"]
+
+
+def test_compat_pools_are_terminated_before_a_fork_and_start_afresh_in_the_child() -> None:
+    report = run_forking_parent("compat")
+    child = report["child"]
+    assert child["compat"] == "5\n"  # not the parent's pool (ForkedPool, a RuntimeError)
+    assert child["fds"] == child["baseline_fds"]
+    assert report["alive_after_fork"] == []
