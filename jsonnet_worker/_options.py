@@ -49,3 +49,4 @@ class PoolOptions(TypedDict, total=False):
     cpu_budget: float | None
     interactive_budget: float | None
     timeout_clock: str
+    task_limit: int | None
