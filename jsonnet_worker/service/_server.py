@@ -132,10 +132,20 @@ class ServeOptions:
     workers: int | None = None  # server processes; None: the config's serve.workers (1)
 
 
+# What every LogRecord has: anything else on a record came from its ``extra``.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",  # 3.12+
+}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: timestamp (UTC, ISO 8601), level, logger, message, the
-    request's id on a record a request caused (``_requests.py``), and the exception's text
-    when there is one."""
+    request's id on a record a request caused (``_requests.py``), every field the record's
+    ``extra`` gave (the pool's ``worker_pid``, ``tenant``, ``backoff_seconds``, ...; a value
+    JSON cannot hold is written as its ``str``), and the exception's text when there is
+    one."""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -148,6 +158,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
             entry["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES and key not in entry and not key.startswith("_"):
+                entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
