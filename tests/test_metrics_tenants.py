@@ -14,13 +14,8 @@ import httpx
 
 from conftest import wait_until
 from jsonnet_worker import TenantStats
-from jsonnet_worker.service._metrics import (
-    OTHER_TENANTS,
-    TenantRow,
-    merged_tenants,
-    read_tenant_files,
-    tenant_families,
-)
+from jsonnet_worker.metrics import OTHER_TENANTS, TenantRow, tenant_families
+from jsonnet_worker.service._metrics import merged_tenants, read_tenant_files
 from servicekit import (
     pinned_clients,
     running_service,
