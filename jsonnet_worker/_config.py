@@ -36,6 +36,9 @@ DEFAULT_MEMORY_LIMIT = 1024 * 1024 * 1024
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 DEFAULT_MAX_STACK = 500
 DEFAULT_MAX_TRACE = 20
+# std.trace output kept per call for a caller that asks (``on_trace``); the rest is cut.
+DEFAULT_MAX_TRACE_LINES = 1000
+DEFAULT_MAX_TRACE_BYTES = 64 * 1024
 DEFAULT_SPAWN_TIMEOUT = 10.0
 DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_QUEUE_LIMIT = 1000
@@ -77,6 +80,14 @@ class PoolConfig:
     max_stack: int = _option(DEFAULT_MAX_STACK, "Jsonnet stack frames per evaluation")
     max_trace: int = _option(
         DEFAULT_MAX_TRACE, "stack frames shown in an error's trace (0: all, as jsonnet)"
+    )
+    max_trace_lines: int = _option(
+        DEFAULT_MAX_TRACE_LINES,
+        "std.trace lines (stderr lines) kept per call for a caller that asks; then a marker",
+    )
+    max_trace_bytes: int = _option(
+        DEFAULT_MAX_TRACE_BYTES,
+        "bytes of std.trace output (stderr) kept per call for a caller that asks; then a marker",
     )
     queue_limit: int = _option(
         DEFAULT_QUEUE_LIMIT, "calls of one tenant that may wait for a busy pool (per tenant)"
@@ -152,6 +163,8 @@ class PoolConfig:
         for name in ("memory_limit", "max_output", "max_stack", "max_request"):
             _check_int(self, name, minimum=1)
         _check_int(self, "max_trace", minimum=0)
+        _check_int(self, "max_trace_lines", minimum=1)
+        _check_int(self, "max_trace_bytes", minimum=1)
         _check_int(self, "queue_limit", minimum=0)
         _check_int(self, "queue_limit_total", minimum=0, optional=True)
         _check_share(self)

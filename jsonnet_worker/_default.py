@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._pool.facade import WorkerPool
@@ -136,6 +136,7 @@ def evaluate(
     filename: str = "snippet.jsonnet",
     timeout: float | None = None,
     tenant: str | None = None,
+    on_trace: Callable[[str], None] | None = None,
 ) -> Any:
     """``WorkerPool.evaluate`` on the default pool."""
     return get_default_pool().evaluate(
@@ -147,6 +148,7 @@ def evaluate(
         filename=filename,
         timeout=timeout,
         tenant=tenant,
+        on_trace=on_trace,
     )
 
 
@@ -160,6 +162,7 @@ async def aevaluate(
     filename: str = "snippet.jsonnet",
     timeout: float | None = None,
     tenant: str | None = None,
+    on_trace: Callable[[str], None] | None = None,
 ) -> Any:
     """``WorkerPool.aevaluate`` on the default pool."""
     return await get_default_pool().aevaluate(
@@ -171,4 +174,5 @@ async def aevaluate(
         filename=filename,
         timeout=timeout,
         tenant=tenant,
+        on_trace=on_trace,
     )

@@ -62,6 +62,7 @@ from .connection import (
 from .deadlines import CPU_CLOCK_BACKSTOP
 from .state import CPU_HEADROOM_TIMEOUTS, NO_TENANT, Domain, Effect, Outcome, PoolState, Ticket
 from .supervisor import Worker
+from .traces import TraceReceiver, TraceRequest, deliver, lines_of
 from .variables import split_variables
 
 Perform = Callable[[Iterable[Effect]], None]
@@ -84,8 +85,9 @@ NO_VARIABLES = Variables()  # check and format take none
 @dataclass(frozen=True)
 class Call:
     """One encoded call: the request and its frame, its timeout, the seconds encoding took
-    (they count against the timeout), its trust domain, and when it was ready (its
-    ``time.monotonic()``: where its queue wait starts)."""
+    (they count against the timeout), its trust domain, when it was ready (its
+    ``time.monotonic()``: where its queue wait starts), and its caller's ask for its
+    ``std.trace`` lines (None: nobody asked)."""
 
     request: EvalRequest
     frame: bytes
@@ -93,6 +95,7 @@ class Call:
     spent: float
     domain: Domain
     ready_at: float
+    traces: TraceRequest | None = None
 
     def time_left(self) -> float:
         return self.timeout - self.spent
@@ -111,9 +114,11 @@ def prepare(
     tenant: str | None,
     *,
     variables: Variables,
+    on_trace: TraceReceiver | None = None,
 ) -> Call:
     """Check and encode a call before any worker is involved; the time encoding takes
-    (tens of milliseconds for a 10 MB snippet) counts against its timeout."""
+    (tens of milliseconds for a 10 MB snippet) counts against its timeout. ``on_trace``:
+    the caller's receiver of the call's ``std.trace`` lines (``traces``)."""
     seconds = _timeout(config, timeout)
     budget = config.cpu_budget
     if budget is not None and CPU_HEADROOM_TIMEOUTS * seconds >= budget:
@@ -124,6 +129,11 @@ def prepare(
             f"timeout under {budget / CPU_HEADROOM_TIMEOUTS:g} s or a larger cpu_budget"
         )
     started = time.monotonic()
+    traces = None
+    if on_trace is not None:
+        if not callable(on_trace):
+            raise InvalidType(f"on_trace must be callable, not {type(on_trace).__name__}")
+        traces = TraceRequest(on_trace, config.max_trace_lines, config.max_trace_bytes)
     if not isinstance(snippet, str):
         raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")
     if not isinstance(filename, str):
@@ -156,7 +166,7 @@ def prepare(
             f"the request is {len(frame)} bytes, over max_request={config.max_request}"
         )
     ready_at = time.monotonic()
-    return Call(request, frame, seconds, ready_at - started, domain, ready_at)
+    return Call(request, frame, seconds, ready_at - started, domain, ready_at, traces)
 
 
 def _timeout(config: PoolConfig, timeout: float | None) -> float:
@@ -185,14 +195,22 @@ def queue_timed_out(config: PoolConfig) -> Overloaded:
 
 
 def ready_for_call(state: PoolState[Worker], perform: Perform, ticket: Ticket) -> bool:
-    """A worker just taken from the idle list: what it printed since its last call is
-    dropped (stderr never crosses calls); one that wrote to its response channel while
-    idle, or whose channel ended, is discarded (False: take another)."""
+    """A worker just taken from the idle list: what it printed before its first call (its
+    start-up's) is dropped; one that wrote to its stderr after a call (every line a call
+    prints is written before its answer: these would be late, or early for the next call),
+    or to its response channel while idle, or whose channels ended, is discarded (False:
+    take another). So stderr never crosses calls (``traces``)."""
     worker: Worker = ticket.worker
     process = worker.process
     stdout, stderr = process.ready()
     if stderr:
         process.drain_stderr(keep=False)
+        if worker.sent_id:  # it has served a call: nothing may follow its answer
+            reason = (
+                "wrote to its stderr while idle" if process.stderr_open else "closed its stderr"
+            )
+            perform(state.reject(ticket, reason))
+            return False
     if not stdout:
         return True
     data = process.read_stdout()
@@ -209,10 +227,15 @@ def ready_for_call(state: PoolState[Worker], perform: Perform, ticket: Ticket) -
 def start(ticket: Ticket) -> memoryview | None:
     """Register the request with the conversation (unless the hand-over did) and write
     what the channel takes of its frame now; the rest, if any. What the worker prints
-    from now on is this call's (stderr was drained before it came to us)."""
+    from now on is this call's (stderr was drained before it came to us), its head kept up
+    to the bytes of trace its caller may get."""
     worker, call = ticket.worker, ticket.call
     sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
-    worker.process.stderr.mark()
+    traces = call.traces
+    if traces is None:
+        worker.process.stderr.mark()
+    else:
+        worker.process.stderr.mark(traces.max_bytes)
     return write_rest(worker, memoryview(call.frame)[sent:])
 
 
@@ -323,11 +346,15 @@ def timed_out(call: Call, expired: str = "wall", counted: str = "wall") -> Outco
 
 def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: Outcome) -> Answer:
     """Record how the call ended (the pool's counters, the tenant's accounting); check the
-    worker in or discard it; the answer, or the call's typed error."""
+    worker in or discard it; its ``std.trace`` lines to a caller that asked; the answer,
+    or the call's typed error."""
     worker: Worker = ticket.worker
     call: Call = ticket.call
     if outcome.keep:
         outcome = _after_call(worker, outcome)
+    traces = call.traces
+    # Read before perform: a hand-over there starts the next call on this worker.
+    lines = () if traces is None else lines_of(worker.process.stderr, traces)
     # Before perform: a hand-over there writes the next caller's request to this worker.
     cpu = _cpu_now(worker)
     used = _cpu_used(worker, cpu)
@@ -339,6 +366,8 @@ def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: 
         error = PoolClosed("the pool was terminated during the call")
     kind = None if error is None else error.kind
     _record(state, call, worker.pid, sent_at - call.ready_at, now - sent_at, used, kind)
+    if traces is not None and lines:
+        deliver(traces, lines)
     if error is not None:
         raise error
     answer: Answer = outcome.answer
@@ -396,12 +425,13 @@ def _record(
 
 
 def _after_call(worker: Worker, outcome: Outcome) -> Outcome:
-    """Before the worker serves again: its stderr drained and dropped; bytes after its
+    """Before the worker serves again: its stderr drained into the call's capture (a trace
+    line written just before the answer may not have been read yet); bytes after its
     answer, or a closed stderr, mean it is not to be trusted."""
     process = worker.process
     stdout, stderr = process.ready()
     if stderr:
-        process.drain_stderr(keep=False)
+        process.drain_stderr()
     if stdout:
         return replace(outcome, keep=False, reason="wrote to its channel after its answer")
     if not process.stderr_open:

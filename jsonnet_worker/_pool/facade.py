@@ -311,12 +311,22 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
         tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
     ) -> Any:
         """Evaluate ``snippet`` in a worker and return the decoded JSON value. A worker that
-        served one ``tenant`` never serves another (None: the calls without a tenant)."""
+        served one ``tenant`` never serves another (None: the calls without a tenant).
+
+        ``on_trace`` (also on ``evaluate_json``, ``aevaluate*``, ``submit`` and the
+        module-level ``evaluate``) is called with each line the call's ``std.trace`` printed
+        (``TRACE: <file>:<line> <message>``, as go-jsonnet prints it), in order, in the
+        calling thread (or task), once the worker has answered and before the call returns
+        or raises its error; at most ``max_trace_lines`` lines and ``max_trace_bytes``
+        bytes, control characters escaped, then a marker line when some were cut. Nothing
+        else sees them: the pool never logs them. ``check`` takes none: it never runs the
+        snippet."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
         call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
         )
         return self._call(call).value
 
@@ -331,11 +341,12 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
         tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
         call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
         )
         return self._call(call).json_text
 
@@ -376,11 +387,12 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
         tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
         call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
         )
         return (await self._acall(call)).value
 
@@ -395,11 +407,12 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
         tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
     ) -> str:
         """``evaluate_json`` for asyncio."""
         variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
         call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables=variables
+            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
         )
         return (await self._acall(call)).json_text
 
@@ -732,8 +745,8 @@ class WorkerPool:
         filename: str,
         timeout: float | None,
         tenant: str | None,
-        *,
         variables: Variables = NO_VARIABLES,
+        on_trace: Callable[[str], None] | None = None,
     ) -> Call:
         return calls.prepare(
             self.config,
@@ -744,6 +757,7 @@ class WorkerPool:
             timeout,
             tenant,
             variables=variables,
+            on_trace=on_trace,
         )
 
     # -- fork and shutdown ---------------------------------------------------------------

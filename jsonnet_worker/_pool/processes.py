@@ -122,20 +122,27 @@ def exits_within(pidfd: int, timeout: float) -> bool:
 
 
 class StderrCapture:
-    """The first and last bytes a worker printed since ``mark()``, bounded."""
+    """The first and last bytes a worker printed since ``mark()``, bounded: the head keeps
+    ``head_limit`` bytes (a call's ``std.trace`` lines are read from it), the tail the last
+    ``STDERR_TAIL`` (a crash's last words), ``dropped`` counts what fell in between."""
 
     def __init__(self) -> None:
         self.head = bytearray()
         self.tail = bytearray()
         self.dropped = 0
+        self.head_limit = STDERR_HEAD
 
-    def mark(self) -> None:
+    def mark(self, head_limit: int = STDERR_HEAD) -> None:
+        """A new call's capture starts: what was kept is forgotten; a caller that asked for
+        its traces keeps up to ``head_limit`` bytes of head (never fewer than
+        ``STDERR_HEAD``, where a crash dump's first line is looked for)."""
         self.head.clear()
         self.tail.clear()
         self.dropped = 0
+        self.head_limit = max(STDERR_HEAD, head_limit)
 
     def add(self, data: bytes) -> None:
-        room = STDERR_HEAD - len(self.head)
+        room = self.head_limit - len(self.head)
         if room > 0:
             self.head += data[:room]
             data = data[room:]
