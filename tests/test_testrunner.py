@@ -505,3 +505,42 @@ def test_a_failures_trace_lines_are_printed_and_reported(tmp_path: Path) -> None
     write_junit([SuiteReport(suite, [result])], report)
     (case,) = ElementTree.parse(report).getroot().iter("testcase")
     assert case.findtext("system-err") == "TRACE: mapper.jsonnet:1 x"
+
+
+TRACED_SUITE = """
+snippet: file://traced.jsonnet
+cases:
+  - name: passes
+    ext_vars: {claims: {sub: "1"}}
+    expect: {sub: "1"}
+  - name: fails
+    ext_vars: {claims: {sub: "2"}}
+    expect: {sub: "1"}
+  - name: errs
+    ext_vars: {claims: {}}
+    expect: {sub: "1"}
+"""
+
+
+def test_a_failing_or_erring_case_shows_its_own_trace_lines(tmp_path: Path) -> None:
+    (tmp_path / "traced.jsonnet").write_text(
+        "local c = std.trace('claims: ' + std.manifestJsonMinified(std.extVar('claims')), "
+        "std.extVar('claims'));\n{sub: c.sub}\n"
+    )
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(TRACED_SUITE)
+    report = tmp_path / "junit.xml"
+    done = run(str(suite), "--junit-xml", str(report))
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = done.stdout
+    passes, fails, errs = (out.index(f"::{name}") for name in ("passes", "fails", "errs"))
+    assert 'TRACE: traced.jsonnet:1 claims: {"sub":"1"}' not in out  # a pass shows none
+    assert out.index('      TRACE: traced.jsonnet:1 claims: {"sub":"2"}') in range(fails, errs)
+    assert out.index("      TRACE: traced.jsonnet:1 claims: {}") > errs
+    assert out.count("TRACE:") == 2 and passes < fails
+    cases = {
+        case.get("name"): case for case in ElementTree.parse(report).getroot().iter("testcase")
+    }
+    assert cases["passes"].findtext("system-err") is None
+    assert cases["fails"].findtext("system-err") == 'TRACE: traced.jsonnet:1 claims: {"sub":"2"}'
+    assert cases["errs"].findtext("system-err") == "TRACE: traced.jsonnet:1 claims: {}"

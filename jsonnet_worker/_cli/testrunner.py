@@ -40,15 +40,19 @@ same directory, then a rename).
 Anything the rewrite cannot place for sure (an anchor, an alias, an ``expect`` that comes from
 a merge key) is refused with its reason, and the file is left as it was.
 
+A case's ``std.trace`` lines (the pool's ``on_trace``, bounded by the pool's
+``max_trace_lines``/``max_trace_bytes``) are kept in ``CaseResult.trace`` when the case fails
+or errors: printed under its failure and written as its JUnit ``system-err``. A passing
+case's lines are dropped, as pytest drops a passing test's captured output.
+
 Weak spots: comments inside a rewritten value are lost with the value; a JSON suite is
-located through PyYAML too, so updating one needs PyYAML and no tab indentation; the
-``std.trace`` output of a failing case is not captured yet (``CaseResult.trace`` is where it
-will go: printed under the failure and written as the JUnit ``system-err``).
+located through PyYAML too, so updating one needs PyYAML and no tab indentation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import enum
 import functools
@@ -59,7 +63,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -139,8 +143,8 @@ class CaseResult:
     # What --update writes for the case's expectation key: set only when the case failed on
     # its expectation with a result (never for an error) and the new value is well defined.
     rewrite: NewExpectation | None = None
-    # The case's std.trace lines, printed under a failure and written as JUnit system-err.
-    # Nothing captures them yet: run_case leaves this empty until the pool returns them.
+    # The case's std.trace lines, printed under a failure and written as JUnit system-err
+    # (kept for a case that failed or erred only).
     trace: tuple[str, ...] = ()
 
 
@@ -362,6 +366,17 @@ def diff(expected: Any, actual: Any) -> str:
 
 
 def run_case(pool: WorkerPool, suite: Suite, case: Case) -> CaseResult:
+    """The case's result, with its ``std.trace`` lines when it did not pass."""
+    trace: list[str] = []
+    result = _run_case(pool, suite, case, trace.append)
+    if result.passed or not trace:
+        return result
+    return dataclasses.replace(result, trace=tuple(trace))
+
+
+def _run_case(
+    pool: WorkerPool, suite: Suite, case: Case, on_trace: Callable[[str], None]
+) -> CaseResult:
     started = time.perf_counter()
     try:
         actual = pool.evaluate(
@@ -371,6 +386,7 @@ def run_case(pool: WorkerPool, suite: Suite, case: Case) -> CaseResult:
             ext_codes=case.variables["ext_codes"],
             tla_codes=case.variables["tla_codes"],
             filename=suite.filename,
+            on_trace=on_trace,
         )
     except JsonnetError as exc:
         seconds = time.perf_counter() - started
