@@ -128,6 +128,8 @@ def test_every_pool_option_is_a_pool_key_with_its_default(tmp_path: Path) -> Non
         "max_output": 4096,
         "max_stack": 200,
         "max_trace": 0,
+        "max_trace_lines": 50,
+        "max_trace_bytes": 8192,
         "queue_limit": 7,
         "queue_timeout": 1.5,
         "spawn_timeout": 4.0,

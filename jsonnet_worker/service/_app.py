@@ -8,7 +8,7 @@ take a worker down for longer than one respawn, or see a stack trace.
 Plan::
 
     POST /v1/evaluate          {snippet, ext_vars, tla_vars, ext_codes, tla_codes, timeout,
-                                tenant?}
+                                tenant?, traces?}
     POST /v1/mappers/{name}    {claims, identity?, timeout?, tenant?}  claims/identity as ext
                                                                        code
     POST /v1/templates/{name}  {ctx, timeout?, tenant?}                ctx as top-level argument
@@ -44,6 +44,15 @@ A body over ``serve.max_body_bytes`` is refused with 413 before any JSON parsing
 Content-Length (then read in one piece), or, chunked, as soon as the chunks pass it. The
 answer of an evaluation is the engine's manifested JSON passed through as is
 (``aevaluate_json``): no decode and re-encode per request.
+
+Traces: a ``/v1/evaluate`` request that says ``"traces": true`` gets its snippet's
+``std.trace`` lines (the pool's ``on_trace``: bounded by ``pool.max_trace_lines`` and
+``pool.max_trace_bytes``, control characters escaped), as ``{"result": <the JSON>,
+"traces": [...]}`` or, for an error, beside it: ``{"error": {...}, "traces": [...]}``; only
+where ``serve.evaluate.traces`` is true (default false: 403 ``traces_disabled``), since a
+trace may print what the snippet was given. They are never logged. The configured mappers
+and templates take no ``traces``: their author runs them through ``/v1/evaluate`` or
+``jsonnet-worker test``.
 
 Weak spots: a client that disconnects mid-evaluation does not cancel it (the worker finishes
 and the answer is dropped), which is the cheaper choice: cancelling costs a worker.
@@ -200,7 +209,10 @@ class Service:
         body = await self.read_body(request)
         _check_fields(
             body,
-            {"snippet", "ext_vars", "tla_vars", "ext_codes", "tla_codes", "timeout", "tenant"},
+            {
+                *("snippet", "ext_vars", "tla_vars", "ext_codes", "tla_codes", "timeout"),
+                *("tenant", "traces"),
+            },
         )
         snippet = body.get("snippet")
         if not isinstance(snippet, str):
@@ -211,6 +223,7 @@ class Service:
             "snippet.jsonnet",
             body,
             ADHOC_DOMAIN,
+            traces=self.traces_asked(body),
             ext_vars=_object(body, "ext_vars"),
             tla_vars=_object(body, "tla_vars"),
             ext_codes=_codes(body, "ext_codes"),
@@ -346,23 +359,47 @@ class Service:
         filename: str,
         body: Mapping[str, Any],
         domain: str,
+        *,
+        traces: bool = False,
         **variables: Any,
     ) -> Response:
         """Evaluate on the pool in the tenant's domain; time it; turn a typed error into its
-        HTTP answer."""
+        HTTP answer; with ``traces``, the call's std.trace lines beside either."""
         pool = self.running_pool()
         timeout = self.request_timeout(body)
         tenant = _tenant(body, domain)
+        lines: list[str] = []
         try:
             text = await pool.aevaluate_json(
-                snippet, filename=filename, timeout=timeout, tenant=tenant, **variables
+                snippet,
+                filename=filename,
+                timeout=timeout,
+                tenant=tenant,
+                on_trace=lines.append if traces else None,
+                **variables,
             )
         except Error as exc:
-            raise from_pool_error(exc) from None
+            error = from_pool_error(exc)
+            raise (TracedApiError(error, lines) if traces else error) from None
         except (TypeError, ValueError, RecursionError) as exc:
             # The pool refused a variable before sending anything (a NaN, a name twice).
             raise ApiError(400, "bad_request", str(exc)) from None
+        if traces:
+            # The engine's JSON passed through as is, inside the object (no decode).
+            text = f'{{"result": {text.rstrip()}, "traces": {json.dumps(lines)}}}'
         return Response(text, media_type="application/json")
+
+    def traces_asked(self, body: Mapping[str, Any]) -> bool:
+        """Whether the request asks for its std.trace lines (400 for a non-boolean; 403
+        where ``serve.evaluate.traces`` does not allow it)."""
+        asked = body.get("traces", False)
+        if not isinstance(asked, bool):
+            raise ApiError(400, "bad_request", "'traces' must be a boolean")
+        if asked and not self.config.evaluate_traces:
+            raise ApiError(
+                403, "traces_disabled", "std.trace lines are disabled (serve.evaluate.traces)"
+            )
+        return asked
 
     def counted(
         self, endpoint: str, handler: Callable[[Request], Awaitable[Response]]
@@ -412,6 +449,27 @@ class Service:
                 400, "bad_request", f"'timeout' must be a number of seconds in (0, {ceiling}]"
             )
         return float(timeout)
+
+
+class TracedApiError(ApiError):
+    """An error answer with the call's std.trace lines beside it (a request that asked,
+    where the config allows it)."""
+
+    def __init__(self, error: ApiError, traces: list[str]) -> None:
+        super().__init__(error.status, error.kind, error.message)
+        self.traces = traces
+
+    def response(self) -> JSONResponse:
+        plain = super().response()
+        body = json.loads(bytes(plain.body))
+        body["traces"] = self.traces
+        # Its own headers (Retry-After) kept; the body's length and type are JSONResponse's.
+        headers = {
+            name: value
+            for name, value in plain.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def unauthorized() -> ApiError:

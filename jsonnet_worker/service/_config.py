@@ -77,6 +77,7 @@ ENV_KEYS: tuple[tuple[str, ...], ...] = (
     ("serve", "keep_alive_timeout"),
     ("serve", "workers"),
     ("serve", "evaluate", "enabled"),
+    ("serve", "evaluate", "traces"),
     ("serve", "auth", "bearer_token_file"),
     ("serve", "auth", "metrics_token_file"),
     ("security", "require_sandbox"),
@@ -125,6 +126,7 @@ class ServiceConfig:
     mappers: Mapping[str, Snippet] = field(default_factory=dict)
     templates: Mapping[str, Snippet] = field(default_factory=dict)
     evaluate_enabled: bool = True
+    evaluate_traces: bool = False  # /v1/evaluate may return std.trace lines to who asks
     max_body: int = DEFAULT_MAX_BODY
     max_request_timeout: float = DEFAULT_MAX_REQUEST_TIMEOUT
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
@@ -231,6 +233,7 @@ def parse_config(
         mappers=mappers,
         templates=templates,
         evaluate_enabled=bool(_section(serve, "evaluate").get("enabled", True)),
+        evaluate_traces=bool(_section(serve, "evaluate").get("traces", False)),
         max_body=int(serve.get("max_body_bytes", DEFAULT_MAX_BODY)),
         max_request_timeout=float(serve.get("max_request_timeout", DEFAULT_MAX_REQUEST_TIMEOUT)),
         shutdown_timeout=float(serve.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)),

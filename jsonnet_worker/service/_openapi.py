@@ -19,6 +19,14 @@ _TIMEOUT = {
     "exclusiveMinimum": 0,
     "description": "Seconds; at most serve.max_request_timeout. Default: pool.timeout.",
 }
+_TRACES = {
+    "type": "array",
+    "items": {"type": "string"},
+    "description": "The call's std.trace lines (TRACE: <file>:<line> <message>), at most "
+    "pool.max_trace_lines lines and pool.max_trace_bytes bytes, control characters escaped, "
+    "a last line saying what was cut; only for a request that asked, where "
+    "serve.evaluate.traces allows it.",
+}
 _TENANT = {
     "type": "string",
     "maxLength": 200,
@@ -120,11 +128,24 @@ def openapi_document() -> dict[str, Any]:
                 "tla_codes": {"type": "object", "additionalProperties": {"type": "string"}},
                 "timeout": _TIMEOUT,
                 "tenant": _TENANT,
+                "traces": {
+                    "type": "boolean",
+                    "description": "Return the snippet's std.trace lines: the result as "
+                    "{result, traces}, an error with traces beside it (403 unless "
+                    "serve.evaluate.traces is true). Default false.",
+                },
             },
         ),
     )
+    evaluate["post"]["responses"]["200"] = {
+        "description": "The result; with traces asked for, {result, traces}.",
+        "content": {
+            "application/json": {"schema": {"oneOf": [{}, {"$ref": "#/components/schemas/Traced"}]}}
+        },
+    }
     evaluate["post"]["responses"]["403"] = {
-        "description": "Ad-hoc snippets are disabled in the config.",
+        "description": "evaluate_disabled: ad-hoc snippets are disabled in the config; "
+        "traces_disabled: the request asked for traces and serve.evaluate.traces is false.",
         "content": {"application/json": {"schema": _ERROR}},
     }
     return {
@@ -210,9 +231,18 @@ def openapi_document() -> dict[str, Any]:
                                 "message": {"type": "string"},
                                 "status": {"type": "integer"},
                             },
-                        }
+                        },
+                        "traces": _TRACES,
                     },
-                }
+                },
+                "Traced": {
+                    "type": "object",
+                    "required": ["result", "traces"],
+                    "properties": {
+                        "result": {"description": "The snippet's JSON value."},
+                        "traces": _TRACES,
+                    },
+                },
             }
         },
     }

@@ -120,7 +120,14 @@ SERVE = Section(
             (INTEGER,), "server processes on one socket, each with its own pool", positive=True
         ),
         "evaluate": Section(
-            {"enabled": Value((BOOLEAN,), "POST /v1/evaluate (ad-hoc snippets); false: 403")},
+            {
+                "enabled": Value((BOOLEAN,), "POST /v1/evaluate (ad-hoc snippets); false: 403"),
+                "traces": Value(
+                    (BOOLEAN,),
+                    "a /v1/evaluate request may ask for its std.trace lines ('traces': true); "
+                    "false (the default): such a request gets 403",
+                ),
+            },
             "ad-hoc evaluation",
         ),
         "auth": Section(
