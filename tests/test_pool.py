@@ -840,6 +840,16 @@ def test_logs_tell_what_happened_and_never_a_snippet_or_a_value(
         for index in range(4):
             pool.evaluate(f"std.extVar('v') // {index}", {"v": MARKER})
         wait_until(lambda: any("max_calls" in r.getMessage() for r in caplog.records))
+        # Trace lines given to a caller who asked, and with an error: never logged either.
+        traces: list[str] = []
+        pool.evaluate(f"std.trace('{MARKER}', 2)", on_trace=traces.append)
+        with pytest.raises(JsonnetError):
+            pool.evaluate(
+                "local t = std.trace(std.extVar('v'), 1); t + error 'x'",
+                {"v": MARKER},
+                on_trace=traces.append,
+            )
+        assert traces == [f"TRACE: snippet.jsonnet:1 {MARKER}"] * 2
     records = [r for r in caplog.records if r.name.startswith("jsonnet_worker")]
     for record in records:
         assert MARKER not in record.getMessage()
