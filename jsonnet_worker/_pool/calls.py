@@ -12,7 +12,9 @@ checked out; ``start``/``write_rest`` write the frame; ``read_answer`` feeds the
 connection; ``death``/``timed_out`` are the other ways a call ends; ``settle`` records the
 outcome through the pool's state and returns the answer or raises; ``abandon`` is the end of
 a call its caller left. Functions, not a class: each takes what it reads, so the per-call
-path pays no extra object.
+path pays no extra object. A caller's ask for its ``std.trace`` lines travels as
+``Call.traces``; ``settle`` cuts them from the call's stderr capture (``traces``) and gives
+them to the caller before it returns or raises; a caller that did not ask pays one test.
 
 Measurement, for per-tenant accounting and ``last_call()``: ``settle`` and ``abandon`` (every
 call that was admitted ends in one of them) put each call in ``state.accounting`` and
@@ -352,10 +354,10 @@ def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: 
     call: Call = ticket.call
     if outcome.keep:
         outcome = _after_call(worker, outcome)
+    # Before perform: a hand-over there writes the next caller's request to this worker
+    # (from then on, what it prints is that call's).
     traces = call.traces
-    # Read before perform: a hand-over there starts the next call on this worker.
     lines = () if traces is None else lines_of(worker.process.stderr, traces)
-    # Before perform: a hand-over there writes the next caller's request to this worker.
     cpu = _cpu_now(worker)
     used = _cpu_used(worker, cpu)
     sent_at, now = worker.sent_at, time.monotonic()
