@@ -50,3 +50,5 @@ class PoolOptions(TypedDict, total=False):
     interactive_budget: float | None
     timeout_clock: str
     task_limit: int | None
+    max_trace_lines: int
+    max_trace_bytes: int
