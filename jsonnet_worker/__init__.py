@@ -6,9 +6,9 @@
 See README.md for the pool, asyncio, the CLI and the sandbox.
 """
 
-from ._allowlist import HostAllowList
-from ._config import PoolConfig
-from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     Error,
     EvaluationTimeout,
@@ -30,21 +30,63 @@ from ._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from ._host import HostSandbox, restrict_host
-from ._kratos import kratos_allow_list
-from ._options import PoolOptions
-from ._pool.facade import WorkerPool
-from ._pool.tracing import last_call
-from ._report import (
-    CallInfo,
-    PoolStats,
-    SandboxStatus,
-    SandboxVerdict,
-    TenantStats,
-    judge_sandbox,
-)
-from ._sandbox.landlock import LandlockStatus
-from ._wire.layers import LayerState, LayerStatus
+
+if TYPE_CHECKING:  # what the names below are; imported when first used (``__getattr__``)
+    from ._allowlist import HostAllowList
+    from ._config import PoolConfig
+    from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
+    from ._host import HostSandbox, restrict_host
+    from ._kratos import kratos_allow_list
+    from ._options import PoolOptions
+    from ._pool.facade import WorkerPool
+    from ._pool.tracing import last_call
+    from ._report import (
+        CallInfo,
+        PoolStats,
+        SandboxStatus,
+        SandboxVerdict,
+        TenantStats,
+        judge_sandbox,
+    )
+    from ._sandbox.landlock import LandlockStatus
+    from ._wire.layers import LayerState, LayerStatus
+
+# Where each name that is not imported above lives. Imported on first use: the command
+# line's ``eval`` needs none of the pool's modules (asyncio among them), and importing them
+# all would be most of its start-up.
+_LAZY = {
+    "HostAllowList": "._allowlist",
+    "PoolConfig": "._config",
+    "aevaluate": "._default",
+    "evaluate": "._default",
+    "get_default_pool": "._default",
+    "set_default_pool": "._default",
+    "HostSandbox": "._host",
+    "restrict_host": "._host",
+    "kratos_allow_list": "._kratos",
+    "PoolOptions": "._options",
+    "WorkerPool": "._pool.facade",
+    "last_call": "._pool.tracing",
+    "CallInfo": "._report",
+    "PoolStats": "._report",
+    "SandboxStatus": "._report",
+    "SandboxVerdict": "._report",
+    "TenantStats": "._report",
+    "judge_sandbox": "._report",
+    "LandlockStatus": "._sandbox.landlock",
+    "LayerState": "._wire.layers",
+    "LayerStatus": "._wire.layers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once: later reads find it without this function
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -60,6 +60,12 @@ DEFAULT_TASK_LIMIT = 32
 ENGINES = tuple(kind.value for kind in EngineKind)
 # What a call's timeout may count: the caller's wall clock, or the worker's CPU for the call.
 TIMEOUT_CLOCKS = ("wall", "cpu")
+# The least memory_limit a worker of each engine starts with and answers under: measured
+# (2026-12, Python 3.11, x86_64), a go worker needs 104 MiB (the Go runtime reserves its
+# heap arenas and thread stacks at start) and a C++ one 32 MiB; below that the worker dies
+# at start with a MemoryError or "pthread_create failed". The floors leave a margin for
+# other builds, so that such a config is refused when it is made, not at the first call.
+MIN_MEMORY_LIMIT = {EngineKind.GO.value: 128 << 20, EngineKind.CPP.value: 64 << 20}
 
 
 def _option(default: Any, help: str, **metadata: Any) -> Any:
@@ -160,7 +166,8 @@ class PoolConfig:
             _check_seconds(self, name)
         _check_seconds(self, "cpu_budget", optional=True)
         _check_seconds(self, "interactive_budget", optional=True)
-        for name in ("memory_limit", "max_output", "max_stack", "max_request"):
+        _check_memory_limit(self)
+        for name in ("max_output", "max_stack", "max_request"):
             _check_int(self, name, minimum=1)
         _check_int(self, "max_trace", minimum=0)
         _check_int(self, "max_trace_lines", minimum=1)
@@ -232,6 +239,16 @@ def _check_int(config: PoolConfig, name: str, *, minimum: int, optional: bool = 
         raise InvalidType(f"{name} must be an int, not {type(value).__name__}")
     if value < minimum:
         raise InvalidArgument(f"{name} must be at least {minimum}, not {value}")
+
+
+def _check_memory_limit(config: PoolConfig) -> None:
+    _check_int(config, "memory_limit", minimum=1)
+    floor = MIN_MEMORY_LIMIT[config.engine]
+    if config.memory_limit < floor:
+        raise InvalidArgument(
+            f"memory_limit must be at least {floor} bytes ({floor >> 20} MiB): a "
+            f"{config.engine} worker cannot start with less, not {config.memory_limit}"
+        )
 
 
 def _check_share(config: PoolConfig) -> None:

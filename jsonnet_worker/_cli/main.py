@@ -20,24 +20,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import __version__
 from .._config import ENGINES, PoolConfig
 from .._errors import Error, JsonnetError
-from .._pool.facade import WorkerPool
-from . import doctor, testrunner
 from . import output as output_modes
+from .sizes import format_size, parse_size
+from .terminal import configure_logging, die_of_sigpipe, utf8_text
+from .versions import VersionAction
+
+if TYPE_CHECKING:
+    from .oneshot import OneShot
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a command Ctrl-C ended
 SERVE_MODULES = {"starlette", "uvicorn", "prometheus_client", "yaml", "anyio"}
 # The CLI runs one short command: one worker and no spare unless asked (a spare would be
 # started only to be killed at exit).
-CLI_POOL = {"size": 1, "spares": 0}
+CLI_POOL: dict[str, Any] = {"size": 1, "spares": 0}
+# eval, check and fmt work on a user's own files, as jsonnet and jsonnetfmt do: the
+# library's 1 s and 1 MiB (sized for a service's untrusted calls) would refuse ordinary
+# work, so these are generous, and still bounded. ``test`` keeps the library's limits: a
+# mapper that passes its tests must also pass them in the service.
+CLI_LIMITS: dict[str, Any] = {**CLI_POOL, "timeout": 60.0, "max_output": 256 << 20}
 # Options whose flags parse their value as go-jsonnet does (messages and exit 1), with the
 # smallest value each takes.
 _JSONNET_STYLE = {"max_stack": ("-s", 1), "max_trace": ("-t", 0)}
@@ -98,6 +108,7 @@ def resolve_variables(flags: Sequence[VariableFlag]) -> Variables:
     variables = Variables()
     for flag in flags:
         name, sep, value = flag.text.partition("=")
+        name = _argument_text(name, f"ERROR: {flag.flag} {name!a}")
         if flag.from_file:
             if not sep:
                 raise Failed(f'ERROR: argument not in form <var>=<file> "{flag.text}"')
@@ -105,7 +116,9 @@ def resolve_variables(flags: Sequence[VariableFlag]) -> Variables:
         elif not sep:
             if name not in os.environ:
                 raise Failed(f"ERROR: environment variable {name} was undefined")
-            value = os.environ[name]
+            value = _argument_text(os.environ[name], f"ERROR: {flag.flag} {name}: environment")
+        else:
+            value = _argument_text(value, f"ERROR: {flag.flag} {name}")
         variables.add(flag.space, name, value, flag.is_code)
     return variables
 
@@ -114,12 +127,25 @@ def _read_variable_file(flag: VariableFlag, name: str, path: str) -> str:
     # jsonnet imports the file when the variable is used; imports cannot cross into the
     # sandbox, so it is read here, before the evaluation (README: differences).
     try:
-        with open(path, encoding="utf-8") as source:
-            return source.read()
+        with open(path, "rb") as source:
+            data = source.read()
     except OSError as exc:
         raise Failed(f"ERROR: {flag.flag} {name}: {_strerror(exc)}: {path}") from None
-    except UnicodeDecodeError:
-        raise Failed(f"ERROR: {flag.flag} {name}: not UTF-8: {path}") from None
+    return _utf8(data, f"ERROR: {flag.flag} {name}: {path}")
+
+
+def _utf8(data: bytes, where: str) -> str:
+    """``data`` decoded; ``Failed`` naming ``where`` and the first bad byte's offset."""
+    try:
+        return utf8_text(data)
+    except ValueError as exc:
+        raise Failed(f"{where}: {exc}") from None
+
+
+def _argument_text(text: str, where: str) -> str:
+    """A command-line (or environment) string as the bytes it was given, checked: Python
+    decodes undecodable bytes to lone surrogates, which no request can carry."""
+    return _utf8(os.fsencode(text), where)
 
 
 def _strerror(exc: OSError) -> str:
@@ -173,9 +199,11 @@ def _worker_user(text: str) -> str | range | None:
     return text
 
 
-def _flag_type(annotation: str) -> Any:
+def _flag_type(annotation: str, help_text: str) -> Any:
     if "range" in annotation:
         return _worker_user
+    if help_text.startswith("bytes"):  # a size: K/M/G and KiB/MiB/GiB (``sizes``)
+        return _optional(parse_size) if "None" in annotation else parse_size
     base = {"int": int, "float": float, "str": str}[annotation.split("|")[0].strip()]
     return _optional(base) if "None" in annotation else base
 
@@ -187,10 +215,13 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
     helps = PoolConfig.help()
     for option in dataclasses.fields(PoolConfig):
         name = option.name
-        if name in defaults:  # this command's own default, not PoolConfig's
-            help_text = f"{helps[name]} (here: {defaults[name]})"
-        else:
-            help_text = f"{helps[name]} (default: {option.default})"
+        # this command's own default, or PoolConfig's
+        where, default = (
+            ("here", defaults[name]) if name in defaults else ("default", option.default)
+        )
+        is_size = helps[name].startswith("bytes")
+        shown = format_size(default) if is_size and isinstance(default, int) else default
+        help_text = f"{helps[name]} ({where}: {shown})"
         dest = f"pool_{name}"
         if name == "require_sandbox":
             group.add_argument(
@@ -212,7 +243,7 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
         if name == "engine":
             group.add_argument(*flags, dest=dest, choices=ENGINES, help=help_text)
             continue
-        flag_type = _flag_type(str(option.type))
+        flag_type = _flag_type(str(option.type), helps[name])
         group.add_argument(*flags, dest=dest, type=flag_type, metavar=name.upper(), help=help_text)
 
 
@@ -251,21 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jsonnet-worker",
         description="Evaluate untrusted Jsonnet in sandboxed worker processes.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version", action=VersionAction, help="show the version and the engines' versions"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_eval(commands)
     _add_test(commands)
     check = commands.add_parser("check", help="parse and statically check files (no evaluation)")
     check.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
-    add_pool_flags(check, CLI_POOL)
+    add_pool_flags(check, CLI_LIMITS)
     fmt = commands.add_parser("fmt", help="format files with go-jsonnet's formatter")
     fmt.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
     fmt.add_argument("-i", "--in-place", action="store_true", help="rewrite each file")
     fmt.add_argument(
         "--test", action="store_true", help="exit 2 when a file is not formatted; print nothing"
     )
-    add_pool_flags(fmt, CLI_POOL)
+    add_pool_flags(fmt, CLI_LIMITS)
     doctor = commands.add_parser("doctor", help="start a worker and report its sandbox")
     doctor.add_argument("--engine", choices=[*ENGINES, "all"], default="all")
     serve = commands.add_parser("serve", help="run the HTTP service (extra: serve)")
@@ -316,7 +349,7 @@ def _add_eval(commands: Any) -> None:
     )
     evaluate.add_argument("-o", "--output-file", metavar="FILE", help="write to FILE")
     _add_variable_flags(evaluate)
-    add_pool_flags(evaluate, CLI_POOL)
+    add_pool_flags(evaluate, CLI_LIMITS)
 
 
 def _add_test(commands: Any) -> None:
@@ -351,10 +384,23 @@ def _add_test(commands: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command's exit status. Ctrl-C ends it quietly with 130 (its worker killed and
+    reaped on the way out); a closed standard output ends it as jsonnet ends, by SIGPIPE."""
+    try:
+        return _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        die_of_sigpipe()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return run_serve(args)
+    configure_logging()
     if args.command == "doctor":
+        from . import doctor
+
         return doctor.run_doctor(args.engine)
     runners = {"eval": run_eval, "test": run_test, "check": run_check, "fmt": run_fmt}
     try:
@@ -392,20 +438,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def read_input(path: str, is_code: bool = False) -> tuple[str, str]:
-    """(source, filename) as jsonnet reads its input; ``Failed`` with its message."""
+    """(source, filename) as jsonnet reads its input; ``Failed`` with its message (a
+    source that is not UTF-8: the input and the offset of its first bad byte)."""
     if is_code:
-        return path, "<cmdline>"
+        return _argument_text(path, "ERROR: <cmdline>"), "<cmdline>"
     if path == "-":
-        return sys.stdin.read(), "<stdin>"
+        return _utf8(sys.stdin.buffer.read(), "Reading input file: <stdin>"), "<stdin>"
     try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read(), path
+        with open(path, "rb") as handle:
+            data = handle.read()
     except IsADirectoryError as exc:
         raise Failed(f"Reading input file: {path}: {_strerror(exc)}") from None
     except OSError as exc:
         raise Failed(f"Opening input file: {path}: {_strerror(exc)}") from None
-    except UnicodeDecodeError:
-        raise Failed(f"Reading input file: {path}: not UTF-8") from None
+    return _utf8(data, f"Reading input file: {path}"), path
 
 
 def _library_error(exc: Error) -> Failed:
@@ -420,19 +466,13 @@ def run_eval(args: argparse.Namespace) -> int:
         raise Failed("ERROR: -o argument was empty string")
     if args.multi == "":
         raise Failed("ERROR: -m argument was empty string")
-    config = pool_config(args, CLI_POOL)
-    variables = resolve_variables(args.variables)
-    source, filename = read_input(args.file, args.exec)
+    config = pool_config(args, CLI_LIMITS)
+    from .oneshot import OneShot
+
     try:
-        with WorkerPool(config=config) as pool:
-            text = pool.evaluate_json(
-                source,
-                variables.ext_vars,
-                ext_codes=variables.ext_codes,
-                tla_vars=variables.tla_vars,
-                tla_codes=variables.tla_codes,
-                filename=filename,
-            )
+        # The worker starts now: its start-up runs while the input is read.
+        with OneShot(config) as worker:
+            text = _evaluate(worker, args)
         if args.multi is not None:
             files = output_modes.multi(text, args.multi, string=args.string)
         elif args.yaml_stream:
@@ -449,12 +489,32 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             with open(args.output_file, "w", encoding="utf-8") as listing:
                 output_modes.write_multi(files, listing, create_dirs=args.create_output_dirs)
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
     return 0
 
 
+def _evaluate(worker: OneShot, args: argparse.Namespace) -> str:
+    """The manifested JSON of the one evaluation ``args`` ask for, in ``worker``."""
+    from .._pool.calls import Variables as CallVariables
+    from .._pool.calls import prepare
+    from .._wire.messages import Operation
+
+    variables = resolve_variables(args.variables)
+    source, filename = read_input(args.file, args.exec)
+    maps = CallVariables(
+        variables.ext_vars, variables.tla_vars, variables.ext_codes, variables.tla_codes
+    )
+    call = prepare(worker.config, 1, Operation.EVAL, source, filename, None, None, variables=maps)
+    return worker.call(call).json_text
+
+
 def run_test(args: argparse.Namespace) -> int:
+    from .._pool.facade import WorkerPool
+    from . import testrunner
+
     config = pool_config(args, CLI_POOL)
     suites, problems = testrunner.load_suites(args.suites)
     selection = testrunner.Selection(tuple(args.keywords))
@@ -474,7 +534,9 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    config = pool_config(args, CLI_POOL)
+    from .._pool.facade import WorkerPool
+
+    config = pool_config(args, CLI_LIMITS)
     inputs = [read_input(path) for path in args.files]
     failed = False
     try:
@@ -494,7 +556,9 @@ EXIT_NOT_FORMATTED = 2  # jsonnetfmt --test
 
 
 def run_fmt(args: argparse.Namespace) -> int:
-    config = pool_config(args, CLI_POOL)
+    from .._pool.facade import WorkerPool
+
+    config = pool_config(args, CLI_LIMITS)
     inputs = [(path, *read_input(path)) for path in args.files]
     if args.in_place and any(path == "-" for path, _, _ in inputs):
         raise Failed("ERROR: cannot use --in-place with stdin")

@@ -129,8 +129,9 @@ def _check_unused(ids: range) -> None:
 def resolve_identity(user: str | None) -> WorkerIdentity | None:
     """In the parent: whom workers drop to, or None (not root, or ``user`` is None).
 
-    Raises ValueError for an unknown user (other than ``nobody``, which falls back to the
-    overflow id 65534) or for a user that is root itself.
+    Raises InvalidArgument (a ``jsonnet_worker.Error``, also a ValueError) for an unknown
+    user (other than ``nobody``, which falls back to the overflow id 65534) or for a user
+    that is root itself.
     """
     if user is None or os.geteuid() != 0:
         return None
@@ -139,7 +140,7 @@ def resolve_identity(user: str | None) -> WorkerIdentity | None:
     except KeyError:
         if user == DEFAULT_WORKER_USER:
             return WorkerIdentity(user, NOBODY_ID, NOBODY_ID)
-        raise ValueError(f"worker_user {user!r}: no such user") from None
+        raise InvalidArgument(f"worker_user {user!r}: no such user") from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
-        raise ValueError(f"worker_user {user!r} is root or in group root: nothing is dropped")
+        raise InvalidArgument(f"worker_user {user!r} is root or in group root: nothing is dropped")
     return WorkerIdentity(user, entry.pw_uid, entry.pw_gid)

@@ -1,0 +1,67 @@
+"""How the command meets its terminal and pipes: its log lines, a closed standard output,
+input that is not UTF-8.
+
+Goals: a command prints messages, never a traceback or a log record that repeats its own
+error line; it ends as jsonnet ends when the reader of its output goes away
+(``jsonnet ... | head`` kills jsonnet with SIGPIPE, quietly).
+
+Plan: ``configure_logging`` gives the package's logger one handler of its own, WARNING and
+above, as ``jsonnet-worker: WARNING: ...``: a degraded sandbox is said; what a pool logs
+about one worker of one call (killed at its deadline, crashed) is not, since the call's error
+line already says it. ``die_of_sigpipe`` restores SIGPIPE's default disposition (Python
+ignores it) and raises it: the exit status is a death by SIGPIPE (141 in a shell), as for
+go-jsonnet and C++ jsonnet. ``utf8_text`` decodes, naming the first bad byte's offset.
+
+Weak spots: only a write to standard output ends the command by SIGPIPE; Python ignores the
+signal everywhere else (the workers' channels are sockets whose peer may die: that must stay
+an error, not a death).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import NoReturn
+
+PROGRAM = "jsonnet-worker"
+
+
+class _NotAboutOneWorker(logging.Filter):
+    """Drops the pool's records about one worker (they carry ``worker_pid``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "worker_pid", None) is None
+
+
+def configure_logging() -> None:
+    """The package's WARNING records on stderr, one line each, but none about one worker."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(levelname)s: %(message)s"))
+    handler.addFilter(_NotAboutOneWorker())
+    logger = logging.getLogger("jsonnet_worker")
+    logger.handlers = [handler]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
+def die_of_sigpipe() -> NoReturn:
+    """End this process as a write to a closed pipe ends jsonnet: killed by SIGPIPE."""
+    try:  # what is still buffered for the closed pipe must not fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached: the signal ends the process first
+
+
+def utf8_text(data: bytes) -> str:
+    """``data`` decoded as UTF-8; ValueError "not valid UTF-8 (byte 0xff at offset 3)"."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
