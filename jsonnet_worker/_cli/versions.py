@@ -64,4 +64,5 @@ class VersionAction(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        parser.exit(message=version_text() + "\n")
+        print(version_text())  # to stdout, as argparse's own version action
+        parser.exit()
