@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return run_serve(args)
-    configure_logging()
+    if args.command != "eval":  # eval's, once its worker is started (``run_eval``)
+        configure_logging()
     if args.command == "doctor":
         from . import doctor
 
@@ -472,6 +473,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         # The worker starts now: its start-up runs while the input is read.
         with OneShot(config) as worker:
+            configure_logging()
             text = _evaluate(worker, args)
         if args.multi is not None:
             files = output_modes.multi(text, args.multi, string=args.string)
@@ -587,4 +589,14 @@ def run_fmt(args: argparse.Namespace) -> int:
 
 def main_entry() -> None:
     """The ``jsonnet-worker`` console script."""
-    sys.exit(main())
+    code = main()
+    if sys.argv[1:2] == ["serve"]:  # its libraries may have exit handlers to run
+        sys.exit(code)
+    # Every file is closed and every worker reaped by now: the interpreter's finalization
+    # (unloading every module) would cost more CPU than an eval's call.
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        die_of_sigpipe()
+    sys.stderr.flush()
+    os._exit(code)

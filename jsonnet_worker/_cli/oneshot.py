@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 from .._config import PoolConfig
 from .._errors import SandboxUnavailable, WorkerStartError
 from .._pool.processes import WorkerProcess, settings_for
-from .._report import SandboxStatus, log_landlock
 
 if TYPE_CHECKING:
     from .._pool.calls import Call
     from .._pool.connection import Answer
     from .._pool.state import Outcome
     from .._pool.supervisor import Worker
+    from .._report import SandboxStatus
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -143,6 +143,8 @@ class OneShot:
 
 def _log_sandbox(sandbox: SandboxStatus) -> None:
     """What a pool logs of its first worker's sandbox (its supervisor's ``_log_sandbox``)."""
+    from .._report import log_landlock
+
     others = "; ".join(layer.summary() for layer in sandbox.missing if layer.name != "landlock")
     unprotected = "Jsonnet runs in a worker process"
     if not sandbox.enforced and others:

@@ -19,27 +19,29 @@ an error, not a death).
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import logging
 
 PROGRAM = "jsonnet-worker"
 
 
-class _NotAboutOneWorker(logging.Filter):
+def _not_about_one_worker(record: logging.LogRecord) -> bool:
     """Drops the pool's records about one worker (they carry ``worker_pid``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(record, "worker_pid", None) is None
+    return getattr(record, "worker_pid", None) is None
 
 
 def configure_logging() -> None:
     """The package's WARNING records on stderr, one line each, but none about one worker."""
+    import logging  # here: eval imports it once its worker is started
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(levelname)s: %(message)s"))
-    handler.addFilter(_NotAboutOneWorker())
+    handler.addFilter(_not_about_one_worker)
     logger = logging.getLogger("jsonnet_worker")
     logger.handlers = [handler]
     logger.setLevel(logging.WARNING)

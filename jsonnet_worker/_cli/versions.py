@@ -16,8 +16,6 @@ paths (the workers are started with the same paths).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +25,9 @@ ENGINE_MODULES = {"go": ("_gojsonnet", "go-jsonnet"), "cpp": ("_jsonnet", "C++ j
 
 def engine_version(module: str) -> str:
     """What the extension ``module``'s ``jsonnet_version()`` returns, or why there is none."""
+    import ctypes  # here: only --version needs them
+    import importlib.util
+
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         return "not installed"

@@ -1,0 +1,180 @@
+"""The command line's own speed: ``jsonnet-worker eval`` of a small file, from the shell's
+fork to its exit, against go-jsonnet's ``jsonnet`` binary (or C++ jsonnet's, when the go one
+cannot be had) and a fresh ``python -c`` that calls the binding directly, in one run.
+
+    python -m benchmarks.bench_cli [--quick] [--runs N]
+
+Every contender is a new process evaluating the same small file (``{a: 1, b: [1, 2, 3]}``),
+timed from spawn to exit and interleaved in rounds, so that the load of a shared machine hits
+them alike: compare the ratios, not the milliseconds. Also timed, to say where a command's
+time goes: the CLI's imports (``python -c "import jsonnet_worker._cli.main"``), one worker's
+start to its hello (measured in this process) and the old path, a ``WorkerPool`` of one
+worker (what ``eval`` ran before its one-shot worker).
+
+A binary is looked for on PATH (``jsonnet``; ``$GOPATH/bin`` and ``~/go/bin`` too, where
+``go install github.com/google/go-jsonnet/cmd/jsonnet`` puts it) and named by its
+``--version``. ``python -m benchmarks.run`` includes this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_latency import percentile
+from jsonnet_worker import PoolConfig
+from jsonnet_worker._pool.launch import launch_and_greet
+from jsonnet_worker._pool.processes import settings_for
+
+SMALL_FILE = "{a: 1, b: [1, 2, 3]}\n"
+EXPECTED = '{\n   "a": 1,\n   "b": [\n      1,\n      2,\n      3\n   ]\n}\n'
+BINDING = "import sys, _gojsonnet; sys.stdout.write(_gojsonnet.evaluate_file(sys.argv[1]))"
+OLD_PATH = (
+    "import sys; from jsonnet_worker import WorkerPool\n"
+    "with WorkerPool(1, spares=0) as pool: "
+    "sys.stdout.write(pool.evaluate_json(open(sys.argv[1]).read(), filename=sys.argv[1]))"
+)
+TARGET_SECONDS = 0.060  # issue 23: eval of a small file in at most 60 ms
+
+
+def cli_command() -> list[str]:
+    """The ``jsonnet-worker`` console script of this interpreter's environment, as a user
+    runs it (else ``python -m jsonnet_worker``)."""
+    script = Path(sys.executable).with_name("jsonnet-worker")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "jsonnet_worker"]
+
+
+def find_binaries() -> dict[str, list[str]]:
+    """jsonnet binaries here, by a name that says which engine and version they are."""
+    found: dict[str, list[str]] = {}
+    gopath = os.environ.get("GOPATH", str(Path.home() / "go"))
+    candidates = [shutil.which("jsonnet"), str(Path(gopath) / "bin" / "jsonnet")]
+    for path in dict.fromkeys(c for c in candidates if c and os.access(c, os.X_OK)):
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        engine = "go-jsonnet" if "go" in version.lower() else "C++ jsonnet"
+        found[f"{engine} binary ({version.splitlines()[0] if version else path})"] = [path]
+    return found
+
+
+def contenders(source: str) -> dict[str, list[str]]:
+    """Name -> command line, each printing the small file's JSON."""
+    commands = {
+        "jsonnet-worker eval": [*cli_command(), "eval", source],
+        "python -c _gojsonnet.evaluate_file": [sys.executable, "-c", BINDING, source],
+    }
+    commands |= {name: [*command, source] for name, command in find_binaries().items()}
+    commands["python -c WorkerPool(1) (the old eval path)"] = [
+        sys.executable,
+        "-c",
+        OLD_PATH,
+        source,
+    ]
+    commands["jsonnet-worker's imports only"] = [
+        sys.executable,
+        "-c",
+        "import jsonnet_worker._cli.main",
+    ]
+    return commands
+
+
+def run_once(command: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0 or done.stdout not in (EXPECTED, ""):
+        raise RuntimeError(f"{command[:3]} failed ({done.returncode}): {done.stderr[-500:]}")
+    return elapsed
+
+
+def worker_starts(count: int) -> list[float]:
+    """Seconds from a worker's spawn to its hello, in this process (a pool's worker)."""
+    settings = settings_for(PoolConfig())
+    timings = []
+    for _ in range(count):
+        started = time.perf_counter()
+        worker, _ = launch_and_greet(settings)
+        timings.append(time.perf_counter() - started)
+        worker.close()
+    return timings
+
+
+def measure(runs: int, rounds: int = 5) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as directory:
+        source = str(Path(directory) / "small.jsonnet")
+        Path(source).write_text(SMALL_FILE)
+        commands = contenders(source)
+        for command in commands.values():  # warm the page cache and the .pyc files
+            run_once(command)
+        timings: dict[str, list[float]] = {name: [] for name in commands}
+        timings["a worker's start to its hello (in-process)"] = []
+        for _ in range(rounds):
+            for name, command in commands.items():
+                timings[name] += [run_once(command) for _ in range(max(1, runs // rounds))]
+            timings["a worker's start to its hello (in-process)"] += worker_starts(
+                max(1, runs // rounds)
+            )
+    return timings
+
+
+def table(timings: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
+    floor = statistics.median(timings["python -c _gojsonnet.evaluate_file"])
+    header = ["process", "p50 ms", "p90 ms", "vs python -c binding"]
+    rows = [
+        [
+            name,
+            f"{statistics.median(samples) * 1e3:.1f}",
+            f"{percentile(samples, 0.9) * 1e3:.1f}",
+            f"{statistics.median(samples) / floor:.2f}x",
+        ]
+        for name, samples in timings.items()
+    ]
+    return header, rows
+
+
+def notes(timings: dict[str, list[float]]) -> list[str]:
+    ours = statistics.median(timings["jsonnet-worker eval"])
+    lines = [
+        f"jsonnet-worker eval of a small file: p50 {ours * 1e3:.0f} ms, target "
+        f"{TARGET_SECONDS * 1e3:.0f} ms: {'met' if ours <= TARGET_SECONDS else 'not met'}"
+    ]
+    binaries = [name for name in timings if "binary" in name]
+    for name in binaries:
+        lines.append(f"against the {name}: {ours / statistics.median(timings[name]):.1f}x")
+    if not any("go-jsonnet" in name for name in binaries):
+        lines.append("go-jsonnet's own binary was not found here (see bench_cli's docstring)")
+    return lines
+
+
+def run(report: Any, quick: bool) -> None:
+    """For ``benchmarks.run``: the table and its notes into ``report``."""
+    timings = measure(10 if quick else 40)
+    header, rows = table(timings)
+    report.table("The command line: eval of a small file, one process each", header, rows)
+    report.notes.extend(notes(timings))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs: a smoke run")
+    parser.add_argument("--runs", type=int, default=40, help="runs of each contender")
+    args = parser.parse_args()
+    timings = measure(10 if args.quick else args.runs)
+    header, rows = table(timings)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print("\n".join(notes(timings)))
+
+
+if __name__ == "__main__":
+    main()
