@@ -23,7 +23,6 @@ to start); no demotion to SCHED_IDLE (no other call competes); nothing is accoun
 
 from __future__ import annotations
 
-import logging
 import select
 import time
 from types import TracebackType
@@ -36,11 +35,8 @@ from .._pool.processes import WorkerProcess, settings_for
 if TYPE_CHECKING:
     from .._pool.calls import Call
     from .._pool.connection import Answer
-    from .._pool.state import Outcome
     from .._pool.supervisor import Worker
     from .._report import SandboxStatus
-
-logger = logging.getLogger("jsonnet_worker")
 
 # How long a worker whose response channel ended may take to exit, within the deadline (as
 # the pool's DEATH_GRACE).
@@ -81,7 +77,11 @@ class OneShot:
         pending = calls.write_rest(
             worker, memoryview(call.frame)[worker.send_request(call.request, call.frame) :]
         )
-        outcome = self._poll_for_answer(worker, pending, deadline)
+        if pending is not None:
+            self.process.poller.register(self.process.stdin, select.POLLOUT)
+        outcome = None
+        while outcome is None and (now := time.monotonic()) < deadline:
+            outcome, pending = calls.poll_channels(worker, pending, (deadline - now) * 1000.0 + 1)
         if outcome is None:
             self.process.kill()
             outcome = calls.timed_out(call)
@@ -112,43 +112,14 @@ class OneShot:
         self.process.stderr.mark()  # what it printed while starting is no call's
         return Worker(self.process, connection)
 
-    def _poll_for_answer(
-        self, worker: Worker, pending: memoryview | None, deadline: float
-    ) -> Outcome | None:
-        """Poll the worker's channels (writing the rest of the frame) until an outcome or
-        the deadline (None)."""
-        from .._pool import calls
-
-        process = self.process
-        poller = select.poll()
-        poller.register(process.stdout, select.POLLIN)
-        poller.register(process.stderr_fd, select.POLLIN)
-        if pending is not None:
-            poller.register(process.stdin, select.POLLOUT)
-        while (now := time.monotonic()) < deadline:
-            for fd, _ in poller.poll((deadline - now) * 1000.0 + 1):
-                if fd == process.stdout:
-                    outcome = calls.read_answer(worker)
-                    if outcome is not None:
-                        return outcome
-                elif fd == process.stderr_fd:
-                    if not process.drain_stderr():
-                        poller.unregister(process.stderr_fd)
-                elif pending is not None:
-                    pending = calls.write_rest(worker, pending)
-                    if pending is None:
-                        poller.unregister(process.stdin)
-        return None
-
 
 def _log_sandbox(sandbox: SandboxStatus) -> None:
-    """What a pool logs of its first worker's sandbox (its supervisor's ``_log_sandbox``)."""
-    from .._report import log_landlock
+    """A WARNING when a layer is missing (only with ``require_sandbox=False`` can Landlock be
+    one of them): the one verdict ``doctor`` and the service's ``/healthz`` give."""
+    import logging
 
-    others = "; ".join(layer.summary() for layer in sandbox.missing if layer.name != "landlock")
-    unprotected = "Jsonnet runs in a worker process"
-    if not sandbox.enforced and others:
-        unprotected += f" (also missing: {others})"
-    log_landlock(sandbox.landlock, unprotected)
-    if sandbox.enforced and others:
-        logger.warning("Worker isolation layers missing: %s", others)
+    from .._report import judge_sandbox
+
+    verdict = judge_sandbox(sandbox)
+    if not verdict.complete:
+        logging.getLogger("jsonnet_worker").warning("the worker's %s", verdict.summary())

@@ -253,6 +253,30 @@ def write_rest(worker: Worker, data: memoryview) -> memoryview | None:
     return rest if rest else None
 
 
+def poll_channels(
+    worker: Worker, pending: memoryview | None, wait_ms: float
+) -> tuple[Outcome | None, memoryview | None]:
+    """One poll of the worker's channels (its ``poller``, with its request channel registered
+    for POLLOUT while ``pending`` is not None), up to ``wait_ms``: an outcome read from its
+    response channel, its stderr drained, the rest of the frame written. Returns the outcome
+    (or None) and what is still to write."""
+    process = worker.process
+    poller = process.poller
+    for fd, _ in poller.poll(wait_ms):
+        if fd == process.stdout:
+            outcome = read_answer(worker)
+            if outcome is not None:
+                return outcome, pending
+        elif fd == process.stderr_fd:
+            if not process.drain_stderr():
+                poller.unregister(process.stderr_fd)
+        elif pending is not None:
+            pending = write_rest(worker, pending)
+            if pending is None:
+                poller.unregister(process.stdin)
+    return None, pending
+
+
 def read_answer(worker: Worker) -> Outcome | None:
     """Feed what the response channel holds to the conversation: an outcome, or None."""
     data = worker.process.read_stdout()

@@ -552,18 +552,9 @@ class WorkerPool:
             poller.register(process.stdin, select.POLLOUT)
         try:
             while (wait_ms := self._until_next_look(worker, clock)) is not None:
-                for fd, _ in poller.poll(wait_ms):
-                    if fd == process.stdout:
-                        outcome = calls.read_answer(worker)
-                        if outcome is not None:
-                            return outcome
-                    elif fd == process.stderr_fd:
-                        if not process.drain_stderr():
-                            poller.unregister(process.stderr_fd)
-                    elif pending is not None:
-                        pending = calls.write_rest(worker, pending)
-                        if pending is None:
-                            poller.unregister(process.stdin)
+                outcome, pending = calls.poll_channels(worker, pending, wait_ms)
+                if outcome is not None:
+                    return outcome
             return None
         finally:
             if pending is not None:
