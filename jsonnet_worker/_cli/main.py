@@ -221,7 +221,8 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
         )
         is_size = helps[name].startswith("bytes")
         shown = format_size(default) if is_size and isinstance(default, int) else default
-        help_text = f"{helps[name]} ({where}: {shown})"
+        units = "; K, M, G or KiB, MiB, GiB: powers of 1024" if is_size else ""
+        help_text = f"{helps[name]}{units} ({where}: {shown})"
         dest = f"pool_{name}"
         if name == "require_sandbox":
             group.add_argument(
@@ -244,7 +245,8 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) ->
             group.add_argument(*flags, dest=dest, choices=ENGINES, help=help_text)
             continue
         flag_type = _flag_type(str(option.type), helps[name])
-        group.add_argument(*flags, dest=dest, type=flag_type, metavar=name.upper(), help=help_text)
+        metavar = "BYTES" if is_size else name.upper()
+        group.add_argument(*flags, dest=dest, type=flag_type, metavar=metavar, help=help_text)
 
 
 def pool_config(args: argparse.Namespace, defaults: dict[str, Any]) -> PoolConfig:
