@@ -4,6 +4,8 @@ one-shot worker: each run as a real subprocess of the real CLI (issue 23, items 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -12,13 +14,26 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from jsonnet_worker import InvalidArgument, PoolConfig
+from jsonnet_worker import (
+    Error,
+    EvaluationTimeout,
+    InvalidArgument,
+    MemoryLimitExceeded,
+    PoolConfig,
+    SandboxStatus,
+    SandboxUnavailable,
+)
+from jsonnet_worker._cli.oneshot import OneShot
 from jsonnet_worker._cli.sizes import format_size, parse_size
 from jsonnet_worker._config import MIN_MEMORY_LIMIT
+from jsonnet_worker._pool import calls, connection
 from jsonnet_worker._pool.identities import WorkerIdentities
+from jsonnet_worker._wire.layers import SupportState
+from jsonnet_worker._wire.messages import Operation
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = [sys.executable, "-m", "jsonnet_worker"]
@@ -234,3 +249,60 @@ def test_version_names_the_engines_and_their_versions() -> None:
     assert f"engine go: go-jsonnet v{metadata.version('gojsonnet')} " in done.stdout
     assert re.search(r"^engine cpp: C\+\+ jsonnet (v\d+\.\d+\.\d+|not installed)", done.stdout,
                      re.M)  # fmt: skip
+
+
+# -- the one-shot worker ----------------------------------------------------------------------
+
+
+def _reported_without_landlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's hello read as if its kernel had no Landlock (the real worker runs, fully
+    sandboxed: only what the parent believes of it changes)."""
+    real = connection.sandbox_status
+
+    def without_landlock(hello: Any) -> SandboxStatus:
+        status = real(hello)
+        landlock = dataclasses.replace(
+            status.landlock,
+            enforced=False,
+            state=SupportState.DISABLED_AT_BOOT,
+            reason="as if Landlock were not in the lsm= list",
+        )
+        return dataclasses.replace(status, landlock=landlock)
+
+    monkeypatch.setattr(connection, "sandbox_status", without_landlock)
+
+
+def _one_call(config: PoolConfig, code: str) -> tuple[str, int]:
+    """(the JSON text or the error's kind, the worker's pid) of one one-shot call."""
+    with OneShot(config) as worker:
+        pid = worker.process.pid
+        call = calls.prepare(config, 1, Operation.EVAL, code, "t.jsonnet", None, None,
+                             variables=calls.NO_VARIABLES)  # fmt: skip
+        try:
+            return worker.call(call).json_text, pid
+        except Error as exc:
+            return exc.kind, pid
+
+
+def test_the_one_shot_worker_fails_closed_without_landlock(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _reported_without_landlock(monkeypatch)
+    config = PoolConfig(size=1, spares=0)
+    result, pid = _one_call(config, "{a: 1}")
+    assert result == SandboxUnavailable.kind
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped when the one-shot closed
+    opted_out, _ = _one_call(config.replace(require_sandbox=False), "{a: 1}")
+    assert json.loads(opted_out) == {"a": 1}
+    assert "the worker's sandbox: degraded: landlock missing: as if Landlock" in caplog.text
+
+
+def test_the_one_shot_worker_dies_typed_and_is_reaped() -> None:
+    config = PoolConfig(size=1, spares=0, memory_limit=256 << 20, timeout=20)
+    bomb = "std.length(std.makeArray(100000000, function(i) 'x' + i))"
+    result, pid = _one_call(config, bomb)
+    assert result == MemoryLimitExceeded.kind
+    assert not Path(f"/proc/{pid}").exists()
+    looping, pid = _one_call(config.replace(timeout=0.3), LONG_CALL)
+    assert looping == EvaluationTimeout.kind
+    assert not Path(f"/proc/{pid}").exists()
