@@ -5,11 +5,15 @@ when asked for).
 
 Goals: ``eval`` behaves as go-jsonnet's ``jsonnet`` command does (output, messages, exit 1
 for every evaluation or input error) except where the sandbox forbids it (README: "The
-command line"); every ``PoolConfig`` option is a flag of every command that starts a pool.
+command line"); every ``PoolConfig`` option is a flag of every command that starts a worker.
 
-Plan: the pool flags are generated from ``PoolConfig``'s fields (name, help, type), so an
-option added there is a flag here. ``-S``, ``-m`` and ``-y`` are applied in this process to
-the JSON text the worker returns (see ``output``): the worker protocol knows one output.
+Plan: the pool flags are generated from ``PoolConfig``'s fields (name, help, type; an
+option whose help starts with "bytes" takes a size, ``sizes``), so an option added there is
+a flag here. ``eval`` makes one call, in one worker started for it (``oneshot``), before it
+reads its input; the other commands run a pool. ``terminal`` holds how the command meets its
+terminal: its log lines, a closed standard output (SIGPIPE), input that is not UTF-8.
+``-S``, ``-m`` and ``-y`` are applied in this process to the JSON text the worker returns
+(see ``output``): the worker protocol knows one output.
 Variable flags are collected in order and resolved after parsing, so that an undefined
 environment variable or an unreadable file is jsonnet's ``ERROR: ...`` with exit 1, and the
 last of two flags naming one variable wins, as in jsonnet.
