@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from jsonnet_worker import (
     SandboxStatus,
     SandboxUnavailable,
 )
+from jsonnet_worker._cli import main
 from jsonnet_worker._cli.oneshot import OneShot
 from jsonnet_worker._cli.sizes import format_size, parse_size
 from jsonnet_worker._config import MIN_MEMORY_LIMIT
@@ -306,3 +308,18 @@ def test_the_one_shot_worker_dies_typed_and_is_reaped() -> None:
     looping, pid = _one_call(config.replace(timeout=0.3), LONG_CALL)
     assert looping == EvaluationTimeout.kind
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_main_gives_the_package_logger_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A caller of ``main()`` in its own process (the tests, an embedding tool) keeps its
+    logging: the command's handler is there only while the command runs."""
+    logger = logging.getLogger("jsonnet_worker")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    source = tmp_path / "ok.jsonnet"
+    source.write_text("{a: 1}\n")
+    assert main.main(["eval", str(source)]) == 0
+    assert main.main(["check", str(source)]) == 0
+    assert (logger.handlers, logger.level, logger.propagate) == before
+    assert capsys.readouterr().out == '{\n   "a": 1\n}\n'

@@ -34,7 +34,7 @@ from .._config import ENGINES, PoolConfig
 from .._errors import Error, JsonnetError
 from . import output as output_modes
 from .sizes import format_size, parse_size
-from .terminal import configure_logging, die_of_sigpipe, utf8_text
+from .terminal import command_logging, die_of_sigpipe, utf8_text
 from .versions import VersionAction
 
 if TYPE_CHECKING:
@@ -403,15 +403,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return run_serve(args)
-    if args.command != "eval":  # eval's, once its worker is started (``run_eval``)
-        configure_logging()
     if args.command == "doctor":
         from . import doctor
 
         return doctor.run_doctor(args.engine)
-    runners = {"eval": run_eval, "test": run_test, "check": run_check, "fmt": run_fmt}
+    runner = {"eval": run_eval, "test": run_test, "check": run_check, "fmt": run_fmt}
     try:
-        return runners[args.command](args)
+        if args.command == "eval":  # its log lines are set up once its worker is started
+            return run_eval(args)
+        with command_logging():
+            return runner[args.command](args)
     except Failed as exc:
         print(exc, file=sys.stderr)
         return EXIT_ERROR
@@ -478,8 +479,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         # The worker starts now: its start-up runs while the input is read.
-        with OneShot(config) as worker:
-            configure_logging()
+        with OneShot(config) as worker, command_logging():
             text = _evaluate(worker, args)
         if args.multi is not None:
             files = output_modes.multi(text, args.multi, string=args.string)

@@ -5,12 +5,14 @@ Goals: a command prints messages, never a traceback or a log record that repeats
 error line; it ends as jsonnet ends when the reader of its output goes away
 (``jsonnet ... | head`` kills jsonnet with SIGPIPE, quietly).
 
-Plan: ``configure_logging`` gives the package's logger one handler of its own, WARNING and
-above, as ``jsonnet-worker: WARNING: ...``: a degraded sandbox is said; what a pool logs
-about one worker of one call (killed at its deadline, crashed) is not, since the call's error
-line already says it. ``die_of_sigpipe`` restores SIGPIPE's default disposition (Python
-ignores it) and raises it: the exit status is a death by SIGPIPE (141 in a shell), as for
-go-jsonnet and C++ jsonnet. ``utf8_text`` decodes, naming the first bad byte's offset.
+Plan: while a command runs, ``command_logging`` gives the package's logger one handler of
+its own, WARNING and above, as ``jsonnet-worker: WARNING: ...``: a degraded sandbox is said;
+what a pool logs about one worker of one call (killed at its deadline, crashed) is not, since
+the call's error line already says it. The logger is given back as it was (a caller of
+``main()`` in its own process keeps its logging). ``die_of_sigpipe`` restores SIGPIPE's
+default disposition (Python ignores it) and raises it: the exit status is a death by SIGPIPE
+(141 in a shell), as for go-jsonnet and C++ jsonnet. ``utf8_text`` decodes, naming the
+first bad byte's offset.
 
 Weak spots: only a write to standard output ends the command by SIGPIPE; Python ignores the
 signal everywhere else (the workers' channels are sockets whose peer may die: that must stay
@@ -19,9 +21,11 @@ an error, not a death).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -35,17 +39,24 @@ def _not_about_one_worker(record: logging.LogRecord) -> bool:
     return getattr(record, "worker_pid", None) is None
 
 
-def configure_logging() -> None:
-    """The package's WARNING records on stderr, one line each, but none about one worker."""
+@contextlib.contextmanager
+def command_logging() -> Iterator[None]:
+    """Within: the package's WARNING records on stderr, one line each, none about one
+    worker. Then the logger as it was."""
     import logging  # here: eval imports it once its worker is started
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(levelname)s: %(message)s"))
     handler.addFilter(_not_about_one_worker)
     logger = logging.getLogger("jsonnet_worker")
-    logger.handlers = [handler]
+    saved = (logger.handlers, logger.level, logger.propagate)
+    logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.WARNING)
-    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers, _, logger.propagate = saved
+        logger.setLevel(saved[1])
 
 
 def die_of_sigpipe() -> NoReturn:
