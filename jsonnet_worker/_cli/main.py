@@ -477,18 +477,24 @@ def run_eval(args: argparse.Namespace) -> int:
     config = pool_config(args, CLI_LIMITS)
     from .oneshot import OneShot
 
+    # The worker starts now: its start-up runs while the input is read. Killed once it has
+    # answered, it is reaped when the block ends, after the output is written.
     try:
-        # The worker starts now: its start-up runs while the input is read.
         with OneShot(config) as worker, command_logging():
-            text = _evaluate(worker, args)
-        if args.multi is not None:
-            files = output_modes.multi(text, args.multi, string=args.string)
-        elif args.yaml_stream:
-            output = output_modes.stream(text)
-        else:
-            output = output_modes.string(text) if args.string else text
+            _write_output(args, _evaluate(worker, args))
     except Error as exc:
         raise _library_error(exc) from None
+    return 0
+
+
+def _write_output(args: argparse.Namespace, text: str) -> None:
+    """The result's JSON ``text`` in the output mode ``args`` ask for, where they ask."""
+    if args.multi is not None:
+        files = output_modes.multi(text, args.multi, string=args.string)
+    elif args.yaml_stream:
+        output = output_modes.stream(text)
+    else:
+        output = output_modes.string(text) if args.string else text
     try:
         if args.multi is None:
             output_modes.write_text(output, args.output_file, create_dirs=args.create_output_dirs)
@@ -501,7 +507,6 @@ def run_eval(args: argparse.Namespace) -> int:
         raise
     except OSError as exc:
         raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
-    return 0
 
 
 def _evaluate(worker: OneShot, args: argparse.Namespace) -> str:

@@ -13,8 +13,9 @@ checks and encoding (``calls.prepare``), the same answers, deaths and deadline
 Plan: ``OneShot(config)`` starts the worker at once, before the caller reads its input and
 imports what the call needs, so that the worker's start-up (most of a command's time) runs
 beside that work. ``call`` waits for the hello, sends the one request and polls for the
-answer until the deadline. ``close`` (also ``__exit__``, so on every path: an error, Ctrl-C)
-kills and reaps the worker; the worker's process is owned by its ``WorkerProcess`` alone.
+answer until the deadline; once answered, the worker is killed at once, so that it dies while
+the caller writes its output. ``close`` (also ``__exit__``, so on every path: an error,
+Ctrl-C) kills and reaps it; the worker's process is owned by its ``WorkerProcess`` alone.
 
 Weak spots: the worker is re-executed, never forked (a fork server would be one more process
 to start); no demotion to SCHED_IDLE (no other call competes); nothing is accounted
@@ -89,6 +90,8 @@ class OneShot:
             grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
             self.process.wait(grace)
             outcome = calls.death(worker, call, cut=grace < DEATH_GRACE)
+        else:  # it answered its one call: it dies now, beside the caller's output, and
+            self.process.kill()  # ``close`` reaps it
         if outcome.error is not None:
             raise outcome.error
         answer: Answer = outcome.answer
