@@ -9,7 +9,8 @@ into a result or a typed error) is written once, here.
 Plan: a call's variables travel as one ``Variables`` value; ``prepare`` checks and encodes
 a call into a ``Call`` before any worker is involved; ``ready_for_call`` vets a worker just
 checked out; ``start``/``write_rest`` write the frame; ``read_answer`` feeds the worker's
-connection; ``death``/``timed_out`` are the other ways a call ends; ``settle`` records the
+connection (``poll_channels``: one poll of its channels, for the blocking path and the CLI's
+one-shot worker); ``death``/``timed_out`` are the other ways a call ends; ``settle`` records the
 outcome through the pool's state and returns the answer or raises; ``abandon`` is the end of
 a call its caller left. Functions, not a class: each takes what it reads, so the per-call
 path pays no extra object. A caller's ask for its ``std.trace`` lines travels as
