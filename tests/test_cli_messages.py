@@ -297,7 +297,7 @@ def test_the_one_shot_worker_fails_closed_without_landlock(
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped when the one-shot closed
     opted_out, _ = _one_call(config.replace(require_sandbox=False), "{a: 1}")
     assert json.loads(opted_out) == {"a": 1}
-    assert "the worker's sandbox: degraded: landlock missing: as if Landlock" in caplog.text
+    assert "the worker's sandbox: unprotected: landlock missing: as if Landlock" in caplog.text
 
 
 def test_the_one_shot_worker_dies_typed_and_is_reaped() -> None:

@@ -280,9 +280,6 @@ def test_garbage_on_stderr_is_bounded_and_escaped(python_pool: WorkerPool) -> No
     assert len(lines) == 3
 
 
-# Remove the mark once _cli/main.py passes on_trace=print_trace in run_eval (the brief's
-# integration step): strict, so the test then fails until the mark is gone.
-@pytest.mark.xfail(strict=True, reason="_cli/main.py does not pass on_trace yet")
 def test_jsonnet_worker_eval_prints_traces_as_jsonnet_does() -> None:
     snippet = "local a = std.trace('alpha', 1);\nlocal b = std.trace('beta', 2);\na + b + error 'x'"
     done = subprocess.run(

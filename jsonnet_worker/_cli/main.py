@@ -514,13 +514,24 @@ def _evaluate(worker: OneShot, args: argparse.Namespace) -> str:
     from .._pool.calls import Variables as CallVariables
     from .._pool.calls import prepare
     from .._wire.messages import Operation
+    from .traces import print_trace
 
     variables = resolve_variables(args.variables)
     source, filename = read_input(args.file, args.exec)
     maps = CallVariables(
         variables.ext_vars, variables.tla_vars, variables.ext_codes, variables.tla_codes
     )
-    call = prepare(worker.config, 1, Operation.EVAL, source, filename, None, None, variables=maps)
+    call = prepare(
+        worker.config,
+        1,
+        Operation.EVAL,
+        source,
+        filename,
+        None,
+        None,
+        variables=maps,
+        on_trace=print_trace,  # on stderr, as go-jsonnet prints them
+    )
     return worker.call(call).json_text
 
 

@@ -74,6 +74,9 @@ class OneShot:
         from .._pool import calls
 
         worker = self._greet()
+        traces = call.traces
+        if traces is not None:  # keep the call's stderr head: its std.trace lines
+            self.process.stderr.mark(traces.max_bytes)
         deadline = time.monotonic() + call.time_left()
         pending = calls.write_rest(
             worker, memoryview(call.frame)[worker.send_request(call.request, call.frame) :]
@@ -91,7 +94,13 @@ class OneShot:
             self.process.wait(grace)
             outcome = calls.death(worker, call, cut=grace < DEATH_GRACE)
         else:  # it answered its one call: it dies now, beside the caller's output, and
+            if self.process.ready()[1]:  # (a trace line written just before the answer)
+                self.process.drain_stderr()
             self.process.kill()  # ``close`` reaps it
+        if traces is not None:  # before the result or the error, as the engines print them
+            from .._pool.traces import deliver, lines_of
+
+            deliver(traces, lines_of(self.process.stderr, traces))
         if outcome.error is not None:
             raise outcome.error
         answer: Answer = outcome.answer
@@ -117,12 +126,15 @@ class OneShot:
 
 
 def _log_sandbox(sandbox: SandboxStatus) -> None:
-    """A WARNING when a layer is missing (only with ``require_sandbox=False`` can Landlock be
-    one of them): the one verdict ``doctor`` and the service's ``/healthz`` give."""
+    """The one verdict ``doctor`` and the service's ``/healthz`` give: a WARNING when the
+    worker runs without Landlock (``require_sandbox=False`` only), INFO when it is merely
+    degraded (a non-root user's every command would warn of a uid it cannot drop:
+    ``doctor`` is where that is reported)."""
     import logging
 
     from .._report import judge_sandbox
 
     verdict = judge_sandbox(sandbox)
     if not verdict.complete:
-        logging.getLogger("jsonnet_worker").warning("the worker's %s", verdict.summary())
+        level = logging.INFO if verdict.enforced else logging.WARNING
+        logging.getLogger("jsonnet_worker").log(level, "the worker's %s", verdict.summary())
