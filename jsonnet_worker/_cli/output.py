@@ -1,124 +1,32 @@
-"""The ``jsonnet`` CLI's output modes (``-S``, ``-m``, ``-y``) applied to the JSON text a
-worker returned, byte for byte as go-jsonnet writes them.
+"""The ``jsonnet`` CLI's output modes (``-S``, ``-m DIR``, ``-y``) and how it writes them.
 
-Goals: the worker protocol carries one manifested JSON text per call; these modes are cut
-out of that text in the parent, never re-serialized, so numbers and string escapes stay the
-engine's own.
+Goals: what ``jsonnet`` prints and writes, byte for byte as go-jsonnet does.
 
-Plan: the engine indents every nesting level by three spaces and never puts a raw newline
-inside a string, so a field's value is the slice of its text with one level of indent
-removed. A value of the wrong type is a ``JsonnetError`` worded as go-jsonnet words it.
+Plan: the modes themselves are the library's pure functions (``jsonnet_worker._output``:
+``string``, ``stream``, and ``multi`` as names); here ``multi`` joins each name to the
+``-m`` directory as go-jsonnet does, and ``write_text``/``write_multi`` write.
 
-Weak spots: the messages are go-jsonnet's (v0.22), also with ``engine="cpp"``.
+Weak spots: as go-jsonnet, ``-m`` writes a key such as ``../x`` outside its directory (the
+CLI's user chose the snippet); the library refuses such a name.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
-from .._errors import JsonnetError
+from .._output import multi_unchecked as _multi_files
+from .._output import stream, string
 
-_INDENT = "   "
-_SPACE = re.compile(r"[ \t\n\r]*")
-_decoder = json.JSONDecoder()
-_JSONNET_TYPES: dict[type, str] = {
-    dict: "object",
-    list: "array",
-    str: "string",
-    bool: "boolean",
-    type(None): "null",
-    int: "number",
-    float: "number",
-}
-# go's %T of a decoded JSON value, as go-jsonnet's -m -S message prints it
-_GO_TYPES: dict[type, str] = {
-    dict: "map[string]interface {}",
-    list: "[]interface {}",
-    bool: "bool",
-    type(None): "<nil>",
-    int: "float64",
-    float: "float64",
-}
-
-
-def _manifestation_error(message: str) -> JsonnetError:
-    return JsonnetError(f"RUNTIME ERROR: {message}\n\tDuring manifestation\t\n")
-
-
-def _skip(text: str, position: int) -> int:
-    match = _SPACE.match(text, position)
-    return position if match is None else match.end()
-
-
-def _members(text: str, is_object: bool) -> list[tuple[str, str]]:
-    """Each member of the top-level object (key, value text) or array ("", element text),
-    each value's text dedented to the top level."""
-    position = _skip(text, _skip(text, 0) + 1)
-    closing = "}" if is_object else "]"
-    members: list[tuple[str, str]] = []
-    while text[position] != closing:
-        key = ""
-        if is_object:
-            key, position = _decoder.raw_decode(text, position)
-            position = _skip(text, _skip(text, position) + 1)  # past the colon
-        _, end = _decoder.raw_decode(text, position)
-        members.append((key, text[position:end].replace("\n" + _INDENT, "\n")))
-        position = _skip(text, end)
-        if text[position] == ",":
-            position = _skip(text, position + 1)
-    return members
-
-
-def _type_name(value: Any) -> str:
-    return _JSONNET_TYPES.get(type(value), "unknown")
-
-
-def string(text: str) -> str:
-    """``-S``: the result must be a string; it is written as is, with a newline."""
-    value = json.loads(text)
-    if not isinstance(value, str):
-        raise _manifestation_error(f"expected string result, got: {_type_name(value)}")
-    return value + "\n"
+__all__ = ["multi", "stream", "string", "write_multi", "write_text"]
 
 
 def multi(text: str, directory: str, *, string: bool = False) -> dict[str, str]:
-    """``-m DIR``: one file per field of the top-level object, path -> content."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise _manifestation_error(
-            f"multi mode: top-level object was a {_type_name(value)}, should be an object "
-            "whose keys are filenames and values hold the JSON for that file."
-        )
+    """``-m DIR``: one file per field of the top-level object, path -> content (each key
+    joined to ``directory`` as go-jsonnet joins it: as it is)."""
     prefix = directory if directory.endswith("/") else directory + "/"
-    files: dict[str, str] = {}
-    for key, member_text in _members(text, is_object=True):
-        if string:
-            member = value[key]
-            if not isinstance(member, str):
-                raise _manifestation_error(
-                    f"multi mode: top-level object's key {key} has a value of type "
-                    f"{_GO_TYPES.get(type(member), 'unknown')}, should be a string"
-                )
-            files[prefix + key] = member + "\n"
-        else:
-            files[prefix + key] = member_text + "\n"
-    return files
-
-
-def stream(text: str) -> str:
-    """``-y``: the top-level array as a YAML stream of JSON documents."""
-    value = json.loads(text)
-    if not isinstance(value, list):
-        raise _manifestation_error(
-            f"stream mode: top-level object was a {_type_name(value)}, should be an array "
-            "whose elements hold the JSON for each document in the stream."
-        )
-    documents = [member + "\n" for _, member in _members(text, is_object=False)]
-    return "".join(f"---\n{document}" for document in documents) + ("...\n" if documents else "")
+    return {prefix + name: content for name, content in _multi_files(text, string=string).items()}
 
 
 def write_text(text: str, path: str | None, *, create_dirs: bool) -> None:
