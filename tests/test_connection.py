@@ -106,7 +106,9 @@ def in_flight(
     request_id: int = 1, operation: Operation = Operation.EVAL, max_output: int = MAX_OUTPUT
 ) -> WorkerConnection:
     connection = greeted(max_output)
-    connection.send_request(EvalRequest(request_id, "{}", operation=operation))
+    # As the pool sends it: the request carries the max_output its answer is held to.
+    request = EvalRequest(request_id, "{}", operation=operation, max_output=max_output)
+    connection.send_request(request)
     return connection
 
 

@@ -55,6 +55,7 @@ from .._wire.messages import RETIRE_AT_MEMORY_SHARE, ErrorKind, EvalRequest, Ope
 from . import tracing
 from .accounting import CANCELLED
 from .connection import (
+    MAX_CALL_OUTPUT,
     NEED_DATA,
     Answer,
     ConnectionBroken,
@@ -118,11 +119,16 @@ def prepare(
     *,
     variables: Variables,
     on_trace: TraceReceiver | None = None,
+    max_stack: int | None = None,
+    max_output: int | None = None,
 ) -> Call:
     """Check and encode a call before any worker is involved; the time encoding takes
     (tens of milliseconds for a 10 MB snippet) counts against its timeout. ``on_trace``:
-    the caller's receiver of the call's ``std.trace`` lines (``traces``)."""
+    the caller's receiver of the call's ``std.trace`` lines (``traces``); ``max_stack``,
+    ``max_output``: the call's own (None: the pool's), checked as the pool's are."""
     seconds = _timeout(config, timeout)
+    if max_stack is not None or max_output is not None:
+        config = _with_limits(config, max_stack, max_output)
     budget = config.cpu_budget
     if budget is not None and CPU_HEADROOM_TIMEOUTS * seconds >= budget:
         # No worker, even a fresh one, could be trusted to finish it before RLIMIT_CPU.
@@ -170,6 +176,30 @@ def prepare(
         )
     ready_at = time.monotonic()
     return Call(request, frame, seconds, ready_at - started, domain, ready_at, traces)
+
+
+def _with_limits(config: PoolConfig, max_stack: int | None, max_output: int | None) -> PoolConfig:
+    """The pool's config with a call's own ``max_stack``/``max_output``: checked by
+    ``PoolConfig`` as a pool's are; a ``max_output`` over both the pool's and
+    ``MAX_CALL_OUTPUT`` (the answer cap the parent keeps) is refused."""
+    changes: dict[str, int] = {}
+    if max_stack is not None:
+        changes["max_stack"] = max_stack
+    if max_output is not None:
+        changes["max_output"] = max_output
+    try:
+        limited = config.replace(**changes)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"this call's {exc}") from None
+    except InvalidType as exc:
+        raise InvalidType(f"this call's {exc}") from None
+    if limited.max_output > max(config.max_output, MAX_CALL_OUTPUT):
+        raise InvalidArgument(
+            f"max_output={limited.max_output} is over the {MAX_CALL_OUTPUT} bytes a call may "
+            f"ask for (its answer must fit the wire format's frame limit; the pool's own "
+            f"max_output={config.max_output} is the other ceiling)"
+        )
+    return limited
 
 
 def _timeout(config: PoolConfig, timeout: float | None) -> float:

@@ -19,11 +19,12 @@ a state machine:
     any lie (any state) --ConnectionBroken--> BROKEN
 
 Lies that break it: a frame over the cap of its state (the hello's ``max_frame_hello``; an
-answer's: what ``max_output`` or an error message can need, plus a small margin); a string,
+answer's: what its request's ``max_output`` or an error message can need, plus a small
+margin: a call's own ``max_output`` sets its answer's cap); a string,
 array or map over the per-container limits msgpack enforces while it decodes; a malformed or
 ill-typed hello; any byte while IDLE (nobody asked); an answer with the wrong id or shape;
-bytes after the hello or after the answer; a result over ``max_output``, not valid JSON
-(``NaN`` included), nested deeper than Python can decode, or of the wrong type for its
+bytes after the hello or after the answer; a result over its request's ``max_output``, not
+valid JSON (``NaN`` included), nested deeper than Python can decode, or of the wrong type for its
 operation; an error of an unknown kind or with a message over the documented bound. ``BROKEN``
 and ``CLOSED`` are final and keep returning their event; the caller retires the worker
 (``ProtocolError`` for a broken conversation).
@@ -51,6 +52,7 @@ from typing import Any, Literal
 from .._errors import Error
 from .._report import SandboxStatus
 from .._wire.framing import (
+    DEFAULT_MAX_FRAME,
     FrameReader,
     FrameTooLarge,
     MalformedFrame,
@@ -79,6 +81,11 @@ HELLO_MAX_FRAME = 64 * 1024
 FRAME_MARGIN = 4096
 # The longest message a worker may send, in UTF-8 bytes (a character takes at most 4).
 MAX_MESSAGE_BYTES = (MAX_MESSAGE_CHARS + MAX_NOTE_CHARS) * 4
+# The largest max_output one call may ask for beyond its pool's: its answer frame then stays
+# within the wire format's frame limit (what a request may be, and what the worker reads),
+# and one caller's keyword cannot make the parent buffer an answer of any size (it holds an
+# answer about three times: the frame, the text, the decoded value).
+MAX_CALL_OUTPUT = DEFAULT_MAX_FRAME - FRAME_MARGIN
 
 # A hello is a map of ~12 keys, a Landlock map and one map per extra layer, short name lists.
 _HELLO_LIMITS = dict(max_array_len=64, max_map_len=64)
@@ -170,10 +177,10 @@ class WorkerConnection:
     """One worker's conversation as the pool sees it. See the module docstring."""
 
     def __init__(self, max_output: int, max_frame_hello: int = HELLO_MAX_FRAME) -> None:
+        # The pool's max_output: the answer cap of a request that carries the same (most
+        # do; another one's cap is made when it is sent).
         self.max_output = max_output
-        longest = max(max_output, MAX_MESSAGE_BYTES)
-        self._answer_max_frame = longest + FRAME_MARGIN
-        self._answer_limits = UnpackLimits(max_str_len=longest, **_ANSWER_LIMITS)
+        self._answer_max_frame, self._answer_limits = _answer_cap(max_output)
         self._reader = FrameReader(
             max_frame_hello, UnpackLimits(max_str_len=max_frame_hello, **_HELLO_LIMITS)
         )
@@ -216,6 +223,11 @@ class WorkerConnection:
             raise ConnectionMisuse(f"cannot send a request while {self._state.value}")
         self._expected = request
         self._state = ConnectionState.AWAITING_ANSWER
+        if request.max_output == self.max_output:
+            self._reader.max_frame = self._answer_max_frame
+            self._reader.limits = self._answer_limits
+        else:  # a call's own max_output: its answer's cap is its own
+            self._reader.max_frame, self._reader.limits = _answer_cap(request.max_output)
         return encoded if encoded is not None else request.encode()
 
     def receive_data(self, data: bytes) -> None:
@@ -284,8 +296,6 @@ class WorkerConnection:
         self._no_trailing_bytes("hello")
         self.hello = greeting
         self._state = ConnectionState.IDLE
-        self._reader.max_frame = self._answer_max_frame
-        self._reader.limits = self._answer_limits
         return greeting
 
     def _on_answer(self, payload: dict[str, Any]) -> Answer | Failure:
@@ -308,12 +318,9 @@ class WorkerConnection:
     def _result(self, result: Result, request: EvalRequest) -> Answer:
         text = result.json_text
         size = len(text)
-        if size > self.max_output or (
-            size * 4 > self.max_output and len(text.encode("utf-8")) > self.max_output
-        ):
-            raise ProtocolViolation(
-                f"a result of at least {size} bytes, over max_output {self.max_output}"
-            )
+        limit = request.max_output
+        if size > limit or (size * 4 > limit and len(text.encode("utf-8")) > limit):
+            raise ProtocolViolation(f"a result of at least {size} bytes, over max_output {limit}")
         value = _decode_json(text)
         if request.operation is Operation.CHECK and value is not None:
             raise ProtocolViolation(f"the answer to a check is a {type(value).__name__}, not null")
@@ -322,6 +329,13 @@ class WorkerConnection:
                 f"the answer to a fmt is a {type(value).__name__}, not a string"
             )
         return Answer(request.id, text, value, result.retire)
+
+
+def _answer_cap(max_output: int) -> tuple[int, UnpackLimits]:
+    """The largest answer frame to a request with ``max_output``, and the limits msgpack
+    decodes it with: room for the result or the longest error message, and the margin."""
+    longest = max(max_output, MAX_MESSAGE_BYTES)
+    return longest + FRAME_MARGIN, UnpackLimits(max_str_len=longest, **_ANSWER_LIMITS)
 
 
 def _refuse_constant(name: str) -> Any:
