@@ -34,7 +34,18 @@ from ._errors import (
 if TYPE_CHECKING:  # what the names below are; imported when first used (``__getattr__``)
     from ._allowlist import HostAllowList
     from ._config import PoolConfig
-    from ._default import aevaluate, evaluate, get_default_pool, set_default_pool
+    from ._default import (
+        aevaluate,
+        aevaluate_multi,
+        aevaluate_stream,
+        aevaluate_string,
+        evaluate,
+        evaluate_multi,
+        evaluate_stream,
+        evaluate_string,
+        get_default_pool,
+        set_default_pool,
+    )
     from ._host import HostSandbox, restrict_host
     from ._kratos import kratos_allow_list
     from ._options import PoolOptions
@@ -58,7 +69,13 @@ _LAZY = {
     "HostAllowList": "._allowlist",
     "PoolConfig": "._config",
     "aevaluate": "._default",
+    "aevaluate_multi": "._default",
+    "aevaluate_stream": "._default",
+    "aevaluate_string": "._default",
     "evaluate": "._default",
+    "evaluate_multi": "._default",
+    "evaluate_stream": "._default",
+    "evaluate_string": "._default",
     "get_default_pool": "._default",
     "set_default_pool": "._default",
     "HostSandbox": "._host",
@@ -124,7 +141,13 @@ __all__ = [
     "WorkerPool",
     "WorkerStartError",
     "aevaluate",
+    "aevaluate_multi",
+    "aevaluate_stream",
+    "aevaluate_string",
     "evaluate",
+    "evaluate_multi",
+    "evaluate_stream",
+    "evaluate_string",
     "get_default_pool",
     "judge_sandbox",
     "kratos_allow_list",

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ._pool.facade import WorkerPool
 
@@ -126,6 +126,21 @@ def set_default_pool(pool: WorkerPool | None) -> WorkerPool | None:
         return previous
 
 
+class EvaluateKeywords(TypedDict, total=False):
+    """The keywords of ``evaluate`` after its variables' first mapping, typed, for the
+    module-level output modes (each means what it means on ``WorkerPool.evaluate``)."""
+
+    tla_vars: Mapping[str, Any] | None
+    ext_codes: Mapping[str, str] | None
+    tla_codes: Mapping[str, str] | None
+    filename: str
+    timeout: float | None
+    tenant: str | None
+    on_trace: Callable[[str], None] | None
+    max_stack: int | None
+    max_output: int | None
+
+
 def evaluate(
     snippet: str,
     ext_vars: Mapping[str, Any] | None = None,
@@ -137,6 +152,8 @@ def evaluate(
     timeout: float | None = None,
     tenant: str | None = None,
     on_trace: Callable[[str], None] | None = None,
+    max_stack: int | None = None,
+    max_output: int | None = None,
 ) -> Any:
     """``WorkerPool.evaluate`` on the default pool."""
     return get_default_pool().evaluate(
@@ -149,6 +166,8 @@ def evaluate(
         timeout=timeout,
         tenant=tenant,
         on_trace=on_trace,
+        max_stack=max_stack,
+        max_output=max_output,
     )
 
 
@@ -163,6 +182,8 @@ async def aevaluate(
     timeout: float | None = None,
     tenant: str | None = None,
     on_trace: Callable[[str], None] | None = None,
+    max_stack: int | None = None,
+    max_output: int | None = None,
 ) -> Any:
     """``WorkerPool.aevaluate`` on the default pool."""
     return await get_default_pool().aevaluate(
@@ -175,4 +196,64 @@ async def aevaluate(
         timeout=timeout,
         tenant=tenant,
         on_trace=on_trace,
+        max_stack=max_stack,
+        max_output=max_output,
     )
+
+
+def evaluate_string(
+    snippet: str,
+    ext_vars: Mapping[str, Any] | None = None,
+    **keywords: Unpack[EvaluateKeywords],
+) -> str:
+    """``WorkerPool.evaluate_string`` (``jsonnet -S``) on the default pool."""
+    return get_default_pool().evaluate_string(snippet, ext_vars, **keywords)
+
+
+def evaluate_multi(
+    snippet: str,
+    ext_vars: Mapping[str, Any] | None = None,
+    *,
+    string: bool = False,
+    **keywords: Unpack[EvaluateKeywords],
+) -> dict[str, str]:
+    """``WorkerPool.evaluate_multi`` (``jsonnet -m``) on the default pool."""
+    return get_default_pool().evaluate_multi(snippet, ext_vars, string=string, **keywords)
+
+
+def evaluate_stream(
+    snippet: str,
+    ext_vars: Mapping[str, Any] | None = None,
+    **keywords: Unpack[EvaluateKeywords],
+) -> str:
+    """``WorkerPool.evaluate_stream`` (``jsonnet -y``) on the default pool."""
+    return get_default_pool().evaluate_stream(snippet, ext_vars, **keywords)
+
+
+async def aevaluate_string(
+    snippet: str,
+    ext_vars: Mapping[str, Any] | None = None,
+    **keywords: Unpack[EvaluateKeywords],
+) -> str:
+    """``WorkerPool.aevaluate_string`` on the default pool."""
+    return await get_default_pool().aevaluate_string(snippet, ext_vars, **keywords)
+
+
+async def aevaluate_multi(
+    snippet: str,
+    ext_vars: Mapping[str, Any] | None = None,
+    *,
+    string: bool = False,
+    **keywords: Unpack[EvaluateKeywords],
+) -> dict[str, str]:
+    """``WorkerPool.aevaluate_multi`` on the default pool."""
+    return await get_default_pool().aevaluate_multi(snippet, ext_vars, string=string, **keywords)
+
+
+async def aevaluate_stream(
+    snippet: str,
+    ext_vars: Mapping[str, Any] | None = None,
+    **keywords: Unpack[EvaluateKeywords],
+) -> str:
+    """``WorkerPool.aevaluate_stream`` on the default pool."""
+    return await get_default_pool().aevaluate_stream(snippet, ext_vars, **keywords)

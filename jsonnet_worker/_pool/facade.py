@@ -43,14 +43,16 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Unpack
+from typing import Any, Literal, Unpack
 
+from .. import _output as output_modes
 from .._config import PoolConfig
 from .._errors import (
     Error,
     ForkedPool,
+    InvalidArgument,
     InvalidType,
     Overloaded,
     PoolClosed,
@@ -312,9 +314,16 @@ class WorkerPool:
         timeout: float | None = None,
         tenant: str | None = None,
         on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
     ) -> Any:
         """Evaluate ``snippet`` in a worker and return the decoded JSON value. A worker that
         served one ``tenant`` never serves another (None: the calls without a tenant).
+
+        ``max_stack`` and ``max_output`` (on every evaluation call, like ``timeout``) are
+        this call's own (None: the pool's), checked as the pool's options are; a
+        ``max_output`` may go over the pool's up to ``MAX_CALL_OUTPUT`` (64 MiB less 4 KiB:
+        the answer must fit the wire format's frame), else ``InvalidArgument``.
 
         ``on_trace`` (also on ``evaluate_json``, ``aevaluate*``, ``submit`` and the
         module-level ``evaluate``) is called with each line the call's ``std.trace`` printed
@@ -324,9 +333,15 @@ class WorkerPool:
         bytes, control characters escaped, then a marker line when some were cut. Nothing
         else sees them: the pool never logs them. ``check`` takes none: it never runs the
         snippet."""
-        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
+        call = self._prepare_eval(
+            snippet,
+            Variables(ext_vars, tla_vars, ext_codes, tla_codes),
+            filename,
+            timeout,
+            tenant,
+            on_trace,
+            max_stack,
+            max_output,
         )
         return self._call(call).value
 
@@ -342,13 +357,123 @@ class WorkerPool:
         timeout: float | None = None,
         tenant: str | None = None,
         on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
-        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
+        call = self._prepare_eval(
+            snippet,
+            Variables(ext_vars, tla_vars, ext_codes, tla_codes),
+            filename,
+            timeout,
+            tenant,
+            on_trace,
+            max_stack,
+            max_output,
         )
         return self._call(call).json_text
+
+    def evaluate_string(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None = None,
+        *,
+        tla_vars: Mapping[str, Any] | None = None,
+        ext_codes: Mapping[str, str] | None = None,
+        tla_codes: Mapping[str, str] | None = None,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+    ) -> str:
+        """``jsonnet -S``: the result must be a string (else ``JsonnetError``, worded as
+        go-jsonnet words it); that string with a newline, as the command prints it."""
+        return output_modes.string(
+            self.evaluate_json(
+                snippet,
+                ext_vars,
+                tla_vars=tla_vars,
+                ext_codes=ext_codes,
+                tla_codes=tla_codes,
+                filename=filename,
+                timeout=timeout,
+                tenant=tenant,
+                on_trace=on_trace,
+                max_stack=max_stack,
+                max_output=max_output,
+            )
+        )
+
+    def evaluate_multi(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None = None,
+        *,
+        tla_vars: Mapping[str, Any] | None = None,
+        ext_codes: Mapping[str, str] | None = None,
+        tla_codes: Mapping[str, str] | None = None,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+        string: bool = False,
+    ) -> dict[str, str]:
+        """``jsonnet -m DIR`` (with ``string``: ``-m DIR -S``): the result must be an object;
+        each field as the file go-jsonnet would write, file name to text, in the object's
+        order. Nothing is written: a name that would land outside ``DIR`` (absolute, ``..``
+        leaving it, empty, a directory, a NUL byte) raises ``InvalidArgument``."""
+        text = self.evaluate_json(
+            snippet,
+            ext_vars,
+            tla_vars=tla_vars,
+            ext_codes=ext_codes,
+            tla_codes=tla_codes,
+            filename=filename,
+            timeout=timeout,
+            tenant=tenant,
+            on_trace=on_trace,
+            max_stack=max_stack,
+            max_output=max_output,
+        )
+        return output_modes.multi(text, string=string)
+
+    def evaluate_stream(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None = None,
+        *,
+        tla_vars: Mapping[str, Any] | None = None,
+        ext_codes: Mapping[str, str] | None = None,
+        tla_codes: Mapping[str, str] | None = None,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+    ) -> str:
+        """``jsonnet -y``: the result must be an array; its elements as a YAML stream of
+        JSON documents (``---`` before each, ``...`` after the last), as the command
+        prints it."""
+        return output_modes.stream(
+            self.evaluate_json(
+                snippet,
+                ext_vars,
+                tla_vars=tla_vars,
+                ext_codes=ext_codes,
+                tla_codes=tla_codes,
+                filename=filename,
+                timeout=timeout,
+                tenant=tenant,
+                on_trace=on_trace,
+                max_stack=max_stack,
+                max_output=max_output,
+            )
+        )
 
     def check(
         self,
@@ -388,11 +513,19 @@ class WorkerPool:
         timeout: float | None = None,
         tenant: str | None = None,
         on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
-        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
+        call = self._prepare_eval(
+            snippet,
+            Variables(ext_vars, tla_vars, ext_codes, tla_codes),
+            filename,
+            timeout,
+            tenant,
+            on_trace,
+            max_stack,
+            max_output,
         )
         return (await self._acall(call)).value
 
@@ -408,13 +541,115 @@ class WorkerPool:
         timeout: float | None = None,
         tenant: str | None = None,
         on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
     ) -> str:
         """``evaluate_json`` for asyncio."""
-        variables = Variables(ext_vars, tla_vars, ext_codes, tla_codes)
-        call = self._prepare(
-            Operation.EVAL, snippet, filename, timeout, tenant, variables, on_trace
+        call = self._prepare_eval(
+            snippet,
+            Variables(ext_vars, tla_vars, ext_codes, tla_codes),
+            filename,
+            timeout,
+            tenant,
+            on_trace,
+            max_stack,
+            max_output,
         )
         return (await self._acall(call)).json_text
+
+    async def aevaluate_string(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None = None,
+        *,
+        tla_vars: Mapping[str, Any] | None = None,
+        ext_codes: Mapping[str, str] | None = None,
+        tla_codes: Mapping[str, str] | None = None,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+    ) -> str:
+        """``evaluate_string`` for asyncio."""
+        text = await self.aevaluate_json(
+            snippet,
+            ext_vars,
+            tla_vars=tla_vars,
+            ext_codes=ext_codes,
+            tla_codes=tla_codes,
+            filename=filename,
+            timeout=timeout,
+            tenant=tenant,
+            on_trace=on_trace,
+            max_stack=max_stack,
+            max_output=max_output,
+        )
+        return output_modes.string(text)
+
+    async def aevaluate_multi(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None = None,
+        *,
+        tla_vars: Mapping[str, Any] | None = None,
+        ext_codes: Mapping[str, str] | None = None,
+        tla_codes: Mapping[str, str] | None = None,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+        string: bool = False,
+    ) -> dict[str, str]:
+        """``evaluate_multi`` for asyncio."""
+        text = await self.aevaluate_json(
+            snippet,
+            ext_vars,
+            tla_vars=tla_vars,
+            ext_codes=ext_codes,
+            tla_codes=tla_codes,
+            filename=filename,
+            timeout=timeout,
+            tenant=tenant,
+            on_trace=on_trace,
+            max_stack=max_stack,
+            max_output=max_output,
+        )
+        return output_modes.multi(text, string=string)
+
+    async def aevaluate_stream(
+        self,
+        snippet: str,
+        ext_vars: Mapping[str, Any] | None = None,
+        *,
+        tla_vars: Mapping[str, Any] | None = None,
+        ext_codes: Mapping[str, str] | None = None,
+        tla_codes: Mapping[str, str] | None = None,
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+    ) -> str:
+        """``evaluate_stream`` for asyncio."""
+        text = await self.aevaluate_json(
+            snippet,
+            ext_vars,
+            tla_vars=tla_vars,
+            ext_codes=ext_codes,
+            tla_codes=tla_codes,
+            filename=filename,
+            timeout=timeout,
+            tenant=tenant,
+            on_trace=on_trace,
+            max_stack=max_stack,
+            max_output=max_output,
+        )
+        return output_modes.stream(text)
 
     async def acheck(
         self,
@@ -457,6 +692,121 @@ class WorkerPool:
                     max_workers=self.size * 2, thread_name_prefix="jsonnet-worker-submit"
                 )
             return self._executor.submit(self.evaluate, snippet, ext_vars, **kwargs)
+
+    def map(
+        self,
+        snippet: str,
+        inputs: Iterable[Mapping[str, Any]],
+        *,
+        inputs_as: Literal["ext_vars", "tla_vars"] = "ext_vars",
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+        concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Evaluate ``snippet`` once per input and return the decoded values in input
+        order. Each input is a mapping of the call's external variables (``inputs_as=
+        "tla_vars"``: of its top-level arguments), given as ``evaluate`` takes them; the
+        other keywords hold for every item.
+
+        At most ``concurrency`` calls are in flight at once (default and ceiling: the
+        pool's ``size``, so that a large batch never fills its tenant's queue); each item
+        is one call through the same check-out and hand-over as ``evaluate``.
+
+        Errors: the first error raises (as ``asyncio.gather``): no further item starts,
+        the calls already running end as they would, then it is raised. With
+        ``return_exceptions=True`` an item's error is its result, in its place.
+
+        It blocks the calling thread: it runs ``amap`` on an event loop of its own, so that
+        an interrupt (KeyboardInterrupt in the main thread) cancels the calls in flight at
+        once as a cancellation does (their workers are replaced), where a thread blocked in
+        ``poll`` could not be stopped; none is left running when it raises. From a
+        coroutine, await ``amap`` (``InvalidArgument`` here)."""
+        self._check_fork()
+        if _running_loop() is not None:
+            raise InvalidArgument(
+                "WorkerPool.map blocks its thread: in a coroutine, await WorkerPool.amap"
+            )
+        batch = self.amap(
+            snippet,
+            inputs,
+            inputs_as=inputs_as,
+            filename=filename,
+            timeout=timeout,
+            tenant=tenant,
+            max_stack=max_stack,
+            max_output=max_output,
+            concurrency=concurrency,
+            return_exceptions=return_exceptions,
+        )
+        # A loop of its own, not set as the thread's: the caller's event loop policy and
+        # its thread's loop, if it set one, are left as they were.
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+            return runner.run(batch)
+
+    async def amap(
+        self,
+        snippet: str,
+        inputs: Iterable[Mapping[str, Any]],
+        *,
+        inputs_as: Literal["ext_vars", "tla_vars"] = "ext_vars",
+        filename: str = "snippet.jsonnet",
+        timeout: float | None = None,
+        tenant: str | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
+        concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """``map`` for asyncio. Cancelled, it cancels the calls in flight (each abandons
+        its worker, which is replaced) and returns once none is left running."""
+        self._check_fork()
+        items = list(inputs)
+        width = self._batch_width(concurrency, len(items))
+        to_tla = _inputs_to_tla(inputs_as)
+        results: list[Any] = [None] * len(items)
+        failures: list[Exception] = []
+        pending = iter(enumerate(items))
+
+        async def serve() -> None:
+            # Each of ``width`` servers takes the next item until none is left (or one
+            # failed): one event loop, so no two take the same.
+            for index, item in pending:
+                if failures:
+                    return
+                variables = Variables(tla_vars=item) if to_tla else Variables(ext_vars=item)
+                try:
+                    call = self._prepare_eval(
+                        snippet, variables, filename, timeout, tenant, None, max_stack, max_output
+                    )
+                    results[index] = (await self._acall(call)).value
+                except Exception as exc:  # as asyncio.gather: any error, in place or raised
+                    if not return_exceptions:
+                        failures.append(exc)
+                        return
+                    results[index] = exc
+
+        # A TaskGroup: cancelled, it cancels every server and waits for each to end.
+        async with asyncio.TaskGroup() as group:
+            for _ in range(width):
+                group.create_task(serve())
+        if failures:
+            raise failures[0]
+        return results
+
+    def _batch_width(self, concurrency: int | None, items: int) -> int:
+        """How many of a batch's calls may be in flight at once: ``concurrency`` (default:
+        the pool's size), at most the pool's size and the number of items."""
+        if concurrency is None:
+            return min(self.size, items)
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool):
+            raise InvalidType(f"concurrency must be an int, not {type(concurrency).__name__}")
+        if concurrency < 1:
+            raise InvalidArgument(f"concurrency must be at least 1, not {concurrency}")
+        return min(concurrency, self.size, items)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new calls, let calls in flight (and queued) finish, then stop and reap every
@@ -738,6 +1088,8 @@ class WorkerPool:
         tenant: str | None,
         variables: Variables = NO_VARIABLES,
         on_trace: Callable[[str], None] | None = None,
+        max_stack: int | None = None,
+        max_output: int | None = None,
     ) -> Call:
         return calls.prepare(
             self.config,
@@ -749,6 +1101,32 @@ class WorkerPool:
             tenant,
             variables=variables,
             on_trace=on_trace,
+            max_stack=max_stack,
+            max_output=max_output,
+        )
+
+    def _prepare_eval(
+        self,
+        snippet: str,
+        variables: Variables,
+        filename: str,
+        timeout: float | None,
+        tenant: str | None,
+        on_trace: Callable[[str], None] | None,
+        max_stack: int | None,
+        max_output: int | None,
+    ) -> Call:
+        """``_prepare`` for an evaluation (every output mode, ``map``'s items)."""
+        return self._prepare(
+            Operation.EVAL,
+            snippet,
+            filename,
+            timeout,
+            tenant,
+            variables,
+            on_trace,
+            max_stack,
+            max_output,
         )
 
     # -- fork and shutdown ---------------------------------------------------------------
@@ -787,6 +1165,13 @@ class _Watched:
 
     readers: list[int]
     writer: bool = False
+
+
+def _inputs_to_tla(inputs_as: str) -> bool:
+    """Whether a batch's inputs are top-level arguments (else external variables)."""
+    if inputs_as not in ("ext_vars", "tla_vars"):
+        raise InvalidArgument(f"inputs_as must be 'ext_vars' or 'tla_vars', not {inputs_as!r}")
+    return inputs_as == "tla_vars"
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
