@@ -30,9 +30,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict, Unpack
+from typing import Any, Unpack
 
-from ._pool.facade import WorkerPool
+from ._pool.facade import EvaluateKeywords, WorkerPool
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -124,21 +124,6 @@ def set_default_pool(pool: WorkerPool | None) -> WorkerPool | None:
         previous = _pool if _owner == os.getpid() else None
         _pool, _owner, _started_here = pool, os.getpid(), False
         return previous
-
-
-class EvaluateKeywords(TypedDict, total=False):
-    """The keywords of ``evaluate`` after its variables' first mapping, typed, for the
-    module-level output modes (each means what it means on ``WorkerPool.evaluate``)."""
-
-    tla_vars: Mapping[str, Any] | None
-    ext_codes: Mapping[str, str] | None
-    tla_codes: Mapping[str, str] | None
-    filename: str
-    timeout: float | None
-    tenant: str | None
-    on_trace: Callable[[str], None] | None
-    max_stack: int | None
-    max_output: int | None
 
 
 def evaluate(

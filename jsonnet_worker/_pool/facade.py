@@ -45,7 +45,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Unpack
+from typing import Any, Literal, TypedDict, Unpack
 
 from .. import _output as output_modes
 from .._config import PoolConfig
@@ -74,7 +74,7 @@ from .supervisor import Supervisor, Worker
 
 logger = logging.getLogger("jsonnet_worker")
 
-__all__ = ["WorkerPool", "check_platform", "default_size"]
+__all__ = ["EvaluateKeywords", "WorkerPool", "check_platform", "default_size"]
 
 DEATH_GRACE = (
     1.0  # how long a worker whose channel ended may take to exit (bounded by the deadline)
@@ -155,6 +155,21 @@ class AsyncTicket(Ticket):
         except RuntimeError:  # its event loop is closed: nobody will take the worker
             return False
         return True
+
+
+class EvaluateKeywords(TypedDict, total=False):
+    """``evaluate``'s keywords after its first mapping of variables, typed: the output
+    modes (``evaluate_string`` ...) and the module-level ones take them as they are."""
+
+    tla_vars: Mapping[str, Any] | None
+    ext_codes: Mapping[str, str] | None
+    tla_codes: Mapping[str, str] | None
+    filename: str
+    timeout: float | None
+    tenant: str | None
+    on_trace: Callable[[str], None] | None
+    max_stack: int | None
+    max_output: int | None
 
 
 class WorkerPool:
@@ -377,103 +392,38 @@ class WorkerPool:
         self,
         snippet: str,
         ext_vars: Mapping[str, Any] | None = None,
-        *,
-        tla_vars: Mapping[str, Any] | None = None,
-        ext_codes: Mapping[str, str] | None = None,
-        tla_codes: Mapping[str, str] | None = None,
-        filename: str = "snippet.jsonnet",
-        timeout: float | None = None,
-        tenant: str | None = None,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
+        **keywords: Unpack[EvaluateKeywords],
     ) -> str:
         """``jsonnet -S``: the result must be a string (else ``JsonnetError``, worded as
-        go-jsonnet words it); that string with a newline, as the command prints it."""
-        return output_modes.string(
-            self.evaluate_json(
-                snippet,
-                ext_vars,
-                tla_vars=tla_vars,
-                ext_codes=ext_codes,
-                tla_codes=tla_codes,
-                filename=filename,
-                timeout=timeout,
-                tenant=tenant,
-                on_trace=on_trace,
-                max_stack=max_stack,
-                max_output=max_output,
-            )
-        )
+        go-jsonnet words it); that string with a newline, as the command prints it. The
+        keywords are ``evaluate``'s."""
+        return output_modes.string(self.evaluate_json(snippet, ext_vars, **keywords))
 
     def evaluate_multi(
         self,
         snippet: str,
         ext_vars: Mapping[str, Any] | None = None,
         *,
-        tla_vars: Mapping[str, Any] | None = None,
-        ext_codes: Mapping[str, str] | None = None,
-        tla_codes: Mapping[str, str] | None = None,
-        filename: str = "snippet.jsonnet",
-        timeout: float | None = None,
-        tenant: str | None = None,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
         string: bool = False,
+        **keywords: Unpack[EvaluateKeywords],
     ) -> dict[str, str]:
         """``jsonnet -m DIR`` (with ``string``: ``-m DIR -S``): the result must be an object;
         each field as the file go-jsonnet would write, file name to text, in the object's
         order. Nothing is written: a name that would land outside ``DIR`` (absolute, ``..``
         leaving it, empty, a directory, a NUL byte) raises ``InvalidArgument``."""
-        text = self.evaluate_json(
-            snippet,
-            ext_vars,
-            tla_vars=tla_vars,
-            ext_codes=ext_codes,
-            tla_codes=tla_codes,
-            filename=filename,
-            timeout=timeout,
-            tenant=tenant,
-            on_trace=on_trace,
-            max_stack=max_stack,
-            max_output=max_output,
-        )
+        text = self.evaluate_json(snippet, ext_vars, **keywords)
         return output_modes.multi(text, string=string)
 
     def evaluate_stream(
         self,
         snippet: str,
         ext_vars: Mapping[str, Any] | None = None,
-        *,
-        tla_vars: Mapping[str, Any] | None = None,
-        ext_codes: Mapping[str, str] | None = None,
-        tla_codes: Mapping[str, str] | None = None,
-        filename: str = "snippet.jsonnet",
-        timeout: float | None = None,
-        tenant: str | None = None,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
+        **keywords: Unpack[EvaluateKeywords],
     ) -> str:
         """``jsonnet -y``: the result must be an array; its elements as a YAML stream of
         JSON documents (``---`` before each, ``...`` after the last), as the command
         prints it."""
-        return output_modes.stream(
-            self.evaluate_json(
-                snippet,
-                ext_vars,
-                tla_vars=tla_vars,
-                ext_codes=ext_codes,
-                tla_codes=tla_codes,
-                filename=filename,
-                timeout=timeout,
-                tenant=tenant,
-                on_trace=on_trace,
-                max_stack=max_stack,
-                max_output=max_output,
-            )
-        )
+        return output_modes.stream(self.evaluate_json(snippet, ext_vars, **keywords))
 
     def check(
         self,
@@ -561,95 +511,31 @@ class WorkerPool:
         self,
         snippet: str,
         ext_vars: Mapping[str, Any] | None = None,
-        *,
-        tla_vars: Mapping[str, Any] | None = None,
-        ext_codes: Mapping[str, str] | None = None,
-        tla_codes: Mapping[str, str] | None = None,
-        filename: str = "snippet.jsonnet",
-        timeout: float | None = None,
-        tenant: str | None = None,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
+        **keywords: Unpack[EvaluateKeywords],
     ) -> str:
         """``evaluate_string`` for asyncio."""
-        text = await self.aevaluate_json(
-            snippet,
-            ext_vars,
-            tla_vars=tla_vars,
-            ext_codes=ext_codes,
-            tla_codes=tla_codes,
-            filename=filename,
-            timeout=timeout,
-            tenant=tenant,
-            on_trace=on_trace,
-            max_stack=max_stack,
-            max_output=max_output,
-        )
-        return output_modes.string(text)
+        return output_modes.string(await self.aevaluate_json(snippet, ext_vars, **keywords))
 
     async def aevaluate_multi(
         self,
         snippet: str,
         ext_vars: Mapping[str, Any] | None = None,
         *,
-        tla_vars: Mapping[str, Any] | None = None,
-        ext_codes: Mapping[str, str] | None = None,
-        tla_codes: Mapping[str, str] | None = None,
-        filename: str = "snippet.jsonnet",
-        timeout: float | None = None,
-        tenant: str | None = None,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
         string: bool = False,
+        **keywords: Unpack[EvaluateKeywords],
     ) -> dict[str, str]:
         """``evaluate_multi`` for asyncio."""
-        text = await self.aevaluate_json(
-            snippet,
-            ext_vars,
-            tla_vars=tla_vars,
-            ext_codes=ext_codes,
-            tla_codes=tla_codes,
-            filename=filename,
-            timeout=timeout,
-            tenant=tenant,
-            on_trace=on_trace,
-            max_stack=max_stack,
-            max_output=max_output,
-        )
+        text = await self.aevaluate_json(snippet, ext_vars, **keywords)
         return output_modes.multi(text, string=string)
 
     async def aevaluate_stream(
         self,
         snippet: str,
         ext_vars: Mapping[str, Any] | None = None,
-        *,
-        tla_vars: Mapping[str, Any] | None = None,
-        ext_codes: Mapping[str, str] | None = None,
-        tla_codes: Mapping[str, str] | None = None,
-        filename: str = "snippet.jsonnet",
-        timeout: float | None = None,
-        tenant: str | None = None,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
+        **keywords: Unpack[EvaluateKeywords],
     ) -> str:
         """``evaluate_stream`` for asyncio."""
-        text = await self.aevaluate_json(
-            snippet,
-            ext_vars,
-            tla_vars=tla_vars,
-            ext_codes=ext_codes,
-            tla_codes=tla_codes,
-            filename=filename,
-            timeout=timeout,
-            tenant=tenant,
-            on_trace=on_trace,
-            max_stack=max_stack,
-            max_output=max_output,
-        )
-        return output_modes.stream(text)
+        return output_modes.stream(await self.aevaluate_json(snippet, ext_vars, **keywords))
 
     async def acheck(
         self,
