@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # what the names below are; imported when first used (``__get
     )
     from ._sandbox.landlock import LandlockStatus
     from ._wire.layers import LayerState, LayerStatus
+    from ._wire.messages import FormatStyle
 
 # Where each name that is not imported above lives. Imported on first use: the command
 # line's ``eval`` needs none of the pool's modules (asyncio among them), and importing them
@@ -93,6 +94,7 @@ _LAZY = {
     "LandlockStatus": "._sandbox.landlock",
     "LayerState": "._wire.layers",
     "LayerStatus": "._wire.layers",
+    "FormatStyle": "._wire.messages",
 }
 
 
@@ -111,6 +113,7 @@ __all__ = [
     "CallInfo",
     "Error",
     "ForkedPool",
+    "FormatStyle",
     "InvalidArgument",
     "InvalidType",
     "PoolConfig",

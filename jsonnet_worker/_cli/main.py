@@ -38,6 +38,7 @@ from .terminal import command_logging, die_of_sigpipe, utf8_text
 from .versions import VersionAction
 
 if TYPE_CHECKING:
+    from .._wire.messages import FormatStyle
     from .oneshot import OneShot
 
 EXIT_ERROR = 1
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument(
         "--test", action="store_true", help="exit 2 when a file is not formatted; print nothing"
     )
+    add_style_flags(fmt)
     add_pool_flags(fmt, CLI_LIMITS)
     doctor = commands.add_parser("doctor", help="start a worker and report its sandbox")
     doctor.add_argument("--engine", choices=[*ENGINES, "all"], default="all")
@@ -579,9 +581,53 @@ def run_check(args: argparse.Namespace) -> int:
 EXIT_NOT_FORMATTED = 2  # jsonnetfmt --test
 
 
+def add_style_flags(parser: argparse.ArgumentParser) -> None:
+    """jsonnetfmt's style flags, with its defaults (``FormatStyle``)."""
+    group = parser.add_argument_group("style (as jsonnetfmt's flags)")
+    group.add_argument("-n", "--indent", type=int, default=2, metavar="N", help="spaces (2)")
+    group.add_argument(
+        "--max-blank-lines", type=int, default=2, metavar="N", help="blank lines kept (2)"
+    )
+    group.add_argument(
+        "--string-style", choices=["d", "s", "l"], default="s", help="d(ouble), s(ingle), l(eave)"
+    )
+    group.add_argument(
+        "--comment-style", choices=["h", "s", "l"], default="s", help="h(ash), s(lash), l(eave)"
+    )
+    for flag, default, what in (
+        ("pad-arrays", False, "[ 1, 2, 3 ]"),
+        ("pad-objects", True, "{ x: 1, y: 2 }"),
+        ("pretty-field-names", True, "quotes on field names only where needed"),
+        ("sort-imports", True, "sort top-level imports"),
+    ):
+        group.add_argument(
+            f"--{flag}", action=argparse.BooleanOptionalAction, default=default, help=what
+        )
+
+
+def format_style(args: argparse.Namespace) -> FormatStyle:
+    """The ``FormatStyle`` of ``fmt``'s style flags; a value out of range is a usage error."""
+    from .._wire.messages import FormatStyle
+
+    try:
+        return FormatStyle(
+            indent=args.indent,
+            max_blank_lines=args.max_blank_lines,
+            string_style=args.string_style,
+            comment_style=args.comment_style,
+            pad_arrays=args.pad_arrays,
+            pad_objects=args.pad_objects,
+            pretty_field_names=args.pretty_field_names,
+            sort_imports=args.sort_imports,
+        )
+    except ValueError as exc:
+        raise Failed(f"ERROR: {exc}") from None
+
+
 def run_fmt(args: argparse.Namespace) -> int:
     from .._pool.facade import WorkerPool
 
+    style = format_style(args)
     config = pool_config(args, CLI_LIMITS)
     inputs = [(path, *read_input(path)) for path in args.files]
     if args.in_place and any(path == "-" for path, _, _ in inputs):
@@ -591,7 +637,7 @@ def run_fmt(args: argparse.Namespace) -> int:
         with WorkerPool(config=config) as pool:
             for path, source, filename in inputs:
                 try:
-                    formatted = pool.format(source, filename=filename)
+                    formatted = pool.format(source, filename=filename, style=style)
                 except JsonnetError as exc:
                     sys.stderr.write(exc.message.rstrip("\n") + "\n")
                     status = EXIT_ERROR

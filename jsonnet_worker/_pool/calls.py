@@ -51,7 +51,13 @@ from .._errors import (
     PoolClosed,
     ProtocolError,
 )
-from .._wire.messages import RETIRE_AT_MEMORY_SHARE, ErrorKind, EvalRequest, Operation
+from .._wire.messages import (
+    RETIRE_AT_MEMORY_SHARE,
+    ErrorKind,
+    EvalRequest,
+    FormatStyle,
+    Operation,
+)
 from . import tracing
 from .accounting import CANCELLED
 from .connection import (
@@ -121,11 +127,13 @@ def prepare(
     on_trace: TraceReceiver | None = None,
     max_stack: int | None = None,
     max_output: int | None = None,
+    style: FormatStyle | None = None,
 ) -> Call:
     """Check and encode a call before any worker is involved; the time encoding takes
     (tens of milliseconds for a 10 MB snippet) counts against its timeout. ``on_trace``:
     the caller's receiver of the call's ``std.trace`` lines (``traces``); ``max_stack``,
-    ``max_output``: the call's own (None: the pool's), checked as the pool's are."""
+    ``max_output``: the call's own (None: the pool's), checked as the pool's are;
+    ``style``: a ``fmt`` call's formatter options (None: jsonnetfmt's defaults)."""
     seconds = _timeout(config, timeout)
     if max_stack is not None or max_output is not None:
         config = _with_limits(config, max_stack, max_output)
@@ -147,6 +155,8 @@ def prepare(
         raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")
     if not isinstance(filename, str):
         raise InvalidType(f"filename must be str, not {type(filename).__name__}")
+    if style is not None and not isinstance(style, FormatStyle):
+        raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
     domain = _domain(tenant)
     ext_strings, ext_code = split_variables("ext", variables.ext_vars, variables.ext_codes)
     tla_strings, tla_code = split_variables("tla", variables.tla_vars, variables.tla_codes)
@@ -162,6 +172,7 @@ def prepare(
         max_output=config.max_output,
         max_trace=config.max_trace,
         operation=operation,
+        style=style,
     )
     try:
         frame = request.encode()

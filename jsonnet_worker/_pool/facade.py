@@ -61,7 +61,7 @@ from .._errors import (
 )
 from .._options import PoolOptions
 from .._report import PoolStats, SandboxStatus
-from .._wire.messages import Operation
+from .._wire.messages import FormatStyle, Operation
 from . import calls
 from .calls import CLOSED, NO_VARIABLES, Call, Variables
 from .connection import Answer
@@ -445,9 +445,11 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
         tenant: str | None = None,
+        style: FormatStyle | None = None,
     ) -> str:
-        """``snippet`` formatted by go-jsonnet's formatter (``jsonnet fmt``)."""
-        call = self._prepare(Operation.FMT, snippet, filename, timeout, tenant)
+        """``snippet`` formatted by go-jsonnet's formatter (``jsonnetfmt``), with ``style``'s
+        options (None: jsonnetfmt's defaults)."""
+        call = self._prepare(Operation.FMT, snippet, filename, timeout, tenant, style=style)
         formatted: str = self._call(call).value
         return formatted
 
@@ -556,9 +558,10 @@ class WorkerPool:
         filename: str = "snippet.jsonnet",
         timeout: float | None = None,
         tenant: str | None = None,
+        style: FormatStyle | None = None,
     ) -> str:
         """``format`` for asyncio."""
-        call = self._prepare(Operation.FMT, snippet, filename, timeout, tenant)
+        call = self._prepare(Operation.FMT, snippet, filename, timeout, tenant, style=style)
         formatted: str = (await self._acall(call)).value
         return formatted
 
@@ -976,6 +979,7 @@ class WorkerPool:
         on_trace: Callable[[str], None] | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        style: FormatStyle | None = None,
     ) -> Call:
         return calls.prepare(
             self.config,
@@ -989,6 +993,7 @@ class WorkerPool:
             on_trace=on_trace,
             max_stack=max_stack,
             max_output=max_output,
+            style=style,
         )
 
     def _prepare_eval(

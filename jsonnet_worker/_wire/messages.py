@@ -212,6 +212,68 @@ def _type_of(payload: dict[str, Any], expected: str) -> None:
 # -- the request -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class FormatStyle:
+    """go-jsonnet's formatter options, as ``jsonnetfmt``'s flags name them, with its defaults:
+    ``indent`` (``-n``), ``max_blank_lines``, ``string_style`` (``d`` double quotes, ``s``
+    single, ``l`` leave), ``comment_style`` (``h`` hash, ``s`` slash, ``l`` leave),
+    ``pad_arrays``, ``pad_objects``, ``pretty_field_names``, ``sort_imports``."""
+
+    indent: int = 2
+    max_blank_lines: int = 2
+    string_style: str = "s"
+    comment_style: str = "s"
+    pad_arrays: bool = False
+    pad_objects: bool = True
+    pretty_field_names: bool = True
+    sort_imports: bool = True
+
+    STRING_STYLES: ClassVar[str] = "dsl"
+    COMMENT_STYLES: ClassVar[str] = "hsl"
+    MAX_INDENT: ClassVar[int] = 100  # jsonnetfmt takes any; a bound keeps output sizes sane
+
+    def __post_init__(self) -> None:
+        """Raises ValueError naming the option that is wrong (the pool turns it into
+        InvalidArgument; the worker into a protocol violation)."""
+        for name in ("indent", "max_blank_lines"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value <= self.MAX_INDENT:
+                raise ValueError(f"{name} must be an integer in 0-{self.MAX_INDENT}, not {value!r}")
+        if not isinstance(self.string_style, str) or self.string_style not in self.STRING_STYLES:
+            raise ValueError(f"string_style must be one of d, s, l, not {self.string_style!r}")
+        if not isinstance(self.comment_style, str) or self.comment_style not in self.COMMENT_STYLES:
+            raise ValueError(f"comment_style must be one of h, s, l, not {self.comment_style!r}")
+        for name in ("pad_arrays", "pad_objects", "pretty_field_names", "sort_imports"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, not {getattr(self, name)!r}")
+
+    def to_message(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _STYLE_FIELDS}
+
+    @classmethod
+    def from_message(cls, value: object, request_id: int) -> FormatStyle:
+        if not isinstance(value, dict) or set(value) != set(_STYLE_FIELDS):
+            raise ProtocolViolation(
+                f"field 'style' must map exactly {', '.join(_STYLE_FIELDS)}", request_id
+            )
+        try:
+            return cls(**value)
+        except ValueError as exc:
+            raise ProtocolViolation(f"field 'style': {exc}", request_id) from None
+
+
+_STYLE_FIELDS = (
+    "indent",
+    "max_blank_lines",
+    "string_style",
+    "comment_style",
+    "pad_arrays",
+    "pad_objects",
+    "pretty_field_names",
+    "sort_imports",
+)
+
+
 @dataclass(frozen=True)
 class EvalRequest:
     """pool -> worker: evaluate (check, format) one snippet."""
@@ -229,9 +291,10 @@ class EvalRequest:
     max_output: int = 1024 * 1024
     max_trace: int = 20
     operation: Operation = Operation.EVAL
+    style: FormatStyle | None = None  # ``fmt`` only: the formatter's options (None: defaults)
 
     def to_message(self) -> dict[str, Any]:
-        return {
+        message = {
             "t": EVAL,
             "id": self.id,
             "action": self.operation.value,
@@ -245,6 +308,9 @@ class EvalRequest:
             "max_trace": self.max_trace,
             "max_output": self.max_output,
         }
+        if self.style is not None:
+            message["style"] = self.style.to_message()
+        return message
 
     def encode(self) -> bytes:
         """The request's frame, in under half the time of ``framing.encode`` (the caller's
@@ -280,6 +346,8 @@ class EvalRequest:
         max_trace = payload.get("max_trace", 20)
         if not _is_int(max_trace) or max_trace < 0:
             raise ProtocolViolation("field 'max_trace' must be a non-negative integer", request_id)
+        raw_style = payload.get("style")
+        style = None if raw_style is None else FormatStyle.from_message(raw_style, request_id)
         return cls(
             id=request_id,
             snippet=snippet,
@@ -292,6 +360,7 @@ class EvalRequest:
             max_output=_positive_limit(payload, "max_output", request_id),
             max_trace=max_trace,
             operation=operation,
+            style=style,
         )
 
 

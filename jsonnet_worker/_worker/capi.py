@@ -58,6 +58,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._wire.messages import FormatStyle
+
+# The formatter's option setters (libjsonnet.h: jsonnet_fmt_<option>(vm, int)), in the
+# order ``format_snippet`` sets them.
+FORMAT_OPTIONS = (
+    "indent",
+    "max_blank_lines",
+    "string",
+    "comment",
+    "pad_arrays",
+    "pad_objects",
+    "pretty_field_names",
+    "sort_imports",
+)
 # The entry points used, all in libjsonnet.h since jsonnet 0.20.
 REQUIRED_SYMBOLS = (
     "jsonnet_make",
@@ -74,6 +88,7 @@ REQUIRED_SYMBOLS = (
     "jsonnet_evaluate_snippet",
     "jsonnet_fmt_snippet",
     "jsonnet_realloc",
+    *(f"jsonnet_fmt_{option}" for option in FORMAT_OPTIONS),
 )
 DEFAULT_CACHE_ENTRIES = 64
 DEFAULT_CACHE_BYTES = 4 * 1024 * 1024
@@ -133,6 +148,7 @@ def bind(extension_path: str) -> ctypes.CDLL:
         "jsonnet_evaluate_snippet": ([_VM, text, text, ctypes.POINTER(ctypes.c_int)], string),
         "jsonnet_fmt_snippet": ([_VM, text, text, ctypes.POINTER(ctypes.c_int)], string),
         "jsonnet_realloc": ([_VM, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p),
+        **{f"jsonnet_fmt_{option}": ([_VM, ctypes.c_int], None) for option in FORMAT_OPTIONS},
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(library, name)
@@ -420,8 +436,23 @@ class CapiEngine:
             return
         raise RuntimeError(text)
 
-    def format_snippet(self, filename: str, snippet: str) -> str:
-        """go-jsonnet's formatter with its default options (those of ``jsonnetfmt``)."""
+    def format_snippet(self, filename: str, snippet: str, style: FormatStyle) -> str:
+        """go-jsonnet's formatter with ``style``'s options (``FormatStyle()``: those of
+        ``jsonnetfmt``), every option set on each call: the VM is kept, and one call's
+        options must not be the next one's."""
+        lib, vm = self._lib, self._probe
+        values = (
+            style.indent,
+            style.max_blank_lines,
+            ord(style.string_style),
+            ord(style.comment_style),
+            int(style.pad_arrays),
+            int(style.pad_objects),
+            int(style.pretty_field_names),
+            int(style.sort_imports),
+        )
+        for option, value in zip(FORMAT_OPTIONS, values, strict=True):
+            getattr(lib, f"jsonnet_fmt_{option}")(vm, value)
         failed, text = self._run(
             self._lib.jsonnet_fmt_snippet, self._probe, filename.encode(), snippet.encode()
         )

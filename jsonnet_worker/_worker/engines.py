@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._sandbox.elf import elf_needed
-from .._wire.messages import EngineKind, ErrorKind, EvalRequest, Operation, bound_text
+from .._wire.messages import (
+    EngineKind,
+    ErrorKind,
+    EvalRequest,
+    FormatStyle,
+    Operation,
+    bound_text,
+)
 from . import capi
 
 _T = TypeVar("_T")
@@ -316,7 +323,10 @@ class Engine:
                 else f"it needs go-jsonnet's C API, and this worker uses the {self.api}"
             )
             raise EvaluationFailed(ErrorKind.JSONNET, f"action 'fmt' is not available: {why}")
-        return _as_engine_result(None, self._capi.format_snippet, request.filename, request.snippet)
+        style = request.style or FormatStyle()
+        return _as_engine_result(
+            None, self._capi.format_snippet, request.filename, request.snippet, style
+        )
 
 
 def _as_engine_result(
