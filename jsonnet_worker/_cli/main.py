@@ -606,20 +606,15 @@ def add_style_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def format_style(args: argparse.Namespace) -> FormatStyle:
-    """The ``FormatStyle`` of ``fmt``'s style flags; a value out of range is a usage error."""
+    """The ``FormatStyle`` of ``fmt``'s style flags (each flag's dest is the field's name); a
+    value out of range is a usage error."""
+    import dataclasses
+
     from .._wire.messages import FormatStyle
 
+    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(FormatStyle)}
     try:
-        return FormatStyle(
-            indent=args.indent,
-            max_blank_lines=args.max_blank_lines,
-            string_style=args.string_style,
-            comment_style=args.comment_style,
-            pad_arrays=args.pad_arrays,
-            pad_objects=args.pad_objects,
-            pretty_field_names=args.pretty_field_names,
-            sort_imports=args.sort_imports,
-        )
+        return FormatStyle(**options)
     except ValueError as exc:
         raise Failed(f"ERROR: {exc}") from None
 
