@@ -37,6 +37,7 @@ import logging
 import logging.config
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -181,6 +182,28 @@ class TextFormatter(logging.Formatter):
         return text if request_id is None else f"{text} request_id={request_id}"
 
 
+# The last line of a traceback that names one of our errors: its class and its message.
+_OUR_ERROR = re.compile(r"^jsonnet_worker\.[\w.]*?(\w+): (.*)$", re.MULTILINE)
+
+
+class StartupFailureLine(logging.Filter):
+    """uvicorn logs a failed start-up (the app's lifespan raised: a mapper that does not
+    check, a pool option the host refuses) as the whole traceback Starlette formatted. When
+    the error is one of ours, its one line says it all: ``start-up failed: <kind>: <what>``
+    (the class name and the first line of the message), not ten lines of frames."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Traceback (most recent call last)"):
+            return True
+        found = list(_OUR_ERROR.finditer(message))
+        if found:
+            name, text = found[-1].groups()
+            record.msg, record.args = "start-up failed: %s: %s", (name, text)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def logging_config(log_format: str, level: str) -> dict[str, Any]:
     """The ``logging.config`` dictionary for this process and uvicorn's loggers alike."""
     formatter: dict[str, Any] = {"()": JsonFormatter if log_format == "json" else TextFormatter}
@@ -194,9 +217,17 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"service": formatter},
+        "filters": {"startup": {"()": StartupFailureLine}},
         "handlers": {"service": handler},
         "root": {"handlers": ["service"], "level": level.upper()},
-        "loggers": {name: {"handlers": [], "propagate": True} for name in names},
+        "loggers": {
+            name: {
+                "handlers": [],
+                "propagate": True,
+                "filters": ["startup"] if name == "uvicorn.error" else [],
+            }
+            for name in names
+        },
     }
 
 
