@@ -141,6 +141,10 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None
 }
 
 
+# Attributes written by the formatter itself, or not at all.
+_HANDLED = frozenset({"time", "level", "logger", "message", "request_id", "exception"})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: timestamp (UTC, ISO 8601), level, logger, message, the
     request's id on a record a request caused (``_requests.py``), every field the record's
@@ -160,7 +164,8 @@ class JsonFormatter(logging.Formatter):
         if request_id is not None:
             entry["request_id"] = request_id
         for key, value in vars(record).items():
-            if key not in _RECORD_ATTRIBUTES and key not in entry and not key.startswith("_"):
+            # (request_id is above: the request filter sets it to None outside a request)
+            if key not in _RECORD_ATTRIBUTES and key not in _HANDLED and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
