@@ -19,15 +19,19 @@ Plan (in the worker; whom it drops to is decided by the parent, ``_pool.identiti
     about ten fds). Then ``drop_to()`` clears supplementary groups and sets the real,
     effective and saved gid and uid, and proves it cannot get root back. The caller re-arms
     PR_SET_PDEATHSIG afterwards: the kernel clears it when credentials change.
-  * ``new_ipc_namespace`` and ``uid_status`` report both as layers: active, or missing and
+  * ``new_ipc_namespace`` and ``uid_status`` report both as layers: active, missing and
     why (a non-root parent: the workers share the host application's uid and IPC
-    namespace).
+    namespace), or off (one ``worker_user`` shared by every worker: the configuration's
+    choice).
 
 Weak spots: with one shared user (``nobody``, the default because it exists everywhere)
-the task headroom is shared by every process of that uid, so a thread bomb in one worker
-can briefly starve another worker's new Go threads (that worker then crashes and is
-replaced); a uid range removes that. RLIMIT_NPROC does not bind uid 0, so a worker left as
-root (``worker_user=None``) reports the limits layer missing.
+the task headroom is shared by every process of that uid. A root parent bounds each
+worker's tasks on its own too, with a pids cgroup per worker (``_pool/tasklimit.py``), so
+one worker's thread bomb ends at its own limit; where no pids cgroup is writable (a
+non-root parent), a bomb can still briefly starve another worker's new Go threads and the
+fork server's next fork (that worker then crashes and is replaced); a uid range removes
+that. RLIMIT_NPROC does not bind uid 0, so a worker left as root (``worker_user=None``)
+reports the limits layer missing.
 """
 
 from __future__ import annotations
