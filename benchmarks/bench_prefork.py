@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from servicekit import descendants, free_port
+
 CHECKOUT = Path(__file__).resolve().parent.parent
+
 SERVERS = 2  # server processes in every setup
 CPUS = len(os.sched_getaffinity(0))
 SIZE = max(1, CPUS // SERVERS)  # the README's advice: size = cpus // server processes
@@ -161,33 +165,6 @@ class Setup:
     needs: str  # the module the server is
     env: dict[str, str]
     body: bytes | None = None  # POST body, if any
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children of any of its threads, recursively)."""
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as listing:
-                    kids = [int(kid) for kid in listing.read().split()]
-            except FileNotFoundError:
-                continue
-            found += kids
-            pending += kids
-    return found
 
 
 def measure(root: int) -> Tree:

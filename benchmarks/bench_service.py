@@ -58,6 +58,7 @@ from servicekit import (
     GITHUB_CLAIMS,
     GITHUB_EXPECT,
     LoadResult,
+    descendants,
     free_port,
     run_load,
     running_service,
@@ -131,27 +132,6 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 def _latency_ms(output: str, percent: str) -> float:
     match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
     return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (the kernel's children lists, thread by thread)."""
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as children:
-                    kids = [int(kid) for kid in children.read().split()]
-            except OSError:
-                continue
-            found += kids
-            pending += kids
-    return found
 
 
 def _cpu_seconds(pids: list[int]) -> dict[int, float]:

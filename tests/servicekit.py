@@ -137,6 +137,28 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (the kernel's children lists, thread by thread:
+    a process's children are listed under the thread that started them)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:  # gone meanwhile
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as listing:
+                    kids = [int(kid) for kid in listing.read().split()]
+            except OSError:
+                continue
+            found += kids
+            pending += kids
+    return found
+
+
 # -- the load -----------------------------------------------------------------------------
 
 GITHUB_CLAIMS = {"sub": "1", "email": "dev@example.com", "email_verified": True, "raw_claims": {}}

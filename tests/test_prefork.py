@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from forking_parent import alive, children
+from servicekit import descendants
 
 TESTS = Path(__file__).parent
 REQUESTS = 300
@@ -46,27 +47,6 @@ def get(url: str) -> dict[str, object]:
     with urllib.request.urlopen(url, timeout=30) as answer:
         body: dict[str, object] = json.loads(answer.read())
         return body
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` now (children of any of its threads, recursively)."""
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as listing:
-                    kids = {int(kid) for kid in listing.read().split()}
-            except FileNotFoundError:
-                continue
-            pending += sorted(kids - found)
-            found |= kids
-    return found
 
 
 def test_gunicorn_preload_with_three_workers(tmp_path: Path) -> None:
@@ -86,7 +66,7 @@ def test_gunicorn_preload_with_three_workers(tmp_path: Path) -> None:
         },
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    below: set[int] = set()
+    below: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while True:
