@@ -14,7 +14,7 @@ from pathlib import Path
 import _gojsonnet
 import pytest
 
-from jsonnet_worker import FormatStyle, InvalidType, WorkerPool
+from jsonnet_worker import FormatStyle, InvalidArgument, InvalidType, WorkerPool
 
 SOURCE = (
     'local b = import "b.libsonnet";\nlocal a = import "a.libsonnet";\n\n\n\n'
@@ -112,10 +112,10 @@ def test_the_cli_flags_are_jsonnetfmts(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_refused(tmp_path: Path, pool: WorkerPool) -> None:
-    with pytest.raises(ValueError, match="string_style"):
-        FormatStyle(string_style="x")
-    with pytest.raises(ValueError, match="indent"):
-        FormatStyle(indent=-1)
+    with pytest.raises(InvalidArgument, match="string_style"):
+        pool.format(SOURCE, style=FormatStyle(string_style="x"))
+    with pytest.raises(InvalidArgument, match="indent"):
+        pool.format(SOURCE, style=FormatStyle(indent=-1))
     with pytest.raises(InvalidType):
         pool.format(SOURCE, style={"indent": 4})  # type: ignore[arg-type]
     path = tmp_path / "f.jsonnet"

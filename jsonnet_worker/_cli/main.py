@@ -613,10 +613,10 @@ def format_style(args: argparse.Namespace) -> FormatStyle:
     from .._wire.messages import FormatStyle
 
     options = {field.name: getattr(args, field.name) for field in dataclasses.fields(FormatStyle)}
-    try:
-        return FormatStyle(**options)
-    except ValueError as exc:
-        raise Failed(f"ERROR: {exc}") from None
+    style = FormatStyle(**options)
+    if problem := style.problem():
+        raise Failed(f"ERROR: {problem}")
+    return style
 
 
 def run_fmt(args: argparse.Namespace) -> int:

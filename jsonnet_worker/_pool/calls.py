@@ -155,8 +155,11 @@ def prepare(
         raise InvalidType(f"snippet must be str, not {type(snippet).__name__}")
     if not isinstance(filename, str):
         raise InvalidType(f"filename must be str, not {type(filename).__name__}")
-    if style is not None and not isinstance(style, FormatStyle):
-        raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
+    if style is not None:
+        if not isinstance(style, FormatStyle):
+            raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
+        if problem := style.problem():
+            raise InvalidArgument(f"style: {problem}")
     domain = _domain(tenant)
     ext_strings, ext_code = split_variables("ext", variables.ext_vars, variables.ext_codes)
     tla_strings, tla_code = split_variables("tla", variables.tla_vars, variables.tla_codes)

@@ -43,7 +43,7 @@ import enum
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeGuard, TypeVar
 
 import msgpack
@@ -217,7 +217,9 @@ class FormatStyle:
     """go-jsonnet's formatter options, as ``jsonnetfmt``'s flags name them, with its defaults:
     ``indent`` (``-n``), ``max_blank_lines``, ``string_style`` (``d`` double quotes, ``s``
     single, ``l`` leave), ``comment_style`` (``h`` hash, ``s`` slash, ``l`` leave),
-    ``pad_arrays``, ``pad_objects``, ``pretty_field_names``, ``sort_imports``."""
+    ``pad_arrays``, ``pad_objects``, ``pretty_field_names``, ``sort_imports``. A value out of
+    range is refused where the style enters (``problem``), not when it is made: this module
+    knows nothing of the library's errors."""
 
     indent: int = 2
     max_blank_lines: int = 2
@@ -232,20 +234,22 @@ class FormatStyle:
     COMMENT_STYLES: ClassVar[str] = "hsl"
     MAX_INDENT: ClassVar[int] = 100  # jsonnetfmt takes any; a bound keeps output sizes sane
 
-    def __post_init__(self) -> None:
-        """Raises ValueError naming the option that is wrong (the pool turns it into
-        InvalidArgument; the worker into a protocol violation)."""
+    def problem(self) -> str:
+        """What is wrong with these options, naming the first one ("" when nothing is):
+        checked where a style enters, by the pool (``InvalidArgument``), the command line
+        and the worker (a protocol violation)."""
         for name in ("indent", "max_blank_lines"):
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value <= self.MAX_INDENT:
-                raise ValueError(f"{name} must be an integer in 0-{self.MAX_INDENT}, not {value!r}")
+                return f"{name} must be an integer in 0-{self.MAX_INDENT}, not {value!r}"
         if not isinstance(self.string_style, str) or self.string_style not in self.STRING_STYLES:
-            raise ValueError(f"string_style must be one of d, s, l, not {self.string_style!r}")
+            return f"string_style must be one of d, s, l, not {self.string_style!r}"
         if not isinstance(self.comment_style, str) or self.comment_style not in self.COMMENT_STYLES:
-            raise ValueError(f"comment_style must be one of h, s, l, not {self.comment_style!r}")
+            return f"comment_style must be one of h, s, l, not {self.comment_style!r}"
         for name in ("pad_arrays", "pad_objects", "pretty_field_names", "sort_imports"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, not {getattr(self, name)!r}")
+                return f"{name} must be a bool, not {getattr(self, name)!r}"
+        return ""
 
     def to_message(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _STYLE_FIELDS}
@@ -256,22 +260,13 @@ class FormatStyle:
             raise ProtocolViolation(
                 f"field 'style' must map exactly {', '.join(_STYLE_FIELDS)}", request_id
             )
-        try:
-            return cls(**value)
-        except ValueError as exc:
-            raise ProtocolViolation(f"field 'style': {exc}", request_id) from None
+        style = cls(**value)
+        if problem := style.problem():
+            raise ProtocolViolation(f"field 'style': {problem}", request_id)
+        return style
 
 
-_STYLE_FIELDS = (
-    "indent",
-    "max_blank_lines",
-    "string_style",
-    "comment_style",
-    "pad_arrays",
-    "pad_objects",
-    "pretty_field_names",
-    "sort_imports",
-)
+_STYLE_FIELDS = tuple(option.name for option in fields(FormatStyle))
 
 
 @dataclass(frozen=True)
