@@ -249,7 +249,12 @@ def unsafe_app(log_dir: Path, threadpool: bool) -> Iterator[Server]:
 def check_answers(servers: list[Server]) -> None:
     """Every target gives the mapper's right answer before it is measured."""
     for server in servers:
-        answer = httpx.post(f"{server.base_url}{MAPPER_PATH}", content=WRK_BODY, timeout=10)
+        answer = httpx.post(
+            f"{server.base_url}{MAPPER_PATH}",
+            content=WRK_BODY,
+            headers={"Content-Type": "application/json"},  # as wrk's script sends it
+            timeout=10,
+        )
         if answer.status_code != 200 or answer.json() != GITHUB_EXPECT:
             raise RuntimeError(
                 f"{server.name}: wrong answer {answer.status_code} {answer.text[:200]}"
