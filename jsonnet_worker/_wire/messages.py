@@ -20,7 +20,11 @@ Plan: a message is a msgpack map whose ``t`` names its type.
     ``eval``            EvalRequest: id, action (the ``Operation``: ``eval`` manifests JSON,
                         ``check`` only parses and checks, its result ``null``, ``fmt`` formats,
                         its result the source as a JSON string), snippet, filename, ext_vars,
-                        ext_codes, tla_vars, tla_codes, max_stack, max_trace, max_output
+                        ext_codes, tla_vars, tla_codes, max_stack, max_trace, max_output,
+                        library (the digest of the set its imports are served from; "": none)
+    ``library``         LibrarySet: digest, search, boundaries, files (name -> bytes), replace
+                        (drop the sets held before). No answer: it comes before the first
+                        request that names it, and a worker keeps it for later requests.
   fork server <-> pool, one control datagram each (``control``):
     ``template_hello``  ForkServerHello: as a worker's hello, without engine_version and
                         engine_api, with fork_flags
@@ -72,6 +76,7 @@ MAX_NOTE_CHARS = 64
 HELLO = "hello"
 STARTUP_FAILED = "startup_failed"
 EVAL = "eval"
+LIBRARY = "library"
 RESULT = "result"
 ERROR = "error"
 FORK_SERVER_HELLO = "template_hello"
@@ -287,6 +292,7 @@ class EvalRequest:
     max_trace: int = 20
     operation: Operation = Operation.EVAL
     style: FormatStyle | None = None  # ``fmt`` only: the formatter's options (None: defaults)
+    library: str = ""  # the digest of the LibrarySet its imports are served from ("": none)
 
     def to_message(self) -> dict[str, Any]:
         message = {
@@ -305,6 +311,8 @@ class EvalRequest:
         }
         if self.style is not None:
             message["style"] = self.style.to_message()
+        if self.library:
+            message["library"] = self.library
         return message
 
     def encode(self) -> bytes:
@@ -343,6 +351,9 @@ class EvalRequest:
             raise ProtocolViolation("field 'max_trace' must be a non-negative integer", request_id)
         raw_style = payload.get("style")
         style = None if raw_style is None else FormatStyle.from_message(raw_style, request_id)
+        library = payload.get("library", "")
+        if not isinstance(library, str):
+            raise ProtocolViolation("field 'library' must be a string", request_id)
         return cls(
             id=request_id,
             snippet=snippet,
@@ -356,10 +367,64 @@ class EvalRequest:
             max_trace=max_trace,
             operation=operation,
             style=style,
+            library=library,
         )
 
 
 _packers = threading.local()
+
+
+def _paths(payload: dict[str, Any], key: str) -> tuple[str, ...]:
+    """A list of paths as the pool wrote them (not escaped: they are names to match)."""
+    value = payload.get(key)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProtocolViolation(f"library: field {key!r} must be a list of strings")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class LibrarySet:
+    """pool -> worker: a set of library files, kept by the worker under its ``digest`` for
+    the requests that name it (``_library.Library`` builds it; ``_wire.imports`` resolves
+    within it). ``replace``: drop every set held before this one."""
+
+    TYPE: ClassVar[str] = LIBRARY
+
+    digest: str
+    search: tuple[str, ...]
+    boundaries: tuple[str, ...]
+    files: dict[str, bytes]
+    replace: bool = False
+
+    @property
+    def size(self) -> int:
+        return sum(len(name) + len(data) for name, data in self.files.items())
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "t": LIBRARY,
+            "digest": self.digest,
+            "search": list(self.search),
+            "boundaries": list(self.boundaries),
+            "files": self.files,
+            "replace": self.replace,
+        }
+
+    @classmethod
+    def from_message(cls, payload: dict[str, Any]) -> LibrarySet:
+        _type_of(payload, LIBRARY)
+        where = "library"
+        digest = _text(payload, "digest", where)
+        search, boundaries = _paths(payload, "search"), _paths(payload, "boundaries")
+        files = payload.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(name, str) and isinstance(data, bytes) for name, data in files.items()
+        ):
+            raise ProtocolViolation("library: field 'files' must map strings to bytes")
+        replace = payload.get("replace", False)
+        if not isinstance(replace, bool):
+            raise ProtocolViolation("library: field 'replace' must be a boolean")
+        return cls(digest, search, boundaries, files, replace)
 
 
 def _string_map(payload: dict[str, Any], key: str, request_id: int) -> dict[str, str]:
