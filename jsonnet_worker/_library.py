@@ -78,7 +78,7 @@ class Library:
         for name, content in self.files.items():
             _check_name(name, self.boundaries)
             if isinstance(content, str):
-                data = content.encode("utf-8", "surrogateescape")
+                data = _encoded(content)
             elif isinstance(content, bytes | bytearray | memoryview):
                 data = bytes(content)
             else:
@@ -104,8 +104,15 @@ class Library:
         max_files: int = MAX_LIBRARY_FILES,
         max_bytes: int = MAX_LIBRARY_BYTES,
     ) -> Library:
-        """A library of ``files`` (name -> source), names relative to its top."""
-        return cls(dict(files), search, ("",), max_files, max_bytes)
+        """A library of ``files`` (name -> source; ``str`` is stored UTF-8 encoded), names
+        relative to its top."""
+        if not isinstance(files, Mapping):
+            raise InvalidType(f"files must be a mapping, not {type(files).__name__}")
+        encoded = {
+            name: _encoded(content) if isinstance(content, str) else content
+            for name, content in files.items()
+        }
+        return cls(encoded, search, ("",), max_files, max_bytes)
 
     @classmethod
     def from_directory(
@@ -165,6 +172,10 @@ class Library:
 
     def __repr__(self) -> str:
         return f"<Library {len(self.files)} files, {self.size} bytes, {self.digest[:12]}>"
+
+
+def _encoded(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _raise(error: OSError) -> None:
