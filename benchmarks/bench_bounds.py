@@ -121,7 +121,7 @@ def measure(count: int) -> tuple[list[list[str]], str, float]:
     the CPU seconds a pool call costs the machine (caller and worker)."""
     light = workloads.light()
     claims = light.ext_codes
-    engine = capi.CapiEngine(capi.bind(_gojsonnet.__file__), "import not available")
+    engine = capi.CapiEngine(capi.bind(_gojsonnet.__file__))
 
     one = p50(lambda: _gojsonnet.evaluate_snippet("one.jsonnet", "1"), count)
     one_claims = p50(

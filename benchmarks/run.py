@@ -281,7 +281,7 @@ def engine_path(report: Report, quick: bool) -> None:
     builds a VM and parses the snippet on every call, against the C API path the workers
     use (``_worker.capi``: a VM per cached snippet, parsed once), with a fresh ``claims`` text each
     call so no value can be reused."""
-    engine = capi.CapiEngine(capi.bind(_gojsonnet.__file__), "import not available")
+    engine = capi.CapiEngine(capi.bind(_gojsonnet.__file__))
     rows = []
     for workload in (workloads.light(), workloads.courier(), workloads.heavy()):
         count = 100 if quick else 600

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # what the names below are; imported when first used (``__get
     )
     from ._host import HostSandbox, restrict_host
     from ._kratos import kratos_allow_list
+    from ._library import Library
     from ._options import PoolOptions
     from ._pool.facade import WorkerPool
     from ._pool.tracing import last_call
@@ -82,6 +83,7 @@ _LAZY = {
     "HostSandbox": "._host",
     "restrict_host": "._host",
     "kratos_allow_list": "._kratos",
+    "Library": "._library",
     "PoolOptions": "._options",
     "WorkerPool": "._pool.facade",
     "last_call": "._pool.tracing",
@@ -116,6 +118,7 @@ __all__ = [
     "FormatStyle",
     "InvalidArgument",
     "InvalidType",
+    "Library",
     "PoolConfig",
     "PoolOptions",
     "UnsupportedPlatform",

@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Unpack
 
+from ._library import Library
 from ._pool.facade import EvaluateKeywords, WorkerPool
 
 logger = logging.getLogger("jsonnet_worker")
@@ -139,6 +140,7 @@ def evaluate(
     on_trace: Callable[[str], None] | None = None,
     max_stack: int | None = None,
     max_output: int | None = None,
+    library: Library | None = None,
 ) -> Any:
     """``WorkerPool.evaluate`` on the default pool."""
     return get_default_pool().evaluate(
@@ -153,6 +155,7 @@ def evaluate(
         on_trace=on_trace,
         max_stack=max_stack,
         max_output=max_output,
+        library=library,
     )
 
 
@@ -169,6 +172,7 @@ async def aevaluate(
     on_trace: Callable[[str], None] | None = None,
     max_stack: int | None = None,
     max_output: int | None = None,
+    library: Library | None = None,
 ) -> Any:
     """``WorkerPool.aevaluate`` on the default pool."""
     return await get_default_pool().aevaluate(
@@ -183,6 +187,7 @@ async def aevaluate(
         on_trace=on_trace,
         max_stack=max_stack,
         max_output=max_output,
+        library=library,
     )
 
 

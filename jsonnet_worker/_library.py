@@ -32,6 +32,7 @@ from functools import cached_property
 import msgpack
 
 from ._errors import InputTooLarge, InvalidArgument, InvalidType
+from ._wire.framing import encode
 from ._wire.imports import go_clean, within
 from ._wire.messages import LibrarySet
 
@@ -160,9 +161,16 @@ class Library:
             hasher.update(msgpack.packb([name, self.files[name]], use_bin_type=True))
         return hasher.hexdigest()
 
-    @cached_property
-    def message(self) -> LibrarySet:
-        return LibrarySet(self.digest, self.search, self.boundaries, dict(self.files))
+    def frame(self, replace: bool = False) -> bytes:
+        """The set's wire frame (``replace``: the worker drops the sets it held), encoded
+        once and kept: a set is sent to each worker that serves it."""
+        frames: dict[bool, bytes] = self.__dict__.setdefault("_frames", {})
+        if replace not in frames:
+            message = LibrarySet(
+                self.digest, self.search, self.boundaries, dict(self.files), replace
+            )
+            frames[replace] = encode(message.to_message())
+        return frames[replace]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Library) and other.digest == self.digest

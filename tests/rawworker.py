@@ -17,6 +17,7 @@ import select
 import time
 from typing import Any
 
+from jsonnet_worker._library import Library
 from jsonnet_worker._pool.connection import NEED_DATA, Answer, Failure, WorkerConnection
 from jsonnet_worker._pool.launch import await_hello
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
@@ -99,12 +100,16 @@ class RawWorker:
     def request(self, snippet: str, **fields: Any) -> dict[str, Any]:
         """Evaluate through the pool's conversation; the answer, once the pool has validated
         it, as the worker's message (``t`` result with ``json``, or ``t`` error with ``kind``
-        and ``message``), for tests that compare answers whole."""
+        and ``message``), for tests that compare answers whole. ``library``: a ``Library``
+        whose set is sent first unless this worker holds it (as the pool sends it)."""
         fields.setdefault("filename", "test.jsonnet")
         fields.setdefault("max_output", MAX_OUTPUT)
+        library: Library | None = fields.pop("library", None)
+        if library is not None:
+            fields["library"] = library.digest
         request = EvalRequest(self.next_id, snippet, **fields)
         self.next_id += 1
-        self.send_bytes(self.connection.send_request(request))
+        self.send_bytes(self.connection.send_request(request, library=library))
         deadline = time.monotonic() + 20.0
         while (event := self.connection.next_event()) is NEED_DATA:
             self.connection.receive_data(self._read(deadline - time.monotonic()))

@@ -78,9 +78,8 @@ class OneShot:
         if traces is not None:  # keep the call's stderr head: its std.trace lines
             self.process.stderr.mark(traces.max_bytes)
         deadline = time.monotonic() + call.time_left()
-        pending = calls.write_rest(
-            worker, memoryview(call.frame)[worker.send_request(call.request, call.frame) :]
-        )
+        sent = worker.send_request(call.request, call.frame, call.library)
+        pending = calls.write_rest(worker, memoryview(worker.outgoing)[sent:])
         if pending is not None:
             self.process.poller.register(self.process.stdin, select.POLLOUT)
         outcome = None

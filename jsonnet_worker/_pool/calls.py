@@ -51,6 +51,7 @@ from .._errors import (
     PoolClosed,
     ProtocolError,
 )
+from .._library import Library
 from .._wire.messages import (
     RETIRE_AT_MEMORY_SHARE,
     ErrorKind,
@@ -76,6 +77,9 @@ from .traces import TraceReceiver, TraceRequest, deliver, lines_of
 from .variables import split_variables
 
 Perform = Callable[[Iterable[Effect]], None]
+# Room in a library set's frame beyond its names and contents: the map, its keys, the digest,
+# and a header of a few bytes per name and content (4,096 files at most).
+LIBRARY_FRAME_MARGIN = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,7 @@ class Call:
     domain: Domain
     ready_at: float
     traces: TraceRequest | None = None
+    library: Library | None = None
 
     def time_left(self) -> float:
         return self.timeout - self.spent
@@ -128,12 +133,14 @@ def prepare(
     max_stack: int | None = None,
     max_output: int | None = None,
     style: FormatStyle | None = None,
+    library: Library | None = None,
 ) -> Call:
     """Check and encode a call before any worker is involved; the time encoding takes
     (tens of milliseconds for a 10 MB snippet) counts against its timeout. ``on_trace``:
     the caller's receiver of the call's ``std.trace`` lines (``traces``); ``max_stack``,
     ``max_output``: the call's own (None: the pool's), checked as the pool's are;
-    ``style``: a ``fmt`` call's formatter options (None: jsonnetfmt's defaults)."""
+    ``style``: a ``fmt`` call's formatter options (None: jsonnetfmt's defaults);
+    ``library``: the set its imports are served from (None: every import is refused)."""
     seconds = _timeout(config, timeout)
     if max_stack is not None or max_output is not None:
         config = _with_limits(config, max_stack, max_output)
@@ -160,6 +167,7 @@ def prepare(
             raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
         if problem := style.problem():
             raise InvalidArgument(f"style: {problem}")
+    digest = _library_digest(config, library)
     domain = _domain(tenant)
     ext_strings, ext_code = split_variables("ext", variables.ext_vars, variables.ext_codes)
     tla_strings, tla_code = split_variables("tla", variables.tla_vars, variables.tla_codes)
@@ -176,6 +184,7 @@ def prepare(
         max_trace=config.max_trace,
         operation=operation,
         style=style,
+        library=digest,
     )
     try:
         frame = request.encode()
@@ -189,7 +198,7 @@ def prepare(
             f"the request is {len(frame)} bytes, over max_request={config.max_request}"
         )
     ready_at = time.monotonic()
-    return Call(request, frame, seconds, ready_at - started, domain, ready_at, traces)
+    return Call(request, frame, seconds, ready_at - started, domain, ready_at, traces, library)
 
 
 def _with_limits(config: PoolConfig, max_stack: int | None, max_output: int | None) -> PoolConfig:
@@ -214,6 +223,20 @@ def _with_limits(config: PoolConfig, max_stack: int | None, max_output: int | No
             f"max_output={config.max_output} is the other ceiling)"
         )
     return limited
+
+
+def _library_digest(config: PoolConfig, library: Library | None) -> str:
+    """The digest a request names its library set by ("": none), once the set is checked
+    to be a ``Library`` whose frame a worker will read (``max_request``)."""
+    if library is None:
+        return ""
+    if not isinstance(library, Library):
+        raise InvalidType(f"library must be a Library, not {type(library).__name__}")
+    if library.size + LIBRARY_FRAME_MARGIN > config.max_request:
+        raise InputTooLarge(
+            f"the library set is {library.size} bytes, over max_request={config.max_request}"
+        )
+    return library.digest
 
 
 def _timeout(config: PoolConfig, timeout: float | None) -> float:
@@ -277,13 +300,17 @@ def start(ticket: Ticket) -> memoryview | None:
     from now on is this call's (stderr was drained before it came to us), its head kept up
     to the bytes of trace its caller may get."""
     worker, call = ticket.worker, ticket.call
-    sent = ticket.written if ticket.handed else worker.send_request(call.request, call.frame)
+    sent = (
+        ticket.written
+        if ticket.handed
+        else worker.send_request(call.request, call.frame, call.library)
+    )
     traces = call.traces
     if traces is None:
         worker.process.stderr.mark()
     else:
         worker.process.stderr.mark(traces.max_bytes)
-    return write_rest(worker, memoryview(call.frame)[sent:])
+    return write_rest(worker, memoryview(worker.outgoing)[sent:])
 
 
 def write_rest(worker: Worker, data: memoryview) -> memoryview | None:

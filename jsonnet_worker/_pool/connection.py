@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .._errors import Error
+from .._library import MAX_LIBRARY_BYTES, Library
 from .._report import SandboxStatus
 from .._wire.framing import (
     DEFAULT_MAX_FRAME,
@@ -77,6 +78,9 @@ from .._wire.messages import (
 from .._wire.messages import Failure as Failure
 
 HELLO_MAX_FRAME = 64 * 1024
+# The library bytes one worker holds at most: a set that would go over replaces the others
+# (its frame says so), so a tenant that rotates sets costs a resend, never unbounded memory.
+MAX_HELD_LIBRARY_BYTES = 2 * MAX_LIBRARY_BYTES
 # Room in an answer frame beyond its one long string: the map, its keys, the id, the kind.
 FRAME_MARGIN = 4096
 # The longest message a worker may send, in UTF-8 bytes (a character takes at most 4).
@@ -189,6 +193,10 @@ class WorkerConnection:
         self._expected: EvalRequest | None = None
         self._final: ConnectionClosed | ConnectionBroken | None = None
         self.hello: WorkerHello | None = None
+        # The digests of the library sets the worker was sent (it keeps them all, until a
+        # set comes with ``replace``), and their bytes.
+        self.held: set[str] = set()
+        self._held_bytes = 0
 
     def __repr__(self) -> str:
         return f"<WorkerConnection {self._state.value}>"
@@ -214,13 +222,21 @@ class WorkerConnection:
 
     # -- the caller's side -----------------------------------------------------------------
 
-    def send_request(self, request: EvalRequest, *, encoded: bytes | None = None) -> bytes:
-        """The frame to write for ``request``; from now on only its answer is accepted.
+    def send_request(
+        self,
+        request: EvalRequest,
+        *,
+        encoded: bytes | None = None,
+        library: Library | None = None,
+    ) -> bytes:
+        """The bytes to write for ``request``; from now on only its answer is accepted.
         ``encoded`` is the request already encoded (``request.encode()``), for a
-        caller that encoded it before it had a worker: it is returned as it is. Raises
+        caller that encoded it before it had a worker: it is returned as it is, after the
+        ``library`` set's frame if this worker does not hold that set yet (``held``). Raises
         ConnectionMisuse unless IDLE."""
         if self._state is not ConnectionState.IDLE:
             raise ConnectionMisuse(f"cannot send a request while {self._state.value}")
+        prefix = b"" if library is None else self._library_frame(library)
         self._expected = request
         self._state = ConnectionState.AWAITING_ANSWER
         if request.max_output == self.max_output:
@@ -228,7 +244,21 @@ class WorkerConnection:
             self._reader.limits = self._answer_limits
         else:  # a call's own max_output: its answer's cap is its own
             self._reader.max_frame, self._reader.limits = _answer_cap(request.max_output)
-        return encoded if encoded is not None else request.encode()
+        frame = encoded if encoded is not None else request.encode()
+        return prefix + frame if prefix else frame
+
+    def _library_frame(self, library: Library) -> bytes:
+        """The set's frame if the worker does not hold it yet, else b"". A worker keeps what
+        it is sent; past ``MAX_HELD_LIBRARY_BYTES`` the new set replaces all it held."""
+        if library.digest in self.held:
+            return b""
+        replace = self._held_bytes + library.size > MAX_HELD_LIBRARY_BYTES
+        if replace:
+            self.held.clear()
+            self._held_bytes = 0
+        self.held.add(library.digest)
+        self._held_bytes += library.size
+        return library.frame(replace)
 
     def receive_data(self, data: bytes) -> None:
         """Bytes the worker's response channel gave; ``b""`` when it reached end of file."""

@@ -59,6 +59,7 @@ from .._errors import (
     UnsupportedPlatform,
     WorkerStartError,
 )
+from .._library import Library
 from .._options import PoolOptions
 from .._report import PoolStats, SandboxStatus
 from .._wire.messages import FormatStyle, Operation
@@ -170,6 +171,7 @@ class EvaluateKeywords(TypedDict, total=False):
     on_trace: Callable[[str], None] | None
     max_stack: int | None
     max_output: int | None
+    library: Library | None
 
 
 class WorkerPool:
@@ -331,6 +333,7 @@ class WorkerPool:
         on_trace: Callable[[str], None] | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        library: Library | None = None,
     ) -> Any:
         """Evaluate ``snippet`` in a worker and return the decoded JSON value. A worker that
         served one ``tenant`` never serves another (None: the calls without a tenant).
@@ -357,6 +360,7 @@ class WorkerPool:
             on_trace,
             max_stack,
             max_output,
+            library,
         )
         return self._call(call).value
 
@@ -374,6 +378,7 @@ class WorkerPool:
         on_trace: Callable[[str], None] | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        library: Library | None = None,
     ) -> str:
         """Like ``evaluate``, but return the manifested JSON text."""
         call = self._prepare_eval(
@@ -385,6 +390,7 @@ class WorkerPool:
             on_trace,
             max_stack,
             max_output,
+            library,
         )
         return self._call(call).json_text
 
@@ -467,6 +473,7 @@ class WorkerPool:
         on_trace: Callable[[str], None] | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        library: Library | None = None,
     ) -> Any:
         """``evaluate`` for asyncio: the event loop is never blocked, no thread per call."""
         call = self._prepare_eval(
@@ -478,6 +485,7 @@ class WorkerPool:
             on_trace,
             max_stack,
             max_output,
+            library,
         )
         return (await self._acall(call)).value
 
@@ -495,6 +503,7 @@ class WorkerPool:
         on_trace: Callable[[str], None] | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        library: Library | None = None,
     ) -> str:
         """``evaluate_json`` for asyncio."""
         call = self._prepare_eval(
@@ -506,6 +515,7 @@ class WorkerPool:
             on_trace,
             max_stack,
             max_output,
+            library,
         )
         return (await self._acall(call)).json_text
 
@@ -593,6 +603,7 @@ class WorkerPool:
         tenant: str | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        library: Library | None = None,
         concurrency: int | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
@@ -628,6 +639,7 @@ class WorkerPool:
             tenant=tenant,
             max_stack=max_stack,
             max_output=max_output,
+            library=library,
             concurrency=concurrency,
             return_exceptions=return_exceptions,
         )
@@ -647,6 +659,7 @@ class WorkerPool:
         tenant: str | None = None,
         max_stack: int | None = None,
         max_output: int | None = None,
+        library: Library | None = None,
         concurrency: int | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
@@ -669,7 +682,15 @@ class WorkerPool:
                 variables = Variables(tla_vars=item) if to_tla else Variables(ext_vars=item)
                 try:
                     call = self._prepare_eval(
-                        snippet, variables, filename, timeout, tenant, None, max_stack, max_output
+                        snippet,
+                        variables,
+                        filename,
+                        timeout,
+                        tenant,
+                        None,
+                        max_stack,
+                        max_output,
+                        library,
                     )
                     results[index] = (await self._acall(call)).value
                 except Exception as exc:  # as asyncio.gather: any error, in place or raised
@@ -980,6 +1001,7 @@ class WorkerPool:
         max_stack: int | None = None,
         max_output: int | None = None,
         style: FormatStyle | None = None,
+        library: Library | None = None,
     ) -> Call:
         return calls.prepare(
             self.config,
@@ -994,6 +1016,7 @@ class WorkerPool:
             max_stack=max_stack,
             max_output=max_output,
             style=style,
+            library=library,
         )
 
     def _prepare_eval(
@@ -1006,6 +1029,7 @@ class WorkerPool:
         on_trace: Callable[[str], None] | None,
         max_stack: int | None,
         max_output: int | None,
+        library: Library | None,
     ) -> Call:
         """``_prepare`` for an evaluation (every output mode, ``map``'s items)."""
         return self._prepare(
@@ -1018,6 +1042,7 @@ class WorkerPool:
             on_trace,
             max_stack,
             max_output,
+            library=library,
         )
 
     # -- fork and shutdown ---------------------------------------------------------------

@@ -38,6 +38,7 @@ from .._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
+from .._library import Library
 from .._report import SandboxStatus, judge_sandbox, log_landlock
 from .._wire.layers import LayerState, LayerStatus
 from .._wire.messages import EvalRequest, StartupFailure, WorkerHello, escape_controls
@@ -76,7 +77,16 @@ class Worker:
     """One worker as the pool uses it: its process (the mechanism), its conversation, and
     the cgroup that bounds its tasks (None where the pool has none: ``tasklimit``)."""
 
-    __slots__ = ("connection", "cpu_mark", "pid", "process", "sent_at", "sent_id", "tasks")
+    __slots__ = (
+        "connection",
+        "cpu_mark",
+        "outgoing",
+        "pid",
+        "process",
+        "sent_at",
+        "sent_id",
+        "tasks",
+    )
 
     def __init__(
         self,
@@ -94,16 +104,20 @@ class Worker:
         self.cpu_mark = 0.0
         self.sent_at = 0.0
         self.sent_id = 0
+        # The bytes of the request being sent: its frame, after a library set's if the
+        # worker did not hold that set (``WorkerConnection.send_request``).
+        self.outgoing = b""
 
     def __repr__(self) -> str:
         return f"<Worker pid={self.pid} {self.connection.state.value}>"
 
-    def send_request(self, request: EvalRequest, frame: bytes) -> int:
+    def send_request(self, request: EvalRequest, frame: bytes, library: Library | None) -> int:
         """Register ``request`` with the conversation and write what the channel takes of
-        ``frame`` now (the rest is the caller's to write); the bytes written."""
-        self.connection.send_request(request, encoded=frame)
+        its bytes (``outgoing``: ``frame``, after ``library``'s if this worker lacks it) now;
+        the bytes written (the rest of ``outgoing`` is the caller's to write)."""
+        self.outgoing = self.connection.send_request(request, encoded=frame, library=library)
         self.sent_at, self.sent_id = time.monotonic(), request.id
-        return self.process.send(frame) or 0
+        return self.process.send(self.outgoing) or 0
 
     def why_it_died(self) -> tuple[MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout, str]:
         """After it has exited (reaped) during a call: the call's error, and the reason the
@@ -219,7 +233,7 @@ class Supervisor:
         at once instead of idling until that caller's thread or task is scheduled."""
         call = ticket.call
         try:
-            written = worker.send_request(call.request, call.frame)
+            written = worker.send_request(call.request, call.frame, call.library)
         except Error as exc:  # a conversation out of turn: our bug, but never a lost caller
             logger.exception("worker %d: hand-over failed", worker.pid)
             error = ProtocolError(f"the worker handed to this call could not take it: {exc}")

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 IMPORT_REFUSED = "import not available"
+NO_MATCH = "no match locally or in the Jsonnet library paths"
 MAX_IMPORT_NAME = 4096  # bytes of one import name; longer ones are refused unread
 
 
@@ -84,9 +85,7 @@ def go_quote(text: str) -> str:
 
 def missing_message(name: str) -> str:
     """go-jsonnet's ``FileImporter`` message for a name found nowhere."""
-    return (
-        f"couldn't open import {go_quote(name)}: no match locally or in the Jsonnet library paths"
-    )
+    return f"couldn't open import {go_quote(name)}: {NO_MATCH}"
 
 
 def refused_message(name: str) -> str:

@@ -58,7 +58,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._wire.messages import FormatStyle
+from .._wire.imports import Found, Missing, refused_message, resolve
+from .._wire.messages import FormatStyle, LibrarySet
 
 # The formatter's option setters (libjsonnet.h: jsonnet_fmt_<option>(vm, int)), in the
 # order ``format_snippet`` sets them.
@@ -97,6 +98,19 @@ STACK_EXCEEDED = "RUNTIME ERROR: max stack frames exceeded."
 CHECK_PASSED = f"{STACK_EXCEEDED}\n\tDuring evaluation of std\t\n"
 CUT_TRACE = "\n\t...\n"
 PROBE_FILENAME = b"check"
+# What go-jsonnet puts before an import callback's error text; its own importer says nothing
+# before a missing file's message, so ``unprefixed`` takes it off the ones we made.
+IMPORTER_PREFIX = "importer error: "
+
+
+def unprefixed(text: str, missing: Iterable[str]) -> str:
+    """``text`` with go-jsonnet's callback prefix removed before each of the ``missing``
+    messages (go-jsonnet's own words for a file found nowhere), so the error reads as its
+    file importer's."""
+    for message in missing:
+        text = text.replace(IMPORTER_PREFIX + message, message)
+    return text
+
 
 _VM = ctypes.c_void_p
 _IMPORT_CALLBACK = ctypes.CFUNCTYPE(
@@ -165,6 +179,7 @@ class _Entry:
     filename: bytes
     snippet: bytes
     size: int
+    library: LibrarySet | None = None  # the set its imports are served from
     proven: bool = False  # evaluated once with success: it parses and is statically valid
 
 
@@ -177,7 +192,7 @@ class CacheStats:
     uncached: int = 0
 
 
-_Key = tuple[str, str, tuple[str, ...], tuple[str, ...]]
+_Key = tuple[str, str, tuple[str, ...], tuple[str, ...], str]
 
 
 class CapiEngine:
@@ -190,12 +205,10 @@ class CapiEngine:
     def __init__(
         self,
         library: ctypes.CDLL,
-        refusal: str,
         max_entries: int = DEFAULT_CACHE_ENTRIES,
         max_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self._lib = library
-        self._refusal = refusal
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stats = CacheStats()
@@ -214,6 +227,10 @@ class CapiEngine:
         self._flush_name = f"flush-{secret}".encode()
         self._no_params = (ctypes.c_char_p * 1)(None)
         self._armed: _Entry | None = None
+        # The library set of the evaluation under way (None: every import is refused), and
+        # the "missing" messages its imports got (``unprefixed``).
+        self._library: LibrarySet | None = None
+        self._missing: list[str] = []
         # Made here, before the seccomp filter: each is a libffi closure (an RWX page).
         self._import_callback = _IMPORT_CALLBACK(self._on_import)
         self._native_callback = _NATIVE_CALLBACK(self._on_native)
@@ -263,8 +280,25 @@ class CapiEngine:
             buf[0] = self._malloc_copy(ctx, entry.snippet)
             buflen[0] = len(entry.snippet)
             return 0
-        name = (rel or b"").decode("utf-8", "replace")
-        buf[0] = self._malloc_copy(ctx, f"{self._refusal} {name}".encode())
+        name = (rel or b"").decode("utf-8", "surrogateescape")
+        library = self._library
+        if library is None:
+            message = refused_message(name)
+        else:
+            directory = (base or b"").decode("utf-8", "surrogateescape")
+            where = resolve(library.files, library.search, library.boundaries, directory, name)
+            if isinstance(where, Found):
+                data = library.files[where.path]
+                found_here[0] = self._malloc_copy(
+                    ctx, where.path.encode("utf-8", "surrogateescape")
+                )
+                buf[0] = self._malloc_copy(ctx, data)
+                buflen[0] = len(data)
+                return 0
+            message = where.message
+            if isinstance(where, Missing):
+                self._missing.append(message)
+        buf[0] = self._malloc_copy(ctx, message.encode("utf-8", "replace"))
         buflen[0] = 0
         return 1
 
@@ -327,6 +361,14 @@ class CapiEngine:
                 vm, self._flush_name, self._native_callback, vm, self._no_params
             )
 
+    def forget_libraries(self) -> None:
+        """Destroy the VMs that parsed files of a library set (the worker dropped its sets)."""
+        for key in [key for key, entry in self._entries.items() if entry.library is not None]:
+            entry = self._entries.pop(key)
+            self._bytes -= entry.size
+            self._lib.jsonnet_destroy(entry.vm)
+            self.stats.evictions += 1
+
     def _evict_for(self, size: int) -> None:
         entries = self._entries
         while entries and (len(entries) >= self.max_entries or self._bytes + size > self.max_bytes):
@@ -335,22 +377,23 @@ class CapiEngine:
             self._lib.jsonnet_destroy(old.vm)
             self.stats.evictions += 1
 
-    def _entry(self, key: _Key) -> _Entry | None:
-        """The cached entry of ``key`` (made on a miss), or None for a snippet over the
-        bounds. Encoded only on a miss: a hit costs a hash of the snippet's text."""
+    def _entry(self, key: _Key, library: LibrarySet | None) -> _Entry | None:
+        """The cached entry of ``key`` (made on a miss), or None for a snippet (and library
+        set: its parsed files stay in the VM) over the bounds. Encoded only on a miss: a hit
+        costs a hash of the snippet's text."""
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
             self.stats.hits += 1
             return entry
         filename, snippet = key[0].encode(), key[1].encode()
-        size = len(snippet) + len(filename)
+        size = len(snippet) + len(filename) + (0 if library is None else library.size)
         if size > self.max_bytes or self.max_entries <= 0:
             self.stats.uncached += 1
             return None
         self.stats.misses += 1
         self._evict_for(size)
-        entry = _Entry(self._new_vm(), filename, snippet, size)
+        entry = _Entry(self._new_vm(), filename, snippet, size, library)
         self._entries[key] = entry
         self._bytes += size
         return entry
@@ -368,6 +411,7 @@ class CapiEngine:
         tla_codes: Mapping[str, str],
         max_stack: int,
         max_trace: int,
+        library: LibrarySet | None = None,
     ) -> str:
         lib = self._lib
         key = (
@@ -375,12 +419,14 @@ class CapiEngine:
             snippet,
             (*sorted(ext_vars), "", *sorted(ext_codes)),
             (*sorted(tla_vars), "", *sorted(tla_codes)),
+            "" if library is None else library.digest,
         )
-        entry = self._entry(key)
+        entry = self._entry(key, library)
         cached = entry is not None
         if entry is None:  # too big to keep: a VM for this call only, as the binding does
-            entry = _Entry(self._new_vm(), filename.encode(), snippet.encode(), 0)
+            entry = _Entry(self._new_vm(), filename.encode(), snippet.encode(), 0, library)
         vm = entry.vm
+        self._library, self._missing = library, []
         try:
             lib.jsonnet_max_stack(vm, max_stack)
             lib.jsonnet_max_trace(vm, max_trace)
@@ -393,12 +439,13 @@ class CapiEngine:
                 )
                 entry.proven = cached and not failed
         finally:
+            self._library = None
             if cached:
                 self._release(vm, (*ext_vars, *ext_codes), (*tla_vars, *tla_codes))
             else:
                 lib.jsonnet_destroy(vm)
         if failed:
-            raise RuntimeError(text)
+            raise RuntimeError(unprefixed(text, self._missing))
         return text
 
     def _through_import(self, entry: _Entry, max_trace: int) -> tuple[bool, str]:

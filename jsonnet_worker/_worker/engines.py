@@ -30,20 +30,25 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._sandbox.elf import elf_needed
+from .._wire.imports import NO_MATCH, Found, Missing, refused_message, resolve
 from .._wire.messages import (
     EngineKind,
     ErrorKind,
     EvalRequest,
     FormatStyle,
+    LibrarySet,
     Operation,
     bound_text,
 )
 from . import capi
+from .capi import IMPORTER_PREFIX, unprefixed
 
 _T = TypeVar("_T")
 
 MFD_EXEC = 0x10  # Linux 6.3+: ask for an executable memfd whatever vm.memfd_noexec says
-IMPORT_REFUSED = "import not available"
+# The library sets a worker keeps: the pool sends each at most once and says when to drop
+# the older ones (``LibrarySet.replace``), so this bound is a backstop against a pool bug.
+MAX_HELD_LIBRARIES = 64
 
 # What the Python bindings of jsonnet 0.22 link against, used if the ELF cannot be read.
 _FALLBACK_NEEDED = ("libstdc++.so.6", "libgcc_s.so.1", "libpthread.so.0", "libm.so.6")
@@ -131,17 +136,36 @@ def load(prepared: PreparedEngine) -> types.ModuleType:
 
 
 class _ImportBarrier:
-    """The import callback: refuses every import, importstr and importbin.
+    """The binding's import callback: serves the call's library set from memory (``_wire.
+    imports``: go-jsonnet's rule) and refuses everything else, ``import``, ``importstr`` and
+    ``importbin`` alike. Nothing here ever opens a file.
 
     go-jsonnet's binding copies the callback's error text without a NUL terminator, so
-    garbage bytes can follow it; the barrier remembers what it raised so ``clean`` can cut them.
-    """
+    garbage bytes can follow it; the barrier remembers what it raised so ``clean`` can cut
+    them. go-jsonnet's binding also prefixes it with "importer error: ", which its own
+    importer does not say of a missing file: ``message`` removes it from those. The C++
+    binding puts "couldn't open import <name>: " before it: a missing file then says only
+    the rest of go-jsonnet's words (``NO_MATCH``), as the C++ file importer does."""
 
-    def __init__(self) -> None:
+    def __init__(self, library: LibrarySet | None = None, kind: EngineKind = EngineKind.GO) -> None:
+        self.library = library
+        self.kind = kind
         self.refused: list[str] = []
+        self.missing: list[str] = []
 
     def __call__(self, base: str, rel: str) -> tuple[str, bytes]:
-        message = f"{IMPORT_REFUSED} {rel}"
+        library = self.library
+        if library is None:
+            message = refused_message(rel)
+        else:
+            where = resolve(library.files, library.search, library.boundaries, base, rel)
+            if isinstance(where, Found):
+                return where.path, library.files[where.path]
+            message = where.message
+            if isinstance(where, Missing):
+                if self.kind is EngineKind.CPP:
+                    message = NO_MATCH
+                self.missing.append(message)
         self.refused.append(message)
         raise RuntimeError(message)
 
@@ -150,8 +174,11 @@ class _ImportBarrier:
         followed the barrier's message (an empty RuntimeError, or text that is not UTF-8),
         the refusal the engine was reporting."""
         if self.refused and not any(message in text for message in self.refused):
-            return f"RUNTIME ERROR: importer error: {self.refused[-1]}"
-        return self.clean(text) or "the engine raised an error without a message"
+            lost = f"RUNTIME ERROR: {IMPORTER_PREFIX}{self.refused[-1]}"
+            return unprefixed(lost, self.missing)
+        return unprefixed(self.clean(text), self.missing) or (
+            "the engine raised an error without a message"
+        )
 
     def clean(self, text: str) -> str:
         for message in self.refused:
@@ -235,6 +262,7 @@ class Engine:
         self.version = str(getattr(module, "version", "unknown"))
         self._module_evaluate: Callable[..., str] = module.evaluate_snippet
         self._capi: capi.CapiEngine | None = None
+        self.libraries: dict[str, LibrarySet] = {}  # by digest: the sets this worker holds
         if kind is EngineKind.CPP:
             self.api = _CPP_API
         elif not prefer_capi:
@@ -242,10 +270,29 @@ class Engine:
         else:
             try:
                 library = capi.bind(str(module.__file__))
-                self._capi = capi.CapiEngine(library, IMPORT_REFUSED)
+                self._capi = capi.CapiEngine(library)
                 self.api = "capi"
             except capi.CapiUnavailable as exc:
                 self.api = f"binding: {exc}"
+
+    def keep(self, library: LibrarySet) -> None:
+        """Hold ``library`` for the requests that name it; ``replace`` drops the others (and
+        the kept VMs that parsed their files)."""
+        if library.replace or len(self.libraries) >= MAX_HELD_LIBRARIES:
+            self.libraries.clear()
+            if self._capi is not None:
+                self._capi.forget_libraries()
+        self.libraries[library.digest] = library
+
+    def _library(self, request: EvalRequest) -> LibrarySet | None:
+        if not request.library:
+            return None
+        library = self.libraries.get(request.library)
+        if library is None:  # the pool sends a set before the first request naming it
+            raise EvaluationFailed(
+                ErrorKind.INTERNAL, f"library set {request.library[:16]} was never received"
+            )
+        return library
 
     def run(self, request: EvalRequest) -> str:
         _refuse_nul(request)
@@ -271,11 +318,17 @@ class Engine:
             "max_stack": request.max_stack,
             "max_trace": request.max_trace,
         }
+        library = self._library(request)
         if self._capi is not None:
             return _as_engine_result(
-                None, self._capi.evaluate_snippet, request.filename, request.snippet, **variables
+                None,
+                self._capi.evaluate_snippet,
+                request.filename,
+                request.snippet,
+                library=library,
+                **variables,
             )
-        barrier = _ImportBarrier()
+        barrier = _ImportBarrier(library, self.kind)
         return _as_engine_result(
             barrier,
             self._module_evaluate,

@@ -8,7 +8,8 @@ request stream and writes nothing but its response stream.
 Plan: ``ProtocolStreams`` moves the two pipes off fds 0 and 1 (so nothing else can read the
 requests or write into the answers); ``EvaluationLoop`` feeds a ``FrameReader``, parses each
 frame into an ``EvalRequest`` (``messages``), runs it on the engine and sends a ``Result`` or
-a ``Failure``. After an evaluation of ``MEMORY_PROBE_AFTER`` or more, and every
+a ``Failure``. A ``LibrarySet`` frame is the one without an answer: the engine keeps the set
+for the requests that name it. After an evaluation of ``MEMORY_PROBE_AFTER`` or more, and every
 ``MEMORY_PROBE_EVERY`` answers, it asks ``MemoryHeadroom`` whether this worker has used over
 ``RETIRE_AT_MEMORY_SHARE`` of the memory it started with; if so the answer asks the pool to
 replace it (``retire``). ``serve`` starts the loop on a thread of its own, which sends the
@@ -31,10 +32,12 @@ from typing import Any
 
 from .._wire.framing import FrameReader, FrameTooLarge, MalformedFrame, ProtocolViolation, encode
 from .._wire.messages import (
+    LIBRARY,
     RETIRE_AT_MEMORY_SHARE,
     ErrorKind,
     EvalRequest,
     Failure,
+    LibrarySet,
     Result,
     StartupFailure,
     WorkerHello,
@@ -143,6 +146,9 @@ class EvaluationLoop:
                 if isinstance(event, MalformedFrame):
                     self.streams.send(Failure(None, ErrorKind.PROTOCOL, event.reason))
                     continue
+                if event.payload.get("t") == LIBRARY:
+                    self.keep_library(event.payload)
+                    continue
                 started = time.monotonic()
                 answer = self.answer(event.payload)
                 if self.headroom.spent(time.monotonic() - started):
@@ -181,6 +187,14 @@ class EvaluationLoop:
                 continue
             self.spin_pays = time.monotonic() - started < SPIN_FOR_REQUEST
             return data
+
+    def keep_library(self, payload: dict[str, Any]) -> None:
+        """A library set comes without an answer, before the first request that names it.
+        One that cannot be read is dropped: that request then fails, naming it."""
+        try:
+            self.engine.keep(LibrarySet.from_message(payload))
+        except ProtocolViolation:
+            pass
 
     def answer(self, payload: dict[str, Any]) -> Result | Failure:
         try:

@@ -18,8 +18,8 @@ from hypothesis import given
 
 from conftest import ENGINES, harness_command
 from jsonnet_worker import JsonnetError, WorkerPool
+from jsonnet_worker._wire.imports import IMPORT_REFUSED
 from jsonnet_worker._wire.messages import EngineKind
-from jsonnet_worker._worker.engines import IMPORT_REFUSED
 from rawworker import RawWorker
 
 from .conftest import Tier
