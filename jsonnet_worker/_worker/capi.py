@@ -3,7 +3,8 @@
 Goals: inside a worker, evaluate with go-jsonnet faster than its Python binding, which builds
 a new VM and parses, desugars and analyses the snippet again on every call, while every result
 and every error message stays byte-identical to ``_gojsonnet.evaluate_snippet`` (``max_stack``,
-``max_trace`` and static errors included), and no snippet can import anything.
+``max_trace`` and static errors included), and no snippet can import anything but the files of
+the library set its call was given (``_wire.imports``), served from memory.
 
 Plan: the ``_gojsonnet`` extension exports the C API; ``bind()`` finds it in the already loaded
 extension (dlopen by the name it was loaded under: no file is opened). A bounded LRU cache keyed
@@ -21,6 +22,12 @@ snippets with the same filename would share one cache entry in a shared VM. A VM
 holds exactly one imported file, so no name a snippet guesses can reach another snippet's text,
 and its import cache never grows (a refused import is not cached): evicting an entry destroys
 its VM, which is how the cache stays within its bounds although go-jsonnet's never evicts.
+
+Library sets: the key also holds the set's digest, and the entry its set, so the callback serves
+the set's files (by ``_wire.imports.resolve``) to the VM evaluating, and go-jsonnet's import
+cache keeps them parsed for the next call with the same snippet and set. A set's bytes count
+against the cache's bounds. A missing file's message is go-jsonnet's file importer's: the
+callback's "importer error: " prefix is taken off it (``unprefixed``).
 
 Identical behaviour, case by case:
   * the first call of a snippet is evaluated directly (``jsonnet_evaluate_snippet``, exactly
