@@ -335,14 +335,17 @@ def collect(
     max_files: int = MAX_LIBRARY_FILES,
     max_bytes: int = MAX_LIBRARY_BYTES,
     root: str = "",
+    boundaries: tuple[str, ...] | None = None,
 ) -> Library:
     """The files the main ``source`` (named ``filename``) imports, transitively, read from
     disk as go-jsonnet's ``FileImporter`` would find them and named as it names them, with
-    ``search`` (``jsonnet_path``) and the boundaries ``search`` plus the main file's
-    directory. Relative names are read under ``root`` ("": the current directory; the test
-    runner reads a suite's files relative to the suite). ``InputTooLarge`` naming the bound
-    and the file when the files exceed ``max_files`` or ``max_bytes``."""
-    boundaries = (*search, directory_of(filename))
+    ``search`` (``jsonnet_path``) and ``boundaries`` (by default ``search`` plus the main
+    file's directory; ``compat`` leaves an untrusted snippet's directory out). Relative names
+    are read under ``root`` ("": the current directory; the test runner reads a suite's files
+    relative to the suite). ``InputTooLarge`` naming the bound and the file when the files
+    exceed ``max_files`` or ``max_bytes``."""
+    if boundaries is None:
+        boundaries = (*search, directory_of(filename))
     collection = _Collection(root, max_files, max_bytes, {}, {})
     scanned: set[str] = set()
     sources = [(directory_of(filename), source)]

@@ -54,10 +54,70 @@ def test_max_trace_is_honoured() -> None:
 
 
 def test_refused_and_unknown_arguments() -> None:
-    with pytest.raises(TypeError, match="jpathdir"):
-        compat.evaluate_file("x.jsonnet", jpathdir="/")
+    # the message says what to do instead
+    with pytest.raises(
+        TypeError, match=r"import_callback .*pass jpathdir.*jsonnet_worker\.Library"
+    ):
+        compat.evaluate_snippet("f", "1", import_callback=lambda base, rel: (rel, b""))
+    with pytest.raises(TypeError, match="jpathdir must be a str or a list of str"):
+        compat.evaluate_snippet("f", "1", jpathdir=("a",))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
         compat.evaluate_snippet("f", "1", nope=1)
     with pytest.raises(TypeError, match="ext_vars values must be str"):
         compat.evaluate_snippet("f", "1", ext_vars={"a": 1})  # type: ignore[dict-item]
     assert compat.evaluate_snippet("f", "1", gc_min_objects=10) == "1\n"
+
+
+def _library_tree(top: Path) -> None:
+    files = {
+        "app/main.jsonnet": "{ util: import 'util.libsonnet', shared: import 'shared.libsonnet' }",
+        "app/util.libsonnet": "{ text: importstr 'notes.txt', file: std.thisFile }",
+        "app/notes.txt": "beside util\n",
+        "lib1/shared.libsonnet": "{ from: 'lib1', file: std.thisFile }",
+        "lib2/shared.libsonnet": "{ from: 'lib2', file: std.thisFile }",
+        "secret.txt": "not for a snippet",
+    }
+    for name, content in files.items():
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_text(content)
+
+
+@pytest.mark.parametrize("jpathdir", ["lib1", ["lib1", "lib2"], ["lib2", "lib1"]])
+def test_evaluate_file_honours_jpathdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jpathdir: str | list[str]
+) -> None:
+    _library_tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    main = "app/main.jsonnet"
+    ours = compat.evaluate_file(main, jpathdir=jpathdir)
+    assert ours == _jsonnet.evaluate_file(main, jpathdir=jpathdir)
+    last = jpathdir if isinstance(jpathdir, str) else jpathdir[-1]
+    assert f'"from": "{last}"' in ours  # the last directory is searched first
+
+
+def test_evaluate_snippet_honours_jpathdir_only(tmp_path: Path) -> None:
+    _library_tree(tmp_path)
+    lib1, lib2 = str(tmp_path / "lib1"), str(tmp_path / "lib2")
+    snippet = "import 'shared.libsonnet'"
+    ours = compat.evaluate_snippet("snippet", snippet, jpathdir=[lib2, lib1])
+    assert ours == _jsonnet.evaluate_snippet("snippet", snippet, jpathdir=[lib2, lib1])
+    # without jpathdir every import is refused, as before; with it, a snippet's own
+    # directory (here the file's, elsewhere the process's current one) is not served
+    with pytest.raises(RuntimeError, match="import not available"):
+        compat.evaluate_snippet("snippet", snippet)
+    beside = str(tmp_path / "snippet.jsonnet")
+    assert "not for a snippet" in _jsonnet.evaluate_snippet(
+        beside, "importstr 'secret.txt'", jpathdir=[lib1]
+    )
+    with pytest.raises(RuntimeError, match=r'couldn.t open import "secret\.txt"'):
+        compat.evaluate_snippet(beside, "importstr 'secret.txt'", jpathdir=[lib1])
+
+
+def test_evaluate_file_over_the_library_bounds(tmp_path: Path) -> None:
+    _library_tree(tmp_path)
+    with open(tmp_path / "lib1" / "huge.txt", "wb") as huge:
+        huge.truncate(64 << 20)  # sparse, over the library's 16 MiB
+    main = tmp_path / "main.jsonnet"
+    main.write_text("std.length(importstr 'huge.txt')")
+    with pytest.raises(RuntimeError, match="over the limit of 16777216 bytes"):
+        compat.evaluate_file(str(main), jpathdir=str(tmp_path / "lib1"))

@@ -149,6 +149,8 @@ def test_inline_source_and_json_suites(tmp_path: Path) -> None:
         ("snippet: file://nope.jsonnet\ncases: [{name: a, expect: 1}]", "nope.jsonnet"),
         ("source: '1'\ncases: [{name: a, ext_codes: {x: 1}, expect: 1}]", "Jsonnet code"),
         ("[1", "not valid YAML"),
+        ("source: '1'\njpath: lib\ncases: [{name: a, expect: 1}]", "'jpath' must be a list"),
+        ("source: '1'\njpath: ['']\ncases: [{name: a, expect: 1}]", "'jpath' must be a list"),
     ],
 )
 def test_bad_suites_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -164,6 +166,80 @@ def test_an_unreadable_suite_exits_2_and_the_others_still_run(tmp_path: Path) ->
     assert done.returncode == 2
     assert f"PASS {good}::passes" in done.stdout
     assert "missing.yaml: cannot read" in done.stderr
+
+
+LIBRARY_SUITE = """
+snippet: file://mappers/m.jsonnet
+jpath: [lib]
+cases:
+  - name: imports beside the snippet, then from the suite's jpath, then from -J
+    expect:
+      util: {file: mappers/util.libsonnet}
+      shared: {from: suite lib, file: lib/shared.libsonnet}
+      extra: {from: command lib}
+      here: mappers/m.jsonnet
+  - name: a missing import is go-jsonnet's message
+    tla_vars: {missing: "yes"}
+    expect_error: couldn't open import "nowhere.libsonnet"
+"""
+
+
+def _library_suite(top: Path) -> Path:
+    files = {
+        "suites/mappers/m.jsonnet": (
+            "function(missing='') if missing != '' then import 'nowhere.libsonnet' else "
+            "{ util: import 'util.libsonnet', shared: import 'shared.libsonnet', "
+            "extra: import 'extra.libsonnet', here: std.thisFile }"
+        ),
+        "suites/mappers/util.libsonnet": "{ file: std.thisFile }",
+        "suites/lib/shared.libsonnet": "{ from: 'suite lib', file: std.thisFile }",
+        "command-lib/shared.libsonnet": "{ from: 'command lib: loses to the suite' }",
+        "command-lib/extra.libsonnet": "{ from: 'command lib' }",
+    }
+    for name, content in files.items():
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_text(content)
+    suite = top / "suites" / "library.yaml"
+    suite.write_text(LIBRARY_SUITE)
+    return suite
+
+
+def test_a_suite_imports_from_its_jpath_and_the_commands(tmp_path: Path) -> None:
+    suite = _library_suite(tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jsonnet_worker",
+            "test",
+            "-J",
+            "command-lib",
+            "suites/library.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,  # -J is relative to it; the suite's names to the suite
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "2 passed, 0 failed, in 1 suite(s)"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        loaded = load_suite(suite, ("command-lib",))
+    assert loaded.library is not None
+    assert sorted(loaded.library.files) == [
+        "../command-lib/extra.libsonnet",
+        "lib/shared.libsonnet",
+        "mappers/util.libsonnet",
+    ]
+
+
+def test_a_suites_imports_over_the_bounds_are_a_suite_problem(tmp_path: Path) -> None:
+    with open(tmp_path / "big.txt", "wb") as big:
+        big.truncate(17 << 20)  # sparse, over the library's 16 MiB
+    suite = write_suite(tmp_path, "source: importstr 'big.txt'\ncases: [{name: a, expect: 1}]")
+    with pytest.raises(SuiteError, match=r"the snippet's imports: .*limit of 16777216 bytes"):
+        load_suite(suite)
 
 
 def test_same_json_keeps_json_types_apart() -> None:

@@ -17,6 +17,11 @@ terminal: its log lines, a closed standard output (SIGPIPE), input that is not U
 Variable flags are collected in order and resolved after parsing, so that an undefined
 environment variable or an unreadable file is jsonnet's ``ERROR: ...`` with exit 1, and the
 last of two flags naming one variable wins, as in jsonnet.
+``-J/--jpath`` and ``JSONNET_PATH`` make go-jsonnet's search list (``_imports.jsonnet_path``);
+``eval`` reads the files its input imports (``_imports.collect``: the input's own directory,
+then the search list) and sends them with its one call as a ``Library``: the worker serves
+imports from memory and never opens a file. ``test`` passes the list to the test runner;
+``check`` and ``fmt`` take the flags as jsonnet's do, but neither follows an import.
 """
 
 from __future__ import annotations
@@ -183,6 +188,35 @@ def _add_variable_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(variables=[])
 
 
+def add_jpath_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """jsonnet's ``-J/--jpath DIR``, repeatable; ``what`` says what the command does with it."""
+    parser.add_argument(
+        "-J",
+        "--jpath",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a library search directory, as jsonnet's -J: repeatable, the last given is "
+        "searched first (after the importing file's own directory), then JSONNET_PATH's "
+        f"directories, left-most first; {what}",
+    )
+
+
+def search_paths(args: argparse.Namespace) -> tuple[str, ...]:
+    """go-jsonnet's search list from ``-J`` and ``JSONNET_PATH``; ``Failed`` with jsonnet's
+    message for an empty ``-J``, or a directory that is not UTF-8 (no request carries it)."""
+    from .._imports import JSONNET_PATH, jsonnet_path
+
+    jpath = [_argument_text(directory, "ERROR: -J") for directory in args.jpath]
+    environ = {
+        JSONNET_PATH: _argument_text(os.environ.get(JSONNET_PATH, ""), "ERROR: JSONNET_PATH")
+    }
+    try:
+        return jsonnet_path(jpath, environ)
+    except Error as exc:
+        raise Failed(f"ERROR: {exc}") from None
+
+
 # -- pool flags, from PoolConfig ---------------------------------------------------------------
 
 
@@ -298,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_test(commands)
     check = commands.add_parser("check", help="parse and statically check files (no evaluation)")
     check.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
+    add_jpath_flag(check, "accepted as jsonnet's; a static check follows no import")
     add_pool_flags(check, CLI_LIMITS)
     fmt = commands.add_parser("fmt", help="format files with go-jsonnet's formatter")
     fmt.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
@@ -306,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test", action="store_true", help="exit 2 when a file is not formatted; print nothing"
     )
     add_style_flags(fmt)
+    add_jpath_flag(fmt, "accepted as jsonnet's; formatting follows no import")
     add_pool_flags(fmt, CLI_LIMITS)
     doctor = commands.add_parser("doctor", help="start a worker and report its sandbox")
     doctor.add_argument("--engine", choices=[*ENGINES, "all"], default="all")
@@ -356,6 +392,11 @@ def _add_eval(commands: Any) -> None:
         "-y", "--yaml-stream", action="store_true", help="write a YAML stream of JSON documents"
     )
     evaluate.add_argument("-o", "--output-file", metavar="FILE", help="write to FILE")
+    add_jpath_flag(
+        evaluate,
+        "the command reads the files the input imports (bounded) and the sandbox "
+        "gets them from memory",
+    )
     _add_variable_flags(evaluate)
     add_pool_flags(evaluate, CLI_LIMITS)
 
@@ -385,6 +426,7 @@ def _add_test(commands: Any) -> None:
         help="write the results of the cases that failed on their expect/expect_subset back "
         "into the suite files (errors are never written; the rest of each file is kept)",
     )
+    add_jpath_flag(test, "relative to the current directory, searched before a suite's own 'jpath'")
     add_pool_flags(test, CLI_POOL)
 
 
@@ -476,6 +518,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise Failed("ERROR: -o argument was empty string")
     if args.multi == "":
         raise Failed("ERROR: -m argument was empty string")
+    search = search_paths(args)
     config = pool_config(args, CLI_LIMITS)
     from .oneshot import OneShot
 
@@ -483,7 +526,7 @@ def run_eval(args: argparse.Namespace) -> int:
     # answered, it is reaped when the block ends, after the output is written.
     try:
         with OneShot(config) as worker, command_logging():
-            _write_output(args, _evaluate(worker, args))
+            _write_output(args, _evaluate(worker, args, search))
     except Error as exc:
         raise _library_error(exc) from None
     return 0
@@ -511,8 +554,10 @@ def _write_output(args: argparse.Namespace, text: str) -> None:
         raise Failed(f"open {exc.filename}: {_strerror(exc)}") from None
 
 
-def _evaluate(worker: OneShot, args: argparse.Namespace) -> str:
-    """The manifested JSON of the one evaluation ``args`` ask for, in ``worker``."""
+def _evaluate(worker: OneShot, args: argparse.Namespace, search: tuple[str, ...]) -> str:
+    """The manifested JSON of the one evaluation ``args`` ask for, in ``worker``, its imports
+    served from the files found on ``search``."""
+    from .._imports import collect
     from .._pool.calls import Variables as CallVariables
     from .._pool.calls import prepare
     from .._wire.messages import Operation
@@ -520,6 +565,9 @@ def _evaluate(worker: OneShot, args: argparse.Namespace) -> str:
 
     variables = resolve_variables(args.variables)
     source, filename = read_input(args.file, args.exec)
+    # the files it imports, as go-jsonnet's jsonnet finds them: beside the input (a
+    # snippet's, <cmdline> or <stdin>, in the current directory), then on the search list
+    library = collect(filename, source, search)
     maps = CallVariables(
         variables.ext_vars, variables.tla_vars, variables.ext_codes, variables.tla_codes
     )
@@ -533,6 +581,7 @@ def _evaluate(worker: OneShot, args: argparse.Namespace) -> str:
         None,
         variables=maps,
         on_trace=print_trace,  # on stderr, as go-jsonnet prints them
+        library=library,
     )
     return worker.call(call).json_text
 
@@ -541,8 +590,9 @@ def run_test(args: argparse.Namespace) -> int:
     from .._pool.facade import WorkerPool
     from . import testrunner
 
+    search = search_paths(args)
     config = pool_config(args, CLI_POOL)
-    suites, problems = testrunner.load_suites(args.suites)
+    suites, problems = testrunner.load_suites(args.suites, search)
     selection = testrunner.Selection(tuple(args.keywords))
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -562,6 +612,7 @@ def run_test(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from .._pool.facade import WorkerPool
 
+    search_paths(args)  # checked as jsonnet checks it; a static check imports nothing
     config = pool_config(args, CLI_LIMITS)
     inputs = [read_input(path) for path in args.files]
     failed = False
@@ -623,6 +674,7 @@ def run_fmt(args: argparse.Namespace) -> int:
     from .._pool.facade import WorkerPool
 
     style = format_style(args)
+    search_paths(args)  # checked as jsonnet checks it; formatting imports nothing
     config = pool_config(args, CLI_LIMITS)
     inputs = [(path, *read_input(path)) for path in args.files]
     if args.in_place and any(path == "-" for path, _, _ in inputs):

@@ -14,6 +14,17 @@ A suite is a YAML (or JSON) file::
         ext_vars: {claims: {}}
         expect_error: "claim sub not set"     # a substring of the JsonnetError message
 
+A suite may name library directories, relative to the suite file, as ``jsonnet -J`` takes
+them (the last is searched first)::
+
+    jpath: [lib, vendor]
+
+The snippet's imports are read from its own directory, then from the suite's ``jpath``, then
+from the command's ``-J`` and ``JSONNET_PATH`` directories (relative to the current
+directory), as go-jsonnet's importer finds them (``_imports.collect``), once per suite; the
+cases' evaluations get them from memory. Names in messages (and ``std.thisFile``) are relative
+to the suite's directory: ``snippet: file://mappers/x.jsonnet`` is ``mappers/x.jsonnet``.
+
 ``ext_vars``/``tla_vars`` are passed as ``WorkerPool.evaluate`` takes them (a str is a string,
 other JSON is code), ``ext_codes``/``tla_codes`` as Jsonnet code. ``expect`` is compared with
 the result exactly (JSON types kept apart: ``true`` is not ``1``); ``expect_subset`` checks
@@ -69,10 +80,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .._errors import Error, JsonnetError
+from .._library import Library
 from .._pool.facade import WorkerPool
 
 _VARIABLE_KEYS = ("ext_vars", "tla_vars", "ext_codes", "tla_codes")
-_SUITE_KEYS = {"snippet", "source", "cases", "name"}
+_SUITE_KEYS = {"snippet", "source", "cases", "name", "jpath"}
 
 # Exit statuses: every selected case passed (or was updated), one failed, a suite could not be
 # read or updated, -k selected no case (as pytest's "no tests collected").
@@ -126,6 +138,7 @@ class Suite:
     filename: str
     cases: tuple[Case, ...]
     text: str = ""  # the file as read (line endings kept): what --update rewrites
+    library: Library | None = None  # the files the snippet imports (names: see the module)
 
 
 @dataclass(frozen=True)
@@ -210,8 +223,10 @@ def _read(path: Path) -> str:
         return handle.read()
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and validate one suite; ``SuiteError`` naming the file and the key."""
+def load_suite(path: str | Path, search: Sequence[str] = ()) -> Suite:
+    """Read and validate one suite and the files its snippet imports (``search``: the
+    command's ``-J``/``JSONNET_PATH`` list, relative to the current directory); ``SuiteError``
+    naming the file and the key."""
     suite_path = Path(path)
     try:
         text = _read(suite_path)
@@ -235,7 +250,26 @@ def load_suite(path: str | Path) -> Suite:
     if duplicates:
         raise SuiteError(f"{suite_path}: case names used twice: {duplicates}")
     name = document.get("name", suite_path.stem)
-    return Suite(suite_path, str(name), source, filename, parsed, text)
+    library = _suite_library(suite_path, document, source, filename, search)
+    return Suite(suite_path, str(name), source, filename, parsed, text, library)
+
+
+def _suite_library(
+    path: Path, document: Mapping[str, Any], source: str, filename: str, search: Sequence[str]
+) -> Library:
+    """The files the suite's snippet imports: names relative to the suite's directory, the
+    command's directories first, then the suite's ``jpath`` (the last searched first)."""
+    from .._imports import collect
+
+    jpath = document.get("jpath", [])
+    if not isinstance(jpath, list) or not all(isinstance(d, str) and d for d in jpath):
+        raise SuiteError(f"{path}: 'jpath' must be a list of directories (non-empty strings)")
+    top = os.path.abspath(path.parent)
+    given = [d if os.path.isabs(d) else os.path.relpath(os.path.abspath(d), top) for d in search]
+    try:
+        return collect(filename, source, (*given, *jpath), root=top)
+    except Error as exc:  # InputTooLarge
+        raise SuiteError(f"{path}: the snippet's imports: {exc}") from None
 
 
 def _snippet(path: Path, document: Mapping[str, Any]) -> tuple[str, str]:
@@ -248,9 +282,10 @@ def _snippet(path: Path, document: Mapping[str, Any]) -> tuple[str, str]:
     uri = document["snippet"]
     if not isinstance(uri, str) or not uri.startswith("file://"):
         raise SuiteError(f"{path}: 'snippet' must be a file:// URI, relative to the suite")
-    snippet_path = path.parent / uri[len("file://") :]
+    filename = uri[len("file://") :]  # as written: relative to the suite, or absolute
+    snippet_path = path.parent / filename
     try:
-        return snippet_path.read_text(encoding="utf-8"), snippet_path.name
+        return snippet_path.read_text(encoding="utf-8"), filename
     except OSError as exc:
         raise SuiteError(f"{path}: snippet {snippet_path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -289,13 +324,13 @@ def _case(path: Path, index: int, case: Any) -> Case:
     return Case(name, variables, expect, expected)
 
 
-def load_suites(paths: Iterable[str]) -> tuple[list[Suite], list[str]]:
+def load_suites(paths: Iterable[str], search: Sequence[str] = ()) -> tuple[list[Suite], list[str]]:
     """The suites that could be read, and a message for each that could not."""
     suites: list[Suite] = []
     problems: list[str] = []
     for path in paths:
         try:
-            suites.append(load_suite(path))
+            suites.append(load_suite(path, search))
         except SuiteError as exc:
             problems.append(f"ERROR: {exc}")
     return suites, problems
@@ -387,6 +422,7 @@ def _run_case(
             tla_codes=case.variables["tla_codes"],
             filename=suite.filename,
             on_trace=on_trace,
+            library=suite.library,
         )
     except JsonnetError as exc:
         seconds = time.perf_counter() - started
