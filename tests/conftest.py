@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +79,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write what the adversarial suite tried and measured to this JSON file",
     )
+
+
+def run_command(
+    *args: str, cwd: Path, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m jsonnet_worker ARGS`` in ``cwd``, as a user runs the command."""
+    return subprocess.run(
+        [sys.executable, "-m", "jsonnet_worker", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def write_tree(top: Path, files: dict[str, str | bytes]) -> None:
+    """Write ``files`` (relative name -> text or bytes) under ``top``, making directories."""
+    for name, content in files.items():
+        path = top / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
 
 
 def load_cases() -> list[dict[str, Any]]:

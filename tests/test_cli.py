@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conftest import run_command
 from jsonnet_worker import InvalidArgument, PoolConfig, UnsupportedPlatform
 from jsonnet_worker._cli import doctor, main
 from jsonnet_worker._sandbox.landlock import probe
@@ -26,15 +27,7 @@ FIXTURES = ROOT / "fixtures"
 def cli(
     *args: str, stdin: str = "", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "jsonnet_worker", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-    )
+    return run_command(*args, cwd=ROOT, stdin=stdin, env=env)
 
 
 def test_readme_main_job_maps_the_bundled_claims() -> None:

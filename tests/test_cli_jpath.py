@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from conftest import run_command, write_tree
 
 gojsonnet = pytest.importorskip("_gojsonnet")
 
@@ -42,13 +43,7 @@ TREE: dict[str, str | bytes] = {
 
 @pytest.fixture
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name, content in TREE.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+    write_tree(tmp_path, TREE)
     monkeypatch.chdir(tmp_path)  # go-jsonnet, in this process, reads relative to it too
     return tmp_path
 
@@ -59,15 +54,7 @@ def cli(
     env = {key: value for key, value in os.environ.items() if key != "JSONNET_PATH"}
     env["PYTHONPATH"] = str(ROOT)
     env.update(environ or {})
-    return subprocess.run(
-        [sys.executable, "-m", "jsonnet_worker", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tree,
-        env=env,
-    )
+    return run_command(*args, cwd=tree, stdin=stdin, env=env)
 
 
 def assert_as_go_jsonnet(done: subprocess.CompletedProcess[str], go: Callable[[], str]) -> None:

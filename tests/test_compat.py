@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_tree
 from jsonnet_worker import compat
 
 _jsonnet = pytest.importorskip("_jsonnet")  # the [cpp] extra (in the test extra)
@@ -69,7 +70,7 @@ def test_refused_and_unknown_arguments() -> None:
 
 
 def _library_tree(top: Path) -> None:
-    files = {
+    files: dict[str, str | bytes] = {
         "app/main.jsonnet": "{ util: import 'util.libsonnet', shared: import 'shared.libsonnet' }",
         "app/util.libsonnet": "{ text: importstr 'notes.txt', file: std.thisFile }",
         "app/notes.txt": "beside util\n",
@@ -77,9 +78,7 @@ def _library_tree(top: Path) -> None:
         "lib2/shared.libsonnet": "{ from: 'lib2', file: std.thisFile }",
         "secret.txt": "not for a snippet",
     }
-    for name, content in files.items():
-        (top / name).parent.mkdir(parents=True, exist_ok=True)
-        (top / name).write_text(content)
+    write_tree(top, files)
 
 
 @pytest.mark.parametrize("jpathdir", ["lib1", ["lib1", "lib2"], ["lib2", "lib1"]])

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import write_tree
 from jsonnet_worker._errors import InputTooLarge, InvalidArgument
 from jsonnet_worker._imports import (
     ImportKind,
@@ -227,16 +228,6 @@ def test_import_names_on_hostile_shapes() -> None:
 # -- collecting from disk ----------------------------------------------------------------------
 
 
-def _tree(root: Path, files: dict[str, str | bytes]) -> None:
-    for name, content in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-
-
 def _served_by(library: Library) -> Any:
     """An import callback serving only ``library``, by the worker's rule."""
 
@@ -260,7 +251,7 @@ def _both(filename: str, jpath: list[str]) -> tuple[str, str, Library]:
 
 @pytest.fixture
 def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    _tree(
+    write_tree(
         tmp_path,
         {
             "app/main.jsonnet": (

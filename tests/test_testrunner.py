@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_command, write_tree
 from jsonnet_worker._cli.testrunner import (
     EXIT_NO_CASE_SELECTED,
     CaseResult,
@@ -185,7 +186,7 @@ cases:
 
 
 def _library_suite(top: Path) -> Path:
-    files = {
+    files: dict[str, str | bytes] = {
         "suites/mappers/m.jsonnet": (
             "function(missing='') if missing != '' then import 'nowhere.libsonnet' else "
             "{ util: import 'util.libsonnet', shared: import 'shared.libsonnet', "
@@ -196,9 +197,7 @@ def _library_suite(top: Path) -> Path:
         "command-lib/shared.libsonnet": "{ from: 'command lib: loses to the suite' }",
         "command-lib/extra.libsonnet": "{ from: 'command lib' }",
     }
-    for name, content in files.items():
-        (top / name).parent.mkdir(parents=True, exist_ok=True)
-        (top / name).write_text(content)
+    write_tree(top, files)
     suite = top / "suites" / "library.yaml"
     suite.write_text(LIBRARY_SUITE)
     return suite
@@ -206,21 +205,8 @@ def _library_suite(top: Path) -> Path:
 
 def test_a_suite_imports_from_its_jpath_and_the_commands(tmp_path: Path) -> None:
     suite = _library_suite(tmp_path)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jsonnet_worker",
-            "test",
-            "-J",
-            "command-lib",
-            "suites/library.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,  # -J is relative to it; the suite's names to the suite
-    )
+    # -J is relative to the current directory; the suite's names to the suite
+    done = run_command("test", "-J", "command-lib", "suites/library.yaml", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1] == "2 passed, 0 failed, in 1 suite(s)"
     with pytest.MonkeyPatch.context() as patch:
