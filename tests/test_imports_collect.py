@@ -107,6 +107,7 @@ local f = 1import "f" + $import 'g';
         "import 'a' + ||| junk\n  x\n|||",
         "import 'a' + @x",
         "import 'a' + '\\",
+        'import \'a\' + @"x""',  # the doubled quote is one quote: unterminated
     ],
 )
 def test_import_names_stops_where_go_jsonnet_cannot_lex(source: str) -> None:
