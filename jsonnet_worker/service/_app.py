@@ -8,7 +8,7 @@ take a worker down for longer than one respawn, or see a stack trace.
 Plan::
 
     POST /v1/evaluate          {snippet, ext_vars, tla_vars, ext_codes, tla_codes, timeout,
-                                tenant?, traces?}
+                                tenant?, traces?, library?}
     POST /v1/mappers/{name}    {claims, identity?, timeout?, tenant?}  claims/identity as ext
                                                                        code
     POST /v1/templates/{name}  {ctx, timeout?, tenant?}                ctx as top-level argument
@@ -31,6 +31,13 @@ of ``/healthz`` (worker pids, mapper names, the sandbox layers: a map for an att
 ``serve.auth.metrics_token_file`` adds a token good for those two only (a scraper's). Without
 it ``/healthz`` answers its status alone; ``/livez`` and ``/readyz`` stay open for
 orchestrators.
+
+Library sets: a configured mapper or template that names a set (``library:`` beside its
+URI, ``_config.py``) has its imports served from it; every other import is refused, as
+everywhere. A ``/v1/evaluate`` request may name a set (``"library": NAME``) only where that
+set says ``adhoc: true`` (403 ``library_disabled`` otherwise, 404 ``unknown_library`` for a
+name not configured): an ad-hoc caller then runs code next to the operator's helpers, in its
+own ``adhoc:`` domain's workers as always.
 
 Only JSON: a ``/v1/*`` request whose ``Content-Type`` is not ``application/json`` (or
 ``application/<x>+json``; parameters such as ``charset`` allowed) gets 415 before anything
@@ -83,6 +90,7 @@ from starlette.routing import Route
 from .. import (
     Error,
     JsonnetError,
+    Library,
     PoolStats,
     SandboxStatus,
     SandboxVerdict,
@@ -152,6 +160,7 @@ class Service:
         refreshing: asyncio.Task[None] | None = None
         try:
             await self.check_snippets(self.pool)
+            await self.check_libraries(self.pool)
             if self.after_start is not None:  # e.g. restrict_host: if it fails, stop here
                 self.host_sandbox = self.after_start(self.pool, self.config)
             self.serving = True
@@ -190,6 +199,19 @@ class Service:
                     f"does not check: {exc.message.rstrip()}"
                 ) from None
 
+    async def check_libraries(self, pool: WorkerPool) -> None:
+        """Send each library set to a worker once (evaluating ``null`` with it): the pool
+        refuses a set its requests cannot carry (``pool.max_request``), so that is found
+        now and not on every call; StartupCheckFailed naming the set's file, line and key.
+        (The snippets' own check above needs no set: a static check resolves no import.)"""
+        for named in self.config.libraries.values():
+            try:
+                await pool.aevaluate_json("null", library=named.library, tenant=CONFIG_DOMAIN)
+            except Error as exc:
+                raise StartupCheckFailed(
+                    f"{named.where}: the library set cannot be sent to a worker: {exc}"
+                ) from None
+
     def verdict(self) -> SandboxVerdict:
         return judge_sandbox(None if self.pool is None else self.pool.sandbox)
 
@@ -211,7 +233,7 @@ class Service:
             body,
             {
                 *("snippet", "ext_vars", "tla_vars", "ext_codes", "tla_codes", "timeout"),
-                *("tenant", "traces"),
+                *("tenant", "traces", "library"),
             },
         )
         snippet = body.get("snippet")
@@ -224,6 +246,7 @@ class Service:
             body,
             ADHOC_DOMAIN,
             traces=self.traces_asked(body),
+            library=self.adhoc_library(body),
             ext_vars=_object(body, "ext_vars"),
             tla_vars=_object(body, "tla_vars"),
             ext_codes=_codes(body, "ext_codes"),
@@ -240,7 +263,13 @@ class Service:
         if body.get("identity") is not None:
             ext_vars["identity"] = _object(body, "identity")
         return await self.run(
-            "mapper", mapper.source, mapper.filename, body, CONFIG_DOMAIN, ext_vars=ext_vars
+            "mapper",
+            mapper.source,
+            mapper.filename,
+            body,
+            CONFIG_DOMAIN,
+            library=_library_of(mapper),
+            ext_vars=ext_vars,
         )
 
     async def template(self, request: Request) -> Response:
@@ -255,6 +284,7 @@ class Service:
             template.filename,
             body,
             CONFIG_DOMAIN,
+            library=_library_of(template),
             tla_vars={"ctx": body["ctx"]},
         )
 
@@ -304,6 +334,11 @@ class Service:
             },
             "mappers": sorted(self.config.mappers),
             "templates": sorted(self.config.templates),
+            "libraries": {
+                name: {"files": len(named.library.files), "bytes": named.library.size}
+                | {"adhoc": named.adhoc}
+                for name, named in sorted(self.config.libraries.items())
+            },
             "evaluate_enabled": self.config.evaluate_enabled,
             "server": {"pid": os.getpid()},  # which process answered (serve --workers N)
         }
@@ -361,10 +396,12 @@ class Service:
         domain: str,
         *,
         traces: bool = False,
+        library: Library | None = None,
         **variables: Any,
     ) -> Response:
-        """Evaluate on the pool in the tenant's domain; time it; turn a typed error into its
-        HTTP answer; with ``traces``, the call's std.trace lines beside either."""
+        """Evaluate on the pool in the tenant's domain, its imports served from ``library``;
+        time it; turn a typed error into its HTTP answer; with ``traces``, the call's
+        std.trace lines beside either."""
         pool = self.running_pool()
         timeout = self.request_timeout(body)
         tenant = _tenant(body, domain)
@@ -376,6 +413,7 @@ class Service:
                 timeout=timeout,
                 tenant=tenant,
                 on_trace=lines.append if traces else None,
+                library=library,
                 **variables,
             )
         except Error as exc:
@@ -400,6 +438,26 @@ class Service:
                 403, "traces_disabled", "std.trace lines are disabled (serve.evaluate.traces)"
             )
         return asked
+
+    def adhoc_library(self, body: Mapping[str, Any]) -> Library | None:
+        """The library set a /v1/evaluate request names (``library``): 400 for a non-string,
+        404 for a name ``libraries`` does not hold, 403 for a set whose ``adhoc`` is not
+        true (configured snippets only)."""
+        name = body.get("library")
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise ApiError(400, "bad_request", "'library' must be the name of a library set")
+        named = self.config.libraries.get(name)
+        if named is None:
+            raise ApiError(404, "unknown_library", f"no library set named {name!r}")
+        if not named.adhoc:
+            raise ApiError(
+                403,
+                "library_disabled",
+                f"library set {name!r} is not open to ad-hoc snippets (libraries.{name}.adhoc)",
+            )
+        return named.library
 
     def counted(
         self, endpoint: str, handler: Callable[[Request], Awaitable[Response]]
@@ -494,6 +552,10 @@ def require_json(request: Request) -> None:
             "unsupported_media_type",
             "the body must be JSON, sent with Content-Type: application/json",
         )
+
+
+def _library_of(snippet: Snippet) -> Library | None:
+    return None if snippet.library is None else snippet.library.library
 
 
 def _tenant(body: Mapping[str, Any], domain: str) -> str:

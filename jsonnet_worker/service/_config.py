@@ -44,6 +44,7 @@ import base64
 import binascii
 import copy
 import dataclasses
+import inspect
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from .. import InvalidArgument, PoolConfig
+from .. import InputTooLarge, InvalidArgument, InvalidType, Library, PoolConfig
 from ._schema import KeyPath, dotted, problems
 
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -98,6 +99,16 @@ class SnippetKind(Enum):
 
 
 @dataclass(frozen=True)
+class NamedLibrary:
+    """A library set of ``libraries``, its files read and bounded at start."""
+
+    name: str
+    library: Library
+    adhoc: bool  # /v1/evaluate may name it
+    where: str  # FILE:LINE: libraries.NAME, for messages
+
+
+@dataclass(frozen=True)
 class Snippet:
     """A named mapper or template, its source read at start."""
 
@@ -106,6 +117,7 @@ class Snippet:
     uri: str
     source: str
     key: str  # where in the config it was found, for messages
+    library: NamedLibrary | None = None  # the set its imports are served from (``library:``)
 
     @property
     def filename(self) -> str:
@@ -125,6 +137,7 @@ class ServiceConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     mappers: Mapping[str, Snippet] = field(default_factory=dict)
     templates: Mapping[str, Snippet] = field(default_factory=dict)
+    libraries: Mapping[str, NamedLibrary] = field(default_factory=dict)
     evaluate_enabled: bool = True
     evaluate_traces: bool = False  # /v1/evaluate may return std.trace lines to who asks
     max_body: int = DEFAULT_MAX_BODY
@@ -220,14 +233,20 @@ def parse_config(
     base = path.parent.resolve() if path is not None else Path.cwd()
     serve = _section(raw, "serve")
     auth = _section(serve, "auth")
+    libraries = _load_libraries(raw, base, source)
     mappers: dict[str, Snippet] = {}
     templates: dict[str, Snippet] = {}
-    for name, key, holder, field_name in _mapper_places(raw):
-        _add(mappers, _load_snippet(name, SnippetKind.MAPPER, key, holder, field_name, base))
-    for name, key, holder, field_name in _template_places(raw):
-        _add(templates, _load_snippet(name, SnippetKind.TEMPLATE, key, holder, field_name, base))
+    for kind, places in (
+        (SnippetKind.MAPPER, _mapper_places(raw)),
+        (SnippetKind.TEMPLATE, _template_places(raw)),
+    ):
+        for place in places:
+            snippet = _load_snippet(kind, place, base)
+            library = _snippet_library(place, libraries, source)
+            _add(mappers if kind is SnippetKind.MAPPER else templates, snippet, library)
     return ServiceConfig(
         pool=_pool_config(raw),
+        libraries=libraries,
         bearer_token=_token(auth, "bearer_token_file", base),
         metrics_token=_token(auth, "metrics_token_file", base),
         mappers=mappers,
@@ -318,7 +337,15 @@ class Source:
 
 # -- where Kratos keeps its snippets ------------------------------------------------------
 
-_Place = tuple[str, str, dict[str, Any], str]  # name, key for messages, holder, field
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a snippet's URI is: its name, the key's path, the mapping holding it."""
+
+    name: str
+    path: KeyPath
+    holder: dict[str, Any]
+    field: str
 
 
 def _mapper_places(raw: Mapping[str, Any]) -> Iterator[_Place]:
@@ -329,7 +356,8 @@ def _mapper_places(raw: Mapping[str, Any]) -> Iterator[_Place]:
             raise ConfigError(f"{key} must be a mapping")
         if "mapper_url" not in provider:
             continue
-        yield _name(provider, "id", key), f"{key}.mapper_url", provider, "mapper_url"
+        path = ("selfservice", "methods", "oidc", "config", "providers", index, "mapper_url")
+        yield _Place(_name(provider, "id", key), path, provider, "mapper_url")
 
 
 def _template_places(raw: Mapping[str, Any]) -> Iterator[_Place]:
@@ -340,10 +368,11 @@ def _template_places(raw: Mapping[str, Any]) -> Iterator[_Place]:
             raise ConfigError(f"{key} must be a mapping")
         request = _section(channel, "request_config", where=key)
         if "body" in request:
-            yield _name(channel, "id", key), f"{key}.request_config.body", request, "body"
+            path = ("courier", "channels", index, "request_config", "body")
+            yield _Place(_name(channel, "id", key), path, request, "body")
     http = _section(courier, "http", "request_config", where="courier")
     if "body" in http:
-        yield "http", "courier.http.request_config.body", http, "body"
+        yield _Place("http", ("courier", "http", "request_config", "body"), http, "body")
     flows = _section(raw, "selfservice", "flows")
     for flow, phases in flows.items():
         if not isinstance(phases, dict):
@@ -352,17 +381,16 @@ def _template_places(raw: Mapping[str, Any]) -> Iterator[_Place]:
             section = phases.get(phase)
             if not isinstance(section, dict):
                 continue
-            yield from _hooks(section, f"selfservice.flows.{flow}.{phase}", [str(flow), phase])
+            yield from _hooks(section, ("selfservice", "flows", str(flow), phase))
             for method, nested in section.items():
                 if method != "hooks" and isinstance(nested, dict):
                     yield from _hooks(
-                        nested,
-                        f"selfservice.flows.{flow}.{phase}.{method}",
-                        [str(flow), phase, str(method)],
+                        nested, ("selfservice", "flows", str(flow), phase, str(method))
                     )
 
 
-def _hooks(section: Mapping[str, Any], where: str, parts: list[str]) -> Iterator[_Place]:
+def _hooks(section: Mapping[str, Any], at: tuple[str, ...]) -> Iterator[_Place]:
+    where = dotted(at)
     for index, hook in enumerate(_list(section, "hooks", where)):
         key = f"{where}.hooks[{index}]"
         if not isinstance(hook, dict) or hook.get("hook") != "web_hook":
@@ -370,34 +398,64 @@ def _hooks(section: Mapping[str, Any], where: str, parts: list[str]) -> Iterator
         config = _section(hook, "config", where=key)
         if "body" not in config:
             continue
-        name = hook.get("name", "-".join([*parts, str(index)]))
+        name = hook.get("name", "-".join([*at[2:], str(index)]))
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{key}.name must be a non-empty string")
-        yield name, f"{key}.config.body", config, "body"
+        yield _Place(name, (*at, "hooks", index, "config", "body"), config, "body")
 
 
-def _load_snippet(
-    name: str, kind: SnippetKind, key: str, holder: dict[str, Any], field_name: str, base: Path
-) -> Snippet:
-    uri = holder[field_name]
+def _load_snippet(kind: SnippetKind, place: _Place, base: Path) -> Snippet:
+    key = dotted(place.path)
+    uri = place.holder[place.field]
     if not isinstance(uri, str):
         raise ConfigError(f"{key} must be a file:// or base64:// URI")
     if uri.startswith("base64://"):
         try:
-            source = base64.b64decode(uri[len("base64://") :], validate=True).decode("utf-8")
+            source = _base64(uri).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError) as exc:
             raise ConfigError(f"{key}: bad base64:// value ({exc})") from None
-        return Snippet(name, kind, uri, source, key)
+        return Snippet(place.name, kind, uri, source, key)
     if not uri.startswith("file://"):
         raise ConfigError(f"{key} must be a file:// or base64:// URI, not {uri!r}")
     file_path = base / uri[len("file://") :]
     source = _read_text(file_path, key)
-    absolute = "file://" + str(file_path.resolve())
-    holder[field_name] = absolute  # the host's allow-list then names the file we really read
-    return Snippet(name, kind, absolute, source, key)
+    place.holder[place.field] = uri = _absolute(file_path)
+    return Snippet(place.name, kind, uri, source, key)
 
 
-def _add(snippets: dict[str, Snippet], snippet: Snippet) -> None:
+def _base64(uri: str) -> bytes:
+    return base64.b64decode(uri[len("base64://") :], validate=True)
+
+
+def _absolute(path: Path) -> str:
+    """``path``'s absolute ``file://`` URI, which the loader writes back into the raw
+    config in place of the one it read: the host's allow-list then names the file or
+    directory we really read (``kratos_allow_list`` would resolve a relative one against
+    the working directory)."""
+    return "file://" + str(path.resolve())
+
+
+def _snippet_library(
+    place: _Place, libraries: Mapping[str, NamedLibrary], source: Source
+) -> NamedLibrary | None:
+    """The library set a snippet names beside its URI (``library:``); ConfigError naming
+    the file, the line and the key for a name ``libraries`` does not hold."""
+    name = place.holder.get("library")
+    if name is None:
+        return None
+    path = (*place.path[:-1], "library")
+    found = libraries.get(name)
+    if found is None:
+        configured = ", ".join(sorted(libraries)) or "none"
+        raise ConfigError(
+            f"{source.where(path)}: {dotted(path)}: no library set named {name!r} "
+            f"(configured under 'libraries': {configured})"
+        )
+    return found
+
+
+def _add(snippets: dict[str, Snippet], snippet: Snippet, library: NamedLibrary | None) -> None:
+    snippet = dataclasses.replace(snippet, library=library)
     if snippet.name in snippets:
         first = snippets[snippet.name]
         raise ConfigError(
@@ -405,6 +463,107 @@ def _add(snippets: dict[str, Snippet], snippet: Snippet) -> None:
             f"{snippet.key}"
         )
     snippets[snippet.name] = snippet
+
+
+# -- library sets ------------------------------------------------------------------------
+
+
+def _load_libraries(raw: Mapping[str, Any], base: Path, source: Source) -> dict[str, NamedLibrary]:
+    """Every set of ``libraries``, its sources read now, before the host sandbox is applied
+    (nothing is read again later), and bounded by ``Library``'s own bounds (files, bytes;
+    whether a set fits a request frame, ``pool.max_request``, the pool itself says when the
+    service starts: ``Service.check_libraries``)."""
+    found: dict[str, NamedLibrary] = {}
+    for name, entry in _section(raw, "libraries").items():
+        path: KeyPath = ("libraries", name)
+        where = f"{source.where(path)}: {dotted(path)}"
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: a library set's name must be a non-empty string")
+        entry = entry or {}
+        sources = entry.get("sources")
+        if not sources:
+            raise ConfigError(f"{where}: names no sources (sources: [file://DIR, ...])")
+        files: dict[str, bytes] = {}
+        origin: dict[str, int] = {}
+        for index in range(len(sources)):
+            item_path = (*path, "sources", index)
+            item_where = f"{source.where(item_path)}: {dotted(item_path)}"
+            try:
+                served = _read_library_source(sources, index, base)
+            except (InvalidArgument, InvalidType, InputTooLarge) as exc:
+                raise ConfigError(f"{item_where}: {exc}") from None
+            for served_name in served:
+                if served_name in files:
+                    raise ConfigError(
+                        f"{item_where}: serves {served_name!r} again (first from "
+                        f"{dotted((*path, 'sources', origin[served_name]))})"
+                    )
+                origin[served_name] = index
+            files.update(served)
+        try:
+            library = Library.from_files(files)
+        except (InvalidArgument, InvalidType, InputTooLarge) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        found[name] = NamedLibrary(name, library, bool(entry.get("adhoc", False)), where)
+    return found
+
+
+def _read_library_source(sources: list[Any], index: int, base: Path) -> dict[str, bytes]:
+    """The files one source serves, by name: a ``base64://`` file under its ``path``, a
+    ``file://`` file under ``path`` or its base name, a ``file://`` directory's files in the
+    folder ``path`` (default: the top). Each source is a ``Library`` of its own first, so
+    its names and bounds are checked here, with its key in the message (the set's total
+    is checked when they are merged)."""
+    item = sources[index]
+    uri, served_as = (
+        (item.get("source"), item.get("path")) if isinstance(item, dict) else (item, None)
+    )
+    if not isinstance(uri, str):
+        raise InvalidArgument("a source is a file:// or base64:// URI")
+
+    def checked(files: Mapping[str, bytes]) -> dict[str, bytes]:
+        return dict(Library.from_files(files).files)
+
+    if uri.startswith("base64://"):
+        if served_as is None:
+            raise InvalidArgument(
+                "a base64:// source needs the name it is served under: "
+                "{path: NAME.libsonnet, source: base64://...}"
+            )
+        try:
+            content = _base64(uri)
+        except binascii.Error as exc:
+            raise InvalidArgument(f"bad base64:// value ({exc})") from None
+        return checked({served_as: content})
+    if not uri.startswith("file://"):
+        raise InvalidArgument(f"a source is a file:// or base64:// URI, not {uri!r}")
+    file_path = base / uri[len("file://") :]
+    if file_path.is_dir():
+        directory = Library.from_directory(file_path)
+        _rewrite_source(sources, index, file_path)
+        prefix = f"{served_as}/" if served_as else ""
+        files = {prefix + name: content for name, content in directory.files.items()}
+        return checked(files)
+    try:
+        with open(file_path, "rb") as opened:
+            content = opened.read(_MAX_BYTES + 1)  # no more than the bound is ever read
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {file_path}: {exc.strerror}") from None
+    _rewrite_source(sources, index, file_path)
+    return checked({served_as or file_path.name: content})
+
+
+# Library's own bound on a set's bytes (the default of its public constructors): a file
+# source is read no further than that.
+_MAX_BYTES: int = inspect.signature(Library.from_files).parameters["max_bytes"].default
+
+
+def _rewrite_source(sources: list[Any], index: int, path: Path) -> None:
+    """The source's URI made absolute in the raw config, as a snippet's (``_absolute``)."""
+    if isinstance(sources[index], dict):
+        sources[index]["source"] = _absolute(path)
+    else:
+        sources[index] = _absolute(path)
 
 
 # -- typed access -------------------------------------------------------------------------

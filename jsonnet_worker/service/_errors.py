@@ -9,8 +9,9 @@ pool error is the library's ``Error.kind`` and its status ``Error.http_status``
 
 The service's own kinds: ``bad_request`` (400: not JSON, a wrong type, an unknown field, a
 bad timeout), ``unauthorized`` (401, with ``WWW-Authenticate: Bearer``),
-``evaluate_disabled`` and ``traces_disabled`` (403), ``unknown_mapper``,
-``unknown_template``, ``not_found`` (404),
+``evaluate_disabled``, ``traces_disabled`` and ``library_disabled`` (403: a library set
+not open to ad-hoc snippets), ``unknown_mapper``, ``unknown_template``, ``unknown_library``,
+``not_found`` (404),
 ``method_not_allowed`` (405), ``too_large`` (413, also the library's ``InputTooLarge``),
 ``unsupported_media_type`` (415: a body not sent as JSON), ``internal`` (500: a bug; the
 detail goes to the log only). A 503 and a 429 carry ``Retry-After``: 429 is the library's

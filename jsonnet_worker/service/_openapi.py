@@ -36,7 +36,8 @@ _TENANT = {
 _ERROR_STATUSES = {
     "400": "Bad input: not JSON, a wrong type, an unknown field, a bad timeout.",
     "401": "serve.auth.bearer_token_file is set and the bearer token is missing or wrong.",
-    "404": "No mapper or template of that name.",
+    "404": "No mapper or template of that name (unknown_mapper, unknown_template); for "
+    "/v1/evaluate, no library set of the name the request gives (unknown_library).",
     "413": "The body is over serve.max_body_bytes (or the request over the frame limit).",
     "415": "The request's Content-Type is not application/json (or application/*+json); "
     "checked before anything else.",
@@ -128,6 +129,13 @@ def openapi_document() -> dict[str, Any]:
                 "tla_codes": {"type": "object", "additionalProperties": {"type": "string"}},
                 "timeout": _TIMEOUT,
                 "tenant": _TENANT,
+                "library": {
+                    "type": "string",
+                    "description": "The configured library set (libraries.NAME) the snippet's "
+                    "imports are served from; only a set with adhoc: true (403 "
+                    "library_disabled otherwise, 404 unknown_library for an unknown name). "
+                    "Default: none, every import is refused.",
+                },
                 "traces": {
                     "type": "boolean",
                     "description": "Return the snippet's std.trace lines: the result as "
@@ -136,6 +144,7 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
         ),
+        "404",
     )
     evaluate["post"]["responses"]["200"] = {
         "description": "The result; with traces asked for, {result, traces}.",
@@ -145,7 +154,8 @@ def openapi_document() -> dict[str, Any]:
     }
     evaluate["post"]["responses"]["403"] = {
         "description": "evaluate_disabled: ad-hoc snippets are disabled in the config; "
-        "traces_disabled: the request asked for traces and serve.evaluate.traces is false.",
+        "traces_disabled: the request asked for traces and serve.evaluate.traces is false; "
+        "library_disabled: the request names a library set whose adhoc is not true.",
         "content": {"application/json": {"schema": _ERROR}},
     }
     return {

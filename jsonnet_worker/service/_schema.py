@@ -74,6 +74,16 @@ class ListOf:
 
 
 @dataclass(frozen=True)
+class Either:
+    """One of ``options``, told apart by the value's JSON type: a ``Section`` takes a
+    mapping, a ``ListOf`` a list, a ``Value`` its own types (a library source is a URI or a
+    mapping)."""
+
+    options: tuple[Node, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Section:
     """A mapping: ``keys`` (ours or walked, checked), ``kratos`` (Kratos' own, accepted
     unchecked) and, when ``each`` is set, any other key whose value is an ``each``."""
@@ -85,7 +95,7 @@ class Section:
     each: Node | None = None
 
 
-Node = Value | Opaque | ListOf | Section
+Node = Value | Opaque | ListOf | Either | Section
 
 
 # -- our own sections --------------------------------------------------------------------
@@ -172,9 +182,12 @@ SECURITY = Section(
 # -- the Kratos paths walked for snippets (key names from Kratos' embedx/config.schema.json)
 
 _URI = "a file:// URI (relative to the config file) or a base64:// value"
+_LIBRARY = Value(
+    (STRING,), "ours: the library set (a name under 'libraries') its imports are served from"
+)
 
 HOOK_CONFIG = Section(
-    {"body": Value((STRING,), "the web hook's body template: " + _URI)},
+    {"body": Value((STRING,), "the web hook's body template: " + _URI), "library": _LIBRARY},
     kratos=frozenset(
         {"url", "method", "auth", "headers", "response", "can_interrupt", "emit_analytics_event"}
         | {"id"}
@@ -216,6 +229,7 @@ PROVIDER = Section(
     {
         "id": Value((STRING,), "the mapper's name"),
         "mapper_url": Value((STRING,), "the claims mapper: " + _URI),
+        "library": _LIBRARY,
     },
     kratos=frozenset(
         {"provider", "label", "client_id", "client_secret", "issuer_url", "auth_url"}
@@ -252,7 +266,7 @@ SELFSERVICE = Section(
     kratos=frozenset({"default_browser_return_url", "allowed_return_urls"}),
 )
 REQUEST_CONFIG = Section(
-    {"body": Value((STRING,), "the request's body template: " + _URI)},
+    {"body": Value((STRING,), "the request's body template: " + _URI), "library": _LIBRARY},
     kratos=frozenset({"url", "method", "headers", "auth"}),
     definition="request_config",
 )
@@ -273,6 +287,44 @@ COURIER = Section(
     ),
 )
 
+# -- our library sets, which the snippets above name (``library:`` beside their URI)
+
+_SOURCE_URI = (
+    "file:// a directory (every file under it) or a file (relative to the config file), "
+    "or base64:// a file's content"
+)
+LIBRARY_SOURCE = Section(
+    {
+        "source": Value((STRING,), _SOURCE_URI),
+        "path": Value(
+            (STRING,),
+            "the name it is served under: a file's (needed for base64://; default: the "
+            "file's base name), or the folder a directory's files are served in (default: "
+            "the library's top)",
+        ),
+    },
+    definition="library_source",
+)
+LIBRARY = Section(
+    {
+        "sources": ListOf(
+            Either((Value((STRING,), _SOURCE_URI), LIBRARY_SOURCE)),
+            "what the set serves, merged at its top (a name served twice is refused)",
+        ),
+        "adhoc": Value(
+            (BOOLEAN,),
+            "POST /v1/evaluate may name this set ('library': NAME); false (the default): 403",
+        ),
+    },
+    "a library set: read at start, bounded, served from memory to the snippets that name it",
+    definition="library",
+)
+LIBRARIES = Section(
+    {},
+    "ours: named library sets that mappers and templates import from (read at start)",
+    each=LIBRARY,
+)
+
 KRATOS_TOP_LEVEL = frozenset(
     {"version", "dsn", "database", "identity", "session", "cookies", "secrets", "hashers"}
     | {"ciphers", "log", "tracing", "oauth2_provider", "preview", "dev", "help"}
@@ -286,6 +338,7 @@ CONFIG = Section(
         "security": SECURITY,
         "selfservice": SELFSERVICE,
         "courier": COURIER,
+        "libraries": LIBRARIES,
     },
     "jsonnet-worker serve's configuration (Kratos-style; README: 'The service')",
     kratos=KRATOS_TOP_LEVEL,
@@ -317,6 +370,8 @@ def problems(document: Any, node: Node = CONFIG, path: KeyPath = ()) -> Iterator
         return
     if isinstance(node, Value):
         yield from _value_problems(document, node, path)
+    elif isinstance(node, Either):
+        yield from _either_problems(document, node, path)
     elif document is None:  # an empty section (``serve:`` with nothing under it)
         return
     elif isinstance(node, ListOf):
@@ -336,6 +391,39 @@ def _list_problems(document: Any, node: ListOf, path: KeyPath) -> Iterator[Probl
             yield Problem((*path, index), "must be a mapping")
         else:
             yield from problems(item, node.item, (*path, index))
+
+
+def _either_problems(document: Any, node: Either, path: KeyPath) -> Iterator[Problem]:
+    for option in node.options:
+        if _accepts(option, document):
+            yield from problems(document, option, path)
+            return
+    yield Problem(path, f"must be {' or '.join(_kind_name(option) for option in node.options)}")
+
+
+def _accepts(node: Node, value: Any) -> bool:
+    """Whether ``value``'s JSON type is one ``node`` takes (its content aside)."""
+    if isinstance(node, Section):
+        return isinstance(value, dict)
+    if isinstance(node, ListOf):
+        return isinstance(value, list)
+    if isinstance(node, Value):
+        return _has_type(value, node.types)
+    if isinstance(node, Either):
+        return any(_accepts(option, value) for option in node.options)
+    return True
+
+
+def _kind_name(node: Node) -> str:
+    if isinstance(node, Section):
+        return "a mapping"
+    if isinstance(node, ListOf):
+        return "a list"
+    if isinstance(node, Value):
+        return " or ".join(_NAMES[kind] for kind in node.types)
+    if isinstance(node, Either):
+        return " or ".join(_kind_name(option) for option in node.options)
+    return "anything"
 
 
 def _section_problems(document: dict[Any, Any], node: Section, path: KeyPath) -> Iterator[Problem]:
@@ -404,16 +492,22 @@ class _Generator:
         if isinstance(node, Value):
             return _value_schema(node)
         if isinstance(node, ListOf):
-            items = self.schema(node.item)
-            if isinstance(node.item, Section):  # beside a $ref too (2020-12): not null
-                items = {**items, "type": "object"}
-            return _described({"type": "array", "items": items}, node.description)
+            return _described({"type": "array", "items": self.item(node.item)}, node.description)
+        if isinstance(node, Either):
+            options = [self.item(option) for option in node.options]
+            return _described({"anyOf": options}, node.description)
         if node.definition:
             if node.definition not in self.definitions:
                 self.definitions[node.definition] = {}  # a placeholder while it is built
                 self.definitions[node.definition] = self.section(node)
             return {"$ref": f"#/$defs/{node.definition}"}
         return self.section(node)
+
+    def item(self, node: Node) -> dict[str, Any]:
+        """A list item's or an option's schema: a mapping there is not null (a key's
+        empty section is), said beside a $ref too (2020-12)."""
+        schema = self.schema(node)
+        return {**schema, "type": "object"} if isinstance(node, Section) else schema
 
     def section(self, node: Section) -> dict[str, Any]:
         properties = {key: self.schema(child) for key, child in sorted(node.keys.items())}

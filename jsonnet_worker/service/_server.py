@@ -258,6 +258,15 @@ def load_or_report(path: str | Path | None) -> ServiceConfig | None:
         return None
 
 
+def counts(config: ServiceConfig) -> str:
+    """ "2 mappers, 1 templates", and the library sets when there are any."""
+    text = f"{len(config.mappers)} mappers, {len(config.templates)} templates"
+    if config.libraries:
+        files = sum(len(named.library.files) for named in config.libraries.values())
+        text += f", {len(config.libraries)} library sets of {files} files"
+    return text
+
+
 def check_config(path: str) -> int:
     """``serve --check-config FILE``: load FILE as ``serve`` would (the environment's
     overrides, every snippet and token file read; no pool started, so a snippet's syntax is
@@ -265,7 +274,7 @@ def check_config(path: str) -> int:
     config = load_or_report(path)
     if config is None:
         return EXIT_CONFIG
-    print(f"{path}: OK ({len(config.mappers)} mappers, {len(config.templates)} templates)")
+    print(f"{path}: OK ({counts(config)})")
     return 0
 
 
@@ -280,12 +289,7 @@ def serve(options: ServeOptions) -> int:
     if workers < 1:
         print("jsonnet-worker serve: --workers must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
-    logger.info(
-        "config %s: %d mappers, %d templates",
-        config.path or "(embedded default)",
-        len(config.mappers),
-        len(config.templates),
-    )
+    logger.info("config %s: %s", config.path or "(embedded default)", counts(config))
     warn_if_exposed(config, options.host)
     if workers > 1:
         # imports nothing of the app's at the top
