@@ -58,6 +58,51 @@ def test_base64_and_relative_paths(tmp_path: Path) -> None:
     assert config.templates["t"].source == "function(ctx) ctx"
 
 
+def test_library_sets_are_read_named_and_their_paths_rewritten(tmp_path: Path) -> None:
+    (tmp_path / "libs" / "k8s").mkdir(parents=True)
+    (tmp_path / "libs" / "util.libsonnet").write_text("{u: 1}")
+    (tmp_path / "libs" / "k8s" / "apps.libsonnet").write_text("{a: 1}")
+    (tmp_path / "one.libsonnet").write_text("{one: 1}")
+    (tmp_path / "m.jsonnet").write_text("(import 'util.libsonnet').u")
+    text = (
+        "libraries:\n"
+        "  helpers:\n"
+        "    sources:\n"
+        "      - file://libs\n"
+        "      - file://one.libsonnet\n"
+        "      - {path: vendor, source: file://libs/k8s}\n"
+        "      - {path: named/two.libsonnet, source: file://one.libsonnet}\n"
+        "      - {path: b64.libsonnet, source: 'base64://e2I6IDJ9'}\n"
+        "  open: {sources: [file://one.libsonnet], adhoc: true}\n"
+        "selfservice: {methods: {oidc: {config: {providers: "
+        "[{id: m, mapper_url: 'file://m.jsonnet', library: helpers}, "
+        "{id: n, mapper_url: 'file://m.jsonnet'}]}}}}\n"
+    )
+    config = parse_config(text, tmp_path / "c.yaml", {})
+    helpers = config.libraries["helpers"]
+    assert dict(helpers.library.files) == {
+        "util.libsonnet": b"{u: 1}",
+        "k8s/apps.libsonnet": b"{a: 1}",
+        "one.libsonnet": b"{one: 1}",
+        "vendor/apps.libsonnet": b"{a: 1}",
+        "named/two.libsonnet": b"{one: 1}",
+        "b64.libsonnet": b"{b: 2}",
+    }
+    assert helpers.adhoc is False and config.libraries["open"].adhoc is True
+    assert helpers.where == f"{tmp_path / 'c.yaml'}:2: libraries.helpers"
+    assert config.mappers["m"].library is helpers and config.mappers["n"].library is None
+    # restrict_host sees the absolute paths of what was read (base64 is no path).
+    assert config.raw["libraries"]["helpers"]["sources"] == [
+        f"file://{tmp_path / 'libs'}",
+        f"file://{tmp_path / 'one.libsonnet'}",
+        {"path": "vendor", "source": f"file://{tmp_path / 'libs' / 'k8s'}"},
+        {"path": "named/two.libsonnet", "source": f"file://{tmp_path / 'one.libsonnet'}"},
+        {"path": "b64.libsonnet", "source": "base64://e2I6IDJ9"},
+    ]
+    granted = kratos_allow_list(config.raw).ro_paths
+    assert str(tmp_path / "libs") in granted and str(tmp_path / "one.libsonnet") in granted
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -87,6 +132,32 @@ def test_base64_and_relative_paths(tmp_path: Path) -> None:
             "file:// or base64://",
         ),
         ("courier: {channels: [{id: a, request_config: {body: 'base64://!!'}}]}", "bad base64"),
+        ("libraries: {h: {sources: [file://missing]}}", "c.yaml:1: libraries.h.sources[0]: cannot"),
+        (
+            "libraries: {h: {sources: [{path: a, source: 'base64://!!'}]}}",
+            "libraries.h.sources[0]: bad base64",
+        ),
+        (
+            "libraries: {h: {sources: [{path: /abs, source: 'base64://e30='}]}}",
+            "libraries.h.sources[0]: library file name '/abs' lies outside the library",
+        ),
+        (
+            "libraries: {h: {sources: [{path: a//b, source: 'base64://e30='}]}}",
+            "not in its clean form 'a/b'",
+        ),
+        (
+            "libraries: {h: {sources: [{path: a, source: 'base64://e30='}, "
+            "{path: a, source: 'base64://e30='}]}}",
+            "libraries.h.sources[1]: serves 'a' again (first from libraries.h.sources[0])",
+        ),
+        ("libraries: {h: {sources: ['https://x/lib']}}", "file:// or base64:// URI, not"),
+        (
+            "libraries: {h: {sources: [{path: a, source: 'base64://e30='}]}}\n"
+            "courier: {channels: [{id: a, request_config: {body: 'base64://MQ==', "
+            "library: g}}]}",
+            "c.yaml:2: courier.channels[0].request_config.library: no library set named 'g' "
+            "(configured under 'libraries': h)",
+        ),
         (
             "courier: {channels: [{id: a, request_config: {body: 'base64://MQ=='}}, "
             "{id: a, request_config: {body: 'base64://MQ=='}}]}",
@@ -184,6 +255,12 @@ def test_check_config_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main.main(["serve", "--check-config", str(good)]) == 0
     out, err = capsys.readouterr()
     assert out == f"{good}: OK (6 mappers, 5 templates)\n" and err == ""
+    (tmp_path / "lib.libsonnet").write_text("{}")
+    with_sets = tmp_path / "sets.yaml"
+    with_sets.write_text("libraries: {a: {sources: [file://lib.libsonnet]}}\n")
+    assert main.main(["serve", "--check-config", str(with_sets)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{with_sets}: OK (0 mappers, 0 templates, 1 library sets of 1 files)\n"
     bad = tmp_path / "bad.yaml"
     bad.write_text("serve:\n  auth:\n    bearer_token_fil: token\n")
     assert main.main(["serve", "--check-config", str(bad)]) == main.EXIT_USAGE

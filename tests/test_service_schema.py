@@ -20,7 +20,7 @@ from jsonnet_worker.service._config import ENV_KEYS, parse_config
 from jsonnet_worker.service._schema import CONFIG, Section, Value, problems, schema_text
 
 ROOT = Path(__file__).resolve().parent.parent
-OUR_SECTIONS = {"serve", "pool", "security", "selfservice", "courier"}
+OUR_SECTIONS = {"serve", "pool", "security", "selfservice", "courier", "libraries"}
 
 
 def shipped_schema() -> dict[str, Any]:
@@ -36,9 +36,9 @@ def schema_errors(
     value: Any, schema: dict[str, Any], root: dict[str, Any], at: str = ""
 ) -> list[str]:
     """What is wrong with ``value`` by ``schema`` (JSON Schema 2020-12, the keywords the
-    generator emits: $ref, type, properties, additionalProperties, items, exclusiveMinimum,
-    minLength)."""
-    errors: list[str] = []
+    generator emits: $ref, type, properties, additionalProperties, items, anyOf,
+    exclusiveMinimum, minLength)."""
+    errors = _any_of_errors(value, schema, root, at)
     if "$ref" in schema:
         name = schema["$ref"].removeprefix("#/$defs/")
         errors += schema_errors(value, root["$defs"][name], root, at)
@@ -61,6 +61,13 @@ def schema_errors(
         for index, item in enumerate(value):
             errors += schema_errors(item, schema["items"], root, f"{at}[{index}]")
     return errors
+
+
+def _any_of_errors(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str) -> list[str]:
+    options = schema.get("anyOf", [])
+    if options and all(schema_errors(value, option, root, at) for option in options):
+        return [f"{at}: none of anyOf"]
+    return []
 
 
 def _scalar_errors(value: Any, schema: dict[str, Any], at: str) -> list[str]:
@@ -180,6 +187,15 @@ BAD = [
     "selfservice: {flows: {registraton: {}}}",
     "courier: {channels: [{id: a, request_config: {bdy: file://t}}]}",
     "courier: {htp: {}}",
+    "libraries: {h: {sources: [file://x], adhok: true}}",
+    "libraries: {h: {sources: file://x}}",
+    "libraries: {h: {sources: [1]}}",
+    "libraries: {h: {sources: [null]}}",
+    "libraries: {h: {sources: [{sorce: file://x}]}}",
+    "libraries: {h: {sources: [{source: file://x, path: 1}]}}",
+    "libraries: {h: {sources: [file://x], adhoc: 'yes'}}",
+    "libraries: {h: [file://x]}",
+    "courier: {http: {request_config: {body: file://t, library: 1}}}",
     "serv\u0435: {}",  # a Cyrillic e
     "kratos_key_that_does_not_exist: 1",
 ]
@@ -217,6 +233,25 @@ def test_bad_configs_fail_the_schema_and_the_loader(tmp_path: Path, text: str) -
         ),
         ("pool:\n  size: two\n", "c.yaml:2: pool.size: must be an integer or null"),
         ("serve:\n  workers: [1\n", "c.yaml:3:1: not valid YAML"),
+        (
+            "libraries:\n  h:\n    sources:\n      - base64://e30=\n",
+            "c.yaml:4: libraries.h.sources[0]: a base64:// source needs the name",
+        ),
+        (
+            "libraries:\n  h:\n    sources:\n      - {path: a}\n",
+            "c.yaml:4: libraries.h.sources[0]: a source is a file:// or base64:// URI",
+        ),
+        ("libraries:\n  h:\n    adhoc: true\n", "c.yaml:2: libraries.h: names no sources"),
+        (
+            "libraries:\n  h:\n    sources: [1]\n",
+            "c.yaml:3: libraries.h.sources[0]: must be a string or a mapping",
+        ),
+        (
+            "courier:\n  http:\n    request_config:\n      body: base64://e30=\n"
+            "      library: none\n",
+            "c.yaml:5: courier.http.request_config.library: no library set named 'none' "
+            "(configured under 'libraries': none)",
+        ),
     ],
 )
 def test_mistakes_are_refused_with_file_line_and_key(
