@@ -234,6 +234,11 @@ def test_bad_configs_fail_the_schema_and_the_loader(tmp_path: Path, text: str) -
         ("pool:\n  size: two\n", "c.yaml:2: pool.size: must be an integer or null"),
         ("serve:\n  workers: [1\n", "c.yaml:3:1: not valid YAML"),
         (
+            "selfservice:\n  methods:\n    oidc:\n      config:\n        providers:\n"
+            "          - id: a\n            mapper_url: file://missing.jsonnet\n",
+            "c.yaml:7: selfservice.methods.oidc.config.providers[0].mapper_url: cannot read",
+        ),
+        (
             "libraries:\n  h:\n    sources:\n      - base64://e30=\n",
             "c.yaml:4: libraries.h.sources[0]: a base64:// source needs the name",
         ),

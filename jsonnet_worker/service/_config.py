@@ -27,6 +27,15 @@ against the key table, then three Kratos places are walked for snippets:
 URIs are ``file://`` (relative paths are resolved against the config file's directory, so
 the embedded default works from any working directory) or ``base64://`` as in Kratos.
 
+Library sets (ours): ``libraries.<name>.sources`` lists ``file://`` directories and files
+and ``base64://`` contents (``{path, source}`` names where a source is served), merged into
+one ``Library`` per set (``NamedLibrary``); a snippet names its set with ``library:``
+beside its URI (``_snippet_library``). Everything is read here, at start, before the host
+sandbox exists: the service never opens a library file again. Each ``file://`` value read
+(a snippet's or a source's) is written back into ``raw`` as an absolute path, so the host
+sandbox's allow-list grants what was read. Every error names the file, the line and the
+key (``Source.where``).
+
 Environment variables override keys of the file: ``JSONNET_WORKER_`` and the key's path
 in upper case, ``_`` between its parts (``JSONNET_WORKER_POOL_SIZE=4``,
 ``JSONNET_WORKER_SECURITY_REQUIRE_SANDBOX=false``, ``JSONNET_WORKER_SERVE_MAX_BODY_BYTES``);
@@ -35,7 +44,10 @@ the value is read as a YAML scalar (``4``, ``true``, ``null``). Only the keys in
 ``JSONNET_WORKER_*`` variable is a ConfigError, so a typo is never ignored.
 
 Weak spots: only the keys above are walked (a Kratos key added later needs a line here), and
-http(s) URIs are refused: fetching code over the network at start is out of scope.
+http(s) URIs are refused: fetching code over the network at start is out of scope. A
+library set's files are not parsed at start (a library may hold data files for
+``importstr``); a snippet's import of a name the set lacks fails at its first call, with
+go-jsonnet's message.
 """
 
 from __future__ import annotations
@@ -241,7 +253,7 @@ def parse_config(
         (SnippetKind.TEMPLATE, _template_places(raw)),
     ):
         for place in places:
-            snippet = _load_snippet(kind, place, base)
+            snippet = _load_snippet(kind, place, base, source)
             library = _snippet_library(place, libraries, source)
             _add(mappers if kind is SnippetKind.MAPPER else templates, snippet, library)
     return ServiceConfig(
@@ -404,23 +416,25 @@ def _hooks(section: Mapping[str, Any], at: tuple[str, ...]) -> Iterator[_Place]:
         yield _Place(name, (*at, "hooks", index, "config", "body"), config, "body")
 
 
-def _load_snippet(kind: SnippetKind, place: _Place, base: Path) -> Snippet:
+def _load_snippet(kind: SnippetKind, place: _Place, base: Path, lines: Source) -> Snippet:
+    """The snippet at ``place``, read; ConfigError naming the file, the line and the key."""
     key = dotted(place.path)
+    where = f"{lines.where(place.path)}: {key}"
     uri = place.holder[place.field]
     if not isinstance(uri, str):
-        raise ConfigError(f"{key} must be a file:// or base64:// URI")
+        raise ConfigError(f"{where}: must be a file:// or base64:// URI")
     if uri.startswith("base64://"):
         try:
-            source = _base64(uri).decode("utf-8")
+            text = _base64(uri).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{key}: bad base64:// value ({exc})") from None
-        return Snippet(place.name, kind, uri, source, key)
+            raise ConfigError(f"{where}: bad base64:// value ({exc})") from None
+        return Snippet(place.name, kind, uri, text, key)
     if not uri.startswith("file://"):
-        raise ConfigError(f"{key} must be a file:// or base64:// URI, not {uri!r}")
+        raise ConfigError(f"{where}: must be a file:// or base64:// URI, not {uri!r}")
     file_path = base / uri[len("file://") :]
-    source = _read_text(file_path, key)
+    text = _read_text(file_path, where)
     place.holder[place.field] = uri = _absolute(file_path)
-    return Snippet(place.name, kind, uri, source, key)
+    return Snippet(place.name, kind, uri, text, key)
 
 
 def _base64(uri: str) -> bytes:

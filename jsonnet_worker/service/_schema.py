@@ -8,17 +8,20 @@ drift (``tests/test_service_schema.py`` fails when the shipped file is not what 
 generates).
 
 Plan: a config is a tree of ``Section`` (a mapping with known keys), ``ListOf``, ``Value``
-(a scalar with its JSON types) and ``Opaque`` nodes. Two kinds of keys live in it:
+(a scalar with its JSON types), ``Either`` (one of several nodes, told apart by the value's
+JSON type: ``anyOf`` in the schema) and ``Opaque`` nodes. Two kinds of keys live in it:
 
-- our own sections, ``serve``, ``pool`` and ``security`` (with ``security.landlock``):
-  strict, every key known and typed (``pool``'s keys and types come from ``PoolConfig``'s
-  fields, so an option added there is a key here);
+- our own sections, ``serve``, ``pool``, ``security`` (with ``security.landlock``) and
+  ``libraries`` (named library sets, each ``sources`` and ``adhoc``; a source is a URI or
+  ``{path, source}``): strict, every key known and typed (``pool``'s keys and types come
+  from ``PoolConfig``'s fields, so an option added there is a key here);
 - the Kratos paths the service walks for snippets (``selfservice.methods.oidc.config
   .providers[]``, ``selfservice.flows.<flow>.<before|after>[.<method>].hooks[]``,
   ``courier.channels[]``, ``courier.http``): strict too. Every mapping on those paths takes
   only the keys Ory Kratos' own config schema allows there (``embedx/config.schema.json``;
   the names are copied below, their values are Kratos' business and not checked) plus the
-  ones we read, which are typed. A typo such as ``mapper_ur`` or ``confg`` is refused
+  ones we read, which are typed (ours among them: a hook's ``name``, and ``library``
+  beside a ``mapper_url`` or a ``body``). A typo such as ``mapper_ur`` or ``confg`` is refused
   instead of silently dropping a mapper.
 
 Any other Kratos key is accepted only as one of Kratos' own top-level keys (``dsn``,
