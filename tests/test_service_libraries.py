@@ -21,7 +21,14 @@ from test_host_sandbox import EACCES, Host
 from test_service import error_of
 
 from jsonnet_worker.service._config import parse_config
-from servicekit import ServiceProcess, running_service, samples
+from servicekit import (
+    ServiceProcess,
+    pinned_clients,
+    running_service,
+    samples,
+    server_pids_and_dir,
+    wait_for_log,
+)
 
 HELPERS = """{
   email(claims):: if std.objectHas(claims, 'email') then claims.email else null,
@@ -213,6 +220,20 @@ def test_metrics_and_health_are_unaffected(client: httpx.Client) -> None:
         "oidc-helpers": {"files": 2, "bytes": health["libraries"]["oidc-helpers"]["bytes"]}
         | {"adhoc": False},
     }
+
+
+def test_every_server_process_reads_and_serves_the_sets(tmp_path: Path) -> None:
+    """``serve --workers 2``: each server process loads the config (and its sets) itself,
+    before its own host layer."""
+    with running_service(build(tmp_path), tmp_path, "--workers", "2") as service:
+        server_pids, _ = server_pids_and_dir(
+            wait_for_log(service, "all 2 server processes are ready")
+        )
+        claims = {"email": "dev@example.com"}
+        with pinned_clients(service.base_url, server_pids) as clients:
+            for client in clients.values():
+                answer = client.post("/v1/mappers/github", json={"claims": claims})
+                assert answer.json()["identity"]["traits"]["email"] == "dev@example.com"
 
 
 # -- the host sandbox: what the sets read is granted, and nothing beside it -----------------
