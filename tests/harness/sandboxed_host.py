@@ -77,10 +77,15 @@ def sqlite_write(database: str) -> int:
 
 
 def kill_a_worker(pool: WorkerPool) -> dict[str, Any]:
-    before = pool.stats()
+    deadline = time.monotonic() + 10
+    # Every first worker and spare started first: a replacement is counted in ``respawns``
+    # only past them (a kill before the spare's start would be replaced as the spare).
+    while (before := pool.stats()).spares < pool.spares or before.starting:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool did not start in 10 s: {before}")
+        time.sleep(0.02)
     victim = before.worker_pids[0]
     os.kill(victim, 9)
-    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         now = pool.stats()
         if victim not in now.worker_pids and now.idle == pool.size:
