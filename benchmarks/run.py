@@ -27,7 +27,7 @@ from pathlib import Path
 
 import _gojsonnet
 
-from benchmarks import bench_bounds, bench_cli, bench_tenants, workloads
+from benchmarks import bench_bounds, bench_cli, bench_libraries, bench_tenants, workloads
 from benchmarks.bench_latency import percentile as pct
 from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
@@ -546,6 +546,7 @@ def main() -> None:
     lifecycle(report, args.quick)
     bench_tenants.run(report, args.quick)  # issue 21: a victim tenant beside floods
     bench_cli.run(report, args.quick)  # issue 23: the command line's eval, one process each
+    bench_libraries.run(report, args.quick)  # issue 24: imports from memory, warm and first
     service, per_round = service_ratio(args.quick, not args.no_write)
     report.notes.append(f"service / unsafe in-process app under wrk, per round: {per_round}")
     targets(report, latency, rates, service)
