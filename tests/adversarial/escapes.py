@@ -24,6 +24,9 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
+from jsonnet_worker import Library
+from jsonnet_worker._wire.imports import Resolution, resolve
+
 IMPORT_FORMS = ("import", "importstr", "importbin")
 SPECIAL_FILES = (
     "/proc/self/environ",
@@ -48,6 +51,8 @@ class SecretFiles:
 
     root: Path
     marker: str = field(default_factory=lambda: "MARKER-" + secrets.token_hex(16))
+    # What a library set's decoys hold (``library_for``): never the marker.
+    decoy: str = field(default_factory=lambda: "DECOY-" + secrets.token_hex(16))
 
     def __post_init__(self) -> None:
         self.folder = self.root / "sécret dir ü"  # unicode and a space on the way
@@ -65,6 +70,10 @@ class SecretFiles:
             if not link.is_symlink():
                 link.symlink_to(target)
         os.chmod(self.root, 0o755)
+
+    def secret_names(self) -> list[Path]:
+        """The secret and the links to it, as paths under ``root``."""
+        return [self.secret, self.link, self.chain_link, self.folder_link / "secret.jsonnet"]
 
     def direct_paths(self) -> list[str]:
         """Paths that an unrestricted engine resolves to the secret."""
@@ -222,3 +231,87 @@ def attempts(files: SecretFiles) -> st.SearchStrategy[Attempt]:
         st.sampled_from(IMPORT_FORMS),
         st.sampled_from(list(PLACEMENTS)),
     )
+
+
+# -- library sets (issue 24): names a call's set may or may not serve ----------------------
+
+LIBRARY_TOP = "library"  # where the host read the set from, beside the secret's folder
+
+
+def library_for(files: SecretFiles) -> Library:
+    """A set written beside the secret (as ``Library.from_directory`` reads one): helpers at
+    its top and under the search path "vendor", a file that imports another by "..", and
+    decoys under the secret's own names relative to its root (the secret's file, its links),
+    each holding ``files.decoy``: a name that reaches a decoy was served from the set, one that
+    reaches the marker was read from disk."""
+    decoy = f'{{ "decoy": "{files.decoy}" }}\n'
+    sources = {
+        "util.libsonnet": "{ greet(n):: 'hi ' + n, file: std.thisFile }\n",
+        "vendor/strings.libsonnet": "{ upper(s):: std.asciiUpper(s) }\n",
+        "k8s/apps.libsonnet": "{ name: (import '../util.libsonnet').greet('k8s') }\n",
+        "data/notes.txt": "notes\n",
+        **{os.path.relpath(path, files.root): decoy for path in files.secret_names()},
+    }
+    top = files.root / LIBRARY_TOP
+    for name, text in sources.items():
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_text(text)
+    return Library.from_directory(top, search=("", "vendor"))
+
+
+def _mangled(name: str, files: SecretFiles) -> list[str]:
+    """``name`` climbing out, made absolute, encoded, cut by a NUL, over-long, or re-rooted
+    where it lies on disk."""
+    return [
+        name,
+        "./" + name,
+        "../" + name,
+        "../../" + name,
+        "../" * 40 + name,
+        "vendor/../" + name,
+        "vendor/../../" + name,
+        "x/" * 30 + "../" * 30 + name,
+        "x/" * 30 + "../" * 31 + name,
+        "/" + name,
+        "//" + name,
+        name + "/",
+        name.replace("/", "//"),
+        name + "\x00",
+        name + "\x00/../../../etc/passwd",
+        "\x00" + name,
+        "./" * 2100 + name,  # over MAX_IMPORT_NAME bytes
+        name.replace("/", "%2f"),
+        name.replace(".", "%2e"),
+        "%2e%2e/" + name,
+        "..%2f" + name,
+        name.replace("/", "\uff0f"),  # fullwidth solidus
+        "\u2025/" + name,  # two dot leader
+        name.replace(".", "\u2024"),  # one dot leader
+        name.upper(),
+        " " + name,
+        name + "\n",
+        str(files.root / LIBRARY_TOP / name),  # where the host read it
+        str(files.root / name),  # the secret's own root
+    ]
+
+
+def library_names(files: SecretFiles, library: Library) -> st.SearchStrategy[str]:
+    """Import names aimed at a set: its own names and the secret's (relative to the
+    secret's root) mangled every way ``_mangled`` knows, the escape corpus's paths, and
+    noise built from the characters paths are made of."""
+    names = sorted(library.files) + [os.path.relpath(p, files.root) for p in files.secret_names()]
+    through_search = [name.split("/", 1)[1] for name in names if name.startswith("vendor/")]
+    return st.one_of(
+        st.sampled_from(names + through_search),
+        st.sampled_from(names).flatmap(lambda name: st.sampled_from(_mangled(name, files))),
+        path_shapes(files),
+        st.text(st.sampled_from("./a\x00%\\u2e"), min_size=1, max_size=30),
+    )
+
+
+def expected_resolution(library: Library, name: str) -> Resolution:
+    """What a worker must answer for ``name`` imported by a snippet at the top: the rule,
+    applied to the name up to its first NUL (every engine's C glue hands an import name
+    to its callback as a C string, so the callback never sees what follows a NUL)."""
+    seen = name.split("\x00", 1)[0]
+    return resolve(library.files, library.search, library.boundaries, "", seen)
