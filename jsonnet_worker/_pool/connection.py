@@ -81,6 +81,10 @@ HELLO_MAX_FRAME = 64 * 1024
 # The library bytes one worker holds at most: a set that would go over replaces the others
 # (its frame says so), so a tenant that rotates sets costs a resend, never unbounded memory.
 MAX_HELD_LIBRARY_BYTES = 2 * MAX_LIBRARY_BYTES
+# And the sets one worker holds at most, under the worker's own backstop (its engine drops
+# every set it holds at 64, ``_worker.engines.MAX_HELD_LIBRARIES``): the pool replaces first,
+# so a set it believes held is held, however many small sets a tenant rotates through.
+MAX_HELD_LIBRARY_SETS = 32
 # Room in an answer frame beyond its one long string: the map, its keys, the id, the kind.
 FRAME_MARGIN = 4096
 # The longest message a worker may send, in UTF-8 bytes (a character takes at most 4).
@@ -249,10 +253,14 @@ class WorkerConnection:
 
     def _library_frame(self, library: Library) -> bytes:
         """The set's frame if the worker does not hold it yet, else b"". A worker keeps what
-        it is sent; past ``MAX_HELD_LIBRARY_BYTES`` the new set replaces all it held."""
+        it is sent; past ``MAX_HELD_LIBRARY_BYTES`` or ``MAX_HELD_LIBRARY_SETS`` the new set
+        replaces all it held."""
         if library.digest in self.held:
             return b""
-        replace = self._held_bytes + library.size > MAX_HELD_LIBRARY_BYTES
+        replace = (
+            self._held_bytes + library.size > MAX_HELD_LIBRARY_BYTES
+            or len(self.held) >= MAX_HELD_LIBRARY_SETS
+        )
         if replace:
             self.held.clear()
             self._held_bytes = 0

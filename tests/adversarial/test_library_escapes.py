@@ -48,8 +48,10 @@ from jsonnet_worker import (
     WorkerPool,
 )
 from jsonnet_worker._library import MAX_LIBRARY_BYTES, MAX_LIBRARY_FILES
+from jsonnet_worker._pool.connection import MAX_HELD_LIBRARY_SETS
 from jsonnet_worker._pool.processes import WorkerSettings, worker_command
 from jsonnet_worker._wire.imports import IMPORT_REFUSED, NO_MATCH, Found, Missing, Refused
+from jsonnet_worker._worker.engines import MAX_HELD_LIBRARIES
 from rawworker import RawWorker
 
 from .conftest import Tier
@@ -576,3 +578,19 @@ def test_a_set_over_max_request_never_reaches_a_worker(compromised_pool: WorkerP
     with pytest.raises(InputTooLarge):
         pool.evaluate(HELD_SETS, library=big)
     assert pool.evaluate(HELD_SETS) == []
+
+
+# -- a tenant that rotates its sets -------------------------------------------------------------
+
+
+def test_a_worker_given_many_sets_still_serves_the_first(engine_pool: WorkerPool) -> None:
+    """Found by the soak tier: the worker drops every set it holds once it holds
+    ``MAX_HELD_LIBRARIES``; the pool must say so first (``replace``), or a call naming a set
+    the pool believes held fails as "never received". Sets past that count, twice over."""
+    sets = [Library.from_files({"n.libsonnet": str(i)}) for i in range(MAX_HELD_LIBRARIES + 6)]
+    assert MAX_HELD_LIBRARY_SETS < MAX_HELD_LIBRARIES
+    errors = engine_pool.stats().errors
+    for _ in range(2):  # the second round names sets the worker was sent long ago
+        for number, library in enumerate(sets):
+            assert engine_pool.evaluate("import 'n.libsonnet'", library=library) == number
+    assert engine_pool.stats().errors == errors  # none, and no worker retired
