@@ -8,7 +8,10 @@ Plan: ``SecretFiles`` makes the marker file, symlinks to it and to its folder; `
 draws a path (its shape), spells it as a string literal (its style), wraps it in an import
 form, and places that expression in a snippet, an ext code or a TLA code. The secret file
 holds a Jsonnet object with the marker, so ``import`` of it would put the marker in the result,
-``importstr`` in the result or an error message.
+``importstr`` in the result or an error message. For library sets (issue 24), ``library_for``
+writes a set beside the secret whose decoys carry the secret's own names, ``library_names``
+aims names at it (its names and the secret's, climbing out, absolute, encoded, cut by a NUL,
+over-long, re-rooted on disk) and ``expected_resolution`` says what the rule serves for each.
 
 Weak spots: a literal style that the engine rejects as a syntax error still tests nothing
 beyond the parser; ``check_controls`` proves that the plain shapes do reach the secret in an
