@@ -300,6 +300,20 @@ def claims_code() -> str:
     return json.dumps(claims)
 
 
+def interleaved(
+    call: dict[str, Callable[[], object]], calls: int, rounds: int
+) -> dict[str, list[float]]:
+    """Per-call seconds of each contender after a warm-up, interleaved in ``rounds`` so that
+    the load of a shared machine hits them alike."""
+    for name in call:
+        samples(call[name], max(5, calls // 20))
+    timings: dict[str, list[float]] = {name: [] for name in call}
+    for _ in range(rounds):
+        for name in call:
+            timings[name] += samples(call[name], max(1, calls // rounds))
+    return timings
+
+
 def warm(pool: WorkerPool, library: Library, calls: int, rounds: int = 5) -> dict[str, list[float]]:
     """Per-call timings of each mapper, imported and pasted, on a warm pool, interleaved in
     rounds; keyed "mapper|imported" and "mapper|pasted"."""
@@ -314,13 +328,7 @@ def warm(pool: WorkerPool, library: Library, calls: int, rounds: int = 5) -> dic
         call[f"{name}|{PASTED}"] = partial(pool.evaluate_json, pasted, ext_codes=codes)
         if call[f"{name}|{IMPORTED}"]() != call[f"{name}|{PASTED}"]():
             raise AssertionError(f"{name}: the imported and the pasted mapper differ")
-    for key in call:
-        samples(call[key], max(5, calls // 20))
-    timings: dict[str, list[float]] = {key: [] for key in call}
-    for _ in range(rounds):
-        for key in call:
-            timings[key] += samples(call[key], max(1, calls // rounds))
-    return timings
+    return interleaved(call, calls, rounds)
 
 
 def engine_only(
@@ -334,32 +342,26 @@ def engine_only(
     held = LibrarySet(library.digest, library.search, library.boundaries, files)
     source = files[LIBRARY_NAME].decode()
     codes = {"claims": claims_code()}
-    variables: dict[str, Any] = dict(ext_vars={}, tla_vars={}, tla_codes={}, max_stack=500)
-    call: dict[str, Callable[[], object]] = {
-        IMPORTED: partial(
+
+    def mapper(text: str, served: LibrarySet | None) -> Callable[[], object]:
+        return partial(
             engine.evaluate_snippet,
             "mapper.jsonnet",
-            snippet(MAPPER_BODY, None),
+            text,
+            ext_vars={},
             ext_codes=codes,
+            tla_vars={},
+            tla_codes={},
+            max_stack=500,
             max_trace=20,
-            library=held,
-            **variables,
-        ),
-        PASTED: partial(
-            engine.evaluate_snippet,
-            "mapper.jsonnet",
-            snippet(MAPPER_BODY, source),
-            ext_codes=codes,
-            max_trace=20,
-            **variables,
-        ),
+            library=served,
+        )
+
+    call = {
+        IMPORTED: mapper(snippet(MAPPER_BODY, None), held),
+        PASTED: mapper(snippet(MAPPER_BODY, source), None),
     }
-    for how in call:
-        samples(call[how], max(5, calls // 20))
-    timings: dict[str, list[float]] = {how: [] for how in call}
-    for _ in range(rounds):
-        for how in call:
-            timings[how] += samples(call[how], max(1, calls // rounds))
+    timings = interleaved(call, calls, rounds)
     stats = engine.stats
     cache = (
         f"the C API cache over the engine-only run: {stats.hits} hits, {stats.misses} misses, "

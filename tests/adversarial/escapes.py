@@ -20,6 +20,7 @@ unrestricted in-process engine, so the generator is not merely producing dead pa
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from jsonnet_worker import Library
+from jsonnet_worker import Library, WorkerPool
 from jsonnet_worker._wire.imports import Resolution, resolve
 
 IMPORT_FORMS = ("import", "importstr", "importbin")
@@ -318,3 +319,13 @@ def expected_resolution(library: Library, name: str) -> Resolution:
     to its callback as a C string, so the callback never sees what follows a NUL)."""
     seen = name.split("\x00", 1)[0]
     return resolve(library.files, library.search, library.boundaries, "", seen)
+
+
+def assert_nothing_leaked(pool: WorkerPool, records: list[logging.LogRecord], marker: str) -> None:
+    """After a fuzz run on ``pool``: the marker in no log record, and the pool whole (every
+    worker alive, none crashed or timed out)."""
+    for record in records:
+        assert marker not in record.getMessage()
+        assert marker not in repr(record.__dict__)
+    stats = pool.stats()
+    assert stats.alive == pool.size and stats.crashes == 0 and stats.timeouts == 0

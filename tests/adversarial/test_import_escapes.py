@@ -23,7 +23,7 @@ from jsonnet_worker._wire.messages import EngineKind
 from rawworker import RawWorker
 
 from .conftest import Tier
-from .escapes import LITERAL_STYLES, Attempt, SecretFiles, attempts, build
+from .escapes import LITERAL_STYLES, Attempt, SecretFiles, assert_nothing_leaked, attempts, build
 from .ledger import LEDGER
 
 TIMEOUTS = {"go": 2.0, "cpp": 5.0}
@@ -96,11 +96,7 @@ def test_pool_refuses_every_escape(
         assert pool.evaluate("std.extVar('n') * 2", {"n": tried[0]}) == tried[0] * 2
 
     attempt_escape()
-    for record in caplog.records:
-        assert files.marker not in record.getMessage()
-        assert files.marker not in repr(record.__dict__)
-    stats = pool.stats()
-    assert stats.alive == pool.size and stats.crashes == 0 and stats.timeouts == 0
+    assert_nothing_leaked(pool, caplog.records, files.marker)
     print(f"\nimport escapes ({tier.name}, {engine}): {tried[0]} attempts, 0 escapes")
 
 

@@ -59,6 +59,7 @@ from .escapes import (
     IMPORT_FORMS,
     Attempt,
     SecretFiles,
+    assert_nothing_leaked,
     attempts,
     expected_resolution,
     library_for,
@@ -68,10 +69,10 @@ from .escapes import (
 from .ledger import LEDGER
 
 TIMEOUTS = {"go": 2.0, "cpp": 5.0}
-# The worker's engine APIs: go-jsonnet's C API (the default), its binding, the C++ binding.
+# Literal styles that spell any name (a NUL as \u0000): the oracle knows what the engine reads.
+# The worker's engine APIs (as tests/test_libraries.py): go-jsonnet's C API, its binding, C++.
 WORKERS = {"go-capi": ("go", []), "go-binding": ("go", ["--engine-api", "binding"])}
 WORKERS.update({"cpp": ("cpp", [])} if "cpp" in ENGINES else {})
-# Literal styles that spell any name (a NUL as \u0000): the oracle knows what the engine reads.
 ORACLE_STYLES = ("single", "double", "unicode-escapes", "all-escaped")
 KERNEL_REFUSALS = ("permission denied", "operation not permitted", "no such file")
 
@@ -335,11 +336,7 @@ def test_escape_corpus_with_a_library_from_a_snippet_or_a_library_file(
         assert pool.evaluate("std.extVar('n') * 2", {"n": tried[0]}) == tried[0] * 2
 
     attempt_escape()
-    for record in caplog.records:
-        assert files.marker not in record.getMessage()
-        assert files.marker not in repr(record.__dict__)
-    stats = pool.stats()
-    assert stats.alive == pool.size and stats.crashes == 0 and stats.timeouts == 0
+    assert_nothing_leaked(pool, caplog.records, files.marker)
     print(f"\nlibrary escapes ({tier.name}, {pool.engine}): {tried[0]} attempts, 0 escapes")
 
 
