@@ -19,6 +19,12 @@ The C++ engine parses its standard library again for every imported file (~25-50
 here, as when it reads the same tree from disk), so a 1,000-import chain cannot end within any
 reasonable deadline there: it ends in EvaluationTimeout, a typed error, and runs in the soak
 tier only; the fast tier gives that engine a chain of 20 and a tree 20 deep.
+
+Weak spots: the oracle for generated names is the rule itself (``_wire.imports.resolve``, the
+code the worker runs), so a mistake in the rule shows only where go-jsonnet's own importer, run
+on the set's tree alone, reads something else (and in tests/test_libraries.py); the strace
+watch runs on one worker driven frame by frame (``RawWorker``), not on a pool's workers, whose
+conversation is the same object.
 """
 
 from __future__ import annotations
