@@ -20,11 +20,24 @@ from typing import Any
 from jsonnet_worker._library import Library
 from jsonnet_worker._pool.connection import NEED_DATA, Answer, Failure, WorkerConnection
 from jsonnet_worker._pool.launch import await_hello
-from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings
+from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings, worker_command
 from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME, FrameReader, Message
 from jsonnet_worker._wire.messages import EvalRequest, Result, WorkerHello, read_answer
 
 MAX_OUTPUT = 1 << 20
+# Each way a worker can run an engine: name -> (engine, extra worker arguments).
+ENGINE_APIS = {
+    "go-capi": ("go", []),
+    "go-binding": ("go", ["--engine-api", "binding"]),
+    "cpp": ("cpp", []),
+}
+
+
+def api_worker(api: str) -> RawWorker:
+    """A RawWorker running one of ``ENGINE_APIS`` (use it as a context manager)."""
+    engine, extra = ENGINE_APIS[api]
+    command = [*worker_command(WorkerSettings(engine, 1 << 30, 64 << 20)), *extra]
+    return RawWorker(engine, command=command)
 
 
 class RawWorker:

@@ -9,13 +9,10 @@ from typing import Any
 import pytest
 
 from conftest import ENGINES
-from jsonnet_worker._pool.processes import WorkerSettings, worker_command
 from jsonnet_worker._wire.messages import EngineKind, Operation
-from rawworker import RawWorker
+from rawworker import ENGINE_APIS, RawWorker, api_worker
 
-# name -> (engine, extra worker arguments)
-WORKERS = {"go-capi": ("go", []), "go-binding": ("go", ["--engine-api", "binding"])}
-WORKERS.update({"cpp": ("cpp", [])} if "cpp" in ENGINES else {})
+WORKERS = [api for api in ENGINE_APIS if ENGINE_APIS[api][0] in ENGINES]
 
 # Each of these would fail, loop or print if evaluated; a check must not evaluate.
 NEVER_EVALUATED = [
@@ -41,9 +38,7 @@ STATIC_ERRORS = [
 
 @pytest.fixture(scope="module", params=sorted(WORKERS))
 def worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
-    engine, extra = WORKERS[request.param]
-    command = [*worker_command(WorkerSettings(engine, 1 << 30, 64 << 20)), *extra]
-    with RawWorker(engine, command=command) as raw:
+    with api_worker(request.param) as raw:
         yield raw
 
 

@@ -23,7 +23,6 @@ from conftest import ENGINES
 from jsonnet_worker import InputTooLarge, InvalidArgument, InvalidType, JsonnetError, Library
 from jsonnet_worker._pool import connection as connection_module
 from jsonnet_worker._pool.connection import WorkerConnection
-from jsonnet_worker._pool.processes import WorkerSettings, worker_command
 from jsonnet_worker._wire.framing import FrameReader, Message, encode
 from jsonnet_worker._wire.imports import (
     Found,
@@ -37,7 +36,7 @@ from jsonnet_worker._wire.imports import (
 )
 from jsonnet_worker._wire.messages import LIBRARY, ErrorKind, EvalRequest, LibrarySet
 from jsonnet_worker._wire.messages import Failure as WireFailure
-from rawworker import RawWorker
+from rawworker import ENGINE_APIS, RawWorker, api_worker
 
 # -- the rule --------------------------------------------------------------------------------
 
@@ -228,8 +227,7 @@ def test_a_set_is_sent_once_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- real workers ------------------------------------------------------------------------------
 
-WORKERS = {"go-capi": ("go", []), "go-binding": ("go", ["--engine-api", "binding"])}
-WORKERS.update({"cpp": ("cpp", [])} if "cpp" in ENGINES else {})
+WORKERS = [api for api in ENGINE_APIS if ENGINE_APIS[api][0] in ENGINES]
 
 TREE = {
     "main.jsonnet": (
@@ -269,9 +267,7 @@ def library(tree: Path) -> Library:
 
 @pytest.fixture(scope="module", params=sorted(WORKERS))
 def worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
-    engine, extra = WORKERS[request.param]
-    command = [*worker_command(WorkerSettings(engine, 1 << 30, 64 << 20)), *extra]
-    with RawWorker(engine, command=command) as raw:
+    with api_worker(request.param) as raw:
         yield raw
 
 

@@ -55,10 +55,9 @@ from jsonnet_worker import (
 )
 from jsonnet_worker._library import MAX_LIBRARY_BYTES, MAX_LIBRARY_FILES
 from jsonnet_worker._pool.connection import MAX_HELD_LIBRARY_SETS
-from jsonnet_worker._pool.processes import WorkerSettings, worker_command
 from jsonnet_worker._wire.imports import IMPORT_REFUSED, NO_MATCH, Found, Missing, Refused
 from jsonnet_worker._worker.engines import MAX_HELD_LIBRARIES
-from rawworker import RawWorker
+from rawworker import ENGINE_APIS, RawWorker, api_worker
 
 from .conftest import Tier
 from .escapes import (
@@ -77,8 +76,7 @@ from .ledger import LEDGER
 TIMEOUTS = {"go": 2.0, "cpp": 5.0}
 # Literal styles that spell any name (a NUL as \u0000): the oracle knows what the engine reads.
 # The worker's engine APIs (as tests/test_libraries.py): go-jsonnet's C API, its binding, C++.
-WORKERS = {"go-capi": ("go", []), "go-binding": ("go", ["--engine-api", "binding"])}
-WORKERS.update({"cpp": ("cpp", [])} if "cpp" in ENGINES else {})
+WORKERS = [api for api in ENGINE_APIS if ENGINE_APIS[api][0] in ENGINES]
 ORACLE_STYLES = ("single", "double", "unicode-escapes", "all-escaped")
 KERNEL_REFUSALS = ("permission denied", "operation not permitted", "no such file")
 
@@ -159,9 +157,7 @@ class FileSyscallWatch:
 
 @pytest.fixture(scope="module", params=sorted(WORKERS))
 def worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
-    engine, extra = WORKERS[request.param]
-    command = [*worker_command(WorkerSettings(engine, 1 << 30, 64 << 20)), *extra]
-    with RawWorker(engine, command=command) as raw:
+    with api_worker(request.param) as raw:
         yield raw
 
 
