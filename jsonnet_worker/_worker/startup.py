@@ -43,7 +43,6 @@ rather than failing.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import errno
@@ -60,7 +59,6 @@ from .._sandbox import landlock, privileges, seccomp
 from .._wire.framing import DEFAULT_MAX_FRAME, encode
 from .._wire.layers import LandlockStatus, LayerStatus
 from .._wire.messages import (
-    WORKER_COMMAND,
     EngineKind,
     ErrorKind,
     Failure,
@@ -92,33 +90,57 @@ class StartupError(Exception):
 STARTUP_ERRORS = (StartupError, OSError, ValueError)
 
 
+# The worker's command line, as ``_pool.processes.worker_command`` writes it: each option
+# but ``--own-uid`` takes one value. Read by hand, not by argparse, which would cost every
+# worker start about 5 ms (its import, gettext's locale lookup, shutil for a help text's
+# terminal width) for a command line that no person types.
+_VALUED = frozenset(
+    {"engine", "memory-limit", "parent-pid", "max-frame", "user", "uid", "gid", "cpu-budget"}
+    | {"engine-api"}  # "binding" keeps the go engine on its binding (tests, benchmarks)
+)
+_OWN_UID = "--own-uid"
+ENGINE_APIS = ("auto", "binding")
+
+
 def parse_args(argv: list[str]) -> WorkerOptions:
-    parser = argparse.ArgumentParser(prog=f"jsonnet_worker {WORKER_COMMAND}", add_help=False)
-    parser.add_argument("--engine", choices=[kind.value for kind in EngineKind])
-    parser.add_argument("--memory-limit", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME)
-    parser.add_argument("--user", default=None)
-    parser.add_argument("--uid", type=int, default=None)
-    parser.add_argument("--gid", type=int, default=None)
-    parser.add_argument("--own-uid", action="store_true")
-    parser.add_argument("--cpu-budget", type=float, default=None)
-    # "binding" keeps the go engine on its Python binding (tests and benchmarks compare).
-    parser.add_argument("--engine-api", choices=["auto", "binding"], default="auto")
-    args = parser.parse_args(argv)
+    """The options of a worker's command line; ``StartupError`` says what is wrong."""
+    given: dict[str, str] = {}
+    own_uid = False
+    words = iter(argv)
+    for word in words:
+        if word == _OWN_UID:
+            own_uid = True
+            continue
+        value = next(words, None)
+        if not word.startswith("--") or word[2:] not in _VALUED or value is None:
+            raise StartupError(f"bad worker command line: {word!r} unknown or without a value")
+        given[word[2:]] = value
+    try:
+        return _options(given, own_uid)
+    except KeyError as exc:
+        raise StartupError(f"bad worker command line: --{exc.args[0]} missing") from None
+    except ValueError as exc:
+        raise StartupError(f"bad worker command line: {exc}") from None
+
+
+def _options(given: dict[str, str], own_uid: bool) -> WorkerOptions:
     identity = None
-    if args.uid is not None and args.gid is not None:
-        identity = privileges.WorkerIdentity(
-            args.user or str(args.uid), args.uid, args.gid, own_uid=args.own_uid
-        )
+    if "uid" in given and "gid" in given:
+        uid = int(given["uid"])
+        user = given.get("user") or str(uid)
+        identity = privileges.WorkerIdentity(user, uid, int(given["gid"]), own_uid=own_uid)
+    engine_api = given.get("engine-api", "auto")
+    if engine_api not in ENGINE_APIS:
+        raise ValueError(f"--engine-api {engine_api!r}")
+    budget = given.get("cpu-budget")
     return WorkerOptions(
-        engine=EngineKind(args.engine),
-        memory_limit=args.memory_limit,
-        parent_pid=args.parent_pid,
-        max_frame=args.max_frame,
+        engine=EngineKind(given["engine"]),
+        memory_limit=int(given["memory-limit"]),
+        parent_pid=int(given["parent-pid"]),
+        max_frame=int(given.get("max-frame", DEFAULT_MAX_FRAME)),
         identity=identity,
-        cpu_budget=args.cpu_budget,
-        engine_api=args.engine_api,
+        cpu_budget=None if budget is None else float(budget),
+        engine_api=engine_api,
     )
 
 
@@ -394,7 +416,11 @@ def start(options: WorkerOptions) -> StartUp:
 
 
 def main(argv: list[str]) -> int:
-    options = parse_args(argv)
+    try:
+        options = parse_args(argv)
+    except StartupError as exc:  # before the protocol streams exist: said on stderr
+        print(f"worker start-up failed: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STARTUP_FAILED
     tie_to_parent(options.parent_pid)  # 1
     streams = loop.ProtocolStreams()  # 2
     try:

@@ -1,0 +1,124 @@
+"""A worker's start-up, made quicker (issue 23: ``eval`` of a small file): what it reads from
+its command line, the engine copied into its memfd, and what a worker imports.
+
+- ``startup.parse_args`` reads the command line ``processes.worker_command`` writes (by
+  hand, not argparse): every option comes back as it was given, and a command line that is
+  wrong in any way is a start-up failure that says what is wrong, never a default.
+- ``engines.prepare`` copies the extension into the memfd with ``sendfile``: the memfd holds
+  exactly the installed file's bytes.
+- A worker (not a fork server) imports nothing of the fork server, checked on a live worker
+  from outside (``-X importtime`` reports each import on its stderr).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from jsonnet_worker._errors import WorkerStartError
+from jsonnet_worker._pool.connection import WorkerConnection
+from jsonnet_worker._pool.identities import WorkerIdentities
+from jsonnet_worker._pool.launch import await_hello, launch_and_greet
+from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings, worker_command
+from jsonnet_worker._sandbox.privileges import WorkerIdentity
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
+from jsonnet_worker._wire.messages import WORKER_COMMAND, EngineKind
+from jsonnet_worker._worker import engines, startup
+
+
+def worker_argv(command: list[str]) -> list[str]:
+    """What ``startup.main`` gets: the words after the mode (``bootstrap`` passes
+    ``sys.argv[2:]``; ``sys.argv[0]`` of ``python -c`` is ``-c``)."""
+    return command[command.index(WORKER_COMMAND) + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("settings", "identity"),
+    [
+        (WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME), None),
+        (
+            WorkerSettings("cpp", 256 << 20, 4096, WorkerIdentities(None), cpu_budget=2.5),
+            WorkerIdentity("nobody", 65534, 65534),
+        ),
+        (WorkerSettings("go", 300 << 20, 1 << 20), WorkerIdentity("u", 70001, 70002, True)),
+    ],
+)
+def test_the_command_line_the_pool_writes_is_read_back_whole(
+    settings: WorkerSettings, identity: WorkerIdentity | None
+) -> None:
+    options = startup.parse_args(worker_argv(worker_command(settings, identity)))
+    assert options == startup.WorkerOptions(
+        engine=EngineKind(settings.engine),
+        memory_limit=settings.memory_limit,
+        parent_pid=os.getpid(),
+        max_frame=settings.max_frame,
+        identity=identity,
+        cpu_budget=settings.cpu_budget,
+    )
+
+
+def test_the_engine_api_option_is_read() -> None:
+    argv = ["--engine", "go", "--memory-limit", "1", "--parent-pid", "1"]
+    assert startup.parse_args(argv).engine_api == "auto"
+    assert startup.parse_args([*argv, "--engine-api", "binding"]).engine_api == "binding"
+
+
+REQUIRED = ["--engine", "go", "--memory-limit", "1073741824", "--parent-pid", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        ([*REQUIRED, "--memory", "5"], "'--memory' unknown"),
+        ([*REQUIRED, "--uid"], "'--uid' unknown or without a value"),
+        ([*REQUIRED, "extra"], "'extra' unknown"),
+        (REQUIRED[2:], "--engine missing"),
+        (REQUIRED[:4], "--parent-pid missing"),
+        (["--engine", "rust", *REQUIRED[2:]], "'rust' is not a valid EngineKind"),
+        ([*REQUIRED[:3], "1G", *REQUIRED[4:]], "invalid literal for int()"),
+        ([*REQUIRED, "--cpu-budget", "lots"], "could not convert string to float"),
+        ([*REQUIRED, "--engine-api", "fast"], "--engine-api 'fast'"),
+    ],
+)
+def test_a_wrong_command_line_is_refused_with_its_reason(argv: list[str], says: str) -> None:
+    with pytest.raises(startup.StartupError, match="bad worker command line") as refused:
+        startup.parse_args(argv)
+    assert says in str(refused.value)
+
+
+def test_a_worker_started_with_a_wrong_command_line_says_why_and_exits() -> None:
+    settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME)
+    command = [*worker_command(settings), "--no-such-option", "1"]
+    with pytest.raises(WorkerStartError, match="bad worker command line: '--no-such-option'"):
+        launch_and_greet(settings, command, timeout=20.0)
+
+
+def test_the_memfd_holds_the_installed_extension_byte_for_byte() -> None:
+    spec = importlib.util.find_spec(EngineKind.GO.module_name)
+    assert spec is not None and spec.origin
+    prepared = engines.prepare(EngineKind.GO)
+    try:
+        with open(spec.origin, "rb") as installed:
+            expected = installed.read()
+        assert os.fstat(prepared.memfd).st_size == len(expected) > 1 << 20
+        assert os.pread(prepared.memfd, len(expected) + 1, 0) == expected
+    finally:
+        os.close(prepared.memfd)
+
+
+def test_a_worker_imports_nothing_of_the_fork_server() -> None:
+    settings = WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME)
+    command = worker_command(settings)
+    command[1:1] = ["-X", "importtime"]  # each import, on the worker's stderr
+    process = WorkerProcess(settings, command)
+    try:
+        process.stderr.head_limit = 1 << 20  # keep every line, not a head and a tail
+        await_hello(process, WorkerConnection(1 << 20), timeout=20.0)
+    finally:
+        process.close()
+    imported = {line.rpartition("|")[2].strip() for line in process.stderr.text().splitlines()}
+    assert "jsonnet_worker._worker.startup" in imported  # the report is there at all
+    assert "jsonnet_worker._worker.forkserver" not in imported
+    assert "jsonnet_worker._wire.control" not in imported
