@@ -12,7 +12,8 @@ callers never see each other's call, and reading it costs the caller nothing it 
 for (a callback would run the caller's code on the call path, inside the pool's error
 handling). With ``opentelemetry-api`` installed (the ``otel`` extra), it also sets
 ``jsonnet_worker.*`` attributes on the caller's current span, if that span records (no SDK,
-or no span: one ``get_current_span`` and nothing else). The import is tried once, here.
+or no span: one ``get_current_span`` and nothing else). It is never imported here: only a
+process that has imported it can have a span (``OTEL_TRACE``).
 
 Weak spots: ``last_call()`` sees the calls made in its own thread or task: not those of
 ``submit()`` (an executor thread) nor those of a task the caller created and awaited (its
@@ -23,15 +24,14 @@ wants one span per evaluation starts it around the call.
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+import sys
 
 from .._report import CallInfo
 
-_otel_trace: Any  # the opentelemetry.trace module, or None without the ``otel`` extra
-try:
-    from opentelemetry import trace as _otel_trace
-except ImportError:  # the otel extra is not installed: no span attributes
-    _otel_trace = None
+# The OpenTelemetry API module, looked up when a call ends, never imported here: a span can
+# be current only in a process that has imported it (the API or an SDK), and importing it
+# costs every process that never traces ~15 ms at start (the CLI's ``eval`` among them).
+OTEL_TRACE = "opentelemetry.trace"
 
 # The last call's measurements as ``publish`` got them: a plain tuple, turned into a
 # ``CallInfo`` only when ``last_call()`` asks (most callers never do; building a frozen
@@ -61,9 +61,10 @@ def publish(
     """A call ended: its measurements (``CallInfo``'s fields, in its order) for
     ``last_call()`` and the caller's current span."""
     _last_call.set((tenant, worker_pid, queue_wait, run_time, worker_cpu, error))
-    if _otel_trace is None:
+    otel_trace = sys.modules.get(OTEL_TRACE)
+    if otel_trace is None:  # not imported: no span to add to
         return
-    span = _otel_trace.get_current_span()
+    span = otel_trace.get_current_span()
     if not span.is_recording():
         return
     attributes: dict[str, str | int | float] = {
