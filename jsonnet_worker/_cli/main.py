@@ -31,13 +31,12 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._config import ENGINES, PoolConfig
 from .._errors import Error, JsonnetError
-from . import output as output_modes
 from .sizes import format_size, parse_size
 from .terminal import command_logging, die_of_sigpipe, utf8_text
 from .versions import VersionAction
@@ -318,7 +317,11 @@ def _jsonnet_int(name: str, text: str) -> int:
 # -- the parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. Given the command line (``argv``), only the command it names
+    gets its flags: each of the others is there with its help line (for ``--help`` and a
+    typo's message), and their hundred-odd flags, which only their own command lines use,
+    are left out (they cost ``eval`` its start-up time, before its worker can start)."""
     parser = argparse.ArgumentParser(
         prog="jsonnet-worker",
         description="Evaluate untrusted Jsonnet in sandboxed worker processes.",
@@ -328,13 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    _add_eval(commands)
-    _add_test(commands)
-    check = commands.add_parser("check", help="parse and statically check files (no evaluation)")
+    named = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (help_text, description, add_flags) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=description)
+        if named in (None, name):
+            add_flags(command)
+    return parser
+
+
+def _add_check(check: argparse.ArgumentParser) -> None:
     check.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
     add_jpath_flag(check, "accepted as jsonnet's; a static check follows no import")
     add_pool_flags(check, CLI_LIMITS)
-    fmt = commands.add_parser("fmt", help="format files with go-jsonnet's formatter")
+
+
+def _add_fmt(fmt: argparse.ArgumentParser) -> None:
     fmt.add_argument("files", nargs="+", metavar="FILE", help="Jsonnet files, or - for stdin")
     fmt.add_argument("-i", "--in-place", action="store_true", help="rewrite each file")
     fmt.add_argument(
@@ -343,9 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_style_flags(fmt)
     add_jpath_flag(fmt, "accepted as jsonnet's; formatting follows no import")
     add_pool_flags(fmt, CLI_LIMITS)
-    doctor = commands.add_parser("doctor", help="start a worker and report its sandbox")
+
+
+def _add_doctor(doctor: argparse.ArgumentParser) -> None:
     doctor.add_argument("--engine", choices=[*ENGINES, "all"], default="all")
-    serve = commands.add_parser("serve", help="run the HTTP service (extra: serve)")
+
+
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", help="Kratos-style YAML config (default: the embedded one)")
     serve.add_argument(
         "--check-config",
@@ -367,16 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes on one socket, each with its own pool (default: the config's "
         "serve.workers, 1); /metrics sums them all",
     )
-    return parser
 
 
-def _add_eval(commands: Any) -> None:
-    evaluate = commands.add_parser(
-        "eval",
-        help="evaluate a Jsonnet file (or - for stdin), as the jsonnet command does",
-        description="Evaluate in the sandbox. Output, messages and exit codes follow "
-        "go-jsonnet's jsonnet command (README: the command line).",
-    )
+def _add_eval(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("file", help="the Jsonnet file, - for standard input, or code with -e")
     evaluate.add_argument("-e", "--exec", action="store_true", help="treat FILE as code")
     evaluate.add_argument(
@@ -401,14 +409,7 @@ def _add_eval(commands: Any) -> None:
     add_pool_flags(evaluate, CLI_LIMITS)
 
 
-def _add_test(commands: Any) -> None:
-    test = commands.add_parser(
-        "test",
-        help="run mapper/template test suites (YAML or JSON) in the sandbox",
-        description="Run each suite's cases; exit 0 when all pass, 1 when any fails, 2 when a "
-        "suite cannot be read or updated, 5 when -k selects no case. Suite format: README, "
-        "'Testing mappers'.",
-    )
+def _add_test(test: argparse.ArgumentParser) -> None:
     test.add_argument("suites", nargs="+", metavar="SUITE", help="suite files")
     test.add_argument("--junit-xml", metavar="FILE", help="also write a JUnit XML report")
     test.add_argument(
@@ -430,6 +431,29 @@ def _add_test(commands: Any) -> None:
     add_pool_flags(test, CLI_POOL)
 
 
+# Each command: its help line, its description (None: argparse shows the help line) and what
+# adds its flags, in the order ``--help`` lists them.
+COMMANDS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
+    "eval": (
+        "evaluate a Jsonnet file (or - for stdin), as the jsonnet command does",
+        "Evaluate in the sandbox. Output, messages and exit codes follow go-jsonnet's jsonnet "
+        "command (README: the command line).",
+        _add_eval,
+    ),
+    "test": (
+        "run mapper/template test suites (YAML or JSON) in the sandbox",
+        "Run each suite's cases; exit 0 when all pass, 1 when any fails, 2 when a suite "
+        "cannot be read or updated, 5 when -k selects no case. Suite format: README, "
+        "'Testing mappers'.",
+        _add_test,
+    ),
+    "check": ("parse and statically check files (no evaluation)", None, _add_check),
+    "fmt": ("format files with go-jsonnet's formatter", None, _add_fmt),
+    "doctor": ("start a worker and report its sandbox", None, _add_doctor),
+    "serve": ("run the HTTP service (extra: serve)", None, _add_serve),
+}
+
+
 # -- commands -----------------------------------------------------------------------------------
 
 
@@ -437,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command's exit status. Ctrl-C ends it quietly with 130 (its worker killed and
     reaped on the way out); a closed standard output ends it as jsonnet ends, by SIGPIPE."""
     try:
-        return _run(build_parser().parse_args(argv))
+        return _run(build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -534,6 +558,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _write_output(args: argparse.Namespace, text: str) -> None:
     """The result's JSON ``text`` in the output mode ``args`` ask for, where they ask."""
+    from . import output as output_modes  # here: json, for -S, -m, -y
+
     if args.multi is not None:
         files = output_modes.multi(text, args.multi, string=args.string)
     elif args.yaml_stream:
@@ -672,6 +698,7 @@ def format_style(args: argparse.Namespace) -> FormatStyle:
 
 def run_fmt(args: argparse.Namespace) -> int:
     from .._pool.facade import WorkerPool
+    from . import output as output_modes
 
     style = format_style(args)
     search_paths(args)  # checked as jsonnet checks it; formatting imports nothing

@@ -1,0 +1,64 @@
+"""``jsonnet-worker eval`` does only what one call needs before and beside its worker
+(issue 23: the command as quick as jsonnet's).
+
+- The parser built for a command line adds the flags of the command it names only, and
+  parses every command's line exactly as the parser with every command's flags does.
+- ``eval`` loads none of what only a pool or a tracer needs (OpenTelemetry, asyncio, the
+  pool's facade), checked in a real process that ran the command.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jsonnet_worker._cli import main
+
+COMMAND_LINES = [
+    ["eval", "-e", "{a: 1}", "--memory-limit", "512M", "-V", "x=1", "--mem", "256M"],
+    ["eval", "file.jsonnet", "-o", "out", "--allow-unsandboxed", "--engine", "go"],
+    ["test", "suite.yaml", "-k", "one", "--update", "--size", "3"],
+    ["check", "a.jsonnet", "b.jsonnet", "--timeout", "2"],
+    ["fmt", "a.jsonnet", "-n", "4", "--no-pad-objects", "--string-style", "d"],
+    ["doctor", "--engine", "cpp"],
+    ["serve", "--port", "1", "--workers", "2", "--no-access-log"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMAND_LINES, ids=[argv[0] for argv in COMMAND_LINES])
+def test_a_command_line_parses_as_with_every_commands_flags(argv: list[str]) -> None:
+    assert main.build_parser(argv).parse_args(argv) == main.build_parser().parse_args(argv)
+
+
+def test_only_the_named_commands_flags_are_built() -> None:
+    for_eval = main.build_parser(["eval", "x"])
+    assert for_eval.parse_args(["eval", "x", "--memory-limit", "1G"]).pool_memory_limit == 1 << 30
+    for other in (["check", "x", "--timeout", "2"], ["fmt", "x", "--indent", "4"]):
+        with pytest.raises(SystemExit):  # "unrecognized arguments": not built
+            for_eval.parse_args(other)
+        main.build_parser().parse_args(other)  # no command named (--help): every flag
+
+
+# Run in a fresh interpreter: eval, then what it loaded (on its own line after the output).
+PROBE = (
+    "import sys, json\n"
+    "from jsonnet_worker._cli.main import main\n"
+    "code = main(['eval', '-e', '{a: 1}'])\n"
+    "print(json.dumps([code, sorted(sys.modules)]))\n"
+)
+
+
+def test_eval_loads_nothing_only_a_pool_or_a_tracer_needs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60
+    )
+    code, modules = json.loads(done.stdout.splitlines()[-1])
+    assert code == 0 and '"a": 1' in done.stdout
+    assert "jsonnet_worker._pool.calls" in modules  # the probe saw the call's modules
+    loaded = {name.partition(".")[0] for name in modules} | set(modules)
+    assert loaded.isdisjoint(
+        {"opentelemetry", "asyncio", "jsonnet_worker._pool.facade", "jsonnet_worker._default"}
+    ), sorted(loaded & {"opentelemetry", "asyncio", "jsonnet_worker._pool.facade"})
