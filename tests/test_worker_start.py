@@ -4,8 +4,8 @@ its command line, the engine copied into its memfd, and what a worker imports.
 - ``startup.parse_args`` reads the command line ``processes.worker_command`` writes (by
   hand, not argparse): every option comes back as it was given, and a command line that is
   wrong in any way is a start-up failure that says what is wrong, never a default.
-- ``engines.prepare`` copies the extension into the memfd with ``sendfile``: the memfd holds
-  exactly the installed file's bytes.
+- ``engines.prepare`` copies into the memfd, with ``sendfile``, exactly the installed
+  extension's bytes that the loader maps (``elf.loaded_size``), and nothing after them.
 - A worker (not a fork server) imports nothing of the fork server, checked on a live worker
   from outside (``-X importtime`` reports each import on its stderr).
 """
@@ -22,6 +22,7 @@ from jsonnet_worker._pool.connection import WorkerConnection
 from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._pool.launch import await_hello, launch_and_greet
 from jsonnet_worker._pool.processes import WorkerProcess, WorkerSettings, worker_command
+from jsonnet_worker._sandbox.elf import loaded_size
 from jsonnet_worker._sandbox.privileges import WorkerIdentity
 from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
 from jsonnet_worker._wire.messages import WORKER_COMMAND, EngineKind
@@ -95,17 +96,39 @@ def test_a_worker_started_with_a_wrong_command_line_says_why_and_exits() -> None
         launch_and_greet(settings, command, timeout=20.0)
 
 
-def test_the_memfd_holds_the_installed_extension_byte_for_byte() -> None:
-    spec = importlib.util.find_spec(EngineKind.GO.module_name)
-    assert spec is not None and spec.origin
-    prepared = engines.prepare(EngineKind.GO)
+@pytest.mark.parametrize("kind", list(EngineKind), ids=[kind.value for kind in EngineKind])
+def test_the_memfd_holds_what_the_loader_maps_of_the_extension(kind: EngineKind) -> None:
+    """Byte for byte, and not the symbol tables and debug information after it (which
+    nothing maps); a worker of each engine loads it (every other worker test)."""
+    spec = importlib.util.find_spec(kind.module_name)
+    if spec is None or not spec.origin:
+        pytest.skip(f"{kind.module_name} is not installed")
+    prepared = engines.prepare(kind)
     try:
         with open(spec.origin, "rb") as installed:
-            expected = installed.read()
-        assert os.fstat(prepared.memfd).st_size == len(expected) > 1 << 20
-        assert os.pread(prepared.memfd, len(expected) + 1, 0) == expected
+            whole = installed.read()
+        size = os.fstat(prepared.memfd).st_size
+        assert size == loaded_size(spec.origin) < len(whole)
+        assert os.pread(prepared.memfd, size + 1, 0) == whole[:size]
     finally:
         os.close(prepared.memfd)
+
+
+def test_the_loaded_size_is_where_the_last_segment_ends() -> None:
+    """Read again here, field by field (Elf64_Ehdr, Elf64_Phdr): the furthest end of a
+    segment's bytes in the file, past the header table."""
+    spec = importlib.util.find_spec(EngineKind.GO.module_name)
+    assert spec is not None and spec.origin
+    with open(spec.origin, "rb") as elf:
+        data = elf.read()
+
+    def field(offset: int, size: int) -> int:
+        return int.from_bytes(data[offset : offset + size], "little")
+
+    table, entry_size, count = field(0x20, 8), field(0x36, 2), field(0x38, 2)
+    ends = [field(table + i * entry_size + 8, 8) + field(table + i * entry_size + 32, 8)
+            for i in range(count)]  # fmt: skip
+    assert table + entry_size * count <= max(ends) == loaded_size(spec.origin) < len(data)
 
 
 def test_a_worker_imports_nothing_of_the_fork_server() -> None:

@@ -1,11 +1,13 @@
 """Just enough ELF reading to know what a shared object or program needs at load time.
 
-Goals: the worker preloads an engine's libraries (``DT_NEEDED``) before its sandbox, and the
+Goals: the worker preloads an engine's libraries (``DT_NEEDED``) before its sandbox and
+copies into its memfd only the part of the engine the loader maps (``loaded_size``), and the
 host sandbox grants read on exactly the libraries a worker loads and execute on the program
-interpreter (``PT_INTERP``, the dynamic loader). Both read the same few headers here.
+interpreter (``PT_INTERP``, the dynamic loader). All read the same few headers here.
 
-Plan: read the ELF header, then either the program headers (``PT_INTERP``) or the section
-headers (``SHT_DYNAMIC`` and its string table) and decode the tags asked for.
+Plan: read the ELF header, then either the program headers (``PT_INTERP``, the segments'
+extent) or the section headers (``SHT_DYNAMIC`` and its string table) and decode the tags
+asked for.
 
 Weak spots: 64-bit little-endian objects only (x86_64, aarch64); anything else raises
 ValueError and the callers fall back or skip.
@@ -68,6 +70,21 @@ def dynamic_strings(path: str) -> dict[int, list[str]]:
 def elf_needed(path: str) -> list[str]:
     """The DT_NEEDED sonames of a 64-bit little-endian ELF shared object."""
     return dynamic_strings(path).get(DT_NEEDED, [])
+
+
+def loaded_size(path: str) -> int:
+    """How many leading bytes of an ELF object the dynamic loader reads: its headers and
+    every segment's bytes in the file (the program headers). Nothing maps what follows them
+    (the section headers, the symbol tables, the debug information)."""
+    with open(path, "rb") as elf:
+        ident = _header(elf, path)
+        table, phentsize, phnum = _table(elf, ident, 0x20, 0x36)
+    (table_offset,) = struct.unpack_from("<Q", ident, 0x20)
+    end: int = max(len(ident), table_offset + len(table))
+    for index in range(phnum):
+        _, _, offset, _, _, size, _, _ = struct.unpack_from("<IIQQQQQQ", table, index * phentsize)
+        end = max(end, offset + size)
+    return end
 
 
 def interpreter(path: str) -> str | None:
