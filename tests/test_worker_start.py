@@ -12,6 +12,7 @@ its command line, the engine copied into its memfd, and what a worker imports.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 
@@ -110,6 +111,25 @@ def test_the_memfd_holds_what_the_loader_maps_of_the_extension(kind: EngineKind)
         size = os.fstat(prepared.memfd).st_size
         assert size == loaded_size(spec.origin) < len(whole)
         assert os.pread(prepared.memfd, size + 1, 0) == whole[:size]
+    finally:
+        os.close(prepared.memfd)
+
+
+def test_where_sendfile_cannot_read_the_file_it_is_read_and_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = importlib.util.find_spec(EngineKind.GO.module_name)
+    assert spec is not None and spec.origin
+
+    def refused(*args: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", refused)
+    prepared = engines.prepare(EngineKind.GO)
+    try:
+        size = loaded_size(spec.origin)
+        with open(spec.origin, "rb") as installed:
+            assert os.pread(prepared.memfd, size + 1, 0) == installed.read(size)
     finally:
         os.close(prepared.memfd)
 

@@ -20,6 +20,7 @@ refuses to start with a message saying so.
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib.machinery
 import importlib.util
 import json
@@ -126,15 +127,23 @@ def prepare(kind: EngineKind) -> PreparedEngine:
 
 def _copy_into(path: str, memfd: int, size: int | None) -> None:
     """The first ``size`` bytes of the file at ``path`` (None: all of it) into ``memfd``,
-    copied by the kernel (``sendfile``, which every kernel with memfds takes between these
-    two): nothing passes through this process's memory, half the time of a read and a
-    write."""
+    copied by the kernel (``sendfile``): nothing passes through this process's memory, half
+    the time of a read and a write, which remain for a file system whose files sendfile
+    cannot read (EINVAL)."""
     with open(path, "rb") as extension:
         file_size = os.fstat(extension.fileno()).st_size
         size = file_size if size is None else min(size, file_size)
         copied = 0
         while copied < size:
-            sent = os.sendfile(memfd, extension.fileno(), copied, size - copied)
+            try:
+                sent = os.sendfile(memfd, extension.fileno(), copied, size - copied)
+            except OSError as exc:
+                if copied or exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                view = memoryview(extension.read(size))
+                while view:
+                    view = view[os.write(memfd, view) :]
+                return
             if sent == 0:  # the file shrank under us: what it holds now is copied
                 break
             copied += sent
