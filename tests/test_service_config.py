@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import jsonnet_worker
-from conftest import DATA
+from conftest import DATA, write_tree
 from jsonnet_worker import PoolConfig, kratos_allow_list
 from jsonnet_worker._cli import main
 from jsonnet_worker.service import ApiError, ConfigError, SnippetKind, load_config
@@ -59,11 +59,13 @@ def test_base64_and_relative_paths(tmp_path: Path) -> None:
 
 
 def test_library_sets_are_read_named_and_their_paths_rewritten(tmp_path: Path) -> None:
-    (tmp_path / "libs" / "k8s").mkdir(parents=True)
-    (tmp_path / "libs" / "util.libsonnet").write_text("{u: 1}")
-    (tmp_path / "libs" / "k8s" / "apps.libsonnet").write_text("{a: 1}")
-    (tmp_path / "one.libsonnet").write_text("{one: 1}")
-    (tmp_path / "m.jsonnet").write_text("(import 'util.libsonnet').u")
+    tree = {
+        "libs/util.libsonnet": "{u: 1}",
+        "libs/k8s/apps.libsonnet": "{a: 1}",
+        "one.libsonnet": "{one: 1}",
+        "m.jsonnet": "(import 'util.libsonnet').u",
+    }
+    write_tree(tmp_path, tree)
     text = (
         "libraries:\n"
         "  helpers:\n"
