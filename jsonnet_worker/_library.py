@@ -172,6 +172,12 @@ class Library:
             frames[replace] = encode(message.to_message())
         return frames[replace]
 
+    def __reduce__(self) -> tuple[type[Library], tuple[object, ...]]:
+        """Pickled (a task queue's argument, ``copy.deepcopy``) as the arguments that build
+        it again: its read-only view of the files is not picklable itself."""
+        files = dict(self.files)
+        return (Library, (files, self.search, self.boundaries, self.max_files, self.max_bytes))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Library) and other.digest == self.digest
 

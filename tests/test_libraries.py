@@ -9,8 +9,10 @@ in-process, on the same tree written to a temporary directory), and the pool's c
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,6 +140,13 @@ def test_library_value() -> None:
     assert one != Library.from_files({"a.libsonnet": "{}", "b.bin": b"\x00\xff"}, search=())
     with pytest.raises(TypeError):
         one.files["c"] = b""  # type: ignore[index]
+
+
+def test_library_pickles_and_copies() -> None:
+    library = Library.from_files({"a.libsonnet": "{}", "k/b.bin": b"\x00"}, search=("", "k"))
+    for again in (pickle.loads(pickle.dumps(library)), copy.deepcopy(library)):
+        assert again == library and again.search == ("", "k")
+        assert dict(again.files) == dict(library.files)
 
 
 @pytest.mark.parametrize(
