@@ -59,7 +59,7 @@ def test_base64_and_relative_paths(tmp_path: Path) -> None:
 
 
 def test_library_sets_are_read_named_and_their_paths_rewritten(tmp_path: Path) -> None:
-    tree = {
+    tree: dict[str, str | bytes] = {
         "libs/util.libsonnet": "{u: 1}",
         "libs/k8s/apps.libsonnet": "{a: 1}",
         "one.libsonnet": "{one: 1}",
