@@ -49,9 +49,9 @@ class Library:
     go-jsonnet's: "util.libsonnet", "k8s/apps.libsonnet". An import resolves as go-jsonnet's
     does: beside the importing file (a snippet's ``filename`` "snippet.jsonnet" sits at the
     top), then in each of ``search`` from the last to the first ("" is the top). A name
-    outside every one of ``boundaries``, absolute, or with a NUL byte is refused; a name in
-    bounds but not in the set fails as go-jsonnet's "couldn't open import". Equal sets
-    (``digest``) are equal values."""
+    outside every one of ``boundaries``, or absolute, is refused; a name in bounds but not in
+    the set fails as go-jsonnet's "couldn't open import". (The engines end a name at a NUL
+    byte before the worker sees it: README.) Equal sets (``digest``) are equal values."""
 
     files: Mapping[str, bytes]
     search: tuple[str, ...] = ("",)

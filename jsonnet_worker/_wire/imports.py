@@ -16,8 +16,10 @@ climbing out of the library). A refusal reads as before libraries existed ("impo
 available <name>"), and nothing on either side ever opens such a name.
 
 Weak spots: go-jsonnet also takes absolute names, which a set never serves (a documented
-difference); ``go_quote`` is Go's ``%#v`` of a string for what names hold in practice
-(printable text), not every corner of ``strconv.Quote``.
+difference); the NUL rule is a backstop: every engine's C glue ends a name at its first NUL
+byte before the callback is called, so the part before it is what gets resolved;
+``go_quote`` is Go's ``%#v`` of a string for what names hold in practice (printable text),
+not every corner of ``strconv.Quote``.
 """
 
 from __future__ import annotations
