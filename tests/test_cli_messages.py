@@ -306,7 +306,9 @@ def test_the_one_shot_worker_dies_typed_and_is_reaped() -> None:
     result, pid = _one_call(config, bomb)
     assert result == MemoryLimitExceeded.kind
     assert not Path(f"/proc/{pid}").exists()
-    looping, pid = _one_call(config.replace(timeout=0.3), LONG_CALL)
+    # The loop's heap grows too: at the bomb's 256 MiB a quick machine reached that limit
+    # before the deadline (seen in CI), so it runs under the default limit.
+    looping, pid = _one_call(config.replace(timeout=0.3, memory_limit=1 << 30), LONG_CALL)
     assert looping == EvaluationTimeout.kind
     assert not Path(f"/proc/{pid}").exists()
 
