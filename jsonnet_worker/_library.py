@@ -33,12 +33,11 @@ import msgpack
 
 from ._errors import InputTooLarge, InvalidArgument, InvalidType
 from ._wire.framing import encode
-from ._wire.imports import go_clean, within
+from ._wire.imports import MAX_IMPORT_NAME, go_clean, within
 from ._wire.messages import LibrarySet
 
 MAX_LIBRARY_FILES = 4096
 MAX_LIBRARY_BYTES = 16 * 1024 * 1024
-MAX_NAME_BYTES = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,7 +198,7 @@ def _raise(error: OSError) -> None:
 def _check_name(name: object, boundaries: tuple[str, ...]) -> None:
     if not isinstance(name, str):
         raise InvalidType(f"library file names must be str, not {type(name).__name__}")
-    if not name or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    if not name or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > MAX_IMPORT_NAME:
         raise InvalidArgument(f"library file name {name!r} is empty, too long or has a NUL byte")
     if go_clean(name) != name:
         raise InvalidArgument(
