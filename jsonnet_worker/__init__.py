@@ -7,7 +7,6 @@ See README.md for the pool, asyncio, the CLI and the sandbox.
 """
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     Error,
@@ -31,7 +30,12 @@ from ._errors import (
     WorkerStartError,
 )
 
+# typing's TYPE_CHECKING without importing typing: ``eval`` starts its worker once this
+# package is imported (``_cli.main``), and typing would delay it by ~8 ms.
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # what the names below are; imported when first used (``__getattr__``)
+    from typing import Any
+
     from ._allowlist import HostAllowList
     from ._config import PoolConfig
     from ._default import (
@@ -100,7 +104,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,14 @@
-"""``python -m jsonnet_worker``: the command line (``_cli``). Workers and fork servers are
-started on ``_worker.bootstrap`` instead, which never loads this package's ``__init__``."""
+"""``python -m jsonnet_worker``: the command line (``_cli``), as the console script runs it
+(``eval``'s worker started first). Workers and fork servers are started on
+``_worker.bootstrap`` instead, which never loads this package's ``__init__``."""
 
 from __future__ import annotations
 
-import sys
-
 
 def main() -> None:
-    from ._cli.main import main as cli_main
+    from ._cli.main import main_entry
 
-    sys.exit(cli_main(sys.argv[1:]))
+    main_entry()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ checks and encoding (``calls.prepare``), the same answers, deaths and deadline
 
 Plan: ``OneShot(config)`` starts the worker at once, before the caller reads its input and
 imports what the call needs, so that the worker's start-up (most of a command's time) runs
-beside that work. ``call`` waits for the hello, sends the one request and polls for the
+beside that work; or takes the one the console script started before its own imports
+(``early``), when that one was started exactly as ``config``'s would be (``early`` says
+which: True when it did). ``call`` waits for the hello, sends the one request and polls for the
 answer until the deadline; once answered, the worker is killed at once, so that it dies while
 the caller writes its output. ``close`` (also ``__exit__``, so on every path: an error,
 Ctrl-C) kills and reaps it; the worker's process is owned by its ``WorkerProcess`` alone.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from .._pool.connection import Answer
     from .._pool.supervisor import Worker
     from .._report import SandboxStatus
+    from .early import EarlyWorker
 
 # How long a worker whose response channel ended may take to exit, within the deadline (as
 # the pool's DEATH_GRACE).
@@ -47,10 +50,14 @@ DEATH_GRACE = 1.0
 class OneShot:
     """One worker for one call; a context manager that kills and reaps it on exit."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, early: EarlyWorker | None = None) -> None:
         self.config = config
+        settings = settings_for(config)
+        # the worker the command started with itself, if it is the one ``config`` asks for
+        adopted = early.worker_for(settings) if early is not None else None
+        self.early = adopted is not None
         try:
-            self.process = WorkerProcess(settings_for(config))
+            self.process = adopted or WorkerProcess(settings)
         except OSError as exc:  # no pidfd_open, no socketpair, the interpreter missing
             raise WorkerStartError(f"cannot start a worker: {exc}", cause=str(exc)) from None
 

@@ -41,9 +41,7 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -53,8 +51,10 @@ from typing import Protocol, TypeVar
 from .._config import PoolConfig
 from .._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
 from .._sandbox.privileges import WorkerIdentity
-from .._wire.messages import WORKER_COMMAND, escape_controls
+from .._wire.messages import escape_controls
+from . import workerline
 from .identities import WorkerIdentities
+from .workerline import one_way_channel as one_way_channel  # the fork server's channels too
 
 STDERR_HEAD = 4096
 STDERR_TAIL = 4096
@@ -162,98 +162,24 @@ class StderrCapture:
         )
 
 
-# The package's directory (this module is jsonnet_worker/_pool/processes.py).
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _package_paths() -> list[str]:
-    """Where this package and its runtime dependencies are imported from, for ``sys.path``
-    of a worker started with ``-I`` (which ignores PYTHONPATH)."""
-    import importlib.util
-
-    roots = [os.path.dirname(PACKAGE_DIR)]
-    for name in ("msgpack", "_gojsonnet", "_jsonnet"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            origin = os.path.dirname(spec.origin)
-            roots.append(os.path.dirname(origin) if name == "msgpack" else origin)
-    return list(dict.fromkeys(roots))
-
-
-# The worker imports only what it needs: no ``site`` (-S; the paths it needs are given) and
-# not the package's ``__init__`` (which pulls in the pool, asyncio and logging): a stand-in
-# package module makes ``jsonnet_worker._worker.bootstrap`` importable on its own (the
-# ``__init__`` of ``_worker``, ``_sandbox`` and ``_wire`` are empty).
-_BOOTSTRAP = (
-    "import sys, types; sys.path[:0] = {paths!r}; sys.argv[0] = 'jsonnet_worker'; "
-    "package = types.ModuleType('jsonnet_worker'); package.__path__ = [{package!r}]; "
-    "sys.modules['jsonnet_worker'] = package; "
-    "from jsonnet_worker._worker.bootstrap import run; run()"
-)
+# Where the package and its dependencies are imported from (the host sandbox reads them too).
+_package_paths = workerline.package_paths
 
 
 def worker_command(settings: WorkerSettings, identity: WorkerIdentity | None = None) -> list[str]:
-    """The command line of one worker that drops to ``identity`` (if given)."""
+    """The command line of one worker that drops to ``identity`` (if given): written by
+    ``workerline``, which ``eval``'s early start (``_cli.early``) shares."""
     drop = (
-        ["--user", identity.user, "--uid", str(identity.uid), "--gid", str(identity.gid)]
-        if identity is not None
-        else []
+        None if identity is None else (identity.user, identity.uid, identity.gid, identity.own_uid)
     )
-    if identity is not None and identity.own_uid:
-        drop.append("--own-uid")
-    if settings.cpu_budget is not None:
-        drop += ["--cpu-budget", repr(float(settings.cpu_budget))]
-    return [
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        _BOOTSTRAP.format(paths=_package_paths(), package=PACKAGE_DIR),
-        WORKER_COMMAND,
-        "--engine",
-        settings.engine,
-        "--memory-limit",
-        str(settings.memory_limit),
-        "--parent-pid",
-        str(os.getpid()),
-        "--max-frame",
-        str(settings.max_frame),
-        *drop,
-    ]
+    return workerline.worker_command(
+        settings.engine, settings.memory_limit, settings.max_frame, drop, settings.cpu_budget
+    )
 
 
 def worker_environment(settings: WorkerSettings) -> dict[str, str]:
-    """A minimal environment: nothing of the host's secrets reaches a snippet's process.
-
-    The Go runtime settings were measured on the light mapper (benchmarks/RESULTS.md):
-    GOMAXPROCS=2 lets the collector run beside the evaluation instead of inside it, and
-    GOGC=400 collects a fifth as often (the live heap between calls is a few MB, so the
-    heap stays small); together they cut the worker's p50 by ~25% and raise a pool of two's
-    throughput by ~45% against GOMAXPROCS=1 and the default GOGC.
-    """
-    return {
-        "GOMAXPROCS": "2",
-        "GOGC": "400",
-        # The collector works harder as the heap nears the memory limit, before an mmap
-        # failure makes the runtime abort.
-        "GOMEMLIMIT": str(settings.memory_limit * 3 // 4),
-        "LC_ALL": "C.UTF-8",
-    }
-
-
-def one_way_channel(child_reads: bool) -> tuple[int, int]:
-    """A unix socket pair that carries bytes one way; returns (child end, parent end).
-
-    Both fds are close-on-exec (Popen's dup2 onto 0/1/2 clears that for the child's copy)."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        parent.shutdown(socket.SHUT_RD if child_reads else socket.SHUT_WR)
-        child.shutdown(socket.SHUT_WR if child_reads else socket.SHUT_RD)
-    except OSError:
-        parent.close()
-        child.close()
-        raise
-    return child.detach(), parent.detach()
+    """A minimal environment (``workerline.worker_environment``)."""
+    return workerline.worker_environment(settings.memory_limit)
 
 
 class _Child(Protocol):
@@ -492,23 +418,6 @@ class ChildProcess:
             self.settings.identities.release(self.identity)
 
 
-def _worker_channels() -> Channels:
-    """A worker's three one-way channels: requests, responses, stderr."""
-    child_ends: list[int] = []
-    parent_ends: list[int] = []
-    try:
-        for child_reads in (True, False, False):
-            child_end, parent_end = one_way_channel(child_reads)
-            child_ends.append(child_end)
-            parent_ends.append(parent_end)
-    except BaseException:
-        for fd in child_ends + parent_ends:
-            os.close(fd)
-        raise
-    stdin, stdout, stderr = child_ends
-    return (stdin, stdout, stderr), tuple(parent_ends)
-
-
 @dataclass(frozen=True)
 class AdoptedChild:
     """A worker started elsewhere, to be owned by a ``WorkerProcess``: its pid, its pidfd,
@@ -543,7 +452,7 @@ class WorkerProcess(ChildProcess):
             stdin, stdout, stderr = self._spawn(
                 settings,
                 lambda identity: command or worker_command(settings, identity),
-                _worker_channels,
+                workerline.worker_channels,
             )
             channels = (stdin, stdout, stderr)
         self.stdin, self.stdout, _ = channels
@@ -565,9 +474,11 @@ class WorkerProcess(ChildProcess):
         channels: tuple[int, int, int],
     ) -> _Process:
         """Own a worker started elsewhere: a child of this process (a fork server's
-        CLONE_PARENT fork) given as its pidfd and the parent ends of its three channels,
+        CLONE_PARENT fork, or ``eval``'s worker started before its config was built,
+        ``_cli.early``) given as its pidfd and the parent ends of its three channels,
         reaped through ``waitid(P_PIDFD)``. It holds no identity of its own: it runs as its
-        fork server's, which the fork server holds for its life."""
+        fork server's, which the fork server holds for its life, or as a shared one (no
+        release is owed)."""
         return cls(settings, adopted=AdoptedChild(pid, pidfd, channels))
 
     def __repr__(self) -> str:

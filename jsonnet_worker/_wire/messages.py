@@ -54,12 +54,10 @@ import msgpack
 
 from .framing import HEADER, ProtocolViolation
 from .layers import EXTRA_LAYERS, LandlockStatus, LayerState, LayerStatus, SupportState
+from .modes import FORK_SERVER_COMMAND as FORK_SERVER_COMMAND  # the start-up modes, here too
+from .modes import WORKER_COMMAND as WORKER_COMMAND
 
 PROTOCOL_VERSION = 1
-# The mode a fresh interpreter is started in (its ``sys.argv[1]``, read by
-# ``_worker.bootstrap``): one worker, or a fork server that forks workers.
-WORKER_COMMAND = "_worker"
-FORK_SERVER_COMMAND = "_template"
 # A worker that has used more than this share of the memory headroom it started with (what
 # RLIMIT_DATA still let it map) asks, in its answer, to be replaced: go-jsonnet's heap and
 # stacks never give their mappings back, so the next call, maybe another caller's small one,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .._wire.messages import FORK_SERVER_COMMAND
+from .._wire.modes import FORK_SERVER_COMMAND
 
 
 def run() -> None:
