@@ -56,17 +56,23 @@ class UnpackLimits:
 
 @dataclass(frozen=True)
 class Message:
+    """One decoded frame: its msgpack map."""
+
     payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class FrameTooLarge:
+    """A frame header announced more than the limit: the stream cannot be read on."""
+
     size: int
     limit: int
 
 
 @dataclass(frozen=True)
 class MalformedFrame:
+    """A frame whose bytes are not a msgpack map within the limits."""
+
     reason: str
 
 

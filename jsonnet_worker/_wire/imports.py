@@ -96,16 +96,23 @@ def refused_message(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Found:
+    """The name resolves to a file of the set: its name there (what is served and reported)."""
+
     path: str  # the set's name of the file: go-jsonnet's found_here
 
 
 @dataclass(frozen=True, slots=True)
 class Missing:
+    """No file of the set has the name: go-jsonnet's message for it."""
+
     message: str
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
+    """The name is never served (empty, absolute, over-long, with a NUL, or outside every
+    boundary): the refusal's message."""
+
     message: str
 
 

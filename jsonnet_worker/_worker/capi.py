@@ -192,6 +192,8 @@ class _Entry:
 
 @dataclass
 class CacheStats:
+    """What the snippet cache has done (hits, misses, evictions, re-runs)."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0

@@ -73,6 +73,8 @@ class EvaluationFailed(Exception):
 
 @dataclass
 class PreparedEngine:
+    """An engine ready to load after restriction: its memfd and the libraries preloaded."""
+
     kind: EngineKind
     memfd: int
     preloaded: tuple[str, ...]

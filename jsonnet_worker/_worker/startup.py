@@ -73,6 +73,8 @@ EXIT_STARTUP_FAILED = 70
 
 @dataclass(frozen=True)
 class WorkerOptions:
+    """What the worker's command line asks for (``parse_args``)."""
+
     engine: EngineKind
     memory_limit: int
     parent_pid: int
