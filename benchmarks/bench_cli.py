@@ -9,7 +9,8 @@ timed from spawn to exit and interleaved in rounds, so that the load of a shared
 them alike: compare the ratios, not the milliseconds. ``eval`` is reported as its median and
 p90 and as a ratio to the ``python -I -c`` call of the binding (the floor of any Python
 process that evaluates). Also timed, to say where a command's time goes: the modules an
-``eval`` imports (``python -c``), one worker's start to its hello (measured in this process)
+``eval`` imports (``python -c``), those it imports before it spawns its worker (the console
+script's module, ``_cli.early``), one worker's start to its hello (measured in this process)
 and the old path, a ``WorkerPool`` of one worker (what ``eval`` ran before its one-shot
 worker). ``--baseline TREE`` adds ``eval`` run from another checkout of this package (e.g. a
 ``git worktree`` of the commit before a change), through ``PYTHONPATH``, so that a before
@@ -52,10 +53,13 @@ OLD_PATH = (
     "sys.stdout.write(pool.evaluate_json(open(sys.argv[1]).read(), filename=sys.argv[1]))"
 )
 TARGET_SECONDS = 0.060  # issue 23: eval of a small file in at most 60 ms
-# What an eval imports in the command's own process (its worker imports the worker side).
+# What an eval imports in the command's own process (its worker imports the worker side),
+# and the part of it before the worker is spawned (the console script's module).
 EVAL_IMPORTS = (
-    "import jsonnet_worker._cli.main, jsonnet_worker._cli.oneshot, jsonnet_worker._pool.calls"
+    "import jsonnet_worker._cli.main, jsonnet_worker._cli.commands, "
+    "jsonnet_worker._cli.oneshot, jsonnet_worker._pool.calls"
 )
+SPAWN_IMPORTS = "import jsonnet_worker._cli.main"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "jsonnet_worker"
 
 
@@ -97,6 +101,11 @@ def contenders(
         source,
     ]
     commands["an eval's imports only (python -c)"] = [sys.executable, "-c", EVAL_IMPORTS]
+    commands["its imports before its worker's spawn (python -c)"] = [
+        sys.executable,
+        "-c",
+        SPAWN_IMPORTS,
+    ]
     found = {name: (command, here) for name, command in commands.items()}
     if baseline is not None:
         python_path = os.pathsep.join([str(baseline), *filter(None, [here.get("PYTHONPATH")])])

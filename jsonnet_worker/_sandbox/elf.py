@@ -16,7 +16,10 @@ ValueError and the callers fall back or skip.
 from __future__ import annotations
 
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import Any
 
 DT_NEEDED = 1
 DT_RPATH = 15

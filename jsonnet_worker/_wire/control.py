@@ -7,12 +7,15 @@ What the maps say, and their parsing, are ``messages``' (``ForkRequest``, ``Fork
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 import msgpack
 
 from .framing import ProtocolViolation
 from .messages import MAX_MESSAGE_CHARS, MAX_NOTE_CHARS
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import Any
 
 CLONE_PIDFD = 0x00001000
 CLONE_PARENT = 0x00008000

@@ -24,9 +24,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import Any
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size

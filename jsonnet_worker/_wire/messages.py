@@ -48,7 +48,6 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeGuard, TypeVar
 
 import msgpack
 
@@ -56,6 +55,14 @@ from .framing import HEADER, ProtocolViolation
 from .layers import EXTRA_LAYERS, LandlockStatus, LayerState, LayerStatus, SupportState
 from .modes import FORK_SERVER_COMMAND as FORK_SERVER_COMMAND  # the start-up modes, here too
 from .modes import WORKER_COMMAND as WORKER_COMMAND
+
+# typing's, without importing typing: a worker never loads it (~3 ms of its start, and
+# dataclasses then skip their ClassVar look-up for every field). So a message's constants
+# (``TYPE``, the style tables) are plain class attributes, which a dataclass never takes for
+# fields, not ClassVar ones, which it would take for fields where typing is not loaded.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeGuard, TypeVar
 
 PROTOCOL_VERSION = 1
 # A worker that has used more than this share of the memory headroom it started with (what
@@ -233,9 +240,9 @@ class FormatStyle:
     pretty_field_names: bool = True
     sort_imports: bool = True
 
-    STRING_STYLES: ClassVar[str] = "dsl"
-    COMMENT_STYLES: ClassVar[str] = "hsl"
-    MAX_INDENT: ClassVar[int] = 100  # jsonnetfmt takes any; a bound keeps output sizes sane
+    STRING_STYLES = "dsl"
+    COMMENT_STYLES = "hsl"
+    MAX_INDENT = 100  # jsonnetfmt takes any; a bound keeps output sizes sane
 
     def problem(self) -> str:
         """What is wrong with these options, naming the first one ("" when nothing is):
@@ -276,7 +283,7 @@ _STYLE_FIELDS = tuple(option.name for option in fields(FormatStyle))
 class EvalRequest:
     """pool -> worker: evaluate (check, format) one snippet."""
 
-    TYPE: ClassVar[str] = EVAL
+    TYPE = EVAL
 
     id: int
     snippet: str
@@ -386,7 +393,7 @@ class LibrarySet:
     the requests that name it (``_library.Library`` builds it; ``_wire.imports`` resolves
     within it). ``replace``: drop every set held before this one."""
 
-    TYPE: ClassVar[str] = LIBRARY
+    TYPE = LIBRARY
 
     digest: str
     search: tuple[str, ...]
@@ -450,7 +457,7 @@ class Result:
     string; ``check``: ``null``). ``retire``: the worker asks to be replaced after this
     answer (it has used over RETIRE_AT_MEMORY_SHARE of its starting memory headroom)."""
 
-    TYPE: ClassVar[str] = RESULT
+    TYPE = RESULT
 
     request_id: int
     json_text: str
@@ -480,7 +487,7 @@ class Failure:
     ``protocol`` error about a frame the worker could not read. ``retire`` as in
     ``Result``."""
 
-    TYPE: ClassVar[str] = ERROR
+    TYPE = ERROR
 
     request_id: int | None
     kind: ErrorKind
@@ -532,7 +539,7 @@ class StartupFailure:
     """worker or fork server -> pool: it could not start, and why (it exits next: fail
     closed). The reason is bounded when the message is built."""
 
-    TYPE: ClassVar[str] = STARTUP_FAILED
+    TYPE = STARTUP_FAILED
 
     reason: str
 
@@ -611,7 +618,7 @@ class WorkerHello:
     """worker -> pool, once its start-up is over: who it is and what its sandbox achieved.
     ``layers``: one per name in ``EXTRA_LAYERS``, in that order, once parsed."""
 
-    TYPE: ClassVar[str] = HELLO
+    TYPE = HELLO
 
     pid: int
     engine: str
@@ -653,7 +660,7 @@ class ForkServerHello:
     """fork server -> pool, once its start-up is over: as a worker's hello, and the one
     clone flag word its seccomp filter lets it fork with."""
 
-    TYPE: ClassVar[str] = FORK_SERVER_HELLO
+    TYPE = FORK_SERVER_HELLO
 
     pid: int
     engine: str
@@ -687,7 +694,8 @@ class ForkServerHello:
         )
 
 
-Hello = TypeVar("Hello", WorkerHello, ForkServerHello)
+if TYPE_CHECKING:
+    Hello = TypeVar("Hello", WorkerHello, ForkServerHello)
 
 
 def read_greeting(payload: dict[str, Any], hello: type[Hello]) -> Hello | StartupFailure:
@@ -708,7 +716,7 @@ def read_greeting(payload: dict[str, Any], hello: type[Hello]) -> Hello | Startu
 class ForkRequest:
     """pool -> fork server: fork a worker on the three channels this datagram carries."""
 
-    TYPE: ClassVar[str] = FORK
+    TYPE = FORK
 
     request_id: int
 
@@ -733,7 +741,7 @@ class ForkRequest:
 class Forked:
     """fork server -> pool: the worker is forked; its pidfd comes with this datagram."""
 
-    TYPE: ClassVar[str] = FORKED
+    TYPE = FORKED
 
     request_id: int
     pid: int
@@ -753,7 +761,7 @@ class ForkRefused:
     clone's, which says whether every later fork would be refused the same way).
     ``request_id`` None: the request had no id the fork server could read."""
 
-    TYPE: ClassVar[str] = FORK_REFUSED
+    TYPE = FORK_REFUSED
 
     request_id: int | None
     reason: str

@@ -63,7 +63,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from .._wire.imports import Found, Missing, refused_message, resolve
 from .._wire.messages import FormatStyle, LibrarySet
@@ -98,6 +97,10 @@ REQUIRED_SYMBOLS = (
     "jsonnet_realloc",
     *(f"jsonnet_fmt_{option}" for option in FORMAT_OPTIONS),
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import Any
 DEFAULT_CACHE_ENTRIES = 64
 DEFAULT_CACHE_BYTES = 4 * 1024 * 1024
 STACK_EXCEEDED = "RUNTIME ERROR: max stack frames exceeded."

@@ -29,7 +29,6 @@ import struct
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from .._sandbox.elf import elf_needed, loaded_size
 from .._wire.imports import NO_MATCH, Found, Missing, refused_message, resolve
@@ -45,7 +44,11 @@ from .._wire.messages import (
 from . import capi
 from .capi import IMPORTER_PREFIX, unprefixed
 
-_T = TypeVar("_T")
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
 
 MFD_EXEC = 0x10  # Linux 6.3+: ask for an executable memfd whatever vm.memfd_noexec says
 # The library sets a worker keeps: the pool sends each at most once and says when to drop

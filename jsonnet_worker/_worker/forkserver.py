@@ -64,7 +64,6 @@ import socket
 import sys
 import threading
 import time
-from typing import NoReturn
 
 from .._sandbox import landlock, seccomp
 from .._wire.control import CHANNELS, CONTROL_MAX, FORK_FLAGS, decode_control, encode_control
@@ -78,6 +77,10 @@ from .._wire.messages import (
     StartupFailure,
 )
 from . import loop, startup
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 EXIT_STARTUP_FAILED = startup.EXIT_STARTUP_FAILED
 EXIT_PROTOCOL = loop.EXIT_PROTOCOL

@@ -28,7 +28,6 @@ import os
 import select
 import threading
 import time
-from typing import Any
 
 from .._wire.framing import FrameReader, FrameTooLarge, MalformedFrame, ProtocolViolation, encode
 from .._wire.messages import (
@@ -44,6 +43,10 @@ from .._wire.messages import (
     bound_text,
 )
 from . import engines
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_PROTOCOL = 71
 READ_SIZE = 256 * 1024

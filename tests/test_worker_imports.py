@@ -1,0 +1,87 @@
+"""What a worker's start imports, and why it can leave ``typing`` out (issue 23, item 6: a
+quicker worker start, for every worker).
+
+- A live worker, started exactly as the pool starts one and asked to evaluate and format,
+  never imports ``typing`` (an audit hook in front of the real bootstrap reports it).
+- Without ``typing`` loaded, dataclasses cannot recognise a ``ClassVar`` annotation and
+  would take it for a field: every dataclass of the worker side has the same fields in a
+  process without ``typing`` (as a worker runs) as in one with it (as the pool runs), so a
+  message is one shape on both sides of the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from jsonnet_worker._pool.processes import WorkerSettings, worker_command
+from jsonnet_worker._pool.workerline import PACKAGE_DIR, package_paths
+from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
+from jsonnet_worker._wire.messages import FormatStyle, Operation
+from rawworker import RawWorker
+
+MARK = "imported-typing"
+AUDIT_HOOK = (
+    "import sys\n"
+    "def _report(event, args):\n"
+    "    if event == 'import' and args[0] == 'typing':\n"
+    f"        sys.stderr.write('{MARK}\\n'); sys.stderr.flush()\n"
+    "sys.addaudithook(_report)\n"
+)
+WORKER_SIDE = ("_wire", "_worker", "_sandbox")
+# Every dataclass of the worker side, by module and name, with its fields, as the process
+# that runs this sees them; ``typing`` loaded or not, as its first line says.
+FIELDS = """
+import dataclasses, importlib, json, pathlib, sys, types
+if sys.argv[1] == "with-typing":
+    import typing
+root = pathlib.Path(sys.argv[2])
+sys.path[:0] = json.loads(sys.argv[3])  # the package's and its dependencies', as a worker's
+package = types.ModuleType("jsonnet_worker"); package.__path__ = [str(root)]
+sys.modules["jsonnet_worker"] = package
+found = {}
+for folder in sys.argv[4:]:
+    for path in sorted((root / folder).glob("*.py")):
+        module = importlib.import_module(f"jsonnet_worker.{folder}.{path.stem}")
+        for name, value in vars(module).items():
+            if dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
+                found[f"{module.__name__}.{name}"] = [f.name for f in dataclasses.fields(value)]
+print(json.dumps(["typing" in sys.modules, found]))
+"""
+
+
+def test_a_live_worker_never_imports_typing() -> None:
+    command = worker_command(WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME))
+    assert command[3] == "-c"
+    command[4] = AUDIT_HOOK + command[4]
+    with RawWorker(command=command) as worker:
+        assert worker.request("std.manifestYamlDoc({a: [1, 2]})")["t"] == "result"
+        formatted = worker.request("{a:1}", operation=Operation.FMT, style=FormatStyle())
+        assert formatted["t"] == "result"
+        worker.process.close(grace=5.0)
+        worker.process.drain_stderr()
+        stderr = worker.process.stderr.text()
+    assert MARK not in stderr
+
+
+def dataclass_fields(typing_loaded: bool) -> dict[str, list[str]]:
+    mode = "with-typing" if typing_loaded else "without-typing"
+    paths = json.dumps(package_paths())
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", FIELDS, mode, PACKAGE_DIR, paths, *WORKER_SIDE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded, found = json.loads(done.stdout)
+    assert loaded is typing_loaded  # the probe ran as asked: a worker's case, or the pool's
+    return dict(found)
+
+
+def test_worker_side_dataclasses_have_one_shape_with_or_without_typing() -> None:
+    without = dataclass_fields(typing_loaded=False)
+    assert "jsonnet_worker._wire.messages.EvalRequest" in without  # the probe saw them
+    assert "TYPE" not in without["jsonnet_worker._wire.messages.EvalRequest"]
+    assert without == dataclass_fields(typing_loaded=True)
