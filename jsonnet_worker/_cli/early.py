@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import os
 import pwd
-from types import TracebackType
 
 from .._pool import workerline
+from .closing import ClosedOnExit
 from .sizes import parse_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (9 ms before the worker starts)
@@ -142,7 +142,7 @@ def _inherited_fds(keep: tuple[int, ...]) -> list[int] | None:
     return inherited
 
 
-class EarlyWorker:
+class EarlyWorker(ClosedOnExit):
     """A worker spawned before the command knew its config. Owned here (killed and reaped by
     ``close``) until ``worker_for`` hands it to a ``WorkerProcess``."""
 
@@ -186,17 +186,6 @@ class EarlyWorker:
             setsid=True,
             setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),  # Python ignores both
         )
-
-    def __enter__(self) -> EarlyWorker:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def owned(self) -> bool:

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import select
 import time
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .._config import PoolConfig
 from .._errors import SandboxUnavailable, WorkerStartError
 from .._pool.processes import WorkerProcess, settings_for
+from .closing import ClosedOnExit
 
 if TYPE_CHECKING:
     from .._pool.calls import Call
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 DEATH_GRACE = 1.0
 
 
-class OneShot:
+class OneShot(ClosedOnExit):
     """One worker for one call; a context manager that kills and reaps it on exit."""
 
     def __init__(self, config: PoolConfig, early: EarlyWorker | None = None) -> None:
@@ -60,17 +60,6 @@ class OneShot:
             self.process = adopted or WorkerProcess(settings)
         except OSError as exc:  # no pidfd_open, no socketpair, the interpreter missing
             raise WorkerStartError(f"cannot start a worker: {exc}", cause=str(exc)) from None
-
-    def __enter__(self) -> OneShot:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Kill and reap the worker, close its channels. Idempotent."""

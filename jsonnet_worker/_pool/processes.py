@@ -12,7 +12,9 @@ fork server (``forking.ForkServerProcess``) alike: spawned (Popen, then a pidfd)
 CLONE_PARENT fork's pidfd, reaped through ``waitid(P_PIDFD)`` by ``PidfdChild``); its stderr
 captured; killed through its pidfd under the fd lock; waited and reaped; its fds closed once.
 It is the only code of the pool that signals or reaps a child (the fork server's orphan
-adoption only asks, with ``WNOWAIT``, whether a pid is our child).
+adoption only asks, with ``WNOWAIT``, whether a pid is our child; ``eval``'s worker, started
+before its config exists, is ``_cli.early``'s to kill and reap until it is adopted here). The
+command line, environment and channels are ``workerline``'s, which ``_cli.early`` shares.
 
 The channels are non-blocking on our side, so a stuck or dead worker can never block a
 caller past its deadline; callers ``poll`` (or asyncio watches) them. stderr is drained into a
