@@ -320,9 +320,11 @@ def _jsonnet_int(name: str, text: str) -> int:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command's parser. Given the command line (``argv``), only the command it names
-    gets its flags: each of the others is there with its help line (for ``--help`` and a
-    typo's message), and their hundred-odd flags, which only their own command lines use,
-    are left out (they cost ``eval`` its start-up time, before its worker can start)."""
+    is built, with its flags: neither its ``--help`` nor a message about its line names
+    another command, and the others' parsers and hundred-odd flags would cost every
+    ``eval`` their building (argparse looks its message catalogues up on disk for each
+    parser). Without a command named (``--help``, a typo), every command is there with its
+    help line, the top-level help and the typo's message list them all."""
     parser = argparse.ArgumentParser(
         prog="jsonnet-worker",
         description="Evaluate untrusted Jsonnet in sandboxed worker processes.",
@@ -334,9 +336,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     commands.required = True
     named = argv[0] if argv and argv[0] in COMMANDS else None
     for name, (help_text, description, add_flags) in COMMANDS.items():
-        command = commands.add_parser(name, help=help_text, description=description)
         if named in (None, name):
-            add_flags(command)
+            add_flags(commands.add_parser(name, help=help_text, description=description))
     return parser
 
 
