@@ -2,8 +2,8 @@
 exists (issue 23, item 6: the command as quick as jsonnet's).
 
 - The worker predicted from a command line is the one its config asks for (command line and
-  environment), for the default and for each worker-shaping flag given plainly; the call
-  then uses it (handed over, not restarted).
+  environment), for the default and for each worker-shaping flag given plainly, whatever
+  the environment variables; the call then uses it (handed over, not restarted).
 - A prediction the config contradicts (an abbreviated flag argparse reads, a value given
   twice) is caught: that worker is killed and reaped and the right one used.
 - Started as ``subprocess`` starts a pool's worker: its own session, SIGPIPE and SIGXFSZ at
@@ -62,6 +62,16 @@ def config_of(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 @pytest.mark.parametrize("argv", PREDICTABLE, ids=lambda argv: " ".join(argv[2:]) or "default")
 def test_the_predicted_worker_is_the_one_the_config_asks_for(argv: list[str]) -> None:
+    assert early.predicted_command(argv) == config_of(argv)
+
+
+def test_no_environment_variable_shapes_an_eval_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's overrides and the import path are not the command's worker settings:
+    the prediction, which reads none, stays the config's."""
+    monkeypatch.setenv("JSONNET_WORKER_POOL_MEMORY_LIMIT", str(512 << 20))
+    monkeypatch.setenv("JSONNET_WORKER_POOL_ENGINE", "cpp")
+    monkeypatch.setenv("JSONNET_PATH", "/nonexistent")
+    argv = ["eval", "file.jsonnet"]
     assert early.predicted_command(argv) == config_of(argv)
 
 
