@@ -30,41 +30,41 @@ LOOP = (
 
 
 def test_on_the_wall_clock_the_deadline_is_the_timeout_whatever_the_cpu() -> None:
-    clock = CallClock.start(100.0, 1.0, math.inf, "wall")
-    assert clock.next_look() == 101.0
+    clock = CallClock(100.0, 1.0, math.inf, "wall")
+    assert clock.next_at == 101.0
     assert clock.look(100.5, 0.0) is Due.NOTHING
     assert clock.look(101.0, 0.0) is Due.EXPIRED and clock.expired_clock == "wall"
 
 
 def test_demotion_counts_cpu_and_comes_once() -> None:
-    clock = CallClock.start(0.0, 1.0, 0.05, "wall")
-    assert clock.next_look() == 0.05
+    clock = CallClock(0.0, 1.0, 0.05, "wall")
+    assert clock.next_at == 0.05
     # Slowed down: 0.01 s of CPU in 0.05 s of wall time: looked at again when it could
     # have used the rest.
     assert clock.look(0.05, 0.01) is Due.NOTHING
-    assert clock.next_look() == pytest.approx(0.09)
+    assert clock.next_at == pytest.approx(0.09)
     assert clock.look(0.09, 0.05) is Due.DEMOTE
-    assert clock.next_look() == 1.0  # never again: only the deadline is left
+    assert clock.next_at == 1.0  # never again: only the deadline is left
     # Unreadable CPU: the wall time decides.
-    unread = CallClock.start(0.0, 1.0, 0.05, "wall")
+    unread = CallClock(0.0, 1.0, 0.05, "wall")
     assert unread.look(0.05, None) is Due.DEMOTE
 
 
 def test_on_the_cpu_clock_a_call_that_could_not_run_is_not_expired() -> None:
-    clock = CallClock.start(0.0, 1.0, math.inf, "cpu")
+    clock = CallClock(0.0, 1.0, math.inf, "cpu")
     assert clock.wall_deadline == CPU_CLOCK_BACKSTOP
     # At two CPUs' rate it could have used its second at 0.5 s: looked at then.
-    assert clock.next_look() == 0.5
+    assert clock.next_at == 0.5
     assert clock.look(0.5, 0.1) is Due.NOTHING
-    assert clock.next_look() == pytest.approx(0.95)
+    assert clock.next_at == pytest.approx(0.95)
     assert clock.look(1.5, 0.2) is Due.NOTHING  # past the wall timeout, little CPU used
     assert clock.look(2.0, 0.999) is Due.NOTHING
-    assert clock.next_look() == pytest.approx(2.0 + RECHECK)
+    assert clock.next_at == pytest.approx(2.0 + RECHECK)
     assert clock.look(2.005, 1.0) is Due.EXPIRED and clock.expired_clock == "cpu"
 
 
 def test_on_the_cpu_clock_the_wall_clock_is_a_backstop() -> None:
-    clock = CallClock.start(0.0, 1.0, math.inf, "cpu")
+    clock = CallClock(0.0, 1.0, math.inf, "cpu")
     for now in (0.5, 1.0, 2.0, 3.0, 3.9):
         assert clock.look(now, 0.0) is Due.NOTHING
     assert clock.look(CPU_CLOCK_BACKSTOP, 0.0) is Due.EXPIRED
@@ -72,15 +72,15 @@ def test_on_the_cpu_clock_the_wall_clock_is_a_backstop() -> None:
 
 
 def test_on_the_cpu_clock_an_unreadable_cpu_falls_back_to_the_wall_timeout() -> None:
-    clock = CallClock.start(0.0, 1.0, math.inf, "cpu")
+    clock = CallClock(0.0, 1.0, math.inf, "cpu")
     assert clock.look(0.5, None) is Due.NOTHING
-    assert clock.next_look() == 1.0
+    assert clock.next_at == 1.0
     assert clock.look(1.0, None) is Due.EXPIRED and clock.expired_clock == "wall"
 
 
 def test_an_unknown_clock_is_refused() -> None:
     with pytest.raises(ValueError):
-        CallClock.start(0.0, 1.0, math.inf, "sundial")
+        CallClock(0.0, 1.0, math.inf, "sundial")
     with pytest.raises(InvalidArgument, match="timeout_clock"):
         WorkerPool(1, timeout_clock="sundial")
 

@@ -618,3 +618,53 @@ def test_readers_get_a_snapshot_taken_at_one_instant() -> None:
     pool.state.start_failed(None, "no fds", now=30.0)
     assert roster.next_spawn_at == 0.0 and pool.state.roster().next_spawn_at > 30.0
     assert [status for _, status, *_ in roster.members] == [WorkerStatus.IDLE]
+
+
+def assert_counts_match_the_members(state: PoolState[FakeWorker]) -> None:
+    """The counts the hot path keeps instead of scanning the members (``stats()`` reports
+    them as ``alive`` and ``starting``) agree with a scan of the roster."""
+    statuses = [status for _, status, *_ in state.roster().members]
+    stats = state.stats()
+    assert stats.alive == statuses.count(WorkerStatus.IDLE) + statuses.count(WorkerStatus.BUSY)
+    assert stats.starting == statuses.count(WorkerStatus.STARTING)
+
+
+def test_the_kept_counts_follow_every_transition() -> None:
+    """Every transition that changes a worker's status (start, hello, check-out, check-in,
+    hand-over, death while busy, demotion, recycling, an idle worker's death, a failed
+    start, the supervisor's stop) keeps the counts of serving and starting workers exact."""
+    pool = Pool(size=2, spares=1, interactive_budget=0.05)
+    state = pool.state
+
+    def check() -> None:
+        assert_counts_match_the_members(state)
+
+    check()
+    starting = pool.start()
+    check()
+    first, second = pool.take(), pool.take()
+    waiter = FakeTicket()
+    state.take_or_wait(waiter)
+    check()
+    state.demoted(first.worker)
+    check()
+    state.settle(first.worker, ANSWER, 1.0)  # demoted: recycled; the spare goes to the waiter
+    check()
+    state.exited(second.worker, "killed by SIGKILL")  # busy: dying
+    check()
+    state.settle(second.worker, Outcome(error=WorkerCrashed("killed"), died=True))
+    check()
+    pool.greet(starting)
+    check()
+    state.settle(waiter.worker, ANSWER, 1.0)
+    check()
+    (idle, *_) = pool.workers(WorkerStatus.IDLE)
+    state.exited(idle, "killed by SIGKILL")
+    check()
+    for worker in [w for w, s, *_ in state.roster().members if s is WorkerStatus.STARTING]:
+        state.start_failed(worker, "no fork", 0.0)
+    check()
+    held = pool.take()
+    state.supervisor_stopped()
+    check()
+    assert held.worker is not None

@@ -7,7 +7,7 @@ pool's ``timeout_clock`` names. Sans-I/O: the caller reads the worker's CPU cloc
 performs what a look returns, so the rule is tested alone with made-up times
 (tests/test_deadlines.py), as ``state`` is.
 
-Plan: ``CallClock.start`` is made when the call's request goes out. ``next_look()`` is when
+Plan: a ``CallClock`` is made when the call's request goes out. ``next_at`` is when
 the caller must look again (the blocking path's ``poll`` timeout, the asyncio path's one
 timer); ``look(now, used)``, with ``used`` the CPU seconds the worker has spent on this call
 (None: its clock cannot be read), returns what is due: ``Due.EXPIRED`` (``expired_clock``
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
 
 from .._config import TIMEOUT_CLOCKS
 
@@ -61,38 +60,51 @@ class Due(enum.Enum):
     EXPIRED = "expired"  # its deadline has come: ``CallClock.expired_clock`` says which
 
 
-@dataclass(slots=True)
 class CallClock:
     """One running call's demotion and deadline (see the module docstring). Times are
-    ``time.monotonic()`` seconds; ``math.inf`` means never."""
+    ``time.monotonic()`` seconds; ``math.inf`` means never. ``next_at`` is when the caller
+    must look at the call again (at the latest): a plain attribute, kept by ``look``,
+    since the blocking path reads it before every ``poll``."""
 
-    timeout: float  # what is left of the call's timeout when its request went out
-    clock: str  # "wall" or "cpu": what the timeout counts
-    budget: float  # the interactive budget, CPU seconds (inf: never demoted)
-    started: float
-    wall_deadline: float
-    demote_at: float
-    cpu_check_at: float
-    expired_clock: str = ""
+    __slots__ = (
+        "budget",
+        "clock",
+        "cpu_check_at",
+        "demote_at",
+        "expired_clock",
+        "next_at",
+        "started",
+        "timeout",
+        "wall_deadline",
+    )
 
-    @classmethod
-    def start(cls, now: float, timeout: float, budget: float, clock: str) -> CallClock:
-        """The clock of a call whose request goes out ``now``, with ``timeout`` seconds left
+    def __init__(self, now: float, timeout: float, budget: float, clock: str) -> None:
+        """The clock of a call whose request went out ``now``, with ``timeout`` seconds left
         on ``clock`` and ``budget`` CPU seconds before its worker is demoted."""
-        if clock not in TIMEOUT_CLOCKS:
+        if clock == "wall":
+            self.wall_deadline = now + timeout
+            self.cpu_check_at = math.inf
+        elif clock == "cpu":
+            self.wall_deadline = now + CPU_CLOCK_BACKSTOP * timeout
+            self.cpu_check_at = now + timeout / _CPU_RATE
+        else:
             raise ValueError(f"timeout clock must be one of {TIMEOUT_CLOCKS}: {clock!r}")
-        on_cpu = clock == "cpu"
-        wall = now + (CPU_CLOCK_BACKSTOP * timeout if on_cpu else timeout)
-        cpu_check_at = now + timeout / _CPU_RATE if on_cpu else math.inf
-        return cls(timeout, clock, budget, now, wall, now + budget, cpu_check_at)
-
-    def next_look(self) -> float:
-        """When the caller must look at the call again (at the latest)."""
-        return min(self.wall_deadline, self.demote_at, self.cpu_check_at)
+        self.timeout = timeout  # what is left of the call's timeout when its request went out
+        self.clock = clock  # "wall" or "cpu": what the timeout counts
+        self.budget = budget  # the interactive budget, CPU seconds (inf: never demoted)
+        self.started = now
+        self.demote_at = now + budget
+        self.expired_clock = ""
+        self.next_at = min(self.wall_deadline, self.demote_at, self.cpu_check_at)
 
     def look(self, now: float, used: float | None) -> Due:
         """What is due at ``now``, the worker having used ``used`` CPU seconds for the call
         (None: its CPU clock cannot be read). Moves the next looks on."""
+        due = self._due(now, used)
+        self.next_at = min(self.wall_deadline, self.demote_at, self.cpu_check_at)
+        return due
+
+    def _due(self, now: float, used: float | None) -> Due:
         if now >= self.wall_deadline:
             self.expired_clock = "wall"
             return Due.EXPIRED

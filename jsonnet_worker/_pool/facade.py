@@ -790,8 +790,8 @@ class WorkerPool:
         """Write the frame (after what a caller handing the worker over already wrote),
         then read the answer until the deadline."""
         worker, call = ticket.worker, ticket.call
-        clock = self._clock_for(call)
         pending = calls.start(ticket)
+        clock = self._clock_for(worker, call)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller").
@@ -805,28 +805,23 @@ class WorkerPool:
     ) -> Outcome | None:
         """Poll the worker's channels (writing the rest of the frame) until an outcome or
         the deadline (None); the poll's timeout is the call's next look (``_look``: its
-        demotion, its deadline on the CPU clock)."""
+        demotion, its deadline on the CPU clock), after the look due now, if any."""
         process = worker.process
         poller = process.poller
         if pending is not None:
             poller.register(process.stdin, select.POLLOUT)
         try:
-            while (wait_ms := self._until_next_look(worker, clock)) is not None:
+            while True:
+                now = time.monotonic()
+                if now >= clock.next_at and self._look(worker, clock, now) is Due.EXPIRED:
+                    return None
+                wait_ms = (clock.next_at - now) * 1000.0 + 1
                 outcome, pending = calls.poll_channels(worker, pending, wait_ms)
                 if outcome is not None:
                     return outcome
-            return None
         finally:
             if pending is not None:
                 poller.unregister(process.stdin)
-
-    def _until_next_look(self, worker: Worker, clock: CallClock) -> float | None:
-        """Milliseconds until the call's next look, after the look due now, if any (None:
-        its deadline has come)."""
-        now = time.monotonic()
-        if now >= clock.next_look() and self._look(worker, clock, now) is Due.EXPIRED:
-            return None
-        return (clock.next_look() - now) * 1000.0 + 1
 
     def _died(self, worker: Worker, call: Call, deadline: float) -> Outcome:
         """The response channel ended: wait for the exit, within the deadline."""
@@ -888,9 +883,9 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         worker, call = ticket.worker, ticket.call
         process = worker.process
-        clock = self._clock_for(call)
-        deadline = clock.wall_deadline
         pending: list[memoryview | None] = [calls.start(ticket)]
+        clock = self._clock_for(worker, call)
+        deadline = clock.wall_deadline
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
         watched = _Watched(readers=[process.stdout, process.stderr_fd])
@@ -946,7 +941,7 @@ class WorkerPool:
         """``_aexchange``'s one timer, as ``_poll_for_answer`` has one poll timeout: at the
         call's next look (``_look``), then armed again, until its deadline settles it as
         timed out. Cancelled with ``timers``."""
-        delay = max(clock.next_look() - time.monotonic(), 0.0)
+        delay = max(clock.next_at - time.monotonic(), 0.0)
         args = (loop, timers, worker, clock, settle, call)
         timers.append(loop.call_later(delay, self._look_and_arm, *args))
 
@@ -966,12 +961,16 @@ class WorkerPool:
 
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
 
-    def _clock_for(self, call: Call) -> CallClock:
-        """The call's demotion and deadline, from now (its request goes out): the pool's
-        interactive budget and what is left of its timeout on the pool's
-        ``timeout_clock``."""
-        return CallClock.start(
-            time.monotonic(), call.time_left(), self._interactive_budget, self.config.timeout_clock
+    def _clock_for(self, worker: Worker, call: Call) -> CallClock:
+        """The call's demotion and deadline, from when its request went out (``sent_at``:
+        by this caller, or by the giver of a hand-over, which woke it after): the pool's
+        interactive budget and what is left of its timeout (``spent`` encoding it) on the
+        pool's ``timeout_clock``."""
+        return CallClock(
+            worker.sent_at,
+            call.time_left(),
+            self._interactive_budget,
+            self.config.timeout_clock,
         )
 
     def _look(self, worker: Worker, clock: CallClock, now: float) -> Due:

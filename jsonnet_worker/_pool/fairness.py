@@ -23,8 +23,12 @@ waiters or a usage above ``NEGLIGIBLE_CPU``, and at most ``MAX_REMEMBERED`` doma
 waiters are kept (the heaviest); the number of waiters is bounded by the caller's limits.
 Forgetting a heavy domain costs little: it comes back at the least waiting usage.
 
+The hot path (one tenant's calls, a queue whenever callers outnumber workers): a domain
+waiting alone has the turn without a look at the usages, and the decay pass is entered only
+once its step has passed, so a call costs ``push``, ``pop`` and ``charge`` and little else.
+
 Weak spots: choosing a domain scans the domains with waiters (bounded by the total queue
-limit; only when a worker is handed out while calls wait); the decay pass scans every
+limit; only when a worker is handed out while two or more wait); the decay pass scans every
 remembered domain, once per ``DECAY_STEP`` at most. Fairness is per domain name: a caller
 who may pick any number of tenant names gets as many turns (the application authenticates
 tenants). CPU is charged when the call ends, so a domain's first long calls are paid for
@@ -65,13 +69,15 @@ class FairQueue(Generic[D, T]):
         self._queues: dict[D, collections.deque[T]] = {}  # the ring: only domains with waiters
         self._usage: dict[D, float] = {}  # decayed CPU seconds, as of ``_decayed_at``
         self._decayed_at = now
-        self._length = 0
+        # How many tickets wait: ``len()``, and a plain attribute for ``PoolState``'s hot
+        # path, which asks on every check-out and check-in (a ``__len__`` is a Python call).
+        self.length = 0
 
     def __len__(self) -> int:
-        return self._length
+        return self.length
 
     def __bool__(self) -> bool:
-        return self._length > 0
+        return self.length > 0
 
     def __iter__(self) -> Iterator[T]:
         """Every waiting ticket, domain by domain in ring order."""
@@ -106,13 +112,14 @@ class FairQueue(Generic[D, T]):
         domain = ticket.domain
         queue = self._queues.get(domain)
         if queue is None:
-            self._decay(now)
+            if now - self._decayed_at >= DECAY_STEP:
+                self._decay(now)
             if domain not in self._usage and self._queues:
                 # A new flow starts at the current virtual time, not at zero.
                 self._usage[domain] = min(self._usage.get(d, 0.0) for d in self._queues)
             queue = self._queues[domain] = collections.deque()
         queue.append(ticket)
-        self._length += 1
+        self.length += 1
 
     def remove(self, ticket: T) -> bool:
         """``ticket`` leaves the queue wherever it is (a timeout, an interrupt); False if it
@@ -124,7 +131,7 @@ class FairQueue(Generic[D, T]):
             queue.remove(ticket)
         except ValueError:
             return False
-        self._length -= 1
+        self.length -= 1
         if not queue:
             del self._queues[ticket.domain]
         return True
@@ -136,7 +143,7 @@ class FairQueue(Generic[D, T]):
         """The first ticket of ``domain``, which then goes to the back of the ring."""
         queue = self._queues.pop(domain)
         ticket = queue.popleft()
-        self._length -= 1
+        self.length -= 1
         if queue:
             self._queues[domain] = queue  # re-inserted: the back of the ring
         return ticket
@@ -145,7 +152,7 @@ class FairQueue(Generic[D, T]):
         """The last ticket of ``domain`` (pushed out of a full queue)."""
         queue = self._queues[domain]
         ticket = queue.pop()
-        self._length -= 1
+        self.length -= 1
         if not queue:
             del self._queues[domain]
         return ticket
@@ -158,7 +165,7 @@ class FairQueue(Generic[D, T]):
         """Every waiting ticket, out of the queue (the pool fails or terminates)."""
         tickets = list(self)
         self._queues.clear()
-        self._length = 0
+        self.length = 0
         return tickets
 
     # -- turns ---------------------------------------------------------------------------------
@@ -168,31 +175,35 @@ class FairQueue(Generic[D, T]):
         the first in the ring, among those holding fewer than ``share`` workers (``held``)
         or waiting alone; if every waiting domain holds its share, among all of them
         (work-conserving). None if nobody waits."""
-        if not self._queues:
-            return None
-        self._decay(now)
+        queues = self._queues
+        if len(queues) < 2:  # nobody, or one domain alone: its turn, whatever it holds
+            return next(iter(queues), None)
+        if now - self._decayed_at >= DECAY_STEP:
+            self._decay(now)
         usage = self._usage
-        alone = len(self._queues) == 1
         best: D | None = None
         best_usage = 0.0
         fallback: D | None = None
         fallback_usage = 0.0
-        for domain in self._queues:
+        for domain in queues:
             used = usage.get(domain, 0.0)
             if fallback is None or used < fallback_usage:
                 fallback, fallback_usage = domain, used
-            if not alone and held.get(domain, 0) >= share:
+            if held.get(domain, 0) >= share:
                 continue
             if best is None or used < best_usage:
                 best, best_usage = domain, used
         return best if best is not None else fallback
 
     def charge(self, domain: D, cpu: float, now: float) -> None:
-        """``domain`` used ``cpu`` seconds of a worker (a call just ended)."""
+        """``domain`` used ``cpu`` seconds of a worker (a call just ended). Every call ends
+        here: the decay pass is called only once its step has passed."""
         if cpu <= 0.0:
             return
-        self._decay(now)
-        self._usage[domain] = self._usage.get(domain, 0.0) + cpu
+        if now - self._decayed_at >= DECAY_STEP:
+            self._decay(now)
+        usage = self._usage
+        usage[domain] = usage.get(domain, 0.0) + cpu
 
     def _decay(self, now: float) -> None:
         """Every usage decays by the time since the last step, once a step has passed; the

@@ -300,6 +300,7 @@ class PoolState(Generic[W]):
         assert config.size is not None
         self.config = config
         self._clock = clock
+        self._size = config.size
         self._share = config.tenant_workers(config.size)
         self._max_workers = config.burst_limit(config.size)
         self._queue_limit_total = config.total_queue_limit()
@@ -312,6 +313,15 @@ class PoolState(Generic[W]):
         self.phase = Phase.OPEN
         self.failure: Error | None = None
         self.members: dict[W, Member[W]] = {}
+        # How many members serve (idle or busy) and how many are starting, kept by ``_move``
+        # (and ``started``, ``_retire``, ``supervisor_stopped``): the hot path asks without a
+        # scan of the members. Two ints, not a dict by status: an enum's hash is Python code.
+        self._serving = 0
+        self._starting_count = 0
+        # How many members were demoted (busy or dying: each is retired after its call), so
+        # that ``_burst_due``, asked at every enqueue, scans nothing while fewer than ``size``
+        # are (a burst needs every active worker held by a demoted call).
+        self._demoted = 0
         self.idle: list[Member[W]] = []
         self.queue: FairQueue[Domain, Ticket] = FairQueue(clock())
         self.holding: collections.Counter[Domain] = collections.Counter()  # busy workers by domain
@@ -334,8 +344,7 @@ class PoolState(Generic[W]):
 
     @property
     def size(self) -> int:
-        assert self.config.size is not None
-        return self.config.size
+        return self._size
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -376,7 +385,7 @@ class PoolState(Generic[W]):
         """The hot path: an idle worker of the ticket's domain (or a fresh one) at once, if
         the domain may hold one more and the worker's CPU budget fits the call."""
         with self._lock:
-            if self.queue and not self._may_hold_more(ticket.domain):
+            if self.queue.length and not self._may_hold_more(ticket.domain):
                 return False
             member = self._idle_for(ticket.domain)
             if member is None:
@@ -394,7 +403,7 @@ class PoolState(Generic[W]):
         effects: list[Effect] = []
         with self._lock:
             domain = ticket.domain
-            may_take = not self.queue or self._may_hold_more(domain)
+            may_take = not self.queue.length or self._may_hold_more(domain)
             while may_take and (member := self._idle_for(domain)) is not None:
                 unfit = self._unfit(member, ticket)
                 if not unfit:
@@ -506,7 +515,7 @@ class PoolState(Generic[W]):
 
     def _may_hold_more(self, domain: Domain) -> bool:
         """Under the lock: ``domain`` holds fewer workers than its share, or nobody else waits."""
-        return self.holding[domain] < self._share or not self.queue.others_wait(domain)
+        return self.holding.get(domain, 0) < self._share or not self.queue.others_wait(domain)
 
     def _unfit(self, member: Member[W], ticket: Ticket) -> str:
         """Under the lock: why a used worker cannot take ``ticket``'s call: its CPU budget
@@ -526,31 +535,45 @@ class PoolState(Generic[W]):
 
     def _check_out(self, member: Member[W], ticket: Ticket) -> None:
         """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
-        member.status = WorkerStatus.BUSY
-        member.domain = ticket.domain
+        self._move(member, WorkerStatus.BUSY)
+        domain = member.domain = ticket.domain
         member.calls += 1
         member.epoch += 1
         member.cpu_at_check_out = member.cpu_at_rest
         member.checked_out_at = self._clock()
-        self.holding[ticket.domain] += 1
+        holding = self.holding
+        holding[domain] = holding.get(domain, 0) + 1  # ``get``: a Counter's ``+=`` is Python
         ticket.worker = member.worker
 
-    def _release(self, member: Member[W], cpu: float | None) -> None:
+    def _move(self, member: Member[W], status: WorkerStatus) -> None:
+        """Under the lock: ``member`` has ``status`` now (``_serving`` and
+        ``_starting_count`` follow)."""
+        old = member.status
+        member.status = status
+        self._serving += (status in _SERVING) - (old in _SERVING)
+        if old is WorkerStatus.STARTING:
+            self._starting_count -= 1
+
+    def _release(self, member: Member[W], cpu: float | None, now: float | None = None) -> None:
         """Under the lock: a caller no longer holds ``member`` (checked in or retired): the
         CPU its call used is charged to its domain: the worker's CPU now less at check-out,
-        or, unknown (killed at its deadline, or no budget read), the time it was held."""
-        if member.checked_out_at is None or member.domain is None:
+        or, unknown (killed at its deadline, or no budget read), the time it was held.
+        ``now``: the clock, if the caller has read it already."""
+        domain = member.domain
+        if member.checked_out_at is None or domain is None:
             return
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         before = member.cpu_at_check_out
         used = now - member.checked_out_at if cpu is None or before is None else cpu - before
-        self.queue.charge(member.domain, used, now)
+        self.queue.charge(domain, used, now)
         member.checked_out_at = None
-        held = self.holding[member.domain] - 1
+        holding = self.holding
+        held = holding[domain] - 1
         if held > 0:
-            self.holding[member.domain] = held
+            holding[domain] = held
         else:
-            del self.holding[member.domain]  # bounded: only domains holding workers stay
+            holding.pop(domain)  # bounded: only domains holding workers stay
 
     def _raise_if_hopeless(self) -> None:
         if self.failure is not None:
@@ -583,9 +606,10 @@ class PoolState(Generic[W]):
             if member is None:
                 effects += self._orphan(worker)
                 return effects
-            self._release(member, cpu)
+            now = self._clock()
+            self._release(member, cpu, now)
             if outcome.keep:
-                self._check_in(member, cpu, effects, outcome.recycle)
+                self._check_in(member, cpu, effects, outcome.recycle, now)
             else:
                 self._retire(member, effects)
         return effects
@@ -600,7 +624,12 @@ class PoolState(Generic[W]):
             self.crashes += 1
 
     def _check_in(
-        self, member: Member[W], cpu: float | None, effects: list[Effect], recycle: str = ""
+        self,
+        member: Member[W],
+        cpu: float | None,
+        effects: list[Effect],
+        recycle: str,
+        now: float,
     ) -> None:
         """Under the lock: a caller is done with ``member`` (released): straight to the next
         waiter of its domain if it is that domain's turn (with that waiter's request written
@@ -616,7 +645,7 @@ class PoolState(Generic[W]):
             return
         member.epoch += 1
         member.cpu_at_rest = cpu
-        if self.queue:
+        if self.queue.length:
             domain = self._next_domain()
             if domain is not None and domain != member.domain and not self._owed(domain):
                 domain = None  # it has its share: this worker stays warm for its own domain
@@ -633,23 +662,24 @@ class PoolState(Generic[W]):
                 self._check_out(member, ticket)
                 effects.append(HandOver(ticket, member.worker))
                 return
-        if len(self.members) > self.size and self._active() > self.size:
+        if self._serving > self._size:
             effects.append(
                 _log(logging.DEBUG, "burst worker retired: nobody waits", member.worker.pid, None)
             )
             self._retire(member, effects)
             return
-        self._rest(member)
+        self._rest(member, now)
 
-    def _rest(self, member: Member[W]) -> None:
-        """Under the lock: ``member`` goes idle now (``idle_since``: its warm reservation)."""
-        member.status = WorkerStatus.IDLE
-        member.idle_since = self._clock()
+    def _rest(self, member: Member[W], now: float) -> None:
+        """Under the lock: ``member`` goes idle ``now`` (``idle_since``: its warm
+        reservation)."""
+        self._move(member, WorkerStatus.IDLE)
+        member.idle_since = now
         self.idle.append(member)
 
     def _starting(self) -> int:
         """Under the lock: how many workers are starting (not yet greeted)."""
-        return sum(m.status is WorkerStatus.STARTING for m in self.members.values())
+        return self._starting_count
 
     def _owed(self, domain: Domain) -> bool:
         """Under the lock: ``domain`` holds fewer workers than its share and no worker being
@@ -658,7 +688,7 @@ class PoolState(Generic[W]):
         one of its own that ended, a fork: milliseconds) while the pool is short of
         ``size`` is handed to the domain in turn when it says hello, so a warm worker is not
         recycled for a wait that short."""
-        if self.holding[domain] >= self._share:
+        if self.holding.get(domain, 0) >= self._share:
             return False
         if self._active() >= self.size:
             return True  # a starting worker would only be a spare: nothing else comes
@@ -722,11 +752,17 @@ class PoolState(Generic[W]):
 
     def _retire(self, member: Member[W], effects: list[Effect]) -> None:
         """Under the lock: out of service, killed; the supervisor reaps it and starts another."""
-        was_active = member.status in (WorkerStatus.IDLE, WorkerStatus.BUSY)
+        was_active = member.status in _SERVING
         self._release(member, None)  # a no-op for a worker settled already
         if member.status is WorkerStatus.IDLE:
             self.idle.remove(member)
         del self.members[member.worker]
+        if was_active:
+            self._serving -= 1
+        elif member.status is WorkerStatus.STARTING:
+            self._starting_count -= 1
+        if member.demoted:
+            self._demoted -= 1
         self.retired.append(member.worker)
         effects.append(Kill(member.worker))
         effects.append(WakeSupervisor())
@@ -752,7 +788,7 @@ class PoolState(Generic[W]):
             self._check_out(member, ticket)
             effects.append(HandOver(ticket, member.worker))
             return
-        self._rest(member)
+        self._rest(member, self._clock())
 
     def _fail_waiters(self, error: Error, effects: list[Effect]) -> None:
         for ticket in self.queue.drain():
@@ -772,6 +808,7 @@ class PoolState(Generic[W]):
             if member is None or member.status is not WorkerStatus.BUSY or member.demoted:
                 return effects
             member.demoted = True
+            self._demoted += 1
             self._burst_if_due(effects)
         return effects
 
@@ -786,7 +823,9 @@ class PoolState(Generic[W]):
         """Under the lock: a worker beyond ``size`` is wanted now: calls wait, no worker is
         starting, at least ``size`` workers are active and every one is held by a demoted
         call, a waiting domain holds none of them, and the pool is under ``max_workers``."""
-        if not self.queue or self.phase not in (Phase.OPEN, Phase.CLOSING):
+        if self._demoted < self._size or not self.queue.length:
+            return False  # not every one of ``size`` active workers can be held by a demoted call
+        if self.phase not in (Phase.OPEN, Phase.CLOSING):
             return False
         active = 0
         demoted: set[Domain | None] = set()
@@ -821,6 +860,7 @@ class PoolState(Generic[W]):
     def started(self, worker: W, now: float) -> None:
         with self._lock:
             self.members[worker] = Member(worker, WorkerStatus.STARTING, now)
+            self._starting_count += 1
             if self.spawned >= self.size + self.config.spares:
                 self.respawns += 1  # beyond the first workers and spares: a replacement
             self.spawned += 1
@@ -849,7 +889,7 @@ class PoolState(Generic[W]):
             self.sandbox = self.sandbox or sandbox
             self.failures_in_a_row = 0
             self.start_failure = ""
-            member.status = WorkerStatus.SPARE  # not starting: ``_burst_due`` may count it
+            self._move(member, WorkerStatus.SPARE)  # not starting: ``_burst_due`` counts it
             if self._active() < self.size or self._burst_due():
                 self._hand_out(member, effects)
         return effects
@@ -897,7 +937,7 @@ class PoolState(Generic[W]):
             if member is None:
                 return effects
             if member.status is WorkerStatus.BUSY:
-                member.status = WorkerStatus.DYING
+                self._move(member, WorkerStatus.DYING)
                 self._promote_spare(effects)
                 return effects
             if member.status is WorkerStatus.DYING:
@@ -1031,6 +1071,7 @@ class PoolState(Generic[W]):
             self.held.update(held)
             self.holding.clear()
             self.members.clear()
+            self._serving = self._starting_count = self._demoted = 0
             self.idle.clear()
             self.retired = []
             return free, held
@@ -1038,9 +1079,8 @@ class PoolState(Generic[W]):
     # -- reading -----------------------------------------------------------------------------
 
     def _active(self) -> int:
-        return sum(
-            m.status in (WorkerStatus.IDLE, WorkerStatus.BUSY) for m in self.members.values()
-        )
+        """Under the lock: how many workers serve (idle or busy), spares not counted."""
+        return self._serving
 
     def view(self) -> PoolView:
         with self._lock:
@@ -1051,13 +1091,13 @@ class PoolState(Generic[W]):
     def stats(self) -> PoolStats:
         with self._lock:
             states = collections.Counter(m.status for m in self.members.values())
-            active = states[WorkerStatus.IDLE] + states[WorkerStatus.BUSY]
+            active = self._serving  # the kept counts (a scan gives the rest)
             return PoolStats(
                 size=self.size,
                 alive=active,
                 busy=states[WorkerStatus.BUSY],
                 idle=states[WorkerStatus.IDLE],
-                starting=states[WorkerStatus.STARTING],
+                starting=self._starting_count,
                 spares=states[WorkerStatus.SPARE],
                 evaluations=self.evaluations,
                 errors=dict(self.errors),
@@ -1073,6 +1113,7 @@ class PoolState(Generic[W]):
 
 
 _HELD = (WorkerStatus.BUSY, WorkerStatus.DYING)
+_SERVING = (WorkerStatus.IDLE, WorkerStatus.BUSY)  # ``_active`` counts these
 
 
 def _queue_full(domain: Domain, why: str) -> TenantOverloaded:
