@@ -151,3 +151,39 @@ def test_samples_from_many_threads_are_each_counted_once_and_pending_stays_bound
     assert stats["t0"].calls + stats["t1"].calls == threads * per_thread
     assert stats["t0"].ran == stats["t0"].calls
     assert largest_backlog <= FOLD_AT + threads
+
+
+def test_a_fold_in_runs_ends_as_one_sample_at_a_time() -> None:
+    """``_fold`` takes runs of one tenant's samples at once; the tallies (which tenants are
+    tracked and which folded into "other", counts, errors, sums, percentiles) are the same
+    as when every sample is folded alone (a snapshot after each record)."""
+    rng = random.Random(11)
+    tenants = [f"t{i}" for i in range(7)] + [None]
+    samples = []
+    for _ in range(600):
+        ran = rng.random() < 0.9
+        samples.append(
+            (
+                rng.choice(tenants) if rng.random() < 0.3 else "t0",
+                rng.choice([None, None, "timeout", CANCELLED]),
+                rng.random() * 0.01,
+                rng.lognormvariate(-8.0, 2.0) if ran else None,
+                rng.lognormvariate(-7.0, 2.0) if ran else None,
+            )
+        )
+    one_by_one, in_runs = Accounting(limit=4), Accounting(limit=4)
+    for sample in samples:
+        one_by_one.record(*sample)
+        one_by_one.snapshot()
+        in_runs.record(*sample)  # folded every FOLD_AT samples, then at the snapshot
+    expected, got = one_by_one.snapshot(), in_runs.snapshot()
+    assert [(s.tenant, s.other, s.calls, s.errors, s.ran) for s in got] == [
+        (s.tenant, s.other, s.calls, s.errors, s.ran) for s in expected
+    ]
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.cpu_seconds == pytest.approx(theirs.cpu_seconds)
+        assert mine.queue_wait_sum == pytest.approx(theirs.queue_wait_sum)
+        assert (mine.queue_wait_p50, mine.run_time_p99) == (
+            theirs.queue_wait_p50,
+            theirs.run_time_p99,
+        )
