@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import FrozenInstanceError, dataclass, replace
+from dataclasses import FrozenInstanceError, dataclass
 from typing import Any
 
 import pytest
@@ -444,7 +444,7 @@ def test_a_worker_that_asks_to_be_retired_is_recycled_after_its_answer() -> None
     (spare,) = pool.workers(WorkerStatus.SPARE)
     asked = "its peak memory passed 50% of its memory_limit"
     ticket = pool.take()
-    actions = pool.state.settle(ticket.worker, replace(ANSWER, recycle=asked))
+    actions = pool.state.settle(ticket.worker, ANSWER._replace(recycle=asked))
     assert kills(actions) == [ticket.worker]
     (log,) = [a for a in actions if isinstance(a, Log)]
     assert log.message % log.args == f"worker {ticket.worker.pid}: recycled: {asked}"

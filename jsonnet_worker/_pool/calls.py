@@ -34,8 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._config import PoolConfig
 from .._errors import (
@@ -82,10 +81,10 @@ Perform = Callable[[Iterable[Effect]], None]
 LIBRARY_FRAME_MARGIN = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Variables:
+class Variables(NamedTuple):
     """A call's Jsonnet variables as its caller gave them (checked and encoded by
-    ``prepare``): external and top-level, as Python values or as Jsonnet code."""
+    ``prepare``): external and top-level, as Python values or as Jsonnet code. A named
+    tuple, as ``Call``."""
 
     ext_vars: Mapping[str, Any] | None = None
     tla_vars: Mapping[str, Any] | None = None
@@ -96,12 +95,15 @@ class Variables:
 NO_VARIABLES = Variables()  # check and format take none
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """One encoded call: the request and its frame, its timeout, the seconds encoding took
     (they count against the timeout), its trust domain, when it was ready (its
     ``time.monotonic()``: where its queue wait starts), and its caller's ask for its
-    ``std.trace`` lines (None: nobody asked)."""
+    ``std.trace`` lines (None: nobody asked).
+
+    A named tuple, as ``state.Domain`` and ``state.Outcome``: one is made on every call,
+    and a frozen dataclass's ``__init__`` (an ``object.__setattr__`` per field) costs three
+    times a tuple's."""
 
     request: EvalRequest
     frame: bytes
@@ -531,7 +533,7 @@ def _after_call(worker: Worker, outcome: Outcome) -> Outcome:
     if stderr:
         process.drain_stderr()
     if stdout:
-        return replace(outcome, keep=False, reason="wrote to its channel after its answer")
+        return outcome._replace(keep=False, reason="wrote to its channel after its answer")
     if not process.stderr_open:
-        return replace(outcome, keep=False, reason="closed its stderr")
+        return outcome._replace(keep=False, reason="closed its stderr")
     return outcome

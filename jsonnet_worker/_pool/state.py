@@ -237,13 +237,15 @@ class Log:
 Effect = Kill | Close | WakeSupervisor | HandOver | Wake | Log
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How one call on a worker ended, on either call path: an answer (the connection's
     ``Answer``) or a typed error, and whether the worker may serve again.
 
     ``reason`` says, for the log, why the worker goes (never a snippet's text or value);
-    ``recycle``, why a worker that may be kept is replaced all the same (it asked to be)."""
+    ``recycle``, why a worker that may be kept is replaced all the same (it asked to be).
+
+    A named tuple, as ``Domain``: one is made on every call, and a frozen dataclass's
+    ``__init__`` (an ``object.__setattr__`` per field) costs three times a tuple's."""
 
     answer: Any = None
     error: Error | None = None
@@ -535,7 +537,10 @@ class PoolState(Generic[W]):
 
     def _check_out(self, member: Member[W], ticket: Ticket) -> None:
         """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
-        self._move(member, WorkerStatus.BUSY)
+        if member.status is WorkerStatus.IDLE:  # idle to busy: it serves still (no count)
+            member.status = WorkerStatus.BUSY
+        else:
+            self._move(member, WorkerStatus.BUSY)
         domain = member.domain = ticket.domain
         member.calls += 1
         member.epoch += 1
@@ -673,7 +678,10 @@ class PoolState(Generic[W]):
     def _rest(self, member: Member[W], now: float) -> None:
         """Under the lock: ``member`` goes idle ``now`` (``idle_since``: its warm
         reservation)."""
-        self._move(member, WorkerStatus.IDLE)
+        if member.status is WorkerStatus.BUSY:  # busy to idle: it serves still (no count)
+            member.status = WorkerStatus.IDLE
+        else:
+            self._move(member, WorkerStatus.IDLE)
         member.idle_since = now
         self.idle.append(member)
 
