@@ -456,8 +456,7 @@ def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: 
     # (from then on, what it prints is that call's).
     traces = call.traces
     lines = () if traces is None else lines_of(worker.process.stderr, traces)
-    cpu = _cpu_now(worker)
-    used = _cpu_used(worker, cpu)
+    cpu, used = _cpu_since_mark(worker)
     sent_at, now = worker.sent_at, time.monotonic()
     budget_cpu = cpu if outcome.keep and state.config.cpu_budget is not None else None
     perform(state.settle(worker, outcome, budget_cpu))
@@ -483,7 +482,7 @@ def abandon(state: PoolState[Worker], perform: Perform, ticket: Ticket, exc: Bas
     now = time.monotonic()
     pid, wait, run, used = None, now - call.ready_at, None, 0.0
     if worker is not None:
-        pid, used = worker.pid, _cpu_used(worker, _cpu_now(worker))
+        pid, used = worker.pid, _cpu_since_mark(worker)[1]
         if worker.sent_id == call.request.id:  # its request went out: it ran
             wait, run = worker.sent_at - call.ready_at, now - worker.sent_at
     perform(state.abandon(ticket))
@@ -491,21 +490,19 @@ def abandon(state: PoolState[Worker], perform: Perform, ticket: Ticket, exc: Bas
     _record(state, call, pid, wait, run, used, kind)
 
 
-def _cpu_now(worker: Worker) -> float | None:
-    """The worker's CPU clock; for one that died and was reaped, as read before the reap."""
+def _cpu_since_mark(worker: Worker) -> tuple[float | None, float]:
+    """The worker's CPU clock (for one that died and was reaped, as read before the reap;
+    None: unreadable), and the CPU seconds since its mark, which moves there (nothing is
+    charged for an unreadable clock)."""
     process = worker.process
     cpu = process.cpu_seconds()
-    return process.cpu_at_exit if cpu is None else cpu
-
-
-def _cpu_used(worker: Worker, cpu: float | None) -> float:
-    """The CPU seconds since the worker's mark, which moves to ``cpu`` (None: unreadable,
-    nothing is charged)."""
     if cpu is None:
-        return 0.0
-    used = max(0.0, cpu - worker.cpu_mark)
+        cpu = process.cpu_at_exit
+        if cpu is None:
+            return None, 0.0
+    used = cpu - worker.cpu_mark
     worker.cpu_mark = cpu
-    return used
+    return cpu, used if used > 0.0 else 0.0
 
 
 def _record(

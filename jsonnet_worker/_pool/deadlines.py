@@ -81,21 +81,22 @@ class CallClock:
     def __init__(self, now: float, timeout: float, budget: float, clock: str) -> None:
         """The clock of a call whose request went out ``now``, with ``timeout`` seconds left
         on ``clock`` and ``budget`` CPU seconds before its worker is demoted."""
-        if clock == "wall":
-            self.wall_deadline = now + timeout
-            self.cpu_check_at = math.inf
-        elif clock == "cpu":
-            self.wall_deadline = now + CPU_CLOCK_BACKSTOP * timeout
-            self.cpu_check_at = now + timeout / _CPU_RATE
-        else:
-            raise ValueError(f"timeout clock must be one of {TIMEOUT_CLOCKS}: {clock!r}")
         self.timeout = timeout  # what is left of the call's timeout when its request went out
         self.clock = clock  # "wall" or "cpu": what the timeout counts
         self.budget = budget  # the interactive budget, CPU seconds (inf: never demoted)
         self.started = now
-        self.demote_at = now + budget
         self.expired_clock = ""
-        self.next_at = min(self.wall_deadline, self.demote_at, self.cpu_check_at)
+        demote_at = self.demote_at = now + budget
+        if clock == "wall":
+            wall = self.wall_deadline = now + timeout
+            self.cpu_check_at = math.inf
+            self.next_at = demote_at if demote_at < wall else wall
+        elif clock == "cpu":
+            self.wall_deadline = now + CPU_CLOCK_BACKSTOP * timeout
+            self.cpu_check_at = now + timeout / _CPU_RATE
+            self.next_at = min(self.wall_deadline, demote_at, self.cpu_check_at)
+        else:
+            raise ValueError(f"timeout clock must be one of {TIMEOUT_CLOCKS}: {clock!r}")
 
     def look(self, now: float, used: float | None) -> Due:
         """What is due at ``now``, the worker having used ``used`` CPU seconds for the call

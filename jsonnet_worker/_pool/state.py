@@ -537,7 +537,7 @@ class PoolState(Generic[W]):
 
     def _check_out(self, member: Member[W], ticket: Ticket) -> None:
         """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
-        if member.status is WorkerStatus.IDLE:  # idle to busy: it serves still (no count)
+        if member.status in _SERVING:  # idle, or busy handed over: it serves still (no count)
             member.status = WorkerStatus.BUSY
         else:
             self._move(member, WorkerStatus.BUSY)

@@ -43,6 +43,8 @@ def split_variables(
     """
     strings: dict[str, str] = {}
     code: dict[str, str] = {}
+    if values is None and codes is None:  # most calls give one kind of variable, or none
+        return strings, code
     for name, source in (codes or {}).items():
         if not isinstance(name, str) or not isinstance(source, str):
             raise InvalidType(f"{kind}_codes must map str to str (Jsonnet code), got {name!r}")
