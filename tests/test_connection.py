@@ -863,3 +863,28 @@ def test_a_hello_is_a_hello_or_broken_never_an_exception(changes: dict[str, Any]
     connection.receive_data(encode({**copy.deepcopy(HELLO), **changes}))
     event = connection.next_event()
     assert isinstance(event, WorkerHello | ConnectionBroken | StartupFailure), event
+
+
+def test_each_request_holds_its_answer_to_its_own_cap_in_turn() -> None:
+    """The reader's cap is set only when a request's max_output differs from the last
+    one's (setting it builds the unpack options): an answer over the pool's cap is read
+    under a call's own larger cap, and refused at its header under the pool's cap again,
+    after one request or after two of the same."""
+    pool_cap = greeted().answer_max_frame  # the pool's: room for the longest message too
+    big = pool_cap * 4
+    oversized = json.dumps("x" * pool_cap)  # over the pool's frame cap, under big's
+    header = struct.pack(">I", pool_cap + 1)
+    for caps in ((big, MAX_OUTPUT), (MAX_OUTPUT, MAX_OUTPUT), (MAX_OUTPUT, big, big)):
+        connection = greeted()
+        for request_id, max_output in enumerate(caps[:-1], start=1):
+            connection.send_request(EvalRequest(request_id, "{}", max_output=max_output))
+            text = oversized if max_output == big else json.dumps("y")
+            connection.receive_data(result(request_id, text))
+            assert isinstance(connection.next_event(), Answer)
+        connection.send_request(EvalRequest(len(caps), "{}", max_output=caps[-1]))
+        if caps[-1] == big:
+            connection.receive_data(result(len(caps), oversized))
+            assert isinstance(connection.next_event(), Answer)
+        else:
+            connection.receive_data(header)
+            broken(connection, "limit of")

@@ -189,6 +189,9 @@ class WorkerConnection:
         # do; another one's cap is made when it is sent).
         self.max_output = max_output
         self._answer_max_frame, self._answer_limits = _answer_cap(max_output)
+        # The max_output whose answer cap the reader holds (None: the hello's). It is set
+        # only when it changes: setting a FrameReader's limits builds its unpack options.
+        self._reader_cap: int | None = None
         self._reader = FrameReader(
             max_frame_hello, UnpackLimits(max_str_len=max_frame_hello, **_HELLO_LIMITS)
         )
@@ -243,11 +246,14 @@ class WorkerConnection:
         prefix = b"" if library is None else self._library_frame(library)
         self._expected = request
         self._state = ConnectionState.AWAITING_ANSWER
-        if request.max_output == self.max_output:
-            self._reader.max_frame = self._answer_max_frame
-            self._reader.limits = self._answer_limits
-        else:  # a call's own max_output: its answer's cap is its own
-            self._reader.max_frame, self._reader.limits = _answer_cap(request.max_output)
+        cap = request.max_output
+        if cap != self._reader_cap:
+            reader = self._reader
+            if cap == self.max_output:
+                reader.max_frame, reader.limits = self._answer_max_frame, self._answer_limits
+            else:  # a call's own max_output: its answer's cap is its own
+                reader.max_frame, reader.limits = _answer_cap(cap)
+            self._reader_cap = cap
         frame = encoded if encoded is not None else request.encode()
         return prefix + frame if prefix else frame
 
