@@ -387,6 +387,8 @@ class PoolState(Generic[W]):
         """The hot path: an idle worker of the ticket's domain (or a fresh one) at once, if
         the domain may hold one more and the worker's CPU budget fits the call."""
         with self._lock:
+            if not self.idle:  # every worker busy (callers outnumber them): nothing to take
+                return False
             if self.queue.length and not self._may_hold_more(ticket.domain):
                 return False
             member = self._idle_for(ticket.domain)
@@ -405,7 +407,8 @@ class PoolState(Generic[W]):
         effects: list[Effect] = []
         with self._lock:
             domain = ticket.domain
-            may_take = not self.queue.length or self._may_hold_more(domain)
+            # Both ways to take need an idle worker (``_idle_for``, ``_claimable``).
+            may_take = bool(self.idle) and (not self.queue.length or self._may_hold_more(domain))
             while may_take and (member := self._idle_for(domain)) is not None:
                 unfit = self._unfit(member, ticket)
                 if not unfit:
