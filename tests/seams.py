@@ -31,7 +31,6 @@ from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._pool.origin import FORKED, ForkedWorkers, ReExecWorkers, WorkerOrigin
 from jsonnet_worker._pool.state import NO_TENANT, Outcome, Ticket, WorkerStatus
 from jsonnet_worker._pool.supervisor import Worker
-from jsonnet_worker._wire.messages import Operation
 
 STATUSES = tuple(status.value for status in WorkerStatus)
 
@@ -102,8 +101,8 @@ def call_on(pool: WorkerPool, ticket: Ticket, snippet: str, ext_vars: dict[str, 
     """One evaluation on the worker ``ticket`` holds, through the pool's own exchange and
     settle (the worker is checked back in, or discarded, as after any call)."""
     variables = calls.Variables(ext_vars=ext_vars)
-    ticket.call = pool._prepare(
-        Operation.EVAL, snippet, "seams.jsonnet", 10.0, None, variables=variables
+    ticket.call = pool._prepare_eval(
+        snippet, variables, "seams.jsonnet", 10.0, None, None, None, None, None
     )
     outcome = pool._exchange(ticket)
     return calls.settle(pool._state, pool._supervisor.perform, ticket, outcome).value

@@ -143,7 +143,7 @@ def prepare(
     ``max_output``: the call's own (None: the pool's), checked as the pool's are;
     ``style``: a ``fmt`` call's formatter options (None: jsonnetfmt's defaults);
     ``library``: the set its imports are served from (None: every import is refused)."""
-    seconds = _timeout(config, timeout)
+    seconds = config.timeout if timeout is None else _timeout(timeout)
     if max_stack is not None or max_output is not None:
         config = _with_limits(config, max_stack, max_output)
     budget = config.cpu_budget
@@ -169,7 +169,7 @@ def prepare(
             raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
         if problem := style.problem():
             raise InvalidArgument(f"style: {problem}")
-    digest = _library_digest(config, library)
+    digest = "" if library is None else _library_digest(config, library)
     domain = _domain(tenant)
     ext_strings, ext_code = split_variables("ext", variables.ext_vars, variables.ext_codes)
     tla_strings, tla_code = split_variables("tla", variables.tla_vars, variables.tla_codes)
@@ -227,11 +227,9 @@ def _with_limits(config: PoolConfig, max_stack: int | None, max_output: int | No
     return limited
 
 
-def _library_digest(config: PoolConfig, library: Library | None) -> str:
-    """The digest a request names its library set by ("": none), once the set is checked
-    to be a ``Library`` whose frame a worker will read (``max_request``)."""
-    if library is None:
-        return ""
+def _library_digest(config: PoolConfig, library: Library) -> str:
+    """The digest a request names its library set by, once the set is checked to be a
+    ``Library`` whose frame a worker will read (``max_request``)."""
     if not isinstance(library, Library):
         raise InvalidType(f"library must be a Library, not {type(library).__name__}")
     if library.size + LIBRARY_FRAME_MARGIN > config.max_request:
@@ -241,9 +239,8 @@ def _library_digest(config: PoolConfig, library: Library | None) -> str:
     return library.digest
 
 
-def _timeout(config: PoolConfig, timeout: float | None) -> float:
-    if timeout is None:
-        return config.timeout
+def _timeout(timeout: float) -> float:
+    """A call's own timeout, checked."""
     if not isinstance(timeout, int | float) or isinstance(timeout, bool):
         raise InvalidType(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if not math.isfinite(timeout) or timeout <= 0:

@@ -995,13 +995,9 @@ class WorkerPool:
         filename: str,
         timeout: float | None,
         tenant: str | None,
-        variables: Variables = NO_VARIABLES,
-        on_trace: Callable[[str], None] | None = None,
-        max_stack: int | None = None,
-        max_output: int | None = None,
         style: FormatStyle | None = None,
-        library: Library | None = None,
     ) -> Call:
+        """``calls.prepare`` for a call that runs no snippet (``check``, ``format``)."""
         return calls.prepare(
             self.config,
             next(self._ids),
@@ -1010,12 +1006,8 @@ class WorkerPool:
             filename,
             timeout,
             tenant,
-            variables=variables,
-            on_trace=on_trace,
-            max_stack=max_stack,
-            max_output=max_output,
+            variables=NO_VARIABLES,
             style=style,
-            library=library,
         )
 
     def _prepare_eval(
@@ -1030,17 +1022,19 @@ class WorkerPool:
         max_output: int | None,
         library: Library | None,
     ) -> Call:
-        """``_prepare`` for an evaluation (every output mode, ``map``'s items)."""
-        return self._prepare(
+        """``calls.prepare`` for an evaluation (every output mode, ``map``'s items)."""
+        return calls.prepare(
+            self.config,
+            next(self._ids),
             Operation.EVAL,
             snippet,
             filename,
             timeout,
             tenant,
-            variables,
-            on_trace,
-            max_stack,
-            max_output,
+            variables=variables,
+            on_trace=on_trace,
+            max_stack=max_stack,
+            max_output=max_output,
             library=library,
         )
 
