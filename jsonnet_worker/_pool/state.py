@@ -211,9 +211,10 @@ class WakeSupervisor:
     pass
 
 
-@dataclass(frozen=True)
-class HandOver:
-    """Write ``ticket``'s request to ``worker``, then wake the ticket's caller."""
+class HandOver(NamedTuple):
+    """Write ``ticket``'s request to ``worker``, then wake the ticket's caller. A named
+    tuple, as ``Outcome``: one is made for every call that waited (the other effects are
+    rare). No other effect is a tuple, so none compares equal to it."""
 
     ticket: Ticket
     worker: Any
