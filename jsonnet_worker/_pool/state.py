@@ -144,9 +144,10 @@ class Member(Generic[W]):
     domain: Domain | None = None  # None: has served nobody yet
     calls: int = 0
     epoch: int = 0  # changes at every check-out and check-in: samples of another epoch are stale
+    # Its CPU at its last check-in (or as sampled while idle); while it is checked out only
+    # its check-in changes it, so it is also the CPU it had at check-out (the call's cost,
+    # charged to its domain, is its CPU at check-in less this).
     cpu_at_rest: float | None = None
-    # While checked out: the CPU it had and the time (the call's cost is charged to its domain).
-    cpu_at_check_out: float | None = None
     checked_out_at: float | None = None  # None: not held by a caller
     demoted: bool = False  # its call was moved to SCHED_IDLE: recycled after it
     idle_since: float = 0.0  # when it last went idle (``RESERVE_WINDOW``)
@@ -548,7 +549,6 @@ class PoolState(Generic[W]):
         domain = member.domain = ticket.domain
         member.calls += 1
         member.epoch += 1
-        member.cpu_at_check_out = member.cpu_at_rest
         member.checked_out_at = self._clock()
         holding = self.holding
         holding[domain] = holding.get(domain, 0) + 1  # ``get``: a Counter's ``+=`` is Python
@@ -573,7 +573,7 @@ class PoolState(Generic[W]):
             return
         if now is None:
             now = self._clock()
-        before = member.cpu_at_check_out
+        before = member.cpu_at_rest  # as at check-out: nothing changes it while busy
         used = now - member.checked_out_at if cpu is None or before is None else cpu - before
         self.queue.charge(domain, used, now)
         member.checked_out_at = None
