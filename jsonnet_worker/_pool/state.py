@@ -17,6 +17,14 @@ seen at rest and at check-out, whether it was demoted), the idle list, the waiti
 workers each domain holds, the start-up back-off and the counters. Workers are opaque here:
 anything with a ``pid``. Time comes from the ``clock`` given (a fake one in tests).
 
+The hot path (every call takes, settles and leaves; most calls that wait are handed a
+worker at check-in): how many workers serve, start, or were demoted is counted at each
+status change (``_move``), never scanned; a check-out and a check-in read the clock once
+each; a worker that goes idle to busy and back, or busy to busy by a hand-over, changes no
+count. Measured with fake workers (admit, take, settle, leave): 5.7 -> 4.4 µs a call
+uncontended, 6.4 -> 4.9 µs for calls that wait and are handed over (before issue 21: 2.9
+and 3.4).
+
 Trust domains: a worker that has served one tenant never serves another; calls without a
 tenant form a domain of their own. A check-out takes, in this order: an idle worker of the
 caller's domain, an idle worker that never served anyone, a spare in place of an idle worker
