@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import seams
+from conftest import full, wait_until
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._pool.forking import ForkedWorker, WorkerSource, fork_server_command
@@ -79,6 +80,9 @@ def test_tenant_switches_and_recycles_get_forked_workers() -> None:
             assert pool.evaluate(f"{call} * 2", tenant=f"tenant-{call}") == call * 2
         for _ in range(4):
             assert pool.evaluate("std.length('abc')", tenant="same") == 3
+        # The last recycle's replacement starts after the call returns (a fork, slower on a
+        # loaded machine): counted once it has said hello.
+        wait_until(lambda: full(pool))
         after = pool.stats()
         assert after.recycles >= 6 + 1, after
         assert after.forks >= before.forks + after.recycles - before.recycles, after
