@@ -162,14 +162,13 @@ def _demote_autogroup(pid: int) -> tuple[bool, str]:
     worker has exited. Only for a session leader: an autogroup is a session's, and another
     session's would hold more than this worker (this process, the fork server)."""
     try:
-        if os.getsid(pid) != pid:
-            return False, f"autogroup: it leads no session of its own (session {os.getsid(pid)})"
+        session = os.getsid(pid)
+        if session != pid:
+            return False, f"autogroup: it leads no session of its own (session {session})"
         with open(f"/proc/{pid}/autogroup", "w") as autogroup:
             autogroup.write(str(LOWEST_NICE))
         return True, ""
-    except FileNotFoundError:  # no autogroups in this kernel, or the worker has exited
-        return False, ""
-    except ProcessLookupError:
+    except (FileNotFoundError, ProcessLookupError):  # no autogroups, or it has exited
         return False, ""
     except OSError as exc:
         if exc.errno == errno.EAGAIN:  # unprivileged: 10 changes a second, system-wide
