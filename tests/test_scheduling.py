@@ -82,6 +82,9 @@ class Running:
         return self.outcome
 
 
+NO_AUTOGROUPS = "autogroups are not in use (CONFIG_SCHED_AUTOGROUP, kernel.sched_autogroup_enabled)"
+
+
 @pytest.fixture
 def pool() -> Iterator[WorkerPool]:
     with WorkerPool(2, spares=0, interactive_budget=0.05) as shared:
@@ -97,8 +100,8 @@ def test_a_long_call_has_every_thread_of_its_worker_at_sched_idle(
     wait_until(lambda: all_threads(call.pid, idle))
     assert call.running  # demoted mid-call, not after
     assert len(scheduling.thread_policies(call.pid)) > 1  # the Go runtime's threads too
-    if ours is None:
-        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
+    if not scheduling.autogroups_enabled():
+        pytest.skip(NO_AUTOGROUPS)
     if ROOT:  # an unprivileged parent may meet the kernel's rate limit (a logged shortfall)
         assert scheduling.autogroup_nice(call.pid) == scheduling.LOWEST_NICE  # its session's
     assert scheduling.autogroup_nice(os.getpid()) == ours  # not the application's
@@ -217,9 +220,9 @@ def test_a_demotion_that_falls_short_says_why_once(
 def test_the_autogroup_of_a_process_without_a_session_of_its_own_is_left_alone() -> None:
     """An autogroup is a session's: a process in ours (a fork, no setsid) shares our group,
     which ``demote`` must not renice. Its threads are demoted all the same."""
-    ours = scheduling.autogroup_nice(os.getpid())
-    if ours is None:
-        pytest.skip("this kernel has no autogroups (CONFIG_SCHED_AUTOGROUP)")
+    if not scheduling.autogroups_enabled():
+        pytest.skip(NO_AUTOGROUPS)
+    ours = scheduling.autogroup_nice(os.getpid())  # None in the root group (PID 1's session)
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
@@ -233,9 +236,37 @@ def test_the_autogroup_of_a_process_without_a_session_of_its_own_is_left_alone()
         assert not demotion.autogroup and demotion.idle == 1
         assert "leads no session of its own" in demotion.shortfall
     finally:
-        if scheduling.autogroup_nice(os.getpid()) != ours:  # put it back for the other tests
+        if ours is not None and scheduling.autogroup_nice(os.getpid()) != ours:  # put it back
             with open(f"/proc/{os.getpid()}/autogroup", "w") as autogroup:
                 autogroup.write(str(ours))
+        os.close(write)
+        os.waitpid(child, 0)
+
+
+@pytest.mark.skipif(not ROOT, reason="switching autogroups off is root's (a sysctl)")
+@pytest.mark.skipif(not scheduling.autogroups_enabled(), reason=NO_AUTOGROUPS)
+def test_an_autogroup_is_left_alone_where_autogroups_are_switched_off() -> None:
+    """With ``kernel.sched_autogroup_enabled`` at 0 a session's autogroup still takes a nice
+    value, and weighs nothing: ``demote`` must not report it as applied."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.setsid()  # a session, so an autogroup, of its own: as a worker's
+        os.close(write)
+        os.read(read, 1)  # until the test is done
+        os._exit(0)
+    os.close(read)
+    switch = "/proc/sys/kernel/sched_autogroup_enabled"
+    try:
+        wait_until(lambda: os.getsid(child) == child)
+        with open(switch, "w") as enabled:
+            enabled.write("0")
+        demotion = scheduling.demote(child)
+        assert not demotion.autogroup and demotion.idle == 1 and demotion.shortfall == ""
+        assert scheduling.autogroup_nice(child) == 0
+    finally:
+        with open(switch, "w") as enabled:
+            enabled.write("1")
         os.close(write)
         os.waitpid(child, 0)
 

@@ -27,12 +27,15 @@ two demoted looping calls, a scheduler tick's wait on a run queue (tails run on 
 machine, 3 runs of 500 calls: 40/34/29 such calls). So ``demote`` first sets the worker's
 autogroup to nice 19 (``/proc/<pid>/autogroup``; 18/17/14 in the same runs), and only for a
 session leader: another session's group would hold more than this worker. Without
-autogroups (no such file) there is nothing to do. An unprivileged parent is allowed 10
-autogroup changes a second, system-wide (EAGAIN past it): that shortfall is logged too. Not
-kept in the application's session instead (``setpgid`` without ``setsid``): that halved the
-same tails, but made the application and all its workers one group against every other
-session on the machine (beside another session's load, the victim's p99 went from 9-21 ms
-to 44-84 ms).
+autogroups (no such file, or ``kernel.sched_autogroup_enabled`` at 0, where the write would
+change nothing) there is nothing to do. An application that never started a session of its
+own (a process tree under PID 1's, as some CI runners' and containers' are) is in the root
+group and has no autogroup to compare: its worker's still gets nice 19. An unprivileged
+parent is allowed 10 autogroup changes a second, system-wide (EAGAIN past it): that
+shortfall is logged too. Not kept in the application's session instead (``setpgid``
+without ``setsid``): that halved the same tails, but made the application and all its
+workers one group against every other session on the machine (beside another session's
+load, the victim's p99 went from 9-21 ms to 44-84 ms).
 
 Why the worker cannot undo it: it runs as an unprivileged uid (``nobody``, or a non-root
 parent's uid) without CAP_SYS_NICE, with RLIMIT_NICE 0 (hard, so it cannot raise it), and
@@ -158,9 +161,12 @@ def demote(pid: int) -> Demotion:
 
 def _demote_autogroup(pid: int) -> tuple[bool, str]:
     """The worker's autogroup to nice 19: (applied, why not). Nothing to do, and nothing
-    missing, on a kernel without autogroups (no ``/proc/<pid>/autogroup``) or once the
-    worker has exited. Only for a session leader: an autogroup is a session's, and another
-    session's would hold more than this worker (this process, the fork server)."""
+    missing, where autogroups do not weigh (a kernel without them, or with them switched off
+    by ``kernel.sched_autogroup_enabled``, where a write would succeed and change nothing)
+    or once the worker has exited. Only for a session leader: an autogroup is a session's,
+    and another session's would hold more than this worker (this process, the fork server)."""
+    if not autogroups_enabled():
+        return False, ""
     try:
         session = os.getsid(pid)
         if session != pid:
@@ -176,14 +182,29 @@ def _demote_autogroup(pid: int) -> tuple[bool, str]:
         return False, f"autogroup nice {LOWEST_NICE}: {exc.strerror}"
 
 
+def autogroups_enabled() -> bool:
+    """The kernel schedules sessions as autogroups (``CONFIG_SCHED_AUTOGROUP``, switched on)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as enabled:
+            return enabled.read().strip() != "0"
+    except FileNotFoundError:  # a kernel without autogroups
+        return False
+    except OSError:  # unreadable (a host under restrict_host): the write says what is allowed
+        return True
+
+
 def autogroup_nice(pid: int) -> int | None:
     """The nice value of ``pid``'s autogroup (``/proc/<pid>/autogroup``: "/autogroup-N nice
-    V"); None on a kernel without autogroups. For tests."""
+    V"). None where its session has no autogroup: a kernel without them (no such file), or a
+    process tree that never started a session of its own since boot (init's, an empty file:
+    its threads are in the root group, as on a machine whose services run under PID 1's
+    session). For tests."""
     try:
         with open(f"/proc/{pid}/autogroup") as autogroup:
-            return int(autogroup.read().split()[-1])
+            fields = autogroup.read().split()
     except FileNotFoundError:
         return None
+    return int(fields[-1]) if fields else None
 
 
 def _demote_thread(tid: int) -> str:
