@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ import pytest
 import seams
 from conftest import harness_command, wait_until
 from jsonnet_worker import EvaluationTimeout, WorkerPool
-from jsonnet_worker._pool import scheduling
+from jsonnet_worker._pool import idlegroup, scheduling
 from jsonnet_worker._pool.identities import resolve_identity
 
 ROOT = os.geteuid() == 0
@@ -95,19 +96,65 @@ def pool() -> Iterator[WorkerPool]:
 def test_a_long_call_has_every_thread_of_its_worker_at_sched_idle(
     pool: WorkerPool, use_async: bool
 ) -> None:
-    ours = scheduling.autogroup_nice(os.getpid())
     call = Running(pool, HEAVY_GO, timeout=8.0, use_async=use_async)
     wait_until(lambda: all_threads(call.pid, idle))
     assert call.running  # demoted mid-call, not after
     assert len(scheduling.thread_policies(call.pid)) > 1  # the Go runtime's threads too
-    if not scheduling.autogroups_enabled():
-        pytest.skip(NO_AUTOGROUPS)
-    if ROOT:  # an unprivileged parent may meet the kernel's rate limit (a logged shortfall)
-        assert scheduling.autogroup_nice(call.pid) == scheduling.LOWEST_NICE  # its session's
-    assert scheduling.autogroup_nice(os.getpid()) == ours  # not the application's
+    stop(pool, call)
+
+
+def stop(pool: WorkerPool, call: Running) -> None:
     os.kill(call.pid, signal.SIGKILL)  # no need to wait for its deadline
     call.join()
     wait_until(lambda: call.pid not in pool.stats().worker_pids)
+
+
+IDLE_GROUP = idlegroup.IdleGroup.find() if ROOT else idlegroup.IdleGroup(unavailable="not root")
+
+
+@pytest.mark.skipif(not ROOT, reason="the cgroup file system is root's")
+@pytest.mark.skipif(bool(IDLE_GROUP.unavailable), reason=IDLE_GROUP.unavailable)
+@pytest.mark.parametrize("use_async", [False, True], ids=["blocking", "asyncio"])
+def test_a_long_calls_worker_goes_to_the_idle_cpu_cgroup_under_the_applications(
+    pool: WorkerPool, use_async: bool
+) -> None:
+    ours = idlegroup.cgroup_of(os.getpid())
+    call = Running(pool, HEAVY_GO, timeout=8.0, use_async=use_async)
+    wait_until(lambda: all_threads(call.pid, idle))
+    assert call.running
+    expected = os.path.join(ours, idlegroup.IDLE_GROUP)
+    assert idlegroup.cgroup_of(call.pid) == expected  # every thread: cgroup.procs
+    for tid in os.listdir(f"/proc/{call.pid}/task"):
+        with open(f"/proc/{call.pid}/task/{tid}/cgroup") as cgroups:
+            assert f":{expected}\n" in cgroups.read()
+    assert idlegroup.cgroup_of(os.getpid()) == ours  # the application stays where it was
+    assert os.path.dirname(IDLE_GROUP.directory).endswith(ours.rstrip("/"))
+    with open(os.path.join(IDLE_GROUP.directory, "cpu.idle")) as setting:
+        assert setting.read().strip() == "1"
+    stop(pool, call)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["blocking", "asyncio"])
+def test_without_an_idle_cgroup_a_long_calls_autogroup_goes_to_nice_19(
+    use_async: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    no_group = idlegroup.IdleGroup(unavailable="none here (the test)")
+    monkeypatch.setattr(idlegroup.IdleGroup, "find", lambda: no_group)
+    caplog.set_level(logging.INFO, logger="jsonnet_worker")
+    ours = scheduling.autogroup_nice(os.getpid())
+    ours_cgroup = idlegroup.cgroup_of(os.getpid())
+    with WorkerPool(2, spares=0, interactive_budget=0.05) as pool:
+        call = Running(pool, HEAVY_GO, timeout=8.0, use_async=use_async)
+        wait_until(lambda: all_threads(call.pid, idle))
+        assert idlegroup.cgroup_of(call.pid) == ours_cgroup
+        said = [r for r in caplog.records if "no idle cpu cgroup" in r.getMessage()]
+        assert [r.levelname for r in said] == ["INFO"]
+        assert "none here (the test)" in said[0].getMessage()
+        if scheduling.autogroups_enabled():
+            if ROOT:  # an unprivileged parent may meet the kernel's rate limit (logged)
+                assert scheduling.autogroup_nice(call.pid) == scheduling.LOWEST_NICE
+            assert scheduling.autogroup_nice(os.getpid()) == ours  # not the application's
+        stop(pool, call)
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["blocking", "asyncio"])
@@ -308,6 +355,12 @@ def autogroup_nice_0():
         autogroup.write("0")
 
 attempt("autogroup", autogroup_nice_0)
+
+def leave_the_idle_cgroup():
+    with open(PARENT_CGROUP_PROCS, "w") as procs:
+        procs.write(str(os.getpid()))
+
+attempt("cgroup", leave_the_idle_cgroup)
 result["after"] = [os.sched_getscheduler(0), os.getpriority(0, 0)]
 spin = time.monotonic() + 0.5  # a moment for the test to look from outside
 while time.monotonic() < spin:
@@ -324,16 +377,38 @@ def compromised_pool(**options: Any) -> WorkerPool:
     return seams.pool_of(seams.re_exec(command), 1, spares=0, **options)
 
 
+def exiting(pid: int) -> bool:
+    """``pid`` has begun to exit (the kernel's PF_EXITING, set before its cgroups are
+    left), or is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] in "ZX" or bool(int(fields[6]) & 0x4)
+
+
+def undo() -> str:
+    """``UNDO``, told where the idle cgroup's parent is (the application's cgroup)."""
+    parent = os.path.dirname(IDLE_GROUP.directory or "/sys/fs/cgroup/cpu/x")
+    return f"PARENT_CGROUP_PROCS = {os.path.join(parent, 'cgroup.procs')!r}\n{UNDO}"
+
+
 def test_a_compromised_worker_cannot_undo_its_demotion() -> None:
     with compromised_pool(interactive_budget=0.05, timeout=30.0) as pool:
-        call = Running(pool, UNDO, timeout=30.0)
+        call = Running(pool, undo(), timeout=30.0)
         wait_until(lambda: all_threads(call.pid, idle), timeout=20)
         while call.running:  # and it stays so, seen from outside, until the call ends
             try:
                 policies = scheduling.thread_policies(call.pid)
+                cgroup = idlegroup.cgroup_of(call.pid)
             except FileNotFoundError:
                 break
+            if exiting(call.pid):  # its cgroup may already be undone: it was not alive
+                break
             assert all(idle(p) for p in policies), policies
+            if IDLE_GROUP.directory:  # and in the idle cgroup
+                assert cgroup.endswith("/" + idlegroup.IDLE_GROUP), cgroup
         result = call.join()["value"]
     assert result["demoted"] and result["nice"] == 0
     assert result["this thread"] == errno.EPERM  # RLIMIT_NICE 0, no CAP_SYS_NICE
@@ -342,6 +417,7 @@ def test_a_compromised_worker_cannot_undo_its_demotion() -> None:
     assert result["RLIMIT_NICE"] != "done"  # its hard limit is 0
     assert result["parent"] == errno.EPERM  # seccomp: only the worker itself
     assert result["autogroup"] == errno.EACCES  # Landlock: no file to write, /proc's neither
+    assert result["cgroup"] == errno.EACCES  # nor a cgroup's
     assert result["after"] == [os.SCHED_IDLE, 0]
 
 
@@ -349,9 +425,11 @@ def test_a_compromised_worker_at_nice_19_cannot_lower_it(monkeypatch: pytest.Mon
     def refused(tid: int, policy: int, param: os.sched_param) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    snippet = UNDO.replace(
-        "os.sched_getscheduler(0) != os.SCHED_IDLE", "os.getpriority(0, 0) != 19"
-    ).replace('"demoted": os.sched_getscheduler(0) == os.SCHED_IDLE', '"demoted": True')
+    snippet = (
+        undo()
+        .replace("os.sched_getscheduler(0) != os.SCHED_IDLE", "os.getpriority(0, 0) != 19")
+        .replace('"demoted": os.sched_getscheduler(0) == os.SCHED_IDLE', '"demoted": True')
+    )
     with compromised_pool(interactive_budget=0.05, timeout=30.0) as pool:
         monkeypatch.setattr(os, "sched_setscheduler", refused)
         call = Running(pool, snippet, timeout=30.0)

@@ -37,6 +37,12 @@ without ``setsid``): that halved the same tails, but made the application and al
 workers one group against every other session on the machine (beside another session's
 load, the victim's p99 went from 9-21 ms to 44-84 ms).
 
+Best of all, where there is one (root, a kernel with ``cpu.idle``: ``idlegroup``), ``demote``
+first moves the worker into an idle cpu cgroup under the application's own, which any
+waking thread of another group preempts at once; a process in a cgroup other than the root
+one is in no autogroup, so its autogroup is then left alone. ``Demoter`` finds that group at
+a pool's first demotion and says once, at INFO, why there is none.
+
 Why the worker cannot undo it: it runs as an unprivileged uid (``nobody``, or a non-root
 parent's uid) without CAP_SYS_NICE, with RLIMIT_NICE 0 (hard, so it cannot raise it), and
 the kernel lets such a thread leave ``SCHED_IDLE`` or lower its nice value only within
@@ -72,7 +78,10 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .idlegroup import IdleGroup
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -103,6 +112,7 @@ class Demotion:
     idle: int = 0
     niced: int = 0
     group: bool = False
+    cgroup: bool = False  # the process moved into the idle cpu cgroup (``idlegroup``)
     autogroup: bool = False  # its autogroup (its session's) set to nice 19
     shortfall: str = ""
 
@@ -119,33 +129,51 @@ class Demotion:
             parts.append(f"{self.niced} thread(s) to nice {LOWEST_NICE}")
         if self.group:
             parts.append(f"its process group to nice {LOWEST_NICE}")
+        if self.cgroup:
+            parts.append("its process to the idle cpu cgroup")
         if self.autogroup:
             parts.append(f"its autogroup to nice {LOWEST_NICE}")
         return ", ".join(parts) or "nothing"
 
 
-def demote(pid: int) -> Demotion:
-    """Move every thread of process ``pid`` (a child of ours, unreaped) to ``SCHED_IDLE``,
-    or to nice 19 where that is refused. See the module docstring."""
+def demote(pid: int, idle_group: IdleGroup | None = None) -> Demotion:
+    """Move process ``pid`` (a child of ours, unreaped) into ``idle_group`` if there is one,
+    and every thread of it to ``SCHED_IDLE``, or to nice 19 where that is refused. See the
+    module docstring."""
+    refused: list[str] = []
+    cgroup = autogroup = False
+    if idle_group is not None and idle_group.directory:
+        why_not = idle_group.admit(pid)
+        cgroup = not why_not
+        refused += [why_not] if why_not else []
+    if not cgroup:  # in a cgroup other than the root one, a process is in no autogroup
+        autogroup, why_not = _demote_autogroup(pid)
+        refused += [why_not] if why_not else []
+    threads = _demote_threads(pid, refused)
+    if isinstance(threads, str):
+        return _demote_group(pid, threads)
+    idle, niced = threads
+    return Demotion(idle, niced, cgroup=cgroup, autogroup=autogroup, shortfall="; ".join(refused))
+
+
+def _demote_threads(pid: int, refused: list[str]) -> tuple[int, int] | str:
+    """Every thread of ``pid``: how many went to ``SCHED_IDLE`` and to nice 19, with why
+    some did not added to ``refused``; or, where its threads cannot be listed at all, why."""
     seen: set[int] = set()
     idle = niced = 0
-    refused: list[str] = []
-    autogroup, why_not = _demote_autogroup(pid)
-    if why_not:
-        refused.append(why_not)
     for _ in range(MAX_ROUNDS):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except FileNotFoundError:  # it has exited: nothing of it runs any more
-            return Demotion(idle, niced, autogroup=autogroup, shortfall="; ".join(refused))
+            return idle, niced
         except OSError as exc:
-            if seen:
-                shortfall = f"/proc/{pid}/task: {exc.strerror}"
-                return Demotion(idle, niced, autogroup=autogroup, shortfall=shortfall)
-            return _demote_group(pid, f"/proc/{pid}/task is unreadable ({exc.strerror})")
+            if not seen:
+                return f"/proc/{pid}/task is unreadable ({exc.strerror})"
+            refused.append(f"/proc/{pid}/task: {exc.strerror}")
+            return idle, niced
         new = [tid for tid in map(int, tids) if tid not in seen]
         if not new:
-            return Demotion(idle, niced, autogroup=autogroup, shortfall="; ".join(refused))
+            return idle, niced
         for tid in new:
             seen.add(tid)
             how = _demote_thread(tid)
@@ -156,7 +184,7 @@ def demote(pid: int) -> Demotion:
             elif how:
                 refused.append(how)
     refused.append(f"new threads kept appearing after {MAX_ROUNDS} listings")
-    return Demotion(idle, niced, autogroup=autogroup, shortfall="; ".join(refused))
+    return idle, niced
 
 
 def _demote_autogroup(pid: int) -> tuple[bool, str]:
@@ -242,15 +270,31 @@ def _demote_group(pid: int, why: str) -> Demotion:
 
 
 class Demoter:
-    """``demote`` for one pool, logging its first shortfall at WARNING (a host whose /proc
-    is refused would otherwise log one per long call) and the rest at DEBUG."""
+    """``demote`` for one pool, into the idle cgroup it finds at its first demotion (or, if
+    none, saying once at INFO why not), logging its first shortfall at WARNING (a host whose
+    /proc is refused would otherwise log one per long call) and the rest at DEBUG."""
 
-    def __init__(self) -> None:
+    def __init__(self, find_idle_group: Callable[[], IdleGroup] | None = None) -> None:
         self._lock = threading.Lock()
         self._warned = False
+        self._find_idle_group = find_idle_group or IdleGroup.find
+        self._idle_group: IdleGroup | None = None
+
+    def idle_group(self) -> IdleGroup:
+        with self._lock:
+            if self._idle_group is None:
+                self._idle_group = self._find_idle_group()
+                if self._idle_group.unavailable:
+                    logger.info(
+                        "no idle cpu cgroup for demoted workers (%s): they stay in the "
+                        "application's, at SCHED_IDLE, their autogroup at nice %d",
+                        self._idle_group.unavailable,
+                        LOWEST_NICE,
+                    )
+            return self._idle_group
 
     def demote(self, pid: int) -> Demotion:
-        demotion = demote(pid)
+        demotion = demote(pid, self.idle_group())
         if demotion.shortfall:
             with self._lock:
                 level = logging.DEBUG if self._warned else logging.WARNING

@@ -65,6 +65,7 @@ import threading
 from dataclasses import dataclass
 
 from .._wire.layers import LayerState, LayerStatus
+from . import cgroupfs
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -97,90 +98,25 @@ def find_hierarchy(mountinfo: str, cgroups: str) -> Hierarchy | str:
     ``/proc/self/cgroup``; or why there is none. cgroup v2 first, where this process's cgroup
     has the ``pids`` controller; else the v1 ``pids`` hierarchy. Reads the v2 cgroup's
     ``cgroup.controllers``; writes nothing."""
-    v2_mount, v1_mount = _mounts(mountinfo)
-    v2_path, v1_path = _own_cgroups(cgroups)
+    v2_mount, v1_mount = cgroupfs.mounts(mountinfo, "pids")
+    v2_path, v1_path = cgroupfs.own_cgroups(cgroups, "pids")
     reasons = []
     if v2_mount is not None and v2_path is not None:
-        own = _inside(v2_mount, v2_path)
+        own = cgroupfs.inside(v2_mount, v2_path)
         if own is None:
             reasons.append(f"cgroup v2: this process's cgroup {v2_path} is outside the mount")
-        elif "pids" in _read_words(os.path.join(own, "cgroup.controllers")):
+        elif "pids" in cgroupfs.read_words(os.path.join(own, "cgroup.controllers")):
             return Hierarchy(2, os.path.join(own, POOLS_DIR))
         else:
             reasons.append(f"cgroup v2: the pids controller is not enabled for {own}")
     if v1_mount is not None and v1_path is not None:
-        own = _inside(v1_mount, v1_path)
+        own = cgroupfs.inside(v1_mount, v1_path)
         if own is not None:
             return Hierarchy(1, os.path.join(own, POOLS_DIR))
         reasons.append(f"cgroup v1: this process's pids cgroup {v1_path} is outside the mount")
     elif not reasons:
         reasons.append("no cgroup hierarchy with the pids controller is mounted")
     return "; ".join(reasons)
-
-
-Mount = tuple[str, str]  # (the root of the hierarchy it shows, where it is mounted)
-
-
-def _mounts(mountinfo: str) -> tuple[Mount | None, Mount | None]:
-    """The first cgroup2 mount and the first cgroup v1 mount with the pids controller."""
-    v2_mount = v1_mount = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields or len(fields) < 5:
-            continue
-        tail = fields[fields.index("-") + 1 :]  # fs type, source, super options
-        if len(tail) < 3:
-            continue
-        mount = (fields[3], _unescape(fields[4]))
-        if tail[0] == "cgroup2" and v2_mount is None:
-            v2_mount = mount
-        elif tail[0] == "cgroup" and "pids" in tail[2].split(",") and v1_mount is None:
-            v1_mount = mount
-    return v2_mount, v1_mount
-
-
-def _own_cgroups(cgroups: str) -> tuple[str | None, str | None]:
-    """This process's cgroup v2 path and its v1 pids cgroup path (``/proc/self/cgroup``)."""
-    v2_path = v1_path = None
-    for line in cgroups.splitlines():
-        hierarchy_id, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if hierarchy_id == "0" and controllers == "":
-            v2_path = path
-        elif "pids" in controllers.split(","):
-            v1_path = path
-    return v2_path, v1_path
-
-
-def _unescape(path: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), path)
-
-
-def _inside(mount: Mount, path: str) -> str | None:
-    """The directory of cgroup ``path`` in a hierarchy mounted as ``mount`` (its root, its
-    mount point); None if the mount does not show it (another cgroup namespace's)."""
-    root, point = mount
-    if root != "/" and path != root and not path.startswith(root.rstrip("/") + "/"):
-        return None
-    relative = path[len(root) :] if root != "/" else path
-    return os.path.join(point, relative.lstrip("/")).rstrip("/") or "/"
-
-
-def _read_words(path: str) -> list[str]:
-    try:
-        with open(path) as file:
-            return file.read().split()
-    except OSError:
-        return []
-
-
-def _write(path: str, text: str) -> None:
-    """One write(2) of a control file (a kernfs file takes its value in one write)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: str) -> bool:
@@ -337,9 +273,9 @@ class TaskLimits:
         path = os.path.join(self.directory, f"{'f' if fork_server else 'w'}{next(self._names)}")
         os.mkdir(path)
         try:
-            _write(os.path.join(path, "pids.max"), str(limit))
+            cgroupfs.write(os.path.join(path, "pids.max"), str(limit))
             # The whole thread group, with the threads it has already started.
-            _write(os.path.join(path, "cgroup.procs"), str(pid))
+            cgroupfs.write(os.path.join(path, "cgroup.procs"), str(pid))
         except BaseException:
             _remove_tree(path)
             raise
@@ -386,8 +322,8 @@ class TaskLimits:
 def _enable_pids(directory: str) -> None:
     """cgroup v2: the pids controller for the children of ``directory`` (refused with EBUSY
     where processes live in it: the no-internal-process rule; delegate a subtree)."""
-    if "pids" not in _read_words(os.path.join(directory, "cgroup.subtree_control")):
-        _write(os.path.join(directory, "cgroup.subtree_control"), "+pids")
+    if "pids" not in cgroupfs.read_words(os.path.join(directory, "cgroup.subtree_control")):
+        cgroupfs.write(os.path.join(directory, "cgroup.subtree_control"), "+pids")
 
 
 def _clean_stale(base: str) -> None:
@@ -408,7 +344,6 @@ def host_hierarchy() -> Hierarchy | str:
     """This process's pids hierarchy (``find_hierarchy`` on its own /proc files), or why
     there is none."""
     try:
-        with open("/proc/self/mountinfo") as mountinfo, open("/proc/self/cgroup") as cgroups:
-            return find_hierarchy(mountinfo.read(), cgroups.read())
+        return find_hierarchy(*cgroupfs.read_own())
     except OSError as exc:
         return f"cannot read this process's cgroups ({exc.strerror or exc})"
