@@ -79,7 +79,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .idlegroup import IdleGroup
 
@@ -151,7 +151,8 @@ def demote(pid: int, idle_group: IdleGroup | None = None) -> Demotion:
         refused += [why_not] if why_not else []
     threads = _demote_threads(pid, refused)
     if isinstance(threads, str):
-        return _demote_group(pid, threads)
+        group = _demote_group(pid, "; ".join([*refused, threads]))
+        return replace(group, cgroup=cgroup, autogroup=autogroup)
     idle, niced = threads
     return Demotion(idle, niced, cgroup=cgroup, autogroup=autogroup, shortfall="; ".join(refused))
 
