@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from jsonnet_worker import HostAllowList, SandboxConfigError, _host, _kratos, restrict_host
+from jsonnet_worker._pool.idlegroup import IdleGroup
 from jsonnet_worker._sandbox.landlock import probe
 
 ROOT = Path(__file__).parent.parent
@@ -341,6 +342,20 @@ def test_workers_keep_respawning_after_the_host_is_restricted(host: Host) -> Non
         answer
     )
     assert host.ask("new_pool", "[1, 2]") == {"ok": True, "value": [1, 2]}
+
+
+def test_a_long_calls_worker_is_demoted_under_the_host_layer(host: Host) -> None:
+    """The layer refuses /proc, so the worker's threads cannot be listed (its process group
+    gets nice 19, docs/SANDBOX.md), but the idle cpu cgroup, found before the layer, is
+    granted: the worker is moved into it all the same. Where this host has none (not root,
+    no cpu.idle), the pool said why at INFO when it was restricted."""
+    long = host.ask("long_call")
+    assert long["call"] == {"ok": False, "error": "EvaluationTimeout"}
+    demoted = [line for line in long["records"] if "demotion fell short" in line]
+    assert len(demoted) == 1 and "its process group to nice 19" in demoted[0], long
+    if IdleGroup.find().directory and os.geteuid() == 0:
+        assert "its process to the idle cpu cgroup" in demoted[0], demoted
+        assert "idle cgroup" not in demoted[0].split(":", 2)[-1]  # nothing refused of it
 
 
 def test_processes_and_the_supervisor_inherit_the_layer(host: Host) -> None:

@@ -312,6 +312,13 @@ class WorkerPool:
         without them (``restrict_host`` lets the supervisor thread make and remove them)."""
         return self._supervisor.tasks.directory
 
+    @property
+    def idle_cgroup(self) -> str | None:
+        """The idle cpu cgroup this pool's demoted workers go into (``idlegroup``: found, and
+        made if need be, at the first ask or demotion), None where there is none (the pool
+        says why at INFO). ``restrict_host`` lets the pool move workers into it."""
+        return self._demoter.idle_group().directory or None
+
     def run_on_supervisor(self, function: Callable[[], object], timeout: float = 10.0) -> object:
         """Run ``function`` on the thread that starts this pool's workers and return its
         result (its exception is raised here). ``restrict_host`` applies the host's Landlock

@@ -25,8 +25,8 @@ Where there is none, ``IdleGroup`` says why (``unavailable``) and demotion goes 
 (``SCHED_IDLE`` and the autogroup): a non-root parent (the cgroup file system is root's); a
 kernel before 5.15 (no ``cpu.idle``); cgroup v2 where the cpu controller is not enabled for
 the children of the application's cgroup (with no internal processes it can be only for the
-root cgroup, or a delegated subtree); a host under ``restrict_host`` (its Landlock layer
-allows no ``/sys``).
+root cgroup, or a delegated subtree). ``restrict_host`` finds it before applying its layer
+(``WorkerPool.idle_cgroup``) and grants the directory for writing.
 
 Why a worker cannot leave it: moving a process is a write to a cgroup file, and the worker's
 Landlock layer allows it no file to write; it runs as an unprivileged uid besides, and the

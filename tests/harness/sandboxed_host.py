@@ -115,6 +115,12 @@ def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_p
             "slow": outcome(lambda: pool.evaluate(HEAVY, timeout=0.2)),
             "next": outcome(lambda: pool.evaluate("{next: 1 + 1}")),
         }
+    elif op == "long_call":  # past the interactive budget: its worker is demoted
+        records.lines.clear()
+        answer = {
+            "call": outcome(lambda: pool.evaluate(HEAVY, timeout=1.0)),
+            "records": list(records.lines),
+        }
     elif op == "kill_a_worker":
         answer = outcome(lambda: kill_a_worker(pool))
     elif op == "new_pool":
