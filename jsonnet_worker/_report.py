@@ -17,18 +17,17 @@ and the service's start-up logs all judge what the workers reported with
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from ._sandbox.landlock import LandlockStatus
-from ._wire.layers import LayerState, LayerStatus
-
-logger = logging.getLogger("jsonnet_worker")
+from ._wire.layers import LandlockStatus, LayerState, LayerStatus
 
 
 def log_landlock(status: LandlockStatus, unprotected: str) -> None:
     """The one record that says whether a Landlock layer is in force; ``unprotected`` says
     what runs without it when it is not."""
+    import logging  # here: ``eval`` reads a hello (this module) and logs nothing
+
+    logger = logging.getLogger("jsonnet_worker")
     if status.enforced:
         logger.info(
             "Landlock filesystem sandbox is active.",

@@ -4,7 +4,9 @@
 - The parser built for a command line adds the flags of the command it names only, and
   parses every command's line exactly as the parser with every command's flags does.
 - ``eval`` loads none of what only a pool or a tracer needs (OpenTelemetry, asyncio, the
-  pool's facade), checked in a real process that ran the command.
+  pool's facade, its state machine, supervisor, fairness, accounting and tracing, the
+  steps only a pool's call takes, logging when its sandbox is complete), checked in a real
+  process that ran the command.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def test_only_the_named_commands_flags_are_built() -> None:
         main.build_parser().parse_args(other)  # no command named (--help): every flag
 
 
+# The pool's modules no one-call command needs (``_pool.exchange`` has the steps it takes).
+POOL_ONLY = ("facade", "calls", "supervisor", "state", "fairness", "accounting", "tracing")
 # Run in a fresh interpreter: eval, then what it loaded (on its own line after the output).
 PROBE = (
     "import sys, json\n"
@@ -57,8 +61,8 @@ def test_eval_loads_nothing_only_a_pool_or_a_tracer_needs() -> None:
     )
     code, modules = json.loads(done.stdout.splitlines()[-1])
     assert code == 0 and '"a": 1' in done.stdout
-    assert "jsonnet_worker._pool.calls" in modules  # the probe saw the call's modules
+    assert "jsonnet_worker._pool.exchange" in modules  # the probe saw the call's modules
     loaded = {name.partition(".")[0] for name in modules} | set(modules)
-    assert loaded.isdisjoint(
-        {"opentelemetry", "asyncio", "jsonnet_worker._pool.facade", "jsonnet_worker._default"}
-    ), sorted(loaded & {"opentelemetry", "asyncio", "jsonnet_worker._pool.facade"})
+    only_a_pools = {"opentelemetry", "asyncio", "logging", "concurrent", "jsonnet_worker._default"}
+    only_a_pools |= {f"jsonnet_worker._pool.{name}" for name in POOL_ONLY}
+    assert loaded.isdisjoint(only_a_pools), sorted(loaded & only_a_pools)

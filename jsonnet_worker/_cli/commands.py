@@ -482,7 +482,7 @@ def _run(args: argparse.Namespace, early: EarlyWorker | None = None) -> int:
         return doctor.run_doctor(args.engine)
     runner = {"eval": run_eval, "test": run_test, "check": run_check, "fmt": run_fmt}
     try:
-        if args.command == "eval":  # its log lines are set up once its worker is started
+        if args.command == "eval":  # its log line is set up where it is written (``oneshot``)
             return run_eval(args, early)
         with command_logging():
             return runner[args.command](args)
@@ -553,9 +553,10 @@ def run_eval(args: argparse.Namespace, early: EarlyWorker | None = None) -> int:
 
     # The worker starts now (or was started with the command, ``early``): its start-up runs
     # while the input is read. Killed once it has answered, it is reaped when the block
-    # ends, after the output is written.
+    # ends, after the output is written. Its one log line (a degraded sandbox) is written
+    # under ``command_logging`` by ``OneShot`` itself: no other eval imports logging.
     try:
-        with OneShot(config, early) as worker, command_logging():
+        with OneShot(config, early) as worker:
             _write_output(args, _evaluate(worker, args, search))
     except Error as exc:
         raise _library_error(exc) from None
@@ -590,8 +591,8 @@ def _evaluate(worker: OneShot, args: argparse.Namespace, search: tuple[str, ...]
     """The manifested JSON of the one evaluation ``args`` ask for, in ``worker``, its imports
     served from the files found on ``search``."""
     from .._imports import collect
-    from .._pool.calls import Variables as CallVariables
-    from .._pool.calls import prepare
+    from .._pool.exchange import Variables as CallVariables
+    from .._pool.exchange import prepare
     from .._wire.messages import Operation
     from .traces import print_trace
 

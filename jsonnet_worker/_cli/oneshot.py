@@ -7,8 +7,9 @@ the worker. That worker is a pool's worker in every respect (the same command li
 environment, identity, limits and sandbox: ``processes.WorkerProcess`` from
 ``settings_for(config)``), and the call is judged as a pool judges it: the same hello, the
 same sandbox verdict (``require_sandbox`` fails closed with ``SandboxUnavailable``), the same
-checks and encoding (``calls.prepare``), the same answers, deaths and deadline
-(``calls.read_answer``, ``calls.death``, ``calls.timed_out``).
+checks and encoding (``exchange.prepare``), the same answers, deaths and deadline
+(``exchange.read_answer``, ``exchange.death``, ``exchange.timed_out``): the steps of
+one exchange the pool uses too, without the pool's state machine or supervisor.
 
 Plan: ``OneShot(config)`` starts the worker at once, before the caller reads its input and
 imports what the call needs, so that the worker's start-up (most of a command's time) runs
@@ -36,9 +37,8 @@ from .._pool.processes import WorkerProcess, settings_for
 from .closing import ClosedOnExit
 
 if TYPE_CHECKING:
-    from .._pool.calls import Call
     from .._pool.connection import Answer
-    from .._pool.supervisor import Worker
+    from .._pool.exchange import Call, Worker
     from .._report import SandboxStatus
     from .early import EarlyWorker
 
@@ -66,8 +66,8 @@ class OneShot(ClosedOnExit):
         self.process.close()
 
     def call(self, call: Call) -> Answer:
-        """The answer to ``call`` (from ``calls.prepare``), or its typed error."""
-        from .._pool import calls
+        """The answer to ``call`` (from ``exchange.prepare``), or its typed error."""
+        from .._pool import exchange
 
         worker = self._greet()
         traces = call.traces
@@ -75,19 +75,21 @@ class OneShot(ClosedOnExit):
             self.process.stderr.mark(traces.max_bytes)
         deadline = time.monotonic() + call.time_left()
         sent = worker.send_request(call.request, call.frame, call.library)
-        pending = calls.write_rest(worker, memoryview(worker.outgoing)[sent:])
+        pending = exchange.write_rest(worker, memoryview(worker.outgoing)[sent:])
         if pending is not None:
             self.process.poller.register(self.process.stdin, select.POLLOUT)
         outcome = None
         while outcome is None and (now := time.monotonic()) < deadline:
-            outcome, pending = calls.poll_channels(worker, pending, (deadline - now) * 1000.0 + 1)
+            outcome, pending = exchange.poll_channels(
+                worker, pending, (deadline - now) * 1000.0 + 1
+            )
         if outcome is None:
             self.process.kill()
-            outcome = calls.timed_out(call)
-        elif outcome is calls.CLOSED:
+            outcome = exchange.timed_out(call)
+        elif outcome is exchange.CLOSED:
             grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
             self.process.wait(grace)
-            outcome = calls.death(worker, call, cut=grace < DEATH_GRACE)
+            outcome = exchange.death(worker, call, cut=grace < DEATH_GRACE)
         else:  # it answered its one call: it dies now, beside the caller's output, and
             if self.process.ready()[1]:  # (a trace line written just before the answer)
                 self.process.drain_stderr()
@@ -104,8 +106,8 @@ class OneShot(ClosedOnExit):
     def _greet(self) -> Worker:
         """Wait for the hello; refuse a worker without the sandbox the config requires."""
         from .._pool.connection import WorkerConnection, sandbox_status
+        from .._pool.exchange import Worker
         from .._pool.launch import await_hello
-        from .._pool.supervisor import Worker
 
         connection = WorkerConnection(self.config.max_output)
         hello = await_hello(self.process, connection, self.config.spawn_timeout)
@@ -124,12 +126,16 @@ def _log_sandbox(sandbox: SandboxStatus) -> None:
     """The one verdict ``doctor`` and the service's ``/healthz`` give: a WARNING when the
     worker runs without Landlock (``require_sandbox=False`` only), INFO when it is merely
     degraded (a non-root user's every command would warn of a uid it cannot drop:
-    ``doctor`` is where that is reported)."""
-    import logging
-
+    ``doctor`` is where that is reported). Written under the command's log handler
+    (``command_logging``), entered here: an eval whose sandbox is complete loads no logging."""
     from .._report import judge_sandbox
 
     verdict = judge_sandbox(sandbox)
-    if not verdict.complete:
+    if not verdict.complete:  # only then is logging imported (about 4 ms of a command)
+        import logging
+
+        from .terminal import command_logging
+
         level = logging.INFO if verdict.enforced else logging.WARNING
-        logging.getLogger("jsonnet_worker").log(level, "the worker's %s", verdict.summary())
+        with command_logging():
+            logging.getLogger("jsonnet_worker").log(level, "the worker's %s", verdict.summary())

@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -267,6 +266,8 @@ class ChildProcess:
         except BaseException:
             settings.identities.release(identity)
             raise
+        import subprocess  # here: eval's worker is adopted, and subprocess costs it ~2 ms
+
         try:
             popen = subprocess.Popen(
                 command(identity),

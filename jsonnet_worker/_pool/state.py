@@ -85,15 +85,19 @@ from .._errors import (
 from .._report import PoolStats, SandboxStatus
 from .accounting import Accounting
 from .backoff import backoff_delay
+
+# A call's outcome, its trust domain and the CPU headroom rule: written with the steps of one
+# exchange (``exchange``: eval's one worker uses them without a pool), given here too.
+from .exchange import CPU_HEADROOM_TIMEOUTS as CPU_HEADROOM_TIMEOUTS
+from .exchange import NO_TENANT as NO_TENANT
+from .exchange import Domain as Domain
+from .exchange import Outcome as Outcome
 from .fairness import FairQueue
 
 # CPU seconds an idle worker or spare may use between two samples (a Go runtime's idle
 # housekeeping uses well under a millisecond a second; a worker still evaluating after its
 # answer uses most of a CPU).
 IDLE_CPU_ALLOWANCE = 0.05
-# A worker is recycled once fewer CPU seconds than this many call timeouts are left of its
-# budget (a Go worker evaluates on up to two threads, GOMAXPROCS=2).
-CPU_HEADROOM_TIMEOUTS = 2.0
 # A worker given back while only a domain that already holds its share waits stays idle for
 # its own domain this long (a warm worker for that domain's next call, which is how a light
 # tenant's calls keep their in-process latency beside a flood); then the flood may have it.
@@ -126,22 +130,6 @@ class WorkerStatus(enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     DYING = "dying"  # died while a caller holds it; the caller discards it
-
-
-class Domain(NamedTuple):
-    """A trust domain: the calls of one tenant, or (``tenant=None``) the calls without one.
-
-    A named tuple, not a dataclass: it is a key of several dicts on every call (the queue,
-    the workers each domain holds, the accounting), and a tuple's hash and equality run in C,
-    where a frozen dataclass's generated ``__hash__``/``__eq__`` cost microseconds a call."""
-
-    tenant: str | None
-
-    def describe(self) -> str:
-        return "no tenant" if self.tenant is None else f"tenant {self.tenant!r}"
-
-
-NO_TENANT = Domain(None)
 
 
 @dataclass(eq=False)
@@ -245,24 +233,6 @@ class Log:
 
 
 Effect = Kill | Close | WakeSupervisor | HandOver | Wake | Log
-
-
-class Outcome(NamedTuple):
-    """How one call on a worker ended, on either call path: an answer (the connection's
-    ``Answer``) or a typed error, and whether the worker may serve again.
-
-    ``reason`` says, for the log, why the worker goes (never a snippet's text or value);
-    ``recycle``, why a worker that may be kept is replaced all the same (it asked to be).
-
-    A named tuple, as ``Domain``: one is made on every call, and a frozen dataclass's
-    ``__init__`` (an ``object.__setattr__`` per field) costs three times a tuple's."""
-
-    answer: Any = None
-    error: Error | None = None
-    keep: bool = False
-    died: bool = False
-    reason: str = ""
-    recycle: str = ""
 
 
 @dataclass(frozen=True)

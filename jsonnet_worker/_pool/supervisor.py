@@ -32,16 +32,12 @@ from concurrent.futures import Future
 
 from .._errors import (
     Error,
-    EvaluationTimeout,
-    MemoryLimitExceeded,
     ProtocolError,
-    WorkerCrashed,
     WorkerStartError,
 )
-from .._library import Library
 from .._report import SandboxStatus, judge_sandbox, log_landlock
 from .._wire.layers import LayerState, LayerStatus
-from .._wire.messages import EvalRequest, StartupFailure, WorkerHello, escape_controls
+from .._wire.messages import StartupFailure, WorkerHello
 from .connection import (
     NEED_DATA,
     ConnectionBroken,
@@ -49,6 +45,7 @@ from .connection import (
     WorkerConnection,
     sandbox_status,
 )
+from .exchange import Worker as Worker  # one worker as a call uses it, written there
 from .forking import WorkerSource
 from .forkserver_policy import LAYER, SourceStats
 from .origin import WorkerOrigin
@@ -66,84 +63,11 @@ from .state import (
     WakeSupervisor,
     WorkerStatus,
 )
-from .tasklimit import TaskCgroup, TaskLimits
+from .tasklimit import TaskLimits
 
 logger = logging.getLogger("jsonnet_worker")
 
 IDLE_CHECK_INTERVAL = 0.5
-
-
-class Worker:
-    """One worker as the pool uses it: its process (the mechanism), its conversation, and
-    the cgroup that bounds its tasks (None where the pool has none: ``tasklimit``)."""
-
-    __slots__ = (
-        "connection",
-        "cpu_mark",
-        "outgoing",
-        "pid",
-        "process",
-        "sent_at",
-        "sent_id",
-        "tasks",
-    )
-
-    def __init__(
-        self,
-        process: WorkerProcess,
-        connection: WorkerConnection,
-        tasks: TaskCgroup | None = None,
-    ) -> None:
-        self.process = process
-        self.connection = connection
-        self.tasks = tasks
-        self.pid = process.pid
-        # For accounting (``calls.settle``): its CPU clock when its last call settled (at
-        # its hello before any), so a call's CPU is one clock read at settle minus this;
-        # and when, and for which request id, its last request was written.
-        self.cpu_mark = 0.0
-        self.sent_at = 0.0
-        self.sent_id = 0
-        # The bytes of the request being sent: its frame, after a library set's if the
-        # worker did not hold that set (``WorkerConnection.send_request``).
-        self.outgoing = b""
-
-    def __repr__(self) -> str:
-        return f"<Worker pid={self.pid} {self.connection.state.value}>"
-
-    def send_request(self, request: EvalRequest, frame: bytes, library: Library | None) -> int:
-        """Register ``request`` with the conversation and write what the channel takes of
-        its bytes (``outgoing``: ``frame``, after ``library``'s if this worker lacks it) now;
-        the bytes written (the rest of ``outgoing`` is the caller's to write)."""
-        self.outgoing = self.connection.send_request(request, encoded=frame, library=library)
-        self.sent_at, self.sent_id = time.monotonic(), request.id
-        return self.process.send(self.outgoing) or 0
-
-    def why_it_died(self) -> tuple[MemoryLimitExceeded | WorkerCrashed | EvaluationTimeout, str]:
-        """After it has exited (reaped) during a call: the call's error, and the reason the
-        pool logs. A worker whose cgroup refused a task at its limit died of that (the Go
-        runtime aborts with "pthread_create failed", which would otherwise read as memory)."""
-        how = self.process.how_it_ended()
-        error = self.process.death_error()  # drains what it printed
-        if self.tasks is not None and self.tasks.limit_reached():
-            limit = self.tasks.limit
-            crashed = WorkerCrashed(
-                f"worker {self.pid} reached its task limit ({limit} threads and processes, "
-                f"its cgroup's pids.max) and {how} during the evaluation; it is replaced",
-                returncode=self.process.returncode,
-                stderr_tail=escape_controls(self.process.stderr.text()),
-            )
-            return crashed, f"reached its task limit of {limit} (pids.max) and {how} during a call"
-        if isinstance(error, MemoryLimitExceeded):
-            return error, f"ran out of memory and {how}"
-        return error, f"{how} during a call"
-
-    def close(self, grace: float = 0.0) -> None:
-        """Stop, reap and close the process, then remove its cgroup (a cgroup can be removed
-        only once its tasks are gone). Idempotent."""
-        self.process.close(grace)
-        if self.tasks is not None:
-            self.tasks.remove()
 
 
 class Supervisor:

@@ -36,7 +36,6 @@ reports the limits layer missing.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -171,6 +170,10 @@ def new_ipc_namespace() -> LayerStatus:
             LayerState.MISSING,
             reason="the parent is not root, so the host's IPC namespace (seccomp refuses IPC)",
         )
+    # Imported here: the pool side reads this module for ``WorkerIdentity`` only (ctypes
+    # costs ``eval`` ~4 ms); a worker has imported ctypes long before it gets here.
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     ctypes.set_errno(0)
     if libc.unshare(ctypes.c_int(CLONE_NEWIPC)) != 0:
