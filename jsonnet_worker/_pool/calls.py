@@ -15,9 +15,9 @@ worker's connection (``poll_channels``: one poll of its channels, for the blocki
 the CLI's one-shot worker); ``death``/``timed_out`` are the other ways a call ends. Here:
 ``ready_for_call`` vets a worker just checked out; ``start`` writes the frame; ``settle``
 records the outcome through the pool's state and returns the answer or raises; ``abandon``
-is the end of a call its caller left. Functions, not a class: each takes what it reads, so the per-call
-path pays no extra object. A caller's ask for its ``std.trace`` lines travels as
-``Call.traces``; ``settle`` cuts them from the call's stderr capture (``traces``) and gives
+is the end of a call its caller left. Functions, not a class: each takes what it reads, so
+the per-call path pays no extra object. A caller's ask for its ``std.trace`` lines travels
+as ``Call.traces``; ``settle`` cuts them from the call's stderr capture (``traces``) and gives
 them to the caller before it returns or raises; a caller that did not ask pays one test.
 
 Measurement, for per-tenant accounting and ``last_call()``: ``settle`` and ``abandon`` (every
