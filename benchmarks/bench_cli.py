@@ -5,16 +5,17 @@ cannot be had) and a fresh ``python -I -c`` that calls the binding directly, in 
     python -m benchmarks.bench_cli [--quick] [--runs N] [--baseline TREE]
 
 Every contender is a new process evaluating the same small file (``{a: 1}``, issue 23's),
-timed from spawn to exit and interleaved in rounds, so that the load of a shared machine hits
-them alike: compare the ratios, not the milliseconds. ``eval`` is reported as its median and
-p90 and as a ratio to the ``python -I -c`` call of the binding (the floor of any Python
-process that evaluates). Also timed, to say where a command's time goes: the modules an
-``eval`` imports (``python -c``), those it imports before it spawns its worker (the console
-script's module, ``_cli.early``), one worker's start to its hello (measured in this process)
-and the old path, a ``WorkerPool`` of one worker (what ``eval`` ran before its one-shot
-worker). ``--baseline TREE`` adds ``eval`` run from another checkout of this package (e.g. a
-``git worktree`` of the commit before a change), through ``PYTHONPATH``, so that a before
-and an after are timed in the same run.
+timed from spawn to exit and interleaved in rounds, so that the load of a shared machine
+hits them alike: compare the ratios, not the milliseconds. ``eval`` is reported as its
+median and p90 (wall clock), its median CPU (user + system, the process's and its reaped
+children's: an ``eval``'s worker's too) and as a ratio to the ``python -I -c`` call of the
+binding (the floor of any Python process that evaluates). Also timed, to say where a
+command's time goes: the modules an ``eval`` imports (``python -c``), those it imports
+before it spawns its worker (the console script's module, ``_cli.early``), one worker's
+start to its hello (measured in this process) and the old path, a ``WorkerPool`` of one
+worker (what ``eval`` ran before its one-shot worker). ``--baseline TREE`` adds ``eval`` run
+from another checkout of this package (e.g. a ``git worktree`` of the commit before a
+change), through ``PYTHONPATH``, so that a before and an after are timed in the same run.
 
 The package's ``.pyc`` files are compiled first, as installing a wheel does: an editable
 checkout run with ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile every module on
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,7 +59,7 @@ TARGET_SECONDS = 0.060  # issue 23: eval of a small file in at most 60 ms
 # and the part of it before the worker is spawned (the console script's module).
 EVAL_IMPORTS = (
     "import jsonnet_worker._cli.main, jsonnet_worker._cli.commands, "
-    "jsonnet_worker._cli.oneshot, jsonnet_worker._pool.calls"
+    "jsonnet_worker._cli.oneshot, jsonnet_worker._pool.exchange, jsonnet_worker._pool.launch"
 )
 SPAWN_IMPORTS = "import jsonnet_worker._cli.main"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "jsonnet_worker"
@@ -116,13 +118,18 @@ def contenders(
     return found
 
 
-def run_once(command: list[str], environment: dict[str, str]) -> float:
+def run_once(command: list[str], environment: dict[str, str]) -> tuple[float, float]:
+    """Seconds from spawn to exit, and the CPU seconds (user + system) the process and every
+    child it reaped used (an ``eval``'s worker among them)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0 or done.stdout not in (EXPECTED, ""):
         raise RuntimeError(f"{command[:3]} failed ({done.returncode}): {done.stderr[-500:]}")
-    return elapsed
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu
 
 
 def worker_starts(count: int) -> list[float]:
@@ -143,7 +150,11 @@ def compile_package(*trees: Path) -> None:
         compileall.compile_dir(str(tree), quiet=1)
 
 
-def measure(runs: int, rounds: int = 5, baseline: Path | None = None) -> dict[str, list[float]]:
+def measure(
+    runs: int, rounds: int = 5, baseline: Path | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each contender's wall-clock seconds, and its CPU seconds (a worker's start in this
+    process has none of its own: it is not a child's)."""
     compile_package(PACKAGE_DIR, *([baseline / "jsonnet_worker"] if baseline else []))
     with tempfile.TemporaryDirectory() as directory:
         source = str(Path(directory) / "small.jsonnet")
@@ -152,31 +163,38 @@ def measure(runs: int, rounds: int = 5, baseline: Path | None = None) -> dict[st
         for command, environment in commands.values():  # warm the page cache
             run_once(command, environment)
         timings: dict[str, list[float]] = {name: [] for name in commands}
+        cpu: dict[str, list[float]] = {name: [] for name in commands}
         timings["a worker's start to its hello (in-process)"] = []
         per_round = max(1, -(-runs // rounds))  # at least ``runs`` samples each
         for _ in range(rounds):
             for name, (command, environment) in commands.items():
-                timings[name] += [run_once(command, environment) for _ in range(per_round)]
+                for _ in range(per_round):
+                    elapsed, used = run_once(command, environment)
+                    timings[name].append(elapsed)
+                    cpu[name].append(used)
             timings["a worker's start to its hello (in-process)"] += worker_starts(per_round)
-    return timings
+    return timings, cpu
 
 
-def table(timings: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
+def table(
+    timings: dict[str, list[float]], cpu: dict[str, list[float]]
+) -> tuple[list[str], list[list[str]]]:
     floor = statistics.median(timings[BINDING_NAME])
-    header = ["process", "p50 ms", "p90 ms", "p50 vs python -I -c binding"]
+    header = ["process", "p50 ms", "p90 ms", "p50 vs python -I -c binding", "CPU p50 ms"]
     rows = [
         [
             name,
             f"{statistics.median(samples) * 1e3:.1f}",
             f"{percentile(samples, 0.9) * 1e3:.1f}",
             f"{statistics.median(samples) / floor:.2f}x",
+            f"{statistics.median(cpu[name]) * 1e3:.1f}" if cpu.get(name) else "-",
         ]
         for name, samples in timings.items()
     ]
     return header, rows
 
 
-def notes(timings: dict[str, list[float]]) -> list[str]:
+def notes(timings: dict[str, list[float]], cpu: dict[str, list[float]]) -> list[str]:
     ours = statistics.median(timings[EVAL])
     floor = statistics.median(timings[BINDING_NAME])
     lines = [
@@ -188,7 +206,12 @@ def notes(timings: dict[str, list[float]]) -> list[str]:
     for name in timings:
         if name.startswith(f"{EVAL} (baseline"):
             before = statistics.median(timings[name])
-            lines.append(f"against the {name[len(EVAL) + 2 : -1]}: {ours / before:.2f}x")
+            cpu_ours, cpu_before = statistics.median(cpu[EVAL]), statistics.median(cpu[name])
+            lines.append(
+                f"against the {name[len(EVAL) + 2 : -1]}: {ours / before:.2f}x wall "
+                f"({ours * 1e3:.0f} against {before * 1e3:.0f} ms), {cpu_ours / cpu_before:.2f}x "
+                f"CPU ({cpu_ours * 1e3:.0f} against {cpu_before * 1e3:.0f} ms)"
+            )
     binaries = [name for name in timings if "binary" in name]
     for name in binaries:
         lines.append(f"against the {name}: {ours / statistics.median(timings[name]):.1f}x")
@@ -199,10 +222,10 @@ def notes(timings: dict[str, list[float]]) -> list[str]:
 
 def run(report: Any, quick: bool) -> None:
     """For ``benchmarks.run``: the table and its notes into ``report``."""
-    timings = measure(10 if quick else 40)
-    header, rows = table(timings)
+    timings, cpu = measure(10 if quick else 40)
+    header, rows = table(timings, cpu)
     report.table("The command line: eval of a small file, one process each", header, rows)
-    report.notes.extend(notes(timings))
+    report.notes.extend(notes(timings, cpu))
 
 
 def main() -> None:
@@ -213,12 +236,12 @@ def main() -> None:
         "--baseline", type=Path, help="a checkout of this package to time eval from as well"
     )
     args = parser.parse_args()
-    timings = measure(10 if args.quick else args.runs, baseline=args.baseline)
-    header, rows = table(timings)
+    timings, cpu = measure(10 if args.quick else args.runs, baseline=args.baseline)
+    header, rows = table(timings, cpu)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    print("\n".join(notes(timings)))
+    print("\n".join(notes(timings, cpu)))
 
 
 if __name__ == "__main__":

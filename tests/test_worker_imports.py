@@ -1,8 +1,9 @@
-"""What a worker's start imports, and why it can leave ``typing`` out (issue 23, item 6: a
-quicker worker start, for every worker).
+"""What a worker's start imports, and why it can leave ``typing`` and ``json`` out (issue 23,
+item 6: a quicker worker start, for every worker).
 
-- A live worker, started exactly as the pool starts one and asked to evaluate and format,
-  never imports ``typing`` (an audit hook in front of the real bootstrap reports it).
+- A live worker, started exactly as the pool starts one and asked to evaluate (a string
+  variable with a NUL: JSON code) and to format, never imports ``typing`` or ``json`` (an
+  audit hook in front of the real bootstrap reports each import of them).
 - Without ``typing`` loaded, dataclasses cannot recognise a ``ClassVar`` annotation and
   would take it for a field: every dataclass of the worker side has the same fields in a
   process without ``typing`` (as a worker runs) as in one with it (as the pool runs), so a
@@ -21,12 +22,15 @@ from jsonnet_worker._wire.framing import DEFAULT_MAX_FRAME
 from jsonnet_worker._wire.messages import FormatStyle, Operation
 from rawworker import RawWorker
 
-MARK = "imported-typing"
+MARK = "imported:"
+# What a worker never imports: typing (its annotations are for mypy only), json (its
+# encoders come from ``_json``: json loads its decoder and ``re``).
+NEVER_IMPORTED = ("typing", "json")
 AUDIT_HOOK = (
     "import sys\n"
     "def _report(event, args):\n"
-    "    if event == 'import' and args[0] == 'typing':\n"
-    f"        sys.stderr.write('{MARK}\\n'); sys.stderr.flush()\n"
+    f"    if event == 'import' and args[0].partition('.')[0] in {NEVER_IMPORTED!r}:\n"
+    f"        sys.stderr.write('{MARK}' + args[0] + '\\n'); sys.stderr.flush()\n"
     "sys.addaudithook(_report)\n"
 )
 WORKER_SIDE = ("_wire", "_worker", "_sandbox")
@@ -51,18 +55,20 @@ print(json.dumps(["typing" in sys.modules, found]))
 """
 
 
-def test_a_live_worker_never_imports_typing() -> None:
+def test_a_live_worker_never_imports_typing_or_json() -> None:
     command = worker_command(WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME))
     assert command[3] == "-c"
     command[4] = AUDIT_HOOK + command[4]
     with RawWorker(command=command) as worker:
-        assert worker.request("std.manifestYamlDoc({a: [1, 2]})")["t"] == "result"
+        snippet = "std.manifestYamlDoc({a: [1, std.extVar('x')]})"
+        answer = worker.request(snippet, ext_vars={"x": "a\0"})  # a NUL: passed as JSON code
+        assert answer["t"] == "result", answer
         formatted = worker.request("{a:1}", operation=Operation.FMT, style=FormatStyle())
         assert formatted["t"] == "result"
         worker.process.close(grace=5.0)
         worker.process.drain_stderr()
         stderr = worker.process.stderr.text()
-    assert MARK not in stderr
+    assert MARK not in stderr, stderr
 
 
 def dataclass_fields(typing_loaded: bool) -> dict[str, list[str]]:

@@ -23,10 +23,13 @@ import ctypes
 import errno
 import importlib.machinery
 import importlib.util
-import json
 import os
 import struct
 import types
+
+# json's own string encoders (json.dumps of a str calls them): ``json`` itself loads its
+# decoder, scanner and ``re`` (about 2 ms of every worker's start, re aside).
+from _json import encode_basestring, encode_basestring_ascii
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -242,7 +245,7 @@ def _without_nul(
         if "\0" in value:
             if key in codes:
                 raise EvaluationFailed(ErrorKind.JSONNET, f"{name} {key!r} given twice")
-            codes[key] = json.dumps(value)
+            codes[key] = encode_basestring_ascii(value)  # json.dumps(value), to the byte
         else:
             plain[key] = value
     return plain, codes
@@ -338,7 +341,7 @@ class Engine:
                 self._check(request)
                 return "null"
             if request.operation is Operation.FMT:
-                formatted = json.dumps(self._format(request), ensure_ascii=False)
+                formatted = encode_basestring(self._format(request))  # json.dumps, no ASCII
                 return _output_checked(formatted, request.max_output)
             return _output_checked(self._evaluate(request), request.max_output)
         except MemoryError:
