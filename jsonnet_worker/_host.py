@@ -57,6 +57,7 @@ from ._sandbox.landlock import (
     SupportState,
     probe,
 )
+from ._wire.values import replace as replace_value  # a worker-side value's
 
 if TYPE_CHECKING:
     from ._pool.facade import WorkerPool
@@ -476,7 +477,7 @@ def restrict_host(
                 "any file its user can.",
                 reason,
             )
-            _applied = replace(sandbox, status=replace(sandbox.status, reason=reason))
+            _applied = replace(sandbox, status=replace_value(sandbox.status, reason=reason))
             return _applied
         _applied = replace(sandbox, status=_apply(grants.ruleset(), pools))
         log_landlock(_applied.status, "The host process runs")

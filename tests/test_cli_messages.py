@@ -36,6 +36,7 @@ from jsonnet_worker._pool import calls, connection
 from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._wire.layers import SupportState
 from jsonnet_worker._wire.messages import Operation
+from jsonnet_worker._wire.values import replace
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = [sys.executable, "-m", "jsonnet_worker"]
@@ -264,7 +265,7 @@ def _reported_without_landlock(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def without_landlock(hello: Any) -> SandboxStatus:
         status = real(hello)
-        landlock = dataclasses.replace(
+        landlock = replace(  # a worker-side value (``_wire.values``)
             status.landlock,
             enforced=False,
             state=SupportState.DISABLED_AT_BOOT,

@@ -1,13 +1,13 @@
-"""What a worker's start imports, and why it can leave ``typing`` and ``json`` out (issue 23,
-item 6: a quicker worker start, for every worker).
+"""What a worker's start imports, and why it can leave ``typing``, ``json`` and
+``dataclasses`` out (issue 23, item 6: a quicker worker start, for every worker).
 
 - A live worker, started exactly as the pool starts one and asked to evaluate (a string
-  variable with a NUL: JSON code) and to format, never imports ``typing`` or ``json`` (an
-  audit hook in front of the real bootstrap reports each import of them).
-- Without ``typing`` loaded, dataclasses cannot recognise a ``ClassVar`` annotation and
-  would take it for a field: every dataclass of the worker side has the same fields in a
-  process without ``typing`` (as a worker runs) as in one with it (as the pool runs), so a
-  message is one shape on both sides of the wire.
+  variable with a NUL: JSON code) and to format, never imports ``typing``, ``json``,
+  ``dataclasses`` or ``inspect`` (an audit hook in front of the real bootstrap reports each
+  import of them).
+- The worker side's values (``_wire.values.valueclass``) have the same fields in a process
+  without ``typing`` (as a worker runs) as in one with it (as the pool runs), so a message
+  is one shape on both sides of the wire; and none of its classes is a dataclass.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from rawworker import RawWorker
 
 MARK = "imported:"
 # What a worker never imports: typing (its annotations are for mypy only), json (its
-# encoders come from ``_json``: json loads its decoder and ``re``).
-NEVER_IMPORTED = ("typing", "json")
+# encoders come from ``_json``: json loads its decoder and ``re``), dataclasses and the
+# inspect it loads (the worker side's values are ``_wire.values.valueclass``es).
+NEVER_IMPORTED = ("typing", "json", "dataclasses", "inspect")
 AUDIT_HOOK = (
     "import sys\n"
     "def _report(event, args):\n"
@@ -34,8 +35,9 @@ AUDIT_HOOK = (
     "sys.addaudithook(_report)\n"
 )
 WORKER_SIDE = ("_wire", "_worker", "_sandbox")
-# Every dataclass of the worker side, by module and name, with its fields, as the process
-# that runs this sees them; ``typing`` loaded or not, as its first line says.
+# Every value class of the worker side (and every dataclass: there should be none), by
+# module and name, with its fields, as the process that runs this sees them; ``typing``
+# loaded or not, as its first line says.
 FIELDS = """
 import dataclasses, importlib, json, pathlib, sys, types
 if sys.argv[1] == "with-typing":
@@ -49,13 +51,17 @@ for folder in sys.argv[4:]:
     for path in sorted((root / folder).glob("*.py")):
         module = importlib.import_module(f"jsonnet_worker.{folder}.{path.stem}")
         for name, value in vars(module).items():
-            if dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
-                found[f"{module.__name__}.{name}"] = [f.name for f in dataclasses.fields(value)]
+            if not isinstance(value, type) or value.__module__ != module.__name__:
+                continue
+            if dataclasses.is_dataclass(value):
+                found[f"{module.__name__}.{name}"] = "a dataclass"
+            elif "__value_fields__" in vars(value):
+                found[f"{module.__name__}.{name}"] = list(value.__value_fields__)
 print(json.dumps(["typing" in sys.modules, found]))
 """
 
 
-def test_a_live_worker_never_imports_typing_or_json() -> None:
+def test_a_live_worker_never_imports_typing_json_or_dataclasses() -> None:
     command = worker_command(WorkerSettings("go", 1 << 30, DEFAULT_MAX_FRAME))
     assert command[3] == "-c"
     command[4] = AUDIT_HOOK + command[4]
@@ -71,7 +77,7 @@ def test_a_live_worker_never_imports_typing_or_json() -> None:
     assert MARK not in stderr, stderr
 
 
-def dataclass_fields(typing_loaded: bool) -> dict[str, list[str]]:
+def value_fields(typing_loaded: bool) -> dict[str, list[str] | str]:
     mode = "with-typing" if typing_loaded else "without-typing"
     paths = json.dumps(package_paths())
     done = subprocess.run(
@@ -86,8 +92,9 @@ def dataclass_fields(typing_loaded: bool) -> dict[str, list[str]]:
     return dict(found)
 
 
-def test_worker_side_dataclasses_have_one_shape_with_or_without_typing() -> None:
-    without = dataclass_fields(typing_loaded=False)
+def test_worker_side_values_have_one_shape_with_or_without_typing() -> None:
+    without = value_fields(typing_loaded=False)
     assert "jsonnet_worker._wire.messages.EvalRequest" in without  # the probe saw them
     assert "TYPE" not in without["jsonnet_worker._wire.messages.EvalRequest"]
-    assert without == dataclass_fields(typing_loaded=True)
+    assert "a dataclass" not in without.values(), without
+    assert without == value_fields(typing_loaded=True)

@@ -692,11 +692,10 @@ def add_style_flags(parser: argparse.ArgumentParser) -> None:
 def format_style(args: argparse.Namespace) -> FormatStyle:
     """The ``FormatStyle`` of ``fmt``'s style flags (each flag's dest is the field's name); a
     value out of range is a usage error."""
-    import dataclasses
-
     from .._wire.messages import FormatStyle
+    from .._wire.values import fields
 
-    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(FormatStyle)}
+    options = {name: getattr(args, name) for name in fields(FormatStyle)}
     style = FormatStyle(**options)
     if problem := style.problem():
         raise Failed(f"ERROR: {problem}")

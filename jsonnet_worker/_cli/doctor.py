@@ -18,7 +18,6 @@ another ``worker_user`` (a uid range), memory limit or CPU budget gets its own v
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from .._config import ENGINES, PoolConfig
@@ -30,6 +29,7 @@ from .._pool.processes import WorkerProcess, settings_for
 from .._report import SandboxStatus, judge_sandbox
 from .._wire.layers import LayerState, LayerStatus
 from .._wire.messages import WorkerHello
+from .._wire.values import replace
 
 EXIT_UNHEALTHY = 1
 
@@ -69,7 +69,7 @@ def template_report(config: PoolConfig) -> LayerStatus:
             template = source.fork_server
             start = f"template start-up {template.hello.startup_ms:.1f} ms; " if template else ""
             took = f"template start + fork to the hello {elapsed * 1000:.1f} ms"
-            status = dataclasses.replace(status, detail=f"{status.detail} ({start}{took})")
+            status = replace(status, detail=f"{status.detail} ({start}{took})")
         return status
     except (OSError, Error) as exc:
         return LayerStatus("template", LayerState.MISSING, reason=f"{type(exc).__name__}: {exc}")

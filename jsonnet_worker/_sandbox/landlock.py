@@ -13,6 +13,9 @@ sets no_new_privs and applies the layer.
 Weak spots: only x86_64/aarch64 syscall numbers are known (444-446 on both, and on most
 other architectures since the syscall table was unified); errno is read only when a call
 returns -1, because ctypes leaves a stale value otherwise.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import os
 import stat
 import struct
 import sys
-from dataclasses import dataclass, field
 
 # What a restriction achieved, as a hello carries it: defined with the other reported layers.
 from .._wire.layers import LandlockStatus as LandlockStatus
 from .._wire.layers import SupportState as SupportState
+from .._wire.values import field, valueclass
 
 SYS_CREATE_RULESET = 444
 SYS_ADD_RULE = 445
@@ -84,7 +87,7 @@ class RestrictFlag(enum.IntFlag):
 _FS_ABI1 = FsAccess(0x1FFF)
 
 
-@dataclass(frozen=True)
+@valueclass
 class AbiRights:
     """What one Landlock ABI version can handle."""
 
@@ -132,7 +135,7 @@ def rights_for_abi(abi: int) -> AbiRights:
     return ABI_RIGHTS[min(abi, KNOWN_ABI)]
 
 
-@dataclass(frozen=True)
+@valueclass
 class LandlockSupport:
     """What the running kernel offers, as found by ``probe()``."""
 
@@ -245,7 +248,7 @@ def prctl(option: int, arg: int = 0) -> int:
     return int(_sys().prctl(option, arg, 0, 0, 0))
 
 
-@dataclass
+@valueclass(frozen=False)
 class Ruleset:
     """The rights a caller wants handled, and path rules that grant some of them back.
 
@@ -253,10 +256,10 @@ class Ruleset:
     empty ruleset (no rules) denies every handled right.
     """
 
-    fs: FsAccess = FsAccess(0)  # noqa: RUF009 (immutable flag value)
-    net: NetAccess = NetAccess(0)  # noqa: RUF009
-    scope: Scope = Scope(0)  # noqa: RUF009
-    restrict_flags: RestrictFlag = RestrictFlag(0)  # noqa: RUF009
+    fs: FsAccess = FsAccess(0)
+    net: NetAccess = NetAccess(0)
+    scope: Scope = Scope(0)
+    restrict_flags: RestrictFlag = RestrictFlag(0)
     rules: list[tuple[str, FsAccess]] = field(default_factory=list)
 
     @classmethod

@@ -32,6 +32,9 @@ non-root parent), a bomb can still briefly starve another worker's new Go thread
 fork server's next fork (that worker then crashes and is replaced); a uid range removes
 that. RLIMIT_NPROC does not bind uid 0, so a worker left as root (``worker_user=None``)
 reports the limits layer missing.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from __future__ import annotations
 import errno
 import os
 import resource
-from dataclasses import dataclass
 
 from .._wire.layers import LayerState, LayerStatus
+from .._wire.values import valueclass
 
 TASK_HEADROOM = 256  # a Go worker runs ~8 threads (GOMAXPROCS=2), a C++ one 2
 # Where /proc is refused (under restrict_host) the uid's tasks cannot be counted: a fixed cap,
@@ -51,7 +54,7 @@ FILE_LIMIT = 64
 CLONE_NEWIPC = 0x08000000
 
 
-@dataclass(frozen=True)
+@valueclass
 class WorkerIdentity:
     """The unprivileged user a root parent's worker runs as. ``own_uid``: this uid belongs
     to this one worker while it lives (it came from a uid range)."""

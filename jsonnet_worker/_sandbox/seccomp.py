@@ -69,6 +69,9 @@ filter cannot read the path), so existence checks stay possible where the worker
 search the directory. ``mremap`` may move or shrink but not grow: glibc's ``realloc`` of a
 large chunk then falls back to allocate, copy and free (tests/test_layers.py shows it
 working), and libffi's static trampolines (a same-size move) keep working.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
@@ -79,9 +82,9 @@ import errno
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from .._wire.layers import LayerState, LayerStatus
+from .._wire.values import valueclass
 
 # Classic BPF opcodes (linux/filter.h) and seccomp return values (linux/seccomp.h).
 _LD_W_ABS = 0x20
@@ -335,7 +338,7 @@ DENIED_FAMILIES: dict[str, tuple[str, ...]] = {
 DENIED: tuple[str, ...] = tuple(name for names in DENIED_FAMILIES.values() for name in names)
 
 
-@dataclass(frozen=True)
+@valueclass
 class SyscallTable:
     """One architecture: its audit id and the number of every call the rules name."""
 
@@ -438,7 +441,7 @@ AARCH64 = SyscallTable(audit_arch=0xC00000B7, numbers=_GENERIC_NUMBERS)
 TABLES = {"x86_64": X86_64, "aarch64": AARCH64}
 
 
-@dataclass(frozen=True)
+@valueclass
 class SeccompResult:
     """What ``install()`` achieved: applied (how many calls refused or checked) or why not."""
 

@@ -17,15 +17,19 @@ the conversation (``_pool.connection``) sets them per state; the worker reads re
 
 Weak spots: after ``FrameTooLarge`` the stream cannot be resynchronised cheaply, so both ends
 treat it as the end of that peer; ``MalformedFrame`` keeps the boundary and may go on.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import msgpack
+
+from .values import valueclass
 
 TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
 if TYPE_CHECKING:
@@ -37,7 +41,7 @@ HEADER_SIZE = HEADER.size
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@valueclass
 class UnpackLimits:
     """Per-container limits msgpack enforces while it decodes one frame."""
 
@@ -57,14 +61,14 @@ class UnpackLimits:
         }
 
 
-@dataclass(frozen=True)
+@valueclass
 class Message:
     """One decoded frame: its msgpack map."""
 
     payload: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@valueclass
 class FrameTooLarge:
     """A frame header announced more than the limit: the stream cannot be read on."""
 
@@ -72,7 +76,7 @@ class FrameTooLarge:
     limit: int
 
 
-@dataclass(frozen=True)
+@valueclass
 class MalformedFrame:
     """A frame whose bytes are not a msgpack map within the limits."""
 

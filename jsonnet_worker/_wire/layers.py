@@ -1,12 +1,17 @@
 """The sandbox layers a worker reports in its hello: Landlock (``LandlockStatus``, which
 ``_sandbox.landlock`` makes) and each layer beyond it (``LayerStatus``), active with what it
 does or missing and why. Both processes use these values: the worker builds them, the pool
-reads them (``messages`` turns them into a hello's fields and back)."""
+reads them (``messages`` turns them into a hello's fields and back).
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
+"""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from .values import valueclass
 
 
 class SupportState(enum.Enum):
@@ -17,7 +22,7 @@ class SupportState(enum.Enum):
     NOT_LINUX = "not Linux"
 
 
-@dataclass(frozen=True)
+@valueclass
 class LandlockStatus:
     """What a Landlock restriction achieved (``_sandbox.landlock``): one typed value for logs,
     hellos and ``doctor``."""
@@ -66,7 +71,7 @@ class LayerState(enum.Enum):
     OFF = "off"  # the configuration chose to go without it (the reason says which option)
 
 
-@dataclass(frozen=True)
+@valueclass
 class LayerStatus:
     """One isolation layer beyond Landlock (seccomp, privileges, limits), as a worker reported
     it: active with what it does (``detail``), or missing and why (``reason``)."""

@@ -1,5 +1,7 @@
-"""Every message the pool, its workers and its fork server exchange: one frozen dataclass
-each, built (``to_message``) and parsed (``from_message``) here and nowhere else.
+"""Every message the pool, its workers and its fork server exchange: one frozen value each
+(``values.valueclass``: a dataclass's shape without ``dataclasses``, which would cost every
+worker's start ~18 ms of imports), built (``to_message``) and parsed (``from_message``) here
+and nowhere else.
 
 Goals: both processes and every reader (the supervisor, both call paths, launching, ``doctor``,
 the host probe, the tests, the benchmarks) use these values; no code reads a message's map by
@@ -47,7 +49,6 @@ import enum
 import math
 import re
 import threading
-from dataclasses import dataclass, field, fields
 
 import msgpack
 
@@ -55,11 +56,11 @@ from .framing import HEADER, ProtocolViolation
 from .layers import EXTRA_LAYERS, LandlockStatus, LayerState, LayerStatus, SupportState
 from .modes import FORK_SERVER_COMMAND as FORK_SERVER_COMMAND  # the start-up modes, here too
 from .modes import WORKER_COMMAND as WORKER_COMMAND
+from .values import field, fields, valueclass
 
-# typing's, without importing typing: a worker never loads it (~3 ms of its start, and
-# dataclasses then skip their ClassVar look-up for every field). So a message's constants
-# (``TYPE``, the style tables) are plain class attributes, which a dataclass never takes for
-# fields, not ClassVar ones, which it would take for fields where typing is not loaded.
+# typing's, without importing typing: a worker never loads it (~3 ms of its start). A
+# message's constants (``TYPE``, the style tables) are plain class attributes, never fields
+# (``values``: a field is an annotated attribute).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, TypeGuard, TypeVar
@@ -222,7 +223,7 @@ def _type_of(payload: dict[str, Any], expected: str) -> None:
 # -- the request -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class FormatStyle:
     """go-jsonnet's formatter options, as ``jsonnetfmt``'s flags name them, with its defaults:
     ``indent`` (``-n``), ``max_blank_lines``, ``string_style`` (``d`` double quotes, ``s``
@@ -276,10 +277,10 @@ class FormatStyle:
         return style
 
 
-_STYLE_FIELDS = tuple(option.name for option in fields(FormatStyle))
+_STYLE_FIELDS = fields(FormatStyle)
 
 
-@dataclass(frozen=True)
+@valueclass
 class EvalRequest:
     """pool -> worker: evaluate (check, format) one snippet."""
 
@@ -387,7 +388,7 @@ def _paths(payload: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-@dataclass(frozen=True)
+@valueclass
 class LibrarySet:
     """pool -> worker: a set of library files, kept by the worker under its ``digest`` for
     the requests that name it (``_library.Library`` builds it; ``_wire.imports`` resolves
@@ -451,7 +452,7 @@ def _positive_limit(payload: dict[str, Any], key: str, request_id: int) -> int:
 # -- the answers -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class Result:
     """worker -> pool: the answer's JSON text (``fmt``: the formatted source as a JSON
     string; ``check``: ``null``). ``retire``: the worker asks to be replaced after this
@@ -481,7 +482,7 @@ class Result:
         return cls(request_id, text, _retire(payload, "result"))
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class Failure:
     """worker -> pool: why there is no result. ``request_id`` is None only for a
     ``protocol`` error about a frame the worker could not read. ``retire`` as in
@@ -534,7 +535,7 @@ def read_answer(payload: dict[str, Any]) -> Result | Failure:
 # -- start-up ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class StartupFailure:
     """worker or fork server -> pool: it could not start, and why (it exits next: fail
     closed). The reason is bounded when the message is built."""
@@ -613,7 +614,7 @@ def _sandbox_fields(payload: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class WorkerHello:
     """worker -> pool, once its start-up is over: who it is and what its sandbox achieved.
     ``layers``: one per name in ``EXTRA_LAYERS``, in that order, once parsed."""
@@ -655,7 +656,7 @@ class WorkerHello:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class ForkServerHello:
     """fork server -> pool, once its start-up is over: as a worker's hello, and the one
     clone flag word its seccomp filter lets it fork with."""
@@ -712,7 +713,7 @@ def read_greeting(payload: dict[str, Any], hello: type[Hello]) -> Hello | Startu
 # -- the fork server's control messages --------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class ForkRequest:
     """pool -> fork server: fork a worker on the three channels this datagram carries."""
 
@@ -737,7 +738,7 @@ class ForkRequest:
         return cls(request_id)
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class Forked:
     """fork server -> pool: the worker is forked; its pidfd comes with this datagram."""
 
@@ -755,7 +756,7 @@ class Forked:
         return cls(_field(payload, "id", int, FORKED), _positive(payload, "pid", FORKED))
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class ForkRefused:
     """fork server -> pool: no worker for this request, and why (``errno``: 0, or the
     clone's, which says whether every later fork would be refused the same way).

@@ -54,6 +54,9 @@ Weak spots: the callbacks are libffi closures (anonymous private RWX pages), mad
 ``CapiEngine.__init__`` before the seccomp filter; nothing here allocates one later. An error
 that needs the second, direct run takes twice its time. The cache bounds count the snippet's
 source bytes, not the Go heap its AST takes (a few times more).
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ import ctypes
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from .._wire.imports import Found, Missing, refused_message, resolve
 from .._wire.messages import FormatStyle, LibrarySet
+from .._wire.values import valueclass
 
 # The formatter's option setters (libjsonnet.h: jsonnet_fmt_<option>(vm, int)), in the
 # order ``format_snippet`` sets them.
@@ -181,7 +184,7 @@ def bind(extension_path: str) -> ctypes.CDLL:
     return library
 
 
-@dataclass
+@valueclass(frozen=False)
 class _Entry:
     """One cached snippet and the VM that holds its parsed AST."""
 
@@ -193,7 +196,7 @@ class _Entry:
     proven: bool = False  # evaluated once with success: it parses and is statically valid
 
 
-@dataclass
+@valueclass(frozen=False)
 class CacheStats:
     """What the snippet cache has done (hits, misses, evictions, re-runs)."""
 

@@ -15,6 +15,9 @@ by soname.
 
 Weak spots: where ``vm.memfd_noexec`` is 2 no memfd can be mapped executable, and the worker
 refuses to start with a message saying so.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import types
 # decoder, scanner and ``re`` (about 2 ms of every worker's start, re aside).
 from _json import encode_basestring, encode_basestring_ascii
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .._sandbox.elf import elf_needed, loaded_size
 from .._wire.imports import NO_MATCH, Found, Missing, refused_message, resolve
@@ -44,6 +46,7 @@ from .._wire.messages import (
     Operation,
     bound_text,
 )
+from .._wire.values import valueclass
 from . import capi
 from .capi import IMPORTER_PREFIX, unprefixed
 
@@ -77,7 +80,7 @@ class EvaluationFailed(Exception):
         self.message = message
 
 
-@dataclass
+@valueclass(frozen=False)
 class PreparedEngine:
     """An engine ready to load after restriction: its memfd and the libraries preloaded."""
 

@@ -50,12 +50,14 @@ tid of the child's main thread still holds the fork server's (used only by
 recursive/error-checking and PI mutexes, which neither CPython nor the Go runtime uses on
 that thread). Forked workers share the fork server's uid: a uid per worker (a root parent's
 uid range) is given per fork server, not per worker.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import gc
 import os
@@ -76,6 +78,7 @@ from .._wire.messages import (
     ForkServerHello,
     StartupFailure,
 )
+from .._wire.values import replace, valueclass
 from . import loop, startup
 
 TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
@@ -163,7 +166,7 @@ def close_all_but(keep: set[int]) -> None:
         low = fd + 1
 
 
-@dataclasses.dataclass
+@valueclass(frozen=False)
 class ForkServer:
     """The fork server's state: what it forks (its start-up up to the engine), and the
     channel it is asked on."""
@@ -272,7 +275,7 @@ def per_fork_server(layers: dict[str, LayerStatus]) -> dict[str, LayerStatus]:
     (an IPC namespace and a uid per fork server, not per worker; its seccomp filter refuses
     SysV IPC and mq_* whatever the namespace)."""
     return {
-        name: dataclasses.replace(
+        name: replace(
             layer, detail=f"{layer.detail}; one per fork server, shared by its forked workers"
         )
         if name in PER_FORK_SERVER_LAYERS and layer.active
@@ -308,9 +311,7 @@ def forked_worker_main(server: ForkServer, channels: list[int]) -> int:
     server.control.detach()  # its fd is closed below; the object must not close it again
     assert restricted.prepared is not None
     close_all_but({0, 1, 2, requests, responses, restricted.prepared.memfd})
-    own = dataclasses.replace(
-        restricted, started=started, layers=per_fork_server(restricted.layers)
-    )
+    own = replace(restricted, started=started, layers=per_fork_server(restricted.layers))
     try:
         startup.run_steps(own, FORKED)
     except startup.STARTUP_ERRORS as exc:

@@ -22,7 +22,6 @@ cheaply); the pool replaces the worker. The spin before a blocking read costs up
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 import select
@@ -42,6 +41,7 @@ from .._wire.messages import (
     WorkerHello,
     bound_text,
 )
+from .._wire.values import replace
 from . import engines
 
 TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
@@ -155,7 +155,7 @@ class EvaluationLoop:
                 started = time.monotonic()
                 answer = self.answer(event.payload)
                 if self.headroom.spent(time.monotonic() - started):
-                    answer = dataclasses.replace(answer, retire=True)
+                    answer = replace(answer, retire=True)
                 self.streams.send(answer)
 
     def receive(self) -> bytes:

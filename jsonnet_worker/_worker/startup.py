@@ -39,12 +39,14 @@ Weak spots: where the kernel has no Landlock the worker still runs, reports why 
 hello, and the pool decides (``require_sandbox``). A step that cannot apply a
 defence-in-depth layer (the IPC namespace, a limit the kernel refuses) reports it missing
 rather than failing.
+
+Its values are ``_wire.values.valueclass``es, not dataclasses: every worker imports this
+module, and ``dataclasses`` (with ``inspect``) would cost each worker's start ~18 ms.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import math
 import os
@@ -53,7 +55,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .._sandbox import landlock, privileges, seccomp
 from .._wire.framing import DEFAULT_MAX_FRAME, encode
@@ -65,13 +66,14 @@ from .._wire.messages import (
     StartupFailure,
     WorkerHello,
 )
+from .._wire.values import field, replace, valueclass
 from . import engines, loop
 
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 70
 
 
-@dataclass(frozen=True)
+@valueclass
 class WorkerOptions:
     """What the worker's command line asks for (``parse_args``)."""
 
@@ -281,7 +283,7 @@ def self_check(status: LandlockStatus, target: str) -> str:
     return f"allowed: open({target!r}) succeeded (no Landlock on this kernel)"
 
 
-@dataclass
+@valueclass(frozen=False)
 class StartUp:
     """What start-up has achieved so far: each step fills in its part, in order. A fork
     server keeps the one ``RESTRICT`` left it, and each fork goes on from a copy."""
@@ -336,7 +338,7 @@ def limit_tasks_and_files(progress: StartUp) -> None:
     identity = progress.options.identity
     limits = privileges.set_task_and_file_limits(identity.uid if identity else os.getuid())
     detail = f"{limits.detail}, {progress.resource_limits}".strip(", ")
-    progress.layers["limits"] = dataclasses.replace(limits, detail=detail)
+    progress.layers["limits"] = replace(limits, detail=detail)
 
 
 def drop_privileges(progress: StartUp) -> None:

@@ -150,6 +150,13 @@ def handle(command: dict[str, Any], pool: WorkerPool, records: Records, config_p
     return answer
 
 
+def shown(value: object) -> object:
+    """What JSON cannot hold as it is: a worker-side value (``LandlockStatus``, not a
+    dataclass, so ``asdict`` leaves it whole) as its ``to_dict``, anything else as text."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)
+
+
 def main() -> None:
     records = Records()
     logger = logging.getLogger("jsonnet_worker")
@@ -164,10 +171,10 @@ def main() -> None:
         config, config_files=[config_path], pool=pool, private_dirs=[private] if private else []
     )
     first = {"sandbox": dataclasses.asdict(sandbox), "records": list(records.lines)}
-    print(json.dumps(first, default=str), flush=True)
+    print(json.dumps(first, default=shown), flush=True)
     for line in sys.stdin:
         answer = handle(json.loads(line), pool, records, config_path)
-        print(json.dumps(answer, default=str), flush=True)
+        print(json.dumps(answer, default=shown), flush=True)
     pool.close()
 
 
