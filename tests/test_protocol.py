@@ -4,6 +4,7 @@ in one place."""
 from __future__ import annotations
 
 import errno
+import re
 import struct
 from typing import Any
 
@@ -40,6 +41,7 @@ from jsonnet_worker._wire.messages import (
     Result,
     StartupFailure,
     WorkerHello,
+    escape_controls,
     read_answer,
     read_fork_answer,
     read_greeting,
@@ -249,3 +251,28 @@ def test_texts_are_escaped_and_layers_not_reported_are_missing() -> None:
     assert parsed.layers[EXTRA_LAYERS.index("uid")] == LayerStatus.unreported("uid")
     failure = StartupFailure("r" * 20_000).to_message()
     assert StartupFailure.from_message(failure).reason.endswith("more characters truncated)")
+
+
+# What ``escape_controls`` escapes, as the regular expression it was written as until the
+# worker stopped importing ``re``: its translation table must escape exactly these.
+CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped_as_the_expression_did(text: str) -> str:
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return CONTROLS.sub(escape, text)
+
+
+@given(st.text())
+def test_escape_controls_escapes_what_the_expression_did(text: str) -> None:
+    assert escape_controls(text) == _escaped_as_the_expression_did(text)
+
+
+def test_escape_controls_escapes_every_code_point_as_the_expression_did() -> None:
+    every = "".join(chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000)
+    assert escape_controls(every) == _escaped_as_the_expression_did(every)
+    for kept in ("plain\ttext\n", "\u00a0 and \u200d", "日本\U0001f600"):  # nothing to escape
+        assert escape_controls(kept) == kept
