@@ -2,7 +2,8 @@
 (issue 23: the command as quick as jsonnet's).
 
 - The parser built for a command line adds the flags of the command it names only, and
-  parses every command's line exactly as the parser with every command's flags does.
+  parses every command's line exactly as the parser with every command's flags does; its
+  help is argparse's stock formatter's at any width, without ``shutil`` (eval never loads it).
 - ``eval`` loads none of what only a pool or a tracer needs (OpenTelemetry, asyncio, the
   pool's facade, its state machine, supervisor, fairness, accounting and tracing, the
   steps only a pool's call takes, logging when its sandbox is complete), checked in a real
@@ -11,13 +12,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
-from jsonnet_worker._cli import main
+from jsonnet_worker._cli import commands, main
 
 COMMAND_LINES = [
     ["eval", "-e", "{a: 1}", "--memory-limit", "512M", "-V", "x=1", "--mem", "256M"],
@@ -44,6 +46,18 @@ def test_only_the_named_commands_flags_are_built() -> None:
         main.build_parser().parse_args(other)  # no command named (--help): every flag
 
 
+@pytest.mark.parametrize("columns", ["37", "81", "200", "", "not a number"])
+@pytest.mark.parametrize("argv", [["eval", "x"], ["fmt", "x"], []], ids=["eval", "fmt", "all"])
+def test_help_is_argparse_s_at_the_terminal_s_width(
+    monkeypatch: pytest.MonkeyPatch, columns: str, argv: list[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", columns)
+    ours = [main.build_parser(argv).format_help(), main.build_parser(argv).format_usage()]
+    monkeypatch.setattr(commands, "help_formatter", lambda: argparse.HelpFormatter)
+    stock = [main.build_parser(argv).format_help(), main.build_parser(argv).format_usage()]
+    assert ours == stock
+
+
 # The pool's modules no one-call command needs (``_pool.exchange`` has the steps it takes).
 POOL_ONLY = ("facade", "calls", "supervisor", "state", "fairness", "accounting", "tracing")
 # Run in a fresh interpreter: eval, then what it loaded (on its own line after the output).
@@ -64,5 +78,6 @@ def test_eval_loads_nothing_only_a_pool_or_a_tracer_needs() -> None:
     assert "jsonnet_worker._pool.exchange" in modules  # the probe saw the call's modules
     loaded = {name.partition(".")[0] for name in modules} | set(modules)
     only_a_pools = {"opentelemetry", "asyncio", "logging", "concurrent", "jsonnet_worker._default"}
+    only_a_pools.add("shutil")  # argparse's formatters read the width through it (help_formatter)
     only_a_pools |= {f"jsonnet_worker._pool.{name}" for name in POOL_ONLY}
     assert loaded.isdisjoint(only_a_pools), sorted(loaded & only_a_pools)
