@@ -63,7 +63,18 @@ class MutableData:
     items: list[int] = dataclasses.field(default_factory=list)
 
 
+@valueclass
+class Single:
+    number: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleData:
+    number: int
+
+
 PAIRS: list[tuple[type[Any], type[Any], tuple[Any, ...]]] = [
+    (Single, SingleData, (1,)),
     (Slotted, SlottedData, (1, "x")),
     (Frozen, FrozenData, (1, {"a": 1})),
     (Mutable, MutableData, (1, [2])),
@@ -83,9 +94,12 @@ def test_a_value_class_behaves_as_its_dataclass(
     assert value == ours(*args) and value != ours(2, *args[1:])
     assert value != data  # another class is never equal, as for dataclasses
     assert (ours.__hash__ is None) is (theirs.__hash__ is None)
+    if ours.__hash__ is not None and all(type(arg) in (int, str) for arg in args):
+        assert hash(value) == hash(data)
     assert ours(1) == ours(number=1)
     defaults = ours(1), theirs(1)
-    assert getattr(defaults[0], fields(ours)[1]) == getattr(defaults[1], fields(ours)[1])
+    for name in fields(ours):
+        assert getattr(defaults[0], name) == getattr(defaults[1], name)
     changed = replace(value, number=5)
     assert changed == ours(5, *args[1:]) and value.number == 1
     with pytest.raises(TypeError):
