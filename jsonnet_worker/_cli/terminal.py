@@ -9,9 +9,11 @@ Plan: while a command runs, ``command_logging`` gives the package's logger one h
 its own, WARNING and above, as ``jsonnet-worker: WARNING: ...``: a degraded sandbox is said;
 what a pool logs about one worker of one call (killed at its deadline, crashed) is not, since
 the call's error line already says it. The logger is given back as it was (a caller of
-``main()`` in its own process keeps its logging). ``die_of_sigpipe`` restores SIGPIPE's
-default disposition (Python ignores it) and raises it: the exit status is a death by SIGPIPE
-(141 in a shell), as for go-jsonnet and C++ jsonnet. ``utf8_text`` decodes, naming the
+``main()`` in its own process keeps its logging). ``eval`` enters it only to write its one
+line, a degraded sandbox's (``oneshot``): an ``eval`` loads no ``logging`` otherwise.
+``die_of_sigpipe`` restores SIGPIPE's default disposition (Python ignores it) and raises it:
+the exit status is a death by SIGPIPE (141 in a shell), as for go-jsonnet and C++ jsonnet.
+``utf8_text`` decodes, naming the
 first bad byte's offset.
 
 Weak spots: only a write to standard output ends the command by SIGPIPE; Python ignores the
