@@ -13,8 +13,7 @@ the call's error line already says it. The logger is given back as it was (a cal
 line, a degraded sandbox's (``oneshot``): an ``eval`` loads no ``logging`` otherwise.
 ``die_of_sigpipe`` restores SIGPIPE's default disposition (Python ignores it) and raises it:
 the exit status is a death by SIGPIPE (141 in a shell), as for go-jsonnet and C++ jsonnet.
-``utf8_text`` decodes, naming the
-first bad byte's offset.
+``utf8_text`` decodes, naming the first bad byte's offset.
 
 Weak spots: only a write to standard output ends the command by SIGPIPE; Python ignores the
 signal everywhere else (the workers' channels are sockets whose peer may die: that must stay
