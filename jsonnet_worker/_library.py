@@ -21,7 +21,6 @@ worker (a few times more).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import types
@@ -154,6 +153,8 @@ class Library:
     @cached_property
     def digest(self) -> str:
         """SHA-256 of the set (names, contents, search paths, boundaries), in hex."""
+        import hashlib  # here: a process that sends no library (eval's) never loads it
+
         hasher = hashlib.sha256()
         hasher.update(msgpack.packb([list(self.search), list(self.boundaries)]))
         for name in sorted(self.files):

@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,27 @@ def test_eval_loads_nothing_only_a_pool_or_a_tracer_needs() -> None:
     only_a_pools.add("shutil")  # argparse's formatters read the width through it (help_formatter)
     only_a_pools |= {f"jsonnet_worker._pool.{name}" for name in POOL_ONLY}
     assert loaded.isdisjoint(only_a_pools), sorted(loaded & only_a_pools)
+
+
+def test_an_input_that_imports_nothing_collects_no_library(tmp_path: Path) -> None:
+    """Without the word ``import`` (``import``, ``importstr`` and ``importbin`` are
+    keywords) there is nothing to collect: eval loads neither the collector nor the set's
+    digest (hashlib). With it, the files are collected and served as before."""
+    (tmp_path / "lib.libsonnet").write_text("{b: 2}")
+    with_import = PROBE.replace("'{a: 1}'", "'(import \"lib.libsonnet\") + {a: 1}'")
+    answers = []
+    for probe in (PROBE, with_import):
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        answers.append(json.loads(done.stdout.splitlines()[-1]))
+        assert '"a": 1' in done.stdout and (probe == PROBE or '"b": 2' in done.stdout)
+    (code, modules), (code_with, modules_with) = answers
+    assert code == 0 and code_with == 0
+    assert {"jsonnet_worker._imports", "hashlib"}.isdisjoint(modules)
+    assert {"jsonnet_worker._imports", "hashlib"} <= set(modules_with)

@@ -206,6 +206,8 @@ def add_jpath_flag(parser: argparse.ArgumentParser, what: str) -> None:
 def search_paths(args: argparse.Namespace) -> tuple[str, ...]:
     """go-jsonnet's search list from ``-J`` and ``JSONNET_PATH``; ``Failed`` with jsonnet's
     message for an empty ``-J``, or a directory that is not UTF-8 (no request carries it)."""
+    if not args.jpath and not os.environ.get("JSONNET_PATH"):  # _imports.JSONNET_PATH
+        return ()  # jsonnet_path's answer, without importing _imports (eval's start-up)
     from .._imports import JSONNET_PATH, jsonnet_path
 
     jpath = [_argument_text(directory, "ERROR: -J") for directory in args.jpath]
@@ -620,7 +622,6 @@ def _write_output(args: argparse.Namespace, text: str) -> None:
 def _evaluate(worker: OneShot, args: argparse.Namespace, search: tuple[str, ...]) -> str:
     """The manifested JSON of the one evaluation ``args`` ask for, in ``worker``, its imports
     served from the files found on ``search``."""
-    from .._imports import collect
     from .._pool.exchange import Variables as CallVariables
     from .._pool.exchange import prepare
     from .._wire.messages import Operation
@@ -629,8 +630,14 @@ def _evaluate(worker: OneShot, args: argparse.Namespace, search: tuple[str, ...]
     variables = resolve_variables(args.variables)
     source, filename = read_input(args.file, args.exec)
     # the files it imports, as go-jsonnet's jsonnet finds them: beside the input (a
-    # snippet's, <cmdline> or <stdin>, in the current directory), then on the search list
-    library = collect(filename, source, search)
+    # snippet's, <cmdline> or <stdin>, in the current directory), then on the search list.
+    # An input without the word imports nothing (``import``, ``importstr`` and ``importbin``
+    # are keywords): no library then, and _imports and the set's digest stay unloaded.
+    library = None
+    if "import" in source:
+        from .._imports import collect
+
+        library = collect(filename, source, search)
     maps = CallVariables(
         variables.ext_vars, variables.tla_vars, variables.ext_codes, variables.tla_codes
     )
