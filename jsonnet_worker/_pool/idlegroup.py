@@ -19,7 +19,8 @@ workers too. ``admit(pid)`` writes the pid to its ``cgroup.procs``, which moves 
 the process at once. Every pool of every process in the same cgroup shares the one group
 (all that is in it is demoted), and it is left in place: a cgroup can only be removed once
 empty, and another pool may be about to admit a worker. A process's threads leave it when it
-is reaped. ``cpu_cgroup_dir`` is the pure part: the directory from the two files' text.
+exits. ``cpu_cgroup_dir`` finds the directory from the two files' text (on cgroup
+v2 it reads one control file too: is the cpu controller enabled for the children).
 
 Where there is none, ``IdleGroup`` says why (``unavailable``) and demotion goes on without it
 (``SCHED_IDLE`` and the autogroup): a non-root parent (the cgroup file system is root's); a
