@@ -318,6 +318,15 @@ def test_an_autogroup_is_left_alone_where_autogroups_are_switched_off() -> None:
         os.waitpid(child, 0)
 
 
+def test_a_worker_whose_cgroup_or_autogroup_alone_was_demoted_is_recycled() -> None:
+    """Where every thread refused but its process went into the idle cgroup, or its
+    autogroup to nice 19, the worker is demoted all the same: ``applied`` (the state then
+    recycles it after its call), never served again at full priority as if untouched."""
+    assert scheduling.Demotion(cgroup=True, shortfall="threads refused").applied
+    assert scheduling.Demotion(autogroup=True, shortfall="threads refused").applied
+    assert not scheduling.Demotion(shortfall="everything refused").applied
+
+
 def test_demote_leaves_alone_what_is_gone() -> None:
     child = os.fork()
     if child == 0:

@@ -118,8 +118,9 @@ class Demotion:
 
     @property
     def applied(self) -> bool:
-        """Some thread was demoted: the worker must not serve another call at full priority."""
-        return bool(self.idle or self.niced or self.group)
+        """Something of the worker was demoted (a thread, its process group, its cgroup or
+        its autogroup): it must not serve another call at full priority."""
+        return bool(self.idle or self.niced or self.group or self.cgroup or self.autogroup)
 
     def describe(self) -> str:
         parts = []
