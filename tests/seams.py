@@ -24,13 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 from jsonnet_worker import WorkerPool
-from jsonnet_worker._pool import calls
+from jsonnet_worker._pool import calls, exchange
 from jsonnet_worker._pool.connection import ConnectionState
+from jsonnet_worker._pool.exchange import NO_TENANT, Outcome, Worker
 from jsonnet_worker._pool.facade import ThreadTicket
 from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._pool.origin import FORKED, ForkedWorkers, ReExecWorkers, WorkerOrigin
-from jsonnet_worker._pool.state import NO_TENANT, Outcome, Ticket, WorkerStatus
-from jsonnet_worker._pool.supervisor import Worker
+from jsonnet_worker._pool.state import Ticket, WorkerStatus
 
 STATUSES = tuple(status.value for status in WorkerStatus)
 
@@ -100,7 +100,7 @@ def hold_idle_workers(pool: WorkerPool) -> list[Ticket]:
 def call_on(pool: WorkerPool, ticket: Ticket, snippet: str, ext_vars: dict[str, Any]) -> Any:
     """One evaluation on the worker ``ticket`` holds, through the pool's own exchange and
     settle (the worker is checked back in, or discarded, as after any call)."""
-    variables = calls.Variables(ext_vars=ext_vars)
+    variables = exchange.Variables(ext_vars=ext_vars)
     ticket.call = pool._prepare_eval(
         snippet, variables, "seams.jsonnet", 10.0, None, None, None, None, None
     )

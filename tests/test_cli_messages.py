@@ -32,7 +32,7 @@ from jsonnet_worker._cli import main
 from jsonnet_worker._cli.oneshot import OneShot
 from jsonnet_worker._cli.sizes import format_size, parse_size
 from jsonnet_worker._config import MIN_MEMORY_LIMIT
-from jsonnet_worker._pool import calls, connection
+from jsonnet_worker._pool import connection, exchange
 from jsonnet_worker._pool.identities import WorkerIdentities
 from jsonnet_worker._wire.layers import SupportState
 from jsonnet_worker._wire.messages import Operation
@@ -280,8 +280,8 @@ def _one_call(config: PoolConfig, code: str) -> tuple[str, int]:
     """(the JSON text or the error's kind, the worker's pid) of one one-shot call."""
     with OneShot(config) as worker:
         pid = worker.process.pid
-        call = calls.prepare(config, 1, Operation.EVAL, code, "t.jsonnet", None, None,
-                             variables=calls.NO_VARIABLES)  # fmt: skip
+        call = exchange.prepare(config, 1, Operation.EVAL, code, "t.jsonnet", None, None,
+                                variables=exchange.NO_VARIABLES)  # fmt: skip
         try:
             return worker.call(call).json_text, pid
         except Error as exc:

@@ -17,12 +17,10 @@ from jsonnet_worker import InvalidArgument, Overloaded, TenantOverloaded
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._pool import fairness
 from jsonnet_worker._pool import state as state_module
+from jsonnet_worker._pool.exchange import NO_TENANT, Domain, Outcome
 from jsonnet_worker._pool.fairness import FairQueue
 from jsonnet_worker._pool.state import (
-    NO_TENANT,
-    Domain,
     HandOver,
-    Outcome,
     Wake,
     WakeSupervisor,
     WorkerStatus,

@@ -18,17 +18,14 @@ import pytest
 from jsonnet_worker import Overloaded, PoolClosed, SandboxUnavailable, WorkerStartError
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._errors import EvaluationTimeout, JsonnetError, ProtocolError, WorkerCrashed
+from jsonnet_worker._pool.exchange import CPU_HEADROOM_TIMEOUTS, NO_TENANT, Domain, Outcome
 from jsonnet_worker._pool.state import (
-    CPU_HEADROOM_TIMEOUTS,
     IDLE_CPU_ALLOWANCE,
-    NO_TENANT,
     Close,
-    Domain,
     HandOver,
     IdleSample,
     Kill,
     Log,
-    Outcome,
     Phase,
     PoolState,
     Ticket,

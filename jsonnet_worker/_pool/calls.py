@@ -8,7 +8,7 @@ into a result or a typed error) is written once: here what needs the pool's stat
 ``exchange`` what one call on one worker needs without a pool (``eval``'s one-shot worker
 uses those steps too, and imports none of the pool's state machine or supervisor).
 
-Plan: from ``exchange``, under the same names here: a call's variables travel as one
+Plan: in ``exchange`` (the pool's paths call them there): a call's variables travel as one
 ``Variables`` value; ``prepare`` checks and encodes a call into a ``Call`` before any worker
 is involved; ``write_rest`` writes what is left of the frame; ``read_answer`` feeds the
 worker's connection (``poll_channels``: one poll of its channels, for the blocking path and
@@ -42,22 +42,8 @@ from .._errors import Error, Overloaded, PoolClosed
 from . import tracing
 from .accounting import CANCELLED
 from .connection import Answer
-
-# The steps a call shares with eval's one worker, written once there (``exchange``) and
-# given here under their names, as the pool's two call paths use them.
-from .exchange import CLOSED as CLOSED
-from .exchange import NO_VARIABLES as NO_VARIABLES
-from .exchange import Call as Call
-from .exchange import Outcome
-from .exchange import Variables as Variables
-from .exchange import death as death
-from .exchange import poll_channels as poll_channels
-from .exchange import prepare as prepare
-from .exchange import read_answer as read_answer
-from .exchange import timed_out as timed_out
-from .exchange import write_rest as write_rest
+from .exchange import Call, Outcome, Worker, write_rest
 from .state import Effect, PoolState, Ticket
-from .supervisor import Worker
 from .traces import deliver, lines_of
 
 Perform = Callable[[Iterable[Effect]], None]

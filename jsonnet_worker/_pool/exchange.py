@@ -14,8 +14,8 @@ task cgroup if any, what was sent); a call's variables travel as one ``Variables
 worker is involved; ``write_rest`` writes what is left of its frame; ``poll_channels`` is
 one poll of the worker's channels (the blocking path and the one-shot worker),
 ``read_answer`` feeds what the response channel holds to the conversation; ``death`` and
-``timed_out`` are the other ways a call ends. Each ends in one ``Outcome``. ``state`` and
-``supervisor`` give these names too, as before they moved here.
+``timed_out`` are the other ways a call ends. Each ends in one ``Outcome``. Every module
+that uses these names imports them from here.
 
 Weak spots: nothing here records a call (``calls.settle`` does, through the pool's state):
 the one-shot worker's call is not accounted.
@@ -204,7 +204,7 @@ class Call(NamedTuple):
     ``time.monotonic()``: where its queue wait starts), and its caller's ask for its
     ``std.trace`` lines (None: nobody asked).
 
-    A named tuple, as ``state.Domain`` and ``state.Outcome``: one is made on every call,
+    A named tuple, as ``Domain`` and ``Outcome`` are: one is made on every call,
     and a frozen dataclass's ``__init__`` (an ``object.__setattr__`` per field) costs three
     times a tuple's."""
 

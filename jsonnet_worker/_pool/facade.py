@@ -5,9 +5,10 @@ its deadline is the ``poll`` timeout; asyncio uses the event loop's readers); ex
 outcome (a result or a typed error, never a hang, never another call's data); a pool that
 heals itself; and nothing a worker sends believed unchecked.
 
-Plan: both paths run the same steps with the same names, over one ``state.Outcome``
+Plan: both paths run the same steps with the same names, over one ``exchange.Outcome``
 (httpx's ``Client``/``AsyncClient`` discipline), and differ only in how they wait; the
-steps they share are written once, in ``calls``: ``calls.prepare`` (check and encode),
+steps they share are written once, in ``calls`` and ``exchange``: ``exchange.prepare``
+(check and encode),
 ``admit``, ``_check_out``/``_acheck_out`` (a ``Ticket``: an idle worker of the caller's
 trust domain, or wait in FIFO), ``_exchange``/``_aexchange`` (write the frame, read the
 answer through the worker's ``WorkerConnection`` until the deadline), ``calls.settle``
@@ -63,15 +64,15 @@ from .._library import Library
 from .._options import PoolOptions
 from .._report import PoolStats, SandboxStatus
 from .._wire.messages import FormatStyle, Operation
-from . import calls
-from .calls import CLOSED, NO_VARIABLES, Call, Variables
+from . import calls, exchange
 from .connection import Answer
 from .deadlines import CallClock, Due
+from .exchange import CLOSED, NO_VARIABLES, Call, Outcome, Variables, Worker
 from .origin import FORKED, WorkerOrigin
 from .processes import WorkerProcess, settings_for
 from .scheduling import Demoter
-from .state import Outcome, Phase, PoolState, Ticket
-from .supervisor import Supervisor, Worker
+from .state import Phase, PoolState, Ticket
+from .supervisor import Supervisor
 
 logger = logging.getLogger("jsonnet_worker")
 
@@ -804,7 +805,7 @@ class WorkerPool:
         # the worker, none in the caller").
         outcome = self._poll_for_answer(worker, pending, clock)
         if outcome is None:
-            return calls.timed_out(call, clock.expired_clock, clock.clock)
+            return exchange.timed_out(call, clock.expired_clock, clock.clock)
         return self._died(worker, call, clock.wall_deadline) if outcome is CLOSED else outcome
 
     def _poll_for_answer(
@@ -823,7 +824,7 @@ class WorkerPool:
                 if now >= clock.next_at and self._look(worker, clock, now) is Due.EXPIRED:
                     return None
                 wait_ms = (clock.next_at - now) * 1000.0 + 1
-                outcome, pending = calls.poll_channels(worker, pending, wait_ms)
+                outcome, pending = exchange.poll_channels(worker, pending, wait_ms)
                 if outcome is not None:
                     return outcome
         finally:
@@ -834,7 +835,7 @@ class WorkerPool:
         """The response channel ended: wait for the exit, within the deadline."""
         grace = min(DEATH_GRACE, max(0.0, deadline - time.monotonic()))
         worker.process.wait(grace)
-        return calls.death(worker, call, cut=grace < DEATH_GRACE)
+        return exchange.death(worker, call, cut=grace < DEATH_GRACE)
 
     # -- the asyncio path (the same steps, the same names) -------------------------------
 
@@ -902,10 +903,10 @@ class WorkerPool:
                 done.set_result(outcome)
 
         def on_exit(cut: bool = False) -> None:
-            settle(calls.death(worker, call, cut))
+            settle(exchange.death(worker, call, cut))
 
         def on_stdout() -> None:
-            outcome = calls.read_answer(worker)
+            outcome = exchange.read_answer(worker)
             if outcome is CLOSED:
                 # Wait for its exit on its pidfd, in the loop, within the deadline.
                 loop.remove_reader(process.stdout)
@@ -921,7 +922,7 @@ class WorkerPool:
                 loop.remove_reader(process.stderr_fd)
 
         def on_stdin() -> None:
-            pending[0] = calls.write_rest(worker, pending[0] or memoryview(b""))
+            pending[0] = exchange.write_rest(worker, pending[0] or memoryview(b""))
             if pending[0] is None:
                 loop.remove_writer(process.stdin)
 
@@ -962,7 +963,7 @@ class WorkerPool:
         call: Call,
     ) -> None:
         if self._look(worker, clock, time.monotonic()) is Due.EXPIRED:
-            settle(calls.timed_out(call, clock.expired_clock, clock.clock))
+            settle(exchange.timed_out(call, clock.expired_clock, clock.clock))
         else:
             self._arm(loop, timers, worker, clock, settle, call)
 
@@ -1004,8 +1005,8 @@ class WorkerPool:
         tenant: str | None,
         style: FormatStyle | None = None,
     ) -> Call:
-        """``calls.prepare`` for a call that runs no snippet (``check``, ``format``)."""
-        return calls.prepare(
+        """``exchange.prepare`` for a call that runs no snippet (``check``, ``format``)."""
+        return exchange.prepare(
             self.config,
             next(self._ids),
             operation,
@@ -1029,8 +1030,8 @@ class WorkerPool:
         max_output: int | None,
         library: Library | None,
     ) -> Call:
-        """``calls.prepare`` for an evaluation (every output mode, ``map``'s items)."""
-        return calls.prepare(
+        """``exchange.prepare`` for an evaluation (every output mode, ``map``'s items)."""
+        return exchange.prepare(
             self.config,
             next(self._ids),
             Operation.EVAL,

@@ -87,11 +87,8 @@ from .accounting import Accounting
 from .backoff import backoff_delay
 
 # A call's outcome, its trust domain and the CPU headroom rule: written with the steps of one
-# exchange (``exchange``: eval's one worker uses them without a pool), given here too.
-from .exchange import CPU_HEADROOM_TIMEOUTS as CPU_HEADROOM_TIMEOUTS
-from .exchange import NO_TENANT as NO_TENANT
-from .exchange import Domain as Domain
-from .exchange import Outcome as Outcome
+# exchange (``exchange``: eval's one worker uses them without a pool).
+from .exchange import CPU_HEADROOM_TIMEOUTS, Domain, Outcome
 from .fairness import FairQueue
 
 # CPU seconds an idle worker or spare may use between two samples (a Go runtime's idle
@@ -505,7 +502,7 @@ class PoolState(Generic[W]):
     def _unfit(self, member: Member[W], ticket: Ticket) -> str:
         """Under the lock: why a used worker cannot take ``ticket``'s call: its CPU budget
         left would not fit the call's own timeout ("" if it fits). A worker that served no
-        call is never unfit: ``calls.prepare`` refuses a timeout no fresh worker fits."""
+        call is never unfit: ``exchange.prepare`` refuses a timeout no fresh worker fits."""
         budget = self.config.cpu_budget
         cpu = member.cpu_at_rest
         if budget is None or cpu is None or member.calls == 0:

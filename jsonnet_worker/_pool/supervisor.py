@@ -45,7 +45,7 @@ from .connection import (
     WorkerConnection,
     sandbox_status,
 )
-from .exchange import Worker as Worker  # one worker as a call uses it, written there
+from .exchange import Worker  # one worker as a call uses it, written there
 from .forking import WorkerSource
 from .forkserver_policy import LAYER, SourceStats
 from .origin import WorkerOrigin
