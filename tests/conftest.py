@@ -120,6 +120,13 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command's name: its state first
+    (field 3), then its parent (4), ... its flags (9). FileNotFoundError once it is gone."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def child_pids() -> set[int]:
     """Processes whose parent is this process (zombies included)."""
     me = os.getpid()
@@ -128,8 +135,7 @@ def child_pids() -> set[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            fields = proc_stat(entry)
         except OSError:
             continue
         if int(fields[1]) == me:

@@ -27,6 +27,8 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import proc_stat
+
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 
@@ -131,8 +133,7 @@ def running_service(
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except FileNotFoundError:
         return False
 

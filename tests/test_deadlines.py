@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from conftest import wait_until
+from conftest import proc_stat, wait_until
 from jsonnet_worker import EvaluationTimeout, InvalidArgument, WorkerPool
 from jsonnet_worker._pool.deadlines import CPU_CLOCK_BACKSTOP, RECHECK, CallClock, Due
 
@@ -170,8 +170,7 @@ def _stop(pid: int) -> None:
 
 
 def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0]
+    return proc_stat(pid)[0]
 
 
 def _continue(pid: int) -> None:

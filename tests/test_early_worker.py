@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import proc_stat
 from jsonnet_worker._cli import commands, early
 from jsonnet_worker._cli import main as cli
 from jsonnet_worker._pool.connection import WorkerConnection
@@ -145,7 +146,7 @@ GLIBC_SIGNALS = (1 << 31) | (1 << 32)
 
 def status_of(pid: int) -> dict[str, object]:
     """What the spawn decided for process ``pid``, read from outside."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = proc_stat(pid)
     status = dict(
         line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import seams
-from conftest import full, wait_until
+from conftest import full, proc_stat, wait_until
 from jsonnet_worker import WorkerPool
 from jsonnet_worker._config import PoolConfig
 from jsonnet_worker._pool.forking import ForkedWorker, WorkerSource, fork_server_command
@@ -139,8 +139,7 @@ def zombie_children() -> set[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
+                fields = proc_stat(entry)
             except OSError:
                 continue
             if fields[0] == "Z" and int(fields[1]) == os.getpid():

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import seams
-from conftest import harness_command, wait_until
+from conftest import harness_command, proc_stat, wait_until
 from jsonnet_worker import EvaluationTimeout, WorkerPool
 from jsonnet_worker._pool import idlegroup, scheduling
 from jsonnet_worker._pool.identities import resolve_identity
@@ -390,8 +390,7 @@ def exiting(pid: int) -> bool:
     """``pid`` has begun to exit (the kernel's PF_EXITING, set before its cgroups are
     left), or is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        fields = proc_stat(pid)
     except FileNotFoundError:
         return True
     return fields[0] in "ZX" or bool(int(fields[6]) & 0x4)
