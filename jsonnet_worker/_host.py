@@ -318,8 +318,8 @@ def _runtime_grants(pools: Sequence[WorkerPool]) -> Grants:
     for pool in pools:  # each worker's cgroup is made, written, read and removed there
         if pool.task_cgroups is not None:
             allow.add(pool.task_cgroups, TASK_CGROUPS, "the pool's task cgroups")
-        if pool.idle_cgroup is not None:  # a demoted worker is moved in: cgroup.procs
-            allow.add(pool.idle_cgroup, FsAccess.WRITE_FILE, "the idle cpu cgroup")
+        if (idle := pool.idle_cgroup) is not None:  # a demoted worker is moved in there
+            allow.add(idle, FsAccess.WRITE_FILE, "the idle cpu cgroup")
     libraries = _mapped_by_workers(pools)
     libraries |= _resolve_needed([interpreter, *extensions], _library_search_dirs(libraries))
     for path in sorted(libraries):
