@@ -251,7 +251,8 @@ def test_what_the_worker_aims_at_itself_still_works() -> None:
     Another thread's id of the same worker is refused (the filter knows the process id
     only), and nothing the worker runs needs that."""
     code = """
-import ctypes, os, resource, signal, threading
+import ctypes, os, resource, threading
+import _signal as signal  # the worker has signal's calls, not its module (never imported)
 libc = ctypes.CDLL(None, use_errno=True)
 L = ctypes.c_long
 def check(value):
@@ -397,7 +398,8 @@ def test_a_worker_past_its_cpu_budget_dies_typed_and_a_pool_refuses_a_call_it_ca
 
 def test_a_worker_that_ignores_sigxcpu_is_killed_a_second_later_and_still_classified() -> None:
     code = """
-import ctypes, signal
+import ctypes
+import _signal as signal  # the worker has signal's calls, not its module
 libc = ctypes.CDLL(None)
 libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
 libc.signal(signal.SIGXCPU, ctypes.c_void_p(1))  # SIG_IGN, process-wide

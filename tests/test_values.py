@@ -8,17 +8,22 @@ worker side's values without ``dataclasses``).
   ``AttributeError``; ``replace`` and ``fields`` answer as ``dataclasses.replace`` and
   ``dataclasses.fields`` do; a value copies, deep-copies and pickles to an equal value.
 - The wire's messages keep their shape: a parsed request equals the one encoded.
+- A class's ``__init__`` is compiled at its first value, not at import (a one-shot worker's
+  start-up), or by ``compile_pending`` (a fork server, once for its forks); a value built
+  before and after is the same value, and a class is compiled once.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import pickle
 from typing import Any
 
 import pytest
 
+from jsonnet_worker._wire import values
 from jsonnet_worker._wire.framing import Message, decode_body
 from jsonnet_worker._wire.layers import LayerState, LayerStatus
 from jsonnet_worker._wire.messages import EvalRequest, FormatStyle, Operation
@@ -144,3 +149,43 @@ def test_a_message_keeps_its_shape_through_the_wire() -> None:
     assert fields(FormatStyle)[0] == "indent"
     status = LayerStatus("limits", LayerState.ACTIVE, "x")
     assert replace(status, detail="y") == LayerStatus("limits", LayerState.ACTIVE, "y")
+
+
+def make_classes() -> tuple[type[Any], type[Any]]:
+    """Two value classes made now, neither built yet (one frozen with slots, one mutable)."""
+
+    @valueclass(slots=True)
+    class Point:
+        x: int
+        y: int = 2
+
+    @valueclass(frozen=False)
+    class Bag:
+        items: list[int] = field(default_factory=list)
+
+    return Point, Bag
+
+
+def test_init_is_compiled_at_the_first_value() -> None:
+    point, bag = make_classes()
+    stand_in = point.__init__
+    assert stand_in.__qualname__.endswith("stand_in.<locals>.__init__")
+    first = point(1)
+    compiled = point.__init__
+    assert compiled is not stand_in
+    assert compiled.__qualname__.endswith("Point.__init__")
+    assert list(inspect.signature(compiled).parameters) == ["self", "x", "y"]
+    assert point(1) == first == point(x=1, y=2)
+    assert point.__init__ is compiled  # compiled once
+    assert bag.__init__.__qualname__.endswith("stand_in.<locals>.__init__")  # not built yet
+    assert bag().items == [] and bag().items is not bag().items
+
+
+def test_compile_pending_compiles_every_class_not_built_yet() -> None:
+    point, bag = make_classes()
+    values.compile_pending()
+    for cls, name in ((point, "Point.__init__"), (bag, "Bag.__init__")):
+        assert cls.__init__.__qualname__.endswith(name)
+    assert point(3).y == 2 and bag([1]).items == [1]
+    with pytest.raises(TypeError):
+        point()  # the compiled __init__'s own check: x is required

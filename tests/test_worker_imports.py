@@ -3,8 +3,8 @@
 
 - A live worker, started exactly as the pool starts one and asked to evaluate (a string
   variable with a NUL: JSON code) and to format, never imports ``typing``, ``json``,
-  ``dataclasses``, ``inspect`` or ``re`` (an audit hook in front of the real bootstrap
-  reports each import of them).
+  ``dataclasses``, ``inspect``, ``re``, ``signal`` or ``contextlib`` (an audit hook in
+  front of the real bootstrap reports each import of them).
 - The worker side's values (``_wire.values.valueclass``) have the same fields in a process
   without ``typing`` (as a worker runs) as in one with it (as the pool runs), so a message
   is one shape on both sides of the wire; and none of its classes is a dataclass.
@@ -26,8 +26,10 @@ MARK = "imported:"
 # What a worker never imports: typing (its annotations are for mypy only), json (its
 # encoders come from ``_json``: json loads its decoder and ``re``), dataclasses and the
 # inspect it loads (the worker side's values are ``_wire.values.valueclass``es), re (texts
-# are escaped through a ``str.translate`` table).
-NEVER_IMPORTED = ("typing", "json", "dataclasses", "inspect", "re")
+# are escaped through a ``str.translate`` table), signal (its enums: the worker needs one
+# constant, from ``_signal``) and contextlib (through importlib.util: the engine is found
+# and loaded with importlib.machinery alone).
+NEVER_IMPORTED = ("typing", "json", "dataclasses", "inspect", "re", "signal", "contextlib")
 AUDIT_HOOK = (
     "import sys\n"
     "def _report(event, args):\n"

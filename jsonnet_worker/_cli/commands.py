@@ -33,11 +33,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._config import ENGINES, PoolConfig
 from .._errors import Error, JsonnetError
+from .._wire.values import field, valueclass
 from .sizes import format_size, parse_size
 from .terminal import command_logging, die_of_sigpipe, utf8_text
 from .versions import VersionAction
@@ -68,7 +68,7 @@ class Failed(Exception):
     """A command's input error: the message (as jsonnet words it) goes to stderr, exit 1."""
 
 
-@dataclass(frozen=True)
+@valueclass
 class VariableFlag:
     flag: str
     text: str
@@ -77,7 +77,7 @@ class VariableFlag:
     from_file: bool
 
 
-@dataclass
+@valueclass(frozen=False)
 class Variables:
     """The four maps ``WorkerPool.evaluate`` takes."""
 

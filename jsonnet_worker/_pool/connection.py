@@ -46,7 +46,6 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from .._errors import Error
@@ -76,6 +75,7 @@ from .._wire.messages import (
     shown,
 )
 from .._wire.messages import Failure as Failure
+from .._wire.values import valueclass
 
 HELLO_MAX_FRAME = 64 * 1024
 # The library bytes one worker holds at most: a set that would go over replaces the others
@@ -146,7 +146,7 @@ def sandbox_status(
     )
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class Answer:
     """A ``Result`` for the request in flight: its JSON text and that text decoded (for
     operation ``fmt`` a str, for ``check`` None). ``retire``: the worker asks to be replaced after
@@ -158,7 +158,7 @@ class Answer:
     retire: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class ConnectionClosed:
     """The stream ended. ``state`` is what the connection was waiting for; ``unread`` counts
     the bytes of an incomplete frame it was cut in."""
@@ -167,7 +167,7 @@ class ConnectionClosed:
     unread: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class ConnectionBroken:
     """The worker broke the protocol; ``reason`` says how (escaped, bounded)."""
 

@@ -46,13 +46,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from .._config import PoolConfig
 from .._errors import EvaluationTimeout, MemoryLimitExceeded, WorkerCrashed
 from .._sandbox.privileges import WorkerIdentity
 from .._wire.messages import escape_controls
+from .._wire.values import field, valueclass
 from . import workerline
 from .identities import WorkerIdentities
 from .workerline import one_way_channel as one_way_channel  # the fork server's channels too
@@ -72,7 +72,7 @@ _MEMORY_MARKERS = (
 )
 
 
-@dataclass(frozen=True)
+@valueclass
 class WorkerSettings:
     """What every worker of a pool is started with."""
 
@@ -421,7 +421,7 @@ class ChildProcess:
             self.settings.identities.release(self.identity)
 
 
-@dataclass(frozen=True)
+@valueclass
 class AdoptedChild:
     """A worker started elsewhere, to be owned by a ``WorkerProcess``: its pid, its pidfd,
     and the parent ends of its (requests, responses, stderr) channels."""

@@ -52,15 +52,15 @@ path had to re-run directly (a stack overflow, a trace cut by ``max_trace``:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .._wire.messages import escape_controls
+from .._wire.values import valueclass
 from .processes import StderrCapture
 
 TraceReceiver = Callable[[str], None]
 
 
-@dataclass(frozen=True, slots=True)
+@valueclass(slots=True)
 class TraceRequest:
     """A caller's ask for its call's ``std.trace`` lines: who receives each line, and the
     bounds (``PoolConfig.max_trace_lines``/``max_trace_bytes``)."""

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import enum
 import math
-import threading
+from _thread import _local as thread_local  # threading.local, without threading's import
 
 import msgpack
 
@@ -388,7 +388,7 @@ class EvalRequest:
         )
 
 
-_packers = threading.local()
+_packers = thread_local()  # one Packer per thread
 
 
 def _paths(payload: dict[str, Any], key: str) -> tuple[str, ...]:

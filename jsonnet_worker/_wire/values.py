@@ -15,9 +15,13 @@ where the class had it, reads the class's own annotations in order: a field with
 default, then fields with one (a plain default, or ``field(default_factory=...)`` for a
 mutable one). Its ``__init__`` is generated as dataclasses generate theirs (one compiled
 function per class: a message is built on every call), setting each field with
-``object.__setattr__`` when frozen; ``__eq__`` compares two values of the same class field
-by field (their fields as one tuple, read by ``operator.attrgetter``), ``__hash__`` (frozen
-only) hashes that tuple, ``__repr__`` reads as a dataclass's
+``object.__setattr__`` when frozen, but compiled when the class's first value is built, not
+at import: a process pays only for the classes it builds (a one-shot worker, about a third of
+them; the compiling is a tenth of a worker's imports), and a fork server compiles them all
+once (``compile_pending``) so that its forks inherit them; ``__eq__`` compares two values
+of the same class field by field (their fields as one tuple, read by
+``operator.attrgetter``), ``__hash__`` (frozen only) hashes that tuple, ``__repr__`` reads as
+a dataclass's
 (``Name(a=1, b='x')``); a frozen value refuses ``setattr`` and ``delattr`` with
 ``FrozenInstanceError`` (an ``AttributeError``, as dataclasses' is), and copies and pickles
 through ``__getstate__``/``__setstate__``. ``replace(value, **changes)`` and
@@ -25,7 +29,9 @@ through ``__getstate__``/``__setstate__``. ``replace(value, **changes)`` and
 ``dataclasses.fields``. For mypy, ``valueclass`` is a ``dataclass_transform`` (PEP 681): it
 checks the constructors, the fields and the frozen assignments as for a dataclass.
 
-Weak spots: a field is what the class annotates itself (no inheritance of fields: no value
+Weak spots: until its first value, a class's ``__init__`` is a stand-in that takes any
+arguments (``inspect.signature`` shows ``*args, **kwargs``; mypy sees the fields). A field
+is what the class annotates itself (no inheritance of fields: no value
 here derives from another); an unannotated class attribute (a message's ``TYPE``) is a
 constant, as for a dataclass. ``dataclasses``' functions (``asdict``, ``replace``,
 ``fields``, ``is_dataclass``) do not know these values, the public ``LayerStatus``,
@@ -137,8 +143,8 @@ def _setstate(self: object, state: tuple[object, ...]) -> None:
         object.__setattr__(self, name, item)
 
 
-def _init(cls: type, names: list[str], frozen: bool) -> Callable[..., None]:
-    """The class's ``__init__``, compiled once (as dataclasses compile theirs)."""
+def _init_source(cls: type, names: list[str], frozen: bool) -> tuple[str, dict[str, Any]]:
+    """The text of the class's ``__init__`` and the names it reads (the fields' defaults)."""
     defaults: dict[str, object] = {}
     parameters = []
     for name in names:
@@ -162,11 +168,47 @@ def _init(cls: type, names: list[str], frozen: bool) -> Callable[..., None]:
             lines.append(f"  self.{name} = {given}")
     source = f"def __init__(self, {', '.join(parameters)}):\n" + ("\n".join(lines) or "  pass")
     namespace: dict[str, Any] = {"_set": object.__setattr__, "_NO_DEFAULT": _NO_DEFAULT}
-    namespace |= defaults
-    exec(source, namespace)  # our own text: the class's field names
-    init: Callable[..., None] = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    return init
+    return source, namespace | defaults
+
+
+class _PendingInit:
+    """A class's ``__init__`` until its first value: compiled then (as dataclasses compile
+    theirs at once), so that an import pays nothing for the classes a process never builds
+    (a one-shot worker builds a third of them)."""
+
+    __slots__ = ("namespace", "owner", "source")
+
+    def __init__(self, source: str, namespace: dict[str, Any]) -> None:
+        self.owner: type | None = None  # set once the class is made (slots make it anew)
+        self.source = source
+        self.namespace = namespace
+
+    def compile(self) -> Callable[..., None]:
+        owner = self.owner
+        assert owner is not None
+        exec(self.source, self.namespace)  # our own text: the class's field names
+        init: Callable[..., None] = self.namespace["__init__"]
+        init.__qualname__ = f"{owner.__qualname__}.__init__"
+        owner.__init__ = init  # type: ignore[misc]  # the compiled one, from now on
+        _PENDING.discard(self)
+        return init
+
+    def stand_in(self) -> Callable[..., None]:
+        def __init__(instance: object, *args: Any, **kwargs: Any) -> None:
+            self.compile()(instance, *args, **kwargs)
+
+        return __init__
+
+
+# Classes whose __init__ is not compiled yet: ``compile_pending`` compiles them all (a fork
+# server, once, rather than each of its forks on its first call).
+_PENDING: set[_PendingInit] = set()
+
+
+def compile_pending() -> None:
+    """Compile every value class's ``__init__`` now."""
+    for pending in list(_PENDING):
+        pending.compile()
 
 
 _NO_DEFAULT = object()
@@ -175,10 +217,11 @@ _NO_DEFAULT = object()
 def _make(cls: type[T], frozen: bool, slots: bool) -> type[T]:
     # the class's own annotations, in order (inspect.get_annotations: what this module avoids)
     names = list(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063
+    pending = _PendingInit(*_init_source(cls, names, frozen))
     methods: dict[str, object] = {
         FIELDS: tuple(names),
         FIELD_VALUES: _value_tuple(names),
-        "__init__": _init(cls, names, frozen),
+        "__init__": pending.stand_in(),
         "__repr__": _repr,
         "__eq__": _eq,
         "__match_args__": tuple(names),
@@ -199,6 +242,8 @@ def _make(cls: type[T], frozen: bool, slots: bool) -> type[T]:
                 delattr(cls, name)
         for name, method in methods.items():
             setattr(cls, name, method)
+        pending.owner = cls
+        _PENDING.add(pending)
         return cls
     # A class with slots is made anew (as dataclasses do): its defaults live in __init__ only.
     body = {key: item for key, item in cls.__dict__.items() if key not in defaults}
@@ -208,6 +253,8 @@ def _make(cls: type[T], frozen: bool, slots: bool) -> type[T]:
     body["__slots__"] = tuple(names)
     made: type[T] = type(cls.__name__, cls.__bases__, body)
     made.__qualname__ = cls.__qualname__
+    pending.owner = made
+    _PENDING.add(pending)
     return made
 
 

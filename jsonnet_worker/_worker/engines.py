@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import importlib.machinery
-import importlib.util
+import importlib.machinery  # not importlib.util: its imports (contextlib) are a worker's start-up
 import os
 import struct
 import types
@@ -99,7 +98,7 @@ def _memfd_noexec_setting() -> int:
 
 def prepare(kind: EngineKind) -> PreparedEngine:
     """Before restriction: copy the extension into a memfd and load its dependencies."""
-    spec = importlib.util.find_spec(kind.module_name)
+    spec = importlib.machinery.PathFinder.find_spec(kind.module_name)
     if spec is None or not spec.origin:
         raise EngineLoadError(
             f"engine {kind.value!r} is not installed (module {kind.module_name} not found)"
@@ -165,11 +164,9 @@ def load(prepared: PreparedEngine) -> types.ModuleType:
     path = f"/proc/self/fd/{prepared.memfd}"
     name = prepared.kind.module_name
     loader = importlib.machinery.ExtensionFileLoader(name, path)
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    if spec is None:
-        raise EngineLoadError(f"cannot make an import spec for {name}")
+    spec = importlib.machinery.ModuleSpec(name, loader, origin=path)
     try:
-        module = importlib.util.module_from_spec(spec)
+        module = loader.create_module(spec)
         loader.exec_module(module)
     except Exception as exc:
         raise EngineLoadError(f"cannot load {name} from its memfd: {exc}") from exc

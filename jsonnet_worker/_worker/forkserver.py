@@ -78,7 +78,7 @@ from .._wire.messages import (
     ForkServerHello,
     StartupFailure,
 )
-from .._wire.values import replace, valueclass
+from .._wire.values import compile_pending, replace, valueclass
 from . import loop, startup
 
 TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
@@ -330,9 +330,14 @@ def fork_server_seccomp(progress: startup.StartUp) -> None:
         raise startup.StartupError(f"cannot apply the fork server's seccomp filter: {exc}") from exc
 
 
+def compile_values(progress: startup.StartUp) -> None:
+    compile_pending()
+
+
 # Steps 2-3 of the plan, after the control socket is taken: no engine is loaded here.
 FORK_SERVER: tuple[startup.Step, ...] = (
     *startup.RESTRICT,  # the worker's start-up up to the engine
+    compile_values,  # every value class's __init__, once here rather than in each fork
     fork_server_seccomp,  # the worker's filter plus the one clone flag word
 )
 

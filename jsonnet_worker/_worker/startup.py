@@ -51,7 +51,6 @@ import errno
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +67,12 @@ from .._wire.messages import (
 )
 from .._wire.values import field, replace, valueclass
 from . import engines, loop
+
+TYPE_CHECKING = False  # typing's, without importing typing: a worker never loads it
+if TYPE_CHECKING:
+    from signal import SIGKILL
+else:  # signal's constant without its enums (part of every worker's start-up)
+    from _signal import SIGKILL
 
 PR_SET_PDEATHSIG = 1
 EXIT_STARTUP_FAILED = 70
@@ -149,7 +154,7 @@ def _options(given: dict[str, str], own_uid: bool) -> WorkerOptions:
 
 
 def tie_to_parent(parent_pid: int) -> None:
-    if landlock.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+    if landlock.prctl(PR_SET_PDEATHSIG, SIGKILL) != 0:
         raise StartupError("PR_SET_PDEATHSIG failed")
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(EXIT_STARTUP_FAILED)
