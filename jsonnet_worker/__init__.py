@@ -56,15 +56,9 @@ if TYPE_CHECKING:  # what the names below are; imported when first used (``__get
     from ._options import PoolOptions
     from ._pool.facade import WorkerPool
     from ._pool.tracing import last_call
-    from ._report import (
-        CallInfo,
-        PoolStats,
-        SandboxStatus,
-        SandboxVerdict,
-        TenantStats,
-        judge_sandbox,
-    )
+    from ._report import SandboxStatus, SandboxVerdict, judge_sandbox
     from ._sandbox.landlock import LandlockStatus
+    from ._stats import CallInfo, PoolStats, TenantStats
     from ._wire.layers import LayerState, LayerStatus
     from ._wire.messages import FormatStyle
 
@@ -91,13 +85,13 @@ _LAZY = {
     "PoolOptions": "._options",
     "WorkerPool": "._pool.facade",
     "last_call": "._pool.tracing",
-    "CallInfo": "._report",
-    "PoolStats": "._report",
     "SandboxStatus": "._report",
     "SandboxVerdict": "._report",
-    "TenantStats": "._report",
     "judge_sandbox": "._report",
     "LandlockStatus": "._sandbox.landlock",
+    "CallInfo": "._stats",
+    "PoolStats": "._stats",
+    "TenantStats": "._stats",
     "LayerState": "._wire.layers",
     "LayerStatus": "._wire.layers",
     "FormatStyle": "._wire.messages",

@@ -4,7 +4,6 @@ one-shot worker: each run as a real subprocess of the real CLI (issue 23, items 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -271,7 +270,7 @@ def _reported_without_landlock(monkeypatch: pytest.MonkeyPatch) -> None:
             state=SupportState.DISABLED_AT_BOOT,
             reason="as if Landlock were not in the lsm= list",
         )
-        return dataclasses.replace(status, landlock=landlock)
+        return replace(status, landlock=landlock)  # a value class too
 
     monkeypatch.setattr(connection, "sandbox_status", without_landlock)
 

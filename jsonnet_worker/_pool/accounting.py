@@ -48,7 +48,7 @@ import operator
 import threading
 from collections.abc import Iterable, Sequence
 
-from .._report import TenantStats
+from .._stats import TenantStats
 
 TRACKED_TENANTS = 32  # domains tallied one by one; the rest share "other"
 FOLD_AT = 256  # pending samples that make the caller who appends the next one fold them

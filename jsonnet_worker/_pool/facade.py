@@ -62,8 +62,10 @@ from .._errors import (
 )
 from .._library import Library
 from .._options import PoolOptions
-from .._report import PoolStats, SandboxStatus
+from .._report import SandboxStatus
+from .._stats import PoolStats
 from .._wire.messages import FormatStyle, Operation
+from .._wire.values import replace as replace_value  # a value class's (SandboxStatus)
 from . import calls, exchange
 from .connection import Answer
 from .deadlines import CallClock, Due
@@ -276,7 +278,7 @@ class WorkerPool:
         sandbox = self._state.view().sandbox
         if sandbox is None:
             return None
-        return dataclasses.replace(sandbox, template=self._supervisor.fork_server_status())
+        return replace_value(sandbox, template=self._supervisor.fork_server_status())
 
     @property
     def closed(self) -> bool:

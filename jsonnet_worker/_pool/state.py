@@ -82,7 +82,8 @@ from .._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from .._report import PoolStats, SandboxStatus
+from .._report import SandboxStatus
+from .._stats import PoolStats
 from .accounting import Accounting
 from .backoff import backoff_delay
 

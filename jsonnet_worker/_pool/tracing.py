@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextvars
 import sys
 
-from .._report import CallInfo
+from .._stats import CallInfo
 
 # The OpenTelemetry API module, looked up when a call ends, never imported here: a span can
 # be current only in a process that has imported it (the API or an SDK), and importing it
