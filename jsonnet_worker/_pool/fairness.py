@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import math
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -107,19 +108,25 @@ class FairQueue(Generic[D, T]):
 
     # -- waiting -------------------------------------------------------------------------------
 
-    def push(self, ticket: T, now: float) -> None:
-        """``ticket`` waits at the back of its domain's FIFO."""
+    def push(self, ticket: T, now: float, limit: float = math.inf) -> bool:
+        """``ticket`` waits at the back of its domain's FIFO, unless ``limit`` tickets of
+        its domain wait already (False)."""
         domain = ticket.domain
         queue = self._queues.get(domain)
         if queue is None:
+            if limit < 1:
+                return False
             if now - self._decayed_at >= DECAY_STEP:
                 self._decay(now)
             if domain not in self._usage and self._queues:
                 # A new flow starts at the current virtual time, not at zero.
                 self._usage[domain] = min(self._usage.get(d, 0.0) for d in self._queues)
             queue = self._queues[domain] = collections.deque()
+        elif len(queue) >= limit:
+            return False
         queue.append(ticket)
         self.length += 1
+        return True
 
     def remove(self, ticket: T) -> bool:
         """``ticket`` leaves the queue wherever it is (a timeout, an interrupt); False if it
@@ -177,7 +184,9 @@ class FairQueue(Generic[D, T]):
         (work-conserving). None if nobody waits."""
         queues = self._queues
         if len(queues) < 2:  # nobody, or one domain alone: its turn, whatever it holds
-            return next(iter(queues), None)
+            for domain in queues:
+                return domain
+            return None
         if now - self._decayed_at >= DECAY_STEP:
             self._decay(now)
         usage = self._usage

@@ -66,6 +66,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -261,7 +262,7 @@ class PoolView:
     @property
     def terminated(self) -> bool:
         """terminate() began, or the supervisor has ended: calls in flight are cut off."""
-        return self.phase in (Phase.TERMINATED, Phase.STOPPED)
+        return self.phase in _ENDED
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,14 @@ class PoolState(Generic[W]):
         self._share = config.tenant_workers(config.size)
         self._max_workers = config.burst_limit(config.size)
         self._queue_limit_total = config.total_queue_limit()
+        # The CPU a used worker may have at rest and still fit a call of the pool's own
+        # timeout, as ``_unfit`` and ``_recycle_reason`` word it (inf: no budget): so the
+        # hot path asks one comparison, and words a reason only for a worker that goes.
+        budget = config.cpu_budget
+        self._budget = math.inf if budget is None else budget
+        self._timeout = config.timeout
+        self._headroom = CPU_HEADROOM_TIMEOUTS * config.timeout
+        self._max_calls = config.max_calls_per_worker or math.inf
         # Private: a transition takes it, performs nothing under it, and returns its effects.
         self._lock = threading.Lock()
         # close() waits on it for the last call in flight to leave (``leave`` notifies).
@@ -328,9 +337,11 @@ class PoolState(Generic[W]):
 
     # -- admission ---------------------------------------------------------------------------
 
-    def admit(self, ticket: Ticket) -> None:
+    def admit(self, ticket: Ticket, take: bool = False, now: float | None = None) -> bool:
         """A call enters (raises if the pool takes no new calls). The ticket records it, so
-        that ``leave`` is right whatever interrupts the caller in between."""
+        that ``leave`` is right whatever interrupts the caller in between. With ``take``, a
+        worker for it as ``take`` finds one, under the same lock (True: the ticket holds
+        one): the call paths' first step, one transition."""
         with self._lock:
             if self.phase is Phase.FAILED and self.failure is not None:
                 raise self.failure
@@ -338,6 +349,7 @@ class PoolState(Generic[W]):
                 raise PoolClosed("the pool is closed")
             self.in_flight += 1
             ticket.admitted = True
+            return take and self._take(ticket, now)
 
     def leave(self, ticket: Ticket) -> None:
         """A call has left (if it was admitted); the last one of a closing pool wakes
@@ -361,40 +373,64 @@ class PoolState(Generic[W]):
 
     # -- check out ---------------------------------------------------------------------------
 
-    def take(self, ticket: Ticket) -> bool:
+    def take(self, ticket: Ticket, now: float | None = None) -> bool:
         """The hot path: an idle worker of the ticket's domain (or a fresh one) at once, if
-        the domain may hold one more and the worker's CPU budget fits the call."""
+        the domain may hold one more and the worker's CPU budget fits the call. ``now``:
+        the state's clock as the caller read it just before (None: read here)."""
         with self._lock:
-            if not self.idle:  # every worker busy (callers outnumber them): nothing to take
-                return False
-            if self.queue.length and not self._may_hold_more(ticket.domain):
-                return False
-            member = self._idle_for(ticket.domain)
+            return self._take(ticket, now)
+
+    def _take(self, ticket: Ticket, now: float | None) -> bool:
+        """Under the lock: ``take``."""
+        idle = self.idle
+        if not idle:  # every worker busy (callers outnumber them): nothing to take
+            return False
+        domain = ticket.domain
+        if self.queue.length and not self._may_hold_more(domain):
+            return False
+        member: Member[W] | None
+        if idle[-1].domain == domain:  # ``_idle_for``'s first pick, without the scan
+            member = idle.pop()
+        else:
+            member = self._idle_for(domain)
             if member is None:
                 return False
-            if self._unfit(member, ticket):
-                self.idle.append(member)  # ``take_or_wait`` recycles it
-                return False
-            self._check_out(member, ticket)
-            return True
+        cpu, timeout = member.cpu_at_rest, ticket.timeout
+        # ``_unfit`` finds a reason only where a call of the pool's own timeout would not
+        # fit, or for a longer timeout: its comparisons first, without its call.
+        if (
+            cpu is not None
+            and (
+                cpu + self._headroom >= self._budget
+                or (timeout is not None and timeout > self._timeout)
+            )
+            and self._unfit(member, ticket)
+        ):
+            idle.append(member)  # ``take_or_wait`` recycles it
+            return False
+        self._check_out(member, ticket, self._clock() if now is None else now)
+        return True
 
-    def take_or_wait(self, ticket: Ticket) -> list[Effect]:
+    def take_or_wait(self, ticket: Ticket, now: float | None = None) -> list[Effect]:
         """A worker at once (the ticket holds it), or the ticket queued (``ticket.queued``:
         its caller waits for the wake-up). Raises when the pool cannot serve it (failed, no
-        worker can start, its domain's queue is full)."""
+        worker can start, its domain's queue is full). ``now``: as ``take``'s."""
         effects: list[Effect] = []
         with self._lock:
+            if now is None:
+                now = self._clock()
             domain = ticket.domain
             # Both ways to take need an idle worker (``_idle_for``, ``_claimable``).
             may_take = bool(self.idle) and (not self.queue.length or self._may_hold_more(domain))
             while may_take and (member := self._idle_for(domain)) is not None:
                 unfit = self._unfit(member, ticket)
                 if not unfit:
-                    self._check_out(member, ticket)
+                    self._check_out(member, ticket, now)
                     return effects
                 self.idle.append(member)  # ``_recycle`` takes it off the idle list
                 self._recycle(member, unfit, effects)  # a spare may take its place: loop
-            self._raise_if_hopeless()
+            if self.failure is not None or self.start_failure or self.phase in _ENDED:
+                self._raise_if_hopeless()
             victim = self._claimable(domain) if may_take else None
             if victim is not None:
                 # Only workers of other domains are idle: recycle the longest idle one that
@@ -402,23 +438,24 @@ class PoolState(Generic[W]):
                 self._recycle(victim, f"the next caller is of {domain.describe()}", effects)
                 member = self._idle_for(domain)  # the spare promoted in its place
                 if member is not None:
-                    self._check_out(member, ticket)
+                    self._check_out(member, ticket, now)
                     return effects
-            self._enqueue(ticket, effects)
+            self._enqueue(ticket, now, effects)
             ticket.queued = True
-            self._burst_if_due(effects)
+            if self._demoted >= self._size:  # else no burst can be due (``_burst_due``)
+                self._burst_if_due(effects)
         return effects
 
-    def _enqueue(self, ticket: Ticket, effects: list[Effect]) -> None:
+    def _enqueue(self, ticket: Ticket, now: float, effects: list[Effect]) -> None:
         """Under the lock: ``ticket`` waits in its domain's queue, if the domain's limit and
         the total allow; a full total pushes out the newest call of the domain with the
         most waiting, unless that is the caller's own (a flood refuses only the flooder)."""
         domain = ticket.domain
-        waiting = self.queue.waiting(domain)
         limit = self.config.queue_limit
-        if waiting >= limit:
-            raise _queue_full(domain, f"{waiting} of its calls are waiting (queue_limit={limit})")
-        if len(self.queue) >= self._queue_limit_total:
+        if self.queue.length >= self._queue_limit_total:
+            waiting = self.queue.waiting(domain)
+            if waiting >= limit:
+                raise _domain_full(domain, limit)
             longest = self.queue.longest()
             if longest == domain or self.queue.waiting(longest) <= waiting + 1:
                 raise _queue_full(
@@ -433,7 +470,8 @@ class PoolState(Generic[W]):
                 f"(queue_limit_total={self._queue_limit_total}) for another tenant's",
             )
             effects.append(Wake(pushed))
-        self.queue.push(ticket, self._clock())
+        if not self.queue.push(ticket, now, limit):
+            raise _domain_full(domain, limit)
 
     def give_up(self, ticket: Ticket) -> bool:
         """The caller stops waiting (its queue timeout): True if it was still queued; False
@@ -516,8 +554,9 @@ class PoolState(Generic[W]):
             f"for a call of timeout={timeout:g}"
         )
 
-    def _check_out(self, member: Member[W], ticket: Ticket) -> None:
-        """Under the lock: ``member`` (already off the idle list) serves ``ticket``."""
+    def _check_out(self, member: Member[W], ticket: Ticket, now: float) -> None:
+        """Under the lock: ``member`` (already off the idle list) serves ``ticket`` from
+        ``now``."""
         if member.status in _SERVING:  # idle, or busy handed over: it serves still (no count)
             member.status = WorkerStatus.BUSY
         else:
@@ -525,7 +564,7 @@ class PoolState(Generic[W]):
         domain = member.domain = ticket.domain
         member.calls += 1
         member.epoch += 1
-        member.checked_out_at = self._clock()
+        member.checked_out_at = now
         holding = self.holding
         holding[domain] = holding.get(domain, 0) + 1  # ``get``: a Counter's ``+=`` is Python
         ticket.worker = member.worker
@@ -563,7 +602,7 @@ class PoolState(Generic[W]):
     def _raise_if_hopeless(self) -> None:
         if self.failure is not None:
             raise self.failure
-        if self.phase in (Phase.TERMINATED, Phase.STOPPED):
+        if self.phase in _ENDED:
             raise PoolClosed("the pool was terminated")
         if self.start_failure and not self._active():
             raise WorkerStartError(
@@ -573,16 +612,24 @@ class PoolState(Generic[W]):
 
     # -- check in, discard, record -----------------------------------------------------------
 
-    def settle(self, worker: W, outcome: Outcome, cpu: float | None = None) -> list[Effect]:
+    def settle(
+        self, worker: W, outcome: Outcome, cpu: float | None = None, now: float | None = None
+    ) -> list[Effect]:
         """Record how a call ended, then check its worker in (``outcome.keep``) or discard
-        it, under one lock. ``cpu`` is the worker's CPU time now, read outside the lock."""
+        it, under one lock. ``cpu`` is the worker's CPU time now, read outside the lock;
+        ``now`` the state's ``clock`` if the caller has read it (None: read here)."""
         effects: list[Effect] = []
         with self._lock:
-            # terminate() killed every worker: a call's worker that ended then ended by our
-            # hand, which is no death to count or to warn of (its caller gets PoolClosed).
-            ours = outcome.died and self.phase in (Phase.TERMINATED, Phase.STOPPED)
-            if not ours:
-                self._record(outcome)
+            if outcome.error is None and outcome.answer is not None:
+                self.evaluations += 1  # an answer: ``_record``'s first case, without its call
+                ours = False
+            else:
+                # terminate() killed every worker: a call's worker that ended then ended by
+                # our hand, which is no death to count or to warn of (its caller gets
+                # PoolClosed).
+                ours = outcome.died and self.phase in _ENDED
+                if not ours:
+                    self._record(outcome)
             member = self.members.get(worker)
             if outcome.reason:
                 domain = member.domain if member is not None else None
@@ -591,7 +638,8 @@ class PoolState(Generic[W]):
             if member is None:
                 effects += self._orphan(worker)
                 return effects
-            now = self._clock()
+            if now is None:
+                now = self._clock()
             self._release(member, cpu, now)
             if outcome.keep:
                 self._check_in(member, cpu, effects, outcome.recycle, now)
@@ -621,30 +669,38 @@ class PoolState(Generic[W]):
         first, outside the lock), else to the idle list; or recycled (its call budget or CPU
         budget is spent, it asked to be, it was demoted, or another domain's turn it is), or
         retired (a burst worker nobody waits for)."""
-        if member.status is WorkerStatus.DYING or self.phase in (Phase.TERMINATED, Phase.STOPPED):
+        if member.status is WorkerStatus.DYING or self.phase in _ENDED:
             self._retire(member, effects)
             return
-        reason = recycle or self._recycle_reason(member, cpu)
-        if reason:
-            self._recycle(member, reason, effects)
+        # ``_recycle_reason``'s checks as comparisons; its words only for a worker that goes.
+        if (
+            recycle
+            or member.demoted
+            or member.calls >= self._max_calls
+            or (cpu is not None and cpu + self._headroom >= self._budget)
+        ):
+            self._recycle(member, recycle or self._recycle_reason(member, cpu), effects)
             return
         member.epoch += 1
         member.cpu_at_rest = cpu
-        if self.queue.length:
-            domain = self._next_domain()
+        queue = self.queue
+        if queue.length:
+            domain = queue.next_domain(self.holding, self._share, now)
             if domain is not None and domain != member.domain and not self._owed(domain):
                 domain = None  # it has its share: this worker stays warm for its own domain
             if domain is not None:
-                ticket = self.queue.peek(domain)
+                ticket = queue.peek(domain)
                 if domain != member.domain:
                     reason = f"the next caller in turn is of {domain.describe()}"
-                else:
+                elif ticket.timeout is not None and ticket.timeout > self._timeout:
                     reason = self._unfit(member, ticket)
+                else:  # it has room for a call of the pool's own timeout (checked above)
+                    reason = ""
                 if reason:
                     self._recycle(member, reason, effects)  # a fresh one goes to ``domain``
                     return
-                self.queue.pop(domain)
-                self._check_out(member, ticket)
+                queue.pop(domain)
+                self._check_out(member, ticket, now)
                 effects.append(HandOver(ticket, member.worker))
                 return
         if self._serving > self._size:
@@ -653,7 +709,10 @@ class PoolState(Generic[W]):
             )
             self._retire(member, effects)
             return
-        self._rest(member, now)
+        # ``_rest``, without its call: busy (a caller held it) to idle, no count changes.
+        member.status = WorkerStatus.IDLE
+        member.idle_since = now
+        self.idle.append(member)
 
     def _rest(self, member: Member[W], now: float) -> None:
         """Under the lock: ``member`` goes idle ``now`` (``idle_since``: its warm
@@ -693,9 +752,11 @@ class PoolState(Generic[W]):
         lapsed = self._clock() - RESERVE_WINDOW
         return next((m for m in self.idle if m.idle_since <= lapsed), None)
 
-    def _next_domain(self) -> Domain | None:
+    def _next_domain(self, now: float | None = None) -> Domain | None:
         """Under the lock: whose turn the next worker handed out is (None: nobody waits)."""
-        return self.queue.next_domain(self.holding, self._share, self._clock())
+        if now is None:
+            now = self._clock()
+        return self.queue.next_domain(self.holding, self._share, now)
 
     def _recycle_reason(self, member: Member[W], cpu: float | None) -> str:
         if member.demoted:
@@ -770,13 +831,14 @@ class PoolState(Generic[W]):
     def _hand_out(self, member: Member[W], effects: list[Effect]) -> None:
         """Under the lock: a fresh worker to the first caller of the domain in turn, else
         to the idle list."""
-        domain = self._next_domain()
+        now = self._clock()
+        domain = self._next_domain(now)
         if domain is not None:
             ticket = self.queue.pop(domain)
-            self._check_out(member, ticket)
+            self._check_out(member, ticket, now)
             effects.append(HandOver(ticket, member.worker))
             return
-        self._rest(member, self._clock())
+        self._rest(member, now)
 
     def _fail_waiters(self, error: Error, effects: list[Effect]) -> None:
         for ticket in self.queue.drain():
@@ -932,7 +994,7 @@ class PoolState(Generic[W]):
                 return effects
             if member.status is WorkerStatus.STARTING:
                 self.initial_resolved += 1
-            if self.phase in (Phase.TERMINATED, Phase.STOPPED):
+            if self.phase in _ENDED:
                 message = f"{member.status.value} worker ended ({how}): the pool was terminated"
                 effects.append(_log(logging.DEBUG, message, worker.pid, member.domain))
             else:
@@ -1101,6 +1163,7 @@ class PoolState(Generic[W]):
 
 
 _HELD = (WorkerStatus.BUSY, WorkerStatus.DYING)
+_ENDED = (Phase.TERMINATED, Phase.STOPPED)  # calls in flight are cut off
 _SERVING = (WorkerStatus.IDLE, WorkerStatus.BUSY)  # ``_active`` counts these
 
 
@@ -1108,6 +1171,10 @@ def _queue_full(domain: Domain, why: str) -> TenantOverloaded:
     return TenantOverloaded(
         f"{domain.describe()} has as many calls waiting as it may: {why}", tenant=domain.tenant
     )
+
+
+def _domain_full(domain: Domain, limit: int) -> TenantOverloaded:
+    return _queue_full(domain, f"{limit} of its calls are waiting (queue_limit={limit})")
 
 
 def _log(level: int, message: str, pid: int, domain: Domain | None) -> Log:
