@@ -43,6 +43,7 @@ from . import tracing
 from .accounting import CANCELLED
 from .connection import Answer
 from .exchange import Call, Outcome, Worker, write_rest
+from .processes import process_cpu_seconds
 from .state import Effect, PoolState, Ticket
 from .traces import deliver, lines_of
 
@@ -102,7 +103,8 @@ def start(ticket: Ticket) -> memoryview | None:
         worker.process.stderr.mark()
     else:
         worker.process.stderr.mark(traces.max_bytes)
-    return write_rest(worker, memoryview(worker.outgoing)[sent:])
+    rest = memoryview(worker.outgoing)[sent:]
+    return write_rest(worker, rest) if rest else None  # most frames went out whole
 
 
 def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: Outcome) -> Answer:
@@ -118,14 +120,19 @@ def settle(state: PoolState[Worker], perform: Perform, ticket: Ticket, outcome: 
     traces = call.traces
     lines = () if traces is None else lines_of(worker.process.stderr, traces)
     cpu, used = _cpu_since_mark(worker)
-    sent_at, now = worker.sent_at, time.monotonic()
+    sent_at, now = worker.sent_at, time.monotonic()  # the pool's state's clock too
     budget_cpu = cpu if outcome.keep and state.config.cpu_budget is not None else None
-    perform(state.settle(worker, outcome, budget_cpu))
+    effects = state.settle(worker, outcome, budget_cpu, now)
+    if effects:  # most calls' check-in has none (a hand-over, a recycle have)
+        perform(effects)
     error = outcome.error
     if error is not None and state.view().terminated:
         error = PoolClosed("the pool was terminated during the call")
     kind = None if error is None else error.kind
-    _record(state, call, worker.pid, sent_at - call.ready_at, now - sent_at, used, kind)
+    # ``_record``, without its call.
+    tenant, wait, run = call.domain.tenant, sent_at - call.ready_at, now - sent_at
+    state.accounting.record(tenant, kind, used, wait, run)
+    tracing.publish(tenant, worker.pid, wait, run, used, kind)
     if traces is not None and lines:
         deliver(traces, lines)
     if error is not None:
@@ -156,7 +163,7 @@ def _cpu_since_mark(worker: Worker) -> tuple[float | None, float]:
     None: unreadable), and the CPU seconds since its mark, which moves there (nothing is
     charged for an unreadable clock)."""
     process = worker.process
-    cpu = process.cpu_seconds()
+    cpu = process_cpu_seconds(worker.pid)  # ``process.cpu_seconds()``, a call less
     if cpu is None:
         cpu = process.cpu_at_exit
         if cpu is None:

@@ -268,14 +268,27 @@ def prepare(
     if not isinstance(filename, str):
         raise InvalidType(f"filename must be str, not {type(filename).__name__}")
     if style is not None:
-        if not isinstance(style, FormatStyle):
-            raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
-        if problem := style.problem():
-            raise InvalidArgument(f"style: {problem}")
+        _check_style(style)
     digest = "" if library is None else _library_digest(config, library)
-    domain = _domain(tenant)
-    ext_strings, ext_code = split_variables("ext", variables.ext_vars, variables.ext_codes)
-    tla_strings, tla_code = split_variables("tla", variables.tla_vars, variables.tla_codes)
+    if tenant is None:
+        domain = NO_TENANT
+    elif isinstance(tenant, str):
+        domain = Domain(tenant)
+    else:
+        raise InvalidType(f"tenant must be a str or None, not {type(tenant).__name__}")
+    ext_vars, tla_vars, ext_codes, tla_codes = variables
+    # Each kind split (``split_variables``) only if the call gives it: most give one kind.
+    ext_strings, ext_code = (
+        ({}, {})
+        if ext_vars is None and ext_codes is None
+        else split_variables("ext", ext_vars, ext_codes)
+    )
+    tla_strings, tla_code = (
+        ({}, {})
+        if tla_vars is None and tla_codes is None
+        else split_variables("tla", tla_vars, tla_codes)
+    )
+
     request = EvalRequest(
         id=request_id,
         snippet=snippet,
@@ -342,6 +355,14 @@ def _library_digest(config: PoolConfig, library: Library) -> str:
     return library.digest
 
 
+def _check_style(style: FormatStyle) -> None:
+    """A ``fmt`` call's formatter options, checked."""
+    if not isinstance(style, FormatStyle):
+        raise InvalidType(f"style must be a FormatStyle, not {type(style).__name__}")
+    if problem := style.problem():
+        raise InvalidArgument(f"style: {problem}")
+
+
 def _timeout(timeout: float) -> float:
     """A call's own timeout, checked."""
     if not isinstance(timeout, int | float) or isinstance(timeout, bool):
@@ -349,14 +370,6 @@ def _timeout(timeout: float) -> float:
     if not math.isfinite(timeout) or timeout <= 0:
         raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout}")
     return float(timeout)
-
-
-def _domain(tenant: str | None) -> Domain:
-    if tenant is None:
-        return NO_TENANT
-    if not isinstance(tenant, str):
-        raise InvalidType(f"tenant must be a str or None, not {type(tenant).__name__}")
-    return Domain(tenant)
 
 
 # -- with a worker: write, read -----------------------------------------------------------
@@ -404,7 +417,10 @@ def read_answer(worker: Worker) -> Outcome | None:
     if data is None:
         return None
     worker.connection.receive_data(data)
-    return _outcome(worker, worker.connection.next_event())
+    event = worker.connection.next_event()
+    if type(event) is Answer and not event.retire:  # most calls: ``_outcome``'s first case
+        return Outcome(answer=event, keep=True)
+    return _outcome(worker, event)
 
 
 # -- how a call ended ----------------------------------------------------------------------

@@ -61,10 +61,9 @@ def publish(
     """A call ended: its measurements (``CallInfo``'s fields, in its order) for
     ``last_call()`` and the caller's current span."""
     _last_call.set((tenant, worker_pid, queue_wait, run_time, worker_cpu, error))
-    otel_trace = sys.modules.get(OTEL_TRACE)
-    if otel_trace is None:  # not imported: no span to add to
+    if OTEL_TRACE not in sys.modules:  # not imported: no span to add to (a test, no call)
         return
-    span = otel_trace.get_current_span()
+    span = sys.modules[OTEL_TRACE].get_current_span()
     if not span.is_recording():
         return
     attributes: dict[str, str | int | float] = {
