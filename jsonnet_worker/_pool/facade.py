@@ -35,6 +35,7 @@ import atexit
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -46,7 +47,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict, Unpack
+from typing import Any, Literal, NoReturn, TypedDict, Unpack
 
 from .. import _output as output_modes
 from .._config import PoolConfig
@@ -134,7 +135,7 @@ class ThreadTicket(Ticket):
         return True
 
     def wait(self, timeout: float) -> bool:
-        return self._signal.acquire(timeout=max(timeout, 0.0))
+        return self._signal.acquire(timeout=timeout if timeout > 0.0 else 0.0)
 
 
 class AsyncTicket(Ticket):
@@ -216,9 +217,18 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._state: PoolState[Worker] = PoolState(config)
-        # CPU seconds into a call at which its worker is demoted (inf: never).
+        # A call's demotion and deadline (``_clock_for(sent_at, time_left)``), from when its
+        # request went out (``Worker.sent_at``: by its caller, or by the giver of a
+        # hand-over, which woke it after), with what is left of its timeout
+        # (``Call.time_left``: less the seconds encoding it took), on the pool's
+        # ``timeout_clock``; its worker is demoted at the interactive budget, CPU seconds
+        # into the call (inf: never). A partial: no call of ours on the call path.
         budget = config.interactive_budget
-        self._interactive_budget = math.inf if budget is None else budget
+        self._clock_for = functools.partial(
+            CallClock,
+            budget=math.inf if budget is None else budget,
+            clock=config.timeout_clock,
+        )
         self._demoter = Demoter()
         # _origin: where workers come from (forks of a template by default); tests and
         # benchmarks pass another through tests/seams.py.
@@ -757,40 +767,47 @@ class WorkerPool:
     # -- the blocking path ----------------------------------------------------------------
 
     def _call(self, call: Call) -> Answer:
-        self._check_fork()
+        if os.getpid() != self._pid:
+            self._refuse_forked()
         ticket = ThreadTicket(call, call.domain, call.timeout)
+        state = self._state
         try:
-            self._state.admit(ticket)
             try:
-                self._check_out(ticket)
+                # Admitted with a worker at once (taken, then vetted: the call was ready
+                # just now), else ``_check_out``.
+                took = state.admit(ticket, True, call.ready_at)
+                while took and not calls.ready_for_call(state, self._perform, ticket):
+                    took = state.take(ticket)
+                if not took:
+                    self._check_out(ticket)
                 outcome = self._exchange(ticket)
             except BaseException as exc:
-                calls.abandon(self._state, self._perform, ticket, exc)
+                if ticket.admitted:  # else refused at admission: nothing to abandon
+                    calls.abandon(state, self._perform, ticket, exc)
                 raise
-            return calls.settle(self._state, self._perform, ticket, outcome)
+            return calls.settle(state, self._perform, ticket, outcome)
         except Error as exc:
-            self._state.count_error(exc)
+            state.count_error(exc)
             raise
         finally:
-            self._state.leave(ticket)
+            state.leave(ticket)
 
     def _check_out(self, ticket: ThreadTicket) -> None:
-        """A worker for this call: one at once, else wait in FIFO (the worker then comes with
-        the request already written by whoever handed it over)."""
-        state = self._state
-        while state.take(ticket):
-            if calls.ready_for_call(state, self._perform, ticket):
-                return
+        """A worker for a call none could be taken for at once: one now after all, else
+        wait in FIFO (the worker then comes with the request already written by whoever
+        handed it over)."""
         ticket.arm()
-        self._perform(state.take_or_wait(ticket))
-        if ticket.queued:
-            self._wait(ticket)
+        effects = self._state.take_or_wait(ticket, ticket.call.ready_at)
+        if effects:
+            self._perform(effects)
+        if ticket.queued and not ticket.wait(self.config.queue_timeout):
+            self._waited_out(ticket)
         if ticket.error is not None:
             raise ticket.error
 
-    def _wait(self, ticket: ThreadTicket) -> None:
-        if ticket.wait(self.config.queue_timeout):
-            return
+    def _waited_out(self, ticket: ThreadTicket) -> None:
+        """The call waited ``queue_timeout`` in the queue: it gives up (``Overloaded``),
+        unless a worker was handed to it just now (its wake-up follows the write)."""
         if self._state.give_up(ticket):
             raise ticket.error or calls.queue_timed_out(self.config)
         if not ticket.wait(HANDOVER_GRACE):  # handed over just now: the wake-up follows
@@ -798,40 +815,35 @@ class WorkerPool:
 
     def _exchange(self, ticket: Ticket) -> Outcome:
         """Write the frame (after what a caller handing the worker over already wrote),
-        then read the answer until the deadline."""
+        then poll the worker's channels (writing the rest of the frame) until an outcome or
+        the deadline; each poll's timeout is the call's next look (``_look``: its demotion,
+        its deadline on the CPU clock), after the look due then, if any."""
         worker, call = ticket.worker, ticket.call
         pending = calls.start(ticket)
-        clock = self._clock_for(worker, call)
+        clock = self._clock_for(worker.sent_at, call.timeout - call.spent)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
-        # the worker, none in the caller").
-        outcome = self._poll_for_answer(worker, pending, clock)
-        if outcome is None:
-            return exchange.timed_out(call, clock.expired_clock, clock.clock)
-        return self._died(worker, call, clock.wall_deadline) if outcome is CLOSED else outcome
-
-    def _poll_for_answer(
-        self, worker: Worker, pending: memoryview | None, clock: CallClock
-    ) -> Outcome | None:
-        """Poll the worker's channels (writing the rest of the frame) until an outcome or
-        the deadline (None); the poll's timeout is the call's next look (``_look``: its
-        demotion, its deadline on the CPU clock), after the look due now, if any."""
+        # the worker, none in the caller"). Its first look is at the clock's start where
+        # this caller wrote the request just now; a hand-over's was written before the
+        # wake-up, which may have taken a while.
+        now = time.monotonic() if ticket.handed else clock.started
         process = worker.process
         poller = process.poller
         if pending is not None:
             poller.register(process.stdin, select.POLLOUT)
         try:
             while True:
-                now = time.monotonic()
                 if now >= clock.next_at and self._look(worker, clock, now) is Due.EXPIRED:
-                    return None
+                    return exchange.timed_out(call, clock.expired_clock, clock.clock)
                 wait_ms = (clock.next_at - now) * 1000.0 + 1
                 outcome, pending = exchange.poll_channels(worker, pending, wait_ms)
                 if outcome is not None:
-                    return outcome
+                    break
+                now = time.monotonic()
         finally:
             if pending is not None:
                 poller.unregister(process.stdin)
+        return self._died(worker, call, clock.wall_deadline) if outcome is CLOSED else outcome
 
     def _died(self, worker: Worker, call: Call, deadline: float) -> Outcome:
         """The response channel ended: wait for the exit, within the deadline."""
@@ -842,30 +854,34 @@ class WorkerPool:
     # -- the asyncio path (the same steps, the same names) -------------------------------
 
     async def _acall(self, call: Call) -> Answer:
-        self._check_fork()
+        if os.getpid() != self._pid:
+            self._refuse_forked()
         ticket = AsyncTicket(call, call.domain, call.timeout)
+        state = self._state
         try:
-            self._state.admit(ticket)
             try:
-                await self._acheck_out(ticket)
+                took = state.admit(ticket, True, call.ready_at)
+                while took and not calls.ready_for_call(state, self._perform, ticket):
+                    took = state.take(ticket)
+                if not took:
+                    await self._acheck_out(ticket)
                 outcome = await self._aexchange(ticket)
             except BaseException as exc:
-                calls.abandon(self._state, self._perform, ticket, exc)
+                if ticket.admitted:
+                    calls.abandon(state, self._perform, ticket, exc)
                 raise
-            return calls.settle(self._state, self._perform, ticket, outcome)
+            return calls.settle(state, self._perform, ticket, outcome)
         except Error as exc:
-            self._state.count_error(exc)
+            state.count_error(exc)
             raise
         finally:
-            self._state.leave(ticket)
+            state.leave(ticket)
 
     async def _acheck_out(self, ticket: AsyncTicket) -> None:
-        state = self._state
-        while state.take(ticket):
-            if calls.ready_for_call(state, self._perform, ticket):
-                return
         ticket.arm(asyncio.get_running_loop())
-        self._perform(state.take_or_wait(ticket))
+        effects = self._state.take_or_wait(ticket, ticket.call.ready_at)
+        if effects:
+            self._perform(effects)
         if ticket.queued:
             await self._await(ticket)
         if ticket.error is not None:
@@ -894,7 +910,7 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         process = worker.process
         pending: list[memoryview | None] = [calls.start(ticket)]
-        clock = self._clock_for(worker, call)
+        clock = self._clock_for(worker.sent_at, call.timeout - call.spent)
         deadline = clock.wall_deadline
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
@@ -971,18 +987,6 @@ class WorkerPool:
 
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
 
-    def _clock_for(self, worker: Worker, call: Call) -> CallClock:
-        """The call's demotion and deadline, from when its request went out (``sent_at``:
-        by this caller, or by the giver of a hand-over, which woke it after): the pool's
-        interactive budget and what is left of its timeout (``spent`` encoding it) on the
-        pool's ``timeout_clock``."""
-        return CallClock(
-            worker.sent_at,
-            call.time_left(),
-            self._interactive_budget,
-            self.config.timeout_clock,
-        )
-
     def _look(self, worker: Worker, clock: CallClock, now: float) -> Due:
         """A look at a running call (``deadlines``): one read of its worker's CPU clock
         (``cpu_mark`` is that clock at its previous call's end, or at its hello; None where
@@ -1055,18 +1059,23 @@ class WorkerPool:
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
-            logger.warning(
-                "fork detected: a WorkerPool of process %d was used in process %d",
-                self._pid,
-                os.getpid(),
-                extra={"parent_pid": self._pid},
-            )
-            raise ForkedPool(
-                f"this WorkerPool was created in process {self._pid} and cannot be used in "
-                f"its forked child {os.getpid()} (its workers belong to the parent): create "
-                "pools after the fork (gunicorn: in post_fork; Celery: on worker_process_init), "
-                "or use the module-level jsonnet_worker.evaluate, which starts afresh"
-            )
+            self._refuse_forked()
+
+    def _refuse_forked(self) -> NoReturn:
+        """The pool was used in a forked child (the call paths compare the pid themselves:
+        a call less on every call)."""
+        logger.warning(
+            "fork detected: a WorkerPool of process %d was used in process %d",
+            self._pid,
+            os.getpid(),
+            extra={"parent_pid": self._pid},
+        )
+        raise ForkedPool(
+            f"this WorkerPool was created in process {self._pid} and cannot be used in "
+            f"its forked child {os.getpid()} (its workers belong to the parent): create "
+            "pools after the fork (gunicorn: in post_fork; Celery: on worker_process_init), "
+            "or use the module-level jsonnet_worker.evaluate, which starts afresh"
+        )
 
     def _shutdown(self, grace: float) -> None:
         with self._executor_lock:
