@@ -23,8 +23,9 @@ cost the 4-caller light-mapper throughput several per cent). The samples are fol
 tallies, under ``Accounting``'s own lock (never the state's, and the two never nest), by
 ``snapshot`` and by the caller whose append finds ``FOLD_AT`` samples pending: so at most
 about ``FOLD_AT`` samples wait, and a fold's cost is spread over that many calls. A fold
-takes runs of one tenant's samples at once: sums, and bucket counts by ``bisect`` mapped
-over the run in C (measured: 0.42 µs a sample, against 0.76 µs added one by one).
+takes runs of one tenant's samples at once: sums, and bucket counts from the run sorted
+in C, a ``bisect`` per bucket it spans (measured: 0.42 µs a sample with a ``bisect`` per
+sample, against 0.76 µs added one by one; MEASURED_FOLD).
 ``snapshot`` folds, then copies under the lock and computes the percentiles outside it, so
 a scrape holds callers up for a copy only. The price: ``stats()`` reads the pool's counters
 and the tenants at two instants, so they may differ by the calls that ended in between.
@@ -81,8 +82,11 @@ _bucket = functools.partial(bisect.bisect_right, _LOWER_BOUNDS)
 _TENANT = operator.itemgetter(0)
 
 
-def _present(values: Sequence[float | None]) -> list[float]:
-    """``values`` without the Nones (a call that never reached a worker has no times)."""
+def _present(values: Sequence[float | None]) -> Sequence[float]:
+    """``values`` without the Nones (a call that never reached a worker has no times): most
+    batches have none, which one scan in C says."""
+    if None not in values:
+        return values  # type: ignore[return-value]  # no None in it, as just checked
     return [value for value in values if value is not None]
 
 
@@ -102,12 +106,24 @@ class LogHistogram:
         self.total += seconds
 
     def add_many(self, durations: Sequence[float]) -> None:
-        """``add`` each of ``durations``, counted per bucket in C."""
+        """``add`` each of ``durations``: sorted once (in C), a bucket's count is how many
+        fall below its upper bound less how many fell below its lower one (``bisect``),
+        over the buckets between the least and the greatest only (a batch of one
+        tenant's light calls spans a few)."""
+        if not durations:
+            return
+        ordered = sorted(durations)
+        last = _bucket(ordered[-1])
         counts = self.counts
-        for index, count in collections.Counter(map(_bucket, durations)).items():
-            counts[index] += count
+        below = 0  # how many fall below the bucket at hand
+        for index in range(_bucket(ordered[0]), last):
+            # ``_LOWER_BOUNDS[index]``: where the next bucket starts.
+            below_next = bisect.bisect_left(ordered, _LOWER_BOUNDS[index], below)
+            counts[index] += below_next - below
+            below = below_next
+        counts[last] += len(ordered) - below
         self.count += len(durations)
-        self.total = sum(durations, self.total)
+        self.total = sum(durations, self.total)  # in the order given: ``add``'s sum
 
     def absorb(self, other: LogHistogram) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]

@@ -9,8 +9,9 @@ Plan: both paths run the same steps with the same names, over one ``exchange.Out
 (httpx's ``Client``/``AsyncClient`` discipline), and differ only in how they wait; the
 steps they share are written once, in ``calls`` and ``exchange``: ``exchange.prepare``
 (check and encode),
-``admit``, ``_check_out``/``_acheck_out`` (a ``Ticket``: an idle worker of the caller's
-trust domain, or wait in FIFO), ``_exchange``/``_aexchange`` (write the frame, read the
+``admit`` (a ``Ticket``, admitted with an idle worker of the caller's trust domain if
+there is one, in one transition), else ``_check_out``/``_acheck_out`` (wait in FIFO),
+``_exchange``/``_aexchange`` (write the frame, read the
 answer through the worker's ``WorkerConnection`` until the deadline), ``calls.settle``
 (record, check in or discard). Any ``BaseException`` anywhere between check-out and settle
 (an interrupt, a cancellation) abandons the ticket: out of the queue, and a worker it holds
@@ -35,7 +36,6 @@ import atexit
 import concurrent.futures
 import dataclasses
 import errno
-import functools
 import itertools
 import logging
 import math
@@ -217,18 +217,14 @@ class WorkerPool:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
         self._state: PoolState[Worker] = PoolState(config)
-        # A call's demotion and deadline (``_clock_for(sent_at, time_left)``), from when its
-        # request went out (``Worker.sent_at``: by its caller, or by the giver of a
-        # hand-over, which woke it after), with what is left of its timeout
-        # (``Call.time_left``: less the seconds encoding it took), on the pool's
-        # ``timeout_clock``; its worker is demoted at the interactive budget, CPU seconds
-        # into the call (inf: never). A partial: no call of ours on the call path.
+        # A call's demotion and deadline (``CallClock``) run from when its request went out
+        # (``Worker.sent_at``: by its caller, or by the giver of a hand-over, which woke it
+        # after), with what is left of its timeout (``Call.time_left``: less the seconds
+        # encoding it took) on the pool's ``timeout_clock``; its worker is demoted at the
+        # interactive budget, CPU seconds into the call (inf: never).
         budget = config.interactive_budget
-        self._clock_for = functools.partial(
-            CallClock,
-            budget=math.inf if budget is None else budget,
-            clock=config.timeout_clock,
-        )
+        self._interactive_budget = math.inf if budget is None else budget
+        self._timeout_clock = config.timeout_clock
         self._demoter = Demoter()
         # _origin: where workers come from (forks of a template by default); tests and
         # benchmarks pass another through tests/seams.py.
@@ -820,7 +816,12 @@ class WorkerPool:
         its deadline on the CPU clock), after the look due then, if any."""
         worker, call = ticket.worker, ticket.call
         pending = calls.start(ticket)
-        clock = self._clock_for(worker.sent_at, call.timeout - call.spent)
+        clock = CallClock(
+            worker.sent_at,
+            call.timeout - call.spent,
+            self._interactive_budget,
+            self._timeout_clock,
+        )
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller"). Its first look is at the clock's start where
@@ -910,7 +911,12 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         process = worker.process
         pending: list[memoryview | None] = [calls.start(ticket)]
-        clock = self._clock_for(worker.sent_at, call.timeout - call.spent)
+        clock = CallClock(
+            worker.sent_at,
+            call.timeout - call.spent,
+            self._interactive_budget,
+            self._timeout_clock,
+        )
         deadline = clock.wall_deadline
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []

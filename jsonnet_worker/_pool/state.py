@@ -17,13 +17,17 @@ seen at rest and at check-out, whether it was demoted), the idle list, the waiti
 workers each domain holds, the start-up back-off and the counters. Workers are opaque here:
 anything with a ``pid``. Time comes from the ``clock`` given (a fake one in tests).
 
-The hot path (every call takes, settles and leaves; most calls that wait are handed a
-worker at check-in): how many workers serve, start, or were demoted is counted at each
-status change (``_move``), never scanned; a check-out and a check-in read the clock once
-each; a worker that goes idle to busy and back, or busy to busy by a hand-over, changes no
-count. Measured with fake workers (admit, take, settle, leave): 5.7 -> 4.4 µs a call
-uncontended, 6.4 -> 4.9 µs for calls that wait and are handed over (before issue 21: 2.9
-and 3.4).
+The hot path (every call is admitted, takes, settles and leaves; most calls that wait are
+handed a worker at check-in): how many workers serve, start, or were demoted is counted at
+each status change (``_move``), never scanned; a call is admitted and takes an idle worker
+in one transition (``admit(ticket, take=True)``); a transition reads the clock at most
+once, and not at all where its caller passes the reading it has just made (``now``: the
+call paths do); the budget and call-limit checks are comparisons against limits kept at
+construction, their reasons worded only for a worker that goes; a worker that goes idle to
+busy and back, or busy to busy by a hand-over, changes no count. Measured with fake
+workers (admit, take, settle, leave): 5.7 -> 4.4 µs a call uncontended, 6.4 -> 4.9 µs for
+calls that wait and are handed over (before issue 21: 2.9 and 3.4); then, with admission
+and take in one transition and the clock passed in, MEASURED_HERE.
 
 Trust domains: a worker that has served one tenant never serves another; calls without a
 tenant form a domain of their own. A check-out takes, in this order: an idle worker of the
