@@ -91,6 +91,12 @@ class Domain(NamedTuple):
 
 
 NO_TENANT = Domain(None)
+# The ``Domain`` of each tenant name seen lately, so that one tenant's calls share one (a
+# named tuple's construction costs three dict lookups); forgotten all at once past
+# ``DOMAINS_KEPT`` names, since callers may make names up. Equal by value: which one a call
+# gets never matters.
+DOMAINS_KEPT = 1024
+_domains: dict[str, Domain] = {}
 
 
 class Outcome(NamedTuple):
@@ -273,7 +279,7 @@ def prepare(
     if tenant is None:
         domain = NO_TENANT
     elif isinstance(tenant, str):
-        domain = Domain(tenant)
+        domain = _domains.get(tenant) or _domain_of(tenant)
     else:
         raise InvalidType(f"tenant must be a str or None, not {type(tenant).__name__}")
     ext_vars, tla_vars, ext_codes, tla_codes = variables
@@ -355,6 +361,14 @@ def _library_digest(config: PoolConfig, library: Library) -> str:
     return library.digest
 
 
+def _domain_of(tenant: str) -> Domain:
+    """A new tenant name's ``Domain``, kept (``_domains``)."""
+    if len(_domains) >= DOMAINS_KEPT:
+        _domains.clear()
+    domain = _domains[tenant] = Domain(tenant)
+    return domain
+
+
 def _check_style(style: FormatStyle) -> None:
     """A ``fmt`` call's formatter options, checked."""
     if not isinstance(style, FormatStyle):
@@ -419,7 +433,7 @@ def read_answer(worker: Worker) -> Outcome | None:
     worker.connection.receive_data(data)
     event = worker.connection.next_event()
     if type(event) is Answer and not event.retire:  # most calls: ``_outcome``'s first case
-        return Outcome(answer=event, keep=True)
+        return Outcome(event, None, True)  # answer, no error, kept (positional: quicker)
     return _outcome(worker, event)
 
 
