@@ -294,7 +294,6 @@ def prepare(
         if tla_vars is None and tla_codes is None
         else split_variables("tla", tla_vars, tla_codes)
     )
-
     request = EvalRequest(
         id=request_id,
         snippet=snippet,

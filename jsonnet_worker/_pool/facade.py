@@ -970,7 +970,7 @@ class WorkerPool:
         settle: Callable[[Outcome], None],
         call: Call,
     ) -> None:
-        """``_aexchange``'s one timer, as ``_poll_for_answer`` has one poll timeout: at the
+        """``_aexchange``'s one timer, as ``_exchange``'s poll has one timeout: at the
         call's next look (``_look``), then armed again, until its deadline settles it as
         timed out. Cancelled with ``timers``."""
         delay = max(clock.next_at - time.monotonic(), 0.0)
