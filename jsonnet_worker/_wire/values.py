@@ -17,7 +17,7 @@ mutable one). Its ``__init__`` is generated as dataclasses generate theirs (one 
 function per class: a message is built on every call), setting each field with
 ``object.__setattr__`` when frozen, but compiled when the class's first value is built, not
 at import: a process pays only for the classes it builds (a one-shot worker, about a third of
-them; the compiling is a tenth of a worker's imports), and a fork server compiles them all
+them; compiling all 31 was an eighth of a worker's imports), and a fork server compiles them all
 once (``compile_pending``) so that its forks inherit them; ``__eq__`` compares two values
 of the same class field by field (their fields as one tuple, read by
 ``operator.attrgetter``), ``__hash__`` (frozen only) hashes that tuple, ``__repr__`` reads as
