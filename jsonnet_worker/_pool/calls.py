@@ -57,6 +57,16 @@ def queue_timed_out(config: PoolConfig) -> Overloaded:
 # -- with a worker: vet it, start the exchange ------------------------------------------
 
 
+def admit(state: PoolState[Worker], perform: Perform, ticket: Ticket) -> bool:
+    """Admit the call (the state raises a refusal), with an idle worker of its domain taken
+    in the same transition if there is one, then vetted (``ready_for_call``; another taken
+    for one discarded). False: none was there; the caller checks out (waits in turn)."""
+    took = state.admit(ticket, True, ticket.call.ready_at)
+    while took and not ready_for_call(state, perform, ticket):
+        took = state.take(ticket)
+    return took
+
+
 def ready_for_call(state: PoolState[Worker], perform: Perform, ticket: Ticket) -> bool:
     """A worker just taken from the idle list: what it printed before its first call (its
     start-up's) is dropped; one that wrote to its stderr after a call (every line a call

@@ -9,8 +9,8 @@ Plan: both paths run the same steps with the same names, over one ``exchange.Out
 (httpx's ``Client``/``AsyncClient`` discipline), and differ only in how they wait; the
 steps they share are written once, in ``calls`` and ``exchange``: ``exchange.prepare``
 (check and encode),
-``admit`` (a ``Ticket``, admitted with an idle worker of the caller's trust domain if
-there is one, in one transition), else ``_check_out``/``_acheck_out`` (wait in FIFO),
+``calls.admit`` (a ``Ticket``, admitted with an idle worker of the caller's trust domain
+if there is one, in one transition), else ``_check_out``/``_acheck_out`` (wait in FIFO),
 ``_exchange``/``_aexchange`` (write the frame, read the
 answer through the worker's ``WorkerConnection`` until the deadline), ``calls.settle``
 (record, check in or discard). Any ``BaseException`` anywhere between check-out and settle
@@ -769,12 +769,7 @@ class WorkerPool:
         state = self._state
         try:
             try:
-                # Admitted with a worker at once (taken, then vetted: the call was ready
-                # just now), else ``_check_out``.
-                took = state.admit(ticket, True, call.ready_at)
-                while took and not calls.ready_for_call(state, self._perform, ticket):
-                    took = state.take(ticket)
-                if not took:
+                if not calls.admit(state, self._perform, ticket):
                     self._check_out(ticket)
                 outcome = self._exchange(ticket)
             except BaseException as exc:
@@ -816,12 +811,7 @@ class WorkerPool:
         its deadline on the CPU clock), after the look due then, if any."""
         worker, call = ticket.worker, ticket.call
         pending = calls.start(ticket)
-        clock = CallClock(
-            worker.sent_at,
-            call.timeout - call.spent,
-            self._interactive_budget,
-            self._timeout_clock,
-        )
+        clock = self._clock_for(worker, call)
         # The caller blocks in poll rather than spin for the answer: on 2 CPUs a spin took
         # the core go-jsonnet's collector needed (docs/DESIGN.md, "A short spin in
         # the worker, none in the caller"). Its first look is at the clock's start where
@@ -861,10 +851,7 @@ class WorkerPool:
         state = self._state
         try:
             try:
-                took = state.admit(ticket, True, call.ready_at)
-                while took and not calls.ready_for_call(state, self._perform, ticket):
-                    took = state.take(ticket)
-                if not took:
+                if not calls.admit(state, self._perform, ticket):
                     await self._acheck_out(ticket)
                 outcome = await self._aexchange(ticket)
             except BaseException as exc:
@@ -911,12 +898,7 @@ class WorkerPool:
         worker, call = ticket.worker, ticket.call
         process = worker.process
         pending: list[memoryview | None] = [calls.start(ticket)]
-        clock = CallClock(
-            worker.sent_at,
-            call.timeout - call.spent,
-            self._interactive_budget,
-            self._timeout_clock,
-        )
+        clock = self._clock_for(worker, call)
         deadline = clock.wall_deadline
         done: asyncio.Future[Outcome] = loop.create_future()
         timers: list[asyncio.TimerHandle] = []
@@ -992,6 +974,13 @@ class WorkerPool:
             self._arm(loop, timers, worker, clock, settle, call)
 
     # -- shared by both paths (the steps themselves are in ``calls``) ---------------------
+
+    def _clock_for(self, worker: Worker, call: Call) -> CallClock:
+        """The call's demotion and deadline, from when its request went out
+        (``Worker.sent_at``), with what is left of its timeout after encoding."""
+        return CallClock(
+            worker.sent_at, call.time_left(), self._interactive_budget, self._timeout_clock
+        )
 
     def _look(self, worker: Worker, clock: CallClock, now: float) -> Due:
         """A look at a running call (``deadlines``): one read of its worker's CPU clock
