@@ -12,6 +12,7 @@ Use one view at a time: each request's answer must be read before the next reque
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import time
@@ -98,6 +99,14 @@ class RawWorker:
                 if data is not None:
                     return data
 
+    def _last_words(self) -> str:
+        """What the worker printed and how it ended, for a failure's message."""
+        with contextlib.suppress(OSError):
+            while self.process.stderr_open and self.process.drain_stderr():
+                pass
+        ended = self.process.returncode
+        return f"; the worker's exit status: {ended}; its stderr: {self.process.stderr.text()!r}"
+
     def receive(self, timeout: float = 20.0) -> Result | Failure | None:
         """The worker's next answer frame, whatever came before it (any id, several in a row,
         an error with no id), parsed by the one parser of answers; None at EOF."""
@@ -130,4 +139,4 @@ class RawWorker:
             return Result(event.request_id, event.json_text, event.retire).to_message()
         if isinstance(event, Failure):
             return event.to_message()
-        raise AssertionError(f"the worker's answer was refused: {event}")
+        raise AssertionError(f"the worker's answer was refused: {event}{self._last_words()}")

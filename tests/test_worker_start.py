@@ -165,3 +165,29 @@ def test_a_worker_imports_nothing_of_the_fork_server() -> None:
     assert "jsonnet_worker._worker.startup" in imported  # the report is there at all
     assert "jsonnet_worker._worker.forkserver" not in imported
     assert "jsonnet_worker._wire.control" not in imported
+
+
+def test_the_binding_path_waits_for_the_go_runtime_before_the_engine_exists() -> None:
+    """go-jsonnet's extension starts the Go runtime on a thread of its own and dlopen returns
+    before it is ready. The C API path waits for it (its probe VM); the binding path enters
+    the engine once while the Engine is built, so nothing after ``load_engine`` (the memory
+    headroom's bisection maps most of the limit) runs beside a runtime still mapping its heap:
+    before, a binding worker sometimes died just after its hello, "fatal error: out of
+    memory allocating heap arena map" (3 of ~70 runs of ``test_libraries``' go-binding
+    cases here, and once in CI)."""
+    import types
+
+    calls: list[tuple[str, str]] = []
+    binding = types.ModuleType("_gojsonnet")
+
+    def evaluate_snippet(filename: str, snippet: str, **_: object) -> str:
+        calls.append((filename, snippet))
+        return "null\n"
+
+    binding.evaluate_snippet = evaluate_snippet  # type: ignore[attr-defined]
+    engine = engines.Engine(EngineKind.GO, binding, prefer_capi=False)
+    assert engine.api.startswith("binding")
+    assert calls == [("<start>", "null")]
+    calls.clear()
+    engines.Engine(EngineKind.CPP, binding)  # no Go runtime: nothing to wait for
+    assert calls == []

@@ -314,6 +314,15 @@ class Engine:
                 self.api = "capi"
             except capi.CapiUnavailable as exc:
                 self.api = f"binding: {exc}"
+        if kind is EngineKind.GO and self._capi is None:
+            # go-jsonnet's extension starts the Go runtime on a thread of its own when it is
+            # loaded, and dlopen returns before the runtime is ready; the C API path waits
+            # for it in CapiEngine (its probe VM), the binding only at its first evaluation.
+            # Until then the runtime maps its heap while the loop measures the memory headroom
+            # (``loop.MemoryHeadroom`` maps most of what the limit leaves), and the runtime
+            # can find no room: "fatal error: out of memory allocating heap arena map", a
+            # worker dead after its hello (3 of ~70 test runs here). One evaluation waits for it.
+            self._module_evaluate("<start>", "null")
 
     def keep(self, library: LibrarySet) -> None:
         """Hold ``library`` for the requests that name it; ``replace`` drops the others (and
