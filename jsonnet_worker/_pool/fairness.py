@@ -53,6 +53,7 @@ NEGLIGIBLE_CPU = 1e-3
 MAX_REMEMBERED = 4096
 
 D = TypeVar("D", bound=Hashable)
+_ABSENT = object()  # ``remove``'s default: a ticket's value is None
 
 
 class _Queued(Protocol):
@@ -67,7 +68,11 @@ class FairQueue(Generic[D, T]):
     """Waiting tickets by domain, and each domain's recent worker CPU. See the module doc."""
 
     def __init__(self, now: float = 0.0) -> None:
-        self._queues: dict[D, collections.deque[T]] = {}  # the ring: only domains with waiters
+        # The ring: only domains with waiters, each a FIFO of its tickets. An OrderedDict,
+        # not a deque: a ticket leaves from anywhere (a queue timeout, a cancellation) in
+        # O(1); deque.remove scans the FIFO for a ticket no longer in it (a refused call, a
+        # timed-out one), and a flood made that quadratic.
+        self._queues: dict[D, collections.OrderedDict[T, None]] = {}
         self._usage: dict[D, float] = {}  # decayed CPU seconds, as of ``_decayed_at``
         self._decayed_at = now
         # How many tickets wait: ``len()``, and a plain attribute for ``PoolState``'s hot
@@ -121,10 +126,10 @@ class FairQueue(Generic[D, T]):
             if domain not in self._usage and self._queues:
                 # A new flow starts at the current virtual time, not at zero.
                 self._usage[domain] = min(self._usage.get(d, 0.0) for d in self._queues)
-            queue = self._queues[domain] = collections.deque()
+            queue = self._queues[domain] = collections.OrderedDict()
         elif len(queue) >= limit:
             return False
-        queue.append(ticket)
+        queue[ticket] = None
         self.length += 1
         return True
 
@@ -134,9 +139,7 @@ class FairQueue(Generic[D, T]):
         queue = self._queues.get(ticket.domain)
         if queue is None:
             return False
-        try:
-            queue.remove(ticket)
-        except ValueError:
+        if queue.pop(ticket, _ABSENT) is _ABSENT:
             return False
         self.length -= 1
         if not queue:
@@ -144,12 +147,12 @@ class FairQueue(Generic[D, T]):
         return True
 
     def peek(self, domain: D) -> T:
-        return self._queues[domain][0]
+        return next(iter(self._queues[domain]))
 
     def pop(self, domain: D) -> T:
         """The first ticket of ``domain``, which then goes to the back of the ring."""
         queue = self._queues.pop(domain)
-        ticket = queue.popleft()
+        ticket = queue.popitem(last=False)[0]
         self.length -= 1
         if queue:
             self._queues[domain] = queue  # re-inserted: the back of the ring
@@ -158,7 +161,7 @@ class FairQueue(Generic[D, T]):
     def pop_newest(self, domain: D) -> T:
         """The last ticket of ``domain`` (pushed out of a full queue)."""
         queue = self._queues[domain]
-        ticket = queue.pop()
+        ticket = queue.popitem()[0]
         self.length -= 1
         if not queue:
             del self._queues[domain]

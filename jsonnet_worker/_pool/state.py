@@ -495,7 +495,10 @@ class PoolState(Generic[W]):
         nobody will read the answer) discarded."""
         with self._lock:
             if ticket.worker is None:
-                self.queue.remove(ticket)
+                # Only a ticket that was queued can be there: a refused one (its domain's
+                # queue full, in a flood a thousand a second) need not be looked for.
+                if ticket.queued:
+                    self.queue.remove(ticket)
                 return []
         return self.discard(ticket.worker, "its caller gave up during the call", logging.INFO)
 
