@@ -1,7 +1,7 @@
 """Tenants in time (issue 21, item 7): a victim tenant's light-mapper latency, alone and
 beside floods from another tenant on the same pool, and one tenant's throughput.
 
-    python -m benchmarks.bench_tenants [--quick]
+    python -m benchmarks.bench_tenants [--quick] [--baseline TREE]
 
 Each scenario has a fresh ``WorkerPool()`` with the defaults (``timeout=1.0``, a worker per
 CPU, a spare), except what the scenario names, shared by two tenants. Tenant "victim": one
@@ -15,6 +15,14 @@ Targets, as ratios within one run (issue 21): under every flood the victim's p99
 its p99 alone and its p50 at most 1.5x, no victim error, the noisy tenant still served; one
 tenant's throughput no worse than before issue 21.
 
+One tenant's throughput is 4 callers' light-mapper calls/s on a default pool, in rounds
+interleaved with in-process ``_gojsonnet``. ``--baseline TREE`` (a checkout of this package,
+such as the code before issue 21: ``git worktree add ../before-21 eebf9c8``) adds the fair
+comparison: the same 4-caller rate through
+that tree's pool and this one's, each round a fresh process of each in turn, and the median
+of the rounds' ratios. Without it the target compares this run's ratio with a figure of
+another run (``BEFORE_ISSUE_21_RATIO``), which one slow run is enough to miss.
+
 ``benchmarks/run.py`` runs this as its "Tenants in time" section (``run(report, quick)``).
 Every loop here is bounded in calls and in seconds and stops by itself.
 """
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -34,12 +43,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import _gojsonnet
 
 from benchmarks import workloads
 from benchmarks.bench_latency import percentile as pct
+from benchmarks.closed_loop import bounded_rate
 from benchmarks.workloads import Workload
 from jsonnet_worker import Error, WorkerPool
 
@@ -70,6 +81,12 @@ TARGET_P50, TARGET_P99 = 1.5, 3.0
 # change means much).
 BEFORE_ISSUE_21_RATIO = 1.08
 SERVED_NOT = {"Overloaded", "PoolClosed", "WorkerStartError", "CancelledError"}
+# Against a baseline tree in the same run, "no worse" means at least this ratio: the rounds'
+# ratios of two runs of the same code vary by about 3% here.
+BASELINE_NO_WORSE = 0.95
+BASELINE_SECONDS = 2.0  # each round's rate, per tree (0.5 s with --quick)
+# Where this package is imported from: a tree's root, as ``--baseline`` names one.
+HERE = Path(__file__).resolve().parent.parent
 
 
 class ReportLike(Protocol):
@@ -341,28 +358,6 @@ def measure(scenario: Scenario, light: Workload, settings: Settings) -> Measured
     return Measured(scenario, recorded, closed - flooded, noisy, left)
 
 
-def bounded_rate(call: Callable[[], object], callers: int, seconds: float) -> float:
-    """Calls/s with ``callers`` threads in a closed loop, for ``seconds`` (and at most
-    ``FLOOD_CALLS_MAX`` calls per thread)."""
-    stop = time.monotonic() + seconds
-    counts = [0] * callers
-
-    def loop(index: int) -> None:
-        for _ in range(FLOOD_CALLS_MAX):
-            if time.monotonic() >= stop:
-                return
-            call()
-            counts[index] += 1
-
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(seconds + JOIN_TIMEOUT)
-    return sum(counts) / (time.monotonic() - started)
-
-
 def single_tenant_rate(light: Workload, settings: Settings) -> tuple[float, float, float]:
     """One tenant's light-mapper calls/s through a default pool (4 callers) and in-process
     single-thread ``_gojsonnet``, interleaved in short rounds: the median rate of each, and
@@ -386,10 +381,50 @@ def single_tenant_rate(light: Workload, settings: Settings) -> tuple[float, floa
             call()
             in_process()
         for _ in range(settings.rate_rounds):
-            pooled.append(bounded_rate(call, 4, settings.rate_seconds))
-            floor.append(bounded_rate(in_process, 1, settings.rate_seconds))
+            pooled.append(
+                bounded_rate(call, 4, settings.rate_seconds, FLOOD_CALLS_MAX, JOIN_TIMEOUT)
+            )
+            floor.append(
+                bounded_rate(in_process, 1, settings.rate_seconds, FLOOD_CALLS_MAX, JOIN_TIMEOUT)
+            )
     ratios = [a / b for a, b in zip(pooled, floor, strict=True)]
     return statistics.median(pooled), statistics.median(floor), statistics.median(ratios)
+
+
+def tree_rate(tree: Path, light: Workload, seconds: float) -> float:
+    """One round of 4 callers' light-mapper calls/s through a default pool of ``tree``'s
+    package, in a fresh process (it must import the package from there)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    arguments = [light.snippet, light.ext_codes, light.filename, 4, seconds]
+    done = subprocess.run(
+        [sys.executable, str(HERE / "benchmarks" / "closed_loop.py"), json.dumps(arguments)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    )
+    path, rate = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(path).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the rate of {tree} was measured on {path}")
+    return float(rate)
+
+
+def against_baseline(
+    baseline: Path, light: Workload, settings: Settings, quick: bool
+) -> tuple[float, float, float]:
+    """This tree's and ``baseline``'s one-tenant rates, interleaved round by round (the
+    order alternating): the median rate of each and the median of the rounds' ratios."""
+    seconds = 0.5 if quick else BASELINE_SECONDS
+    here: list[float] = []
+    there: list[float] = []
+    for round_number in range(settings.rate_rounds):
+        trees = [(HERE, here), (baseline, there)]
+        for tree, rates in trees if round_number % 2 == 0 else trees[::-1]:
+            rates.append(tree_rate(tree, light, seconds))
+    ratios = [a / b for a, b in zip(here, there, strict=True)]
+    return statistics.median(here), statistics.median(there), statistics.median(ratios)
 
 
 def ms(seconds: float) -> str:
@@ -416,7 +451,7 @@ def quiet_pool_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run(report: ReportLike, quick: bool) -> list[str]:
+def run(report: ReportLike, quick: bool, baseline: Path | None = None) -> list[str]:
     """Measure every scenario and one tenant's throughput; add the tables and the notes to
     ``report``. Returns what was left running after a scenario's pool was closed (nothing)."""
     settings = Settings.of(quick)
@@ -427,6 +462,7 @@ def run(report: ReportLike, quick: bool) -> list[str]:
     with quiet_pool_logs():
         results = [measure(s, light, settings) for s in scenarios(heavy)]
         pool_rate, floor_rate, ratio = single_tenant_rate(light, settings)
+        compared = None if baseline is None else against_baseline(baseline, light, settings, quick)
     alone = results[0].latencies()
     p50_alone, p99_alone = pct(alone, 0.5), pct(alone, 0.99)
     rows = [row(results[0], p50_alone, p99_alone)[0]]
@@ -453,20 +489,27 @@ def run(report: ReportLike, quick: bool) -> list[str]:
         ],
         rows,
     )
+    throughput_rows = [
+        ["in-process _gojsonnet", "1", f"{floor_rate:.0f}", "1.00", ""],
+        [
+            "WorkerPool() default, tenant 'solo'",
+            "4",
+            f"{pool_rate:.0f}",
+            f"{ratio:.2f}",
+            f"{BEFORE_ISSUE_21_RATIO:.2f}",
+        ],
+    ]
+    if compared is not None:
+        rate_here, rate_there, _ = compared
+        throughput_rows += [
+            [f"the same in a fresh process, this tree ({HERE.name})", "4", f"{rate_here:.0f}"],
+            [f"the same in a fresh process, baseline {baseline}", "4", f"{rate_there:.0f}"],
+        ]
     report.table(
         "Tenants in time: one tenant's light-mapper throughput",
         ["contender", "callers", "calls/s", "vs in-process 1 thread", "before issue 21"],
         # calls/s: medians of the rounds; the ratio: the median of the rounds' ratios
-        [
-            ["in-process _gojsonnet", "1", f"{floor_rate:.0f}", "1.00", ""],
-            [
-                "WorkerPool() default, tenant 'solo'",
-                "4",
-                f"{pool_rate:.0f}",
-                f"{ratio:.2f}",
-                f"{BEFORE_ISSUE_21_RATIO:.2f}",
-            ],
-        ],
+        [row + [""] * (5 - len(row)) for row in throughput_rows],
     )
     floods = len(results) - 1
 
@@ -482,11 +525,7 @@ def run(report: ReportLike, quick: bool) -> list[str]:
         note(f"victim p99 ≤ {TARGET_P99:g}x its p99 alone ({ms(p99_alone)} ms)", "p99"),
         note("0 victim errors", "errors"),
         note("the noisy tenant still served (success or its own error)", "served"),
-        f"tenants in time, one tenant's throughput no worse than before issue 21: "
-        f"{verdict(ratio >= 0.9 * BEFORE_ISSUE_21_RATIO)} ({pool_rate:.0f} calls/s, "
-        f"{ratio:.2f}x in-process single-thread in this run (median of {settings.rate_rounds} "
-        f"rounds' ratios); before issue 21: {BEFORE_ISSUE_21_RATIO:.2f}x, measured in another "
-        f"run, so met means at least 0.9x of it, and only a large change means much)",
+        throughput_note(pool_rate, ratio, settings, baseline, compared),
         f"tenants in time: victim every {VICTIM_PERIOD * 1e3:g} ms, at most "
         f"{settings.victim_calls} calls and {settings.window:g} s per scenario, the flood "
         f"started {settings.warmup:g} s before; a fresh WorkerPool() per scenario; victim p50 "
@@ -499,6 +538,33 @@ def run(report: ReportLike, quick: bool) -> list[str]:
     if left:
         report.notes.append("tenants in time: LEFT RUNNING after close: " + "; ".join(left))
     return left
+
+
+def throughput_note(
+    pool_rate: float,
+    ratio: float,
+    settings: Settings,
+    baseline: Path | None,
+    compared: tuple[float, float, float] | None,
+) -> str:
+    """The throughput target's line: against ``baseline`` in this run where one was given,
+    else against another run's figure."""
+    target = "tenants in time, one tenant's throughput no worse than before issue 21"
+    if baseline is not None and compared is not None:
+        rate_here, rate_there, against = compared
+        return (
+            f"{target}: {verdict(against >= BASELINE_NO_WORSE)} ({against:.2f}x baseline "
+            f"{baseline} in this run, the median of {settings.rate_rounds} interleaved rounds' "
+            f"ratios, {rate_here:.0f} against {rate_there:.0f} calls/s; met means at least "
+            f"{BASELINE_NO_WORSE:g}x)"
+        )
+    return (
+        f"{target}: {verdict(ratio >= 0.9 * BEFORE_ISSUE_21_RATIO)} ({pool_rate:.0f} calls/s, "
+        f"{ratio:.2f}x in-process single-thread in this run (median of {settings.rate_rounds} "
+        f"rounds' ratios); before issue 21: {BEFORE_ISSUE_21_RATIO:.2f}x, measured in another "
+        f"run, so met means at least 0.9x of it, and only a large change means much; "
+        f"--baseline TREE compares in one run)"
+    )
 
 
 def row(result: Measured, p50_alone: float, p99_alone: float) -> tuple[list[str], dict[str, bool]]:
@@ -537,13 +603,19 @@ def _timed(call: Callable[[], object]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter windows: a smoke run")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of this package (the code before issue 21) whose one-tenant "
+        "throughput is measured in this run too",
+    )
     args = parser.parse_args()
     from benchmarks.run import Report, machine  # run.py imports this module
 
     print(machine())
     report = Report()
     started = time.monotonic()
-    left = run(report, args.quick)
+    left = run(report, args.quick, args.baseline)
     print("\n" + "\n".join(report.notes))
     print(f"\n({time.monotonic() - started:.0f} s)")
     sys.exit(1 if left else 0)

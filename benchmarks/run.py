@@ -18,7 +18,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,14 @@ from pathlib import Path
 
 import _gojsonnet
 
-from benchmarks import bench_bounds, bench_cli, bench_libraries, bench_tenants, workloads
+from benchmarks import (
+    bench_bounds,
+    bench_cli,
+    bench_libraries,
+    bench_tenants,
+    closed_loop,
+    workloads,
+)
 from benchmarks.bench_latency import percentile as pct
 from benchmarks.bench_latency import time_calls as samples
 from benchmarks.contenders import Contender, InProcess, PebblePool, Pool, ProcessPool
@@ -92,21 +98,7 @@ def interleaved(
 
 def throughput(call: Callable[[], object], callers: int, seconds: float) -> float:
     """Calls per second with ``callers`` threads calling in a closed loop."""
-    stop = time.monotonic() + seconds
-    counts = [0] * callers
-
-    def loop(index: int) -> None:
-        while time.monotonic() < stop:
-            call()
-            counts[index] += 1
-
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.monotonic() - started)
+    return closed_loop.bounded_rate(call, callers, seconds)
 
 
 def rss_kib(pid: int, field_name: str) -> int:
@@ -533,6 +525,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of this package (the code before issue 21): one tenant's throughput "
+        "is compared with it in this run (bench_tenants --baseline)",
+    )
     args = parser.parse_args()
     report = Report()
     print(machine())
@@ -544,7 +542,7 @@ def main() -> None:
     report.notes.append(floor)
     scaling(report, args.quick)
     lifecycle(report, args.quick)
-    bench_tenants.run(report, args.quick)  # issue 21: a victim tenant beside floods
+    bench_tenants.run(report, args.quick, args.baseline)  # issue 21: a victim tenant beside floods
     bench_cli.run(report, args.quick)  # issue 23: the command line's eval, one process each
     bench_libraries.run(report, args.quick)  # issue 24: imports from memory, warm and first
     service, per_round = service_ratio(args.quick, not args.no_write)
