@@ -18,12 +18,13 @@ tenant's throughput no worse than before issue 21.
 One tenant's throughput is 4 callers' light-mapper calls/s on a default pool, in rounds
 interleaved with in-process ``_gojsonnet``. ``--baseline TREE`` (a checkout of this package,
 such as the code before issue 21: ``git worktree add ../before-21 eebf9c8``) adds the fair
-comparison: the same 4-caller rate through
-that tree's pool and this one's, each round a fresh process of each in turn, and the median
-of the rounds' ratios. Without it the target compares this run's ratio with a figure of
-another run (``BEFORE_ISSUE_21_RATIO``), which one slow run is enough to miss.
+comparison: the same 4-caller rate through that tree's pool and this one's, each round a
+fresh process of each in turn, and the median of the rounds' ratios. Without it the target
+compares this run's ratio with a figure of another run (``BEFORE_ISSUE_21_RATIO``), which
+one slow run is enough to miss.
 
-``benchmarks/run.py`` runs this as its "Tenants in time" section (``run(report, quick)``).
+``benchmarks/run.py`` runs this as its "Tenants in time" section (``run(report, quick,
+baseline)``, its own ``--baseline`` passed on).
 Every loop here is bounded in calls and in seconds and stops by itself.
 """
 

@@ -100,10 +100,11 @@ class RawWorker:
                     return data
 
     def _last_words(self) -> str:
-        """What the worker printed and how it ended, for a failure's message."""
-        with contextlib.suppress(OSError):
-            while self.process.stderr_open and self.process.drain_stderr():
-                pass
+        """What the worker printed and how it ended (None: not yet), for a failure's message:
+        its stderr read as far as it holds now (``drain_stderr`` reads to EAGAIN or EOF)."""
+        if self.process.stderr_open:
+            with contextlib.suppress(OSError):
+                self.process.drain_stderr()
         ended = self.process.returncode
         return f"; the worker's exit status: {ended}; its stderr: {self.process.stderr.text()!r}"
 

@@ -191,3 +191,10 @@ def test_the_binding_path_waits_for_the_go_runtime_before_the_engine_exists() ->
     calls.clear()
     engines.Engine(EngineKind.CPP, binding)  # no Go runtime: nothing to wait for
     assert calls == []
+
+    def broken(filename: str, snippet: str, **_: object) -> str:
+        raise RuntimeError("no runtime")
+
+    binding.evaluate_snippet = broken  # type: ignore[attr-defined]
+    with pytest.raises(engines.EngineLoadError, match="cannot evaluate 'null': no runtime"):
+        engines.Engine(EngineKind.GO, binding, prefer_capi=False)  # a start-up failure

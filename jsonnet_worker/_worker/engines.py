@@ -322,7 +322,10 @@ class Engine:
             # (``loop.MemoryHeadroom`` maps most of what the limit leaves), and the runtime
             # can find no room: "fatal error: out of memory allocating heap arena map", a
             # worker dead after its hello (3 of ~70 test runs here). One evaluation waits for it.
-            self._module_evaluate("<start>", "null")
+            try:
+                self._module_evaluate("<start>", "null")
+            except Exception as exc:  # then no call could be served: fail at start, say why
+                raise EngineLoadError(f"the engine cannot evaluate 'null': {exc}") from exc
 
     def keep(self, library: LibrarySet) -> None:
         """Hold ``library`` for the requests that name it; ``replace`` drops the others (and
