@@ -20,6 +20,14 @@ own process once the workers and wrk are paid, against what /livez alone takes t
 the cap the service's process puts on its rate: its CPU is its event loop's (the supervisor
 thread idles under load), and the loop is one thread.
 
+Tenants in time, through the service: a victim tenant's GitHub mapper every 10 ms (one
+keep-alive connection, at most 300 calls and 10 s), alone and while wrk floods the same
+service as another tenant: 16 connections of looping snippets on ``/v1/evaluate`` (each runs
+to the pool's timeout), 16 connections of the light mapper as fast as they are answered,
+and the same from two tenants in turn; each on a fresh service.
+The victim's p50 and p99, as ratios to its own alone in the same run (issue 21's aims: 1.5x
+and 3x), and its answers, which must all be 200.
+
 Correctness: the bounded httpx load of ``tests/test_service_load.py`` (one request in 25
 hostile: endless loops cut at 0.2 s, errors, refused imports, oversized output, bad and
 oversized bodies) must come back with every answer right. httpx in Python needs several times
@@ -31,6 +39,7 @@ Writes its own section of ``benchmarks/RESULTS.md`` and leaves the rest of the f
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -53,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.closed_loop import paced
 from jsonnet_worker._pool.processes import process_cpu_seconds
 from servicekit import (
     GITHUB_CLAIMS,
@@ -76,6 +86,16 @@ SERVICE = "jsonnet-worker serve (2 workers)"
 UNSAFE_LOOP = "unsafe Starlette app, on the event loop"
 UNSAFE_POOL = "unsafe Starlette app, in the thread pool"
 LIVEZ = "jsonnet-worker serve: GET /livez (no evaluation, no pool)"
+# Tenants in time through the service (issue 21): the victim's calls and period, the floods.
+VICTIM_CALLS, VICTIM_PERIOD, VICTIM_WINDOW = 300, 0.01, 10.0
+FLOOD_WARMUP = 1.0  # the flood runs this long before the victim's first call
+FLOOD_CONNECTIONS = 16
+# CPU only, a flat heap: it runs to the pool's timeout (bench_tenants' LOOP).
+LOOPING_SNIPPET = (
+    "local f(n) = if n == 0 then 0 else f(n - 1) + 0; "
+    "std.foldl(function(a, b) a + f(300), std.range(1, 10000000), 0)"
+)
+TARGET_P50, TARGET_P99 = 1.5, 3.0
 
 
 # -- wrk ------------------------------------------------------------------------------------
@@ -330,7 +350,172 @@ def ceiling(by_target: dict[str, list[WrkRun]], target_ratio: float) -> str:
     )
 
 
-def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: int) -> str:
+def lua_post(directory: Path, name: str, body: object) -> Path:
+    """A wrk script that POSTs ``body`` as JSON."""
+    script = directory / name
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return script
+
+
+@dataclass
+class VictimRow:
+    flood: str
+    latencies: list[float]  # seconds, sorted
+    statuses: dict[int, int]
+    flood_summary: str  # what wrk said of the flood ("-" alone)
+
+    def percentile(self, fraction: float) -> float:
+        return self.latencies[min(len(self.latencies) - 1, int(fraction * len(self.latencies)))]
+
+
+def victim_calls(base_url: str) -> tuple[list[float], dict[int, int]]:
+    """Tenant "victim": the GitHub mapper every ``VICTIM_PERIOD`` (the next call 10 ms after
+    the last one started), at most ``VICTIM_CALLS`` calls and ``VICTIM_WINDOW`` seconds, on
+    one keep-alive connection: each call's seconds (sorted) and the statuses answered."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"claims": GITHUB_CLAIMS, "tenant": "victim"})
+    headers = {"Content-Type": "application/json"}
+
+    def call() -> int:
+        connection.request("POST", MAPPER_PATH, body, headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+
+    try:
+        answered = paced(call, VICTIM_CALLS, VICTIM_PERIOD, VICTIM_WINDOW)
+    finally:
+        connection.close()
+    statuses: dict[int, int] = {}
+    for _, status in answered:
+        statuses[status] = statuses.get(status, 0) + 1
+    latencies = [seconds for seconds, _ in answered]
+    return sorted(latencies), statuses
+
+
+def lua_alternating(directory: Path, name: str, bodies: list[object]) -> Path:
+    """A wrk script that POSTs each of ``bodies`` as JSON in turn, request by request."""
+    script = directory / name
+    literals = ", ".join(json.dumps(json.dumps(body)) for body in bodies)
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"local bodies = {{{literals}}}\n"
+        "local turn = 0\n"
+        "request = function()\n"
+        "  turn = turn % #bodies + 1\n"
+        "  return wrk.format(nil, nil, nil, bodies[turn])\n"
+        "end\n"
+    )
+    return script
+
+
+def tenants_in_time(wrk: str, directory: Path) -> list[VictimRow]:
+    """The victim alone, then beside each flood of another tenant (or two), each on a
+    fresh service (the tests' config: 2 workers): a flood's calls that its clients left
+    behind (the looping ones wait in the queue and run to the pool's timeout) must not
+    reach into the next one's figures."""
+    looping = lua_post(directory, "looping.lua", {"snippet": LOOPING_SNIPPET, "tenant": "noisy"})
+    light = lua_post(directory, "light.lua", {"claims": GITHUB_CLAIMS, "tenant": "noisy"})
+    two_tenants = lua_alternating(
+        directory,
+        "two-tenants.lua",
+        [{"claims": GITHUB_CLAIMS, "tenant": name} for name in ("noisy", "noisier")],
+    )
+    floods: list[tuple[str, str, Path | None]] = [
+        ("nothing (alone)", "", None),
+        (f"{FLOOD_CONNECTIONS} connections of looping snippets", "/v1/evaluate", looping),
+        (f"{FLOOD_CONNECTIONS} connections of light mappers", MAPPER_PATH, light),
+        (
+            f"{FLOOD_CONNECTIONS} connections of light mappers, two tenants in turn",
+            MAPPER_PATH,
+            two_tenants,
+        ),
+    ]
+    rows = []
+    for name, path, script in floods:
+        with running_service(CONFIG, directory, "--no-access-log") as service:
+            victim_calls(service.base_url)  # warm up: the victim's worker and connection
+            if script is None:
+                rows.append(VictimRow(name, *victim_calls(service.base_url), "-"))
+                continue
+            rows.append(flooded_row(wrk, service.base_url, name, path, script))
+    return rows
+
+
+def flooded_row(wrk: str, base_url: str, name: str, path: str, script: Path) -> VictimRow:
+    """The victim's calls while wrk runs ``script`` against ``path`` (bounded in time)."""
+    seconds = FLOOD_WARMUP + VICTIM_WINDOW + 2
+    command = [wrk, "-t1", f"-c{FLOOD_CONNECTIONS}", f"-d{seconds:g}s", "-s", str(script)]
+    with subprocess.Popen([*command, base_url + path], stdout=subprocess.PIPE, text=True) as flood:
+        try:
+            time.sleep(FLOOD_WARMUP)
+            latencies, statuses = victim_calls(base_url)
+            output, _ = flood.communicate(timeout=seconds + 30)
+        finally:
+            if flood.poll() is None:
+                flood.kill()
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    refused = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    summary = (
+        f"{float(rate.group(1)) if rate else float('nan'):,.1f} req/s, "
+        f"{int(refused.group(1)) if refused else 0} non-2xx"
+    )
+    return VictimRow(name, latencies, statuses, summary)
+
+
+def tenants_section(rows: list[VictimRow]) -> list[str]:
+    """The tenants-in-time table and its line of targets."""
+    alone = rows[0]
+    p50_alone, p99_alone = alone.percentile(0.5), alone.percentile(0.99)
+    lines = [
+        "### Tenants in time, through the service",
+        "",
+        f'Tenant "victim": POST {MAPPER_PATH} every {VICTIM_PERIOD * 1000:g} ms on one '
+        f"keep-alive connection, at most {VICTIM_CALLS} calls and {VICTIM_WINDOW:g} s; tenant "
+        f'"noisy": wrk, 1 thread, started {FLOOD_WARMUP:g} s before. Ratios to the victim '
+        "alone in this run; the aims are issue 21's (p50 at most "
+        f"{TARGET_P50:g}x, p99 at most {TARGET_P99:g}x, every answer 200).",
+        "",
+        "| noisy tenant does | victim calls | p50 | p99 | p50 / alone | p99 / alone | answers "
+        "| noisy tenant (wrk) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    missed = []
+    for row in rows:
+        p50, p99 = row.percentile(0.5), row.percentile(0.99)
+        statuses = ", ".join(f"{code} x{n}" for code, n in sorted(row.statuses.items()))
+        lines.append(
+            f"| {row.flood} | {len(row.latencies)} | {p50 * 1000:.1f} ms | {p99 * 1000:.1f} ms "
+            f"| {p50 / p50_alone:.2f} | {p99 / p99_alone:.2f} | {statuses} | "
+            f"{row.flood_summary} |"
+        )
+        if row is not alone and (
+            p50 / p50_alone > TARGET_P50
+            or p99 / p99_alone > TARGET_P99
+            or set(row.statuses) != {200}
+        ):
+            missed.append(row.flood)
+    lines += [
+        "",
+        "Aims " + (f"missed beside: {', '.join(missed)}." if missed else "met beside every flood."),
+        "",
+    ]
+    return lines
+
+
+def section(
+    runs: list[list[WrkRun]],
+    mix: MixRow,
+    seconds: float,
+    connections: int,
+    tenants: list[VictimRow],
+) -> str:
     by_target: dict[str, list[WrkRun]] = {}
     for round_ in runs:
         for run in round_:
@@ -381,6 +566,7 @@ def section(runs: list[list[WrkRun]], mix: MixRow, seconds: float, connections: 
             "",
             ceiling(by_target, TARGET_RATIO),
             "",
+            *tenants_section(tenants),
             "### Correctness under a hostile mix (httpx)",
             "",
             f"{result.sent:,} requests, 32 at a time, one in 25 hostile (endless loops cut at "
@@ -447,14 +633,16 @@ def main() -> int:
                 )
             check_answers(servers)
             mix = hostile_mix(service.base_url, args.total)
-    text = section(runs, mix, args.seconds, args.connections)
+        tenants = tenants_in_time(wrk, directory)
+    text = section(runs, mix, args.seconds, args.connections, tenants)
     print(text)
     bad = sum(run.bad_responses for round_ in runs for run in round_)
     for failure in mix.result.failures[:10]:
         print("FAILED:", failure)
     if not args.no_write:
         write_section(text)
-    return 1 if mix.result.failures or bad else 0
+    victim_errors = sum(n for row in tenants for code, n in row.statuses.items() if code != 200)
+    return 1 if mix.result.failures or bad or victim_errors else 0
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import _gojsonnet
 
 from benchmarks import workloads
 from benchmarks.bench_latency import percentile as pct
-from benchmarks.closed_loop import bounded_rate
+from benchmarks.closed_loop import bounded_rate, paced
 from benchmarks.workloads import Workload
 from jsonnet_worker import Error, WorkerPool
 
@@ -243,24 +243,16 @@ def scenarios(heavy: Workload) -> list[Scenario]:
 
 def victim(pool: WorkerPool, light: Workload, calls: int, window: float) -> list[tuple[float, str]]:
     """The victim's calls: (seconds, outcome) each, at most ``calls`` and ``window`` seconds."""
-    results: list[tuple[float, str]] = []
-    end = time.monotonic() + window
-    next_start = time.monotonic()
-    for _ in range(calls):
-        now = time.monotonic()
-        if now >= end:
-            break
-        if next_start > now:
-            time.sleep(next_start - now)
-        next_start = time.monotonic() + VICTIM_PERIOD
-        began = time.perf_counter()
-        kind = outcome(
+    return paced(
+        lambda: outcome(
             lambda: pool.evaluate_json(
                 light.snippet, ext_codes=light.ext_codes, filename=light.filename, tenant="victim"
             )
-        )
-        results.append((time.perf_counter() - began, kind))
-    return results
+        ),
+        calls,
+        VICTIM_PERIOD,
+        window,
+    )
 
 
 def children() -> set[int]:

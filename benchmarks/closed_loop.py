@@ -1,6 +1,7 @@
 """Calls/s of a call made in a closed loop by a few threads: the benchmarks' one rate loop
-(``run.throughput``, ``bench_tenants``), and, run as a script, one tree's one-tenant rate in
-a fresh process (``bench_tenants --baseline``).
+(``run.throughput``, ``bench_tenants``); a call made at a steady pace (``paced``: a victim
+tenant's calls in ``bench_tenants`` and ``bench_service``); and, run as a script, one
+tree's one-tenant rate in a fresh process (``bench_tenants --baseline``).
 
 This module imports the standard library only, so that the script can run in a process
 whose ``jsonnet_worker`` comes from another checkout (PYTHONPATH names it first; running a
@@ -19,8 +20,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 MAX_CALLS = 100_000  # a thread stops after this many calls, whatever the time
+T = TypeVar("T")
 
 
 def bounded_rate(
@@ -50,6 +53,26 @@ def bounded_rate(
     for thread in threads:
         thread.join(None if join_timeout is None else seconds + join_timeout)
     return sum(counts) / (time.monotonic() - started)
+
+
+def paced(call: Callable[[], T], calls: int, period: float, window: float) -> list[tuple[float, T]]:
+    """``call`` made every ``period`` seconds (the next one ``period`` after the last one
+    started, at once when that one took longer), at most ``calls`` times and ``window``
+    seconds: each call's seconds, from its own start, and what it returned."""
+    results: list[tuple[float, T]] = []
+    end = time.monotonic() + window
+    next_start = time.monotonic()
+    for _ in range(calls):
+        now = time.monotonic()
+        if now >= end:
+            break
+        if next_start > now:
+            time.sleep(next_start - now)
+        next_start = time.monotonic() + period
+        began = time.perf_counter()
+        result = call()
+        results.append((time.perf_counter() - began, result))
+    return results
 
 
 def one_tenant_rate(
