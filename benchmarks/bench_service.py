@@ -62,6 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.bench_latency import percentile
+from benchmarks.bench_tenants import LOOP, TARGET_P50, TARGET_P99
 from benchmarks.closed_loop import paced
 from jsonnet_worker._pool.processes import process_cpu_seconds
 from servicekit import (
@@ -90,12 +92,6 @@ LIVEZ = "jsonnet-worker serve: GET /livez (no evaluation, no pool)"
 VICTIM_CALLS, VICTIM_PERIOD, VICTIM_WINDOW = 300, 0.01, 10.0
 FLOOD_WARMUP = 1.0  # the flood runs this long before the victim's first call
 FLOOD_CONNECTIONS = 16
-# CPU only, a flat heap: it runs to the pool's timeout (bench_tenants' LOOP).
-LOOPING_SNIPPET = (
-    "local f(n) = if n == 0 then 0 else f(n - 1) + 0; "
-    "std.foldl(function(a, b) a + f(300), std.range(1, 10000000), 0)"
-)
-TARGET_P50, TARGET_P99 = 1.5, 3.0
 
 
 # -- wrk ------------------------------------------------------------------------------------
@@ -208,16 +204,6 @@ def run_wrk(
         bad,
         cpu,
     )
-
-
-def post_script(directory: Path) -> Path:
-    script = directory / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(WRK_BODY)}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
-    return script
 
 
 @contextmanager
@@ -369,7 +355,7 @@ class VictimRow:
     flood_summary: str  # what wrk said of the flood ("-" alone)
 
     def percentile(self, fraction: float) -> float:
-        return self.latencies[min(len(self.latencies) - 1, int(fraction * len(self.latencies)))]
+        return percentile(self.latencies, fraction)
 
 
 def victim_calls(base_url: str) -> tuple[list[float], dict[int, int]]:
@@ -420,7 +406,7 @@ def tenants_in_time(wrk: str, directory: Path) -> list[VictimRow]:
     fresh service (the tests' config: 2 workers): a flood's calls that its clients left
     behind (the looping ones wait in the queue and run to the pool's timeout) must not
     reach into the next one's figures."""
-    looping = lua_post(directory, "looping.lua", {"snippet": LOOPING_SNIPPET, "tenant": "noisy"})
+    looping = lua_post(directory, "looping.lua", {"snippet": LOOP, "tenant": "noisy"})
     light = lua_post(directory, "light.lua", {"claims": GITHUB_CLAIMS, "tenant": "noisy"})
     two_tenants = lua_alternating(
         directory,
@@ -604,7 +590,7 @@ def main() -> int:
     runs: list[list[WrkRun]] = []
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
-        script = post_script(directory)
+        script = lua_post(directory, "post.lua", {"claims": GITHUB_CLAIMS})
         with (
             running_service(CONFIG, directory, "--no-access-log") as service_process,
             unsafe_app(directory, threadpool=False) as unsafe_loop,
